@@ -1,0 +1,18 @@
+//! Decisions about a request, independent of how bytes reach this node.
+//!
+//! Owns: the OpenAI request surface as kvmesh understands it (parsing, validation, the error
+//! envelope), turning a prompt into token ids (the model's tokenizer and chat template), cutting
+//! ids into chain-hashed KV blocks, and choosing an engine for a request.
+//!
+//! Must not: open sockets, spawn tasks, read the clock for routing, or know about QUIC, HTTP
+//! servers or gossip. Everything here is called by `node` (and by the cluster simulator in `sim`)
+//! with the facts it needs passed in, so the same code runs in production and in simulation.
+
+pub mod blocks;
+pub mod error;
+pub mod openai;
+pub mod request;
+pub mod route;
+pub mod tokenize;
+
+pub use error::PolicyError;

@@ -1,0 +1,386 @@
+//! A typed view of an OpenAI inference request, checked the way vLLM checks it.
+//!
+//! The view never replaces the client's JSON: a node forwards the original bytes to the engine
+//! (vLLM extras such as `cache_salt`, `priority` or `kv_transfer_params` pass through untouched),
+//! and uses this view only to decide where the request goes.
+
+use serde_json::{Map, Value};
+
+use crate::openai::ApiError;
+
+/// Which OpenAI endpoint a request was sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completions,
+}
+
+impl Endpoint {
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+        }
+    }
+}
+
+/// One chat message with its content flattened to text (text parts joined by newlines, as vLLM
+/// does for templates that take a string).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    Chat(Vec<ChatMessage>),
+    Text(String),
+    /// `/v1/completions` with a token-id prompt: nothing to tokenize.
+    TokenIds(Vec<u32>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferenceRequest {
+    pub endpoint: Endpoint,
+    pub model: String,
+    pub prompt: Prompt,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// `max_completion_tokens` wins over `max_tokens` when both are given (OpenAI's rule).
+    pub max_tokens: Option<u32>,
+    pub min_tokens: u32,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+    pub seed: Option<u64>,
+    pub n: u32,
+    pub cache_salt: Option<String>,
+    pub add_generation_prompt: bool,
+    pub echo: bool,
+    pub kv_transfer_params: Option<Value>,
+}
+
+/// Parses and validates a request body. Errors name the offending parameter.
+pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<InferenceRequest, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid(format!("Request body is not valid JSON: {e}"), None).with_code("invalid_json")
+    })?;
+    let Value::Object(obj) = value else {
+        return Err(ApiError::invalid("Request body must be a JSON object.", None));
+    };
+    from_object(endpoint, &obj)
+}
+
+pub fn from_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<InferenceRequest, ApiError> {
+    let model = match obj.get("model") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::String(_)) | None | Some(Value::Null) => {
+            return Err(ApiError::invalid("'model' is required.", Some("model")))
+        }
+        Some(_) => return Err(type_error("model", "a string")),
+    };
+    let prompt = match endpoint {
+        Endpoint::Chat => Prompt::Chat(parse_messages(obj.get("messages"))?),
+        Endpoint::Completions => parse_prompt(obj.get("prompt"))?,
+    };
+    let stream = opt_bool(obj, "stream")?.unwrap_or(false);
+    let include_usage = match obj.get("stream_options") {
+        None | Some(Value::Null) => false,
+        Some(Value::Object(o)) => {
+            if !stream {
+                return Err(ApiError::invalid(
+                    "Stream options can only be defined when `stream=True`.",
+                    Some("stream_options"),
+                ));
+            }
+            opt_bool(o, "include_usage")?.unwrap_or(false)
+        }
+        Some(_) => return Err(type_error("stream_options", "an object")),
+    };
+    let max_tokens = match opt_u32(obj, "max_completion_tokens")? {
+        Some(v) => Some(v),
+        None => opt_u32(obj, "max_tokens")?,
+    };
+    if max_tokens == Some(0) {
+        return Err(ApiError::invalid("max_tokens must be at least 1, got 0.", Some("max_tokens")));
+    }
+    let min_tokens = opt_u32(obj, "min_tokens")?.unwrap_or(0);
+    if let Some(max) = max_tokens {
+        if min_tokens > max {
+            return Err(ApiError::invalid(
+                format!("min_tokens must be less than or equal to max_tokens={max}, got {min_tokens}."),
+                Some("min_tokens"),
+            ));
+        }
+    }
+    let stop = match obj.get("stop") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| type_error("stop", "a string or an array of strings")))
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(type_error("stop", "a string or an array of strings")),
+    };
+    let n = opt_u32(obj, "n")?.unwrap_or(1);
+    if n == 0 {
+        return Err(ApiError::invalid("n must be at least 1, got 0.", Some("n")));
+    }
+    let seed = match obj.get("seed") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            v.as_i64()
+                .map(|s| s as u64)
+                .or_else(|| v.as_u64())
+                .ok_or_else(|| type_error("seed", "an integer"))?,
+        ),
+    };
+    let cache_salt = match obj.get("cache_salt") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(Value::String(_)) => {
+            return Err(ApiError::invalid("Parameter 'cache_salt' must be a non-empty string if provided.", Some("cache_salt")))
+        }
+        Some(_) => return Err(type_error("cache_salt", "a string")),
+    };
+    for (key, lo, hi) in [("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)] {
+        if let Some(v) = obj.get(key) {
+            if !v.is_null() {
+                let x = v.as_f64().ok_or_else(|| type_error(key, "a number"))?;
+                if !(lo..=hi).contains(&x) {
+                    return Err(ApiError::invalid(format!("{key} must be in [{lo}, {hi}], got {x}."), Some(key)));
+                }
+            }
+        }
+    }
+    Ok(InferenceRequest {
+        endpoint,
+        model,
+        prompt,
+        stream,
+        include_usage,
+        max_tokens,
+        min_tokens,
+        stop,
+        ignore_eos: opt_bool(obj, "ignore_eos")?.unwrap_or(false),
+        seed,
+        n,
+        cache_salt,
+        add_generation_prompt: opt_bool(obj, "add_generation_prompt")?.unwrap_or(true),
+        echo: opt_bool(obj, "echo")?.unwrap_or(false),
+        kv_transfer_params: obj.get("kv_transfer_params").filter(|v| !v.is_null()).cloned(),
+    })
+}
+
+fn type_error(param: &str, expected: &str) -> ApiError {
+    ApiError::invalid(format!("'{param}' must be {expected}."), Some(param))
+}
+
+fn opt_bool(obj: &Map<String, Value>, key: &str) -> Result<Option<bool>, ApiError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(type_error(key, "a boolean")),
+    }
+}
+
+fn opt_u32(obj: &Map<String, Value>, key: &str) -> Result<Option<u32>, ApiError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(x) if x <= u32::MAX as u64 => Ok(Some(x as u32)),
+            _ => Err(type_error(key, "a non-negative integer")),
+        },
+    }
+}
+
+fn parse_messages(v: Option<&Value>) -> Result<Vec<ChatMessage>, ApiError> {
+    let items = match v {
+        None | Some(Value::Null) => return Err(ApiError::invalid("'messages' is required.", Some("messages"))),
+        Some(Value::Array(items)) => items,
+        Some(_) => return Err(type_error("messages", "an array of message objects")),
+    };
+    if items.is_empty() {
+        return Err(ApiError::invalid("'messages' must contain at least one message.", Some("messages")));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let param = format!("messages[{i}]");
+            let Value::Object(m) = m else {
+                return Err(ApiError::invalid(format!("'{param}' must be an object."), Some(&param)));
+            };
+            let role = match m.get("role") {
+                Some(Value::String(r)) if !r.is_empty() => r.clone(),
+                _ => {
+                    let p = format!("{param}.role");
+                    return Err(ApiError::invalid(format!("'{p}' is required and must be a string."), Some(&p)));
+                }
+            };
+            let content = flatten_content(m.get("content"), &param)?;
+            Ok(ChatMessage { role, content })
+        })
+        .collect()
+}
+
+fn flatten_content(v: Option<&Value>, param: &str) -> Result<String, ApiError> {
+    let p = format!("{param}.content");
+    match v {
+        // An assistant turn carrying only tool calls has no content.
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for part in parts {
+                match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                    (Some("text"), Some(t)) => texts.push(t),
+                    (Some(other), _) if other != "text" => {
+                        return Err(ApiError::invalid(
+                            format!("'{p}' has a part of type '{other}'; only text parts are supported."),
+                            Some(&p),
+                        ))
+                    }
+                    _ => return Err(ApiError::invalid(format!("'{p}' parts must be {{\"type\":\"text\",\"text\":...}}."), Some(&p))),
+                }
+            }
+            Ok(texts.join("\n"))
+        }
+        Some(_) => Err(ApiError::invalid(format!("'{p}' must be a string or an array of content parts."), Some(&p))),
+    }
+}
+
+fn parse_prompt(v: Option<&Value>) -> Result<Prompt, ApiError> {
+    match v {
+        None | Some(Value::Null) => Err(ApiError::invalid("'prompt' is required.", Some("prompt"))),
+        Some(Value::String(s)) => Ok(Prompt::Text(s.clone())),
+        Some(Value::Array(items)) if items.is_empty() => {
+            Err(ApiError::invalid("'prompt' must not be empty.", Some("prompt")))
+        }
+        Some(Value::Array(items)) => {
+            if items.iter().all(Value::is_u64) {
+                items
+                    .iter()
+                    .map(|x| x.as_u64().filter(|&t| t <= u32::MAX as u64).map(|t| t as u32))
+                    .collect::<Option<Vec<_>>>()
+                    .map(Prompt::TokenIds)
+                    .ok_or_else(|| type_error("prompt", "a string or an array of token ids"))
+            } else if items.len() == 1 && items[0].is_string() {
+                Ok(Prompt::Text(items[0].as_str().unwrap_or_default().to_owned()))
+            } else {
+                Err(ApiError::invalid(
+                    "Batched prompts are not supported; send one prompt per request.",
+                    Some("prompt"),
+                ))
+            }
+        }
+        Some(_) => Err(type_error("prompt", "a string or an array of token ids")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn chat_minimal() {
+        let r = parse(Endpoint::Chat, br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        assert_eq!(r.model, "m");
+        assert_eq!(r.prompt, Prompt::Chat(vec![ChatMessage { role: "user".into(), content: "hi".into() }]));
+        assert!(!r.stream);
+    }
+
+    #[test]
+    fn errors_name_their_param() {
+        let cases: &[(&[u8], Option<&str>)] = &[
+            (b"{not json", None),
+            (b"[1,2]", None),
+            (br#"{"messages":[]}"#, Some("model")),
+            (br#"{"model":"m"}"#, Some("messages")),
+            (br#"{"model":"m","messages":"hi"}"#, Some("messages")),
+            (br#"{"model":"m","messages":[]}"#, Some("messages")),
+            (br#"{"model":"m","messages":[{"content":"x"}]}"#, Some("messages[0].role")),
+            (br#"{"model":"m","messages":[{"role":"user","content":5}]}"#, Some("messages[0].content")),
+            (br#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":"5"}"#, Some("max_tokens")),
+            (br#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, Some("max_tokens")),
+            (br#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":"yes"}"#, Some("stream")),
+            (br#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#, Some("stream_options")),
+            (br#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":7}"#, Some("temperature")),
+        ];
+        for (body, param) in cases {
+            let e = parse(Endpoint::Chat, body).unwrap_err();
+            assert_eq!(e.status, http::StatusCode::BAD_REQUEST, "{}", String::from_utf8_lossy(body));
+            assert_eq!(e.param.as_deref(), *param, "{}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn completions_prompt_forms() {
+        let r = parse(Endpoint::Completions, br#"{"model":"m","prompt":[1,2,3]}"#).unwrap();
+        assert_eq!(r.prompt, Prompt::TokenIds(vec![1, 2, 3]));
+        let r = parse(Endpoint::Completions, br#"{"model":"m","prompt":["abc"]}"#).unwrap();
+        assert_eq!(r.prompt, Prompt::Text("abc".into()));
+        assert!(parse(Endpoint::Completions, br#"{"model":"m","prompt":["a","b"]}"#).is_err());
+        assert!(parse(Endpoint::Completions, br#"{"model":"m","prompt":[-1]}"#).is_err());
+    }
+
+    #[test]
+    fn content_parts_are_joined() {
+        let r = parse(
+            Endpoint::Chat,
+            br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.prompt, Prompt::Chat(vec![ChatMessage { role: "user".into(), content: "a\nb".into() }]));
+    }
+
+    #[test]
+    fn max_completion_tokens_wins() {
+        let r = parse(
+            Endpoint::Chat,
+            br#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":9,"max_completion_tokens":3}"#,
+        )
+        .unwrap();
+        assert_eq!(r.max_tokens, Some(3));
+    }
+
+    proptest! {
+        // The parser sees raw client bytes: it must answer every input without panicking.
+        #[test]
+        fn never_panics_on_bytes(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse(Endpoint::Chat, &body);
+            let _ = parse(Endpoint::Completions, &body);
+        }
+
+        #[test]
+        fn never_panics_on_json(v in arb_json()) {
+            let body = serde_json::to_vec(&v).unwrap();
+            let _ = parse(Endpoint::Chat, &body);
+            let _ = parse(Endpoint::Completions, &body);
+        }
+    }
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|i| Value::from(i)),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| Value::from(f)),
+            "[a-z_]{0,8}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map(
+                    prop_oneof![Just("model".to_string()), Just("messages".to_string()), Just("prompt".to_string()),
+                                Just("role".to_string()), Just("content".to_string()), Just("stream".to_string()),
+                                Just("max_tokens".to_string()), Just("stop".to_string()), "[a-z]{1,6}"],
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+}
