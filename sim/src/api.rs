@@ -1,0 +1,506 @@
+//! vLLM's OpenAI-compatible HTTP surface over the simulated engine.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use kvmesh_policy::openai::ApiError;
+use kvmesh_policy::request::{self, Endpoint, InferenceRequest, Prompt};
+use kvmesh_policy::tokenize::ModelTokenizer;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::engine::{NewSequence, TokenOut};
+use crate::filler::Filler;
+use crate::metrics::EngineMetrics;
+use crate::runner::{AbortOnDrop, EngineHandle, SubmitError};
+use crate::EngineConfig;
+
+pub struct AppState {
+    pub cfg: EngineConfig,
+    pub tokenizer: ModelTokenizer,
+    pub filler: Filler,
+    pub engine: EngineHandle,
+    pub metrics: Arc<EngineMetrics>,
+    pub max_model_len: u32,
+    pub kv_capacity_tokens: u64,
+    pub created: u64,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.cfg.max_body_bytes;
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/ping", get(|| async { StatusCode::OK }))
+        .route("/version", get(|| async { axum::Json(json!({"version": concat!("kvmesh-sim-", env!("CARGO_PKG_VERSION"))})) }))
+        .route("/metrics", get(metrics))
+        .route("/reset_prefix_cache", post(reset_prefix_cache))
+        .fallback(|| async { error_response(ApiError::not_found("Not Found")) })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+pub fn error_response(e: ApiError) -> Response {
+    (e.status, [(header::CONTENT_TYPE, "application/json")], e.to_json()).into_response()
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+async fn models(State(st): State<Arc<AppState>>) -> Response {
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": st.cfg.model,
+            "object": "model",
+            "created": st.created,
+            "owned_by": "vllm",
+            "root": st.cfg.model,
+            "parent": null,
+            "max_model_len": st.max_model_len,
+        }]
+    }))
+    .into_response()
+}
+
+async fn metrics(State(st): State<Arc<AppState>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.render()).into_response()
+}
+
+async fn reset_prefix_cache(State(st): State<Arc<AppState>>) -> Response {
+    match st.engine.reset_prefix_cache().await {
+        Ok(true) => StatusCode::OK.into_response(),
+        Ok(false) => error_response(
+            ApiError::new(StatusCode::CONFLICT, "invalid_request_error", "Cannot reset the prefix cache while requests hold KV blocks."),
+        ),
+        Err(e) => error_response(ApiError::unavailable(e.to_string())),
+    }
+}
+
+async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    serve(st, Endpoint::Chat, headers, body).await
+}
+
+async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    serve(st, Endpoint::Completions, headers, body).await
+}
+
+/// Everything a response needs besides the tokens.
+struct Job {
+    endpoint: Endpoint,
+    id: String,
+    model: String,
+    created: u64,
+    stream: bool,
+    include_usage: bool,
+    stop: Vec<String>,
+    /// Finish reason when the sequence reaches its planned length.
+    length_reason: &'static str,
+    echo_prefix: String,
+    started: Instant,
+}
+
+async fn serve(st: Arc<AppState>, endpoint: Endpoint, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+    let started = Instant::now();
+    let body = match body {
+        Ok(b) => b,
+        Err(BytesRejection::FailedToBufferBody(_)) => return error_response(ApiError::too_large(st.cfg.max_body_bytes)),
+        Err(e) => return error_response(ApiError::invalid(e.body_text(), None)),
+    };
+    match prepare(&st, endpoint, &headers, &body, started).await {
+        Ok((job, rx, guard)) => {
+            if job.stream {
+                stream_response(st, job, rx, guard)
+            } else {
+                full_response(st, job, rx, guard).await
+            }
+        }
+        Err(e) => error_response(e),
+    }
+}
+
+async fn prepare(
+    st: &Arc<AppState>,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: &[u8],
+    started: Instant,
+) -> Result<(Job, mpsc::UnboundedReceiver<TokenOut>, AbortOnDrop), ApiError> {
+    let req = request::parse(endpoint, body)?;
+    if req.model != st.cfg.model {
+        return Err(ApiError::model_not_found(&req.model));
+    }
+    if req.n != 1 {
+        return Err(ApiError::invalid("The engine simulator supports only n=1.", Some("n")));
+    }
+    let tokenizer = st.tokenizer.clone();
+    let prompt = req.prompt.clone();
+    let add_generation_prompt = req.add_generation_prompt;
+    let vocab = tokenizer.vocab_size();
+    // Tokenizing is CPU work of milliseconds for long prompts: keep it off the async workers.
+    let (ids, echo_prefix) = tokio::task::spawn_blocking(move || tokenize(&tokenizer, &prompt, add_generation_prompt, vocab))
+        .await
+        .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))??;
+    let (output_len, length_reason) = output_plan(st, &req, &ids)?;
+    if (ids.len() + output_len) as u64 > st.kv_capacity_tokens {
+        return Err(ApiError::invalid(
+            format!(
+                "The request needs {} tokens of KV cache but the engine holds only {}.",
+                ids.len() + output_len,
+                st.kv_capacity_tokens
+            ),
+            None,
+        ));
+    }
+    let frontend = std::time::Duration::from_secs_f64(st.cfg.timing.frontend_ms * st.cfg.time_scale / 1000.0);
+    tokio::time::sleep(frontend.saturating_sub(started.elapsed())).await;
+    let seq = NewSequence {
+        id: st.engine.next_id(),
+        output_seed: st.filler.sequence_seed(&ids, req.seed),
+        prompt: ids,
+        output_len,
+    };
+    let (rx, guard) = st.engine.submit(seq).map_err(|e| match e {
+        SubmitError::QueueFull => ApiError::unavailable("The engine's request queue is full; retry later."),
+        SubmitError::Closed => ApiError::unavailable("The engine is shutting down."),
+    })?;
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+    let prefix = match endpoint {
+        Endpoint::Chat => "chatcmpl",
+        Endpoint::Completions => "cmpl",
+    };
+    let job = Job {
+        endpoint,
+        id: format!("{prefix}-{request_id}"),
+        model: req.model.clone(),
+        created: now_secs(),
+        stream: req.stream,
+        include_usage: req.include_usage,
+        stop: req.stop.into_iter().filter(|s| !s.is_empty()).collect(),
+        length_reason,
+        echo_prefix: if req.echo { echo_prefix } else { String::new() },
+        started,
+    };
+    Ok((job, rx, guard))
+}
+
+fn tokenize(t: &ModelTokenizer, prompt: &Prompt, add_generation_prompt: bool, vocab: u32) -> Result<(Vec<u32>, String), ApiError> {
+    let (ids, text) = match prompt {
+        Prompt::Chat(messages) => {
+            let text = t
+                .render_chat(messages, add_generation_prompt)
+                .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+            (t.encode(&text, false).map_err(|e| ApiError::internal(e.to_string()))?, text)
+        }
+        Prompt::Text(text) => (t.encode(text, true).map_err(|e| ApiError::internal(e.to_string()))?, text.clone()),
+        Prompt::TokenIds(ids) => {
+            if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
+                return Err(ApiError::invalid(format!("Token id {bad} is out of vocabulary (size {vocab})."), Some("prompt")));
+            }
+            (ids.clone(), t.decode(ids).unwrap_or_default())
+        }
+    };
+    if ids.is_empty() {
+        return Err(ApiError::invalid("The prompt cannot be empty.", Some("prompt")));
+    }
+    Ok((ids, text))
+}
+
+/// How many tokens to generate, and the finish reason when that many are out. Checks the context
+/// length as vLLM does, with vLLM's message.
+fn output_plan(st: &AppState, req: &InferenceRequest, ids: &[u32]) -> Result<(usize, &'static str), ApiError> {
+    let max_len = st.max_model_len as usize;
+    let prompt = ids.len();
+    if prompt >= max_len {
+        return Err(ApiError::invalid(
+            format!("This model's maximum context length is {max_len} tokens. However, your request has {prompt} input tokens. Please reduce the length of the input messages."),
+            Some("messages"),
+        ));
+    }
+    let room = max_len - prompt;
+    match req.max_tokens {
+        Some(m) if m as usize > room => Err(ApiError::invalid(
+            format!("This model's maximum context length is {max_len} tokens. However, you requested {} tokens ({prompt} in the messages, {m} in the completion). Please reduce the length of the messages or completion.", prompt + m as usize),
+            Some("max_tokens"),
+        )),
+        Some(m) => {
+            // Without ignore_eos the model may stop early; the filler "wants" a drawn length.
+            let natural = st.filler.natural_length(st.filler.sequence_seed(ids, req.seed)).max(req.min_tokens as usize);
+            if req.ignore_eos || natural >= m as usize {
+                Ok((m as usize, "length"))
+            } else {
+                Ok((natural, "stop"))
+            }
+        }
+        None if req.ignore_eos => Ok((room, "length")),
+        None => {
+            let natural = st.filler.natural_length(st.filler.sequence_seed(ids, req.seed)).max(req.min_tokens as usize);
+            Ok((natural.min(room), if natural <= room { "stop" } else { "length" }))
+        }
+    }
+}
+
+/// Turns the token stream into text with stop-string handling, and records latency metrics.
+struct Generation {
+    st: Arc<AppState>,
+    job: Job,
+    rx: mpsc::UnboundedReceiver<TokenOut>,
+    guard: AbortOnDrop,
+    /// Bytes of `text` already handed to the client.
+    text_len: usize,
+    text: String,
+    hold: usize,
+    last_token_at: Option<Instant>,
+    prompt_tokens: usize,
+    cached_tokens: usize,
+    completion_tokens: usize,
+    finish: Option<(&'static str, Option<String>)>,
+}
+
+/// One step of a generation as the client will see it.
+enum Piece {
+    Text(String),
+    Finished,
+    Failed(ApiError),
+}
+
+impl Generation {
+    fn new(st: Arc<AppState>, job: Job, rx: mpsc::UnboundedReceiver<TokenOut>, guard: AbortOnDrop) -> Self {
+        Self {
+            hold: job.stop.iter().map(String::len).max().unwrap_or(1).saturating_sub(1),
+            st,
+            job,
+            rx,
+            guard,
+            text_len: 0,
+            text: String::new(),
+            last_token_at: None,
+            prompt_tokens: 0,
+            cached_tokens: 0,
+            completion_tokens: 0,
+            finish: None,
+        }
+    }
+
+    async fn next(&mut self) -> Piece {
+        if self.finish.is_some() {
+            return Piece::Finished;
+        }
+        let Some(t) = self.rx.recv().await else {
+            return Piece::Failed(ApiError::unavailable("The engine stopped before the request finished."));
+        };
+        let now = Instant::now();
+        match self.last_token_at {
+            None => self.st.metrics.ttft.observe(now.duration_since(self.job.started).as_secs_f64()),
+            Some(prev) => self.st.metrics.itl.observe(now.duration_since(prev).as_secs_f64()),
+        }
+        self.last_token_at = Some(now);
+        self.prompt_tokens = t.prompt_tokens;
+        self.cached_tokens = t.cached_prompt_tokens;
+        self.completion_tokens = t.index + 1;
+        let checked = self.text.len();
+        self.text.push_str(self.st.filler.text(t.token));
+        if let Some((pos, stop)) = find_stop(&self.text, checked, &self.job.stop) {
+            self.text.truncate(pos);
+            self.guard.abort_now();
+            self.finish = Some(("stop", Some(stop)));
+        } else if t.finished {
+            self.guard.disarm();
+            self.finish = Some((self.job.length_reason, None));
+        }
+        // While streaming, hold back what could still turn out to be the start of a stop string.
+        let mut end = if self.finish.is_some() { self.text.len() } else { self.text.len().saturating_sub(self.hold) };
+        while end > self.text_len && !self.text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let end = end.max(self.text_len);
+        let piece = self.text[self.text_len..end].to_owned();
+        self.text_len = end;
+        if let Some((reason, _)) = &self.finish {
+            self.st.metrics.e2e.observe(self.job.started.elapsed().as_secs_f64());
+            self.st.metrics.request_success.with_label_values(&[reason]).inc();
+        }
+        Piece::Text(piece)
+    }
+
+    fn usage(&self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "completion_tokens": self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
+        })
+    }
+
+    fn finish_reason(&self) -> Value {
+        self.finish.as_ref().map(|(r, _)| json!(r)).unwrap_or(Value::Null)
+    }
+
+    fn stop_reason(&self) -> Value {
+        self.finish.as_ref().and_then(|(_, s)| s.clone()).map(Value::String).unwrap_or(Value::Null)
+    }
+}
+
+/// The earliest stop string in `text` that ends after `from` (text before `from` was checked
+/// already, so only matches reaching into the new piece count).
+fn find_stop(text: &str, from: usize, stops: &[String]) -> Option<(usize, String)> {
+    stops
+        .iter()
+        .filter_map(|s| {
+            let start = from.saturating_sub(s.len().saturating_sub(1));
+            let start = (start..=from).find(|&i| text.is_char_boundary(i)).unwrap_or(from);
+            text[start..].find(s.as_str()).map(|p| (start + p, s.clone()))
+        })
+        .min_by_key(|(p, _)| *p)
+}
+
+async fn full_response(st: Arc<AppState>, job: Job, rx: mpsc::UnboundedReceiver<TokenOut>, guard: AbortOnDrop) -> Response {
+    let mut g = Generation::new(st, job, rx, guard);
+    loop {
+        match g.next().await {
+            Piece::Text(_) if g.finish.is_none() => continue,
+            Piece::Text(_) | Piece::Finished => break,
+            Piece::Failed(e) => return error_response(e),
+        }
+    }
+    let text = format!("{}{}", g.job.echo_prefix, g.text);
+    let body = match g.job.endpoint {
+        Endpoint::Chat => json!({
+            "id": g.job.id, "object": "chat.completion", "created": g.job.created, "model": g.job.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "reasoning_content": null, "tool_calls": []},
+                "logprobs": null, "finish_reason": g.finish_reason(), "stop_reason": g.stop_reason(),
+            }],
+            "usage": g.usage(), "prompt_logprobs": null, "kv_transfer_params": null,
+        }),
+        Endpoint::Completions => json!({
+            "id": g.job.id, "object": "text_completion", "created": g.job.created, "model": g.job.model,
+            "choices": [{
+                "index": 0, "text": text, "logprobs": null,
+                "finish_reason": g.finish_reason(), "stop_reason": g.stop_reason(), "prompt_logprobs": null,
+            }],
+            "usage": g.usage(), "kv_transfer_params": null,
+        }),
+    };
+    axum::Json(body).into_response()
+}
+
+/// State of an SSE response between chunks.
+enum SseState {
+    Start(Box<Generation>),
+    Tokens(Box<Generation>),
+    Usage(Box<Generation>),
+    Done,
+    End,
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+fn chunk(g: &Generation, text: Option<&str>, role: bool, finish: bool) -> Value {
+    let finish_reason = if finish { g.finish_reason() } else { Value::Null };
+    match g.job.endpoint {
+        Endpoint::Chat => {
+            let mut delta = serde_json::Map::new();
+            if role {
+                delta.insert("role".into(), json!("assistant"));
+            }
+            if let Some(t) = text {
+                delta.insert("content".into(), json!(t));
+            }
+            json!({
+                "id": g.job.id, "object": "chat.completion.chunk", "created": g.job.created, "model": g.job.model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason,
+                             "stop_reason": if finish { g.stop_reason() } else { Value::Null }}],
+            })
+        }
+        Endpoint::Completions => json!({
+            "id": g.job.id, "object": "text_completion", "created": g.job.created, "model": g.job.model,
+            "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish_reason,
+                         "stop_reason": if finish { g.stop_reason() } else { Value::Null }}],
+        }),
+    }
+}
+
+fn stream_response(st: Arc<AppState>, job: Job, rx: mpsc::UnboundedReceiver<TokenOut>, guard: AbortOnDrop) -> Response {
+    let g = Box::new(Generation::new(st, job, rx, guard));
+    // The body owns the generation: if the client disconnects, the body is dropped, the guard
+    // fires and the engine frees the sequence's blocks.
+    let stream = futures::stream::unfold(SseState::Start(g), |state| async move {
+        match state {
+            SseState::Start(g) => {
+                let first = match g.job.endpoint {
+                    Endpoint::Chat => sse(&chunk(&g, Some(""), true, false)),
+                    Endpoint::Completions if !g.job.echo_prefix.is_empty() => {
+                        sse(&chunk(&g, Some(&g.job.echo_prefix.clone()), false, false))
+                    }
+                    Endpoint::Completions => return next_token(g).await,
+                };
+                Some((Ok::<_, Infallible>(first), SseState::Tokens(g)))
+            }
+            SseState::Tokens(g) => next_token(g).await,
+            SseState::Usage(g) => Some((Ok(sse(&json!({
+                "id": g.job.id,
+                "object": match g.job.endpoint { Endpoint::Chat => "chat.completion.chunk", Endpoint::Completions => "text_completion" },
+                "created": g.job.created, "model": g.job.model, "choices": [], "usage": g.usage(),
+            }))), SseState::Done)),
+            SseState::Done => Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), SseState::End)),
+            SseState::End => None,
+        }
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| error_response(ApiError::internal("failed to build response")))
+}
+
+async fn next_token(mut g: Box<Generation>) -> Option<(Result<Bytes, Infallible>, SseState)> {
+    match g.next().await {
+        Piece::Text(t) => {
+            let done = g.finish.is_some();
+            let bytes = sse(&chunk(&g, Some(&t), false, done));
+            let next = match (done, g.job.include_usage) {
+                (false, _) => SseState::Tokens(g),
+                (true, true) => SseState::Usage(g),
+                (true, false) => SseState::Done,
+            };
+            Some((Ok(bytes), next))
+        }
+        Piece::Finished => Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), SseState::End)),
+        // A failure after the stream started ends it with an error event, as vLLM does.
+        Piece::Failed(e) => Some((Ok(Bytes::from(e.to_sse_event())), SseState::Done)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::find_stop;
+
+    #[test]
+    fn stop_found_across_pieces() {
+        let stops = vec!["lo wo".to_string()];
+        // "hel" was checked; "lo world" arrived.
+        assert_eq!(find_stop("hello world", 3, &stops), Some((3, "lo wo".into())));
+        assert_eq!(find_stop("hello world", 11, &stops), None);
+        assert_eq!(find_stop("héllo", 2, &["llo".to_string()]), Some((3, "llo".into())));
+    }
+}

@@ -1,0 +1,108 @@
+//! Engine-simulator settings: what vLLM would take as flags, plus the timing constants.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::SimError;
+use crate::timing::TimingModel;
+
+/// One simulated engine. Field names follow vLLM's flags where one exists.
+#[derive(Debug, Clone, Serialize, Deserialize, clap::Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Model name the engine serves (vLLM's `--served-model-name`).
+    #[arg(long = "model", default_value = "kvmesh-sim")]
+    pub model: String,
+    /// Hugging Face `tokenizer.json` (or a directory holding it and `tokenizer_config.json`).
+    /// Without it, the small tokenizer compiled into kvmesh is used.
+    #[arg(long = "tokenizer")]
+    pub tokenizer: Option<PathBuf>,
+    /// Context length; defaults to the tokenizer config's `model_max_length`.
+    #[arg(long = "max-model-len")]
+    pub max_model_len: Option<u32>,
+    /// Tokens per KV block (vLLM default 16).
+    #[arg(long = "block-size", default_value_t = 16)]
+    pub block_size: u32,
+    /// KV blocks on the GPU: 28,000 x 16 tokens is what an 8B model leaves on an 80 GB H100 at
+    /// `gpu_memory_utilization` 0.90 (shared/design/engine-timing.md section 3).
+    #[arg(long = "num-gpu-blocks", default_value_t = 28_000)]
+    pub num_gpu_blocks: u32,
+    /// vLLM's default for `vllm serve` on a >= 70 GiB GPU other than A100.
+    #[arg(long = "max-num-seqs", default_value_t = 1024)]
+    pub max_num_seqs: u32,
+    /// Token budget of one scheduler step (chunked prefill); same source as `max_num_seqs`.
+    #[arg(long = "max-num-batched-tokens", default_value_t = 8192)]
+    pub max_num_batched_tokens: u32,
+    #[arg(long = "enable-prefix-caching", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_prefix_caching: bool,
+    /// Seed of the engine's own block hashes. vLLM's hashes change with its hash settings and
+    /// seed; by default this one changes per start too, so nothing downstream can rely on them.
+    #[arg(long = "hash-seed")]
+    pub hash_seed: Option<u64>,
+    /// Seed of the generated filler text.
+    #[arg(long = "seed", default_value_t = 0)]
+    pub seed: u64,
+    /// ZeroMQ topic of KV events (vLLM's `kv_events_config.topic`).
+    #[arg(long = "kv-events-topic", default_value = "")]
+    pub kv_events_topic: String,
+    /// Multiplies every simulated duration: 1.0 is real time; tests use less to run faster.
+    #[arg(long = "time-scale", default_value_t = 1.0)]
+    pub time_scale: f64,
+    /// Largest request body accepted, in bytes.
+    #[arg(long = "max-body-bytes", default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub timing: TimingModel,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            model: "kvmesh-sim".into(),
+            tokenizer: None,
+            max_model_len: None,
+            block_size: 16,
+            num_gpu_blocks: 28_000,
+            max_num_seqs: 1024,
+            max_num_batched_tokens: 8192,
+            enable_prefix_caching: true,
+            hash_seed: None,
+            seed: 0,
+            kv_events_topic: String::new(),
+            time_scale: 1.0,
+            max_body_bytes: 32 * 1024 * 1024,
+            timing: TimingModel::default(),
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Checks what the scheduler relies on; messages say what to change.
+    pub fn validate(&self) -> Result<(), SimError> {
+        let bad = |m: String| Err(SimError::Config(m));
+        if self.model.trim().is_empty() {
+            return bad("--model must not be empty".into());
+        }
+        if self.block_size == 0 || self.block_size > 1024 {
+            return bad(format!("--block-size must be in 1..=1024, got {}", self.block_size));
+        }
+        if self.num_gpu_blocks < 2 {
+            return bad(format!("--num-gpu-blocks must be at least 2, got {}", self.num_gpu_blocks));
+        }
+        if self.max_num_seqs == 0 {
+            return bad("--max-num-seqs must be at least 1".into());
+        }
+        if self.max_num_batched_tokens < self.block_size {
+            return bad(format!(
+                "--max-num-batched-tokens ({}) must be at least --block-size ({})",
+                self.max_num_batched_tokens, self.block_size
+            ));
+        }
+        if !(self.time_scale.is_finite() && self.time_scale >= 0.0) {
+            return bad(format!("--time-scale must be a finite number >= 0, got {}", self.time_scale));
+        }
+        self.timing.validate().map_err(SimError::Config)
+    }
+}

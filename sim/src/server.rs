@@ -1,0 +1,148 @@
+//! Starting and stopping one simulated engine: HTTP server, engine loop, KV-event publisher.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, AppState};
+use crate::engine::{CoreConfig, EngineCore};
+use crate::error::SimError;
+use crate::filler::Filler;
+use crate::kv_events::KvPublisher;
+use crate::metrics::EngineMetrics;
+use crate::runner::Runner;
+use crate::EngineConfig;
+use kvmesh_policy::tokenize::ModelTokenizer;
+
+/// `kvmesh engine-sim` flags: where to listen, plus the engine's own settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EngineSimArgs {
+    /// HTTP address of the OpenAI API, /metrics and /health (vLLM's default port is 8000).
+    #[arg(long = "http-addr", default_value = "127.0.0.1:8000")]
+    pub http_addr: String,
+    /// ZeroMQ endpoint to publish KV-cache events on, e.g. `tcp://*:5557` or `127.0.0.1:5557`.
+    /// Without it no events are published (vLLM's default).
+    #[arg(long = "kv-events-addr")]
+    pub kv_events_addr: Option<String>,
+    #[command(flatten)]
+    pub engine: EngineConfig,
+}
+
+/// A started engine. Dropping it does not stop it; call `shutdown`.
+pub struct RunningEngine {
+    pub http_addr: SocketAddr,
+    /// The bound ZeroMQ endpoint (`tcp://host:port`), when KV events are on.
+    pub kv_events_endpoint: Option<String>,
+    pub model: String,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl RunningEngine {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    pub fn cancel_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Stops accepting requests, ends open responses, and waits for every task.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Waits until the engine stops (its token was cancelled).
+    pub async fn wait(self) {
+        self.cancel.cancelled().await;
+        self.shutdown().await;
+    }
+}
+
+/// ZeroMQ wants `tcp://host:port`; accept `host:port` and vLLM's `tcp://*:port` too.
+pub fn zmq_endpoint(addr: &str) -> String {
+    let full = if addr.contains("://") { addr.to_owned() } else { format!("tcp://{addr}") };
+    full.replace("://*:", "://0.0.0.0:")
+}
+
+pub struct EngineSim;
+
+impl EngineSim {
+    /// Starts an engine. `cancel` (a child token is taken) stops it.
+    pub async fn start(
+        cfg: EngineConfig,
+        http_addr: &str,
+        kv_events_addr: Option<&str>,
+        cancel: &CancellationToken,
+    ) -> Result<RunningEngine, SimError> {
+        cfg.validate()?;
+        let tokenizer = match &cfg.tokenizer {
+            Some(p) => ModelTokenizer::from_path(p)?,
+            None => ModelTokenizer::builtin()?,
+        };
+        if !tokenizer.has_chat_template() {
+            tracing::warn!(tokenizer = tokenizer.source(), "no chat template: /v1/chat/completions will answer 400");
+        }
+        let max_model_len = cfg.max_model_len.unwrap_or_else(|| tokenizer.max_model_len());
+        let filler = Filler::new(&tokenizer, cfg.seed);
+        let metrics = Arc::new(
+            EngineMetrics::new(&cfg.model, cfg.block_size, cfg.num_gpu_blocks)
+                .map_err(|e| SimError::Config(format!("metrics: {e}")))?,
+        );
+        let output_filler = filler.clone();
+        let core = EngineCore::new(
+            CoreConfig {
+                block_size: cfg.block_size,
+                num_gpu_blocks: cfg.num_gpu_blocks,
+                max_num_seqs: cfg.max_num_seqs,
+                max_num_batched_tokens: cfg.max_num_batched_tokens,
+                enable_prefix_caching: cfg.enable_prefix_caching,
+                hash_seed: cfg.hash_seed.unwrap_or_else(rand::random),
+                timing: cfg.timing.clone(),
+            },
+            move |seed, i| output_filler.token(seed, i),
+        );
+        let publisher = match kv_events_addr {
+            Some(a) => Some(KvPublisher::bind(&zmq_endpoint(a), &cfg.kv_events_topic).await?),
+            None => None,
+        };
+        let kv_events_endpoint = publisher.as_ref().map(|p| p.endpoint.clone());
+        let listener = tokio::net::TcpListener::bind(http_addr)
+            .await
+            .map_err(|source| SimError::BindHttp { addr: http_addr.to_owned(), source })?;
+        let local = listener.local_addr().map_err(|source| SimError::BindHttp { addr: http_addr.to_owned(), source })?;
+
+        let cancel = cancel.child_token();
+        let tasks = TaskTracker::new();
+        let (runner, handle, kv_rx) = Runner::new(core, metrics.clone(), cfg.time_scale, publisher.is_some());
+        tasks.spawn(runner.run(cancel.clone()));
+        if let (Some(p), Some(rx)) = (publisher, kv_rx) {
+            tasks.spawn(p.run(rx, cancel.clone()));
+        }
+        let state = Arc::new(AppState {
+            kv_capacity_tokens: cfg.num_gpu_blocks as u64 * cfg.block_size as u64,
+            created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            cfg: cfg.clone(),
+            tokenizer,
+            filler,
+            engine: handle,
+            metrics,
+            max_model_len,
+        });
+        let app = api::router(state);
+        let shutdown = cancel.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "engine-sim HTTP server failed");
+            }
+        });
+        tracing::info!(http = %local, kv_events = ?kv_events_endpoint, model = %cfg.model, "engine simulator started");
+        Ok(RunningEngine { http_addr: local, kv_events_endpoint, model: cfg.model, cancel, tasks })
+    }
+}
