@@ -1,1 +1,23 @@
+//! The `kvmesh` node: configuration, the OpenAI HTTP API, the request pipeline, and adapters to
+//! the inference engines beside it (a real vLLM or the engine simulator).
+//!
+//! Owns: process wiring (config, start-up, graceful shutdown), the HTTP surface clients and
+//! operators see, forwarding a request to an engine and streaming its answer back, and watching
+//! engines (health, `/metrics`, KV-cache events).
+//!
+//! Must not: decide policy itself (parsing, validation and engine choice live in `policy`), or
+//! speak anything to an engine that a real vLLM would not understand: requests reach the engine
+//! as the client's original bytes.
 
+pub mod api;
+pub mod bench;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod metrics;
+pub mod node;
+pub mod proxy;
+
+pub use config::Config;
+pub use error::NodeError;
+pub use node::{Node, RunningNode};

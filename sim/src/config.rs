@@ -8,7 +8,7 @@ use crate::error::SimError;
 use crate::timing::TimingModel;
 
 /// One simulated engine. Field names follow vLLM's flags where one exists.
-#[derive(Debug, Clone, Serialize, Deserialize, clap::Args)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, clap::Args)]
 #[serde(default, deny_unknown_fields)]
 pub struct EngineConfig {
     /// Model name the engine serves (vLLM's `--served-model-name`).
@@ -52,8 +52,8 @@ pub struct EngineConfig {
     /// Largest request body accepted, in bytes.
     #[arg(long = "max-body-bytes", default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Step-time constants (TOML: an `[embedded.timing]` table).
     #[command(flatten)]
-    #[serde(flatten)]
     pub timing: TimingModel,
 }
 

@@ -20,7 +20,7 @@ impl Filler {
         let mut texts = HashMap::new();
         for id in 0..tokenizer.vocab_size() {
             if let Some(t) = tokenizer.plain_token_text(id) {
-                if t.starts_with(' ') && t.len() >= 3 && t[1..].chars().all(|c| c.is_ascii_lowercase()) {
+                if t.starts_with(" ") && t.len() >= 4 && t[1..].chars().all(|c| c.is_ascii_lowercase()) {
                     ids.push(id);
                     texts.insert(id, t);
                 }

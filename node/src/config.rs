@@ -1,0 +1,259 @@
+//! One typed configuration: defaults, then a TOML file (`--config`), then environment variables
+//! (`KVMESH_*`), then flags. Validated once at start with messages that say what to fix.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::NodeError;
+use kvmesh_sim::EngineConfig;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// This node's name in logs, headers and (later) the mesh. Defaults to the host name.
+    pub node_name: String,
+    /// Address of the OpenAI API, `/health` and `/metrics`.
+    pub http_addr: String,
+    /// Engines beside this node. Empty: start the embedded engine simulator.
+    pub engines: Vec<EngineEntry>,
+    /// Start the embedded simulator when no engine is configured.
+    pub embedded_engine: bool,
+    /// Settings of the embedded simulator.
+    pub embedded: EngineConfig,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+    /// How often each engine's `/health` and `/metrics` are read.
+    pub engine_poll_interval_ms: u64,
+    /// Connecting to an engine.
+    pub engine_connect_timeout_ms: u64,
+    /// From sending a request to the engine's response head (includes queueing in the engine).
+    pub engine_first_byte_timeout_ms: u64,
+    /// Longest silence between two chunks of a streamed response before it is cut.
+    pub engine_idle_timeout_ms: u64,
+    /// Engines tried for one request when the first choices fail before answering.
+    pub max_attempts: u32,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// One engine: its base URL and, if it publishes them, where its KV-cache events are.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EngineEntry {
+    pub url: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// ZeroMQ endpoint of the engine's KV events (`tcp://host:port`).
+    #[serde(default)]
+    pub kv_events: Option<String>,
+    /// Sent as `Authorization: Bearer` to engines started with `--api-key`.
+    #[serde(default)]
+    pub api_key: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_name: default_node_name(),
+            http_addr: "0.0.0.0:8080".into(),
+            engines: Vec::new(),
+            embedded_engine: true,
+            embedded: EngineConfig::default(),
+            max_body_bytes: 32 * 1024 * 1024,
+            engine_poll_interval_ms: 500,
+            engine_connect_timeout_ms: 2_000,
+            engine_first_byte_timeout_ms: 600_000,
+            engine_idle_timeout_ms: 300_000,
+            max_attempts: 3,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+fn default_node_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_owned()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "kvmesh".into())
+}
+
+/// `kvmesh serve` flags. Each overrides the config file; each can also come from the
+/// environment variable named beside it.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, env = "KVMESH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address of the OpenAI API (default 0.0.0.0:8080).
+    #[arg(long, env = "KVMESH_HTTP_ADDR")]
+    pub http_addr: Option<String>,
+    /// An engine: `URL` or `URL,kv-events=tcp://HOST:PORT`. Repeatable; replaces the file's list.
+    #[arg(long = "engine", env = "KVMESH_ENGINES", value_delimiter = ';')]
+    pub engines: Vec<String>,
+    /// This node's name.
+    #[arg(long, env = "KVMESH_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Never start the embedded engine simulator.
+    #[arg(long, env = "KVMESH_NO_EMBEDDED_ENGINE")]
+    pub no_embedded_engine: bool,
+    #[arg(long, env = "KVMESH_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+impl Config {
+    pub fn load(args: &ServeArgs) -> Result<Self, NodeError> {
+        let mut cfg = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| NodeError::ConfigFile { path: path.display().to_string(), source })?;
+                toml::from_str(&text)
+                    .map_err(|e| NodeError::ConfigParse { path: path.display().to_string(), message: e.to_string() })?
+            }
+            None => Config::default(),
+        };
+        if let Some(a) = &args.http_addr {
+            cfg.http_addr = a.clone();
+        }
+        if let Some(n) = &args.node_name {
+            cfg.node_name = n.clone();
+        }
+        if !args.engines.is_empty() {
+            cfg.engines = args.engines.iter().map(|s| parse_engine_flag(s)).collect::<Result<_, _>>()?;
+        }
+        if args.no_embedded_engine {
+            cfg.embedded_engine = false;
+        }
+        if let Some(f) = args.log_format {
+            cfg.log_format = f;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), NodeError> {
+        let bad = |m: String| Err(NodeError::Config(m));
+        if self.node_name.trim().is_empty() {
+            return bad("node_name must not be empty (set --node-name)".into());
+        }
+        if self.http_addr.parse::<SocketAddr>().is_err() {
+            return bad(format!("http_addr `{}` is not HOST:PORT with an IP host, e.g. 0.0.0.0:8080", self.http_addr));
+        }
+        for (i, e) in self.engines.iter().enumerate() {
+            let url = reqwest::Url::parse(&e.url).map_err(|err| {
+                NodeError::Config(format!("engines[{i}].url `{}` is not a URL ({err}); write e.g. http://127.0.0.1:8000", e.url))
+            })?;
+            if url.scheme() != "http" && url.scheme() != "https" {
+                return bad(format!("engines[{i}].url `{}` must start with http:// or https://", e.url));
+            }
+            if let Some(kv) = &e.kv_events {
+                if !kv.starts_with("tcp://") {
+                    return bad(format!("engines[{i}].kv_events `{kv}` must be a ZeroMQ endpoint like tcp://127.0.0.1:5557"));
+                }
+            }
+        }
+        if self.engines.is_empty() && !self.embedded_engine {
+            return bad("no engine configured and the embedded simulator is off: add --engine URL".into());
+        }
+        if self.max_body_bytes < 1024 {
+            return bad(format!("max_body_bytes must be at least 1024, got {}", self.max_body_bytes));
+        }
+        if self.max_attempts == 0 {
+            return bad("max_attempts must be at least 1".into());
+        }
+        for (name, v) in [
+            ("engine_poll_interval_ms", self.engine_poll_interval_ms),
+            ("engine_connect_timeout_ms", self.engine_connect_timeout_ms),
+            ("engine_first_byte_timeout_ms", self.engine_first_byte_timeout_ms),
+            ("engine_idle_timeout_ms", self.engine_idle_timeout_ms),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.engines.is_empty() {
+            self.embedded.validate().map_err(|e| NodeError::Config(format!("[embedded] {e}")))?;
+        }
+        Ok(())
+    }
+
+    pub fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+}
+
+/// `URL` or `URL,kv-events=ENDPOINT,name=NAME,api-key=KEY`.
+pub fn parse_engine_flag(s: &str) -> Result<EngineEntry, NodeError> {
+    let mut parts = s.split(',');
+    let url = parts.next().unwrap_or_default().trim().to_owned();
+    let mut e = EngineEntry { url, name: None, kv_events: None, api_key: None };
+    for p in parts {
+        match p.split_once('=') {
+            Some(("kv-events", v)) => e.kv_events = Some(v.to_owned()),
+            Some(("name", v)) => e.name = Some(v.to_owned()),
+            Some(("api-key", v)) => e.api_key = Some(v.to_owned()),
+            _ => {
+                return Err(NodeError::Config(format!(
+                    "--engine `{s}`: unknown part `{p}`; expected URL[,kv-events=tcp://HOST:PORT][,name=NAME][,api-key=KEY]"
+                )))
+            }
+        }
+    }
+    Ok(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_flags() {
+        let dir = std::env::temp_dir().join(format!("kvmesh-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "node_name = \"a\"\nhttp_addr = \"127.0.0.1:9\"\n[[engines]]\nurl = \"http://127.0.0.1:8000\"\nkv_events = \"tcp://127.0.0.1:5557\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs { config: Some(path.clone()), http_addr: Some("127.0.0.1:10".into()), ..Default::default() };
+        let cfg = Config::load(&args).unwrap();
+        assert_eq!(cfg.node_name, "a");
+        assert_eq!(cfg.http_addr, "127.0.0.1:10");
+        assert_eq!(cfg.engines[0].kv_events.as_deref(), Some("tcp://127.0.0.1:5557"));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn errors_say_what_to_fix() {
+        let mut c = Config::default();
+        c.http_addr = "localhost".into();
+        assert!(c.validate().unwrap_err().to_string().contains("HOST:PORT"));
+        let mut c = Config::default();
+        c.engines = vec![parse_engine_flag("127.0.0.1:8000").unwrap()];
+        assert!(c.validate().unwrap_err().to_string().contains("http://"));
+        assert!(parse_engine_flag("http://x,bogus").unwrap_err().to_string().contains("kv-events"));
+        let e = toml::from_str::<Config>("unknown_key = 1").unwrap_err().to_string();
+        assert!(e.contains("unknown_key"), "{e}");
+    }
+
+    #[test]
+    fn engine_flag_parts() {
+        let e = parse_engine_flag("http://h:1,kv-events=tcp://h:2,name=gpu0").unwrap();
+        assert_eq!(e.url, "http://h:1");
+        assert_eq!(e.kv_events.as_deref(), Some("tcp://h:2"));
+        assert_eq!(e.name.as_deref(), Some("gpu0"));
+    }
+}

@@ -1,0 +1,178 @@
+//! Decoding vLLM's KV-cache events (ZeroMQ multipart `[topic, seq, payload]`, msgpack payload
+//! `[timestamp, [event, ...], dp_rank]`), written against vLLM's wire format, not against the
+//! simulator's encoder. Tolerant of what newer vLLM versions append: unknown trailing fields are
+//! ignored, unknown event tags are reported as such, hashes may be integers or bytes.
+
+use rmpv::Value;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineKvEvent {
+    BlockStored {
+        block_hashes: Vec<u64>,
+        parent_block_hash: Option<u64>,
+        token_ids: Vec<u32>,
+        block_size: u32,
+        lora_id: Option<i64>,
+    },
+    BlockRemoved {
+        block_hashes: Vec<u64>,
+    },
+    AllBlocksCleared,
+    Unknown(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventBatch {
+    pub timestamp: f64,
+    pub events: Vec<EngineKvEvent>,
+    pub data_parallel_rank: Option<i64>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("expected 3 frames [topic, seq, payload], got {0}")]
+    Frames(usize),
+    #[error("sequence frame must be 8 bytes, got {0}")]
+    Sequence(usize),
+    #[error("payload is not msgpack: {0}")]
+    Msgpack(String),
+    #[error("payload shape: {0}")]
+    Shape(&'static str),
+}
+
+/// Sequence number of a message's second frame.
+pub fn decode_seq(frame: &[u8]) -> Result<u64, DecodeError> {
+    let bytes: [u8; 8] = frame.try_into().map_err(|_| DecodeError::Sequence(frame.len()))?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+pub fn decode_payload(mut bytes: &[u8]) -> Result<EventBatch, DecodeError> {
+    let v = rmpv::decode::read_value(&mut bytes).map_err(|e| DecodeError::Msgpack(e.to_string()))?;
+    let Value::Array(items) = v else { return Err(DecodeError::Shape("payload is not an array")) };
+    let timestamp = match items.first() {
+        Some(Value::F64(f)) => *f,
+        Some(Value::F32(f)) => *f as f64,
+        Some(v) if v.as_i64().is_some() => v.as_i64().unwrap_or(0) as f64,
+        _ => return Err(DecodeError::Shape("timestamp missing")),
+    };
+    let Some(Value::Array(raw)) = items.get(1) else { return Err(DecodeError::Shape("events array missing")) };
+    let events = raw.iter().map(decode_event).collect::<Result<_, _>>()?;
+    let data_parallel_rank = items.get(2).and_then(Value::as_i64);
+    Ok(EventBatch { timestamp, events, data_parallel_rank })
+}
+
+fn decode_event(v: &Value) -> Result<EngineKvEvent, DecodeError> {
+    let Value::Array(f) = v else { return Err(DecodeError::Shape("event is not an array")) };
+    let tag = f.first().and_then(Value::as_str).ok_or(DecodeError::Shape("event tag missing"))?;
+    Ok(match tag {
+        "BlockStored" => EngineKvEvent::BlockStored {
+            block_hashes: hashes(f.get(1))?,
+            parent_block_hash: match f.get(2) {
+                None | Some(Value::Nil) => None,
+                Some(v) => Some(hash(v)?),
+            },
+            token_ids: match f.get(3) {
+                Some(Value::Array(ts)) => ts
+                    .iter()
+                    .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+                    .collect::<Option<_>>()
+                    .ok_or(DecodeError::Shape("token id is not a u32"))?,
+                _ => return Err(DecodeError::Shape("BlockStored token_ids missing")),
+            },
+            block_size: f
+                .get(4)
+                .and_then(Value::as_u64)
+                .and_then(|b| u32::try_from(b).ok())
+                .filter(|&b| b > 0)
+                .ok_or(DecodeError::Shape("BlockStored block_size missing"))?,
+            lora_id: f.get(5).and_then(Value::as_i64),
+        },
+        "BlockRemoved" => EngineKvEvent::BlockRemoved { block_hashes: hashes(f.get(1))? },
+        "AllBlocksCleared" => EngineKvEvent::AllBlocksCleared,
+        other => EngineKvEvent::Unknown(other.to_owned()),
+    })
+}
+
+fn hashes(v: Option<&Value>) -> Result<Vec<u64>, DecodeError> {
+    match v {
+        Some(Value::Array(hs)) => hs.iter().map(hash).collect(),
+        _ => Err(DecodeError::Shape("block_hashes missing")),
+    }
+}
+
+/// An unsigned integer, or bytes whose last 8 are read big-endian (vLLM's sha256 hashes).
+fn hash(v: &Value) -> Result<u64, DecodeError> {
+    match v {
+        Value::Integer(i) => i.as_u64().or_else(|| i.as_i64().map(|x| x as u64)).ok_or(DecodeError::Shape("hash")),
+        Value::Binary(b) if !b.is_empty() => {
+            let tail = &b[b.len().saturating_sub(8)..];
+            let mut buf = [0u8; 8];
+            buf[8 - tail.len()..].copy_from_slice(tail);
+            Ok(u64::from_be_bytes(buf))
+        }
+        _ => Err(DecodeError::Shape("block hash is neither an integer nor bytes")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn enc(v: Value) -> Vec<u8> {
+        let mut b = Vec::new();
+        rmpv::encode::write_value(&mut b, &v).unwrap();
+        b
+    }
+
+    #[test]
+    fn decodes_newer_vllm_layout_with_bytes_hashes_and_extra_fields() {
+        let hash_bytes = Value::Binary(vec![0xAA; 24].into_iter().chain(1u64.to_be_bytes()).collect());
+        let payload = enc(Value::Array(vec![
+            Value::F64(1.5),
+            Value::Array(vec![
+                Value::Array(vec![
+                    "BlockStored".into(),
+                    Value::Array(vec![hash_bytes]),
+                    Value::Nil,
+                    Value::Array((0..4).map(Value::from).collect()),
+                    Value::from(4),
+                    Value::Nil,
+                    "GPU".into(),
+                    "lora-name".into(),
+                    Value::Nil,
+                ]),
+                Value::Array(vec!["BlockRemoved".into(), Value::Array(vec![Value::from(7u64)]), "GPU".into()]),
+                Value::Array(vec!["AllBlocksCleared".into()]),
+                Value::Array(vec!["SomethingNew".into(), Value::from(1)]),
+            ]),
+            Value::from(0),
+        ]));
+        let b = decode_payload(&payload).unwrap();
+        assert_eq!(b.data_parallel_rank, Some(0));
+        assert_eq!(
+            b.events,
+            vec![
+                EngineKvEvent::BlockStored { block_hashes: vec![1], parent_block_hash: None, token_ids: vec![0, 1, 2, 3], block_size: 4, lora_id: None },
+                EngineKvEvent::BlockRemoved { block_hashes: vec![7] },
+                EngineKvEvent::AllBlocksCleared,
+                EngineKvEvent::Unknown("SomethingNew".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        assert_eq!(decode_seq(&[1, 2]), Err(DecodeError::Sequence(2)));
+        assert_eq!(decode_seq(&5u64.to_be_bytes()), Ok(5));
+        assert!(decode_payload(&enc(Value::from(3))).is_err());
+        assert!(decode_payload(&[0xc1]).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_bytes(b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode_payload(&b);
+        }
+    }
+}

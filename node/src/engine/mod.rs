@@ -1,0 +1,238 @@
+//! Adapters to the engines beside this node: each engine is watched by a poller (`/health`,
+//! `/metrics`, `/v1/models`) and, when it publishes them, a KV-event subscriber. The request
+//! path reads their latest view without waiting on them.
+
+pub mod kv_events;
+pub mod metrics_text;
+pub mod subscriber;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, EngineEntry};
+use metrics_text::EngineLoad;
+
+/// What the poller last saw of an engine.
+#[derive(Debug, Clone, Default)]
+pub struct EngineView {
+    pub healthy: bool,
+    /// Models the engine listed at its last successful `/v1/models`; kept while it is down so a
+    /// request for a known model gets 503 (retry later), not 404.
+    pub models: Vec<String>,
+    pub load: EngineLoad,
+    pub consecutive_failures: u32,
+    pub last_ok: Option<Instant>,
+    pub last_error: Option<String>,
+}
+
+/// KV-event stream health, counted by the subscriber.
+#[derive(Debug, Default)]
+pub struct KvEventStats {
+    pub batches: AtomicU64,
+    pub events: AtomicU64,
+    pub gaps: AtomicU64,
+    pub decode_errors: AtomicU64,
+    pub last_seq: AtomicU64,
+    /// Engine block hashes currently cached, per the events (cleared on gaps and restarts: a
+    /// view that may have missed events is not trusted).
+    pub cached_blocks: RwLock<HashSet<u64>>,
+}
+
+pub struct Engine {
+    pub index: usize,
+    pub name: String,
+    /// Base URL without a trailing slash.
+    pub url: String,
+    pub kv_events: Option<String>,
+    pub api_key: Option<String>,
+    pub in_flight: AtomicU32,
+    pub view: RwLock<EngineView>,
+    pub kv: KvEventStats,
+}
+
+impl Engine {
+    pub fn snapshot(&self) -> EngineView {
+        self.view.read().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.view.read().map(|v| v.healthy).unwrap_or(false)
+    }
+
+    pub fn serves(&self, model: &str) -> bool {
+        self.view.read().map(|v| v.models.iter().any(|m| m == model)).unwrap_or(false)
+    }
+
+    /// A request failed to reach the engine: stop routing to it until the poller sees it again.
+    pub fn mark_down(&self, why: &str) {
+        if let Ok(mut v) = self.view.write() {
+            if v.healthy {
+                tracing::warn!(engine = %self.name, reason = why, "engine marked down");
+            }
+            v.healthy = false;
+            v.last_error = Some(why.to_owned());
+        }
+    }
+}
+
+pub struct EngineSet {
+    pub engines: Vec<Arc<Engine>>,
+    client: reqwest::Client,
+    poll_interval: Duration,
+}
+
+/// Failures in a row before a polled engine counts as down; one slow scrape should not take an
+/// engine out of rotation, a dead one should leave within about a second.
+const DOWN_AFTER_FAILURES: u32 = 2;
+
+impl EngineSet {
+    pub fn new(entries: &[EngineEntry], cfg: &Config, client: reqwest::Client) -> Self {
+        let engines = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                Arc::new(Engine {
+                    index: i,
+                    name: e.name.clone().unwrap_or_else(|| format!("engine-{i}")),
+                    url: e.url.trim_end_matches('/').to_owned(),
+                    kv_events: e.kv_events.clone(),
+                    api_key: e.api_key.clone(),
+                    in_flight: AtomicU32::new(0),
+                    view: RwLock::new(EngineView::default()),
+                    kv: KvEventStats::default(),
+                })
+            })
+            .collect();
+        Self { engines, client, poll_interval: Config::ms(cfg.engine_poll_interval_ms) }
+    }
+
+    /// One poll of every engine, awaited: the node knows its engines' models before serving.
+    pub async fn probe_all(&self) {
+        futures::future::join_all(self.engines.iter().map(|e| poll_once(&self.client, e, self.poll_interval))).await;
+    }
+
+    pub fn spawn_watchers(&self, tasks: &TaskTracker, cancel: &CancellationToken) {
+        for e in &self.engines {
+            let (client, engine, cancel2, every) = (self.client.clone(), e.clone(), cancel.clone(), self.poll_interval);
+            tasks.spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = cancel2.cancelled() => break,
+                        _ = tick.tick() => poll_once(&client, &engine, every).await,
+                    }
+                }
+            });
+            if let Some(endpoint) = e.kv_events.clone() {
+                tasks.spawn(subscriber::run(e.clone(), endpoint, cancel.clone()));
+            }
+        }
+    }
+
+    /// Union of the models healthy engines serve (all known ones if none is healthy).
+    pub fn models(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        let any_healthy = self.engines.iter().any(|e| e.is_healthy());
+        for e in &self.engines {
+            let v = e.snapshot();
+            if v.healthy || !any_healthy {
+                for m in v.models {
+                    if !out.contains(&m) {
+                        out.push(m);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+async fn poll_once(client: &reqwest::Client, e: &Engine, timeout: Duration) {
+    let timeout = timeout.max(Duration::from_millis(500)) * 2;
+    let get = |path: &str| {
+        let mut rb = client.get(format!("{}{path}", e.url)).timeout(timeout);
+        if let Some(k) = &e.api_key {
+            rb = rb.bearer_auth(k);
+        }
+        rb.send()
+    };
+    let health = async {
+        let r = get("/health").await.map_err(|err| err.to_string())?;
+        if !r.status().is_success() {
+            return Err(format!("/health answered {}", r.status()));
+        }
+        let m = get("/metrics").await.map_err(|err| err.to_string())?;
+        let text = m.text().await.map_err(|err| err.to_string())?;
+        Ok::<_, String>(metrics_text::parse(&text))
+    };
+    let result = health.await;
+    // Models rarely change; read them until known, then on every tenth poll.
+    let need_models = e.view.read().map(|v| v.models.is_empty()).unwrap_or(true) || rand::random::<u8>() < 26;
+    let models = if result.is_ok() && need_models {
+        match get("/v1/models").await {
+            Ok(r) if r.status().is_success() => r.json::<serde_json::Value>().await.ok().map(|v| model_ids(&v)),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let Ok(mut v) = e.view.write() else { return };
+    match result {
+        Ok(load) => {
+            if !v.healthy {
+                tracing::info!(engine = %e.name, url = %e.url, "engine up");
+            }
+            v.healthy = true;
+            v.load = load;
+            v.consecutive_failures = 0;
+            v.last_ok = Some(Instant::now());
+            v.last_error = None;
+            if let Some(m) = models {
+                v.models = m;
+            }
+        }
+        Err(err) => {
+            v.consecutive_failures += 1;
+            if v.consecutive_failures >= DOWN_AFTER_FAILURES && v.healthy {
+                tracing::warn!(engine = %e.name, url = %e.url, error = %err, "engine down");
+                v.healthy = false;
+            }
+            v.last_error = Some(err);
+        }
+    }
+}
+
+/// Model ids of an OpenAI `/v1/models` answer.
+fn model_ids(v: &serde_json::Value) -> Vec<String> {
+    v.get("data")
+        .and_then(serde_json::Value::as_array)
+        .map(|d| d.iter().filter_map(|m| m.get("id").and_then(serde_json::Value::as_str).map(str::to_owned)).collect())
+        .unwrap_or_default()
+}
+
+/// In-flight accounting that cannot leak: the count drops when the guard does, however the
+/// request ends (finished, failed, client gone).
+pub struct InFlight(Arc<Engine>);
+
+impl InFlight {
+    pub fn new(e: Arc<Engine>) -> Self {
+        e.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(e)
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}

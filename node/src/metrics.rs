@@ -1,0 +1,126 @@
+//! The node's own Prometheus metrics (`kvmesh_*`), one registry per node so several nodes can
+//! run in one process (tests, benchmarks).
+
+use std::sync::atomic::Ordering;
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::engine::EngineSet;
+use crate::error::NodeError;
+
+pub struct NodeMetrics {
+    registry: Registry,
+    /// Requests answered, by endpoint, model and HTTP status.
+    pub requests: IntCounterVec,
+    /// Time from request arrival to the first response byte sent, by endpoint and stream mode.
+    pub ttfb: HistogramVec,
+    /// Whole request, to the last byte.
+    pub duration: HistogramVec,
+    /// Engines tried again after a failure before the response started, by reason.
+    pub retries: IntCounterVec,
+    /// Streams that ended with an error event after they had started, by cause.
+    pub stream_errors: IntCounterVec,
+    engine_up: IntGaugeVec,
+    engine_in_flight: IntGaugeVec,
+    engine_running: GaugeVec,
+    engine_waiting: GaugeVec,
+    engine_kv_usage: GaugeVec,
+    kv_batches: IntGaugeVec,
+    kv_gaps: IntGaugeVec,
+    kv_cached_blocks: IntGaugeVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+impl NodeMetrics {
+    pub fn new(node: &str) -> Result<Self, NodeError> {
+        let registry = Registry::new_custom(None, Some([("node".to_owned(), node.to_owned())].into_iter().collect()))?;
+        let engine = &["engine"];
+        let m = Self {
+            requests: IntCounterVec::new(
+                Opts::new("kvmesh_requests_total", "Requests answered, by endpoint, model and HTTP status."),
+                &["endpoint", "model", "status"],
+            )?,
+            ttfb: HistogramVec::new(
+                HistogramOpts::new("kvmesh_time_to_first_byte_seconds", "Request arrival to first response byte.")
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                &["endpoint", "stream"],
+            )?,
+            duration: HistogramVec::new(
+                HistogramOpts::new("kvmesh_request_duration_seconds", "Request arrival to last response byte.")
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                &["endpoint", "stream"],
+            )?,
+            retries: IntCounterVec::new(
+                Opts::new("kvmesh_engine_retries_total", "Requests sent to another engine after a failure, by reason."),
+                &["reason"],
+            )?,
+            stream_errors: IntCounterVec::new(
+                Opts::new("kvmesh_stream_errors_total", "Started streams ended with an error event, by cause."),
+                &["cause"],
+            )?,
+            engine_up: IntGaugeVec::new(Opts::new("kvmesh_engine_up", "1 if the engine is healthy."), engine)?,
+            engine_in_flight: IntGaugeVec::new(
+                Opts::new("kvmesh_engine_in_flight", "Requests this node has open on the engine."),
+                engine,
+            )?,
+            engine_running: GaugeVec::new(Opts::new("kvmesh_engine_running", "Engine's running requests (scraped)."), engine)?,
+            engine_waiting: GaugeVec::new(Opts::new("kvmesh_engine_waiting", "Engine's waiting requests (scraped)."), engine)?,
+            engine_kv_usage: GaugeVec::new(Opts::new("kvmesh_engine_kv_usage", "Engine's KV-cache usage 0..1 (scraped)."), engine)?,
+            kv_batches: IntGaugeVec::new(Opts::new("kvmesh_kv_event_batches", "KV-event batches received."), engine)?,
+            kv_gaps: IntGaugeVec::new(
+                Opts::new("kvmesh_kv_event_gaps", "Sequence gaps or restarts seen in KV events (view dropped)."),
+                engine,
+            )?,
+            kv_cached_blocks: IntGaugeVec::new(
+                Opts::new("kvmesh_kv_cached_blocks", "Blocks the engine holds, per its KV events."),
+                engine,
+            )?,
+            registry,
+        };
+        for c in [
+            Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.ttfb.clone()),
+            Box::new(m.duration.clone()),
+            Box::new(m.retries.clone()),
+            Box::new(m.stream_errors.clone()),
+            Box::new(m.engine_up.clone()),
+            Box::new(m.engine_in_flight.clone()),
+            Box::new(m.engine_running.clone()),
+            Box::new(m.engine_waiting.clone()),
+            Box::new(m.engine_kv_usage.clone()),
+            Box::new(m.kv_batches.clone()),
+            Box::new(m.kv_gaps.clone()),
+            Box::new(m.kv_cached_blocks.clone()),
+        ] {
+            m.registry.register(c)?;
+        }
+        Ok(m)
+    }
+
+    /// Prometheus text; engine gauges are read from the engine views at scrape time.
+    pub fn render(&self, engines: &EngineSet) -> String {
+        for e in &engines.engines {
+            let v = e.snapshot();
+            let l = [e.name.as_str()];
+            self.engine_up.with_label_values(&l).set(v.healthy as i64);
+            self.engine_in_flight.with_label_values(&l).set(e.in_flight.load(Ordering::Relaxed) as i64);
+            self.engine_running.with_label_values(&l).set(v.load.running);
+            self.engine_waiting.with_label_values(&l).set(v.load.waiting);
+            self.engine_kv_usage.with_label_values(&l).set(v.load.kv_usage);
+            self.kv_batches.with_label_values(&l).set(e.kv.batches.load(Ordering::Relaxed) as i64);
+            self.kv_gaps.with_label_values(&l).set(e.kv.gaps.load(Ordering::Relaxed) as i64);
+            let cached = e.kv.cached_blocks.read().map(|s| s.len()).unwrap_or(0);
+            self.kv_cached_blocks.with_label_values(&l).set(cached as i64);
+        }
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}

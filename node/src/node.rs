@@ -1,0 +1,97 @@
+//! Starting a node: embedded engine (if needed), engine watchers, HTTP server; and stopping it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api;
+use crate::config::{Config, EngineEntry};
+use crate::engine::EngineSet;
+use crate::error::NodeError;
+use crate::metrics::NodeMetrics;
+use crate::proxy::Pipeline;
+use kvmesh_sim::{EngineSim, RunningEngine};
+
+pub struct Node;
+
+pub struct RunningNode {
+    pub http_addr: SocketAddr,
+    pub node_name: String,
+    pub engines: Arc<EngineSet>,
+    /// The embedded simulator, when this node started one.
+    pub embedded: Option<RunningEngine>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl RunningNode {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.http_addr)
+    }
+
+    /// Stops taking requests, lets open responses finish, stops every task and the embedded
+    /// engine, and waits for all of it.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+        if let Some(e) = self.embedded {
+            e.shutdown().await;
+        }
+    }
+}
+
+impl Node {
+    pub async fn start(mut cfg: Config, cancel: &CancellationToken) -> Result<RunningNode, NodeError> {
+        cfg.validate()?;
+        let cancel = cancel.child_token();
+        let embedded = if cfg.engines.is_empty() && cfg.embedded_engine {
+            // Loopback and ephemeral ports: the simulator is this node's private engine.
+            let e = EngineSim::start(cfg.embedded.clone(), "127.0.0.1:0", Some("tcp://127.0.0.1:0"), &cancel).await?;
+            cfg.engines.push(EngineEntry {
+                url: e.url(),
+                name: Some("embedded-sim".into()),
+                kv_events: e.kv_events_endpoint.clone(),
+                api_key: None,
+            });
+            Some(e)
+        } else {
+            None
+        };
+        let client = reqwest::Client::builder()
+            .connect_timeout(Config::ms(cfg.engine_connect_timeout_ms))
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            .no_proxy()
+            .build()
+            .map_err(|e| NodeError::Client(e.to_string()))?;
+        let engines = Arc::new(EngineSet::new(&cfg.engines, &cfg, client.clone()));
+        engines.probe_all().await;
+        let tasks = TaskTracker::new();
+        engines.spawn_watchers(&tasks, &cancel);
+        let metrics = Arc::new(NodeMetrics::new(&cfg.node_name)?);
+        let pipeline = Arc::new(Pipeline::new(&cfg, engines.clone(), metrics, client));
+        let listener = tokio::net::TcpListener::bind(&cfg.http_addr)
+            .await
+            .map_err(|source| NodeError::Bind { addr: cfg.http_addr.clone(), source })?;
+        let http_addr = listener.local_addr().map_err(|source| NodeError::Bind { addr: cfg.http_addr.clone(), source })?;
+        let app = api::router(pipeline);
+        let stop = cancel.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        for e in &engines.engines {
+            let v = e.snapshot();
+            tracing::info!(engine = %e.name, url = %e.url, healthy = v.healthy, models = ?v.models, "engine configured");
+        }
+        tracing::info!(node = %cfg.node_name, http = %http_addr, "kvmesh node serving");
+        Ok(RunningNode { http_addr, node_name: cfg.node_name, engines, embedded, cancel, tasks })
+    }
+}
