@@ -178,6 +178,7 @@ impl Runner {
                 continue;
             }
             let step = self.core.schedule();
+            self.update_gauges();
             if step.is_empty() {
                 // Waiting work that cannot be admitted with nothing running cannot happen for
                 // requests the API accepted (it checks they fit); wait for a change anyway.
