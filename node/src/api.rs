@@ -31,22 +31,25 @@ pub fn router(p: Arc<Pipeline>) -> Router {
         .with_state(p)
 }
 
-fn body_or_error(p: &Pipeline, body: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
-    body.map_err(|rejection| match rejection {
-        BytesRejection::FailedToBufferBody(_) => error_response(&ApiError::too_large(p.max_body_bytes())),
-        other => error_response(&ApiError::invalid(other.body_text(), None)),
+fn body_or_error(p: &Pipeline, endpoint: Endpoint, body: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
+    body.map_err(|rejection| {
+        let e = match rejection {
+            BytesRejection::FailedToBufferBody(_) => ApiError::too_large(p.max_body_bytes()),
+            other => ApiError::invalid(other.body_text(), None),
+        };
+        p.reply_error(endpoint, "", &e, std::time::Instant::now())
     })
 }
 
 async fn chat(State(p): State<Arc<Pipeline>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    match body_or_error(&p, body) {
+    match body_or_error(&p, Endpoint::Chat, body) {
         Ok(b) => p.handle(Endpoint::Chat, &headers, b).await,
         Err(r) => r,
     }
 }
 
 async fn completions(State(p): State<Arc<Pipeline>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    match body_or_error(&p, body) {
+    match body_or_error(&p, Endpoint::Completions, body) {
         Ok(b) => p.handle(Endpoint::Completions, &headers, b).await,
         Err(r) => r,
     }

@@ -112,7 +112,8 @@ impl Pipeline {
         .await
     }
 
-    fn reply_error(&self, endpoint: Endpoint, model: &str, e: &ApiError, started: Instant) -> Response {
+    /// Answers with an OpenAI error, counted and logged like every other answer.
+    pub fn reply_error(&self, endpoint: Endpoint, model: &str, e: &ApiError, started: Instant) -> Response {
         tracing::info!(status = e.status.as_u16(), error = %e.message, "request rejected");
         self.metrics.requests.with_label_values(&[endpoint.path(), model, e.status.as_str()]).inc();
         self.metrics.duration.with_label_values(&[endpoint.path(), "false"]).observe(started.elapsed().as_secs_f64());

@@ -1,0 +1,190 @@
+//! A node in front of engines on loopback: the OpenAI API through the node, every kind of bad
+//! input, and engines that are down, overloaded or fail mid-stream.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use kvmesh_node::config::EngineEntry;
+use serde_json::{json, Value};
+
+#[tokio::test]
+async fn embedded_engine_answers_out_of_the_box() {
+    let n = node(node_config(vec![])).await;
+    assert!(n.embedded.is_some(), "no engine configured: the embedded simulator starts");
+    let (s, h, v) = post(&n.url(), &chat("Hi", json!({"max_tokens": 4}))).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(h["x-kvmesh-served-by"], "test-node/embedded-sim");
+    assert_eq!(v["usage"]["completion_tokens"], 4);
+
+    let body = chat("Hi", json!({"max_tokens": 4, "stream": true, "stream_options": {"include_usage": true}}));
+    let (s, h, text) = post_raw(&n.url(), "/v1/chat/completions", serde_json::to_vec(&body).unwrap()).await;
+    assert_eq!(s, 200);
+    assert!(h["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let events = sse_data(&text);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 4);
+
+    let (s, _, t) = post_raw(&n.url(), "/v1/completions", br#"{"model":"kvmesh-sim","prompt":"abc","max_tokens":3}"#.to_vec()).await;
+    assert_eq!(s, 200, "{t}");
+    let models: Value = reqwest::get(format!("{}/v1/models", n.url())).await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"][0]["id"], "kvmesh-sim");
+    n.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_the_right_status_and_leaves_the_node_healthy() {
+    let mut cfg = node_config(vec![]);
+    cfg.max_body_bytes = 4096;
+    cfg.embedded = fast_engine();
+    let n = node(cfg).await;
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        ("/v1/chat/completions", b"{not json".to_vec(), 400),
+        ("/v1/chat/completions", b"[]".to_vec(), 400),
+        ("/v1/chat/completions", br#"{"model":"kvmesh-sim"}"#.to_vec(), 400),
+        ("/v1/chat/completions", br#"{"model":"kvmesh-sim","messages":"hi"}"#.to_vec(), 400),
+        ("/v1/chat/completions", br#"{"model":5,"messages":[]}"#.to_vec(), 400),
+        ("/v1/chat/completions", br#"{"model":"kvmesh-sim","messages":[{"role":"user","content":"x"}],"max_tokens":-1}"#.to_vec(), 400),
+        ("/v1/chat/completions", br#"{"model":"gpt-9","messages":[{"role":"user","content":"x"}]}"#.to_vec(), 404),
+        ("/v1/completions", br#"{"model":"kvmesh-sim"}"#.to_vec(), 400),
+        ("/v1/chat/completions", vec![b'x'; 10_000], 413),
+        ("/v1/nothing", b"{}".to_vec(), 404),
+    ];
+    for (path, body, want) in cases {
+        let (s, _, text) = post_raw(&n.url(), path, body.clone()).await;
+        assert_eq!(s, want, "{path} {}", String::from_utf8_lossy(&body[..body.len().min(60)]));
+        assert_openai_error(&serde_json::from_str(&text).unwrap());
+    }
+    let r = reqwest::get(format!("{}/v1/chat/completions", n.url())).await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_openai_error(&r.json().await.unwrap());
+    // Still serving.
+    let (s, _, _) = post(&n.url(), &chat("still ok?", json!({"max_tokens": 2}))).await;
+    assert_eq!(s, 200);
+    assert!(scrape(&n.url(), "kvmesh_requests_total").await >= 10.0);
+    n.shutdown().await;
+}
+
+#[tokio::test]
+async fn engine_down_gives_503_and_failover_keeps_serving() {
+    // A port nobody listens on.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let n = node(node_config(vec![entry(dead.clone())])).await;
+    let (s, _, v) = post(&n.url(), &chat("x", json!({}))).await;
+    // Its models were never seen: the model is unknown here.
+    assert_eq!(s, 404, "{v}");
+    assert_openai_error(&v);
+    assert_eq!(reqwest::get(format!("{}/health", n.url())).await.unwrap().status(), 503);
+    n.shutdown().await;
+
+    // One live engine and one that dies: every request is still served.
+    let live = engine(fast_engine(), false).await;
+    let doomed = engine(fast_engine(), false).await;
+    let n = node(node_config(vec![entry(doomed.url()), entry(live.url())])).await;
+    doomed.shutdown().await;
+    for i in 0..10 {
+        let (s, h, v) = post(&n.url(), &chat(&format!("req {i}"), json!({"max_tokens": 2}))).await;
+        assert_eq!(s, 200, "request {i}: {v}");
+        assert_eq!(h["x-kvmesh-served-by"], "test-node/engine-1");
+    }
+    // Both engines down now: a known model gets 503 (retry later), not 404.
+    live.shutdown().await;
+    eventually("engines marked down", Duration::from_secs(3), async || {
+        !n.engines.engines.iter().any(|e| e.is_healthy())
+    })
+    .await;
+    let (s, _, v) = post(&n.url(), &chat("x", json!({}))).await;
+    assert_eq!(s, 503, "{v}");
+    assert_openai_error(&v);
+    n.shutdown().await;
+}
+
+#[tokio::test]
+async fn overloaded_engine_is_retried_elsewhere() {
+    let (busy, stop) = scripted_engine(Script::Unavailable).await;
+    let live = engine(fast_engine(), false).await;
+    let n = node(node_config(vec![entry(format!("http://{busy}")), entry(live.url())])).await;
+    for _ in 0..6 {
+        let (s, _, v) = post(&n.url(), &chat("x", json!({"max_tokens": 1}))).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    stop.cancel();
+    n.shutdown().await;
+    live.shutdown().await;
+}
+
+#[tokio::test]
+async fn engine_failing_mid_stream_ends_with_error_event() {
+    let (addr, stop) = scripted_engine(Script::FailMidStream).await;
+    let n = node(node_config(vec![entry(format!("http://{addr}"))])).await;
+    let body = chat("x", json!({"stream": true}));
+    let (s, _, text) = post_raw(&n.url(), "/v1/chat/completions", serde_json::to_vec(&body).unwrap()).await;
+    assert_eq!(s, 200);
+    let events = sse_data(&text);
+    assert!(events[0].contains("w0") && events[1].contains("w1"), "{events:?}");
+    let err: Value = serde_json::from_str(&events[2]).unwrap();
+    assert_openai_error(&err);
+    assert_eq!(events.last().unwrap(), "[DONE]");
+    assert_eq!(scrape(&n.url(), "kvmesh_stream_errors_total").await, 1.0);
+    // The node is fine afterwards.
+    assert_eq!(n.engines.engines[0].in_flight.load(std::sync::atomic::Ordering::Relaxed), 0);
+    stop.cancel();
+    n.shutdown().await;
+}
+
+#[tokio::test]
+async fn client_disconnect_mid_stream_cancels_on_the_engine() {
+    let e = engine(kvmesh_sim::EngineConfig::default(), false).await;
+    let n = node(node_config(vec![entry(e.url())])).await;
+    let body = chat("tell me everything", json!({"max_tokens": 5000, "ignore_eos": true, "stream": true}));
+    let mut r = reqwest::Client::new().post(format!("{}/v1/chat/completions", n.url())).json(&body).send().await.unwrap();
+    r.chunk().await.unwrap();
+    r.chunk().await.unwrap();
+    assert_eq!(scrape(&e.url(), "vllm:num_requests_running").await, 1.0);
+    drop(r);
+    eventually("engine aborts the request", Duration::from_secs(3), async || {
+        scrape(&e.url(), "vllm:num_requests_running").await == 0.0
+    })
+    .await;
+    eventually("node releases in-flight", Duration::from_secs(3), async || {
+        n.engines.engines[0].in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0
+    })
+    .await;
+    n.shutdown().await;
+    e.shutdown().await;
+}
+
+#[tokio::test]
+async fn node_follows_engine_load_and_kv_events() {
+    let e = engine(fast_engine(), true).await;
+    let n = node(node_config(vec![EngineEntry {
+        url: e.url(),
+        name: Some("gpu0".into()),
+        kv_events: e.kv_events_endpoint.clone(),
+        api_key: None,
+    }]))
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // let the subscription land
+    let (s, _, _) = post(&n.url(), &chat(&"a long shared document ".repeat(50), json!({"max_tokens": 2}))).await;
+    assert_eq!(s, 200);
+    eventually("KV events reach the node", Duration::from_secs(3), async || {
+        scrape(&n.url(), "kvmesh_kv_cached_blocks").await > 0.0
+    })
+    .await;
+    let gaps = scrape(&n.url(), "kvmesh_kv_event_gaps").await;
+    assert_eq!(gaps, 0.0);
+    assert_eq!(scrape(&n.url(), "kvmesh_engine_up").await, 1.0);
+    // Clearing the engine's cache empties the node's view of it.
+    reqwest::Client::new().post(format!("{}/reset_prefix_cache", e.url())).send().await.unwrap();
+    eventually("AllBlocksCleared applied", Duration::from_secs(3), async || {
+        scrape(&n.url(), "kvmesh_kv_cached_blocks").await == 0.0
+    })
+    .await;
+    n.shutdown().await;
+    e.shutdown().await;
+}
