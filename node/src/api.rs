@@ -25,34 +25,45 @@ pub fn router(p: Arc<Pipeline>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { error_response(&ApiError::not_found("Not Found")) })
         .method_not_allowed_fallback(|| async {
-            error_response(&ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "Method Not Allowed"))
+            error_response(&ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                "Method Not Allowed",
+            ))
         })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(p)
 }
 
-fn body_or_error(p: &Pipeline, endpoint: Endpoint, body: Result<Bytes, BytesRejection>) -> Result<Bytes, Response> {
-    body.map_err(|rejection| {
-        let e = match rejection {
-            BytesRejection::FailedToBufferBody(_) => ApiError::too_large(p.max_body_bytes()),
-            other => ApiError::invalid(other.body_text(), None),
-        };
-        p.reply_error(endpoint, "", &e, std::time::Instant::now())
-    })
+/// A body over the size limit or unreadable is answered here; anything else goes down the pipeline.
+async fn serve(
+    p: Arc<Pipeline>,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match body {
+        Ok(b) => p.handle(endpoint, &headers, b).await,
+        Err(rejection) => {
+            let e = match rejection {
+                BytesRejection::FailedToBufferBody(_) => ApiError::too_large(p.max_body_bytes()),
+                other => ApiError::invalid(other.body_text(), None),
+            };
+            p.reply_error(endpoint, "", &e, std::time::Instant::now())
+        }
+    }
 }
 
 async fn chat(State(p): State<Arc<Pipeline>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    match body_or_error(&p, Endpoint::Chat, body) {
-        Ok(b) => p.handle(Endpoint::Chat, &headers, b).await,
-        Err(r) => r,
-    }
+    serve(p, Endpoint::Chat, headers, body).await
 }
 
-async fn completions(State(p): State<Arc<Pipeline>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    match body_or_error(&p, Endpoint::Completions, body) {
-        Ok(b) => p.handle(Endpoint::Completions, &headers, b).await,
-        Err(r) => r,
-    }
+async fn completions(
+    State(p): State<Arc<Pipeline>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    serve(p, Endpoint::Completions, headers, body).await
 }
 
 async fn models(State(p): State<Arc<Pipeline>>) -> Response {
@@ -78,7 +89,10 @@ async fn health(State(p): State<Arc<Pipeline>>) -> Response {
         .collect();
     let ok = p.engines.engines.iter().any(|e| e.is_healthy());
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(json!({"status": if ok { "ok" } else { "no_healthy_engine" }, "node": p.node_name, "engines": engines})))
+    (
+        status,
+        Json(json!({"status": if ok { "ok" } else { "no_healthy_engine" }, "node": p.node_name, "engines": engines})),
+    )
         .into_response()
 }
 

@@ -62,7 +62,12 @@ struct Paths {
     node: String,
 }
 
-async fn one(client: &reqwest::Client, base: &str, body: &serde_json::Value, stream: bool) -> Result<Duration, NodeError> {
+async fn one(
+    client: &reqwest::Client,
+    base: &str,
+    body: &serde_json::Value,
+    stream: bool,
+) -> Result<Duration, NodeError> {
     let t = Instant::now();
     let resp = client
         .post(format!("{base}/v1/chat/completions"))
@@ -106,7 +111,11 @@ async fn overhead(a: OverheadArgs) -> Result<(), NodeError> {
     };
     let node = Node::start(node_cfg, &cancel).await?;
     let paths = Paths { direct: engine.url(), node: node.url() };
-    let client = reqwest::Client::builder().tcp_nodelay(true).no_proxy().build().map_err(|e| NodeError::Client(e.to_string()))?;
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .no_proxy()
+        .build()
+        .map_err(|e| NodeError::Client(e.to_string()))?;
     let body = |i: usize, stream: bool| {
         json!({"model": "kvmesh-sim", "messages": [{"role": "user", "content": prompt(a.prompt_words, i)}],
                "max_tokens": a.max_tokens, "stream": stream})
@@ -146,7 +155,8 @@ async fn overhead(a: OverheadArgs) -> Result<(), NodeError> {
     md.push_str("| mode | direct p50 | via node p50 | added p50 | direct p99 | via node p99 | added p99 |\n|---|---|---|---|---|---|---|\n");
     for (stream, hd, hn) in &rows {
         let ms = |v: u64| format!("{:.3} ms", v as f64 / 1000.0);
-        let added = |q: f64| format!("{:+.3} ms", (hn.value_at_quantile(q) as f64 - hd.value_at_quantile(q) as f64) / 1000.0);
+        let added =
+            |q: f64| format!("{:+.3} ms", (hn.value_at_quantile(q) as f64 - hd.value_at_quantile(q) as f64) / 1000.0);
         md.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} |\n",
             if *stream { "streaming, time to first byte" } else { "non-streaming, whole response" },

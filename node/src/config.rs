@@ -153,14 +153,19 @@ impl Config {
         }
         for (i, e) in self.engines.iter().enumerate() {
             let url = reqwest::Url::parse(&e.url).map_err(|err| {
-                NodeError::Config(format!("engines[{i}].url `{}` is not a URL ({err}); write e.g. http://127.0.0.1:8000", e.url))
+                NodeError::Config(format!(
+                    "engines[{i}].url `{}` is not a URL ({err}); write e.g. http://127.0.0.1:8000",
+                    e.url
+                ))
             })?;
             if url.scheme() != "http" && url.scheme() != "https" {
                 return bad(format!("engines[{i}].url `{}` must start with http:// or https://", e.url));
             }
             if let Some(kv) = &e.kv_events {
                 if !kv.starts_with("tcp://") {
-                    return bad(format!("engines[{i}].kv_events `{kv}` must be a ZeroMQ endpoint like tcp://127.0.0.1:5557"));
+                    return bad(format!(
+                        "engines[{i}].kv_events `{kv}` must be a ZeroMQ endpoint like tcp://127.0.0.1:5557"
+                    ));
                 }
             }
         }
@@ -228,7 +233,8 @@ mod tests {
             "node_name = \"a\"\nhttp_addr = \"127.0.0.1:9\"\n[[engines]]\nurl = \"http://127.0.0.1:8000\"\nkv_events = \"tcp://127.0.0.1:5557\"\n",
         )
         .unwrap();
-        let args = ServeArgs { config: Some(path.clone()), http_addr: Some("127.0.0.1:10".into()), ..Default::default() };
+        let args =
+            ServeArgs { config: Some(path.clone()), http_addr: Some("127.0.0.1:10".into()), ..Default::default() };
         let cfg = Config::load(&args).unwrap();
         assert_eq!(cfg.node_name, "a");
         assert_eq!(cfg.http_addr, "127.0.0.1:10");
@@ -238,11 +244,9 @@ mod tests {
 
     #[test]
     fn errors_say_what_to_fix() {
-        let mut c = Config::default();
-        c.http_addr = "localhost".into();
+        let c = Config { http_addr: "localhost".into(), ..Default::default() };
         assert!(c.validate().unwrap_err().to_string().contains("HOST:PORT"));
-        let mut c = Config::default();
-        c.engines = vec![parse_engine_flag("127.0.0.1:8000").unwrap()];
+        let c = Config { engines: vec![parse_engine_flag("127.0.0.1:8000").unwrap()], ..Default::default() };
         assert!(c.validate().unwrap_err().to_string().contains("http://"));
         assert!(parse_engine_flag("http://x,bogus").unwrap_err().to_string().contains("kv-events"));
         let e = toml::from_str::<Config>("unknown_key = 1").unwrap_err().to_string();

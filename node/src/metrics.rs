@@ -32,9 +32,8 @@ pub struct NodeMetrics {
     kv_cached_blocks: IntGaugeVec,
 }
 
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 
 impl NodeMetrics {
     pub fn new(node: &str) -> Result<Self, NodeError> {
@@ -68,9 +67,18 @@ impl NodeMetrics {
                 Opts::new("kvmesh_engine_in_flight", "Requests this node has open on the engine."),
                 engine,
             )?,
-            engine_running: GaugeVec::new(Opts::new("kvmesh_engine_running", "Engine's running requests (scraped)."), engine)?,
-            engine_waiting: GaugeVec::new(Opts::new("kvmesh_engine_waiting", "Engine's waiting requests (scraped)."), engine)?,
-            engine_kv_usage: GaugeVec::new(Opts::new("kvmesh_engine_kv_usage", "Engine's KV-cache usage 0..1 (scraped)."), engine)?,
+            engine_running: GaugeVec::new(
+                Opts::new("kvmesh_engine_running", "Engine's running requests (scraped)."),
+                engine,
+            )?,
+            engine_waiting: GaugeVec::new(
+                Opts::new("kvmesh_engine_waiting", "Engine's waiting requests (scraped)."),
+                engine,
+            )?,
+            engine_kv_usage: GaugeVec::new(
+                Opts::new("kvmesh_engine_kv_usage", "Engine's KV-cache usage 0..1 (scraped)."),
+                engine,
+            )?,
             kv_batches: IntGaugeVec::new(Opts::new("kvmesh_kv_event_batches", "KV-event batches received."), engine)?,
             kv_gaps: IntGaugeVec::new(
                 Opts::new("kvmesh_kv_event_gaps", "Sequence gaps or restarts seen in KV events (view dropped)."),

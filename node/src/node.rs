@@ -78,7 +78,8 @@ impl Node {
         let listener = tokio::net::TcpListener::bind(&cfg.http_addr)
             .await
             .map_err(|source| NodeError::Bind { addr: cfg.http_addr.clone(), source })?;
-        let http_addr = listener.local_addr().map_err(|source| NodeError::Bind { addr: cfg.http_addr.clone(), source })?;
+        let http_addr =
+            listener.local_addr().map_err(|source| NodeError::Bind { addr: cfg.http_addr.clone(), source })?;
         let app = api::router(pipeline);
         let stop = cancel.clone();
         tasks.spawn(async move {

@@ -291,7 +291,17 @@ fn relay(
     endpoint: &'static str,
     idle: Duration,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
-    let state = RelayState { pipeline, upstream, _in_flight: in_flight, started, first_sent: false, endpoint, idle, finished: false, clean: true };
+    let state = RelayState {
+        pipeline,
+        upstream,
+        _in_flight: in_flight,
+        started,
+        first_sent: false,
+        endpoint,
+        idle,
+        finished: false,
+        clean: true,
+    };
     futures::stream::unfold(state, |mut s| async move {
         if s.finished {
             return None;
@@ -299,7 +309,11 @@ fn relay(
         let item = match tokio::time::timeout(s.idle, s.upstream.next()).await {
             Ok(Some(Ok(chunk))) => chunk,
             Ok(None) => {
-                s.pipeline.metrics.duration.with_label_values(&[s.endpoint, "true"]).observe(s.started.elapsed().as_secs_f64());
+                s.pipeline
+                    .metrics
+                    .duration
+                    .with_label_values(&[s.endpoint, "true"])
+                    .observe(s.started.elapsed().as_secs_f64());
                 return None;
             }
             Ok(Some(Err(e))) => {

@@ -27,7 +27,9 @@ async fn embedded_engine_answers_out_of_the_box() {
     let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
     assert_eq!(usage["usage"]["completion_tokens"], 4);
 
-    let (s, _, t) = post_raw(&n.url(), "/v1/completions", br#"{"model":"kvmesh-sim","prompt":"abc","max_tokens":3}"#.to_vec()).await;
+    let (s, _, t) =
+        post_raw(&n.url(), "/v1/completions", br#"{"model":"kvmesh-sim","prompt":"abc","max_tokens":3}"#.to_vec())
+            .await;
     assert_eq!(s, 200, "{t}");
     let models: Value = reqwest::get(format!("{}/v1/models", n.url())).await.unwrap().json().await.unwrap();
     assert_eq!(models["data"][0]["id"], "kvmesh-sim");
@@ -46,7 +48,11 @@ async fn bad_input_gets_the_right_status_and_leaves_the_node_healthy() {
         ("/v1/chat/completions", br#"{"model":"kvmesh-sim"}"#.to_vec(), 400),
         ("/v1/chat/completions", br#"{"model":"kvmesh-sim","messages":"hi"}"#.to_vec(), 400),
         ("/v1/chat/completions", br#"{"model":5,"messages":[]}"#.to_vec(), 400),
-        ("/v1/chat/completions", br#"{"model":"kvmesh-sim","messages":[{"role":"user","content":"x"}],"max_tokens":-1}"#.to_vec(), 400),
+        (
+            "/v1/chat/completions",
+            br#"{"model":"kvmesh-sim","messages":[{"role":"user","content":"x"}],"max_tokens":-1}"#.to_vec(),
+            400,
+        ),
         ("/v1/chat/completions", br#"{"model":"gpt-9","messages":[{"role":"user","content":"x"}]}"#.to_vec(), 404),
         ("/v1/completions", br#"{"model":"kvmesh-sim"}"#.to_vec(), 400),
         ("/v1/chat/completions", vec![b'x'; 10_000], 413),
@@ -142,7 +148,8 @@ async fn client_disconnect_mid_stream_cancels_on_the_engine() {
     let e = engine(kvmesh_sim::EngineConfig::default(), false).await;
     let n = node(node_config(vec![entry(e.url())])).await;
     let body = chat("tell me everything", json!({"max_tokens": 5000, "ignore_eos": true, "stream": true}));
-    let mut r = reqwest::Client::new().post(format!("{}/v1/chat/completions", n.url())).json(&body).send().await.unwrap();
+    let mut r =
+        reqwest::Client::new().post(format!("{}/v1/chat/completions", n.url())).json(&body).send().await.unwrap();
     r.chunk().await.unwrap();
     r.chunk().await.unwrap();
     assert_eq!(scrape(&e.url(), "vllm:num_requests_running").await, 1.0);

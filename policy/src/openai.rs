@@ -34,11 +34,8 @@ impl ApiError {
 
     /// 404: the model is not served anywhere this node can reach.
     pub fn model_not_found(model: &str) -> Self {
-        let mut e = Self::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            format!("The model `{model}` does not exist."),
-        );
+        let mut e =
+            Self::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("The model `{model}` does not exist."));
         e.param = Some("model".into());
         e.code = Some("model_not_found".into());
         e
@@ -92,8 +89,9 @@ impl ApiError {
     /// The JSON body, `{"error":{...}}`.
     pub fn to_json(&self) -> String {
         // Serializing a struct of strings cannot fail; the fallback keeps this infallible anyway.
-        serde_json::to_string(&Envelope { error: self })
-            .unwrap_or_else(|_| r#"{"error":{"message":"error","type":"internal_error","param":null,"code":null}}"#.into())
+        serde_json::to_string(&Envelope { error: self }).unwrap_or_else(|_| {
+            r#"{"error":{"message":"error","type":"internal_error","param":null,"code":null}}"#.into()
+        })
     }
 
     /// The same envelope as one Server-Sent Event, for failures after a stream has started.

@@ -128,18 +128,18 @@ pub fn from_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<Infer
     }
     let seed = match obj.get("seed") {
         None | Some(Value::Null) => None,
-        Some(v) => Some(
-            v.as_i64()
-                .map(|s| s as u64)
-                .or_else(|| v.as_u64())
-                .ok_or_else(|| type_error("seed", "an integer"))?,
-        ),
+        Some(v) => {
+            Some(v.as_i64().map(|s| s as u64).or_else(|| v.as_u64()).ok_or_else(|| type_error("seed", "an integer"))?)
+        }
     };
     let cache_salt = match obj.get("cache_salt") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
         Some(Value::String(_)) => {
-            return Err(ApiError::invalid("Parameter 'cache_salt' must be a non-empty string if provided.", Some("cache_salt")))
+            return Err(ApiError::invalid(
+                "Parameter 'cache_salt' must be a non-empty string if provided.",
+                Some("cache_salt"),
+            ))
         }
         Some(_) => return Err(type_error("cache_salt", "a string")),
     };
@@ -241,7 +241,12 @@ fn flatten_content(v: Option<&Value>, param: &str) -> Result<String, ApiError> {
                             Some(&p),
                         ))
                     }
-                    _ => return Err(ApiError::invalid(format!("'{p}' parts must be {{\"type\":\"text\",\"text\":...}}."), Some(&p))),
+                    _ => {
+                        return Err(ApiError::invalid(
+                            format!("'{p}' parts must be {{\"type\":\"text\",\"text\":...}}."),
+                            Some(&p),
+                        ))
+                    }
                 }
             }
             Ok(texts.join("\n"))
@@ -305,7 +310,10 @@ mod tests {
             (br#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":"5"}"#, Some("max_tokens")),
             (br#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#, Some("max_tokens")),
             (br#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":"yes"}"#, Some("stream")),
-            (br#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#, Some("stream_options")),
+            (
+                br#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#,
+                Some("stream_options"),
+            ),
             (br#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":7}"#, Some("temperature")),
         ];
         for (body, param) in cases {
@@ -365,17 +373,25 @@ mod tests {
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),
-            any::<i64>().prop_map(|i| Value::from(i)),
-            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| Value::from(f)),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
             "[a-z_]{0,8}".prop_map(Value::String),
         ];
         leaf.prop_recursive(4, 32, 6, |inner| {
             prop_oneof![
                 proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
                 proptest::collection::btree_map(
-                    prop_oneof![Just("model".to_string()), Just("messages".to_string()), Just("prompt".to_string()),
-                                Just("role".to_string()), Just("content".to_string()), Just("stream".to_string()),
-                                Just("max_tokens".to_string()), Just("stop".to_string()), "[a-z]{1,6}"],
+                    prop_oneof![
+                        Just("model".to_string()),
+                        Just("messages".to_string()),
+                        Just("prompt".to_string()),
+                        Just("role".to_string()),
+                        Just("content".to_string()),
+                        Just("stream".to_string()),
+                        Just("max_tokens".to_string()),
+                        Just("stop".to_string()),
+                        "[a-z]{1,6}"
+                    ],
                     inner,
                     0..6
                 )

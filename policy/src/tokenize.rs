@@ -62,11 +62,8 @@ impl ModelTokenizer {
         let config_path = dir.join("tokenizer_config.json");
         let config = if config_path.exists() { Some(read(&config_path)?) } else { None };
         let jinja_path = dir.join("chat_template.jinja");
-        let jinja = if jinja_path.exists() {
-            Some(String::from_utf8_lossy(&read(&jinja_path)?).into_owned())
-        } else {
-            None
-        };
+        let jinja =
+            if jinja_path.exists() { Some(String::from_utf8_lossy(&read(&jinja_path)?).into_owned()) } else { None };
         Self::from_bytes(&json, config.as_deref(), jinja, json_path.display().to_string())
     }
 
@@ -176,9 +173,7 @@ fn template_from_config(config: &Value) -> Option<String> {
     match config.get("chat_template")? {
         Value::String(s) => Some(s.clone()),
         Value::Array(items) => {
-            let named = |n: &str| {
-                items.iter().find(|i| i.get("name").and_then(Value::as_str) == Some(n))
-            };
+            let named = |n: &str| items.iter().find(|i| i.get("name").and_then(Value::as_str) == Some(n));
             named("default")
                 .or_else(|| items.first())
                 .and_then(|i| i.get("template"))
@@ -245,14 +240,16 @@ mod tests {
 
     #[test]
     fn template_errors_are_reported() {
-        let t = ChatTemplate::new("{{ raise_exception('no system role') }}".into(), String::new(), String::new()).unwrap();
+        let t =
+            ChatTemplate::new("{{ raise_exception('no system role') }}".into(), String::new(), String::new()).unwrap();
         let err = t.render(&[msg("user", "x")], true).unwrap_err();
         assert!(err.to_string().contains("no system role"), "{err}");
     }
 
     #[test]
     fn template_list_picks_default() {
-        let cfg = serde_json::json!({"chat_template":[{"name":"tool_use","template":"T"},{"name":"default","template":"D"}]});
+        let cfg =
+            serde_json::json!({"chat_template":[{"name":"tool_use","template":"T"},{"name":"default","template":"D"}]});
         assert_eq!(template_from_config(&cfg).as_deref(), Some("D"));
     }
 }

@@ -42,7 +42,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/ping", get(|| async { StatusCode::OK }))
-        .route("/version", get(|| async { axum::Json(json!({"version": concat!("kvmesh-sim-", env!("CARGO_PKG_VERSION"))})) }))
+        .route(
+            "/version",
+            get(|| async { axum::Json(json!({"version": concat!("kvmesh-sim-", env!("CARGO_PKG_VERSION"))})) }),
+        )
         .route("/metrics", get(metrics))
         .route("/reset_prefix_cache", post(reset_prefix_cache))
         .fallback(|| async { error_response(ApiError::not_found("Not Found")) })
@@ -81,9 +84,11 @@ async fn metrics(State(st): State<Arc<AppState>>) -> Response {
 async fn reset_prefix_cache(State(st): State<Arc<AppState>>) -> Response {
     match st.engine.reset_prefix_cache().await {
         Ok(true) => StatusCode::OK.into_response(),
-        Ok(false) => error_response(
-            ApiError::new(StatusCode::CONFLICT, "invalid_request_error", "Cannot reset the prefix cache while requests hold KV blocks."),
-        ),
+        Ok(false) => error_response(ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "Cannot reset the prefix cache while requests hold KV blocks.",
+        )),
         Err(e) => error_response(ApiError::unavailable(e.to_string())),
     }
 }
@@ -92,7 +97,11 @@ async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Result<
     serve(st, Endpoint::Chat, headers, body).await
 }
 
-async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn completions(
+    State(st): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     serve(st, Endpoint::Completions, headers, body).await
 }
 
@@ -111,11 +120,18 @@ struct Job {
     started: Instant,
 }
 
-async fn serve(st: Arc<AppState>, endpoint: Endpoint, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn serve(
+    st: Arc<AppState>,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let started = Instant::now();
     let body = match body {
         Ok(b) => b,
-        Err(BytesRejection::FailedToBufferBody(_)) => return error_response(ApiError::too_large(st.cfg.max_body_bytes)),
+        Err(BytesRejection::FailedToBufferBody(_)) => {
+            return error_response(ApiError::too_large(st.cfg.max_body_bytes))
+        }
         Err(e) => return error_response(ApiError::invalid(e.body_text(), None)),
     };
     match prepare(&st, endpoint, &headers, &body, started).await {
@@ -149,9 +165,10 @@ async fn prepare(
     let add_generation_prompt = req.add_generation_prompt;
     let vocab = tokenizer.vocab_size();
     // Tokenizing is CPU work of milliseconds for long prompts: keep it off the async workers.
-    let (ids, echo_prefix) = tokio::task::spawn_blocking(move || tokenize(&tokenizer, &prompt, add_generation_prompt, vocab))
-        .await
-        .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))??;
+    let (ids, echo_prefix) =
+        tokio::task::spawn_blocking(move || tokenize(&tokenizer, &prompt, add_generation_prompt, vocab))
+            .await
+            .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))??;
     let (output_len, length_reason) = output_plan(st, &req, &ids)?;
     if (ids.len() + output_len) as u64 > st.kv_capacity_tokens {
         return Err(ApiError::invalid(
@@ -199,7 +216,12 @@ async fn prepare(
     Ok((job, rx, guard))
 }
 
-fn tokenize(t: &ModelTokenizer, prompt: &Prompt, add_generation_prompt: bool, vocab: u32) -> Result<(Vec<u32>, String), ApiError> {
+fn tokenize(
+    t: &ModelTokenizer,
+    prompt: &Prompt,
+    add_generation_prompt: bool,
+    vocab: u32,
+) -> Result<(Vec<u32>, String), ApiError> {
     let (ids, text) = match prompt {
         Prompt::Chat(messages) => {
             let text = t
@@ -210,7 +232,10 @@ fn tokenize(t: &ModelTokenizer, prompt: &Prompt, add_generation_prompt: bool, vo
         Prompt::Text(text) => (t.encode(text, true).map_err(|e| ApiError::internal(e.to_string()))?, text.clone()),
         Prompt::TokenIds(ids) => {
             if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
-                return Err(ApiError::invalid(format!("Token id {bad} is out of vocabulary (size {vocab})."), Some("prompt")));
+                return Err(ApiError::invalid(
+                    format!("Token id {bad} is out of vocabulary (size {vocab})."),
+                    Some("prompt"),
+                ));
             }
             (ids.clone(), t.decode(ids).unwrap_or_default())
         }
@@ -369,7 +394,12 @@ fn find_stop(text: &str, from: usize, stops: &[String]) -> Option<(usize, String
         .min_by_key(|(p, _)| *p)
 }
 
-async fn full_response(st: Arc<AppState>, job: Job, rx: mpsc::UnboundedReceiver<TokenOut>, guard: AbortOnDrop) -> Response {
+async fn full_response(
+    st: Arc<AppState>,
+    job: Job,
+    rx: mpsc::UnboundedReceiver<TokenOut>,
+    guard: AbortOnDrop,
+) -> Response {
     let mut g = Generation::new(st, job, rx, guard);
     loop {
         match g.next().await {
@@ -456,11 +486,14 @@ fn stream_response(st: Arc<AppState>, job: Job, rx: mpsc::UnboundedReceiver<Toke
                 Some((Ok::<_, Infallible>(first), SseState::Tokens(g)))
             }
             SseState::Tokens(g) => next_token(g).await,
-            SseState::Usage(g) => Some((Ok(sse(&json!({
-                "id": g.job.id,
-                "object": match g.job.endpoint { Endpoint::Chat => "chat.completion.chunk", Endpoint::Completions => "text_completion" },
-                "created": g.job.created, "model": g.job.model, "choices": [], "usage": g.usage(),
-            }))), SseState::Done)),
+            SseState::Usage(g) => Some((
+                Ok(sse(&json!({
+                    "id": g.job.id,
+                    "object": match g.job.endpoint { Endpoint::Chat => "chat.completion.chunk", Endpoint::Completions => "text_completion" },
+                    "created": g.job.created, "model": g.job.model, "choices": [], "usage": g.usage(),
+                }))),
+                SseState::Done,
+            )),
             SseState::Done => Some((Ok(Bytes::from_static(b"data: [DONE]\n\n")), SseState::End)),
             SseState::End => None,
         }

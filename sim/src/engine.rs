@@ -166,7 +166,9 @@ impl EngineCore {
 
     /// Removes a sequence wherever it is and frees its blocks. Returns whether it existed.
     pub fn abort(&mut self, id: SeqId) -> bool {
-        let Some(seq) = self.seqs.remove(&id) else { return false };
+        let Some(seq) = self.seqs.remove(&id) else {
+            return false;
+        };
         self.running.retain(|&s| s != id);
         self.waiting.retain(|&s| s != id);
         self.pool.release(&seq.blocks);
@@ -229,7 +231,9 @@ impl EngineCore {
             let mut scheduled = true;
             while self.pool.num_free() < need {
                 preempted = true;
-                let Some(victim) = self.running.pop() else { break };
+                let Some(victim) = self.running.pop() else {
+                    break;
+                };
                 self.preempt(victim);
                 if victim == id {
                     scheduled = false;
@@ -251,8 +255,12 @@ impl EngineCore {
         }
 
         while !preempted && budget > 0 && self.running.len() < self.cfg.max_num_seqs as usize {
-            let Some(&id) = self.waiting.front() else { break };
-            let Some(num_new) = self.admit(id, budget) else { break };
+            let Some(&id) = self.waiting.front() else {
+                break;
+            };
+            let Some(num_new) = self.admit(id, budget) else {
+                break;
+            };
             self.waiting.pop_front();
             self.running.push(id);
             step.work.push((id, num_new));
@@ -282,11 +290,7 @@ impl EngineCore {
         // The hit is capped so at least one token is computed: the engine needs its logits.
         let max_hit_blocks = (s.tokens.len() - 1) / bs;
         let hits: Vec<BlockId> = if caching {
-            s.block_hashes
-                .iter()
-                .take(max_hit_blocks)
-                .map_while(|h| self.pool.lookup(*h))
-                .collect()
+            s.block_hashes.iter().take(max_hit_blocks).map_while(|h| self.pool.lookup(*h)).collect()
         } else {
             Vec::new()
         };
@@ -338,7 +342,9 @@ impl EngineCore {
         for (id, q) in step.work {
             // Preemption only takes sequences not yet scheduled in the pass, so every scheduled
             // one is still running; an abort between schedule and complete removes it entirely.
-            let Some(s) = self.seqs.get_mut(&id) else { continue };
+            let Some(s) = self.seqs.get_mut(&id) else {
+                continue;
+            };
             s.num_computed += q;
             if self.cfg.enable_prefix_caching {
                 let full = s.num_computed / bs;

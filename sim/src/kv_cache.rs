@@ -11,15 +11,8 @@ use std::collections::{BTreeMap, HashMap};
 /// What an engine publishes about its cache (vLLM's `kv_cache_events`), with engine hashes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KvEvent {
-    BlockStored {
-        block_hashes: Vec<u64>,
-        parent_block_hash: Option<u64>,
-        token_ids: Vec<u32>,
-        block_size: u32,
-    },
-    BlockRemoved {
-        block_hashes: Vec<u64>,
-    },
+    BlockStored { block_hashes: Vec<u64>, parent_block_hash: Option<u64>, token_ids: Vec<u32>, block_size: u32 },
+    BlockRemoved { block_hashes: Vec<u64> },
     AllBlocksCleared,
 }
 

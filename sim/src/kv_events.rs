@@ -29,8 +29,8 @@ fn event_value(e: &KvEvent) -> Value {
             parent_block_hash.map(Value::from).unwrap_or(Value::Nil),
             Value::Array(token_ids.iter().map(|&t| Value::from(t)).collect()),
             Value::from(*block_size),
-            Value::Nil,          // lora_id
-            Value::from("GPU"),  // medium
+            Value::Nil,         // lora_id
+            Value::from("GPU"), // medium
         ]),
         KvEvent::BlockRemoved { block_hashes } => {
             Value::Array(vec![Value::from("BlockRemoved"), hashes(block_hashes), Value::from("GPU")])
@@ -81,7 +81,9 @@ impl KvPublisher {
                 Bytes::copy_from_slice(&batch.seq.to_be_bytes()),
                 Bytes::from(encode_payload(&batch)),
             ];
-            let Ok(msg) = ZmqMessage::try_from(frames) else { continue };
+            let Ok(msg) = ZmqMessage::try_from(frames) else {
+                continue;
+            };
             // PUB drops for slow or absent subscribers, as ZeroMQ does for vLLM; a subscriber
             // sees the gap in sequence numbers.
             if let Err(e) = self.socket.send(msg).await {

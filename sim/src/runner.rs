@@ -73,10 +73,7 @@ impl EngineHandle {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub fn submit(
-        &self,
-        seq: NewSequence,
-    ) -> Result<(mpsc::UnboundedReceiver<TokenOut>, AbortOnDrop), SubmitError> {
+    pub fn submit(&self, seq: NewSequence) -> Result<(mpsc::UnboundedReceiver<TokenOut>, AbortOnDrop), SubmitError> {
         let id = seq.id;
         let (tx, rx) = mpsc::unbounded_channel();
         self.control.try_send(Control::Add(seq, tx)).map_err(|e| match e {

@@ -115,7 +115,8 @@ impl EngineSim {
         let listener = tokio::net::TcpListener::bind(http_addr)
             .await
             .map_err(|source| SimError::BindHttp { addr: http_addr.to_owned(), source })?;
-        let local = listener.local_addr().map_err(|source| SimError::BindHttp { addr: http_addr.to_owned(), source })?;
+        let local =
+            listener.local_addr().map_err(|source| SimError::BindHttp { addr: http_addr.to_owned(), source })?;
 
         let cancel = cancel.child_token();
         let tasks = TaskTracker::new();
@@ -137,7 +138,8 @@ impl EngineSim {
         let app = api::router(state);
         let shutdown = cancel.clone();
         tasks.spawn(async move {
-            let served = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+            let served =
+                axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "engine-sim HTTP server failed");
             }

@@ -59,11 +59,13 @@ async fn chat_and_completions_as_vllm_answers_them() {
     let (_, v2) = post(&e, "/v1/chat/completions", &chat("Hello there", json!({"max_tokens": 7}))).await;
     assert_eq!(v["choices"][0]["message"]["content"], v2["choices"][0]["message"]["content"]);
 
-    let (s, v) = post(&e, "/v1/completions", &json!({"model": "kvmesh-sim", "prompt": "Once upon", "max_tokens": 5})).await;
+    let (s, v) =
+        post(&e, "/v1/completions", &json!({"model": "kvmesh-sim", "prompt": "Once upon", "max_tokens": 5})).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["object"], "text_completion");
     assert_eq!(v["usage"]["completion_tokens"], 5);
-    let (s, v) = post(&e, "/v1/completions", &json!({"model": "kvmesh-sim", "prompt": [1, 2, 3, 4], "max_tokens": 2})).await;
+    let (s, v) =
+        post(&e, "/v1/completions", &json!({"model": "kvmesh-sim", "prompt": [1, 2, 3, 4], "max_tokens": 2})).await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["usage"]["prompt_tokens"], 4);
 
@@ -76,14 +78,16 @@ async fn chat_and_completions_as_vllm_answers_them() {
 #[tokio::test]
 async fn streaming_chunks_usage_and_done() {
     let e = start(fast(), false).await;
-    let body = chat("Stream please", json!({"max_tokens": 5, "stream": true, "stream_options": {"include_usage": true}}));
+    let body =
+        chat("Stream please", json!({"max_tokens": 5, "stream": true, "stream_options": {"include_usage": true}}));
     let r = reqwest::Client::new().post(format!("{}/v1/chat/completions", e.url())).json(&body).send().await.unwrap();
     assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
     let events = sse_events(r).await;
     assert_eq!(events.last().unwrap(), "[DONE]");
     let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|s| serde_json::from_str(s).unwrap()).collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let content: Vec<_> = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).filter(|s| !s.is_empty()).collect();
+    let content: Vec<_> =
+        chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).filter(|s| !s.is_empty()).collect();
     assert_eq!(content.len(), 5);
     let usage = chunks.last().unwrap();
     assert_eq!(usage["choices"].as_array().unwrap().len(), 0);
@@ -105,7 +109,8 @@ async fn stop_strings_cut_output() {
     // Stop on the third word of the unconstrained output.
     let words: Vec<&str> = text.split_inclusive(' ').collect();
     let stop = words[3].trim().to_owned();
-    let (_, v) = post(&e, "/v1/chat/completions", &chat("stop test", json!({"max_tokens": 30, "stop": [stop.clone()]}))).await;
+    let (_, v) =
+        post(&e, "/v1/chat/completions", &chat("stop test", json!({"max_tokens": 30, "stop": [stop.clone()]}))).await;
     let got = v["choices"][0]["message"]["content"].as_str().unwrap();
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     assert_eq!(v["choices"][0]["stop_reason"], stop.as_str());
@@ -158,7 +163,10 @@ async fn metrics_carry_vllm_names_and_move_with_load() {
     ] {
         assert!(text.contains(name), "{name} missing");
     }
-    assert!(text.contains(r#"vllm:cache_config_info{block_size="16""#) && text.contains(r#"num_gpu_blocks="28000""#), "{text}");
+    assert!(
+        text.contains(r#"vllm:cache_config_info{block_size="16""#) && text.contains(r#"num_gpu_blocks="28000""#),
+        "{text}"
+    );
     let client = reqwest::Client::new();
     let url = format!("{}/v1/chat/completions", e.url());
     let reqs: Vec<_> = (0..8)
@@ -199,7 +207,7 @@ async fn prefix_reuse_lowers_ttft() {
             let mut r = reqwest::Client::new().post(url).json(&body).send().await.unwrap();
             // The first chunk carries only the role; the first token follows it.
             let mut seen = String::new();
-            while !seen.matches("data: ").nth(1).is_some() {
+            while seen.matches("data: ").nth(1).is_none() {
                 seen.push_str(&String::from_utf8_lossy(&r.chunk().await.unwrap().unwrap()));
             }
             let ttft = t.elapsed();
@@ -224,7 +232,8 @@ async fn prefix_reuse_lowers_ttft() {
 async fn client_disconnect_frees_the_sequence() {
     let e = start(EngineConfig { time_scale: 1.0, ..EngineConfig::default() }, false).await;
     let body = chat("long answer", json!({"max_tokens": 5000, "ignore_eos": true, "stream": true}));
-    let mut r = reqwest::Client::new().post(format!("{}/v1/chat/completions", e.url())).json(&body).send().await.unwrap();
+    let mut r =
+        reqwest::Client::new().post(format!("{}/v1/chat/completions", e.url())).json(&body).send().await.unwrap();
     r.chunk().await.unwrap();
     assert_eq!(metric(&e, "vllm:num_requests_running").await, 1.0);
     drop(r);

@@ -48,21 +48,27 @@ pub fn decode_seq(frame: &[u8]) -> Result<u64, DecodeError> {
 
 pub fn decode_payload(mut bytes: &[u8]) -> Result<EventBatch, DecodeError> {
     let v = rmpv::decode::read_value(&mut bytes).map_err(|e| DecodeError::Msgpack(e.to_string()))?;
-    let Value::Array(items) = v else { return Err(DecodeError::Shape("payload is not an array")) };
+    let Value::Array(items) = v else {
+        return Err(DecodeError::Shape("payload is not an array"));
+    };
     let timestamp = match items.first() {
         Some(Value::F64(f)) => *f,
         Some(Value::F32(f)) => *f as f64,
         Some(v) if v.as_i64().is_some() => v.as_i64().unwrap_or(0) as f64,
         _ => return Err(DecodeError::Shape("timestamp missing")),
     };
-    let Some(Value::Array(raw)) = items.get(1) else { return Err(DecodeError::Shape("events array missing")) };
+    let Some(Value::Array(raw)) = items.get(1) else {
+        return Err(DecodeError::Shape("events array missing"));
+    };
     let events = raw.iter().map(decode_event).collect::<Result<_, _>>()?;
     let data_parallel_rank = items.get(2).and_then(Value::as_i64);
     Ok(EventBatch { timestamp, events, data_parallel_rank })
 }
 
 fn decode_event(v: &Value) -> Result<EngineKvEvent, DecodeError> {
-    let Value::Array(f) = v else { return Err(DecodeError::Shape("event is not an array")) };
+    let Value::Array(f) = v else {
+        return Err(DecodeError::Shape("event is not an array"));
+    };
     let tag = f.first().and_then(Value::as_str).ok_or(DecodeError::Shape("event tag missing"))?;
     Ok(match tag {
         "BlockStored" => EngineKvEvent::BlockStored {
@@ -153,7 +159,13 @@ mod tests {
         assert_eq!(
             b.events,
             vec![
-                EngineKvEvent::BlockStored { block_hashes: vec![1], parent_block_hash: None, token_ids: vec![0, 1, 2, 3], block_size: 4, lora_id: None },
+                EngineKvEvent::BlockStored {
+                    block_hashes: vec![1],
+                    parent_block_hash: None,
+                    token_ids: vec![0, 1, 2, 3],
+                    block_size: 4,
+                    lora_id: None
+                },
                 EngineKvEvent::BlockRemoved { block_hashes: vec![7] },
                 EngineKvEvent::AllBlocksCleared,
                 EngineKvEvent::Unknown("SomethingNew".into()),

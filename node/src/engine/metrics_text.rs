@@ -26,7 +26,9 @@ pub fn parse(text: &str) -> EngineLoad {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let Some((name, labels, value)) = split_sample(line) else { continue };
+        let Some((name, labels, value)) = split_sample(line) else {
+            continue;
+        };
         match name {
             "vllm:num_requests_running" => load.running += value,
             "vllm:num_requests_waiting" => load.waiting += value,

@@ -93,7 +93,9 @@ pub fn apply(engine: &Engine, frames: &[bytes::Bytes]) -> Result<(), DecodeError
     }
     engine.kv.batches.fetch_add(1, Ordering::Relaxed);
     engine.kv.events.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
-    let Ok(mut set) = engine.kv.cached_blocks.write() else { return Ok(()) };
+    let Ok(mut set) = engine.kv.cached_blocks.write() else {
+        return Ok(());
+    };
     for ev in batch.events {
         match ev {
             EngineKvEvent::BlockStored { block_hashes, .. } => set.extend(block_hashes),

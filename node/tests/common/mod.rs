@@ -9,10 +9,10 @@ use axum::body::{Body, Bytes};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{self, get};
 use axum::Router;
+use futures::StreamExt;
 use kvmesh_node::config::{Config, EngineEntry};
 use kvmesh_node::{Node, RunningNode};
 use kvmesh_sim::{EngineConfig, EngineSim, RunningEngine};
-use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -149,4 +149,3 @@ pub async fn scripted_engine(script: Script) -> (SocketAddr, CancellationToken) 
     });
     (addr, cancel)
 }
-

@@ -1,0 +1,120 @@
+//! The `kvmesh` binary as a user runs it: real processes on loopback, the official `openai`
+//! Python client, and a clean exit on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+struct Proc {
+    child: Child,
+    url: String,
+    extra: Option<String>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `kvmesh ARGS` and reads stdout until a line containing `marker` followed by a URL.
+fn spawn(args: &[&str], marker: &str) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("kvmesh binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut url = None;
+    let mut extra = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while url.is_none() || (marker == "engine-sim serving" && extra.is_none()) {
+        assert!(Instant::now() < deadline, "kvmesh did not print `{marker}`");
+        let line = lines.next().expect("kvmesh exited early").unwrap();
+        if line.contains(marker) {
+            url = line.split_whitespace().find(|w| w.starts_with("http://")).map(str::to_owned);
+        }
+        if line.contains("KV events on") {
+            extra = line.split_whitespace().last().map(str::to_owned);
+        }
+    }
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Proc { child, url: url.unwrap(), extra }
+}
+
+fn sigterm_and_wait(p: &mut Proc) -> std::process::ExitStatus {
+    let status = Command::new("kill").args(["-TERM", &p.child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let t = Instant::now();
+    loop {
+        if let Some(s) = p.child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no exit within 10 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn python_has_openai() -> bool {
+    Command::new("python3").args(["-c", "import openai"]).status().map(|s| s.success()).unwrap_or(false)
+}
+
+#[test]
+fn readme_node_serves_the_openai_python_client() {
+    let mut node = spawn(&["serve", "--http-addr", "127.0.0.1:0", "--node-name", "proc"], "serving the OpenAI API at");
+    if python_has_openai() {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
+        let out = Command::new("python3").args([script, &format!("{}/v1", node.url)]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "openai client failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else if std::env::var_os("CI").is_some() {
+        panic!("CI must install the openai Python client (pip install openai)");
+    } else {
+        eprintln!("SKIPPED the openai client check: `pip install openai` to run it");
+    }
+    let status = sigterm_and_wait(&mut node);
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test]
+async fn engine_sim_and_node_as_separate_processes() {
+    let engine = spawn(
+        &["engine-sim", "--http-addr", "127.0.0.1:0", "--kv-events-addr", "tcp://127.0.0.1:0", "--time-scale", "0.1"],
+        "engine-sim serving",
+    );
+    let kv = engine.extra.clone().unwrap();
+    let flag = format!("{},kv-events={kv},name=sim0", engine.url);
+    let node = spawn(&["serve", "--http-addr", "127.0.0.1:0", "--engine", &flag], "serving the OpenAI API at");
+    let body = json!({"model": "kvmesh-sim", "messages": [{"role": "user", "content": "process test ".repeat(20)}], "max_tokens": 3});
+    let r = reqwest::Client::new().post(format!("{}/v1/chat/completions", node.url)).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["x-kvmesh-served-by"].to_str().unwrap().ends_with("/sim0"));
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    // The node heard the engine's KV events for that prompt.
+    let t = Instant::now();
+    loop {
+        let m = reqwest::get(format!("{}/metrics", node.url)).await.unwrap().text().await.unwrap();
+        let batches: f64 = m
+            .lines()
+            .filter(|l| l.starts_with("kvmesh_kv_event_batches{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        if batches > 0.0 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "no KV events reached the node");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
