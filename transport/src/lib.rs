@@ -1,5 +1,23 @@
-//! The QUIC endpoint between nodes: mutual TLS with the cluster's CA, pooled peer connections,
-//! framed request streams, the gossip carrier, and certificate tooling.
+//! The QUIC endpoint between nodes. It owns mutual TLS with the cluster's CA (`tls`), the
+//! certificate tooling behind `kvmesh cert` (`certs`), the framing of request streams
+//! (`frame`), and one endpoint per node (`endpoint`). That endpoint pools a connection per
+//! peer, carries gossip on unidirectional streams, and carries forwarded requests on
+//! bidirectional streams.
 //!
-//! Not built yet (see ARCHITECTURE.md, "What exists and what does not"); it holds no code until
-//! then. Must not: parse OpenAI requests or know about routing; it moves authenticated bytes.
+//! Must not: parse OpenAI requests, choose peers, or interpret gossip. It moves authenticated
+//! bytes between nodes, with a timeout on every open, read and write.
+
+pub mod certs;
+pub mod endpoint;
+pub mod error;
+pub mod frame;
+pub mod tls;
+
+pub use endpoint::{IncomingRequest, MeshEndpoint, RequestHandler};
+pub use error::TransportError;
+pub use frame::{RequestHead, ResponseHead};
+pub use tls::TlsIdentity;
+
+/// ALPN protocol id: the protocol's name and version. A peer speaking another version fails the
+/// handshake instead of misreading frames.
+pub const ALPN: &[u8] = b"kvmesh/1";

@@ -1,0 +1,419 @@
+//! One QUIC endpoint per node: a UDP port that accepts peers and dials them, with mutual TLS,
+//! one pooled connection per peer address, gossip on unidirectional streams, and forwarded
+//! requests on bidirectional streams.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::error::TransportError;
+use crate::frame::{self, RequestHead, ResponseHead};
+use crate::tls::{self, TlsIdentity};
+
+#[derive(Debug, Clone)]
+pub struct EndpointConfig {
+    pub bind: SocketAddr,
+    /// Dialling a peer, including the TLS handshake.
+    pub connect_timeout: Duration,
+    /// Opening a stream, writing a request, reading a gossip message.
+    pub io_timeout: Duration,
+    /// Keep-alive pings keep pooled connections open and notice dead peers.
+    pub keep_alive: Duration,
+    /// A connection with no traffic (keep-alives included) for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl EndpointConfig {
+    pub fn new(bind: SocketAddr) -> Self {
+        Self {
+            bind,
+            connect_timeout: Duration::from_secs(2),
+            io_timeout: Duration::from_secs(5),
+            keep_alive: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// A request forwarded by a peer. `respond` takes the response head and body.
+pub struct IncomingRequest {
+    pub head: RequestHead,
+    pub body: Bytes,
+    pub peer: SocketAddr,
+    /// The node name in the peer's certificate.
+    pub peer_name: Option<String>,
+    pub respond: quinn::SendStream,
+}
+
+pub type RequestHandler = Arc<dyn Fn(IncomingRequest) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// Largest forwarded request body and gossip message accepted from a peer.
+pub const MAX_REQUEST_BODY: usize = 64 * 1024 * 1024;
+pub const MAX_GOSSIP_MESSAGE: usize = 4 * 1024 * 1024;
+/// Gossip messages waiting for the gossip loop; beyond this they are dropped (gossip repeats).
+const GOSSIP_INBOX: usize = 4096;
+
+#[derive(Debug, Default)]
+pub struct EndpointStats {
+    pub gossip_bytes_sent: AtomicU64,
+    pub gossip_bytes_received: AtomicU64,
+    pub gossip_dropped: AtomicU64,
+    pub refused_connections: AtomicU64,
+}
+
+pub struct MeshEndpoint {
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    pool: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    gossip_tx: mpsc::Sender<(SocketAddr, Bytes)>,
+    handler: OnceLock<RequestHandler>,
+    cfg: EndpointConfig,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+    pub stats: EndpointStats,
+}
+
+fn timeout_err(what: &'static str, d: Duration) -> TransportError {
+    TransportError::Timeout { what, ms: d.as_millis() as u64 }
+}
+
+impl MeshEndpoint {
+    /// Binds the endpoint and starts accepting peers. Returns the gossip inbox: messages from
+    /// peers as `(sender's advertised gossip address, payload)`.
+    pub fn bind(
+        identity: &TlsIdentity,
+        cfg: EndpointConfig,
+        cancel: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<(Arc<Self>, mpsc::Receiver<(SocketAddr, Bytes)>), TransportError> {
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(cfg.keep_alive));
+        transport.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(cfg.idle_timeout).map_err(|e| TransportError::Tls(e.to_string()))?,
+        ));
+        transport.max_concurrent_bidi_streams(4096u32.into());
+        transport.max_concurrent_uni_streams(4096u32.into());
+        let transport = Arc::new(transport);
+        let server_crypto =
+            QuicServerConfig::try_from(identity.server_config()?).map_err(|e| TransportError::Tls(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server.transport_config(transport.clone());
+        let client_crypto =
+            QuicClientConfig::try_from(identity.client_config()?).map_err(|e| TransportError::Tls(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
+        client.transport_config(transport);
+        let endpoint = quinn::Endpoint::server(server, cfg.bind)
+            .map_err(|source| TransportError::Bind { addr: cfg.bind.to_string(), source })?;
+        let (gossip_tx, gossip_rx) = mpsc::channel(GOSSIP_INBOX);
+        let this = Arc::new(Self {
+            endpoint,
+            client,
+            pool: Mutex::new(HashMap::new()),
+            gossip_tx,
+            handler: OnceLock::new(),
+            cfg,
+            cancel: cancel.child_token(),
+            tasks: tasks.clone(),
+            stats: EndpointStats::default(),
+        });
+        let me = this.clone();
+        tasks.spawn(async move { me.accept_loop().await });
+        Ok((this, gossip_rx))
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.endpoint.local_addr().unwrap_or(self.cfg.bind)
+    }
+
+    /// Sets what serves requests forwarded by peers; until set, peers' requests are refused.
+    pub fn set_request_handler(&self, h: RequestHandler) {
+        let _ = self.handler.set(h);
+    }
+
+    /// Closes every connection and stops accepting.
+    pub async fn close(&self) {
+        self.cancel.cancel();
+        self.endpoint.close(0u32.into(), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+
+    async fn accept_loop(self: Arc<Self>) {
+        loop {
+            let incoming = tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                i = self.endpoint.accept() => match i { Some(i) => i, None => break },
+            };
+            let me = self.clone();
+            self.tasks.spawn(async move {
+                let remote = incoming.remote_address();
+                match tokio::time::timeout(me.cfg.connect_timeout, incoming).await {
+                    Ok(Ok(conn)) => {
+                        tracing::debug!(peer = %remote, name = ?tls::peer_name(&conn), "peer connected");
+                        me.remember(remote, conn.clone());
+                        me.serve_connection(conn).await;
+                    }
+                    Ok(Err(e)) => {
+                        me.stats.refused_connections.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(peer = %remote, error = %e, "refused peer connection (handshake failed: not a member of this cluster's CA?)");
+                    }
+                    Err(_) => {
+                        me.stats.refused_connections.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(peer = %remote, "peer handshake timed out");
+                    }
+                }
+            });
+        }
+    }
+
+    fn remember(&self, addr: SocketAddr, conn: quinn::Connection) {
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.insert(addr, conn);
+        }
+    }
+
+    fn forget(&self, addr: SocketAddr, conn: &quinn::Connection) {
+        if let Ok(mut pool) = self.pool.lock() {
+            if pool.get(&addr).is_some_and(|c| c.stable_id() == conn.stable_id()) {
+                pool.remove(&addr);
+            }
+        }
+    }
+
+    /// Streams a peer opens on a connection, whichever side dialled it.
+    async fn serve_connection(self: &Arc<Self>, conn: quinn::Connection) {
+        let remote = conn.remote_address();
+        let name = tls::peer_name(&conn);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => break,
+                uni = conn.accept_uni() => match uni {
+                    Ok(recv) => {
+                        let me = self.clone();
+                        self.tasks.spawn(async move { me.read_gossip(recv).await });
+                    }
+                    Err(e) => { tracing::debug!(peer = %remote, error = %e, "connection closed"); break; }
+                },
+                bi = conn.accept_bi() => match bi {
+                    Ok((send, recv)) => {
+                        let me = self.clone();
+                        let name = name.clone();
+                        self.tasks.spawn(async move { me.read_request(remote, name, send, recv).await });
+                    }
+                    Err(e) => { tracing::debug!(peer = %remote, error = %e, "connection closed"); break; }
+                },
+            }
+        }
+        self.forget(remote, &conn);
+    }
+
+    async fn read_gossip(&self, mut recv: quinn::RecvStream) {
+        let data = match tokio::time::timeout(self.cfg.io_timeout, recv.read_to_end(MAX_GOSSIP_MESSAGE)).await {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => return tracing::debug!(error = %e, "gossip stream failed"),
+            Err(_) => return tracing::debug!("gossip stream timed out"),
+        };
+        self.stats.gossip_bytes_received.fetch_add(data.len() as u64, Ordering::Relaxed);
+        let Some((from, payload)) = split_gossip(&data) else {
+            return tracing::warn!("malformed gossip frame dropped");
+        };
+        if self.gossip_tx.try_send((from, Bytes::copy_from_slice(payload))).is_err() {
+            self.stats.gossip_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    async fn read_request(
+        &self,
+        peer: SocketAddr,
+        peer_name: Option<String>,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let read = async {
+            let head: RequestHead = frame::read_head(&mut recv).await?;
+            let body = recv.read_to_end(MAX_REQUEST_BODY).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+            Ok::<_, TransportError>((head, body))
+        };
+        let (head, body) = match tokio::time::timeout(self.cfg.io_timeout, read).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::warn!(%peer, error = %e, "bad forwarded request");
+                let _ = send.reset(1u32.into());
+                return;
+            }
+            Err(_) => {
+                let _ = send.reset(1u32.into());
+                return;
+            }
+        };
+        let Some(handler) = self.handler.get().cloned() else {
+            let _ = send.reset(2u32.into());
+            return;
+        };
+        handler(IncomingRequest { head, body: Bytes::from(body), peer, peer_name, respond: send }).await;
+    }
+
+    /// The pooled connection to `addr`, dialling it if there is none.
+    pub async fn connection(self: &Arc<Self>, addr: SocketAddr) -> Result<quinn::Connection, TransportError> {
+        let existing = self.pool.lock().ok().and_then(|p| p.get(&addr).cloned());
+        if let Some(c) = existing {
+            if c.close_reason().is_none() {
+                return Ok(c);
+            }
+            self.forget(addr, &c);
+        }
+        let connecting = self
+            .endpoint
+            .connect_with(self.client.clone(), addr, "kvmesh")
+            .map_err(|e| TransportError::Connect { addr: addr.to_string(), message: e.to_string() })?;
+        let conn = tokio::time::timeout(self.cfg.connect_timeout, connecting)
+            .await
+            .map_err(|_| timeout_err("connect", self.cfg.connect_timeout))?
+            .map_err(|e| TransportError::Connect { addr: addr.to_string(), message: e.to_string() })?;
+        self.remember(addr, conn.clone());
+        let me = self.clone();
+        let served = conn.clone();
+        self.tasks.spawn(async move { me.serve_connection(served).await });
+        Ok(conn)
+    }
+
+    /// Sends one gossip message in the background; gossip tolerates loss, so failures are
+    /// only logged and the caller never waits on a slow or dead peer.
+    pub fn send_gossip(self: &Arc<Self>, to: SocketAddr, advertise: SocketAddr, payload: Vec<u8>) {
+        let me = self.clone();
+        self.tasks.spawn(async move {
+            let frame = gossip_frame(advertise, &payload);
+            let io = me.cfg.io_timeout;
+            let sent = async {
+                let conn = me.connection(to).await?;
+                let mut s = tokio::time::timeout(io, conn.open_uni())
+                    .await
+                    .map_err(|_| timeout_err("open gossip stream", io))?
+                    .map_err(|e| TransportError::Stream(e.to_string()))?;
+                tokio::time::timeout(io, s.write_all(&frame))
+                    .await
+                    .map_err(|_| timeout_err("write gossip", io))?
+                    .map_err(|e| TransportError::Stream(e.to_string()))?;
+                s.finish().map_err(|e| TransportError::Stream(e.to_string()))?;
+                Ok::<_, TransportError>(())
+            };
+            tokio::select! {
+                _ = me.cancel.cancelled() => {}
+                r = sent => match r {
+                    Ok(()) => { me.stats.gossip_bytes_sent.fetch_add(frame.len() as u64, Ordering::Relaxed); }
+                    Err(e) => tracing::debug!(peer = %to, error = %e, "gossip send failed"),
+                },
+            }
+        });
+    }
+
+    /// Forwards a request to a peer and waits for its response head (at most `first_byte`).
+    /// The returned stream yields the response body; dropping it tells the peer to stop.
+    pub async fn request(
+        self: &Arc<Self>,
+        to: SocketAddr,
+        head: &RequestHead,
+        body: &[u8],
+        first_byte: Duration,
+    ) -> Result<(ResponseHead, quinn::RecvStream), TransportError> {
+        let io = self.cfg.io_timeout;
+        let conn = self.connection(to).await?;
+        let (mut send, mut recv) = tokio::time::timeout(io, conn.open_bi())
+            .await
+            .map_err(|_| timeout_err("open request stream", io))?
+            .map_err(|e| TransportError::Stream(e.to_string()))?;
+        let head_bytes = frame::encode_head(head)?;
+        let write = async {
+            send.write_all(&head_bytes).await?;
+            send.write_all(body).await?;
+            Ok::<_, quinn::WriteError>(())
+        };
+        tokio::time::timeout(io, write)
+            .await
+            .map_err(|_| timeout_err("write request", io))?
+            .map_err(|e| TransportError::Stream(e.to_string()))?;
+        send.finish().map_err(|e| TransportError::Stream(e.to_string()))?;
+        let resp: ResponseHead = tokio::time::timeout(first_byte, frame::read_head(&mut recv))
+            .await
+            .map_err(|_| timeout_err("response head", first_byte))??;
+        Ok((resp, recv))
+    }
+
+    /// Addresses with an open connection now.
+    pub fn connected_peers(&self) -> Vec<SocketAddr> {
+        self.pool.lock().map(|p| p.keys().copied().collect()).unwrap_or_default()
+    }
+
+    pub fn io_timeout(&self) -> Duration {
+        self.cfg.io_timeout
+    }
+}
+
+/// `[u16 BE len][sender's advertised gossip address][payload]`: the address lets replies reach
+/// the sender's gossip port even when its packets come from elsewhere (NAT, 0.0.0.0 binds).
+fn gossip_frame(advertise: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let a = advertise.to_string();
+    let mut out = Vec::with_capacity(2 + a.len() + payload.len());
+    out.extend_from_slice(&(a.len() as u16).to_be_bytes());
+    out.extend_from_slice(a.as_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+fn split_gossip(data: &[u8]) -> Option<(SocketAddr, &[u8])> {
+    let len = u16::from_be_bytes(data.get(..2)?.try_into().ok()?) as usize;
+    let addr = std::str::from_utf8(data.get(2..2 + len)?).ok()?.parse().ok()?;
+    Some((addr, &data[2 + len..]))
+}
+
+/// Writes a response head then pumps `body` into the stream; stops when the peer stops reading.
+pub async fn respond<S, E>(mut send: quinn::SendStream, head: &ResponseHead, mut body: S, io: Duration) -> Result<(), TransportError>
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let head = frame::encode_head(head)?;
+    tokio::time::timeout(io, send.write_all(&head))
+        .await
+        .map_err(|_| timeout_err("write response head", io))?
+        .map_err(|e| TransportError::Stream(e.to_string()))?;
+    while let Some(chunk) = futures::StreamExt::next(&mut body).await {
+        match chunk {
+            Ok(c) => tokio::time::timeout(io, send.write_all(&c))
+                .await
+                .map_err(|_| timeout_err("write response", io))?
+                .map_err(|e| TransportError::Stream(e.to_string()))?,
+            Err(e) => {
+                let _ = send.reset(3u32.into());
+                return Err(TransportError::Stream(e.to_string()));
+            }
+        }
+    }
+    send.finish().map_err(|e| TransportError::Stream(e.to_string()))?;
+    // Wait until the peer has everything, so dropping the stream does not cut the tail.
+    let _ = tokio::time::timeout(io, send.stopped()).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gossip_frame_roundtrip_and_garbage() {
+        let a: SocketAddr = "127.0.0.1:7946".parse().unwrap();
+        let f = gossip_frame(a, b"xyz");
+        assert_eq!(split_gossip(&f), Some((a, &b"xyz"[..])));
+        assert_eq!(split_gossip(&[0, 50, 1]), None);
+        assert_eq!(split_gossip(&[]), None);
+    }
+}
