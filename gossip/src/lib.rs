@@ -1,8 +1,20 @@
-//! Membership and cluster state: which nodes are in the mesh, which are alive, and what each
-//! publishes about itself (role, models, addresses, engine load, a KV-prefix summary).
+//! Membership and cluster state: which nodes are in the mesh, which are alive, and what each one
+//! publishes about itself. That is its role, models, addresses, engine load, and (as a
+//! versioned slot) a KV-prefix summary.
 //!
-//! Not built yet: this crate will run chitchat over the QUIC endpoint of `transport` (see
-//! ARCHITECTURE.md, "What exists and what does not"). It holds no code until then, so nothing
-//! can mistake an empty shell for working membership.
+//! Gossip is chitchat 0.11 (scuttlebutt anti-entropy, phi-accrual failure detection). Its
+//! messages travel on the node's QUIC endpoint from `transport` (`quic`), never on chitchat's
+//! own UDP transport. 0.11 is the last release that exposes message (de)serialization, which a
+//! foreign transport needs (see ARCHITECTURE.md).
 //!
-//! Must not: make routing decisions (that is `policy`) or open sockets of its own.
+//! Must not: make routing decisions (that is `policy`) or open sockets of its own. chitchat's
+//! `Transport` trait returns `anyhow::Result`, so that type appears in `quic` and nowhere else.
+
+pub mod error;
+pub mod membership;
+pub mod quic;
+pub mod schema;
+
+pub use error::GossipError;
+pub use membership::{GossipConfig, Membership, Peer};
+pub use schema::{EngineLoad, EngineRole, KvSummarySlot, LoadReport, NodeMeta, NodeRole, SCHEMA_VERSION};

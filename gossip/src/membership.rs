@@ -1,0 +1,222 @@
+//! Running chitchat for this node and keeping a ready-to-read view of live peers, so the request
+//! path never waits on the gossip lock.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState};
+use kvmesh_transport::MeshEndpoint;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::error::GossipError;
+use crate::quic::QuicTransport;
+use crate::schema::*;
+
+/// Key set by a node that is leaving, so peers drop it at once instead of waiting for the
+/// failure detector.
+const KEY_LEAVING: &str = "leaving";
+
+#[derive(Debug, Clone)]
+pub struct GossipConfig {
+    pub node_id: String,
+    /// Meshes with different cluster ids ignore each other's gossip.
+    pub cluster_id: String,
+    /// This node's QUIC address as peers should dial it.
+    pub advertise_addr: SocketAddr,
+    /// `host:port` of seed nodes; DNS names are re-resolved by chitchat.
+    pub seeds: Vec<String>,
+    pub gossip_interval: Duration,
+    /// Phi-accrual threshold: lower detects dead nodes sooner and risks false suspicion.
+    pub phi_threshold: f64,
+    /// How long a dead node's state is kept (so a flapping node keeps its history).
+    pub dead_node_grace: Duration,
+}
+
+impl GossipConfig {
+    pub fn new(node_id: &str, cluster_id: &str, advertise_addr: SocketAddr, seeds: Vec<String>) -> Self {
+        Self {
+            node_id: node_id.to_owned(),
+            cluster_id: cluster_id.to_owned(),
+            advertise_addr,
+            seeds,
+            // 200 ms rounds with phi 6 drop a silent node after roughly 2-3 s (see ARCHITECTURE.md).
+            gossip_interval: Duration::from_millis(200),
+            phi_threshold: 6.0,
+            dead_node_grace: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A live member of the mesh as this node last heard of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Peer {
+    pub node_id: String,
+    /// Start time of the node's process (ms since epoch); a restart makes a new generation.
+    pub generation: u64,
+    /// QUIC address (also the gossip address).
+    pub addr: SocketAddr,
+    pub meta: NodeMeta,
+    pub load: LoadReport,
+    pub kv: KvSummarySlot,
+    pub is_self: bool,
+}
+
+pub struct Membership {
+    handle: tokio::sync::Mutex<Option<ChitchatHandle>>,
+    self_id: ChitchatId,
+    peers: watch::Receiver<Arc<Vec<Peer>>>,
+    last_load: Mutex<String>,
+    gossip_interval: Duration,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Membership {
+    pub async fn start(
+        cfg: GossipConfig,
+        endpoint: Arc<MeshEndpoint>,
+        inbox: tokio::sync::mpsc::Receiver<(SocketAddr, bytes::Bytes)>,
+        meta: &NodeMeta,
+        cancel: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<Arc<Self>, GossipError> {
+        let self_id = ChitchatId::new(cfg.node_id.clone(), now_ms(), cfg.advertise_addr);
+        let config = ChitchatConfig {
+            chitchat_id: self_id.clone(),
+            cluster_id: cfg.cluster_id.clone(),
+            gossip_interval: cfg.gossip_interval,
+            listen_addr: cfg.advertise_addr,
+            seed_nodes: cfg.seeds.clone(),
+            failure_detector_config: FailureDetectorConfig {
+                phi_threshold: cfg.phi_threshold,
+                sampling_window_size: 1000,
+                max_interval: Duration::from_secs(10),
+                initial_interval: cfg.gossip_interval * 2,
+                dead_node_grace_period: cfg.dead_node_grace,
+            },
+            marked_for_deletion_grace_period: Duration::from_secs(3600),
+            catchup_callback: None,
+            // A node is usable once its schema and metadata arrived, and until it says it leaves.
+            extra_liveness_predicate: Some(Box::new(|s: &NodeState| {
+                s.get(KEY_VERSION) == Some(&SCHEMA_VERSION.to_string()) && s.contains_key(KEY_NODE) && !s.contains_key(KEY_LEAVING)
+            })),
+        };
+        let initial = vec![
+            (KEY_VERSION.to_owned(), SCHEMA_VERSION.to_string()),
+            (KEY_NODE.to_owned(), serde_json::to_string(meta)?),
+            (KEY_LOAD.to_owned(), serde_json::to_string(&LoadReport::default())?),
+            (KEY_KV.to_owned(), serde_json::to_string(&KvSummarySlot::default())?),
+        ];
+        let transport = QuicTransport::new(endpoint, inbox);
+        let handle = spawn_chitchat(config, initial, &transport).await.map_err(|e| GossipError::Start(e.to_string()))?;
+        let mut live = handle.chitchat().lock().await.live_nodes_watcher();
+        let (tx, rx) = watch::channel(Arc::new(Vec::new()));
+        let me = self_id.clone();
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            loop {
+                let peers = Arc::new(peers_from(&live.borrow_and_update(), &me));
+                if tx.send(peers).is_err() {
+                    break;
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    changed = live.changed() => if changed.is_err() { break },
+                }
+            }
+        });
+        tracing::info!(node = %cfg.node_id, addr = %cfg.advertise_addr, seeds = ?cfg.seeds, cluster = %cfg.cluster_id, "gossip started");
+        Ok(Arc::new(Self {
+            handle: tokio::sync::Mutex::new(Some(handle)),
+            self_id,
+            peers: rx,
+            last_load: Mutex::new(String::new()),
+            gossip_interval: cfg.gossip_interval,
+        }))
+    }
+
+    /// Live members, this node included.
+    pub fn peers(&self) -> Arc<Vec<Peer>> {
+        self.peers.borrow().clone()
+    }
+
+    /// A receiver that changes whenever the live set or any member's state does.
+    pub fn watch(&self) -> watch::Receiver<Arc<Vec<Peer>>> {
+        self.peers.clone()
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.self_id.node_id
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.self_id.generation_id
+    }
+
+    /// Publishes engine load if it changed since the last call.
+    pub async fn set_load(&self, load: &LoadReport) -> Result<(), GossipError> {
+        let json = serde_json::to_string(load)?;
+        {
+            let Ok(mut last) = self.last_load.lock() else { return Ok(()) };
+            if *last == json {
+                return Ok(());
+            }
+            *last = json.clone();
+        }
+        self.set(KEY_LOAD, json).await;
+        Ok(())
+    }
+
+    pub async fn set_kv_summary(&self, slot: &KvSummarySlot) -> Result<(), GossipError> {
+        self.set(KEY_KV, serde_json::to_string(slot)?).await;
+        Ok(())
+    }
+
+    async fn set(&self, key: &str, value: String) {
+        if let Some(h) = self.handle.lock().await.as_ref() {
+            h.with_chitchat(|c| c.self_node_state().set(key, value.clone())).await;
+        }
+    }
+
+    /// Tells peers this node is leaving, gives that a few rounds to spread, then stops gossip.
+    pub async fn leave(&self) {
+        self.set(KEY_LEAVING, "1".into()).await;
+        tokio::time::sleep(self.gossip_interval * 3).await;
+        if let Some(h) = self.handle.lock().await.take() {
+            if let Err(e) = h.shutdown().await {
+                tracing::debug!(error = %e, "gossip shutdown");
+            }
+        }
+    }
+}
+
+/// Parses chitchat's live node states into peers. A node restarted under the same name may
+/// briefly appear twice: the newest generation wins and the stale state is dropped.
+fn peers_from(states: &std::collections::BTreeMap<ChitchatId, NodeState>, me: &ChitchatId) -> Vec<Peer> {
+    let mut out: Vec<Peer> = Vec::new();
+    for (id, state) in states {
+        let Some(meta) = state.get(KEY_NODE).and_then(|v| serde_json::from_str::<NodeMeta>(v).ok()) else { continue };
+        let load = state.get(KEY_LOAD).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
+        let kv = state.get(KEY_KV).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
+        let peer = Peer {
+            node_id: id.node_id.to_string(),
+            generation: id.generation_id,
+            addr: id.gossip_advertise_addr,
+            meta,
+            load,
+            kv,
+            is_self: id == me,
+        };
+        match out.iter_mut().find(|p| p.node_id == peer.node_id) {
+            Some(existing) if existing.generation >= peer.generation => {}
+            Some(existing) => *existing = peer,
+            None => out.push(peer),
+        }
+    }
+    out
+}

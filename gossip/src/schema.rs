@@ -1,0 +1,83 @@
+//! What each node publishes, as chitchat key-values. Every value is JSON. The key `v` holds
+//! the schema version: a node ignores peers on a different major version instead of misreading
+//! them.
+//!
+//! | key | value | changes |
+//! |---|---|---|
+//! | `v` | schema version (`1`) | never |
+//! | `node` | [`NodeMeta`]: role, models, HTTP and QUIC addresses | at start |
+//! | `load` | [`LoadReport`]: per-engine running, waiting, KV usage, throughput | at most every `load_interval` and only when changed |
+//! | `kv` | [`KvSummarySlot`]: the KV-prefix summary's format and version | filled by the routing work |
+
+use serde::{Deserialize, Serialize};
+
+pub const SCHEMA_VERSION: u32 = 1;
+pub const KEY_VERSION: &str = "v";
+pub const KEY_NODE: &str = "node";
+pub const KEY_LOAD: &str = "load";
+pub const KEY_KV: &str = "kv";
+
+/// Whether a node runs engines or only routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    /// Routes only: no engines, never an embedded simulator.
+    Edge,
+    #[default]
+    Worker,
+}
+
+/// Which phase of a request an engine takes (prefill/decode disaggregation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineRole {
+    Prefill,
+    Decode,
+    #[default]
+    Both,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeMeta {
+    pub role: NodeRole,
+    pub models: Vec<String>,
+    /// Where clients reach this node's OpenAI API.
+    pub http_addr: String,
+    /// Where peers reach this node (QUIC, also the gossip address).
+    pub quic_addr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineLoad {
+    pub name: String,
+    pub models: Vec<String>,
+    pub healthy: bool,
+    #[serde(default)]
+    pub role: EngineRole,
+    pub running: u32,
+    pub waiting: u32,
+    /// 0..1.
+    pub kv_usage: f32,
+    /// Output tokens per second over the last report interval.
+    pub tokens_per_s: f32,
+    pub block_size: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub engines: Vec<EngineLoad>,
+}
+
+/// The KV-prefix summary a node publishes. Its format and contents come with KV-aware
+/// routing; until then `format` is `"none"` and peers treat every prefix as uncached.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KvSummarySlot {
+    pub format: String,
+    pub version: u64,
+}
+
+impl Default for KvSummarySlot {
+    fn default() -> Self {
+        Self { format: "none".into(), version: 0 }
+    }
+}
