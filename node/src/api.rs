@@ -23,6 +23,7 @@ pub fn router(p: Arc<Pipeline>) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/v1/mesh/peers", get(peers))
         .fallback(|| async { error_response(&ApiError::not_found("Not Found")) })
         .method_not_allowed_fallback(|| async {
             error_response(&ApiError::new(
@@ -66,17 +67,49 @@ async fn completions(
     serve(p, Endpoint::Completions, headers, body).await
 }
 
+/// Models served anywhere this node can route: its engines' and its live peers'.
 async fn models(State(p): State<Arc<Pipeline>>) -> Response {
-    let data: Vec<_> = p
-        .engines
-        .models()
-        .into_iter()
-        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "kvmesh"}))
-        .collect();
+    let mut ids = p.engines.models();
+    if let Some(mesh) = p.mesh() {
+        for r in mesh.remote_engines().into_iter().filter(|r| r.engine.healthy) {
+            for m in r.engine.models {
+                if !ids.contains(&m) {
+                    ids.push(m);
+                }
+            }
+        }
+    }
+    let data: Vec<_> =
+        ids.into_iter().map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "kvmesh"})).collect();
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
-/// 200 while at least one engine is healthy, 503 otherwise; the body lists every engine.
+/// The live members of the mesh as this node sees them, itself included.
+async fn peers(State(p): State<Arc<Pipeline>>) -> Response {
+    let Some(mesh) = p.mesh() else {
+        return Json(json!({"node": p.node_name, "mesh": false, "peers": []})).into_response();
+    };
+    let peers: Vec<_> = mesh
+        .peers()
+        .iter()
+        .map(|peer| {
+            json!({
+                "node": peer.node_id,
+                "self": peer.is_self,
+                "generation": peer.generation,
+                "role": peer.meta.role,
+                "http_addr": peer.meta.http_addr,
+                "quic_addr": peer.addr.to_string(),
+                "engines": peer.load.engines,
+                "kv_summary": peer.kv,
+            })
+        })
+        .collect();
+    Json(json!({"node": p.node_name, "mesh": true, "peers": peers})).into_response()
+}
+
+/// 200 while this node can serve something (a healthy engine of its own or, in a mesh, a
+/// peer's), 503 otherwise; the body lists this node's engines.
 async fn health(State(p): State<Arc<Pipeline>>) -> Response {
     let engines: Vec<_> = p
         .engines
@@ -87,7 +120,8 @@ async fn health(State(p): State<Arc<Pipeline>>) -> Response {
             json!({"name": e.name, "url": e.url, "healthy": v.healthy, "models": v.models, "error": v.last_error})
         })
         .collect();
-    let ok = p.engines.engines.iter().any(|e| e.is_healthy());
+    let ok = p.engines.engines.iter().any(|e| e.is_healthy())
+        || p.mesh().is_some_and(|m| m.remote_engines().iter().any(|r| r.engine.healthy));
     let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (
         status,

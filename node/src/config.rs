@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::NodeError;
+use kvmesh_gossip::NodeRole;
 use kvmesh_sim::EngineConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -37,6 +38,30 @@ pub struct Config {
     pub max_attempts: u32,
     /// `text` or `json`.
     pub log_format: LogFormat,
+    /// `worker` runs engines (or the embedded simulator); `edge` only routes to peers.
+    pub role: NodeRole,
+    /// Meshes with different ids never merge, even when their seeds overlap.
+    pub cluster_id: String,
+    /// UDP address of the QUIC endpoint (gossip and forwarded requests).
+    pub quic_addr: String,
+    /// Address peers dial for this node; defaults to `quic_addr`, with an unspecified IP
+    /// replaced by the one that routes to the first seed (or loopback without seeds).
+    pub advertise_addr: Option<String>,
+    /// `host:port` of nodes to join through. Empty: this node starts a mesh of its own.
+    pub seeds: Vec<String>,
+    /// Directory with `ca.crt`, `NODE.crt` and `NODE.key` (as `kvmesh cert` writes them).
+    pub tls_dir: Option<PathBuf>,
+    /// Explicit certificate paths; they override `tls_dir`.
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub gossip_interval_ms: u64,
+    /// Phi-accrual threshold of the failure detector.
+    pub phi_threshold: f64,
+    /// How often engine load is published to the mesh (only when it changed).
+    pub load_publish_interval_ms: u64,
+    /// How long a peer that failed a forwarded request is skipped.
+    pub peer_suspect_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum, Default)]
@@ -77,6 +102,19 @@ impl Default for Config {
             engine_idle_timeout_ms: 300_000,
             max_attempts: 3,
             log_format: LogFormat::Text,
+            role: NodeRole::Worker,
+            cluster_id: "kvmesh".into(),
+            quic_addr: "0.0.0.0:7946".into(),
+            advertise_addr: None,
+            seeds: Vec::new(),
+            tls_dir: None,
+            ca: None,
+            cert: None,
+            key: None,
+            gossip_interval_ms: 200,
+            phi_threshold: 8.0,
+            load_publish_interval_ms: 500,
+            peer_suspect_ms: 3_000,
         }
     }
 }
@@ -111,6 +149,30 @@ pub struct ServeArgs {
     pub no_embedded_engine: bool,
     #[arg(long, env = "KVMESH_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// `worker` (runs engines) or `edge` (routes only).
+    #[arg(long, env = "KVMESH_ROLE", value_parser = parse_role)]
+    pub role: Option<NodeRole>,
+    /// Seed nodes to join, `host:port,...` (DNS names allowed).
+    #[arg(long, env = "KVMESH_SEEDS", value_delimiter = ',')]
+    pub seeds: Vec<String>,
+    /// UDP address of the QUIC endpoint (default 0.0.0.0:7946).
+    #[arg(long, env = "KVMESH_QUIC_ADDR")]
+    pub quic_addr: Option<String>,
+    /// Address peers dial for this node, when it differs from --quic-addr.
+    #[arg(long, env = "KVMESH_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+    /// Keeps two meshes from merging.
+    #[arg(long, env = "KVMESH_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+    /// Directory with ca.crt, NODE.crt, NODE.key (from `kvmesh cert`). Turns the mesh on.
+    #[arg(long, env = "KVMESH_TLS_DIR")]
+    pub tls_dir: Option<PathBuf>,
+    #[arg(long, env = "KVMESH_CA")]
+    pub ca: Option<PathBuf>,
+    #[arg(long, env = "KVMESH_CERT")]
+    pub cert: Option<PathBuf>,
+    #[arg(long, env = "KVMESH_KEY")]
+    pub key: Option<PathBuf>,
 }
 
 impl Config {
@@ -139,6 +201,20 @@ impl Config {
         if let Some(f) = args.log_format {
             cfg.log_format = f;
         }
+        if let Some(r) = args.role {
+            cfg.role = r;
+        }
+        if !args.seeds.is_empty() {
+            cfg.seeds = args.seeds.iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+        }
+        macro_rules! take {
+            ($($f:ident),*) => { $(if let Some(v) = &args.$f { cfg.$f = v.clone().into(); })* };
+        }
+        take!(quic_addr, cluster_id);
+        macro_rules! take_opt {
+            ($($f:ident),*) => { $(if args.$f.is_some() { cfg.$f = args.$f.clone(); })* };
+        }
+        take_opt!(advertise_addr, tls_dir, ca, cert, key);
         cfg.validate()?;
         Ok(cfg)
     }
@@ -169,8 +245,42 @@ impl Config {
                 }
             }
         }
-        if self.engines.is_empty() && !self.embedded_engine {
+        if self.role == NodeRole::Edge && !self.engines.is_empty() {
+            return bad("an edge node runs no engines: remove [[engines]]/--engine or use --role worker".into());
+        }
+        if self.role == NodeRole::Edge && !self.mesh_enabled() {
+            return bad("an edge node only routes to peers: give it certificates (--tls-dir) and --seeds".into());
+        }
+        if self.role == NodeRole::Worker && self.engines.is_empty() && !self.embedded_engine {
             return bad("no engine configured and the embedded simulator is off: add --engine URL".into());
+        }
+        if !self.seeds.is_empty() && !self.mesh_enabled() {
+            return bad("--seeds needs this node's certificates: --tls-dir DIR (see `kvmesh cert --help`)".into());
+        }
+        match (&self.ca, &self.cert, &self.key) {
+            (None, None, None) | (Some(_), Some(_), Some(_)) => {}
+            _ => return bad("give all three of --ca, --cert and --key, or --tls-dir".into()),
+        }
+        if self.mesh_enabled() {
+            if self.quic_addr.parse::<SocketAddr>().is_err() {
+                return bad(format!("quic_addr `{}` is not IP:PORT, e.g. 0.0.0.0:7946", self.quic_addr));
+            }
+            if let Some(a) = &self.advertise_addr {
+                if a.parse::<SocketAddr>().is_err() {
+                    return bad(format!("advertise_addr `{a}` is not IP:PORT"));
+                }
+            }
+            if self.cluster_id.trim().is_empty() {
+                return bad("cluster_id must not be empty".into());
+            }
+            for s in &self.seeds {
+                if !s.contains(':') {
+                    return bad(format!("seed `{s}` needs a port, e.g. {s}:7946"));
+                }
+            }
+            if !(self.phi_threshold.is_finite() && self.phi_threshold > 0.0) {
+                return bad(format!("phi_threshold must be > 0, got {}", self.phi_threshold));
+            }
         }
         if self.max_body_bytes < 1024 {
             return bad(format!("max_body_bytes must be at least 1024, got {}", self.max_body_bytes));
@@ -183,12 +293,14 @@ impl Config {
             ("engine_connect_timeout_ms", self.engine_connect_timeout_ms),
             ("engine_first_byte_timeout_ms", self.engine_first_byte_timeout_ms),
             ("engine_idle_timeout_ms", self.engine_idle_timeout_ms),
+            ("gossip_interval_ms", self.gossip_interval_ms),
+            ("load_publish_interval_ms", self.load_publish_interval_ms),
         ] {
             if v == 0 {
                 return bad(format!("{name} must be greater than 0"));
             }
         }
-        if self.engines.is_empty() {
+        if self.engines.is_empty() && self.role == NodeRole::Worker {
             self.embedded.validate().map_err(|e| NodeError::Config(format!("[embedded] {e}")))?;
         }
         Ok(())
@@ -196,6 +308,33 @@ impl Config {
 
     pub fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
+    }
+
+    /// The mesh runs when this node has certificates; without them it serves alone.
+    pub fn mesh_enabled(&self) -> bool {
+        self.tls_dir.is_some() || self.cert.is_some()
+    }
+
+    /// (ca, cert, key) paths, when the mesh is enabled.
+    pub fn tls_paths(&self) -> Option<(PathBuf, PathBuf, PathBuf)> {
+        match (&self.ca, &self.cert, &self.key, &self.tls_dir) {
+            (Some(ca), Some(cert), Some(key), _) => Some((ca.clone(), cert.clone(), key.clone())),
+            (_, _, _, Some(dir)) => Some(kvmesh_transport::TlsIdentity::paths_in(dir, &self.node_name)),
+            _ => None,
+        }
+    }
+
+    /// Starts the embedded simulator: a worker with no engines (an edge node never does).
+    pub fn wants_embedded_engine(&self) -> bool {
+        self.role == NodeRole::Worker && self.engines.is_empty() && self.embedded_engine
+    }
+}
+
+fn parse_role(s: &str) -> Result<NodeRole, String> {
+    match s {
+        "worker" => Ok(NodeRole::Worker),
+        "edge" => Ok(NodeRole::Edge),
+        _ => Err(format!("`{s}` is not a role: use `worker` or `edge`")),
     }
 }
 

@@ -25,6 +25,8 @@ pub enum NodeError {
     Metrics(#[from] prometheus::Error),
     #[error("HTTP client: {0}")]
     Client(String),
+    #[error("mesh: {0}")]
+    Mesh(String),
     #[error("benchmark: {0}")]
     Bench(String),
 }

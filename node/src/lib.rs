@@ -12,8 +12,10 @@
 pub mod api;
 pub mod bench;
 pub mod config;
+pub mod demo;
 pub mod engine;
 pub mod error;
+pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod proxy;

@@ -7,7 +7,10 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use kvmesh_node::bench::{self, BenchCmd};
+use std::path::PathBuf;
+
 use kvmesh_node::config::{Config, LogFormat, ServeArgs};
+use kvmesh_node::demo::DemoArgs;
 use kvmesh_node::Node;
 use kvmesh_sim::server::EngineSimArgs;
 use kvmesh_sim::EngineSim;
@@ -28,10 +31,88 @@ enum Cmd {
     /// Run a benchmark and print (optionally record) its figures.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Make the cluster CA and node certificates for the mesh's mutual TLS.
+    #[command(subcommand)]
+    Cert(CertCmd),
+    /// List the mesh's live members as a node sees them.
+    Peers {
+        /// The node's HTTP address.
+        #[arg(long, default_value = "http://127.0.0.1:8080", env = "KVMESH_NODE_URL")]
+        node: String,
+    },
+    /// Start a local mesh of nodes with simulated engines and show requests crossing it.
+    Demo(DemoArgs),
+}
+
+#[derive(Subcommand)]
+enum CertCmd {
+    /// Create DIR/ca.crt and DIR/ca.key (keep ca.key off the nodes).
+    Ca {
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        #[arg(long, default_value = "kvmesh")]
+        cluster_id: String,
+    },
+    /// Create DIR/NAME.crt and DIR/NAME.key signed by the CA in --ca-dir (and copy ca.crt).
+    Node {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Where ca.crt and ca.key are (default: --dir).
+        #[arg(long)]
+        ca_dir: Option<PathBuf>,
+    },
 }
 
 fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    init_tracing_with(format, "info")
+}
+
+fn init_tracing_filter(default: &str) {
+    init_tracing_with(LogFormat::Text, default)
+}
+
+async fn print_peers(node: &str) -> anyhow::Result<()> {
+    let url = format!("{}/v1/mesh/peers", node.trim_end_matches('/'));
+    let v: serde_json::Value = reqwest::get(&url).await.with_context(|| format!("GET {url}"))?.json().await?;
+    let empty = Vec::new();
+    let peers = v["peers"].as_array().unwrap_or(&empty);
+    println!("{:<16} {:<7} {:<22} {:<22} engines (running/waiting/kv)", "node", "role", "http", "quic");
+    for p in peers {
+        let engines: Vec<String> = p["engines"]
+            .as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}{} {}/{}/{:.0}%",
+                    e["name"].as_str().unwrap_or("?"),
+                    if e["healthy"].as_bool() == Some(true) { "" } else { "(down)" },
+                    e["running"],
+                    e["waiting"],
+                    e["kv_usage"].as_f64().unwrap_or(0.0) * 100.0
+                )
+            })
+            .collect();
+        let name = format!("{}{}", p["node"].as_str().unwrap_or("?"), if p["self"].as_bool() == Some(true) { "*" } else { "" });
+        println!(
+            "{:<16} {:<7} {:<22} {:<22} {}",
+            name,
+            p["role"].as_str().unwrap_or("?"),
+            p["http_addr"].as_str().unwrap_or("?"),
+            p["quic_addr"].as_str().unwrap_or("?"),
+            engines.join(", ")
+        );
+    }
+    if v["mesh"].as_bool() != Some(true) {
+        println!("(this node is not in a mesh: start it with --tls-dir)");
+    }
+    Ok(())
+}
+
+fn init_tracing_with(format: LogFormat, default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
@@ -97,6 +178,21 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Bench(cmd) => {
             init_tracing(LogFormat::Text);
             bench::run(cmd).await?;
+        }
+        Cmd::Cert(CertCmd::Ca { dir, cluster_id }) => {
+            let (crt, key) = kvmesh_transport::certs::create_ca(&dir, &cluster_id)?;
+            println!("wrote {} and {}", crt.display(), key.display());
+        }
+        Cmd::Cert(CertCmd::Node { name, dir, ca_dir }) => {
+            let ca_dir = ca_dir.unwrap_or_else(|| dir.clone());
+            let (crt, key) = kvmesh_transport::certs::create_node(&ca_dir, &dir, &name)?;
+            println!("wrote {} and {} (start the node with --node-name {name} --tls-dir {})", crt.display(), key.display(), dir.display());
+        }
+        Cmd::Peers { node } => print_peers(&node).await?,
+        Cmd::Demo(args) => {
+            init_tracing_filter("warn");
+            cancel_on_signal(cancel.clone());
+            kvmesh_node::demo::run(args, cancel).await?;
         }
     }
     Ok(())

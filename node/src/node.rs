@@ -11,6 +11,7 @@ use crate::api;
 use crate::config::{Config, EngineEntry};
 use crate::engine::EngineSet;
 use crate::error::NodeError;
+use crate::mesh::Mesh;
 use crate::metrics::NodeMetrics;
 use crate::proxy::Pipeline;
 use kvmesh_sim::{EngineSim, RunningEngine};
@@ -23,6 +24,8 @@ pub struct RunningNode {
     pub engines: Arc<EngineSet>,
     /// The embedded simulator, when this node started one.
     pub embedded: Option<RunningEngine>,
+    /// This node's mesh membership, when it has certificates.
+    pub mesh: Option<Arc<Mesh>>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -35,6 +38,10 @@ impl RunningNode {
     /// Stops taking requests, lets open responses finish, stops every task and the embedded
     /// engine, and waits for all of it.
     pub async fn shutdown(self) {
+        // Leave the mesh first so peers stop sending requests here while streams finish.
+        if let Some(m) = &self.mesh {
+            m.leave().await;
+        }
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
@@ -48,7 +55,7 @@ impl Node {
     pub async fn start(mut cfg: Config, cancel: &CancellationToken) -> Result<RunningNode, NodeError> {
         cfg.validate()?;
         let cancel = cancel.child_token();
-        let embedded = if cfg.engines.is_empty() && cfg.embedded_engine {
+        let embedded = if cfg.wants_embedded_engine() {
             // Loopback and ephemeral ports: the simulator is this node's private engine.
             let e = EngineSim::start(cfg.embedded.clone(), "127.0.0.1:0", Some("tcp://127.0.0.1:0"), &cancel).await?;
             cfg.engines.push(EngineEntry {
@@ -80,6 +87,17 @@ impl Node {
             .map_err(|source| NodeError::Bind { addr: cfg.http_addr.clone(), source })?;
         let http_addr =
             listener.local_addr().map_err(|source| NodeError::Bind { addr: cfg.http_addr.clone(), source })?;
+        let mesh = if cfg.mesh_enabled() {
+            let mesh = Mesh::start(&cfg, http_addr, &engines, &cancel, &tasks).await?;
+            pipeline.set_mesh(mesh.clone());
+            let p = pipeline.clone();
+            mesh.endpoint.set_request_handler(Arc::new(move |req| Box::pin(p.clone().serve_peer(req))));
+            tracing::info!(quic = %mesh.endpoint.local_addr(), advertise = %mesh.advertise, seeds = ?cfg.seeds, "mesh endpoint up");
+            Some(mesh)
+        } else {
+            tracing::info!("no certificates configured: serving alone, without a mesh");
+            None
+        };
         let app = api::router(pipeline);
         let stop = cancel.clone();
         tasks.spawn(async move {
@@ -93,6 +111,6 @@ impl Node {
             tracing::info!(engine = %e.name, url = %e.url, healthy = v.healthy, models = ?v.models, "engine configured");
         }
         tracing::info!(node = %cfg.node_name, http = %http_addr, "kvmesh node serving");
-        Ok(RunningNode { http_addr, node_name: cfg.node_name, engines, embedded, cancel, tasks })
+        Ok(RunningNode { http_addr, node_name: cfg.node_name, engines, embedded, mesh, cancel, tasks })
     }
 }

@@ -1,13 +1,16 @@
-//! The request pipeline: validate, choose an engine, forward the client's bytes, and relay the
-//! answer, streaming chunks through as they arrive.
+//! The request pipeline: validate, choose an engine (this node's or a peer's), forward the
+//! client's bytes, and relay the answer, streaming chunks through as they arrive.
 //!
 //! Failure rules: anything that fails before the client has seen a byte may be retried on
 //! another engine (bounded by `max_attempts`); once a stream has started, a failure ends it with
 //! an OpenAI error event and `[DONE]`, never a silent cut or a hang (every wait has a timeout).
+//! A request forwarded by a peer is served by this node's own engines only, so a request
+//! crosses the mesh at most once.
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
@@ -17,16 +20,24 @@ use futures::{Stream, StreamExt};
 use kvmesh_policy::openai::ApiError;
 use kvmesh_policy::request::{self, Endpoint};
 use kvmesh_policy::route::{self, Candidate};
+use kvmesh_transport::endpoint::respond;
+use kvmesh_transport::{IncomingRequest, RequestHead, ResponseHead, TransportError};
 use tracing::Instrument;
 
 use crate::config::Config;
 use crate::engine::{Engine, EngineSet, InFlight};
+use crate::mesh::{Mesh, RemoteEngine};
 use crate::metrics::NodeMetrics;
+
+/// Load-equivalent cost of one network hop: prefer a local engine over an equally loaded peer,
+/// never over a less loaded one.
+const PEER_HOP_COST: f64 = 0.5;
 
 pub struct Pipeline {
     pub node_name: String,
     pub engines: Arc<EngineSet>,
     pub metrics: Arc<NodeMetrics>,
+    mesh: OnceLock<Arc<Mesh>>,
     client: reqwest::Client,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
@@ -38,8 +49,31 @@ pub fn error_response(e: &ApiError) -> Response {
     (e.status, [(header::CONTENT_TYPE, "application/json")], e.to_json()).into_response()
 }
 
-/// Largest non-streamed engine answer relayed; a completion JSON is far smaller.
+/// Largest non-streamed answer relayed; a completion JSON is far smaller.
 const MAX_BUFFERED_RESPONSE: usize = 64 * 1024 * 1024;
+
+/// Where a request may go.
+#[derive(Clone, Copy)]
+enum Scope<'a> {
+    /// Any engine in the mesh (a client's request).
+    Mesh,
+    /// This node's engines only, preferring the named one (a peer's forwarded request).
+    Local(&'a str),
+}
+
+enum Target {
+    Local(Arc<Engine>),
+    Remote(RemoteEngine),
+}
+
+impl Target {
+    fn key(&self) -> String {
+        match self {
+            Target::Local(e) => format!("local/{}", e.name),
+            Target::Remote(r) => r.key(),
+        }
+    }
+}
 
 impl Pipeline {
     pub fn new(cfg: &Config, engines: Arc<EngineSet>, metrics: Arc<NodeMetrics>, client: reqwest::Client) -> Self {
@@ -47,6 +81,7 @@ impl Pipeline {
             node_name: cfg.node_name.clone(),
             engines,
             metrics,
+            mesh: OnceLock::new(),
             client,
             first_byte_timeout: Config::ms(cfg.engine_first_byte_timeout_ms),
             idle_timeout: Config::ms(cfg.engine_idle_timeout_ms),
@@ -55,61 +90,95 @@ impl Pipeline {
         }
     }
 
+    pub fn set_mesh(&self, mesh: Arc<Mesh>) {
+        let _ = self.mesh.set(mesh);
+    }
+
+    pub fn mesh(&self) -> Option<&Arc<Mesh>> {
+        self.mesh.get()
+    }
+
     pub fn max_body_bytes(&self) -> usize {
         self.max_body_bytes
     }
 
+    /// A client's request: may be served anywhere in the mesh.
     pub async fn handle(self: &Arc<Self>, endpoint: Endpoint, headers: &HeaderMap, body: Bytes) -> Response {
-        let started = Instant::now();
         let request_id = headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .map(str::to_owned)
             .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
-        let span = tracing::info_span!(
-            "request",
-            request_id = %request_id,
-            origin = %self.node_name,
-            endpoint = endpoint.path(),
-            model = tracing::field::Empty,
-            engine = tracing::field::Empty,
-            reason = tracing::field::Empty,
-        );
-        async move {
-            let req = match request::parse(endpoint, &body) {
-                Ok(r) => r,
-                Err(e) => return self.reply_error(endpoint, "", &e, started),
+        let span = request_span(&request_id, &self.node_name, endpoint);
+        self.dispatch(endpoint, &request_id, body, Scope::Mesh).instrument(span).await
+    }
+
+    /// A request a peer forwarded: served by this node's engines, answered on the QUIC stream.
+    pub async fn serve_peer(self: Arc<Self>, req: IncomingRequest) {
+        let endpoint = match req.head.path.as_str() {
+            "/v1/chat/completions" => Some(Endpoint::Chat),
+            "/v1/completions" => Some(Endpoint::Completions),
+            _ => None,
+        };
+        let span = request_span(&req.head.request_id, &req.head.origin, endpoint.unwrap_or(Endpoint::Chat));
+        let resp = match endpoint {
+            Some(ep) => self.dispatch(ep, &req.head.request_id, req.body, Scope::Local(&req.head.engine)).instrument(span).await,
+            None => error_response(&ApiError::not_found(format!("No route {}", req.head.path))),
+        };
+        let head = ResponseHead {
+            status: resp.status().as_u16(),
+            content_type: header_str(resp.headers(), header::CONTENT_TYPE.as_str()).unwrap_or("application/json").to_owned(),
+            served_by: header_str(resp.headers(), "x-kvmesh-served-by").unwrap_or(&self.node_name).to_owned(),
+        };
+        let io = self.mesh().map(|m| m.endpoint.io_timeout()).unwrap_or(Duration::from_secs(5));
+        let body = resp.into_body().into_data_stream();
+        // An error here means the origin stopped reading (its client left): dropping the body
+        // closes the engine connection, and the engine aborts the request.
+        if let Err(e) = respond(req.respond, &head, body, io).await {
+            tracing::debug!(peer = %req.peer, error = %e, "peer stopped reading the response");
+        }
+    }
+
+    async fn dispatch(self: &Arc<Self>, endpoint: Endpoint, request_id: &str, body: Bytes, scope: Scope<'_>) -> Response {
+        let started = Instant::now();
+        let req = match request::parse(endpoint, &body) {
+            Ok(r) => r,
+            Err(e) => return self.reply_error(endpoint, "", &e, started),
+        };
+        tracing::Span::current().record("model", req.model.as_str());
+        let mut tried: Vec<String> = Vec::new();
+        let mut last_error: Option<ApiError> = None;
+        for attempt in 0..self.max_attempts {
+            let target = match self.pick(&req.model, scope, &tried) {
+                Ok(t) => t,
+                Err(e) => {
+                    // After a failed attempt, the failure says more than "nothing left".
+                    let e = if attempt > 0 { last_error.take().unwrap_or(e) } else { e };
+                    return self.reply_error(endpoint, &req.model, &e, started);
+                }
             };
-            tracing::Span::current().record("model", req.model.as_str());
-            let mut tried: Vec<usize> = Vec::new();
-            let mut last_error: Option<ApiError> = None;
-            for attempt in 0..self.max_attempts {
-                let engine = match self.pick(&req.model, &tried) {
-                    Ok(e) => e,
-                    Err(e) => {
-                        // After a failed attempt, the failure says more than "nothing left".
-                        let e = if attempt > 0 { last_error.take().unwrap_or(e) } else { e };
-                        return self.reply_error(endpoint, &req.model, &e, started);
-                    }
-                };
-                tried.push(engine.index);
-                tracing::Span::current().record("engine", engine.name.as_str());
-                tracing::Span::current().record("reason", if attempt == 0 { "least_loaded" } else { "retry" });
-                match self.forward(endpoint, &req.model, req.stream, &request_id, &body, engine.clone(), started).await {
-                    Ok(resp) => return resp,
-                    Err(Retry { error, reason }) => {
-                        tracing::warn!(engine = %engine.name, %reason, error = %error, "engine failed before answering; trying another");
-                        self.metrics.retries.with_label_values(&[reason]).inc();
-                        last_error = Some(error);
-                    }
+            tried.push(target.key());
+            let span = tracing::Span::current();
+            span.record("peer", target.key().as_str());
+            span.record("reason", if attempt == 0 { "least_loaded" } else { "retry" });
+            let outcome = match &target {
+                Target::Local(e) => {
+                    self.forward_local(endpoint, &req.model, req.stream, request_id, &body, e.clone(), started).await
+                }
+                Target::Remote(r) => self.forward_remote(endpoint, &req.model, req.stream, request_id, &body, r, started).await,
+            };
+            match outcome {
+                Ok(resp) => return resp,
+                Err(Retry { error, reason }) => {
+                    tracing::warn!(target = %target.key(), %reason, error = %error, "failed before answering; trying another engine");
+                    self.metrics.retries.with_label_values(&[reason]).inc();
+                    last_error = Some(error);
                 }
             }
-            let e = last_error.unwrap_or_else(|| ApiError::unavailable("No engine could take the request."));
-            self.reply_error(endpoint, &req.model, &e, started)
         }
-        .instrument(span)
-        .await
+        let e = last_error.unwrap_or_else(|| ApiError::unavailable("No engine could take the request."));
+        self.reply_error(endpoint, &req.model, &e, started)
     }
 
     /// Answers with an OpenAI error, counted and logged like every other answer.
@@ -120,32 +189,56 @@ impl Pipeline {
         error_response(e)
     }
 
-    /// The least-loaded healthy engine serving `model` that was not tried yet.
-    fn pick(&self, model: &str, tried: &[usize]) -> Result<Arc<Engine>, ApiError> {
-        let engines = &self.engines.engines;
-        if !engines.iter().any(|e| e.serves(model)) {
+    /// The least-loaded usable engine for `model` that was not tried yet.
+    fn pick(&self, model: &str, scope: Scope<'_>, tried: &[String]) -> Result<Target, ApiError> {
+        let mut targets: Vec<Target> = Vec::new();
+        let mut cands: Vec<Candidate> = Vec::new();
+        let local: Vec<&Arc<Engine>> = match scope {
+            Scope::Local(name) => {
+                let named: Vec<_> =
+                    self.engines.engines.iter().filter(|e| e.name == name && e.is_healthy() && e.serves(model)).collect();
+                if named.is_empty() { self.engines.engines.iter().collect() } else { named }
+            }
+            Scope::Mesh => self.engines.engines.iter().collect(),
+        };
+        let mut known = false;
+        for e in local {
+            let v = e.snapshot();
+            let serves = v.models.iter().any(|m| m == model);
+            known |= serves;
+            let t = Target::Local(e.clone());
+            cands.push(Candidate {
+                load: v.load.running + v.load.waiting + e.in_flight.load(Ordering::Relaxed) as f64,
+                distance: 0.0,
+                healthy: v.healthy && !tried.contains(&t.key()),
+                serves_model: serves,
+            });
+            targets.push(t);
+        }
+        if let (Scope::Mesh, Some(mesh)) = (scope, self.mesh()) {
+            for r in mesh.remote_engines() {
+                let serves = r.engine.models.iter().any(|m| m == model);
+                known |= serves;
+                cands.push(Candidate {
+                    load: (r.engine.running + r.engine.waiting + mesh.in_flight_now(&r.key())) as f64,
+                    distance: PEER_HOP_COST,
+                    healthy: r.engine.healthy && !tried.contains(&r.key()),
+                    serves_model: serves,
+                });
+                targets.push(Target::Remote(r));
+            }
+        }
+        if !known {
             return Err(ApiError::model_not_found(model));
         }
-        let candidates: Vec<Candidate> = engines
-            .iter()
-            .map(|e| {
-                let v = e.snapshot();
-                Candidate {
-                    in_flight: e.in_flight.load(std::sync::atomic::Ordering::Relaxed),
-                    waiting: v.load.waiting as u32,
-                    healthy: v.healthy && !tried.contains(&e.index),
-                    serves_model: v.models.iter().any(|m| m == model),
-                }
-            })
-            .collect();
         let salt: u64 = rand::random();
-        route::least_loaded(&candidates, |i| xxhash_rust::xxh3::xxh3_64_with_seed(&i.to_le_bytes(), salt))
-            .map(|i| engines[i].clone())
+        route::least_loaded(&cands, |i| xxhash_rust::xxh3::xxh3_64_with_seed(&i.to_le_bytes(), salt))
+            .map(|i| targets.swap_remove(i))
             .ok_or_else(|| ApiError::unavailable(format!("No healthy engine serves `{model}` right now; retry later.")))
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn forward(
+    async fn forward_local(
         self: &Arc<Self>,
         endpoint: Endpoint,
         model: &str,
@@ -155,7 +248,7 @@ impl Pipeline {
         engine: Arc<Engine>,
         started: Instant,
     ) -> Result<Response, Retry> {
-        let in_flight = InFlight::new(engine.clone());
+        let in_flight = InFlight::new(engine.in_flight.clone());
         let mut rb = self
             .client
             .post(format!("{}{}", engine.url, endpoint.path()))
@@ -174,65 +267,147 @@ impl Pipeline {
                     reason: if e.is_connect() { "connect" } else { "send" },
                 });
             }
-            Err(_) => {
-                // The engine may still be working on it; another engine would double the work
-                // and the client has waited long enough already.
-                let e = ApiError::gateway_timeout(format!(
-                    "Engine {} did not answer within {} ms.",
-                    engine.name,
-                    self.first_byte_timeout.as_millis()
-                ));
-                return Ok(self.reply_error(endpoint, model, &e, started));
-            }
+            Err(_) => return Ok(self.first_byte_timed_out(endpoint, model, &engine.name, started)),
         };
         let status = resp.status();
-        if matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT) {
-            let text = read_small(resp, self.idle_timeout).await;
+        let content_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let upstream: ByteStream = resp.bytes_stream().map(|r| r.map_err(|e| e.to_string())).boxed();
+        if is_retryable(status) {
+            let text = read_small(upstream, self.idle_timeout).await;
             return Err(Retry {
                 error: ApiError::unavailable(format!("Engine {} answered {status}: {}", engine.name, text.trim())),
                 reason: "engine_unavailable",
             });
         }
-        let served_by = HeaderValue::from_str(&format!("{}/{}", self.node_name, engine.name))
-            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
-        let content_type = resp
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .cloned()
-            .unwrap_or_else(|| HeaderValue::from_static("application/json"));
-        let ep = endpoint.path();
-        self.metrics.requests.with_label_values(&[ep, model, status.as_str()]).inc();
-        let stream_label = if stream { "true" } else { "false" };
-        if stream && status.is_success() {
-            let relay = relay(self.clone(), resp.bytes_stream().boxed(), in_flight, started, ep, self.idle_timeout);
-            return Ok(Response::builder()
-                .status(status)
-                .header(header::CONTENT_TYPE, content_type)
-                .header(header::CACHE_CONTROL, "no-cache")
-                .header("x-kvmesh-served-by", served_by)
-                .header("x-request-id", request_id)
-                .body(Body::from_stream(relay))
-                .unwrap_or_else(|_| error_response(&ApiError::internal("failed to build response"))));
-        }
-        // Non-streamed answers are buffered so a failure mid-body still becomes a clean error.
-        let body = match read_limited(resp, self.idle_timeout, MAX_BUFFERED_RESPONSE).await {
-            Ok(b) => b,
-            Err(why) => {
-                let e = ApiError::bad_gateway(format!("Engine {} failed while answering: {why}", engine.name));
-                return Ok(error_response(&e));
+        let served_by = format!("{}/{}", self.node_name, engine.name);
+        let answer = Answer { status, content_type, served_by, stream, request_id };
+        Ok(self.relay_answer(endpoint, model, answer, upstream, in_flight, started).await)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_remote(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+        model: &str,
+        stream: bool,
+        request_id: &str,
+        body: &Bytes,
+        remote: &RemoteEngine,
+        started: Instant,
+    ) -> Result<Response, Retry> {
+        let Some(mesh) = self.mesh() else {
+            return Err(Retry { error: ApiError::unavailable("This node is not in a mesh."), reason: "no_mesh" });
+        };
+        let in_flight = InFlight::new(mesh.in_flight(&remote.key()));
+        let head = RequestHead {
+            path: endpoint.path().to_owned(),
+            request_id: request_id.to_owned(),
+            origin: self.node_name.clone(),
+            engine: remote.engine.name.clone(),
+            stream,
+        };
+        let (rhead, recv) = match mesh.endpoint.request(remote.addr, &head, body, self.first_byte_timeout).await {
+            Ok(r) => r,
+            Err(TransportError::Timeout { what: "response head", .. }) => {
+                return Ok(self.first_byte_timed_out(endpoint, model, &remote.key(), started));
+            }
+            Err(e) => {
+                mesh.suspect(&remote.node_id);
+                return Err(Retry {
+                    error: ApiError::bad_gateway(format!("Peer {} could not be reached: {e}", remote.node_id)),
+                    reason: "peer",
+                });
             }
         };
-        drop(in_flight);
-        self.metrics.ttfb.with_label_values(&[ep, stream_label]).observe(started.elapsed().as_secs_f64());
-        self.metrics.duration.with_label_values(&[ep, stream_label]).observe(started.elapsed().as_secs_f64());
-        Ok(Response::builder()
-            .status(status)
+        let status = StatusCode::from_u16(rhead.status).unwrap_or(StatusCode::BAD_GATEWAY);
+        let upstream = quic_body(recv);
+        if is_retryable(status) {
+            let text = read_small(upstream, self.idle_timeout).await;
+            return Err(Retry {
+                error: ApiError::unavailable(format!("Peer {} answered {status}: {}", remote.node_id, text.trim())),
+                reason: "peer_unavailable",
+            });
+        }
+        let answer = Answer { status, content_type: Some(rhead.content_type), served_by: rhead.served_by, stream, request_id };
+        Ok(self.relay_answer(endpoint, model, answer, upstream, in_flight, started).await)
+    }
+
+    fn first_byte_timed_out(&self, endpoint: Endpoint, model: &str, target: &str, started: Instant) -> Response {
+        // The engine may still be working on it; another engine would double the work, and
+        // the client has waited long enough already.
+        let e = ApiError::gateway_timeout(format!(
+            "{target} did not answer within {} ms.",
+            self.first_byte_timeout.as_millis()
+        ));
+        self.reply_error(endpoint, model, &e, started)
+    }
+
+    /// Turns an engine's (or peer's) answer into the client's response: streams pass through,
+    /// anything else is buffered so a failure inside it still becomes a clean error.
+    async fn relay_answer(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+        model: &str,
+        a: Answer<'_>,
+        upstream: ByteStream,
+        in_flight: InFlight,
+        started: Instant,
+    ) -> Response {
+        let ep = endpoint.path();
+        self.metrics.requests.with_label_values(&[ep, model, a.status.as_str()]).inc();
+        let served_by = HeaderValue::from_str(&a.served_by).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        let content_type = a.content_type.unwrap_or_else(|| "application/json".into());
+        let builder = Response::builder()
+            .status(a.status)
             .header(header::CONTENT_TYPE, content_type)
             .header("x-kvmesh-served-by", served_by)
-            .header("x-request-id", request_id)
-            .body(Body::from(body))
-            .unwrap_or_else(|_| error_response(&ApiError::internal("failed to build response"))))
+            .header("x-request-id", a.request_id);
+        if a.stream && a.status.is_success() {
+            let relay = relay(self.clone(), upstream, in_flight, started, ep, self.idle_timeout);
+            return builder
+                .header(header::CACHE_CONTROL, "no-cache")
+                .body(Body::from_stream(relay))
+                .unwrap_or_else(|_| error_response(&ApiError::internal("failed to build response")));
+        }
+        let body = match read_limited(upstream, self.idle_timeout, MAX_BUFFERED_RESPONSE).await {
+            Ok(b) => b,
+            Err(why) => return error_response(&ApiError::bad_gateway(format!("{} failed while answering: {why}", a.served_by))),
+        };
+        drop(in_flight);
+        let label = if a.stream { "true" } else { "false" };
+        self.metrics.ttfb.with_label_values(&[ep, label]).observe(started.elapsed().as_secs_f64());
+        self.metrics.duration.with_label_values(&[ep, label]).observe(started.elapsed().as_secs_f64());
+        builder.body(Body::from(body)).unwrap_or_else(|_| error_response(&ApiError::internal("failed to build response")))
     }
+}
+
+fn request_span(request_id: &str, origin: &str, endpoint: Endpoint) -> tracing::Span {
+    tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        origin = %origin,
+        endpoint = endpoint.path(),
+        model = tracing::field::Empty,
+        peer = tracing::field::Empty,
+        reason = tracing::field::Empty,
+    )
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn is_retryable(status: StatusCode) -> bool {
+    matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT)
+}
+
+/// An answer's head, wherever it came from.
+struct Answer<'a> {
+    status: StatusCode,
+    content_type: Option<String>,
+    served_by: String,
+    stream: bool,
+    request_id: &'a str,
 }
 
 /// A failure before the client saw anything: the pipeline may try another engine.
@@ -241,21 +416,35 @@ struct Retry {
     reason: &'static str,
 }
 
-async fn read_small(resp: reqwest::Response, timeout: Duration) -> String {
-    match tokio::time::timeout(timeout.min(Duration::from_secs(5)), resp.bytes()).await {
-        Ok(Ok(b)) => String::from_utf8_lossy(&b[..b.len().min(512)]).into_owned(),
-        _ => String::new(),
+type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, String>> + Send>>;
+
+/// A QUIC response body as a byte stream; a reset or lost connection is an error item.
+fn quic_body(recv: quinn::RecvStream) -> ByteStream {
+    futures::stream::unfold(Some(recv), |state| async move {
+        let mut r = state?;
+        match r.read_chunk(64 * 1024, true).await {
+            Ok(Some(c)) => Some((Ok(c.bytes), Some(r))),
+            Ok(None) => None,
+            Err(e) => Some((Err(e.to_string()), None)),
+        }
+    })
+    .boxed()
+}
+
+async fn read_small(s: ByteStream, timeout: Duration) -> String {
+    match read_limited(s, timeout.min(Duration::from_secs(5)), 4096).await {
+        Ok(b) => String::from_utf8_lossy(&b[..b.len().min(512)]).into_owned(),
+        Err(_) => String::new(),
     }
 }
 
-async fn read_limited(resp: reqwest::Response, idle: Duration, limit: usize) -> Result<Bytes, String> {
+async fn read_limited(mut s: ByteStream, idle: Duration, limit: usize) -> Result<Bytes, String> {
     let mut out = Vec::new();
-    let mut s = resp.bytes_stream();
     loop {
         match tokio::time::timeout(idle, s.next()).await {
             Err(_) => return Err(format!("no data for {} ms", idle.as_millis())),
             Ok(None) => return Ok(Bytes::from(out)),
-            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(Some(Err(e))) => return Err(e),
             Ok(Some(Ok(chunk))) => {
                 if out.len() + chunk.len() > limit {
                     return Err(format!("answer larger than {limit} bytes"));
@@ -265,8 +454,6 @@ async fn read_limited(resp: reqwest::Response, idle: Duration, limit: usize) -> 
         }
     }
 }
-
-type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, reqwest::Error>> + Send>>;
 
 struct RelayState {
     pipeline: Arc<Pipeline>,
@@ -281,8 +468,8 @@ struct RelayState {
     clean: bool,
 }
 
-/// Relays an engine's SSE stream chunk by chunk. Dropping it (client gone) drops the upstream
-/// connection, which makes the engine abort the request.
+/// Relays an SSE stream chunk by chunk. Dropping it (client gone) drops the upstream, which
+/// makes the engine (or the peer, then its engine) abort the request.
 fn relay(
     pipeline: Arc<Pipeline>,
     upstream: ByteStream,
@@ -309,17 +496,13 @@ fn relay(
         let item = match tokio::time::timeout(s.idle, s.upstream.next()).await {
             Ok(Some(Ok(chunk))) => chunk,
             Ok(None) => {
-                s.pipeline
-                    .metrics
-                    .duration
-                    .with_label_values(&[s.endpoint, "true"])
-                    .observe(s.started.elapsed().as_secs_f64());
+                s.pipeline.metrics.duration.with_label_values(&[s.endpoint, "true"]).observe(s.started.elapsed().as_secs_f64());
                 return None;
             }
             Ok(Some(Err(e))) => {
                 s.finished = true;
-                s.pipeline.metrics.stream_errors.with_label_values(&["engine"]).inc();
-                tracing::warn!(error = %e, "engine stream failed mid-response");
+                s.pipeline.metrics.stream_errors.with_label_values(&["upstream"]).inc();
+                tracing::warn!(error = %e, "stream failed mid-response");
                 stream_error(&format!("The engine failed mid-stream: {e}"), s.clean)
             }
             Err(_) => {

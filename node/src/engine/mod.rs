@@ -50,7 +50,8 @@ pub struct Engine {
     pub url: String,
     pub kv_events: Option<String>,
     pub api_key: Option<String>,
-    pub in_flight: AtomicU32,
+    /// Requests this node has open on the engine.
+    pub in_flight: Arc<AtomicU32>,
     pub view: RwLock<EngineView>,
     pub kv: KvEventStats,
 }
@@ -102,7 +103,7 @@ impl EngineSet {
                     url: e.url.trim_end_matches('/').to_owned(),
                     kv_events: e.kv_events.clone(),
                     api_key: e.api_key.clone(),
-                    in_flight: AtomicU32::new(0),
+                    in_flight: Arc::new(AtomicU32::new(0)),
                     view: RwLock::new(EngineView::default()),
                     kv: KvEventStats::default(),
                 })
@@ -218,21 +219,17 @@ fn model_ids(v: &serde_json::Value) -> Vec<String> {
 
 /// In-flight accounting that cannot leak: the count drops when the guard does, however the
 /// request ends (finished, failed, client gone).
-pub struct InFlight(Arc<Engine>);
+pub struct InFlight(Arc<AtomicU32>);
 
 impl InFlight {
-    pub fn new(e: Arc<Engine>) -> Self {
-        e.in_flight.fetch_add(1, Ordering::Relaxed);
-        Self(e)
-    }
-
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.0
+    pub fn new(counter: Arc<AtomicU32>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

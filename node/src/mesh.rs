@@ -1,0 +1,195 @@
+//! This node's place in the mesh: its QUIC endpoint, its gossip membership, the load it
+//! publishes, and what it knows of its peers' engines for the request path.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvmesh_gossip::{EngineLoad, GossipConfig, LoadReport, Membership, NodeMeta, Peer};
+use kvmesh_transport::endpoint::EndpointConfig;
+use kvmesh_transport::{MeshEndpoint, TlsIdentity};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::engine::EngineSet;
+use crate::error::NodeError;
+
+/// One engine on a peer, as gossip describes it.
+#[derive(Debug, Clone)]
+pub struct RemoteEngine {
+    pub node_id: String,
+    pub addr: SocketAddr,
+    pub engine: EngineLoad,
+}
+
+impl RemoteEngine {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.node_id, self.engine.name)
+    }
+}
+
+pub struct Mesh {
+    pub endpoint: Arc<MeshEndpoint>,
+    pub membership: Arc<Membership>,
+    pub advertise: SocketAddr,
+    suspects: Mutex<HashMap<String, Instant>>,
+    in_flight: Mutex<HashMap<String, Arc<AtomicU32>>>,
+    suspect_for: Duration,
+}
+
+impl Mesh {
+    pub async fn start(
+        cfg: &Config,
+        http_addr: SocketAddr,
+        engines: &Arc<EngineSet>,
+        cancel: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<Arc<Self>, NodeError> {
+        let (ca, cert, key) =
+            cfg.tls_paths().ok_or_else(|| NodeError::Config("the mesh needs --tls-dir or --ca/--cert/--key".into()))?;
+        let identity = TlsIdentity::load(&ca, &cert, &key).map_err(|e| {
+            NodeError::Config(format!("{e} (make certificates with `kvmesh cert ca` and `kvmesh cert node --name {}`)", cfg.node_name))
+        })?;
+        let bind: SocketAddr = cfg.quic_addr.parse().map_err(|_| NodeError::Config(format!("quic_addr `{}`", cfg.quic_addr)))?;
+        let (endpoint, inbox) = MeshEndpoint::bind(&identity, EndpointConfig::new(bind), cancel, tasks)
+            .map_err(|e| NodeError::Mesh(e.to_string()))?;
+        let advertise = match &cfg.advertise_addr {
+            Some(a) => a.parse().map_err(|_| NodeError::Config(format!("advertise_addr `{a}`")))?,
+            None => SocketAddr::new(routable_ip(endpoint.local_addr().ip(), &cfg.seeds).await, endpoint.local_addr().port()),
+        };
+        let http_ip = if http_addr.ip().is_unspecified() { advertise.ip() } else { http_addr.ip() };
+        let meta = NodeMeta {
+            role: cfg.role,
+            models: engines.models(),
+            http_addr: SocketAddr::new(http_ip, http_addr.port()).to_string(),
+            quic_addr: advertise.to_string(),
+        };
+        let mut gcfg = GossipConfig::new(&cfg.node_name, &cfg.cluster_id, advertise, cfg.seeds.clone());
+        gcfg.gossip_interval = Config::ms(cfg.gossip_interval_ms);
+        gcfg.phi_threshold = cfg.phi_threshold;
+        let membership = Membership::start(gcfg, endpoint.clone(), inbox, &meta, cancel, tasks)
+            .await
+            .map_err(|e| NodeError::Mesh(e.to_string()))?;
+        let mesh = Arc::new(Self {
+            endpoint,
+            membership,
+            advertise,
+            suspects: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
+            suspect_for: Config::ms(cfg.peer_suspect_ms),
+        });
+        tasks.spawn(publish_load(mesh.clone(), engines.clone(), Config::ms(cfg.load_publish_interval_ms), cancel.clone()));
+        Ok(mesh)
+    }
+
+    /// Live peers, this node included.
+    pub fn peers(&self) -> Arc<Vec<Peer>> {
+        self.membership.peers()
+    }
+
+    /// Engines on other live nodes, except nodes that just failed a request.
+    pub fn remote_engines(&self) -> Vec<RemoteEngine> {
+        let now = Instant::now();
+        let suspects = self.suspects.lock().map(|s| s.clone()).unwrap_or_default();
+        self.peers()
+            .iter()
+            .filter(|p| !p.is_self && suspects.get(&p.node_id).is_none_or(|until| *until <= now))
+            .flat_map(|p| {
+                p.load.engines.iter().map(|e| RemoteEngine { node_id: p.node_id.clone(), addr: p.addr, engine: e.clone() })
+            })
+            .collect()
+    }
+
+    /// The in-flight counter of a remote engine (`node/engine`).
+    pub fn in_flight(&self, key: &str) -> Arc<AtomicU32> {
+        let Ok(mut m) = self.in_flight.lock() else { return Arc::new(AtomicU32::new(0)) };
+        m.entry(key.to_owned()).or_insert_with(|| Arc::new(AtomicU32::new(0))).clone()
+    }
+
+    pub fn in_flight_now(&self, key: &str) -> u32 {
+        self.in_flight.lock().ok().and_then(|m| m.get(key).map(|c| c.load(Ordering::Relaxed))).unwrap_or(0)
+    }
+
+    /// A peer failed before answering: skip it for a while. Gossip decides whether it is dead.
+    pub fn suspect(&self, node_id: &str) {
+        if let Ok(mut s) = self.suspects.lock() {
+            s.insert(node_id.to_owned(), Instant::now() + self.suspect_for);
+        }
+    }
+
+    /// Leaves gossip (peers drop this node at once) and closes the endpoint.
+    pub async fn leave(&self) {
+        self.membership.leave().await;
+        self.endpoint.close().await;
+    }
+}
+
+/// The IP peers can reach this node on: the bound one, or when bound to an unspecified address,
+/// the local address that routes to the first seed (no packet is sent), or loopback.
+async fn routable_ip(bound: IpAddr, seeds: &[String]) -> IpAddr {
+    if !bound.is_unspecified() {
+        return bound;
+    }
+    for seed in seeds {
+        let Ok(Ok(mut addrs)) = tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(seed)).await else {
+            continue;
+        };
+        if let Some(target) = addrs.next() {
+            if let Ok(sock) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) {
+                if sock.connect(target).is_ok() {
+                    if let Ok(local) = sock.local_addr() {
+                        return local.ip();
+                    }
+                }
+            }
+        }
+    }
+    IpAddr::V4(Ipv4Addr::LOCALHOST)
+}
+
+/// Publishes this node's engine load whenever it changes (checked every `every`).
+async fn publish_load(mesh: Arc<Mesh>, engines: Arc<EngineSet>, every: Duration, cancel: CancellationToken) {
+    let mut last_tokens: HashMap<String, (f64, Instant)> = HashMap::new();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let report = LoadReport {
+            engines: engines
+                .engines
+                .iter()
+                .map(|e| {
+                    let v = e.snapshot();
+                    let now = Instant::now();
+                    let tps = match last_tokens.insert(e.name.clone(), (v.load.generation_tokens, now)) {
+                        Some((prev, at)) if v.load.generation_tokens >= prev => {
+                            ((v.load.generation_tokens - prev) / now.duration_since(at).as_secs_f64().max(1e-3)) as f32
+                        }
+                        _ => 0.0,
+                    };
+                    EngineLoad {
+                        name: e.name.clone(),
+                        models: v.models.clone(),
+                        healthy: v.healthy,
+                        role: Default::default(),
+                        running: v.load.running as u32,
+                        waiting: v.load.waiting as u32,
+                        kv_usage: ((v.load.kv_usage * 100.0).round() / 100.0) as f32,
+                        // Rounded so that noise does not re-gossip an unchanged engine.
+                        tokens_per_s: (tps / 10.0).round() * 10.0,
+                        block_size: v.load.block_size,
+                    }
+                })
+                .collect(),
+        };
+        if let Err(e) = mesh.membership.set_load(&report).await {
+            tracing::warn!(error = %e, "publishing load failed");
+        }
+    }
+}
