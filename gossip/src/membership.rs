@@ -117,6 +117,7 @@ impl Membership {
         let mut live = handle.chitchat().lock().await.live_nodes_watcher();
         let (tx, rx) = watch::channel(Arc::new(Vec::new()));
         let me = self_id.clone();
+        let cancel_gossip = cancel.clone();
         let cancel = cancel.clone();
         tasks.spawn(async move {
             loop {
@@ -131,13 +132,22 @@ impl Membership {
             }
         });
         tracing::info!(node = %cfg.node_id, addr = %cfg.advertise_addr, seeds = ?cfg.seeds, cluster = %cfg.cluster_id, "gossip started");
-        Ok(Arc::new(Self {
+        let this = Arc::new(Self {
             handle: tokio::sync::Mutex::new(Some(handle)),
             self_id,
             peers: rx,
             last_load: Mutex::new(String::new()),
             gossip_interval: cfg.gossip_interval,
-        }))
+        });
+        // chitchat runs on a task of its own; stop it with the node, leave() or not.
+        let me = this.clone();
+        tasks.spawn(async move {
+            cancel_gossip.cancelled().await;
+            if let Some(h) = me.handle.lock().await.take() {
+                let _ = h.shutdown().await;
+            }
+        });
+        Ok(this)
     }
 
     /// Live members, this node included.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::NodeError;
-use kvmesh_gossip::NodeRole;
+pub use kvmesh_gossip::NodeRole;
 use kvmesh_sim::EngineConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

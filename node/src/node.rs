@@ -35,6 +35,20 @@ impl RunningNode {
         format!("http://{}", self.http_addr)
     }
 
+    /// Dies without telling peers (tests of failure detection): the endpoint closes, tasks stop,
+    /// the embedded engine goes away.
+    pub async fn kill(self) {
+        if let Some(m) = &self.mesh {
+            m.endpoint.close().await;
+        }
+        self.cancel.cancel();
+        if let Some(e) = self.embedded {
+            e.shutdown().await;
+        }
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
     /// Stops taking requests, lets open responses finish, stops every task and the embedded
     /// engine, and waits for all of it.
     pub async fn shutdown(self) {
@@ -90,8 +104,16 @@ impl Node {
         let mesh = if cfg.mesh_enabled() {
             let mesh = Mesh::start(&cfg, http_addr, &engines, &cancel, &tasks).await?;
             pipeline.set_mesh(mesh.clone());
-            let p = pipeline.clone();
-            mesh.endpoint.set_request_handler(Arc::new(move |req| Box::pin(p.clone().serve_peer(req))));
+            // Weak: the endpoint must not keep the pipeline (and through it the mesh) alive.
+            let p = Arc::downgrade(&pipeline);
+            mesh.endpoint.set_request_handler(Arc::new(move |req| {
+                let p = p.upgrade();
+                Box::pin(async move {
+                    if let Some(p) = p {
+                        p.serve_peer(req).await
+                    }
+                })
+            }));
             tracing::info!(quic = %mesh.endpoint.local_addr(), advertise = %mesh.advertise, seeds = ?cfg.seeds, "mesh endpoint up");
             Some(mesh)
         } else {

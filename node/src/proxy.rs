@@ -281,7 +281,7 @@ impl Pipeline {
         }
         let served_by = format!("{}/{}", self.node_name, engine.name);
         let answer = Answer { status, content_type, served_by, stream, request_id };
-        Ok(self.relay_answer(endpoint, model, answer, upstream, in_flight, started).await)
+        self.relay_answer(endpoint, model, answer, upstream, in_flight, started).await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -329,7 +329,11 @@ impl Pipeline {
             });
         }
         let answer = Answer { status, content_type: Some(rhead.content_type), served_by: rhead.served_by, stream, request_id };
-        Ok(self.relay_answer(endpoint, model, answer, upstream, in_flight, started).await)
+        let relayed = self.relay_answer(endpoint, model, answer, upstream, in_flight, started).await;
+        if relayed.is_err() {
+            mesh.suspect(&remote.node_id);
+        }
+        relayed
     }
 
     fn first_byte_timed_out(&self, endpoint: Endpoint, model: &str, target: &str, started: Instant) -> Response {
@@ -342,18 +346,41 @@ impl Pipeline {
         self.reply_error(endpoint, model, &e, started)
     }
 
-    /// Turns an engine's (or peer's) answer into the client's response: streams pass through,
-    /// anything else is buffered so a failure inside it still becomes a clean error.
+    /// Turns an engine's (or peer's) answer into the client's response. A stream is held until
+    /// its first chunk arrives, so a stream that dies before sending anything can still be
+    /// retried elsewhere; then it passes through. Anything else is buffered, so a failure inside
+    /// it still becomes a clean error.
     async fn relay_answer(
         self: &Arc<Self>,
         endpoint: Endpoint,
         model: &str,
         a: Answer<'_>,
-        upstream: ByteStream,
+        mut upstream: ByteStream,
         in_flight: InFlight,
         started: Instant,
-    ) -> Response {
+    ) -> Result<Response, Retry> {
         let ep = endpoint.path();
+        let streaming = a.stream && a.status.is_success();
+        let first = if streaming {
+            match tokio::time::timeout(self.first_byte_timeout, upstream.next()).await {
+                Ok(Some(Ok(chunk))) => Some(chunk),
+                Ok(Some(Err(e))) => {
+                    return Err(Retry {
+                        error: ApiError::bad_gateway(format!("{} failed before streaming: {e}", a.served_by)),
+                        reason: "stream_failed_before_first_chunk",
+                    })
+                }
+                Ok(None) => {
+                    return Err(Retry {
+                        error: ApiError::bad_gateway(format!("{} ended the stream before any data.", a.served_by)),
+                        reason: "stream_failed_before_first_chunk",
+                    })
+                }
+                Err(_) => return Ok(self.first_byte_timed_out(endpoint, model, &a.served_by, started)),
+            }
+        } else {
+            None
+        };
         self.metrics.requests.with_label_values(&[ep, model, a.status.as_str()]).inc();
         let served_by = HeaderValue::from_str(&a.served_by).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         let content_type = a.content_type.unwrap_or_else(|| "application/json".into());
@@ -362,22 +389,26 @@ impl Pipeline {
             .header(header::CONTENT_TYPE, content_type)
             .header("x-kvmesh-served-by", served_by)
             .header("x-request-id", a.request_id);
-        if a.stream && a.status.is_success() {
+        if let Some(first) = first {
+            self.metrics.ttfb.with_label_values(&[ep, "true"]).observe(started.elapsed().as_secs_f64());
+            let upstream = futures::stream::iter([Ok(first)]).chain(upstream).boxed();
             let relay = relay(self.clone(), upstream, in_flight, started, ep, self.idle_timeout);
-            return builder
+            return Ok(builder
                 .header(header::CACHE_CONTROL, "no-cache")
                 .body(Body::from_stream(relay))
-                .unwrap_or_else(|_| error_response(&ApiError::internal("failed to build response")));
+                .unwrap_or_else(|_| error_response(&ApiError::internal("failed to build response"))));
         }
         let body = match read_limited(upstream, self.idle_timeout, MAX_BUFFERED_RESPONSE).await {
             Ok(b) => b,
-            Err(why) => return error_response(&ApiError::bad_gateway(format!("{} failed while answering: {why}", a.served_by))),
+            Err(why) => {
+                return Ok(error_response(&ApiError::bad_gateway(format!("{} failed while answering: {why}", a.served_by))))
+            }
         };
         drop(in_flight);
         let label = if a.stream { "true" } else { "false" };
         self.metrics.ttfb.with_label_values(&[ep, label]).observe(started.elapsed().as_secs_f64());
         self.metrics.duration.with_label_values(&[ep, label]).observe(started.elapsed().as_secs_f64());
-        builder.body(Body::from(body)).unwrap_or_else(|_| error_response(&ApiError::internal("failed to build response")))
+        Ok(builder.body(Body::from(body)).unwrap_or_else(|_| error_response(&ApiError::internal("failed to build response"))))
     }
 }
 
@@ -460,7 +491,6 @@ struct RelayState {
     upstream: ByteStream,
     _in_flight: InFlight,
     started: Instant,
-    first_sent: bool,
     endpoint: &'static str,
     idle: Duration,
     finished: bool,
@@ -483,7 +513,6 @@ fn relay(
         upstream,
         _in_flight: in_flight,
         started,
-        first_sent: false,
         endpoint,
         idle,
         finished: false,
@@ -512,10 +541,6 @@ fn relay(
             }
         };
         s.clean = item.ends_with(b"\n\n");
-        if !s.first_sent {
-            s.first_sent = true;
-            s.pipeline.metrics.ttfb.with_label_values(&[s.endpoint, "true"]).observe(s.started.elapsed().as_secs_f64());
-        }
         Some((Ok(item), s))
     })
 }

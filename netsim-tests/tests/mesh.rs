@@ -1,0 +1,206 @@
+//! Meshes of real nodes in one process on loopback: real QUIC, mutual TLS, gossip and engine
+//! simulators.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvmesh_netsim_tests::Cluster;
+use serde_json::json;
+
+fn chat(i: usize, stream: bool, max_tokens: u32) -> serde_json::Value {
+    json!({"model": "kvmesh-sim", "stream": stream, "max_tokens": max_tokens, "ignore_eos": true,
+           "messages": [{"role": "user", "content": format!("mesh request {i}")}]})
+}
+
+/// Outcome of one request as the client saw it.
+#[derive(Debug)]
+struct Seen {
+    status: u16,
+    served_by: String,
+    /// Data events received before any error event.
+    data_events: usize,
+    error: Option<String>,
+}
+
+async fn send(client: &reqwest::Client, url: &str, body: &serde_json::Value) -> Seen {
+    let r = match client.post(format!("{url}/v1/chat/completions")).json(body).send().await {
+        Ok(r) => r,
+        Err(e) => return Seen { status: 0, served_by: String::new(), data_events: 0, error: Some(e.to_string()) },
+    };
+    let status = r.status().as_u16();
+    let served_by = r.headers().get("x-kvmesh-served-by").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+    let text = match r.text().await {
+        Ok(t) => t,
+        Err(e) => return Seen { status, served_by, data_events: 0, error: Some(format!("body: {e}")) },
+    };
+    if body["stream"] == true {
+        let mut data_events = 0;
+        for ev in text.split("\n\n").filter_map(|e| e.trim_start_matches('\n').strip_prefix("data: ")) {
+            if ev.contains("\"error\"") {
+                return Seen { status, served_by, data_events, error: Some(ev.to_owned()) };
+            }
+            if ev != "[DONE]" {
+                data_events += 1;
+            }
+        }
+        Seen { status, served_by, data_events, error: None }
+    } else {
+        let error = (status != 200).then_some(text);
+        Seen { status, served_by, data_events: 0, error }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_and_ten_nodes_converge_and_share_load() {
+    for n in [3usize, 10] {
+        let cluster = Cluster::with_nodes(&format!("converge-{n}"), n).await;
+        let took = cluster.converge(Duration::from_secs(3)).await;
+        eprintln!("{n} nodes: full membership after {took:?}");
+        // Every node sees every other node's engine and its load report.
+        let t = Instant::now();
+        loop {
+            let complete = cluster.live().all(|node| {
+                let peers = node.mesh.as_ref().unwrap().peers();
+                peers.len() == n && peers.iter().all(|p| p.load.engines.len() == 1 && p.load.engines[0].healthy)
+            });
+            if complete {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(3), "load reports did not reach every node");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cluster.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_node_serves_across_the_mesh_and_edges_only_route() {
+    let mut cluster = Cluster::with_nodes("serve", 3).await;
+    let mut edge = cluster.config("edge");
+    edge.role = kvmesh_node::config::NodeRole::Edge;
+    let e = cluster.start(edge).await;
+    assert!(cluster.node(e).embedded.is_none(), "an edge node never starts the embedded engine");
+    cluster.converge(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // load reports with healthy engines
+
+    let client = reqwest::Client::new();
+    for entry in [0, e] {
+        let url = cluster.node(entry).url();
+        let burst: Vec<_> = (0..9).map(|i| chat(i, i % 2 == 0, 40)).collect();
+        let seen = futures::future::join_all(burst.iter().map(|b| send(&client, &url, b))).await;
+        let mut servers = HashSet::new();
+        for s in &seen {
+            assert_eq!(s.status, 200, "{s:?}");
+            assert!(s.error.is_none(), "{s:?}");
+            servers.insert(s.served_by.split('/').next().unwrap().to_owned());
+        }
+        assert!(!servers.contains("edge"), "edge nodes run no engine: {servers:?}");
+        assert!(servers.len() >= 2, "a burst into {} stayed on {servers:?}", cluster.node(entry).node_name);
+    }
+    let models: serde_json::Value =
+        client.get(format!("{}/v1/models", cluster.node(e).url())).send().await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"][0]["id"], "kvmesh-sim", "an edge node lists its peers' models");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_loses_no_request_that_had_not_started_streaming() {
+    let mut cluster = kvmesh_netsim_tests::Cluster::new("kill");
+    for i in 0..3 {
+        let mut cfg = cluster.config(&format!("n{i}"));
+        cfg.embedded.time_scale = 0.2; // ~70 ms per request: some are in flight on n2 when it dies
+        cluster.start(cfg).await;
+    }
+    cluster.converge(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let urls = [cluster.node(0).url(), cluster.node(1).url()];
+    let clients: Vec<_> = (0..6)
+        .map(|w| {
+            let (stop, url) = (stop.clone(), urls[w % 2].clone());
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let mut seen = Vec::new();
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    seen.push(send(&client, &url, &chat(w * 1000 + i, i % 2 == 0, 50)).await);
+                    i += 1;
+                }
+                seen
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    cluster.kill(2).await;
+    let killed_at = Instant::now();
+    let gone = cluster.converge(Duration::from_secs(3)).await;
+    eprintln!("killed node left every view after {:?}", killed_at.elapsed().max(gone));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    let mut on_n2 = 0;
+    for c in clients {
+        for s in c.await.unwrap() {
+            total += 1;
+            on_n2 += s.served_by.starts_with("n2/") as usize;
+            if s.error.is_some() {
+                assert!(s.data_events > 0, "a request failed before it started streaming: {s:?}");
+            }
+        }
+    }
+    eprintln!("{total} requests, {on_n2} served by n2");
+    assert!(total > 30 && on_n2 > 0, "traffic must have reached the node that died");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_certificate_cannot_join_nor_send() {
+    let cluster = Cluster::with_nodes("home", 2).await;
+    cluster.converge(Duration::from_secs(3)).await;
+    // Same cluster id and a seed pointing at the mesh, but certificates from another CA.
+    let mut foreign = Cluster::new("home");
+    let mut cfg = foreign.config("intruder");
+    cfg.seeds = vec![cluster.node(0).mesh.as_ref().unwrap().advertise.to_string()];
+    let i = foreign.start(cfg).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(cluster.views(), vec![vec!["n0".to_string(), "n1".into()]; 2]);
+    assert_eq!(foreign.views(), vec![vec!["intruder".to_string()]]);
+    let head = kvmesh_transport::RequestHead {
+        path: "/v1/chat/completions".into(),
+        request_id: "x".into(),
+        origin: "intruder".into(),
+        engine: "embedded-sim".into(),
+        stream: false,
+    };
+    let target = cluster.node(0).mesh.as_ref().unwrap().advertise;
+    let body = serde_json::to_vec(&chat(0, false, 2)).unwrap();
+    let endpoint = &foreign.node(i).mesh.as_ref().unwrap().endpoint;
+    assert!(endpoint.request(target, &head, &body, Duration::from_secs(2)).await.is_err());
+    let refused = cluster.node(0).mesh.as_ref().unwrap().endpoint.stats.refused_connections.load(Ordering::Relaxed);
+    assert!(refused > 0, "the refusal is counted (and logged)");
+    foreign.shutdown().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_node_rejoins_with_a_new_generation() {
+    let mut cluster = Cluster::with_nodes("restart", 3).await;
+    cluster.converge(Duration::from_secs(3)).await;
+    let old = cluster.node(2).mesh.as_ref().unwrap().membership.generation();
+    cluster.kill(2).await;
+    cluster.converge(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_millis(5)).await; // generations are start times in ms
+    let cfg = cluster.config("n2");
+    cluster.start(cfg).await;
+    cluster.converge(Duration::from_secs(3)).await;
+    for node in cluster.live() {
+        let peers = node.mesh.as_ref().unwrap().peers();
+        let n2: Vec<_> = peers.iter().filter(|p| p.node_id == "n2").collect();
+        assert_eq!(n2.len(), 1);
+        assert!(n2[0].generation > old, "stale generation still visible on {}", node.node_name);
+    }
+    cluster.shutdown().await;
+}
