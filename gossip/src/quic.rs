@@ -6,20 +6,19 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use chitchat::transport::{Socket, Transport};
 use chitchat::{ChitchatMessage, Deserializable, Serializable};
+use kvmesh_transport::endpoint::GossipInbox;
 use kvmesh_transport::MeshEndpoint;
-use tokio::sync::mpsc;
 
 pub struct QuicTransport {
     endpoint: Arc<MeshEndpoint>,
-    inbox: Mutex<Option<mpsc::Receiver<(SocketAddr, Bytes)>>>,
+    inbox: Mutex<Option<GossipInbox>>,
 }
 
 impl QuicTransport {
     /// `inbox` is the gossip inbox `MeshEndpoint::bind` returned.
-    pub fn new(endpoint: Arc<MeshEndpoint>, inbox: mpsc::Receiver<(SocketAddr, Bytes)>) -> Self {
+    pub fn new(endpoint: Arc<MeshEndpoint>, inbox: GossipInbox) -> Self {
         Self { endpoint, inbox: Mutex::new(Some(inbox)) }
     }
 }
@@ -40,7 +39,7 @@ impl Transport for QuicTransport {
 struct QuicSocket {
     endpoint: Arc<MeshEndpoint>,
     advertise: SocketAddr,
-    inbox: mpsc::Receiver<(SocketAddr, Bytes)>,
+    inbox: GossipInbox,
 }
 
 #[async_trait]
@@ -53,8 +52,7 @@ impl Socket for QuicSocket {
 
     async fn recv(&mut self) -> anyhow::Result<(SocketAddr, ChitchatMessage)> {
         loop {
-            let (from, payload) =
-                self.inbox.recv().await.ok_or_else(|| anyhow::anyhow!("QUIC endpoint closed"))?;
+            let (from, payload) = self.inbox.recv().await.ok_or_else(|| anyhow::anyhow!("QUIC endpoint closed"))?;
             match ChitchatMessage::deserialize(&mut payload.as_ref()) {
                 Ok(msg) => return Ok((from, msg)),
                 Err(e) => tracing::warn!(peer = %from, error = %e, "undecodable gossip message dropped"),

@@ -24,7 +24,12 @@ async fn start(dir: &std::path::Path, name: &str, cluster: &str, seeds: Vec<Stri
     let (endpoint, inbox) =
         MeshEndpoint::bind(&id, EndpointConfig::new("127.0.0.1:0".parse().unwrap()), &cancel, &tasks).unwrap();
     let addr = endpoint.local_addr();
-    let meta = NodeMeta { role: NodeRole::Worker, models: vec!["m".into()], http_addr: "127.0.0.1:1".into(), quic_addr: addr.to_string() };
+    let meta = NodeMeta {
+        role: NodeRole::Worker,
+        models: vec!["m".into()],
+        http_addr: "127.0.0.1:1".into(),
+        quic_addr: addr.to_string(),
+    };
     let mut cfg = GossipConfig::new(name, cluster, addr, seeds);
     cfg.gossip_interval = Duration::from_millis(100);
     let membership = Membership::start(cfg, endpoint.clone(), inbox, &meta, &cancel, &tasks).await.unwrap();
@@ -55,7 +60,8 @@ async fn three_nodes_join_share_load_and_drop_the_dead() {
     let b = start(dir.path(), "b", "c1", seed.clone()).await;
     let c = start(dir.path(), "c", "c1", seed).await;
     let all = vec!["a".to_string(), "b".into(), "c".into()];
-    let took = wait_for("full membership", Duration::from_secs(3), || [&a, &b, &c].iter().all(|n| names(n) == all)).await;
+    let took =
+        wait_for("full membership", Duration::from_secs(3), || [&a, &b, &c].iter().all(|n| names(n) == all)).await;
     eprintln!("full membership after {took:?}");
 
     let load = LoadReport {

@@ -112,9 +112,8 @@ impl Cluster {
         }
     }
 
+    /// Shuts every node down gracefully, all at once.
     pub async fn shutdown(mut self) {
-        for n in self.nodes.iter_mut().filter_map(Option::take) {
-            n.shutdown().await;
-        }
+        futures::future::join_all(self.nodes.iter_mut().filter_map(Option::take).map(|n| n.shutdown())).await;
     }
 }

@@ -23,6 +23,8 @@ use kvmesh_sim::{EngineConfig, EngineSim};
 pub enum BenchCmd {
     /// The node's added latency over calling its engine directly, and its request throughput.
     Overhead(OverheadArgs),
+    /// Gossip convergence time and bandwidth for meshes of several sizes.
+    Gossip(crate::bench_gossip::GossipArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -49,6 +51,7 @@ pub struct OverheadArgs {
 pub async fn run(cmd: BenchCmd) -> Result<(), NodeError> {
     match cmd {
         BenchCmd::Overhead(a) => overhead(a).await,
+        BenchCmd::Gossip(a) => crate::bench_gossip::run(a).await,
     }
 }
 

@@ -111,7 +111,7 @@ impl Default for Config {
             ca: None,
             cert: None,
             key: None,
-            gossip_interval_ms: 200,
+            gossip_interval_ms: 300,
             phi_threshold: 8.0,
             load_publish_interval_ms: 500,
             peer_suspect_ms: 3_000,

@@ -62,7 +62,11 @@ pub async fn run(a: DemoArgs, cancel: CancellationToken) -> Result<(), NodeError
     }
     // Engine load reaches peers with the next publish; routing across the mesh needs it.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    println!("\nkvmesh demo: {} nodes joined in {:.1} s (mutual TLS over QUIC, gossip via node-0)\n", a.nodes, t.elapsed().as_secs_f64());
+    println!(
+        "\nkvmesh demo: {} nodes joined in {:.1} s (mutual TLS over QUIC, gossip via node-0)\n",
+        a.nodes,
+        t.elapsed().as_secs_f64()
+    );
     for n in &nodes {
         println!("  {:<8} OpenAI API at {}/v1", n.node_name, n.url());
     }

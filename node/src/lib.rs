@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_gossip;
 pub mod config;
 pub mod demo;
 pub mod engine;

@@ -95,7 +95,11 @@ async fn print_peers(node: &str) -> anyhow::Result<()> {
                 )
             })
             .collect();
-        let name = format!("{}{}", p["node"].as_str().unwrap_or("?"), if p["self"].as_bool() == Some(true) { "*" } else { "" });
+        let name = format!(
+            "{}{}",
+            p["node"].as_str().unwrap_or("?"),
+            if p["self"].as_bool() == Some(true) { "*" } else { "" }
+        );
         println!(
             "{:<16} {:<7} {:<22} {:<22} {}",
             name,
@@ -158,6 +162,9 @@ async fn main() -> anyhow::Result<()> {
             cancel_on_signal(cancel.clone());
             let node = Node::start(cfg, &cancel).await.context("node failed to start")?;
             println!("kvmesh node `{}` serving the OpenAI API at {}", node.node_name, node.url());
+            if let Some(m) = &node.mesh {
+                println!("  mesh: QUIC at {} (seed other nodes with --seeds {})", m.advertise, m.advertise);
+            }
             println!("  try: curl {}/v1/chat/completions -H 'content-type: application/json' \\", node.url());
             println!("         -d '{{\"model\":\"kvmesh-sim\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'");
             cancel.cancelled().await;
@@ -186,7 +193,12 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Cert(CertCmd::Node { name, dir, ca_dir }) => {
             let ca_dir = ca_dir.unwrap_or_else(|| dir.clone());
             let (crt, key) = kvmesh_transport::certs::create_node(&ca_dir, &dir, &name)?;
-            println!("wrote {} and {} (start the node with --node-name {name} --tls-dir {})", crt.display(), key.display(), dir.display());
+            println!(
+                "wrote {} and {} (start the node with --node-name {name} --tls-dir {})",
+                crt.display(),
+                key.display(),
+                dir.display()
+            );
         }
         Cmd::Peers { node } => print_peers(&node).await?,
         Cmd::Demo(args) => {

@@ -51,14 +51,20 @@ impl Mesh {
         let (ca, cert, key) =
             cfg.tls_paths().ok_or_else(|| NodeError::Config("the mesh needs --tls-dir or --ca/--cert/--key".into()))?;
         let identity = TlsIdentity::load(&ca, &cert, &key).map_err(|e| {
-            NodeError::Config(format!("{e} (make certificates with `kvmesh cert ca` and `kvmesh cert node --name {}`)", cfg.node_name))
+            NodeError::Config(format!(
+                "{e} (make certificates with `kvmesh cert ca` and `kvmesh cert node --name {}`)",
+                cfg.node_name
+            ))
         })?;
-        let bind: SocketAddr = cfg.quic_addr.parse().map_err(|_| NodeError::Config(format!("quic_addr `{}`", cfg.quic_addr)))?;
+        let bind: SocketAddr =
+            cfg.quic_addr.parse().map_err(|_| NodeError::Config(format!("quic_addr `{}`", cfg.quic_addr)))?;
         let (endpoint, inbox) = MeshEndpoint::bind(&identity, EndpointConfig::new(bind), cancel, tasks)
             .map_err(|e| NodeError::Mesh(e.to_string()))?;
         let advertise = match &cfg.advertise_addr {
             Some(a) => a.parse().map_err(|_| NodeError::Config(format!("advertise_addr `{a}`")))?,
-            None => SocketAddr::new(routable_ip(endpoint.local_addr().ip(), &cfg.seeds).await, endpoint.local_addr().port()),
+            None => {
+                SocketAddr::new(routable_ip(endpoint.local_addr().ip(), &cfg.seeds).await, endpoint.local_addr().port())
+            }
         };
         let http_ip = if http_addr.ip().is_unspecified() { advertise.ip() } else { http_addr.ip() };
         let meta = NodeMeta {
@@ -81,7 +87,12 @@ impl Mesh {
             in_flight: Mutex::new(HashMap::new()),
             suspect_for: Config::ms(cfg.peer_suspect_ms),
         });
-        tasks.spawn(publish_load(mesh.clone(), engines.clone(), Config::ms(cfg.load_publish_interval_ms), cancel.clone()));
+        tasks.spawn(publish_load(
+            mesh.clone(),
+            engines.clone(),
+            Config::ms(cfg.load_publish_interval_ms),
+            cancel.clone(),
+        ));
         Ok(mesh)
     }
 
@@ -98,7 +109,11 @@ impl Mesh {
             .iter()
             .filter(|p| !p.is_self && suspects.get(&p.node_id).is_none_or(|until| *until <= now))
             .flat_map(|p| {
-                p.load.engines.iter().map(|e| RemoteEngine { node_id: p.node_id.clone(), addr: p.addr, engine: e.clone() })
+                p.load.engines.iter().map(|e| RemoteEngine {
+                    node_id: p.node_id.clone(),
+                    addr: p.addr,
+                    engine: e.clone(),
+                })
             })
             .collect()
     }
@@ -134,7 +149,8 @@ async fn routable_ip(bound: IpAddr, seeds: &[String]) -> IpAddr {
         return bound;
     }
     for seed in seeds {
-        let Ok(Ok(mut addrs)) = tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(seed)).await else {
+        let Ok(Ok(mut addrs)) = tokio::time::timeout(Duration::from_secs(2), tokio::net::lookup_host(seed)).await
+        else {
             continue;
         };
         if let Some(target) = addrs.next() {

@@ -122,7 +122,7 @@ impl NodeMetrics {
             self.engine_kv_usage.with_label_values(&l).set(v.load.kv_usage);
             self.kv_batches.with_label_values(&l).set(e.kv.batches.load(Ordering::Relaxed) as i64);
             self.kv_gaps.with_label_values(&l).set(e.kv.gaps.load(Ordering::Relaxed) as i64);
-            let cached = e.kv.cached_blocks.read().map(|s| s.len()).unwrap_or(0);
+            let cached = e.kv.cached_blocks();
             self.kv_cached_blocks.with_label_values(&l).set(cached as i64);
         }
         let mut buf = Vec::new();

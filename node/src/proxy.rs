@@ -123,12 +123,16 @@ impl Pipeline {
         };
         let span = request_span(&req.head.request_id, &req.head.origin, endpoint.unwrap_or(Endpoint::Chat));
         let resp = match endpoint {
-            Some(ep) => self.dispatch(ep, &req.head.request_id, req.body, Scope::Local(&req.head.engine)).instrument(span).await,
+            Some(ep) => {
+                self.dispatch(ep, &req.head.request_id, req.body, Scope::Local(&req.head.engine)).instrument(span).await
+            }
             None => error_response(&ApiError::not_found(format!("No route {}", req.head.path))),
         };
         let head = ResponseHead {
             status: resp.status().as_u16(),
-            content_type: header_str(resp.headers(), header::CONTENT_TYPE.as_str()).unwrap_or("application/json").to_owned(),
+            content_type: header_str(resp.headers(), header::CONTENT_TYPE.as_str())
+                .unwrap_or("application/json")
+                .to_owned(),
             served_by: header_str(resp.headers(), "x-kvmesh-served-by").unwrap_or(&self.node_name).to_owned(),
         };
         let io = self.mesh().map(|m| m.endpoint.io_timeout()).unwrap_or(Duration::from_secs(5));
@@ -140,7 +144,13 @@ impl Pipeline {
         }
     }
 
-    async fn dispatch(self: &Arc<Self>, endpoint: Endpoint, request_id: &str, body: Bytes, scope: Scope<'_>) -> Response {
+    async fn dispatch(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+        request_id: &str,
+        body: Bytes,
+        scope: Scope<'_>,
+    ) -> Response {
         let started = Instant::now();
         let req = match request::parse(endpoint, &body) {
             Ok(r) => r,
@@ -166,7 +176,9 @@ impl Pipeline {
                 Target::Local(e) => {
                     self.forward_local(endpoint, &req.model, req.stream, request_id, &body, e.clone(), started).await
                 }
-                Target::Remote(r) => self.forward_remote(endpoint, &req.model, req.stream, request_id, &body, r, started).await,
+                Target::Remote(r) => {
+                    self.forward_remote(endpoint, &req.model, req.stream, request_id, &body, r, started).await
+                }
             };
             match outcome {
                 Ok(resp) => return resp,
@@ -195,9 +207,17 @@ impl Pipeline {
         let mut cands: Vec<Candidate> = Vec::new();
         let local: Vec<&Arc<Engine>> = match scope {
             Scope::Local(name) => {
-                let named: Vec<_> =
-                    self.engines.engines.iter().filter(|e| e.name == name && e.is_healthy() && e.serves(model)).collect();
-                if named.is_empty() { self.engines.engines.iter().collect() } else { named }
+                let named: Vec<_> = self
+                    .engines
+                    .engines
+                    .iter()
+                    .filter(|e| e.name == name && e.is_healthy() && e.serves(model))
+                    .collect();
+                if named.is_empty() {
+                    self.engines.engines.iter().collect()
+                } else {
+                    named
+                }
             }
             Scope::Mesh => self.engines.engines.iter().collect(),
         };
@@ -328,7 +348,8 @@ impl Pipeline {
                 reason: "peer_unavailable",
             });
         }
-        let answer = Answer { status, content_type: Some(rhead.content_type), served_by: rhead.served_by, stream, request_id };
+        let answer =
+            Answer { status, content_type: Some(rhead.content_type), served_by: rhead.served_by, stream, request_id };
         let relayed = self.relay_answer(endpoint, model, answer, upstream, in_flight, started).await;
         if relayed.is_err() {
             mesh.suspect(&remote.node_id);
@@ -401,14 +422,19 @@ impl Pipeline {
         let body = match read_limited(upstream, self.idle_timeout, MAX_BUFFERED_RESPONSE).await {
             Ok(b) => b,
             Err(why) => {
-                return Ok(error_response(&ApiError::bad_gateway(format!("{} failed while answering: {why}", a.served_by))))
+                return Ok(error_response(&ApiError::bad_gateway(format!(
+                    "{} failed while answering: {why}",
+                    a.served_by
+                ))))
             }
         };
         drop(in_flight);
         let label = if a.stream { "true" } else { "false" };
         self.metrics.ttfb.with_label_values(&[ep, label]).observe(started.elapsed().as_secs_f64());
         self.metrics.duration.with_label_values(&[ep, label]).observe(started.elapsed().as_secs_f64());
-        Ok(builder.body(Body::from(body)).unwrap_or_else(|_| error_response(&ApiError::internal("failed to build response"))))
+        Ok(builder
+            .body(Body::from(body))
+            .unwrap_or_else(|_| error_response(&ApiError::internal("failed to build response"))))
     }
 }
 
@@ -508,16 +534,8 @@ fn relay(
     endpoint: &'static str,
     idle: Duration,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
-    let state = RelayState {
-        pipeline,
-        upstream,
-        _in_flight: in_flight,
-        started,
-        endpoint,
-        idle,
-        finished: false,
-        clean: true,
-    };
+    let state =
+        RelayState { pipeline, upstream, _in_flight: in_flight, started, endpoint, idle, finished: false, clean: true };
     futures::stream::unfold(state, |mut s| async move {
         if s.finished {
             return None;
@@ -525,7 +543,11 @@ fn relay(
         let item = match tokio::time::timeout(s.idle, s.upstream.next()).await {
             Ok(Some(Ok(chunk))) => chunk,
             Ok(None) => {
-                s.pipeline.metrics.duration.with_label_values(&[s.endpoint, "true"]).observe(s.started.elapsed().as_secs_f64());
+                s.pipeline
+                    .metrics
+                    .duration
+                    .with_label_values(&[s.endpoint, "true"])
+                    .observe(s.started.elapsed().as_secs_f64());
                 return None;
             }
             Ok(Some(Err(e))) => {

@@ -177,10 +177,23 @@ async fn node_follows_engine_load_and_kv_events() {
     }]))
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await; // let the subscription land
-    let (s, _, _) = post(&n.url(), &chat(&"a long shared document ".repeat(50), json!({"max_tokens": 2}))).await;
+    let doc = "a long shared document ".repeat(50);
+    let (s, _, v) = post(&n.url(), &chat(&doc, json!({"max_tokens": 2}))).await;
     assert_eq!(s, 200);
     eventually("KV events reach the node", Duration::from_secs(3), async || {
         scrape(&n.url(), "kvmesh_kv_cached_blocks").await > 0.0
+    })
+    .await;
+    // The router's own block keys for this prompt, from the same tokenizer and template, are
+    // exactly the blocks the engine's events (under the engine's own hashes) said it stored.
+    let tok = kvmesh_policy::tokenize::ModelTokenizer::builtin().unwrap();
+    let msgs = [kvmesh_policy::request::ChatMessage { role: "user".into(), content: doc.clone() }];
+    let ids = tok.encode(&tok.render_chat(&msgs, true).unwrap(), false).unwrap();
+    assert_eq!(ids.len() as u64, v["usage"]["prompt_tokens"].as_u64().unwrap());
+    let keys = kvmesh_policy::blocks::block_keys(kvmesh_policy::blocks::chain_seed("kvmesh-sim", None, None), &ids, 16);
+    assert!(keys.len() >= 10);
+    eventually("every prompt block indexed", Duration::from_secs(3), async || {
+        n.engines.engines[0].kv.index.read().unwrap().matched_blocks(&keys) == keys.len()
     })
     .await;
     let gaps = scrape(&n.url(), "kvmesh_kv_event_gaps").await;

@@ -118,3 +118,65 @@ async fn engine_sim_and_node_as_separate_processes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The CLI path of a mesh: `kvmesh cert`, two `kvmesh serve` processes joined by `--seeds`,
+/// `kvmesh peers`, and a request crossing from one to the other.
+#[tokio::test]
+async fn two_serve_processes_form_a_mesh_with_cli_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let kvmesh = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kvmesh")).args(args).output().unwrap();
+        assert!(out.status.success(), "kvmesh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    kvmesh(&["cert", "ca", "--dir", d, "--cluster-id", "proc"]);
+    kvmesh(&["cert", "node", "--dir", d, "--name", "p0"]);
+    kvmesh(&["cert", "node", "--dir", d, "--name", "p1"]);
+    let common = ["--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0", "--tls-dir", d, "--cluster-id", "proc"];
+    let p0 = spawn_with_quic(&[&["serve", "--node-name", "p0"], &common[..]].concat());
+    let seed = p0.extra.clone().unwrap();
+    // p1 is an edge node: everything it serves crosses the mesh to p0's embedded engine.
+    let p1 =
+        spawn_with_quic(&[&["serve", "--node-name", "p1", "--role", "edge", "--seeds", &seed], &common[..]].concat());
+    let t = Instant::now();
+    loop {
+        let out = kvmesh(&["peers", "--node", &p1.url]);
+        if out.contains("p0") && out.contains("p1*") && out.contains("embedded-sim") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "no mesh: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let body = json!({"model": "kvmesh-sim", "messages": [{"role": "user", "content": "across"}], "max_tokens": 3, "stream": true});
+    let r = reqwest::Client::new().post(format!("{}/v1/chat/completions", p1.url)).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-kvmesh-served-by"], "p0/embedded-sim");
+    assert!(r.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+}
+
+/// Like `spawn` for `serve`, also reading the QUIC address the node prints (into `extra`).
+fn spawn_with_quic(args: &[&str]) -> Proc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("kvmesh binary starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut url, mut quic) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while url.is_none() || quic.is_none() {
+        assert!(Instant::now() < deadline, "kvmesh serve printed no addresses");
+        let line = lines.next().expect("kvmesh exited early").unwrap();
+        if line.contains("serving the OpenAI API at") {
+            url = line.split_whitespace().find(|w| w.starts_with("http://")).map(str::to_owned);
+        }
+        if line.contains("mesh: QUIC at") {
+            quic = line.split_whitespace().nth(3).map(str::to_owned);
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    Proc { child, url: url.unwrap(), extra: quic }
+}

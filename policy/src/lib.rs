@@ -11,6 +11,7 @@
 pub mod blocks;
 pub mod error;
 pub mod openai;
+pub mod prefix_index;
 pub mod request;
 pub mod route;
 pub mod tokenize;

@@ -40,7 +40,10 @@ pub fn create_ca(dir: &Path, cluster: &str) -> Result<(PathBuf, PathBuf), Transp
     std::fs::create_dir_all(dir).map_err(|source| TransportError::Io { path: dir.display().to_string(), source })?;
     let (crt, key) = (dir.join(CA_CERT), dir.join(CA_KEY));
     if crt.exists() || key.exists() {
-        return Err(TransportError::Cert(format!("{} already holds a CA; remove it first to make a new one", dir.display())));
+        return Err(TransportError::Cert(format!(
+            "{} already holds a CA; remove it first to make a new one",
+            dir.display()
+        )));
     }
     let key_pair = KeyPair::generate().map_err(cert_err)?;
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_err)?;

@@ -55,6 +55,9 @@ pub struct IncomingRequest {
     pub respond: quinn::SendStream,
 }
 
+/// Gossip messages from peers: (sender's advertised gossip address, payload).
+pub type GossipInbox = mpsc::Receiver<(SocketAddr, Bytes)>;
+
 pub type RequestHandler = Arc<dyn Fn(IncomingRequest) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// Largest forwarded request body and gossip message accepted from a peer.
@@ -75,6 +78,9 @@ pub struct MeshEndpoint {
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
     pool: Mutex<HashMap<SocketAddr, quinn::Connection>>,
+    /// One dial at a time per peer: without it, every message to a peer whose handshake is slow
+    /// would start a handshake of its own, and a busy mesh would storm itself.
+    dialing: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
     gossip_tx: mpsc::Sender<(SocketAddr, Bytes)>,
     handler: OnceLock<RequestHandler>,
     cfg: EndpointConfig,
@@ -95,7 +101,7 @@ impl MeshEndpoint {
         cfg: EndpointConfig,
         cancel: &CancellationToken,
         tasks: &TaskTracker,
-    ) -> Result<(Arc<Self>, mpsc::Receiver<(SocketAddr, Bytes)>), TransportError> {
+    ) -> Result<(Arc<Self>, GossipInbox), TransportError> {
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(cfg.keep_alive));
         transport.max_idle_timeout(Some(
@@ -119,6 +125,7 @@ impl MeshEndpoint {
             endpoint,
             client,
             pool: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
             gossip_tx,
             handler: OnceLock::new(),
             cfg,
@@ -162,14 +169,14 @@ impl MeshEndpoint {
                         me.remember(remote, conn.clone());
                         me.serve_connection(conn).await;
                     }
-                    Ok(Err(e)) => {
+                    // TLS refusals, ours (TransportError) or the peer's (ConnectionClosed with a
+                    // crypto error). Anything else is a dial given up or lost, not a refusal.
+                    Ok(Err(e @ (quinn::ConnectionError::TransportError(_) | quinn::ConnectionError::ConnectionClosed(_)))) => {
                         me.stats.refused_connections.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(peer = %remote, error = %e, "refused peer connection (handshake failed: not a member of this cluster's CA?)");
+                        tracing::warn!(peer = %remote, error = %e, "refused peer connection (no certificate from this cluster's CA, or another protocol version)");
                     }
-                    Err(_) => {
-                        me.stats.refused_connections.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(peer = %remote, "peer handshake timed out");
-                    }
+                    Ok(Err(e)) => tracing::debug!(peer = %remote, error = %e, "peer handshake abandoned"),
+                    Err(_) => tracing::debug!(peer = %remote, "peer handshake timed out"),
                 }
             });
         }
@@ -262,15 +269,55 @@ impl MeshEndpoint {
         handler(IncomingRequest { head, body: Bytes::from(body), peer, peer_name, respond: send }).await;
     }
 
-    /// The pooled connection to `addr`, dialling it if there is none.
-    pub async fn connection(self: &Arc<Self>, addr: SocketAddr) -> Result<quinn::Connection, TransportError> {
-        let existing = self.pool.lock().ok().and_then(|p| p.get(&addr).cloned());
-        if let Some(c) = existing {
-            if c.close_reason().is_none() {
-                return Ok(c);
-            }
-            self.forget(addr, &c);
+    fn pooled(&self, addr: SocketAddr) -> Option<quinn::Connection> {
+        let existing = self.pool.lock().ok().and_then(|p| p.get(&addr).cloned())?;
+        if existing.close_reason().is_none() {
+            return Some(existing);
         }
+        self.forget(addr, &existing);
+        None
+    }
+
+    fn dial_lock(&self, addr: SocketAddr) -> Arc<tokio::sync::Mutex<()>> {
+        match self.dialing.lock() {
+            Ok(mut m) => m.entry(addr).or_default().clone(),
+            Err(_) => Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// The pooled connection to `addr`, dialling it if there is none (waiting for a dial
+    /// already under way instead of starting another).
+    pub async fn connection(self: &Arc<Self>, addr: SocketAddr) -> Result<quinn::Connection, TransportError> {
+        if let Some(c) = self.pooled(addr) {
+            return Ok(c);
+        }
+        let lock = self.dial_lock(addr);
+        let _dialing = tokio::time::timeout(self.cfg.connect_timeout, lock.lock())
+            .await
+            .map_err(|_| timeout_err("waiting for a dial", self.cfg.connect_timeout))?;
+        if let Some(c) = self.pooled(addr) {
+            return Ok(c);
+        }
+        self.dial(addr).await
+    }
+
+    /// Like `connection`, but gives up at once if a dial is already under way: for traffic
+    /// that tolerates loss (gossip), queueing behind a slow handshake only adds load.
+    async fn connection_or_skip(self: &Arc<Self>, addr: SocketAddr) -> Result<quinn::Connection, TransportError> {
+        if let Some(c) = self.pooled(addr) {
+            return Ok(c);
+        }
+        let lock = self.dial_lock(addr);
+        let Ok(_dialing) = lock.try_lock() else {
+            return Err(TransportError::Connect { addr: addr.to_string(), message: "dial already under way".into() });
+        };
+        if let Some(c) = self.pooled(addr) {
+            return Ok(c);
+        }
+        self.dial(addr).await
+    }
+
+    async fn dial(self: &Arc<Self>, addr: SocketAddr) -> Result<quinn::Connection, TransportError> {
         let connecting = self
             .endpoint
             .connect_with(self.client.clone(), addr, "kvmesh")
@@ -294,7 +341,7 @@ impl MeshEndpoint {
             let frame = gossip_frame(advertise, &payload);
             let io = me.cfg.io_timeout;
             let sent = async {
-                let conn = me.connection(to).await?;
+                let conn = me.connection_or_skip(to).await?;
                 let mut s = tokio::time::timeout(io, conn.open_uni())
                     .await
                     .map_err(|_| timeout_err("open gossip stream", io))?
@@ -310,7 +357,10 @@ impl MeshEndpoint {
                 _ = me.cancel.cancelled() => {}
                 r = sent => match r {
                     Ok(()) => { me.stats.gossip_bytes_sent.fetch_add(frame.len() as u64, Ordering::Relaxed); }
-                    Err(e) => tracing::debug!(peer = %to, error = %e, "gossip send failed"),
+                    Err(e) => {
+                        me.stats.gossip_dropped.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(peer = %to, error = %e, "gossip send failed");
+                    }
                 },
             }
         });
@@ -376,7 +426,12 @@ fn split_gossip(data: &[u8]) -> Option<(SocketAddr, &[u8])> {
 }
 
 /// Writes a response head then pumps `body` into the stream; stops when the peer stops reading.
-pub async fn respond<S, E>(mut send: quinn::SendStream, head: &ResponseHead, mut body: S, io: Duration) -> Result<(), TransportError>
+pub async fn respond<S, E>(
+    mut send: quinn::SendStream,
+    head: &ResponseHead,
+    mut body: S,
+    io: Duration,
+) -> Result<(), TransportError>
 where
     S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
     E: std::fmt::Display,

@@ -26,13 +26,23 @@ fn endpoint(id: &TlsIdentity) -> Arc<MeshEndpoint> {
 }
 
 fn head() -> RequestHead {
-    RequestHead { path: "/v1/chat/completions".into(), request_id: "r1".into(), origin: "a".into(), engine: "e".into(), stream: true }
+    RequestHead {
+        path: "/v1/chat/completions".into(),
+        request_id: "r1".into(),
+        origin: "a".into(),
+        engine: "e".into(),
+        stream: true,
+    }
 }
 
 fn echo_handler(ep: &MeshEndpoint) {
     ep.set_request_handler(Arc::new(|req| {
         Box::pin(async move {
-            let h = ResponseHead { status: 200, content_type: "text/plain".into(), served_by: req.peer_name.unwrap_or_default() };
+            let h = ResponseHead {
+                status: 200,
+                content_type: "text/plain".into(),
+                served_by: req.peer_name.unwrap_or_default(),
+            };
             let body = futures::stream::iter(vec![Ok::<_, std::io::Error>(Bytes::from("echo:")), Ok(req.body)]);
             let _ = respond(req.respond, &h, body, Duration::from_secs(2)).await;
         })
@@ -91,7 +101,8 @@ async fn client_without_certificate_is_refused() {
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![kvmesh_transport::ALPN.to_vec()];
-    let client_cfg = quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()));
+    let client_cfg =
+        quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap()));
     let mut client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     client.set_default_client_config(client_cfg);
     let outcome = async {

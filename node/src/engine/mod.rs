@@ -6,7 +6,6 @@ pub mod kv_events;
 pub mod metrics_text;
 pub mod subscriber;
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -15,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, EngineEntry};
+use kvmesh_policy::prefix_index::EngineIndex;
 use metrics_text::EngineLoad;
 
 /// What the poller last saw of an engine.
@@ -31,16 +31,28 @@ pub struct EngineView {
 }
 
 /// KV-event stream health, counted by the subscriber.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct KvEventStats {
     pub batches: AtomicU64,
     pub events: AtomicU64,
     pub gaps: AtomicU64,
     pub decode_errors: AtomicU64,
     pub last_seq: AtomicU64,
-    /// Engine block hashes currently cached, per the events (cleared on gaps and restarts: a
-    /// view that may have missed events is not trusted).
-    pub cached_blocks: RwLock<HashSet<u64>>,
+    /// The blocks the engine holds, under kvmesh's block keys (emptied on gaps, restarts and
+    /// engine outages: a view that may have missed events is not trusted).
+    pub index: RwLock<EngineIndex>,
+}
+
+impl KvEventStats {
+    pub fn cached_blocks(&self) -> usize {
+        self.index.read().map(|i| i.len()).unwrap_or(0)
+    }
+
+    pub fn reset_index(&self) {
+        if let Ok(mut i) = self.index.write() {
+            i.reset();
+        }
+    }
 }
 
 pub struct Engine {
@@ -105,7 +117,15 @@ impl EngineSet {
                     api_key: e.api_key.clone(),
                     in_flight: Arc::new(AtomicU32::new(0)),
                     view: RwLock::new(EngineView::default()),
-                    kv: KvEventStats::default(),
+                    kv: KvEventStats {
+                        batches: AtomicU64::new(0),
+                        events: AtomicU64::new(0),
+                        gaps: AtomicU64::new(0),
+                        decode_errors: AtomicU64::new(0),
+                        last_seq: AtomicU64::new(0),
+                        // Seeded for real once the engine's model is known (subscriber).
+                        index: RwLock::new(EngineIndex::new(0)),
+                    },
                 })
             })
             .collect();
@@ -188,6 +208,10 @@ async fn poll_once(client: &reqwest::Client, e: &Engine, timeout: Duration) {
         Ok(load) => {
             if !v.healthy {
                 tracing::info!(engine = %e.name, url = %e.url, "engine up");
+                // It may have restarted while down: what the index says of it is stale.
+                if v.last_ok.is_some() {
+                    e.kv.reset_index();
+                }
             }
             v.healthy = true;
             v.load = load;

@@ -1,8 +1,10 @@
-//! Subscribes to one engine's KV-cache events and keeps the engine's cached-block set.
+//! Subscribes to one engine's KV-cache events and keeps its exact block index
+//! (`policy::prefix_index`), keyed by kvmesh's own block keys.
 //!
-//! A gap in sequence numbers or a sequence that goes backwards (engine restart) means events
-//! were missed: the set is dropped and rebuilt from what arrives next, never trusted stale.
-//! (Replaying missed batches from vLLM's replay socket is not implemented yet.)
+//! A gap in sequence numbers, a sequence that goes backwards (engine restart), a lost
+//! subscription or an engine outage means events were missed: the index is emptied and rebuilt
+//! from what arrives next, never trusted stale. Replaying missed batches from vLLM's replay
+//! socket is not implemented yet.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,10 +13,17 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use zeromq::{Socket, SocketRecv};
 
+use kvmesh_policy::prefix_index::{BatchOutcome, EngineIndex, IndexEvent};
+
 use super::kv_events::{decode_payload, decode_seq, DecodeError, EngineKvEvent};
 use super::Engine;
 
 pub async fn run(engine: Arc<Engine>, endpoint: String, cancel: CancellationToken) {
+    // Index keys chain from the model's seed, so the model must be known first.
+    let Some(seed) = wait_for_seed(&engine, &cancel).await else { return };
+    if let Ok(mut index) = engine.kv.index.write() {
+        *index = EngineIndex::new(seed);
+    }
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut socket = zeromq::SubSocket::new();
@@ -73,9 +82,7 @@ async fn wait(cancel: &CancellationToken, backoff: &mut Duration) {
 }
 
 fn reset(engine: &Engine) {
-    if let Ok(mut set) = engine.kv.cached_blocks.write() {
-        set.clear();
-    }
+    engine.kv.reset_index();
 }
 
 /// Applies one multipart message; public for tests that feed frames directly.
@@ -85,28 +92,37 @@ pub fn apply(engine: &Engine, frames: &[bytes::Bytes]) -> Result<(), DecodeError
     }
     let seq = decode_seq(&frames[1])?;
     let batch = decode_payload(&frames[2])?;
-    let last = engine.kv.last_seq.swap(seq, Ordering::Relaxed);
-    if last != 0 && seq != last + 1 {
-        engine.kv.gaps.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(engine = %engine.name, last, seq, "kv events: sequence gap or engine restart; dropping cached-block view");
-        reset(engine);
-    }
+    engine.kv.last_seq.store(seq, Ordering::Relaxed);
     engine.kv.batches.fetch_add(1, Ordering::Relaxed);
     engine.kv.events.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
-    let Ok(mut set) = engine.kv.cached_blocks.write() else {
-        return Ok(());
-    };
-    for ev in batch.events {
-        match ev {
-            EngineKvEvent::BlockStored { block_hashes, .. } => set.extend(block_hashes),
-            EngineKvEvent::BlockRemoved { block_hashes } => {
-                for h in block_hashes {
-                    set.remove(&h);
-                }
-            }
-            EngineKvEvent::AllBlocksCleared => set.clear(),
-            EngineKvEvent::Unknown(_) => {}
+    let events = batch.events.into_iter().filter_map(|ev| match ev {
+        EngineKvEvent::BlockStored { block_hashes, parent_block_hash, token_ids, block_size, .. } => {
+            Some(IndexEvent::Stored { block_hashes, parent: parent_block_hash, token_ids, block_size })
+        }
+        EngineKvEvent::BlockRemoved { block_hashes } => Some(IndexEvent::Removed { block_hashes }),
+        EngineKvEvent::AllBlocksCleared => Some(IndexEvent::Cleared),
+        EngineKvEvent::Unknown(_) => None,
+    });
+    let Ok(mut index) = engine.kv.index.write() else { return Ok(()) };
+    match index.apply_batch(seq, events) {
+        BatchOutcome::InOrder => {}
+        other => {
+            engine.kv.gaps.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(engine = %engine.name, ?other, "kv events: missed batches; the engine's index was emptied and rebuilds from here");
         }
     }
     Ok(())
+}
+
+/// The chain seed of the engine's first model, once the poller has read its models.
+async fn wait_for_seed(engine: &Engine, cancel: &CancellationToken) -> Option<u64> {
+    loop {
+        if let Some(m) = engine.snapshot().models.first() {
+            return Some(kvmesh_policy::blocks::chain_seed(m, None, None));
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
 }
