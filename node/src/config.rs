@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::NodeError;
 pub use kvmesh_gossip::NodeRole;
+use kvmesh_policy::score::ScoreWeights;
 use kvmesh_sim::EngineConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -62,6 +63,20 @@ pub struct Config {
     pub load_publish_interval_ms: u64,
     /// How long a peer that failed a forwarded request is skipped.
     pub peer_suspect_ms: u64,
+    /// Tokenizers for prefix matching, per model served in the mesh.
+    pub models: Vec<ModelEntry>,
+    /// Block size assumed for engines that have not reported theirs.
+    pub default_block_size: u32,
+    /// Weights of the predicted-TTFT score.
+    pub score: ScoreWeights,
+}
+
+/// A model's tokenizer files (`tokenizer.json` and `tokenizer_config.json`, or their directory).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    pub name: String,
+    pub tokenizer: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum, Default)]
@@ -115,6 +130,9 @@ impl Default for Config {
             phi_threshold: 8.0,
             load_publish_interval_ms: 500,
             peer_suspect_ms: 3_000,
+            models: Vec::new(),
+            default_block_size: 16,
+            score: ScoreWeights::default(),
         }
     }
 }
@@ -270,6 +288,14 @@ impl Config {
                     return bad(format!("advertise_addr `{a}` is not IP:PORT"));
                 }
             }
+            let unspecified = self.quic_addr.parse::<SocketAddr>().is_ok_and(|a| a.ip().is_unspecified());
+            if unspecified && self.advertise_addr.is_none() && self.seeds.is_empty() {
+                return bad(format!(
+                    "quic_addr {} listens on every interface and there are no seeds to find the right one: \
+                     set --advertise-addr IP:PORT (the address peers dial), or --seeds (it may list this node)",
+                    self.quic_addr
+                ));
+            }
             if self.cluster_id.trim().is_empty() {
                 return bad("cluster_id must not be empty".into());
             }
@@ -284,6 +310,12 @@ impl Config {
         }
         if self.max_body_bytes < 1024 {
             return bad(format!("max_body_bytes must be at least 1024, got {}", self.max_body_bytes));
+        }
+        if self.default_block_size == 0 {
+            return bad("default_block_size must be at least 1".into());
+        }
+        if !(self.score.tolerance >= 0.0 && self.score.prefill_ms_per_token >= 0.0) {
+            return bad("[score] tolerance and prefill_ms_per_token must be >= 0".into());
         }
         if self.max_attempts == 0 {
             return bad("max_attempts must be at least 1".into());

@@ -20,6 +20,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod proxy;
+pub mod tokens;
 
 pub use config::Config;
 pub use error::NodeError;

@@ -2,7 +2,7 @@
 //! publishes, and what it knows of its peers' engines for the request path.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -124,6 +124,11 @@ impl Mesh {
         m.entry(key.to_owned()).or_insert_with(|| Arc::new(AtomicU32::new(0))).clone()
     }
 
+    /// Requests this node has open on peers' engines.
+    pub fn in_flight_total(&self) -> u32 {
+        self.in_flight.lock().map(|m| m.values().map(|c| c.load(Ordering::Relaxed)).sum()).unwrap_or(0)
+    }
+
     pub fn in_flight_now(&self, key: &str) -> u32 {
         self.in_flight.lock().ok().and_then(|m| m.get(key).map(|c| c.load(Ordering::Relaxed))).unwrap_or(0)
     }
@@ -131,19 +136,27 @@ impl Mesh {
     /// A peer failed before answering: skip it for a while. Gossip decides whether it is dead.
     pub fn suspect(&self, node_id: &str) {
         if let Ok(mut s) = self.suspects.lock() {
-            s.insert(node_id.to_owned(), Instant::now() + self.suspect_for);
+            let now = Instant::now();
+            s.retain(|_, until| *until > now);
+            s.insert(node_id.to_owned(), now + self.suspect_for);
         }
     }
 
-    /// Leaves gossip (peers drop this node at once) and closes the endpoint.
+    /// Leaves gossip: peers drop this node within a few rounds. The endpoint stays open so
+    /// forwarded streams can finish; `close` ends it.
     pub async fn leave(&self) {
         self.membership.leave().await;
+    }
+
+    pub async fn close(&self) {
         self.endpoint.close().await;
     }
 }
 
 /// The IP peers can reach this node on: the bound one, or when bound to an unspecified address,
-/// the local address that routes to the first seed (no packet is sent), or loopback.
+/// the local address that routes to the first seed (no packet is sent). Config validation
+/// refuses an unspecified bind with neither seeds nor `advertise_addr`, so loopback is only a
+/// last resort when no seed resolves.
 async fn routable_ip(bound: IpAddr, seeds: &[String]) -> IpAddr {
     if !bound.is_unspecified() {
         return bound;
@@ -154,7 +167,9 @@ async fn routable_ip(bound: IpAddr, seeds: &[String]) -> IpAddr {
             continue;
         };
         if let Some(target) = addrs.next() {
-            if let Ok(sock) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) {
+            let any: IpAddr =
+                if target.is_ipv6() { Ipv6Addr::UNSPECIFIED.into() } else { Ipv4Addr::UNSPECIFIED.into() };
+            if let Ok(sock) = std::net::UdpSocket::bind((any, 0)) {
                 if sock.connect(target).is_ok() {
                     if let Ok(local) = sock.local_addr() {
                         return local.ip();

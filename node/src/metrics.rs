@@ -22,6 +22,9 @@ pub struct NodeMetrics {
     pub retries: IntCounterVec,
     /// Streams that ended with an error event after they had started, by cause.
     pub stream_errors: IntCounterVec,
+    /// Routing decisions by reason: `prefix` (a cached prefix decided), `load`,
+    /// `load_no_tokenizer`, `retry`.
+    pub route_decisions: IntCounterVec,
     engine_up: IntGaugeVec,
     engine_in_flight: IntGaugeVec,
     engine_running: GaugeVec,
@@ -62,6 +65,10 @@ impl NodeMetrics {
                 Opts::new("kvmesh_stream_errors_total", "Started streams ended with an error event, by cause."),
                 &["cause"],
             )?,
+            route_decisions: IntCounterVec::new(
+                Opts::new("kvmesh_route_decisions_total", "Routing decisions by reason."),
+                &["reason"],
+            )?,
             engine_up: IntGaugeVec::new(Opts::new("kvmesh_engine_up", "1 if the engine is healthy."), engine)?,
             engine_in_flight: IntGaugeVec::new(
                 Opts::new("kvmesh_engine_in_flight", "Requests this node has open on the engine."),
@@ -96,6 +103,7 @@ impl NodeMetrics {
             Box::new(m.duration.clone()),
             Box::new(m.retries.clone()),
             Box::new(m.stream_errors.clone()),
+            Box::new(m.route_decisions.clone()),
             Box::new(m.engine_up.clone()),
             Box::new(m.engine_in_flight.clone()),
             Box::new(m.engine_running.clone()),

@@ -26,9 +26,16 @@ pub struct RunningNode {
     pub embedded: Option<RunningEngine>,
     /// This node's mesh membership, when it has certificates.
     pub mesh: Option<Arc<Mesh>>,
+    pipeline: Arc<Pipeline>,
+    /// Stops the HTTP server from accepting (open responses still finish).
+    http_stop: CancellationToken,
+    http_server: tokio::task::JoinHandle<()>,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
+
+/// Longest a graceful shutdown waits for open streams before cutting them.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 impl RunningNode {
     pub fn url(&self) -> String {
@@ -42,6 +49,7 @@ impl RunningNode {
             m.endpoint.close().await;
         }
         self.cancel.cancel();
+        self.http_server.abort();
         if let Some(e) = self.embedded {
             e.shutdown().await;
         }
@@ -49,14 +57,26 @@ impl RunningNode {
         self.tasks.wait().await;
     }
 
-    /// Stops taking requests, lets open responses finish, stops every task and the embedded
-    /// engine, and waits for all of it.
+    /// Graceful: leaves the mesh (peers stop sending here), stops accepting client requests,
+    /// lets open responses finish (clients' and peers', at most `DRAIN_LIMIT`), then stops
+    /// every task and the embedded engine and waits for all of it.
     pub async fn shutdown(self) {
-        // Leave the mesh first so peers stop sending requests here while streams finish.
         if let Some(m) = &self.mesh {
             m.leave().await;
         }
+        self.http_stop.cancel();
+        let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
+        // axum's graceful shutdown returns once every client connection is done.
+        if tokio::time::timeout_at(deadline, self.http_server).await.is_err() {
+            tracing::warn!("open client responses did not finish within {DRAIN_LIMIT:?}; cutting them");
+        }
+        while self.pipeline.open_requests() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         self.cancel.cancel();
+        if let Some(m) = &self.mesh {
+            m.close().await;
+        }
         self.tasks.close();
         self.tasks.wait().await;
         if let Some(e) = self.embedded {
@@ -95,7 +115,8 @@ impl Node {
         let tasks = TaskTracker::new();
         engines.spawn_watchers(&tasks, &cancel);
         let metrics = Arc::new(NodeMetrics::new(&cfg.node_name)?);
-        let pipeline = Arc::new(Pipeline::new(&cfg, engines.clone(), metrics, client));
+        let tokenizers = crate::tokens::Tokenizers::load(&cfg)?;
+        let pipeline = Arc::new(Pipeline::new(&cfg, engines.clone(), metrics, client, tokenizers));
         let listener = tokio::net::TcpListener::bind(&cfg.http_addr)
             .await
             .map_err(|source| NodeError::Bind { addr: cfg.http_addr.clone(), source })?;
@@ -120,9 +141,12 @@ impl Node {
             tracing::info!("no certificates configured: serving alone, without a mesh");
             None
         };
-        let app = api::router(pipeline);
-        let stop = cancel.clone();
-        tasks.spawn(async move {
+        let app = api::router(pipeline.clone());
+        let http_stop = cancel.child_token();
+        let stop = http_stop.clone();
+        // Not on the tracker: shutdown awaits it first, on its own, to drain client streams
+        // while the mesh endpoint is still up.
+        let http_server = tokio::spawn(async move {
             let served = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "HTTP server failed");
@@ -133,6 +157,17 @@ impl Node {
             tracing::info!(engine = %e.name, url = %e.url, healthy = v.healthy, models = ?v.models, "engine configured");
         }
         tracing::info!(node = %cfg.node_name, http = %http_addr, "kvmesh node serving");
-        Ok(RunningNode { http_addr, node_name: cfg.node_name, engines, embedded, mesh, cancel, tasks })
+        Ok(RunningNode {
+            http_addr,
+            node_name: cfg.node_name,
+            engines,
+            embedded,
+            mesh,
+            pipeline,
+            http_stop,
+            http_server,
+            cancel,
+            tasks,
+        })
     }
 }

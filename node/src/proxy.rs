@@ -17,9 +17,11 @@ use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
+use kvmesh_policy::blocks;
 use kvmesh_policy::openai::ApiError;
+use kvmesh_policy::request::InferenceRequest;
 use kvmesh_policy::request::{self, Endpoint};
-use kvmesh_policy::route::{self, Candidate};
+use kvmesh_policy::score::{self, Estimate, ScoreWeights};
 use kvmesh_transport::endpoint::respond;
 use kvmesh_transport::{IncomingRequest, RequestHead, ResponseHead, TransportError};
 use tracing::Instrument;
@@ -28,10 +30,10 @@ use crate::config::Config;
 use crate::engine::{Engine, EngineSet, InFlight};
 use crate::mesh::{Mesh, RemoteEngine};
 use crate::metrics::NodeMetrics;
+use crate::tokens::Tokenizers;
 
-/// Load-equivalent cost of one network hop: prefer a local engine over an equally loaded peer,
-/// never over a less loaded one.
-const PEER_HOP_COST: f64 = 0.5;
+/// RTT assumed for a peer with no open connection yet (QUIC has not measured it).
+const UNMEASURED_PEER_RTT_MS: f64 = 1.0;
 
 pub struct Pipeline {
     pub node_name: String,
@@ -43,6 +45,10 @@ pub struct Pipeline {
     idle_timeout: Duration,
     max_attempts: u32,
     max_body_bytes: usize,
+    tokenizers: Tokenizers,
+    weights: ScoreWeights,
+    default_block_size: u32,
+    peer_requests: std::sync::atomic::AtomicU32,
 }
 
 pub fn error_response(e: &ApiError) -> Response {
@@ -66,7 +72,21 @@ enum Target {
     Remote(RemoteEngine),
 }
 
+/// Why a request went where it went, for the `x-kvmesh-route` header, the span and metrics.
+struct Route {
+    header: String,
+    reason: &'static str,
+}
+
 impl Target {
+    /// `node/engine`, as in `x-kvmesh-served-by`.
+    fn label(&self, node: &str) -> String {
+        match self {
+            Target::Local(e) => format!("{node}/{}", e.name),
+            Target::Remote(r) => r.key(),
+        }
+    }
+
     fn key(&self) -> String {
         match self {
             Target::Local(e) => format!("local/{}", e.name),
@@ -76,8 +96,18 @@ impl Target {
 }
 
 impl Pipeline {
-    pub fn new(cfg: &Config, engines: Arc<EngineSet>, metrics: Arc<NodeMetrics>, client: reqwest::Client) -> Self {
+    pub fn new(
+        cfg: &Config,
+        engines: Arc<EngineSet>,
+        metrics: Arc<NodeMetrics>,
+        client: reqwest::Client,
+        tokenizers: Tokenizers,
+    ) -> Self {
         Self {
+            tokenizers,
+            peer_requests: std::sync::atomic::AtomicU32::new(0),
+            weights: cfg.score.clone(),
+            default_block_size: cfg.default_block_size,
             node_name: cfg.node_name.clone(),
             engines,
             metrics,
@@ -116,15 +146,27 @@ impl Pipeline {
 
     /// A request a peer forwarded: served by this node's engines, answered on the QUIC stream.
     pub async fn serve_peer(self: Arc<Self>, req: IncomingRequest) {
+        self.peer_requests.fetch_add(1, Ordering::Relaxed);
+        let _done = DecrementOnDrop(&self.peer_requests);
         let endpoint = match req.head.path.as_str() {
             "/v1/chat/completions" => Some(Endpoint::Chat),
             "/v1/completions" => Some(Endpoint::Completions),
             _ => None,
         };
         let span = request_span(&req.head.request_id, &req.head.origin, endpoint.unwrap_or(Endpoint::Chat));
+        let send = req.respond;
         let resp = match endpoint {
             Some(ep) => {
-                self.dispatch(ep, &req.head.request_id, req.body, Scope::Local(&req.head.engine)).instrument(span).await
+                // The origin may give up (its client left, its timeout fired) before the engine
+                // answers: stop then, so the engine is not kept working for nobody.
+                let work = self.dispatch(ep, &req.head.request_id, req.body, Scope::Local(&req.head.engine));
+                tokio::select! {
+                    r = work.instrument(span) => r,
+                    _ = send.stopped() => {
+                        tracing::debug!(peer = %req.peer, "origin stopped waiting; request dropped");
+                        return;
+                    }
+                }
             }
             None => error_response(&ApiError::not_found(format!("No route {}", req.head.path))),
         };
@@ -134,14 +176,26 @@ impl Pipeline {
                 .unwrap_or("application/json")
                 .to_owned(),
             served_by: header_str(resp.headers(), "x-kvmesh-served-by").unwrap_or(&self.node_name).to_owned(),
+            retryable: resp.extensions().get::<NotAccepted>().is_some(),
         };
         let io = self.mesh().map(|m| m.endpoint.io_timeout()).unwrap_or(Duration::from_secs(5));
         let body = resp.into_body().into_data_stream();
         // An error here means the origin stopped reading (its client left): dropping the body
         // closes the engine connection, and the engine aborts the request.
-        if let Err(e) = respond(req.respond, &head, body, io).await {
+        if let Err(e) = respond(send, &head, body, io).await {
             tracing::debug!(peer = %req.peer, error = %e, "peer stopped reading the response");
         }
+    }
+
+    /// Requests from peers being served now (graceful shutdown waits for them).
+    pub fn peer_requests(&self) -> u32 {
+        self.peer_requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests this node has open on engines, its own and its peers'.
+    pub fn open_requests(&self) -> u32 {
+        let local: u32 = self.engines.engines.iter().map(|e| e.in_flight.load(Ordering::Relaxed)).sum();
+        local + self.mesh().map(|m| m.in_flight_total()).unwrap_or(0) + self.peer_requests()
     }
 
     async fn dispatch(
@@ -157,27 +211,46 @@ impl Pipeline {
             Err(e) => return self.reply_error(endpoint, "", &e, started),
         };
         tracing::Span::current().record("model", req.model.as_str());
+        // Token ids only matter when there is a choice to make.
+        let ids = match scope {
+            Scope::Mesh => self.tokenizers.prompt_ids(&req).await,
+            Scope::Local(_) => None,
+        };
         let mut tried: Vec<String> = Vec::new();
         let mut last_error: Option<ApiError> = None;
         for attempt in 0..self.max_attempts {
-            let target = match self.pick(&req.model, scope, &tried) {
+            let (target, route) = match self.pick(&req, ids.as_deref(), scope, &tried) {
                 Ok(t) => t,
                 Err(e) => {
                     // After a failed attempt, the failure says more than "nothing left".
                     let e = if attempt > 0 { last_error.take().unwrap_or(e) } else { e };
-                    return self.reply_error(endpoint, &req.model, &e, started);
+                    return not_accepted(self.reply_error(endpoint, &req.model, &e, started));
                 }
             };
             tried.push(target.key());
             let span = tracing::Span::current();
             span.record("peer", target.key().as_str());
-            span.record("reason", if attempt == 0 { "least_loaded" } else { "retry" });
+            let reason = if attempt > 0 { "retry" } else { route.reason };
+            span.record("reason", reason);
+            span.record("route", route.header.as_str());
+            self.metrics.route_decisions.with_label_values(&[reason]).inc();
             let outcome = match &target {
                 Target::Local(e) => {
-                    self.forward_local(endpoint, &req.model, req.stream, request_id, &body, e.clone(), started).await
+                    self.forward_local(
+                        endpoint,
+                        &req.model,
+                        req.stream,
+                        request_id,
+                        &body,
+                        e.clone(),
+                        &route.header,
+                        started,
+                    )
+                    .await
                 }
                 Target::Remote(r) => {
-                    self.forward_remote(endpoint, &req.model, req.stream, request_id, &body, r, started).await
+                    self.forward_remote(endpoint, &req.model, req.stream, request_id, &body, r, &route.header, started)
+                        .await
                 }
             };
             match outcome {
@@ -190,7 +263,7 @@ impl Pipeline {
             }
         }
         let e = last_error.unwrap_or_else(|| ApiError::unavailable("No engine could take the request."));
-        self.reply_error(endpoint, &req.model, &e, started)
+        not_accepted(self.reply_error(endpoint, &req.model, &e, started))
     }
 
     /// Answers with an OpenAI error, counted and logged like every other answer.
@@ -201,10 +274,19 @@ impl Pipeline {
         error_response(e)
     }
 
-    /// The least-loaded usable engine for `model` that was not tried yet.
-    fn pick(&self, model: &str, scope: Scope<'_>, tried: &[String]) -> Result<Target, ApiError> {
+    /// The engine with the lowest predicted time to first token for this request, among those
+    /// not tried yet: cached prefix (exact index for this node's engines), queue, KV pressure and
+    /// network distance (`policy::score`).
+    fn pick(
+        &self,
+        req: &InferenceRequest,
+        ids: Option<&[u32]>,
+        scope: Scope<'_>,
+        tried: &[String],
+    ) -> Result<(Target, Route), ApiError> {
+        let model = req.model.as_str();
         let mut targets: Vec<Target> = Vec::new();
-        let mut cands: Vec<Candidate> = Vec::new();
+        let mut cands: Vec<Estimate> = Vec::new();
         let local: Vec<&Arc<Engine>> = match scope {
             Scope::Local(name) => {
                 let named: Vec<_> = self
@@ -221,17 +303,38 @@ impl Pipeline {
             }
             Scope::Mesh => self.engines.engines.iter().collect(),
         };
+        // Keys are computed once per block size in use (engines normally share one).
+        let seed = blocks::chain_seed(model, None, req.cache_salt.as_deref());
+        let mut keys_by_size: Vec<(u32, Vec<u64>)> = Vec::new();
+        let mut keys_for = |bs: u32| -> Vec<u64> {
+            let Some(ids) = ids else { return Vec::new() };
+            if let Some((_, k)) = keys_by_size.iter().find(|(b, _)| *b == bs) {
+                return k.clone();
+            }
+            let k = blocks::block_keys(seed, ids, bs as usize);
+            keys_by_size.push((bs, k.clone()));
+            k
+        };
         let mut known = false;
         for e in local {
             let v = e.snapshot();
             let serves = v.models.iter().any(|m| m == model);
             known |= serves;
             let t = Target::Local(e.clone());
-            cands.push(Candidate {
-                load: v.load.running + v.load.waiting + e.in_flight.load(Ordering::Relaxed) as f64,
-                distance: 0.0,
-                healthy: v.healthy && !tried.contains(&t.key()),
-                serves_model: serves,
+            let (matched, bs) = match e.kv.index.read() {
+                Ok(index) => {
+                    let bs = index.block_size().or(v.load.block_size).unwrap_or(self.default_block_size);
+                    (index.matched_blocks(&keys_for(bs)), bs)
+                }
+                Err(_) => (0, self.default_block_size),
+            };
+            cands.push(Estimate {
+                usable: v.healthy && serves && !tried.contains(&t.key()),
+                rtt_ms: 0.0,
+                queued: v.load.running + v.load.waiting + e.in_flight.load(Ordering::Relaxed) as f64,
+                kv_usage: v.load.kv_usage,
+                matched_blocks: matched,
+                block_size: bs,
             });
             targets.push(t);
         }
@@ -239,11 +342,15 @@ impl Pipeline {
             for r in mesh.remote_engines() {
                 let serves = r.engine.models.iter().any(|m| m == model);
                 known |= serves;
-                cands.push(Candidate {
-                    load: (r.engine.running + r.engine.waiting + mesh.in_flight_now(&r.key())) as f64,
-                    distance: PEER_HOP_COST,
-                    healthy: r.engine.healthy && !tried.contains(&r.key()),
-                    serves_model: serves,
+                let rtt = mesh.endpoint.rtt(r.addr).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(UNMEASURED_PEER_RTT_MS);
+                cands.push(Estimate {
+                    usable: r.engine.healthy && serves && !tried.contains(&r.key()),
+                    rtt_ms: rtt,
+                    queued: r.engine.running as f64 + r.engine.waiting as f64 + mesh.in_flight_now(&r.key()) as f64,
+                    kv_usage: r.engine.kv_usage as f64,
+                    // Peers' KV summaries are not gossiped yet: their prefixes count as uncached.
+                    matched_blocks: 0,
+                    block_size: r.engine.block_size.unwrap_or(self.default_block_size),
                 });
                 targets.push(Target::Remote(r));
             }
@@ -251,10 +358,28 @@ impl Pipeline {
         if !known {
             return Err(ApiError::model_not_found(model));
         }
-        let salt: u64 = rand::random();
-        route::least_loaded(&cands, |i| xxhash_rust::xxh3::xxh3_64_with_seed(&i.to_le_bytes(), salt))
-            .map(|i| targets.swap_remove(i))
-            .ok_or_else(|| ApiError::unavailable(format!("No healthy engine serves `{model}` right now; retry later.")))
+        let prompt_tokens = ids.map(<[u32]>::len).unwrap_or(0);
+        let choice =
+            score::choose(prompt_tokens, &cands, &self.weights, |n| rand::random_range(0..n)).ok_or_else(|| {
+                ApiError::unavailable(format!("No healthy engine serves `{model}` right now; retry later."))
+            })?;
+        let matched = cands[choice.index].matched_blocks;
+        let mut header = format!(
+            "engine={}; matched_blocks={matched}; prompt_tokens={prompt_tokens}; predicted_ms={:.1}",
+            targets[choice.index].label(&self.node_name),
+            choice.predicted_ms
+        );
+        if let Some((ru, ms)) = choice.runner_up {
+            header.push_str(&format!("; runner_up={}@{ms:.1}", targets[ru].label(&self.node_name)));
+        }
+        let reason = if matched > 0 {
+            "prefix"
+        } else if ids.is_some() {
+            "load"
+        } else {
+            "load_no_tokenizer"
+        };
+        Ok((targets.swap_remove(choice.index), Route { header, reason }))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -266,6 +391,7 @@ impl Pipeline {
         request_id: &str,
         body: &Bytes,
         engine: Arc<Engine>,
+        route: &str,
         started: Instant,
     ) -> Result<Response, Retry> {
         let in_flight = InFlight::new(engine.in_flight.clone());
@@ -300,7 +426,7 @@ impl Pipeline {
             });
         }
         let served_by = format!("{}/{}", self.node_name, engine.name);
-        let answer = Answer { status, content_type, served_by, stream, request_id };
+        let answer = Answer { status, content_type, served_by, stream, request_id, route };
         self.relay_answer(endpoint, model, answer, upstream, in_flight, started).await
     }
 
@@ -313,6 +439,7 @@ impl Pipeline {
         request_id: &str,
         body: &Bytes,
         remote: &RemoteEngine,
+        route: &str,
         started: Instant,
     ) -> Result<Response, Retry> {
         let Some(mesh) = self.mesh() else {
@@ -341,15 +468,23 @@ impl Pipeline {
         };
         let status = StatusCode::from_u16(rhead.status).unwrap_or(StatusCode::BAD_GATEWAY);
         let upstream = quic_body(recv);
-        if is_retryable(status) {
+        // Only failures from before any engine accepted the request: anything later might
+        // have run (or still run) there, and must not run twice.
+        if rhead.retryable {
             let text = read_small(upstream, self.idle_timeout).await;
             return Err(Retry {
                 error: ApiError::unavailable(format!("Peer {} answered {status}: {}", remote.node_id, text.trim())),
                 reason: "peer_unavailable",
             });
         }
-        let answer =
-            Answer { status, content_type: Some(rhead.content_type), served_by: rhead.served_by, stream, request_id };
+        let answer = Answer {
+            status,
+            content_type: Some(rhead.content_type),
+            served_by: rhead.served_by,
+            stream,
+            request_id,
+            route,
+        };
         let relayed = self.relay_answer(endpoint, model, answer, upstream, in_flight, started).await;
         if relayed.is_err() {
             mesh.suspect(&remote.node_id);
@@ -410,6 +545,10 @@ impl Pipeline {
             .header(header::CONTENT_TYPE, content_type)
             .header("x-kvmesh-served-by", served_by)
             .header("x-request-id", a.request_id);
+        let builder = match HeaderValue::from_str(a.route) {
+            Ok(v) if !a.route.is_empty() => builder.header("x-kvmesh-route", v),
+            _ => builder,
+        };
         if let Some(first) = first {
             self.metrics.ttfb.with_label_values(&[ep, "true"]).observe(started.elapsed().as_secs_f64());
             let upstream = futures::stream::iter([Ok(first)]).chain(upstream).boxed();
@@ -438,6 +577,23 @@ impl Pipeline {
     }
 }
 
+/// Marks an error answered before any engine accepted the request (safe to send elsewhere).
+#[derive(Clone, Copy)]
+struct NotAccepted;
+
+fn not_accepted(mut r: Response) -> Response {
+    r.extensions_mut().insert(NotAccepted);
+    r
+}
+
+struct DecrementOnDrop<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl Drop for DecrementOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 fn request_span(request_id: &str, origin: &str, endpoint: Endpoint) -> tracing::Span {
     tracing::info_span!(
         "request",
@@ -447,6 +603,7 @@ fn request_span(request_id: &str, origin: &str, endpoint: Endpoint) -> tracing::
         model = tracing::field::Empty,
         peer = tracing::field::Empty,
         reason = tracing::field::Empty,
+        route = tracing::field::Empty,
     )
 }
 
@@ -465,6 +622,8 @@ struct Answer<'a> {
     served_by: String,
     stream: bool,
     request_id: &'a str,
+    /// `x-kvmesh-route`: the decision and what explains it (empty for peer-served requests).
+    route: &'a str,
 }
 
 /// A failure before the client saw anything: the pipeline may try another engine.

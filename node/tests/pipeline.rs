@@ -208,3 +208,41 @@ async fn node_follows_engine_load_and_kv_events() {
     n.shutdown().await;
     e.shutdown().await;
 }
+
+#[tokio::test]
+async fn repeated_prompts_follow_their_cached_prefix() {
+    let (a, b) = (engine(fast_engine(), true).await, engine(fast_engine(), true).await);
+    let entries = [&a, &b]
+        .iter()
+        .enumerate()
+        .map(|(i, e)| EngineEntry {
+            url: e.url(),
+            name: Some(format!("gpu{i}")),
+            kv_events: e.kv_events_endpoint.clone(),
+            api_key: None,
+        })
+        .collect();
+    let n = node(node_config(entries)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // subscriptions land
+    for doc in 0..4 {
+        let prompt = format!("document {doc}: ").repeat(80);
+        let (s, h, _) = post(&n.url(), &chat(&prompt, json!({"max_tokens": 1}))).await;
+        assert_eq!(s, 200);
+        let first = h["x-kvmesh-served-by"].to_str().unwrap().to_owned();
+        let idx = if first.ends_with("gpu0") { 0 } else { 1 };
+        eventually("the engine's blocks are indexed", Duration::from_secs(3), async || {
+            n.engines.engines[idx].kv.cached_blocks() > 0
+        })
+        .await;
+        let (s, h, v) = post(&n.url(), &chat(&prompt, json!({"max_tokens": 1}))).await;
+        assert_eq!(s, 200);
+        let route = h["x-kvmesh-route"].to_str().unwrap();
+        assert_eq!(h["x-kvmesh-served-by"].to_str().unwrap(), first, "route: {route}");
+        assert!(route.contains(&format!("engine={first}")) && !route.contains("matched_blocks=0"), "{route}");
+        assert!(v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0);
+    }
+    assert!(scrape(&n.url(), "kvmesh_route_decisions_total").await >= 8.0);
+    n.shutdown().await;
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -13,7 +13,7 @@ pub mod error;
 pub mod openai;
 pub mod prefix_index;
 pub mod request;
-pub mod route;
+pub mod score;
 pub mod tokenize;
 
 pub use error::PolicyError;

@@ -7,7 +7,7 @@
 //! events were missed: the index is emptied and rebuilt from what arrives next. It may then
 //! under-report what the engine holds, but never claims a block the engine may not have.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use crate::blocks;
 
@@ -39,7 +39,9 @@ pub enum BatchOutcome {
 pub struct EngineIndex {
     seed: u64,
     block_size: Option<u32>,
-    keys: HashSet<u64>,
+    /// kvmesh key -> how many engine hashes map to it (the same block stored twice counts
+    /// twice); a key is held while its count is above zero.
+    keys: HashMap<u64, u32>,
     by_engine_hash: HashMap<u64, u64>,
     last_seq: Option<u64>,
     /// Blocks whose parent was unknown (stored before a gap), so no key could be derived.
@@ -53,7 +55,7 @@ impl EngineIndex {
         Self {
             seed,
             block_size: None,
-            keys: HashSet::new(),
+            keys: HashMap::new(),
             by_engine_hash: HashMap::new(),
             last_seq: None,
             unresolved: 0,
@@ -75,16 +77,29 @@ impl EngineIndex {
     }
 
     pub fn contains(&self, key: u64) -> bool {
-        self.keys.contains(&key)
+        self.keys.contains_key(&key)
     }
 
     /// Leading blocks of `keys` (a request's chain) the engine holds.
     pub fn matched_blocks(&self, keys: &[u64]) -> usize {
-        keys.iter().take_while(|k| self.keys.contains(k)).count()
+        keys.iter().take_while(|k| self.keys.contains_key(k)).count()
     }
 
     pub fn keys(&self) -> impl Iterator<Item = u64> + '_ {
-        self.keys.iter().copied()
+        self.keys.keys().copied()
+    }
+
+    fn hold(&mut self, key: u64) {
+        *self.keys.entry(key).or_insert(0) += 1;
+    }
+
+    fn release(&mut self, key: u64) {
+        if let Some(n) = self.keys.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.keys.remove(&key);
+            }
+        }
     }
 
     /// Forgets everything (gap, restart, lost subscription).
@@ -133,23 +148,21 @@ impl EngineIndex {
                 };
                 for (i, h) in block_hashes.iter().enumerate() {
                     let key = blocks::block_key(parent_key, &token_ids[i * bs..(i + 1) * bs]);
-                    if let Some(old) = self.by_engine_hash.insert(*h, key) {
-                        if old != key {
-                            self.keys.remove(&old);
+                    match self.by_engine_hash.insert(*h, key) {
+                        Some(old) if old == key => {}
+                        Some(old) => {
+                            self.release(old);
+                            self.hold(key);
                         }
+                        None => self.hold(key),
                     }
-                    self.keys.insert(key);
                     parent_key = key;
                 }
             }
             IndexEvent::Removed { block_hashes } => {
                 for h in block_hashes {
                     if let Some(k) = self.by_engine_hash.remove(&h) {
-                        // Two engine hashes never share a key within one engine, except the
-                        // same block stored twice; keep the key while another hash maps to it.
-                        if !self.by_engine_hash.values().any(|&v| v == k) {
-                            self.keys.remove(&k);
-                        }
+                        self.release(k);
                     }
                 }
             }
@@ -165,6 +178,7 @@ impl EngineIndex {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::HashSet;
 
     /// A toy engine: caches chains of blocks under its own (different) hashes and reports
     /// events as vLLM does; the truth is the set of kvmesh keys of the blocks it holds.

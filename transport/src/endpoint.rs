@@ -39,7 +39,7 @@ impl EndpointConfig {
             bind,
             connect_timeout: Duration::from_secs(2),
             io_timeout: Duration::from_secs(5),
-            keep_alive: Duration::from_millis(500),
+            keep_alive: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(3),
         }
     }
@@ -387,15 +387,25 @@ impl MeshEndpoint {
             send.write_all(body).await?;
             Ok::<_, quinn::WriteError>(())
         };
-        tokio::time::timeout(io, write)
-            .await
-            .map_err(|_| timeout_err("write request", io))?
-            .map_err(|e| TransportError::Stream(e.to_string()))?;
-        send.finish().map_err(|e| TransportError::Stream(e.to_string()))?;
+        let written = match tokio::time::timeout(io, write).await {
+            Ok(Ok(())) => send.finish().map_err(|e| TransportError::Stream(e.to_string())),
+            Ok(Err(e)) => Err(TransportError::Stream(e.to_string())),
+            Err(_) => Err(timeout_err("write request", io)),
+        };
+        if let Err(e) = written {
+            // A cut request must not reach the peer as a complete (shorter) one.
+            let _ = send.reset(RESET_FAILED);
+            return Err(e);
+        }
         let resp: ResponseHead = tokio::time::timeout(first_byte, frame::read_head(&mut recv))
             .await
             .map_err(|_| timeout_err("response head", first_byte))??;
         Ok((resp, recv))
+    }
+
+    /// Round-trip time to a peer, as QUIC measures it on the pooled connection.
+    pub fn rtt(&self, addr: SocketAddr) -> Option<Duration> {
+        self.pool.lock().ok()?.get(&addr).map(|c| c.rtt())
     }
 
     /// Addresses with an open connection now.
@@ -429,6 +439,35 @@ fn split_gossip(data: &[u8]) -> Option<(SocketAddr, &[u8])> {
 pub async fn respond<S, E>(
     mut send: quinn::SendStream,
     head: &ResponseHead,
+    body: S,
+    io: Duration,
+) -> Result<(), TransportError>
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    match write_response(&mut send, head, body, io).await {
+        Ok(()) => {
+            send.finish().map_err(|e| TransportError::Stream(e.to_string()))?;
+            // Wait until the peer has everything, so dropping the stream does not cut the tail.
+            let _ = tokio::time::timeout(io, send.stopped()).await;
+            Ok(())
+        }
+        Err(e) => {
+            // Dropping an unfinished stream would *finish* it, and the origin would take a cut
+            // answer for a complete one: reset it so the cut reads as an error there.
+            let _ = send.reset(RESET_FAILED);
+            Err(e)
+        }
+    }
+}
+
+/// Stream reset code for "the sender failed mid-message".
+const RESET_FAILED: quinn::VarInt = quinn::VarInt::from_u32(3);
+
+async fn write_response<S, E>(
+    send: &mut quinn::SendStream,
+    head: &ResponseHead,
     mut body: S,
     io: Duration,
 ) -> Result<(), TransportError>
@@ -442,20 +481,12 @@ where
         .map_err(|_| timeout_err("write response head", io))?
         .map_err(|e| TransportError::Stream(e.to_string()))?;
     while let Some(chunk) = futures::StreamExt::next(&mut body).await {
-        match chunk {
-            Ok(c) => tokio::time::timeout(io, send.write_all(&c))
-                .await
-                .map_err(|_| timeout_err("write response", io))?
-                .map_err(|e| TransportError::Stream(e.to_string()))?,
-            Err(e) => {
-                let _ = send.reset(3u32.into());
-                return Err(TransportError::Stream(e.to_string()));
-            }
-        }
+        let c = chunk.map_err(|e| TransportError::Stream(e.to_string()))?;
+        tokio::time::timeout(io, send.write_all(&c))
+            .await
+            .map_err(|_| timeout_err("write response", io))?
+            .map_err(|e| TransportError::Stream(e.to_string()))?;
     }
-    send.finish().map_err(|e| TransportError::Stream(e.to_string()))?;
-    // Wait until the peer has everything, so dropping the stream does not cut the tail.
-    let _ = tokio::time::timeout(io, send.stopped()).await;
     Ok(())
 }
 

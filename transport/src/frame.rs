@@ -27,6 +27,10 @@ pub struct ResponseHead {
     pub content_type: String,
     /// `NODE/ENGINE` that served it.
     pub served_by: String,
+    /// The peer failed before any engine accepted the request, so the origin may send it
+    /// elsewhere without running it twice.
+    #[serde(default)]
+    pub retryable: bool,
 }
 
 pub fn encode_head<T: Serialize>(head: &T) -> Result<Vec<u8>, TransportError> {
@@ -58,7 +62,12 @@ mod tests {
 
     #[test]
     fn head_roundtrip_prefix() {
-        let h = ResponseHead { status: 200, content_type: "text/event-stream".into(), served_by: "a/b".into() };
+        let h = ResponseHead {
+            status: 200,
+            content_type: "text/event-stream".into(),
+            served_by: "a/b".into(),
+            retryable: false,
+        };
         let bytes = encode_head(&h).unwrap();
         let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;
         assert_eq!(len, bytes.len() - 4);

@@ -42,6 +42,7 @@ fn echo_handler(ep: &MeshEndpoint) {
                 status: 200,
                 content_type: "text/plain".into(),
                 served_by: req.peer_name.unwrap_or_default(),
+                retryable: false,
             };
             let body = futures::stream::iter(vec![Ok::<_, std::io::Error>(Bytes::from("echo:")), Ok(req.body)]);
             let _ = respond(req.respond, &h, body, Duration::from_secs(2)).await;
@@ -128,6 +129,7 @@ async fn reset_stream_is_an_error_not_a_hang() {
                 status: 200,
                 content_type: "text/event-stream".into(),
                 served_by: "b/e".into(),
+                retryable: false,
             })
             .unwrap();
             send.write_all(&h).await.unwrap();
