@@ -62,6 +62,9 @@ pub struct Peer {
     pub meta: NodeMeta,
     pub load: LoadReport,
     pub kv: KvSummarySlot,
+    /// The KV summary's shards as gossiped: (chitchat version, value). Shared, not copied,
+    /// between view rebuilds while unchanged.
+    pub kv_shards: Vec<Option<(u64, Arc<str>)>>,
     pub is_self: bool,
 }
 
@@ -124,8 +127,10 @@ impl Membership {
         let cancel_gossip = cancel.clone();
         let cancel = cancel.clone();
         tasks.spawn(async move {
+            let mut prev: Arc<Vec<Peer>> = Arc::new(Vec::new());
             loop {
-                let peers = Arc::new(peers_from(&live.borrow_and_update(), &me));
+                let peers = Arc::new(peers_from(&live.borrow_and_update(), &me, &prev));
+                prev = peers.clone();
                 if tx.send(peers).is_err() {
                     break;
                 }
@@ -191,6 +196,13 @@ impl Membership {
         Ok(())
     }
 
+    /// Publishes one shard of the KV summary (an opaque string, `policy::summary` encoded).
+    pub async fn set_kv_shard(&self, shard: usize, value: String) {
+        if shard < KV_SHARDS {
+            self.set(&kv_shard_key(shard), value).await;
+        }
+    }
+
     async fn set(&self, key: &str, value: String) {
         if let Some(h) = self.handle.lock().await.as_ref() {
             h.with_chitchat(|c| c.self_node_state().set(key, value.clone())).await;
@@ -211,9 +223,20 @@ impl Membership {
 
 /// Parses chitchat's live node states into peers. A node restarted under the same name may
 /// briefly appear twice: the newest generation wins and the stale state is dropped.
-fn peers_from(states: &std::collections::BTreeMap<ChitchatId, NodeState>, me: &ChitchatId) -> Vec<Peer> {
+fn peers_from(states: &std::collections::BTreeMap<ChitchatId, NodeState>, me: &ChitchatId, prev: &[Peer]) -> Vec<Peer> {
     let mut out: Vec<Peer> = Vec::new();
     for (id, state) in states {
+        let before = prev.iter().find(|p| p.node_id == *id.node_id && p.generation == id.generation_id);
+        let kv_shards = (0..KV_SHARDS)
+            .map(|i| {
+                let v = state.get_versioned(&kv_shard_key(i)).filter(|v| !v.is_deleted())?;
+                // Unchanged since the last view: share the value instead of copying it.
+                match before.and_then(|p| p.kv_shards.get(i).cloned().flatten()) {
+                    Some((ver, val)) if ver == v.version => Some((ver, val)),
+                    _ => Some((v.version, Arc::from(v.value.as_str()))),
+                }
+            })
+            .collect();
         let Some(meta) = state.get(KEY_NODE).and_then(|v| serde_json::from_str::<NodeMeta>(v).ok()) else { continue };
         let load = state.get(KEY_LOAD).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
         let kv = state.get(KEY_KV).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
@@ -224,6 +247,7 @@ fn peers_from(states: &std::collections::BTreeMap<ChitchatId, NodeState>, me: &C
             meta,
             load,
             kv,
+            kv_shards,
             is_self: id == me,
         };
         match out.iter_mut().find(|p| p.node_id == peer.node_id) {

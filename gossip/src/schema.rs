@@ -7,7 +7,8 @@
 //! | `v` | schema version (`1`) | never |
 //! | `node` | [`NodeMeta`]: role, models, HTTP and QUIC addresses | at start |
 //! | `load` | [`LoadReport`]: per-engine running, waiting, KV usage, throughput | at most every `load_interval` and only when changed |
-//! | `kv` | [`KvSummarySlot`]: the KV-prefix summary's format and version | filled by the routing work |
+//! | `kv` | [`KvSummarySlot`]: the KV-prefix summary's format and version | with the summary |
+//! | `kv.0` .. `kv.15` | one Bloom-filter shard each (`policy::summary`), opaque here | a shard only when it changed enough |
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +17,12 @@ pub const KEY_VERSION: &str = "v";
 pub const KEY_NODE: &str = "node";
 pub const KEY_LOAD: &str = "load";
 pub const KEY_KV: &str = "kv";
+/// Shard `i` of the KV summary is under `kv.{i}` (an opaque string to this crate).
+pub const KV_SHARDS: usize = 16;
+
+pub fn kv_shard_key(i: usize) -> String {
+    format!("kv.{i}")
+}
 
 /// Whether a node runs engines or only routes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -68,8 +75,9 @@ pub struct LoadReport {
     pub engines: Vec<EngineLoad>,
 }
 
-/// The KV-prefix summary a node publishes. Its format and contents come with KV-aware
-/// routing; until then `format` is `"none"` and peers treat every prefix as uncached.
+/// Describes the KV-prefix summary a node publishes in the `kv.{0..15}` keys: `format` is
+/// `"none"` (no summary: peers treat every prefix as uncached) or `"bloom-v1"` (see
+/// `policy::summary`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KvSummarySlot {
     pub format: String,

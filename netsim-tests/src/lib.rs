@@ -47,6 +47,7 @@ impl Cluster {
             cluster_id: self.cluster_id.clone(),
             gossip_interval_ms: 100,
             load_publish_interval_ms: 200,
+            summary_interval_ms: 200,
             engine_poll_interval_ms: 100,
             embedded: fast_engine(),
             ..Config::default()

@@ -204,3 +204,38 @@ async fn restarted_node_rejoins_with_a_new_generation() {
     }
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_prefix_on_a_peer_draws_its_requests() {
+    let cluster = Cluster::with_nodes("prefix", 3).await;
+    cluster.converge(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let client = reqwest::Client::new();
+    for doc in 0..3 {
+        let body = json!({"model": "kvmesh-sim", "max_tokens": 1,
+                          "messages": [{"role": "user", "content": format!("shared document {doc} ").repeat(150)}]});
+        let first = send(&client, &cluster.node(doc % 3).url(), &body).await;
+        assert_eq!(first.status, 200, "{first:?}");
+        let holder = first.served_by.split('/').next().unwrap().to_owned();
+        // Every other node learns of the holder's new blocks through its gossiped summary
+        // (published within 200 ms here, then spread by gossip).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for entry in 0..3 {
+            let r = client
+                .post(format!("{}/v1/chat/completions", cluster.node(entry).url()))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let route = r.headers()["x-kvmesh-route"].to_str().unwrap().to_owned();
+            let served = r.headers()["x-kvmesh-served-by"].to_str().unwrap().to_owned();
+            r.bytes().await.unwrap();
+            assert!(
+                served.starts_with(&format!("{holder}/")),
+                "n{entry} sent doc {doc} to {served}, not {holder}: {route}"
+            );
+            assert!(route.contains("reason=prefix") && !route.contains("matched_blocks=0"), "{route}");
+        }
+    }
+    cluster.shutdown().await;
+}

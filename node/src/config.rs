@@ -67,6 +67,13 @@ pub struct Config {
     pub models: Vec<ModelEntry>,
     /// Block size assumed for engines that have not reported theirs.
     pub default_block_size: u32,
+    /// How often this node's KV summary is checked for changes worth gossiping.
+    pub summary_interval_ms: u64,
+    /// Fraction of a summary shard's bits that must change before it is re-gossiped; smaller
+    /// changes wait until the shard is 10 s old. 0 (the default) sends any change at the next
+    /// `summary_interval_ms`, so a new prefix is visible to peers within one interval plus
+    /// gossip.
+    pub summary_min_change: f64,
     /// Weights of the predicted-TTFT score.
     pub score: ScoreWeights,
 }
@@ -132,6 +139,8 @@ impl Default for Config {
             peer_suspect_ms: 3_000,
             models: Vec::new(),
             default_block_size: 16,
+            summary_interval_ms: 2_000,
+            summary_min_change: 0.0,
             score: ScoreWeights::default(),
         }
     }
@@ -327,6 +336,7 @@ impl Config {
             ("engine_idle_timeout_ms", self.engine_idle_timeout_ms),
             ("gossip_interval_ms", self.gossip_interval_ms),
             ("load_publish_interval_ms", self.load_publish_interval_ms),
+            ("summary_interval_ms", self.summary_interval_ms),
         ] {
             if v == 0 {
                 return bad(format!("{name} must be greater than 0"));

@@ -7,7 +7,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use kvmesh_gossip::{EngineLoad, GossipConfig, LoadReport, Membership, NodeMeta, Peer};
+use kvmesh_gossip::{EngineLoad, GossipConfig, KvSummarySlot, LoadReport, Membership, NodeMeta, Peer};
+use kvmesh_policy::summary::{self, BloomShard};
 use kvmesh_transport::endpoint::EndpointConfig;
 use kvmesh_transport::{MeshEndpoint, TlsIdentity};
 use tokio_util::sync::CancellationToken;
@@ -21,8 +22,12 @@ use crate::error::NodeError;
 #[derive(Debug, Clone)]
 pub struct RemoteEngine {
     pub node_id: String,
+    pub generation: u64,
     pub addr: SocketAddr,
     pub engine: EngineLoad,
+    /// Engines on that node (when several, the node picks among them with its exact index).
+    pub node_engines: usize,
+    pub summary: Vec<Option<Arc<BloomShard>>>,
 }
 
 impl RemoteEngine {
@@ -31,10 +36,16 @@ impl RemoteEngine {
     }
 }
 
+/// A peer's decoded summary shard, with the gossip version it was decoded from.
+type CachedShard = (u64, Option<Arc<BloomShard>>);
+
 pub struct Mesh {
     pub endpoint: Arc<MeshEndpoint>,
     pub membership: Arc<Membership>,
     pub advertise: SocketAddr,
+    /// Decoded peer summary shards by (node, generation, shard), re-decoded only when their
+    /// gossip version changes.
+    summaries: Mutex<HashMap<(String, u64, usize), CachedShard>>,
     suspects: Mutex<HashMap<String, Instant>>,
     in_flight: Mutex<HashMap<String, Arc<AtomicU32>>>,
     suspect_for: Duration,
@@ -83,6 +94,7 @@ impl Mesh {
             endpoint,
             membership,
             advertise,
+            summaries: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
             suspect_for: Config::ms(cfg.peer_suspect_ms),
@@ -91,6 +103,13 @@ impl Mesh {
             mesh.clone(),
             engines.clone(),
             Config::ms(cfg.load_publish_interval_ms),
+            cancel.clone(),
+        ));
+        tasks.spawn(publish_summary(
+            mesh.clone(),
+            engines.clone(),
+            Config::ms(cfg.summary_interval_ms),
+            cfg.summary_min_change,
             cancel.clone(),
         ));
         Ok(mesh)
@@ -105,17 +124,51 @@ impl Mesh {
     pub fn remote_engines(&self) -> Vec<RemoteEngine> {
         let now = Instant::now();
         let suspects = self.suspects.lock().map(|s| s.clone()).unwrap_or_default();
-        self.peers()
+        let peers = self.peers();
+        self.prune_summaries(&peers);
+        peers
             .iter()
             .filter(|p| !p.is_self && suspects.get(&p.node_id).is_none_or(|until| *until <= now))
             .flat_map(|p| {
-                p.load.engines.iter().map(|e| RemoteEngine {
+                let summary = self.peer_summary(p);
+                p.load.engines.iter().map(move |e| RemoteEngine {
                     node_id: p.node_id.clone(),
+                    generation: p.generation,
                     addr: p.addr,
                     engine: e.clone(),
+                    node_engines: p.load.engines.len(),
+                    summary: summary.clone(),
                 })
             })
             .collect()
+    }
+
+    /// A peer's KV summary shards, decoded (cached per gossip version).
+    fn peer_summary(&self, p: &Peer) -> Vec<Option<Arc<BloomShard>>> {
+        let Ok(mut cache) = self.summaries.lock() else { return vec![None; summary::SHARDS] };
+        (0..summary::SHARDS)
+            .map(|i| {
+                let (ver, raw) = p.kv_shards.get(i).cloned().flatten()?;
+                let key = (p.node_id.clone(), p.generation, i);
+                match cache.get(&key) {
+                    Some((v, shard)) if *v == ver => shard.clone(),
+                    _ => {
+                        let shard = BloomShard::decode(&raw).map(Arc::new);
+                        cache.insert(key, (ver, shard.clone()));
+                        shard
+                    }
+                }
+            })
+            .collect()
+    }
+
+    /// Drops decoded summaries of nodes (or generations) no longer in the view.
+    fn prune_summaries(&self, peers: &[Peer]) {
+        if let Ok(mut cache) = self.summaries.lock() {
+            if cache.len() > summary::SHARDS * peers.len().max(1) * 2 {
+                cache.retain(|(n, g, _), _| peers.iter().any(|p| &p.node_id == n && p.generation == *g));
+            }
+        }
     }
 
     /// The in-flight counter of a remote engine (`node/engine`).
@@ -221,6 +274,61 @@ async fn publish_load(mesh: Arc<Mesh>, engines: Arc<EngineSet>, every: Duration,
         };
         if let Err(e) = mesh.membership.set_load(&report).await {
             tracing::warn!(error = %e, "publishing load failed");
+        }
+    }
+}
+
+/// Publishes the KV summary of this node's engines: a Bloom filter of the union of their exact
+/// indexes, in 16 shards. Every `every`, a shard is re-gossiped if at least `min_change` of its
+/// bits changed, or if any changed and it was last sent over `STALE_AFTER` ago. A long new
+/// prefix shows up at the next tick, and steady churn costs at most one summary per tick.
+async fn publish_summary(
+    mesh: Arc<Mesh>,
+    engines: Arc<EngineSet>,
+    every: Duration,
+    min_change: f64,
+    cancel: CancellationToken,
+) {
+    const STALE_AFTER: Duration = Duration::from_secs(10);
+    let mut last: Vec<Option<(BloomShard, Instant)>> = vec![None; summary::SHARDS];
+    let mut version = 0u64;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let mut keys: Vec<u64> = Vec::new();
+        let mut capacity = 0usize;
+        for e in &engines.engines {
+            if let Ok(index) = e.kv.index.read() {
+                keys.extend(index.keys());
+            }
+            capacity += e.snapshot().load.num_gpu_blocks.unwrap_or(28_000) as usize;
+        }
+        let shards = summary::build(keys.into_iter(), capacity);
+        let mut sent = false;
+        for (i, shard) in shards.into_iter().enumerate() {
+            let due = match &last[i] {
+                None => true,
+                Some((prev, at)) => {
+                    let d = shard.difference(prev);
+                    d > 0.0 && (d >= min_change || at.elapsed() >= STALE_AFTER)
+                }
+            };
+            if due {
+                mesh.membership.set_kv_shard(i, shard.encode()).await;
+                last[i] = Some((shard, Instant::now()));
+                sent = true;
+            }
+        }
+        if sent {
+            version += 1;
+            let slot = KvSummarySlot { format: "bloom-v1".into(), version };
+            if let Err(e) = mesh.membership.set_kv_summary(&slot).await {
+                tracing::warn!(error = %e, "publishing the KV summary failed");
+            }
         }
     }
 }

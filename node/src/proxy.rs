@@ -213,7 +213,8 @@ impl Pipeline {
         tracing::Span::current().record("model", req.model.as_str());
         // Token ids only matter when there is a choice to make.
         let ids = match scope {
-            Scope::Mesh => self.tokenizers.prompt_ids(&req).await,
+            // A peer that named no engine leaves the choice to this node's exact indexes.
+            Scope::Mesh | Scope::Local("") => self.tokenizers.prompt_ids(&req).await,
             Scope::Local(_) => None,
         };
         let mut tried: Vec<String> = Vec::new();
@@ -343,14 +344,17 @@ impl Pipeline {
                 let serves = r.engine.models.iter().any(|m| m == model);
                 known |= serves;
                 let rtt = mesh.endpoint.rtt(r.addr).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(UNMEASURED_PEER_RTT_MS);
+                let bs = r.engine.block_size.unwrap_or(self.default_block_size);
+                // The peer's gossiped summary covers all its engines (a union): the match is
+                // the node's, and the node itself picks the engine when it has several.
+                let matched = kvmesh_policy::summary::matched_blocks(&r.summary, &keys_for(bs));
                 cands.push(Estimate {
                     usable: r.engine.healthy && serves && !tried.contains(&r.key()),
                     rtt_ms: rtt,
                     queued: r.engine.running as f64 + r.engine.waiting as f64 + mesh.in_flight_now(&r.key()) as f64,
                     kv_usage: r.engine.kv_usage as f64,
-                    // Peers' KV summaries are not gossiped yet: their prefixes count as uncached.
-                    matched_blocks: 0,
-                    block_size: r.engine.block_size.unwrap_or(self.default_block_size),
+                    matched_blocks: matched,
+                    block_size: bs,
                 });
                 targets.push(Target::Remote(r));
             }
@@ -379,6 +383,7 @@ impl Pipeline {
         } else {
             "load_no_tokenizer"
         };
+        header.push_str(&format!("; reason={reason}"));
         Ok((targets.swap_remove(choice.index), Route { header, reason }))
     }
 
@@ -450,7 +455,13 @@ impl Pipeline {
             path: endpoint.path().to_owned(),
             request_id: request_id.to_owned(),
             origin: self.node_name.clone(),
-            engine: remote.engine.name.clone(),
+            // With several engines on the peer, its exact indexes know better which one holds
+            // the prefix than our node-level summary: let it choose.
+            engine: if remote.node_engines > 1 && route.contains("reason=prefix") {
+                String::new()
+            } else {
+                remote.engine.name.clone()
+            },
             stream,
         };
         let (rhead, recv) = match mesh.endpoint.request(remote.addr, &head, body, self.first_byte_timeout).await {

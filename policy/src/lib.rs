@@ -14,6 +14,7 @@ pub mod openai;
 pub mod prefix_index;
 pub mod request;
 pub mod score;
+pub mod summary;
 pub mod tokenize;
 
 pub use error::PolicyError;
