@@ -25,6 +25,8 @@ pub enum BenchCmd {
     Overhead(OverheadArgs),
     /// Gossip convergence time and bandwidth for meshes of several sizes.
     Gossip(crate::bench_gossip::GossipArgs),
+    /// KV-aware routing against round-robin, least-load and a central oracle.
+    Routing(crate::bench_routing::RoutingArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -52,6 +54,7 @@ pub async fn run(cmd: BenchCmd) -> Result<(), NodeError> {
     match cmd {
         BenchCmd::Overhead(a) => overhead(a).await,
         BenchCmd::Gossip(a) => crate::bench_gossip::run(a).await,
+        BenchCmd::Routing(a) => crate::bench_routing::run(a).await,
     }
 }
 

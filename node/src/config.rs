@@ -76,6 +76,18 @@ pub struct Config {
     pub summary_min_change: f64,
     /// Weights of the predicted-TTFT score.
     pub score: ScoreWeights,
+    /// How engines are chosen. `kvmesh` (the default) predicts TTFT from cached prefixes and
+    /// load; `least_load` and `round_robin` are baselines for benchmarks.
+    pub routing: RoutingPolicy,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingPolicy {
+    #[default]
+    Kvmesh,
+    LeastLoad,
+    RoundRobin,
 }
 
 /// A model's tokenizer files (`tokenizer.json` and `tokenizer_config.json`, or their directory).
@@ -142,6 +154,7 @@ impl Default for Config {
             summary_interval_ms: 2_000,
             summary_min_change: 0.0,
             score: ScoreWeights::default(),
+            routing: RoutingPolicy::Kvmesh,
         }
     }
 }
@@ -200,6 +213,9 @@ pub struct ServeArgs {
     pub cert: Option<PathBuf>,
     #[arg(long, env = "KVMESH_KEY")]
     pub key: Option<PathBuf>,
+    /// Routing policy: kvmesh (default), least-load or round-robin (baselines).
+    #[arg(long, env = "KVMESH_ROUTING", value_enum)]
+    pub routing: Option<RoutingPolicy>,
 }
 
 impl Config {
@@ -242,6 +258,9 @@ impl Config {
             ($($f:ident),*) => { $(if args.$f.is_some() { cfg.$f = args.$f.clone(); })* };
         }
         take_opt!(advertise_addr, tls_dir, ca, cert, key);
+        if let Some(r) = args.routing {
+            cfg.routing = r;
+        }
         cfg.validate()?;
         Ok(cfg)
     }

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod bench;
 pub mod bench_gossip;
+pub mod bench_routing;
 pub mod config;
 pub mod demo;
 pub mod engine;

@@ -26,7 +26,7 @@ use kvmesh_transport::endpoint::respond;
 use kvmesh_transport::{IncomingRequest, RequestHead, ResponseHead, TransportError};
 use tracing::Instrument;
 
-use crate::config::Config;
+use crate::config::{Config, RoutingPolicy};
 use crate::engine::{Engine, EngineSet, InFlight};
 use crate::mesh::{Mesh, RemoteEngine};
 use crate::metrics::NodeMetrics;
@@ -49,6 +49,8 @@ pub struct Pipeline {
     weights: ScoreWeights,
     default_block_size: u32,
     peer_requests: std::sync::atomic::AtomicU32,
+    routing: RoutingPolicy,
+    rr_next: std::sync::atomic::AtomicU32,
 }
 
 pub fn error_response(e: &ApiError) -> Response {
@@ -106,6 +108,8 @@ impl Pipeline {
         Self {
             tokenizers,
             peer_requests: std::sync::atomic::AtomicU32::new(0),
+            routing: cfg.routing,
+            rr_next: std::sync::atomic::AtomicU32::new(rand::random()),
             weights: cfg.score.clone(),
             default_block_size: cfg.default_block_size,
             node_name: cfg.node_name.clone(),
@@ -332,7 +336,8 @@ impl Pipeline {
             cands.push(Estimate {
                 usable: v.healthy && serves && !tried.contains(&t.key()),
                 rtt_ms: 0.0,
-                queued: v.load.running + v.load.waiting + e.in_flight.load(Ordering::Relaxed) as f64,
+                running: v.load.running,
+                waiting: v.load.waiting + unreported(e.in_flight.load(Ordering::Relaxed), v.load.running),
                 kv_usage: v.load.kv_usage,
                 matched_blocks: matched,
                 block_size: bs,
@@ -351,7 +356,9 @@ impl Pipeline {
                 cands.push(Estimate {
                     usable: r.engine.healthy && serves && !tried.contains(&r.key()),
                     rtt_ms: rtt,
-                    queued: r.engine.running as f64 + r.engine.waiting as f64 + mesh.in_flight_now(&r.key()) as f64,
+                    running: r.engine.running as f64,
+                    waiting: r.engine.waiting as f64
+                        + unreported(mesh.in_flight_now(&r.key()), r.engine.running as f64),
                     kv_usage: r.engine.kv_usage as f64,
                     matched_blocks: matched,
                     block_size: bs,
@@ -363,6 +370,23 @@ impl Pipeline {
             return Err(ApiError::model_not_found(model));
         }
         let prompt_tokens = ids.map(<[u32]>::len).unwrap_or(0);
+        match self.routing {
+            RoutingPolicy::Kvmesh => {}
+            RoutingPolicy::LeastLoad => cands.iter_mut().for_each(|c| c.matched_blocks = 0),
+            RoutingPolicy::RoundRobin => {
+                // Baseline: the next usable engine in a fixed order, blind to load and cache.
+                let mut order: Vec<usize> = (0..cands.len()).filter(|&i| cands[i].usable).collect();
+                order.sort_by_key(|&i| targets[i].label(&self.node_name));
+                if order.is_empty() {
+                    return Err(ApiError::unavailable(format!(
+                        "No healthy engine serves `{model}` right now; retry later."
+                    )));
+                }
+                let i = order[self.rr_next.fetch_add(1, Ordering::Relaxed) as usize % order.len()];
+                let header = format!("engine={}; reason=round_robin", targets[i].label(&self.node_name));
+                return Ok((targets.swap_remove(i), Route { header, reason: "round_robin" }));
+            }
+        }
         let choice =
             score::choose(prompt_tokens, &cands, &self.weights, |n| rand::random_range(0..n)).ok_or_else(|| {
                 ApiError::unavailable(format!("No healthy engine serves `{model}` right now; retry later."))
@@ -586,6 +610,12 @@ impl Pipeline {
             .body(Body::from(body))
             .unwrap_or_else(|_| error_response(&ApiError::internal("failed to build response"))))
     }
+}
+
+/// This node's in-flight requests on an engine that its last report cannot account for as
+/// running: they are queued there, or sent after the report.
+fn unreported(in_flight: u32, reported_running: f64) -> f64 {
+    (in_flight as f64 - reported_running).max(0.0)
 }
 
 /// Marks an error answered before any engine accepted the request (safe to send elsewhere).

@@ -5,8 +5,10 @@
 //!
 //! - The uncached prompt is what the engine's cached prefix does not cover. The match is capped
 //!   at n-1 tokens, as engines always recompute the last token.
-//! - The queue wait counts requests ahead of this one: those the engine reported, plus those
-//!   this node sent and has not seen finish.
+//! - The queue wait counts requests ahead of this one. Waiting ones weigh a prefill each;
+//!   running ones little, because under chunked prefill decodes share each step with the new
+//!   prefill. This node's own in-flight requests beyond what the engine reported running count
+//!   as waiting, since the report may predate them.
 //! - The penalty grows as KV memory fills: a nearly full cache evicts the very prefixes that
 //!   made it attractive, and preempts running requests.
 //!
@@ -22,8 +24,11 @@ pub struct ScoreWeights {
     pub prefill_ms_per_token: f64,
     /// Fixed cost of the step that produces the first token.
     pub first_step_ms: f64,
-    /// Added wait per request ahead in the engine's queue.
-    pub queue_ms_per_request: f64,
+    /// Added wait per request waiting ahead (each must prefill first; ~a mid-size prefill).
+    pub queue_ms_per_waiting: f64,
+    /// Added wait per running request: decodes share each step with the new prefill, which
+    /// costs little under chunked prefill.
+    pub queue_ms_per_running: f64,
     /// Penalty per unit of KV usage above `kv_pressure_knee`, in ms.
     pub kv_pressure_ms: f64,
     pub kv_pressure_knee: f64,
@@ -38,7 +43,8 @@ impl Default for ScoreWeights {
         Self {
             prefill_ms_per_token: 0.024,
             first_step_ms: 7.0,
-            queue_ms_per_request: 12.0,
+            queue_ms_per_waiting: 40.0,
+            queue_ms_per_running: 0.5,
             kv_pressure_ms: 200.0,
             kv_pressure_knee: 0.85,
             tolerance: 0.10,
@@ -51,8 +57,11 @@ impl Default for ScoreWeights {
 pub struct Estimate {
     pub usable: bool,
     pub rtt_ms: f64,
-    /// Requests ahead: reported running + waiting, plus this node's own in flight.
-    pub queued: f64,
+    /// Requests the engine is running (reported).
+    pub running: f64,
+    /// Requests waiting ahead: reported waiting, plus this node's in-flight requests the
+    /// report cannot include yet.
+    pub waiting: f64,
     pub kv_usage: f64,
     /// Leading prompt blocks the engine holds.
     pub matched_blocks: usize,
@@ -65,7 +74,8 @@ pub fn predicted_ttft_ms(prompt_tokens: usize, e: &Estimate, w: &ScoreWeights) -
     let uncached = (prompt_tokens - cached) as f64;
     let pressure = (e.kv_usage - w.kv_pressure_knee).max(0.0) / (1.0 - w.kv_pressure_knee).max(1e-6);
     e.rtt_ms
-        + e.queued * w.queue_ms_per_request
+        + e.waiting * w.queue_ms_per_waiting
+        + e.running * w.queue_ms_per_running
         + w.first_step_ms
         + uncached * w.prefill_ms_per_token
         + pressure * w.kv_pressure_ms
@@ -115,8 +125,16 @@ pub fn choose(
 mod tests {
     use super::*;
 
-    fn e(queued: f64, matched: usize) -> Estimate {
-        Estimate { usable: true, rtt_ms: 0.0, queued, kv_usage: 0.3, matched_blocks: matched, block_size: 16 }
+    fn e(waiting: f64, matched: usize) -> Estimate {
+        Estimate {
+            usable: true,
+            rtt_ms: 0.0,
+            running: 0.0,
+            waiting,
+            kv_usage: 0.3,
+            matched_blocks: matched,
+            block_size: 16,
+        }
     }
 
     #[test]

@@ -1,0 +1,405 @@
+//! `kvmesh bench routing`: KV-cache-aware routing against baselines on the same simulated
+//! hardware, in one process on loopback.
+//!
+//! Each policy gets the same 8 engine simulators in real time (the default 8B/H100 model):
+//! - `round-robin`, `least-load` and `kvmesh`: 8 nodes in a mesh, one embedded engine each;
+//!   clients send each request to a node picked at random, as behind a plain DNS or L4
+//!   balancer.
+//! - `oracle`: one central router that has all 8 engines as its own, with their exact KV
+//!   indexes and load and no gossip delay. That is the information llm-d's precise-prefix
+//!   scheduler has.
+//!
+//! Arrivals are Poisson at each rate. The workload is `shared-prefix` from
+//! `shared/workloads/` (a copy is in `examples/workloads/`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, EngineEntry, RoutingPolicy};
+use crate::error::NodeError;
+use crate::node::{Node, RunningNode};
+use kvmesh_policy::tokenize::ModelTokenizer;
+use kvmesh_sim::{EngineConfig, EngineSim, RunningEngine};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RoutingArgs {
+    /// Workload file (shared-prefix shape).
+    #[arg(long, default_value = "examples/workloads/shared-prefix.toml")]
+    pub workload: PathBuf,
+    /// Request rates to test, requests per second.
+    #[arg(long, value_delimiter = ',', default_value = "10,20,30")]
+    pub rates: Vec<f64>,
+    /// Seconds of arrivals per (policy, rate); the first quarter is warm-up and not counted.
+    #[arg(long, default_value_t = 40.0)]
+    pub duration_s: f64,
+    #[arg(long, value_delimiter = ',', default_value = "round-robin,least-load,kvmesh,oracle")]
+    pub policies: Vec<String>,
+    #[arg(long, default_value_t = 8)]
+    pub engines: usize,
+    /// Markdown file whose `routing` section is replaced with the results.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// CSV of the results (for `scripts/plot-routing.py`).
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct SharedPrefix {
+    groups: usize,
+    prefix_tokens: usize,
+    question_tokens: usize,
+    output_tokens: u32,
+    slo: Slo,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Slo {
+    ttft_p90_s: f64,
+}
+
+fn err(e: impl std::fmt::Display) -> NodeError {
+    NodeError::Bench(e.to_string())
+}
+
+/// Text of about `tokens` tokens for the built-in tokenizer, seeded.
+fn text(seed: u64, tokens: usize, tokens_per_word: f64) -> String {
+    const SYL: &[&str] =
+        &["ka", "lo", "mi", "ren", "to", "sa", "vel", "nor", "di", "pan", "ux", "el", "tri", "go", "fen"];
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let words = (tokens as f64 / tokens_per_word) as usize;
+    (0..words)
+        .map(|_| (0..rng.random_range(1..4)).map(|_| SYL[rng.random_range(0..SYL.len())]).collect::<String>())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+struct Sample {
+    ttft_ms: f64,
+    itls_ms: Vec<f64>,
+    e2e_ms: f64,
+    prompt_tokens: u64,
+    cached_tokens: u64,
+    output_tokens: u64,
+}
+
+/// When a request was sent, and how it went.
+type Outcome = (Instant, Result<Sample, String>);
+
+struct Row {
+    policy: String,
+    rate: f64,
+    done: usize,
+    failed: usize,
+    ttft: [f64; 3],
+    itl: [f64; 2],
+    e2e: [f64; 2],
+    out_tok_s: f64,
+    hit_rate: f64,
+    goodput: f64,
+}
+
+async fn one(client: &reqwest::Client, url: &str, body: &serde_json::Value) -> Result<Sample, String> {
+    let t0 = Instant::now();
+    let r = client.post(format!("{url}/v1/chat/completions")).json(body).send().await.map_err(|e| e.to_string())?;
+    if !r.status().is_success() {
+        return Err(format!("status {}", r.status()));
+    }
+    let mut s = r.bytes_stream();
+    let mut buf = Vec::new();
+    let (mut first, mut last) = (None::<Instant>, None::<Instant>);
+    let mut itls = Vec::new();
+    let mut usage = (0, 0, 0);
+    while let Some(chunk) = s.next().await {
+        buf.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
+        while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
+            let ev: Vec<u8> = buf.drain(..pos + 2).collect();
+            let line = String::from_utf8_lossy(&ev);
+            let Some(data) = line.trim().strip_prefix("data: ") else { continue };
+            if data == "[DONE]" {
+                continue;
+            }
+            let v: serde_json::Value = serde_json::from_str(data).map_err(|e| e.to_string())?;
+            if v.get("error").is_some() {
+                return Err(data.to_owned());
+            }
+            if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+                usage = (
+                    u["prompt_tokens"].as_u64().unwrap_or(0),
+                    u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0),
+                    u["completion_tokens"].as_u64().unwrap_or(0),
+                );
+            }
+            let has_text = v["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty());
+            if has_text {
+                let now = Instant::now();
+                match last {
+                    None => first = Some(now),
+                    Some(prev) => itls.push(now.duration_since(prev).as_secs_f64() * 1000.0),
+                }
+                last = Some(now);
+            }
+        }
+    }
+    let first = first.ok_or("no tokens")?;
+    Ok(Sample {
+        ttft_ms: first.duration_since(t0).as_secs_f64() * 1000.0,
+        itls_ms: itls,
+        e2e_ms: t0.elapsed().as_secs_f64() * 1000.0,
+        prompt_tokens: usage.0,
+        cached_tokens: usage.1,
+        output_tokens: usage.2,
+    })
+}
+
+/// Engines and the URLs clients send to, for one policy.
+struct Setup {
+    nodes: Vec<RunningNode>,
+    engines: Vec<RunningEngine>,
+    entry_urls: Vec<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Setup {
+    async fn stop(self) {
+        futures::future::join_all(self.nodes.into_iter().map(|n| n.shutdown())).await;
+        futures::future::join_all(self.engines.into_iter().map(|e| e.shutdown())).await;
+    }
+}
+
+async fn setup(policy: &str, n: usize, cancel: &CancellationToken) -> Result<Setup, NodeError> {
+    if policy == "oracle" {
+        let mut engines = Vec::new();
+        for _ in 0..n {
+            engines.push(
+                EngineSim::start(EngineConfig::default(), "127.0.0.1:0", Some("tcp://127.0.0.1:0"), cancel).await?,
+            );
+        }
+        let cfg = Config {
+            node_name: "oracle".into(),
+            http_addr: "127.0.0.1:0".into(),
+            engine_poll_interval_ms: 100,
+            engines: engines
+                .iter()
+                .enumerate()
+                .map(|(i, e)| EngineEntry {
+                    url: e.url(),
+                    name: Some(format!("e{i}")),
+                    kv_events: e.kv_events_endpoint.clone(),
+                    api_key: None,
+                })
+                .collect(),
+            ..Config::default()
+        };
+        let node = Node::start(cfg, cancel).await?;
+        let url = node.url();
+        return Ok(Setup { nodes: vec![node], engines, entry_urls: vec![url], _dir: None });
+    }
+    let routing = match policy {
+        "round-robin" => RoutingPolicy::RoundRobin,
+        "least-load" => RoutingPolicy::LeastLoad,
+        "kvmesh" => RoutingPolicy::Kvmesh,
+        other => return Err(err(format!("unknown policy `{other}`"))),
+    };
+    let dir = tempfile::tempdir().map_err(err)?;
+    kvmesh_transport::certs::create_ca(dir.path(), "bench").map_err(err)?;
+    let mut nodes: Vec<RunningNode> = Vec::new();
+    let mut seed: Option<String> = None;
+    for i in 0..n {
+        let name = format!("n{i}");
+        kvmesh_transport::certs::create_node(dir.path(), dir.path(), &name).map_err(err)?;
+        let cfg = Config {
+            node_name: name,
+            http_addr: "127.0.0.1:0".into(),
+            quic_addr: "127.0.0.1:0".into(),
+            seeds: seed.clone().into_iter().collect(),
+            tls_dir: Some(dir.path().to_path_buf()),
+            cluster_id: "bench".into(),
+            routing,
+            ..Config::default()
+        };
+        let node = Node::start(cfg, cancel).await?;
+        seed.get_or_insert_with(|| node.mesh.as_ref().map(|m| m.advertise.to_string()).unwrap_or_default());
+        nodes.push(node);
+    }
+    let t = Instant::now();
+    while !nodes
+        .iter()
+        .all(|x| x.mesh.as_ref().is_some_and(|m| m.peers().len() == n && m.remote_engines().len() == n - 1))
+    {
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err(err("mesh did not form in 30 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let entry_urls = nodes.iter().map(|x| x.url()).collect();
+    Ok(Setup { nodes, engines: Vec::new(), entry_urls, _dir: Some(dir) })
+}
+
+fn pct(h: &Histogram<u64>, q: f64) -> f64 {
+    if h.is_empty() {
+        f64::NAN
+    } else {
+        h.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+async fn run_one(policy: &str, rate: f64, a: &RoutingArgs, w: &SharedPrefix, tpw: f64) -> Result<Row, NodeError> {
+    let cancel = CancellationToken::new();
+    let s = setup(policy, a.engines, &cancel).await?;
+    let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(1024).build().map_err(err)?;
+    let samples: Arc<Mutex<Vec<Outcome>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let prefixes: Vec<String> = (0..w.groups).map(|g| text(1000 + g as u64, w.prefix_tokens, tpw)).collect();
+    let start = Instant::now();
+    let warmup = Duration::from_secs_f64(a.duration_s / 4.0);
+    let mut next = Instant::now();
+    let mut tasks = Vec::new();
+    let mut i = 0u64;
+    while start.elapsed().as_secs_f64() < a.duration_s {
+        // Poisson arrivals: exponential gaps.
+        let gap = -(1.0 - rng.random::<f64>()).ln() / rate;
+        next += Duration::from_secs_f64(gap);
+        tokio::time::sleep_until(next.into()).await;
+        let group = rng.random_range(0..w.groups);
+        let url = s.entry_urls[rng.random_range(0..s.entry_urls.len())].clone();
+        let body = json!({
+            "model": "kvmesh-sim", "stream": true, "stream_options": {"include_usage": true},
+            "max_tokens": w.output_tokens, "ignore_eos": true,
+            "messages": [{"role": "system", "content": prefixes[group]},
+                         {"role": "user", "content": text(1_000_000 + i, w.question_tokens, tpw)}],
+        });
+        i += 1;
+        let (client, samples) = (client.clone(), samples.clone());
+        let sent = Instant::now();
+        tasks.push(tokio::spawn(async move {
+            let r = one(&client, &url, &body).await;
+            samples.lock().await.push((sent, r));
+        }));
+    }
+    futures::future::join_all(tasks).await;
+    let measured_s = a.duration_s - warmup.as_secs_f64();
+    s.stop().await;
+    let all = std::mem::take(&mut *samples.lock().await);
+    let (mut ttft, mut itl, mut e2e) = (hist(), hist(), hist());
+    let (mut done, mut failed, mut good, mut out_tok, mut prompt, mut cached) = (0, 0, 0, 0u64, 0u64, 0u64);
+    for (_, r) in all.into_iter().filter(|(sent, _)| sent.duration_since(start) >= warmup) {
+        match r {
+            Ok(x) => {
+                done += 1;
+                let _ = ttft.record((x.ttft_ms * 1000.0) as u64);
+                let _ = e2e.record((x.e2e_ms * 1000.0) as u64);
+                for v in &x.itls_ms {
+                    let _ = itl.record((v * 1000.0).max(1.0) as u64);
+                }
+                good += (x.ttft_ms <= w.slo.ttft_p90_s * 1000.0) as usize;
+                out_tok += x.output_tokens;
+                prompt += x.prompt_tokens;
+                cached += x.cached_tokens;
+            }
+            Err(e) => {
+                failed += 1;
+                tracing::warn!(error = %e, "request failed");
+            }
+        }
+    }
+    Ok(Row {
+        policy: policy.to_owned(),
+        rate,
+        done,
+        failed,
+        ttft: [pct(&ttft, 0.5), pct(&ttft, 0.9), pct(&ttft, 0.99)],
+        itl: [pct(&itl, 0.5), pct(&itl, 0.99)],
+        e2e: [pct(&e2e, 0.5), pct(&e2e, 0.99)],
+        out_tok_s: out_tok as f64 / measured_s,
+        hit_rate: if prompt > 0 { cached as f64 / prompt as f64 } else { 0.0 },
+        goodput: good as f64 / measured_s,
+    })
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| Histogram::new(3).expect("valid sigfig"))
+}
+
+pub async fn run(a: RoutingArgs) -> Result<(), NodeError> {
+    let text_w = std::fs::read_to_string(&a.workload).map_err(|e| {
+        err(format!(
+            "workload {}: {e} (pass --workload PATH, e.g. ../shared/workloads/shared-prefix.toml)",
+            a.workload.display()
+        ))
+    })?;
+    let w: SharedPrefix =
+        toml::from_str(&text_w).map_err(|e| err(format!("workload {}: {e}", a.workload.display())))?;
+    // Calibrate words per token for the built-in tokenizer on this generator's text.
+    let tok = ModelTokenizer::builtin().map_err(err)?;
+    let sample = text(1, 2000, 1.0);
+    let tpw = tok.encode(&sample, false).map_err(err)?.len() as f64 / sample.split(' ').count() as f64;
+    let mut rows = Vec::new();
+    for rate in &a.rates {
+        for p in &a.policies {
+            let r = run_one(p, *rate, &a, &w, tpw).await?;
+            println!(
+                "{:>12} @ {:>5.1} req/s: TTFT p50/p90/p99 {:.0}/{:.0}/{:.0} ms, hit {:.0}%, goodput {:.1} req/s, {} done, {} failed",
+                r.policy, r.rate, r.ttft[0], r.ttft[1], r.ttft[2], r.hit_rate * 100.0, r.goodput, r.done, r.failed
+            );
+            rows.push(r);
+        }
+    }
+    let mut md = format!(
+        "Command: `kvmesh bench routing --rates {} --duration-s {} --engines {}` (release build; {} engine \
+         simulators in real time with the default 8B/H100 model, all nodes and the load generator in one process on this \
+         machine's {} cores). Workload `shared-prefix`: {} groups × {}-token shared prefix, {}-token unique question, \
+         {} output tokens; each request to a random node (the oracle: its one router). The first quarter of each run is \
+         warm-up and not counted. Goodput: requests/s with TTFT ≤ {} s.\n\n",
+        a.rates.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(","),
+        a.duration_s, a.engines, a.engines,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        w.groups, w.prefix_tokens, w.question_tokens, w.output_tokens, w.slo.ttft_p90_s,
+    );
+    md.push_str("| rate (req/s) | policy | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | output tok/s | cache hit | goodput (req/s) | failed |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut csv = String::from("rate,policy,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,itl_p50_ms,itl_p99_ms,e2e_p50_ms,out_tok_s,hit_rate,goodput,done,failed\n");
+    for r in &rows {
+        md.push_str(&format!(
+            "| {} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {:.1} ms | {:.1} ms | {:.0} ms | {:.0} | {:.0}% | {:.1} | {} |\n",
+            r.rate, r.policy, r.ttft[0], r.ttft[1], r.ttft[2], r.itl[0], r.itl[1], r.e2e[0], r.out_tok_s, r.hit_rate * 100.0, r.goodput, r.failed
+        ));
+        csv.push_str(&format!(
+            "{},{},{:.1},{:.1},{:.1},{:.2},{:.2},{:.1},{:.1},{:.4},{:.2},{},{}\n",
+            r.rate,
+            r.policy,
+            r.ttft[0],
+            r.ttft[1],
+            r.ttft[2],
+            r.itl[0],
+            r.itl[1],
+            r.e2e[0],
+            r.out_tok_s,
+            r.hit_rate,
+            r.goodput,
+            r.done,
+            r.failed
+        ));
+    }
+    println!("{md}");
+    if let Some(p) = &a.csv {
+        std::fs::write(p, csv).map_err(err)?;
+    }
+    if let Some(p) = &a.out {
+        crate::bench::write_section(
+            p,
+            "routing",
+            "KV-aware routing vs round-robin, least-load and a central oracle",
+            &md,
+        )?;
+    }
+    Ok(())
+}
