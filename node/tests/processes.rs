@@ -20,8 +20,14 @@ impl Drop for Proc {
     }
 }
 
-/// Starts `kvmesh ARGS` and reads stdout until a line containing `marker` followed by a URL.
+/// Starts `kvmesh ARGS` and reads stdout until a line containing `marker` followed by a URL,
+/// and (for `engine-sim` and `serve` in a mesh) the line with the KV-events or QUIC address.
 fn spawn(args: &[&str], marker: &str) -> Proc {
+    let extra: Option<(&str, usize)> = match marker {
+        "engine-sim serving" => Some(("KV events on", 3)),
+        _ if args.contains(&"--tls-dir") => Some(("mesh: QUIC at", 3)),
+        _ => None,
+    };
     let mut child = Command::new(env!("CARGO_BIN_EXE_kvmesh"))
         .args(args)
         .env("RUST_LOG", "warn")
@@ -29,24 +35,24 @@ fn spawn(args: &[&str], marker: &str) -> Proc {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("kvmesh binary starts");
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let mut url = None;
-    let mut extra = None;
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut url, mut found) = (None, None);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while url.is_none() || (marker == "engine-sim serving" && extra.is_none()) {
+    while url.is_none() || (extra.is_some() && found.is_none()) {
         assert!(Instant::now() < deadline, "kvmesh did not print `{marker}`");
         let line = lines.next().expect("kvmesh exited early").unwrap();
         if line.contains(marker) {
             url = line.split_whitespace().find(|w| w.starts_with("http://")).map(str::to_owned);
         }
-        if line.contains("KV events on") {
-            extra = line.split_whitespace().last().map(str::to_owned);
+        if let Some((m, word)) = extra {
+            if line.contains(m) {
+                found = line.split_whitespace().nth(word).map(str::to_owned);
+            }
         }
     }
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    Proc { child, url: url.unwrap(), extra }
+    Proc { child, url: url.unwrap(), extra: found }
 }
 
 fn sigterm_and_wait(p: &mut Proc) -> std::process::ExitStatus {
@@ -134,11 +140,13 @@ async fn two_serve_processes_form_a_mesh_with_cli_certificates() {
     kvmesh(&["cert", "node", "--dir", d, "--name", "p0"]);
     kvmesh(&["cert", "node", "--dir", d, "--name", "p1"]);
     let common = ["--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0", "--tls-dir", d, "--cluster-id", "proc"];
-    let p0 = spawn_with_quic(&[&["serve", "--node-name", "p0"], &common[..]].concat());
+    let p0 = spawn(&[&["serve", "--node-name", "p0"], &common[..]].concat(), "serving the OpenAI API at");
     let seed = p0.extra.clone().unwrap();
     // p1 is an edge node: everything it serves crosses the mesh to p0's embedded engine.
-    let p1 =
-        spawn_with_quic(&[&["serve", "--node-name", "p1", "--role", "edge", "--seeds", &seed], &common[..]].concat());
+    let p1 = spawn(
+        &[&["serve", "--node-name", "p1", "--role", "edge", "--seeds", &seed], &common[..]].concat(),
+        "serving the OpenAI API at",
+    );
     let t = Instant::now();
     loop {
         let out = kvmesh(&["peers", "--node", &p1.url]);
@@ -153,30 +161,4 @@ async fn two_serve_processes_form_a_mesh_with_cli_certificates() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-kvmesh-served-by"], "p0/embedded-sim");
     assert!(r.text().await.unwrap().ends_with("data: [DONE]\n\n"));
-}
-
-/// Like `spawn` for `serve`, also reading the QUIC address the node prints (into `extra`).
-fn spawn_with_quic(args: &[&str]) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kvmesh"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("kvmesh binary starts");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut url, mut quic) = (None, None);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while url.is_none() || quic.is_none() {
-        assert!(Instant::now() < deadline, "kvmesh serve printed no addresses");
-        let line = lines.next().expect("kvmesh exited early").unwrap();
-        if line.contains("serving the OpenAI API at") {
-            url = line.split_whitespace().find(|w| w.starts_with("http://")).map(str::to_owned);
-        }
-        if line.contains("mesh: QUIC at") {
-            quic = line.split_whitespace().nth(3).map(str::to_owned);
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    Proc { child, url: url.unwrap(), extra: quic }
 }
