@@ -30,6 +30,10 @@ pub struct GossipArgs {
     /// Seconds of steady state over which bandwidth is measured.
     #[arg(long, default_value_t = 10.0)]
     pub bandwidth_s: f64,
+    /// Load changes per node per second during the bandwidth measurement (a busy engine's
+    /// report changes at most every `load_publish_interval_ms`, 200 ms by default).
+    #[arg(long, default_value_t = 1.0)]
+    pub load_updates_per_s: f64,
     /// Markdown file whose `gossip` section is replaced with the results.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -66,15 +70,17 @@ pub async fn run(a: GossipArgs) -> Result<(), NodeError> {
         rows.push(measure(n, &a).await?);
     }
     let mut md = format!(
-        "Command: `kvmesh bench gossip --nodes {} --updates {} --gossip-interval-ms {}` (release build; every node a real \
-         QUIC endpoint with mutual TLS and the real membership code, all in one process on this machine's {} cores). \
-         An update is one node changing its `load` key; it has reached the mesh when every node's view shows it. \
-         Bandwidth is gossip payload bytes sent per node per second in steady state, with every node changing its \
-         load once a second; QUIC/TLS framing, ACKs and keep-alives are not counted.\n\n",
+        "Command: `kvmesh bench gossip --nodes {} --updates {} --gossip-interval-ms {} --load-updates-per-s {}` (release \
+         build; every node a real QUIC endpoint with mutual TLS and the real membership code, all in one process on this \
+         machine's {} cores). An update is one node changing its `load` key; it has reached the mesh when every node's \
+         view shows it. Bandwidth is gossip payload bytes sent per node per second in steady state, with every node \
+         changing its load {} times a second; QUIC/TLS framing, ACKs and keep-alives are not counted.\n\n",
         a.nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(","),
         a.updates,
         a.gossip_interval_ms,
+        a.load_updates_per_s,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        a.load_updates_per_s,
     );
     md.push_str("| nodes | join (all see all) | update p50 | update p99 | p99 in rounds | gossip KB/s per node |\n|---|---|---|---|---|---|\n");
     for r in &rows {
@@ -173,16 +179,17 @@ async fn measure(n: usize, a: &GossipArgs) -> Result<Row, NodeError> {
         let _ = h.record(t.elapsed().as_millis().max(1) as u64);
     }
 
-    // Bandwidth: every node changes its load once a second, as a busy engine's report does.
+    // Bandwidth: every node changes its load `load_updates_per_s` times a second.
     let before: u64 = nodes.iter().map(|x| x.endpoint.stats.gossip_bytes_sent.load(Ordering::Relaxed)).sum();
     let t = Instant::now();
     let mut round = 0u32;
+    let period = Duration::from_secs_f64(1.0 / a.load_updates_per_s.max(0.01));
     while t.elapsed().as_secs_f64() < a.bandwidth_s {
         for (i, x) in nodes.iter().enumerate() {
             x.membership.set_load(&load(2000 + round * n as u32 + i as u32)).await.map_err(err)?;
         }
         round += 1;
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(period).await;
     }
     let secs = t.elapsed().as_secs_f64();
     let after: u64 = nodes.iter().map(|x| x.endpoint.stats.gossip_bytes_sent.load(Ordering::Relaxed)).sum();

@@ -147,7 +147,7 @@ impl Default for Config {
             key: None,
             gossip_interval_ms: 300,
             phi_threshold: 8.0,
-            load_publish_interval_ms: 500,
+            load_publish_interval_ms: 200,
             peer_suspect_ms: 3_000,
             models: Vec::new(),
             default_block_size: 16,

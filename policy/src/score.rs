@@ -20,7 +20,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ScoreWeights {
-    /// Prefill cost per uncached prompt token (8B on H100: ~21 µs of GEMM plus attention).
+    /// Cost per uncached prompt token. An 8B model on an H100 prefills in ~24 µs/token, and the
+    /// default counts that twice: a cache miss delays this request, and the same prefill takes
+    /// step budget from everything else on that engine. Weighing only the first half let
+    /// requests spill off cache holders under load until the cluster collapsed (BENCHMARKS.md,
+    /// routing at 55 req/s).
     pub prefill_ms_per_token: f64,
     /// Fixed cost of the step that produces the first token.
     pub first_step_ms: f64,
@@ -41,7 +45,7 @@ pub struct ScoreWeights {
 impl Default for ScoreWeights {
     fn default() -> Self {
         Self {
-            prefill_ms_per_token: 0.024,
+            prefill_ms_per_token: 0.048,
             first_step_ms: 7.0,
             queue_ms_per_waiting: 40.0,
             queue_ms_per_running: 0.5,
