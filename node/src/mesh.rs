@@ -237,13 +237,8 @@ async fn routable_ip(bound: IpAddr, seeds: &[String]) -> IpAddr {
 /// Publishes this node's engine load whenever it changes (checked every `every`).
 async fn publish_load(mesh: Arc<Mesh>, engines: Arc<EngineSet>, every: Duration, cancel: CancellationToken) {
     let mut last_tokens: HashMap<String, (f64, Instant)> = HashMap::new();
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tick.tick() => {}
-        }
+    let mut tick = ticker(every);
+    while next_tick(&mut tick, &cancel).await {
         let report = LoadReport {
             engines: engines
                 .engines
@@ -292,13 +287,8 @@ async fn publish_summary(
     const STALE_AFTER: Duration = Duration::from_secs(10);
     let mut last: Vec<Option<(BloomShard, Instant)>> = vec![None; summary::SHARDS];
     let mut version = 0u64;
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tick.tick() => {}
-        }
+    let mut tick = ticker(every);
+    while next_tick(&mut tick, &cancel).await {
         let mut keys: Vec<u64> = Vec::new();
         let mut capacity = 0usize;
         for e in &engines.engines {
@@ -330,5 +320,20 @@ async fn publish_summary(
                 tracing::warn!(error = %e, "publishing the KV summary failed");
             }
         }
+    }
+}
+
+/// An interval that skips missed ticks instead of bursting after a stall.
+fn ticker(every: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
+/// Waits for the next tick; false once the node is shutting down.
+async fn next_tick(tick: &mut tokio::time::Interval, cancel: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = cancel.cancelled() => false,
+        _ = tick.tick() => true,
     }
 }

@@ -241,21 +241,11 @@ impl Pipeline {
             self.metrics.route_decisions.with_label_values(&[reason]).inc();
             let outcome = match &target {
                 Target::Local(e) => {
-                    self.forward_local(
-                        endpoint,
-                        &req.model,
-                        req.stream,
-                        request_id,
-                        &body,
-                        e.clone(),
-                        &route.header,
-                        started,
-                    )
-                    .await
+                    self.forward_local(endpoint, &req.model, req.stream, request_id, &body, e.clone(), &route, started)
+                        .await
                 }
                 Target::Remote(r) => {
-                    self.forward_remote(endpoint, &req.model, req.stream, request_id, &body, r, &route.header, started)
-                        .await
+                    self.forward_remote(endpoint, &req.model, req.stream, request_id, &body, r, &route, started).await
                 }
             };
             match outcome {
@@ -420,7 +410,7 @@ impl Pipeline {
         request_id: &str,
         body: &Bytes,
         engine: Arc<Engine>,
-        route: &str,
+        route: &Route,
         started: Instant,
     ) -> Result<Response, Retry> {
         let in_flight = InFlight::new(engine.in_flight.clone());
@@ -455,7 +445,7 @@ impl Pipeline {
             });
         }
         let served_by = format!("{}/{}", self.node_name, engine.name);
-        let answer = Answer { status, content_type, served_by, stream, request_id, route };
+        let answer = Answer { status, content_type, served_by, stream, request_id, route: &route.header };
         self.relay_answer(endpoint, model, answer, upstream, in_flight, started).await
     }
 
@@ -468,7 +458,7 @@ impl Pipeline {
         request_id: &str,
         body: &Bytes,
         remote: &RemoteEngine,
-        route: &str,
+        route: &Route,
         started: Instant,
     ) -> Result<Response, Retry> {
         let Some(mesh) = self.mesh() else {
@@ -481,7 +471,7 @@ impl Pipeline {
             origin: self.node_name.clone(),
             // With several engines on the peer, its exact indexes know better which one holds
             // the prefix than our node-level summary: let it choose.
-            engine: if remote.node_engines > 1 && route.contains("reason=prefix") {
+            engine: if remote.node_engines > 1 && route.reason == "prefix" {
                 String::new()
             } else {
                 remote.engine.name.clone()
@@ -518,7 +508,7 @@ impl Pipeline {
             served_by: rhead.served_by,
             stream,
             request_id,
-            route,
+            route: &route.header,
         };
         let relayed = self.relay_answer(endpoint, model, answer, upstream, in_flight, started).await;
         if relayed.is_err() {
