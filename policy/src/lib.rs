@@ -10,10 +10,13 @@
 
 pub mod blocks;
 pub mod error;
+pub mod fast_encode;
 pub mod openai;
 pub mod prefix_index;
+pub mod prompt_encoder;
 pub mod request;
 pub mod score;
+pub mod segments;
 pub mod summary;
 pub mod tokenize;
 
