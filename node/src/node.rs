@@ -115,7 +115,7 @@ impl Node {
         let tasks = TaskTracker::new();
         engines.spawn_watchers(&tasks, &cancel);
         let metrics = Arc::new(NodeMetrics::new(&cfg.node_name)?);
-        let tokenizers = crate::tokens::Tokenizers::load(&cfg)?;
+        let tokenizers = crate::tokens::Tokenizers::load(&cfg, metrics.clone()).await?;
         let pipeline = Arc::new(Pipeline::new(&cfg, engines.clone(), metrics, client, tokenizers));
         let listener = tokio::net::TcpListener::bind(&cfg.http_addr)
             .await

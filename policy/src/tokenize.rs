@@ -79,7 +79,8 @@ struct Inner {
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
     eos_token_id: Option<u32>,
-    max_model_len: u32,
+    /// `model_max_length` from `tokenizer_config.json`, when it gives a usable one.
+    declared_max_model_len: Option<u32>,
     source: String,
 }
 
@@ -113,18 +114,17 @@ impl ModelTokenizer {
         let bos_token = special_token(&config, "bos_token");
         let eos_token = special_token(&config, "eos_token");
         let eos_token_id = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t));
-        let max_model_len = config
+        let declared_max_model_len = config
             .get("model_max_length")
             .and_then(Value::as_u64)
             .filter(|&n| n > 0 && n <= 16_777_216)
-            .map(|n| n as u32)
-            .unwrap_or(DEFAULT_MAX_MODEL_LEN);
+            .map(|n| n as u32);
         let source_text = files.chat_template.clone().or_else(|| template_from_config(&config));
         let template = match source_text {
             Some(text) => Some(ChatTemplate::new(text, bos_token.unwrap_or_default(), eos_token.unwrap_or_default())?),
             None => None,
         };
-        Ok(Self { inner: Arc::new(Inner { tokenizer, template, eos_token_id, max_model_len, source }) })
+        Ok(Self { inner: Arc::new(Inner { tokenizer, template, eos_token_id, declared_max_model_len, source }) })
     }
 
     /// The reference `tokenizers` encoder itself.
@@ -137,7 +137,12 @@ impl ModelTokenizer {
     }
 
     pub fn max_model_len(&self) -> u32 {
-        self.inner.max_model_len
+        self.inner.declared_max_model_len.unwrap_or(DEFAULT_MAX_MODEL_LEN)
+    }
+
+    /// The context length the tokenizer's config states, if it states one.
+    pub fn declared_max_model_len(&self) -> Option<u32> {
+        self.inner.declared_max_model_len
     }
 
     pub fn eos_token_id(&self) -> Option<u32> {
