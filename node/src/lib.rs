@@ -13,6 +13,7 @@ pub mod api;
 pub mod bench;
 pub mod bench_gossip;
 pub mod bench_routing;
+pub mod bench_tokenize;
 pub mod config;
 pub mod demo;
 pub mod engine;
