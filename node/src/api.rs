@@ -132,7 +132,8 @@ async fn health(State(p): State<Arc<Pipeline>>) -> Response {
 }
 
 /// This node's view of itself: engines with their index sizes, and how each model's prompts
-/// are matched (`exact` with a tokenizer, `load_only` without).
+/// are matched: `exact` (token blocks, with a tokenizer) or `approximate` (text chunks against
+/// what this node routed where, without one).
 async fn status(State(p): State<Arc<Pipeline>>) -> Response {
     let engines: Vec<_> = p
         .engines
@@ -149,6 +150,7 @@ async fn status(State(p): State<Arc<Pipeline>>) -> Response {
                 "kv_usage": v.load.kv_usage,
                 "kv_events": e.kv.batches.load(std::sync::atomic::Ordering::Relaxed) > 0,
                 "indexed_blocks": e.kv.cached_blocks(),
+                "routed_keys": e.routed.lock().map(|r| r.len()).unwrap_or(0),
                 "index_resets": e.kv.gaps.load(std::sync::atomic::Ordering::Relaxed),
             })
         })
@@ -166,7 +168,7 @@ async fn status(State(p): State<Arc<Pipeline>>) -> Response {
     models.sort();
     let routing: Vec<_> = models
         .iter()
-        .map(|m| json!({"model": m, "prefix_matching": if p.tokenizers().has(m) { "exact" } else { "load_only" }}))
+        .map(|m| json!({"model": m, "prefix_matching": if p.tokenizers().has(m) { "exact" } else { "approximate" }}))
         .collect();
     Json(json!({
         "node": p.node_name,

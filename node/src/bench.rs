@@ -136,12 +136,18 @@ async fn overhead(a: OverheadArgs) -> Result<(), NodeError> {
     let mut node_cfg = Config {
         node_name: "bench".into(),
         http_addr: "127.0.0.1:0".into(),
-        engines: vec![EngineEntry { url: engine_url.clone(), name: Some("sim".into()), kv_events: None, api_key: None }],
+        engines: vec![EngineEntry {
+            url: engine_url.clone(),
+            name: Some("sim".into()),
+            kv_events: None,
+            api_key: None,
+        }],
         ..Config::default()
     };
     let template_file = tempfile::NamedTempFile::new().map_err(|e| NodeError::Bench(e.to_string()))?;
     if let Some(dir) = &a.tokenizer {
-        let files = kvmesh_policy::tokenize::TokenizerFiles::read(dir, None).map_err(|e| NodeError::Bench(e.to_string()))?;
+        let files =
+            kvmesh_policy::tokenize::TokenizerFiles::read(dir, None).map_err(|e| NodeError::Bench(e.to_string()))?;
         let has_template = kvmesh_policy::tokenize::ModelTokenizer::from_files(&files)
             .map(|t| t.has_chat_template())
             .map_err(|e| NodeError::Bench(e.to_string()))?;
@@ -167,11 +173,8 @@ async fn overhead(a: OverheadArgs) -> Result<(), NodeError> {
         .no_proxy()
         .build()
         .map_err(|e| NodeError::Client(e.to_string()))?;
-    let history = if a.history_tokens > 0 {
-        crate::bench_tokenize::conversation(7, a.history_tokens, 7)
-    } else {
-        Vec::new()
-    };
+    let history =
+        if a.history_tokens > 0 { crate::bench_tokenize::conversation(7, a.history_tokens, 7) } else { Vec::new() };
     let body = |i: usize, stream: bool| {
         let mut messages: Vec<serde_json::Value> =
             history.iter().map(|m| json!({"role": m.role, "content": m.content})).collect();
@@ -364,9 +367,8 @@ async fn echo_engine(cancel: &CancellationToken) -> Result<String, NodeError> {
         .route(
             "/v1/chat/completions",
             post(move |body: axum::body::Bytes| async move {
-                let stream = serde_json::from_slice::<serde_json::Value>(&body)
-                    .map(|v| v["stream"] == true)
-                    .unwrap_or(false);
+                let stream =
+                    serde_json::from_slice::<serde_json::Value>(&body).map(|v| v["stream"] == true).unwrap_or(false);
                 completion(stream)
             }),
         );

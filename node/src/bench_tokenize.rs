@@ -48,11 +48,60 @@ pub struct TokenizeArgs {
 }
 
 const WORDS: &[&str] = &[
-    "the", "cache", "of", "a", "prefix", "routing", "request", "engine", "and", "latency", "is", "token", "model",
-    "which", "decode", "prefill", "we", "measure", "throughput", "under", "load", "with", "memory", "blocks", "when",
-    "gossip", "peers", "network", "summary", "filter", "tenant", "audit", "stream", "response", "prompt", "system",
-    "document", "retrieval", "answer", "question", "context", "window", "budget", "scheduler", "batch", "queue",
-    "Kubernetes", "cluster", "operator", "deployment", "performance", "regression", "benchmark", "experiment",
+    "the",
+    "cache",
+    "of",
+    "a",
+    "prefix",
+    "routing",
+    "request",
+    "engine",
+    "and",
+    "latency",
+    "is",
+    "token",
+    "model",
+    "which",
+    "decode",
+    "prefill",
+    "we",
+    "measure",
+    "throughput",
+    "under",
+    "load",
+    "with",
+    "memory",
+    "blocks",
+    "when",
+    "gossip",
+    "peers",
+    "network",
+    "summary",
+    "filter",
+    "tenant",
+    "audit",
+    "stream",
+    "response",
+    "prompt",
+    "system",
+    "document",
+    "retrieval",
+    "answer",
+    "question",
+    "context",
+    "window",
+    "budget",
+    "scheduler",
+    "batch",
+    "queue",
+    "Kubernetes",
+    "cluster",
+    "operator",
+    "deployment",
+    "performance",
+    "regression",
+    "benchmark",
+    "experiment",
 ];
 
 /// Pseudo-prose of about `tokens` tokens (a word is ~1.3 tokens here), deterministic per seed.
@@ -226,7 +275,9 @@ fn run_blocking(a: TokenizeArgs) -> Result<(), NodeError> {
         fast.report().fast_encoder,
         a.messages
     );
-    md.push_str("| prompt | encoder | state | µs/token p50 | µs/token p99 | p50 | p99 |\n|---|---|---|---|---|---|---|\n");
+    md.push_str(
+        "| prompt | encoder | state | µs/token p50 | µs/token p99 | p50 | p99 |\n|---|---|---|---|---|---|---|\n",
+    );
     for r in &rows {
         md.push_str(&format!(
             "| {:.0} tok | {} | {} | {:.3} | {:.3} | {:.3} ms | {:.3} ms |\n",
@@ -235,7 +286,9 @@ fn run_blocking(a: TokenizeArgs) -> Result<(), NodeError> {
     }
     let ratio = |size: usize, state: &str| {
         let of = |mode_prefix: &str| {
-            rows.iter().find(|r| r.size == size && r.state == state && r.mode.starts_with(mode_prefix)).map(|r| r.p99_ms)
+            rows.iter()
+                .find(|r| r.size == size && r.state == state && r.mode.starts_with(mode_prefix))
+                .map(|r| r.p99_ms)
         };
         match (of("reference"), rows.iter().rev().find(|r| r.size == size && r.state == state).map(|r| r.p99_ms)) {
             (Some(base), Some(x)) if x > 0.0 => format!("{:.1}x", base / x),

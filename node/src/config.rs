@@ -79,6 +79,12 @@ pub struct Config {
     pub score: ScoreWeights,
     /// The tokenizer service: encoding threads, queue and segment cache.
     pub tokenize: TokenizeSettings,
+    /// How long a prefix this node routed to an engine counts as cached there, where nothing
+    /// better is known: engines without KV events, peers before their summary shows it, and
+    /// models without a tokenizer (approximate mode).
+    pub route_history_ttl_s: u64,
+    /// Bound on the block keys remembered per engine for that purpose.
+    pub route_history_max_keys: usize,
     /// How engines are chosen. `kvmesh` (the default) predicts TTFT from cached prefixes and
     /// load; `least_load` and `round_robin` are baselines for benchmarks.
     pub routing: RoutingPolicy,
@@ -187,6 +193,8 @@ impl Default for Config {
             summary_min_change: 0.0,
             score: ScoreWeights::default(),
             tokenize: TokenizeSettings::default(),
+            route_history_ttl_s: 120,
+            route_history_max_keys: 131_072,
             routing: RoutingPolicy::Kvmesh,
         }
     }
@@ -374,6 +382,9 @@ impl Config {
         }
         if self.tokenize.threads == 0 || self.tokenize.threads > 256 {
             return bad(format!("tokenize.threads is {}; give 1 to 256", self.tokenize.threads));
+        }
+        if self.route_history_max_keys == 0 {
+            return bad("route_history_max_keys must be at least 1 (0 would forget every route at once)".into());
         }
         if self.tokenize.queue == 0 {
             return bad("tokenize.queue must be at least 1".into());

@@ -291,9 +291,15 @@ async fn publish_summary(
     while next_tick(&mut tick, &cancel).await {
         let mut keys: Vec<u64> = Vec::new();
         let mut capacity = 0usize;
+        let now = engines.now_ms();
         for e in &engines.engines {
             if let Ok(index) = e.kv.index.read() {
                 keys.extend(index.keys());
+            }
+            // What this node routed to the engine within the TTL: the only evidence for an
+            // engine without KV events, and for approximate-mode (text) keys.
+            if let Ok(routed) = e.routed.lock() {
+                keys.extend(routed.live_keys(now));
             }
             capacity += e.snapshot().load.num_gpu_blocks.unwrap_or(28_000) as usize;
         }

@@ -21,6 +21,7 @@ use kvmesh_policy::blocks;
 use kvmesh_policy::openai::ApiError;
 use kvmesh_policy::request::InferenceRequest;
 use kvmesh_policy::request::{self, Endpoint};
+use kvmesh_policy::route_history::RoutedKeys;
 use kvmesh_policy::score::{self, Estimate, ScoreWeights};
 use kvmesh_transport::endpoint::respond;
 use kvmesh_transport::{IncomingRequest, PromptDigest, RequestHead, ResponseHead, TransportError};
@@ -51,6 +52,11 @@ pub struct Pipeline {
     peer_requests: std::sync::atomic::AtomicU32,
     routing: RoutingPolicy,
     rr_next: std::sync::atomic::AtomicU32,
+    /// Block keys this node routed to each peer's engine, by `RemoteEngine::key`: evidence of a
+    /// prefix there before the peer's summary shows it, and for approximate-mode prompts.
+    remote_routed: std::sync::Mutex<std::collections::HashMap<String, RoutedKeys>>,
+    route_history_ttl_ms: u64,
+    route_history_max_keys: usize,
 }
 
 pub fn error_response(e: &ApiError) -> Response {
@@ -74,12 +80,14 @@ enum Target {
     Remote(RemoteEngine),
 }
 
-/// What the router knows of a prompt: its ids (tokenized here) or the block keys a peer sent.
+/// What the router knows of a prompt: its ids (tokenized here) or the block keys a peer sent;
+/// failing both, approximate keys over its text (a model with no tokenizer here).
 #[derive(Default)]
 struct PromptKeys {
     tokens: usize,
     ids: Option<Vec<u32>>,
     given: Option<(u32, Vec<u64>)>,
+    approx: Option<Vec<u64>>,
 }
 
 impl PromptKeys {
@@ -95,6 +103,18 @@ impl PromptKeys {
             _ => Vec::new(),
         }
     }
+}
+
+/// Approximate keys of a prompt's text (roles and contents in order), and its length in bytes.
+fn approx_keys(req: &InferenceRequest, seed: u64) -> (Vec<u64>, usize) {
+    use kvmesh_policy::request::Prompt;
+    let parts: Vec<&str> = match &req.prompt {
+        Prompt::Chat(messages) => messages.iter().flat_map(|m| [m.role.as_str(), m.content.as_str()]).collect(),
+        Prompt::Text(text) => vec![text.as_str()],
+        Prompt::TokenIds(_) => Vec::new(),
+    };
+    let bytes = parts.iter().map(|p| p.len()).sum();
+    (blocks::text_chunk_keys(seed, &parts), bytes)
 }
 
 /// With several engines on the peer, its exact indexes know better which one holds the prefix
@@ -139,6 +159,9 @@ impl Pipeline {
             peer_requests: std::sync::atomic::AtomicU32::new(0),
             routing: cfg.routing,
             rr_next: std::sync::atomic::AtomicU32::new(rand::random()),
+            remote_routed: Default::default(),
+            route_history_ttl_ms: cfg.route_history_ttl_s * 1000,
+            route_history_max_keys: cfg.route_history_max_keys,
             weights: cfg.score.clone(),
             default_block_size: cfg.default_block_size,
             node_name: cfg.node_name.clone(),
@@ -255,10 +278,10 @@ impl Pipeline {
         let prompt = match (scope, digest.map(|d| (d, d.keys()))) {
             (Scope::Local(""), Some((d, Ok(keys)))) => {
                 self.metrics.tokenize_requests.with_label_values(&[&req.model, "from_peer"]).inc();
-                PromptKeys { tokens: d.tokens as usize, ids: None, given: Some((d.block_size, keys)) }
+                PromptKeys { tokens: d.tokens as usize, given: Some((d.block_size, keys)), ..Default::default() }
             }
             (Scope::Mesh | Scope::Local(""), _) => match self.tokenizers.prompt_ids(&req).await {
-                Ok(ids) => PromptKeys { tokens: ids.as_ref().map_or(0, Vec::len), ids, given: None },
+                Ok(ids) => PromptKeys { tokens: ids.as_ref().map_or(0, Vec::len), ids, ..Default::default() },
                 Err(e) => {
                     let resp = self.reply_error(endpoint, &req.model, &e, started);
                     // An overloaded tokenizer refused before any engine saw it: the origin may
@@ -269,6 +292,12 @@ impl Pipeline {
             (Scope::Local(_), _) => PromptKeys::default(),
         };
         let seed = blocks::chain_seed(&req.model, None, req.cache_salt.as_deref());
+        let mut prompt = prompt;
+        if !prompt.known() && matches!(scope, Scope::Mesh | Scope::Local("")) {
+            let (keys, bytes) = approx_keys(&req, seed);
+            prompt.tokens = bytes / 4;
+            prompt.approx = Some(keys);
+        }
         let mut tried: Vec<String> = Vec::new();
         let mut last_error: Option<ApiError> = None;
         for attempt in 0..self.max_attempts {
@@ -311,7 +340,12 @@ impl Pipeline {
                 }
             };
             match outcome {
-                Ok(resp) => return resp,
+                Ok(resp) => {
+                    if resp.status().is_success() {
+                        self.remember_route(&target, &prompt, seed);
+                    }
+                    return resp;
+                }
                 Err(Retry { error, reason }) => {
                     tracing::warn!(target = %target.key(), %reason, error = %error, "failed before answering; trying another engine");
                     self.metrics.retries.with_label_values(&[reason]).inc();
@@ -375,17 +409,27 @@ impl Pipeline {
             k
         };
         let mut known = false;
+        let now = self.engines.now_ms();
         for e in local {
             let v = e.snapshot();
             let serves = v.models.iter().any(|m| m == model);
             known |= serves;
             let t = Target::Local(e.clone());
-            let (matched, bs) = match e.kv.index.read() {
-                Ok(index) => {
-                    let bs = index.block_size().or(v.load.block_size).unwrap_or(self.default_block_size);
-                    (index.matched_blocks(&keys_for(bs)), bs)
+            let routed = |keys: &[u64]| e.routed.lock().map(|r| r.matched_blocks(keys, now)).unwrap_or(0);
+            let (matched, bs) = if let Some(approx) = &prompt.approx {
+                (routed(approx), blocks::APPROX_CHUNK_TOKENS)
+            } else if e.kv_events.is_none() {
+                // No KV events: what this node sent there recently is the best evidence.
+                let bs = v.load.block_size.unwrap_or(self.default_block_size);
+                (routed(&keys_for(bs)), bs)
+            } else {
+                match e.kv.index.read() {
+                    Ok(index) => {
+                        let bs = index.block_size().or(v.load.block_size).unwrap_or(self.default_block_size);
+                        (index.matched_blocks(&keys_for(bs)), bs)
+                    }
+                    Err(_) => (0, self.default_block_size),
                 }
-                Err(_) => (0, self.default_block_size),
             };
             cands.push(Estimate {
                 usable: v.healthy && serves && !tried.contains(&t.key()),
@@ -403,10 +447,21 @@ impl Pipeline {
                 let serves = r.engine.models.iter().any(|m| m == model);
                 known |= serves;
                 let rtt = mesh.endpoint.rtt(r.addr).map(|d| d.as_secs_f64() * 1000.0).unwrap_or(UNMEASURED_PEER_RTT_MS);
-                let bs = r.engine.block_size.unwrap_or(self.default_block_size);
                 // The peer's gossiped summary covers all its engines (a union): the match is
-                // the node's, and the node itself picks the engine when it has several.
-                let matched = kvmesh_policy::summary::matched_blocks(&r.summary, &keys_for(bs));
+                // the node's, and the node itself picks the engine when it has several. What
+                // this node routed there itself counts too, until the summary catches up.
+                let (keys, bs) = match &prompt.approx {
+                    Some(approx) => (approx.clone(), blocks::APPROX_CHUNK_TOKENS),
+                    None => {
+                        let bs = r.engine.block_size.unwrap_or(self.default_block_size);
+                        (keys_for(bs), bs)
+                    }
+                };
+                let routed = match self.remote_routed.lock() {
+                    Ok(m) => m.get(&r.key()).map(|h| h.matched_blocks(&keys, now)).unwrap_or(0),
+                    Err(_) => 0,
+                };
+                let matched = kvmesh_policy::summary::matched_blocks(&r.summary, &keys).max(routed);
                 cands.push(Estimate {
                     usable: r.engine.healthy && serves && !tried.contains(&r.key()),
                     rtt_ms: rtt,
@@ -454,7 +509,9 @@ impl Pipeline {
         if let Some((ru, ms)) = choice.runner_up {
             header.push_str(&format!("; runner_up={}@{ms:.1}", targets[ru].label(&self.node_name)));
         }
-        let reason = if matched > 0 {
+        let reason = if matched > 0 && prompt.approx.is_some() {
+            "prefix_approx"
+        } else if matched > 0 {
             "prefix"
         } else if prompt.known() {
             "load"
@@ -463,6 +520,40 @@ impl Pipeline {
         };
         header.push_str(&format!("; reason={reason}"));
         Ok((targets.swap_remove(choice.index), Route { header, reason }))
+    }
+
+    /// Records where a served prompt went, for engines and peers whose caches this node cannot
+    /// see exactly (engines with KV events are indexed exactly and need no record).
+    fn remember_route(&self, target: &Target, prompt: &PromptKeys, seed: u64) {
+        let now = self.engines.now_ms();
+        match target {
+            Target::Local(e) => {
+                let keys = match &prompt.approx {
+                    Some(approx) => approx.clone(),
+                    None if e.kv_events.is_none() => {
+                        prompt.keys(seed, e.snapshot().load.block_size.unwrap_or(self.default_block_size))
+                    }
+                    None => return,
+                };
+                if let Ok(mut r) = e.routed.lock() {
+                    r.record(&keys, now);
+                }
+            }
+            Target::Remote(r) => {
+                let keys = match &prompt.approx {
+                    Some(approx) => approx.clone(),
+                    None => prompt.keys(seed, r.engine.block_size.unwrap_or(self.default_block_size)),
+                };
+                if keys.is_empty() {
+                    return;
+                }
+                if let Ok(mut m) = self.remote_routed.lock() {
+                    m.entry(r.key())
+                        .or_insert_with(|| RoutedKeys::new(self.route_history_ttl_ms, self.route_history_max_keys))
+                        .record(&keys, now);
+                }
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -54,10 +54,50 @@ pub fn extend_block_keys(keys: &mut Vec<u64>, seed: u64, tokens: &[u32], block_s
     }
 }
 
+/// Bytes of prompt text per approximate block: about 64 tokens of English at ~4 bytes a token.
+pub const APPROX_CHUNK_BYTES: usize = 256;
+/// The tokens an approximate block stands for, for scoring.
+pub const APPROX_CHUNK_TOKENS: u32 = (APPROX_CHUNK_BYTES / 4) as u32;
+
+/// Approximate block keys for a model with no tokenizer (as llm-d's approximate prefix scorer
+/// does): the prompt's text, in order, cut into `APPROX_CHUNK_BYTES`-byte chunks and
+/// chain-hashed. They say nothing about what an engine reports, only about what this node has
+/// routed (`route_history`); the seed is moved to its own domain so they never equal token keys.
+pub fn text_chunk_keys(seed: u64, parts: &[&str]) -> Vec<u64> {
+    let total: usize = parts.iter().map(|p| p.len() + 1).sum();
+    let mut text = Vec::with_capacity(total);
+    for p in parts {
+        text.extend_from_slice(p.as_bytes());
+        // A separator, so that ["ab", "c"] and ["a", "bc"] differ.
+        text.push(0);
+    }
+    let mut parent = seed ^ 0x7465_7874_6368_756e; // "textchun"
+    text.chunks_exact(APPROX_CHUNK_BYTES)
+        .map(|c| {
+            parent = xxhash_rust::xxh3::xxh3_64_with_seed(c, parent);
+            parent
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn text_keys_share_exactly_the_common_prefix() {
+        let doc = "shared document text ".repeat(60);
+        let a = text_chunk_keys(1, &["system", &doc, "user", "question one"]);
+        let b =
+            text_chunk_keys(1, &["system", &doc, "user", "a different and much longer question ".repeat(9).as_str()]);
+        let common = ("system".len() + 1 + doc.len() + 1) / APPROX_CHUNK_BYTES;
+        assert!(common >= 4);
+        assert_eq!(a[..common], b[..common]);
+        assert_ne!(b.get(common + 1), a.get(common + 1));
+        assert_ne!(text_chunk_keys(2, &[&doc])[0], text_chunk_keys(1, &[&doc])[0]);
+        assert!(text_chunk_keys(1, &["short"]).is_empty());
+    }
 
     #[test]
     fn partial_block_has_no_key() {

@@ -15,6 +15,7 @@ pub mod openai;
 pub mod prefix_index;
 pub mod prompt_encoder;
 pub mod request;
+pub mod route_history;
 pub mod score;
 pub mod segments;
 pub mod summary;

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, EngineEntry};
 use kvmesh_policy::prefix_index::EngineIndex;
+use kvmesh_policy::route_history::RoutedKeys;
 use metrics_text::EngineLoad;
 
 /// What the poller last saw of an engine.
@@ -66,6 +67,9 @@ pub struct Engine {
     pub in_flight: Arc<AtomicU32>,
     pub view: RwLock<EngineView>,
     pub kv: KvEventStats,
+    /// Block keys this node routed here (see `policy::route_history`): the prefix evidence
+    /// when the engine publishes no KV events, and for approximate-mode prompts.
+    pub routed: std::sync::Mutex<RoutedKeys>,
 }
 
 impl Engine {
@@ -95,6 +99,8 @@ impl Engine {
 
 pub struct EngineSet {
     pub engines: Vec<Arc<Engine>>,
+    /// Start of this node's millisecond clock for route histories.
+    epoch: Instant,
     client: reqwest::Client,
     poll_interval: Duration,
 }
@@ -104,6 +110,11 @@ pub struct EngineSet {
 const DOWN_AFTER_FAILURES: u32 = 2;
 
 impl EngineSet {
+    /// Milliseconds since the node started, the clock of route histories.
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
     pub fn new(entries: &[EngineEntry], cfg: &Config, client: reqwest::Client) -> Self {
         let engines = entries
             .iter()
@@ -126,10 +137,14 @@ impl EngineSet {
                         // Seeded for real once the engine's model is known (subscriber).
                         index: RwLock::new(EngineIndex::new(0)),
                     },
+                    routed: std::sync::Mutex::new(RoutedKeys::new(
+                        cfg.route_history_ttl_s * 1000,
+                        cfg.route_history_max_keys,
+                    )),
                 })
             })
             .collect();
-        Self { engines, client, poll_interval: Config::ms(cfg.engine_poll_interval_ms) }
+        Self { engines, client, poll_interval: Config::ms(cfg.engine_poll_interval_ms), epoch: Instant::now() }
     }
 
     /// One poll of every engine, awaited: the node knows its engines' models before serving.
