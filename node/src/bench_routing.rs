@@ -9,8 +9,12 @@
 //!   indexes and load and no gossip delay. That is the information llm-d's precise-prefix
 //!   scheduler has.
 //!
-//! Arrivals are Poisson at each rate. The workload is `shared-prefix` from
-//! `shared/workloads/` (a copy is in `examples/workloads/`).
+//! Arrivals are Poisson at each rate. Workloads (`shared/workloads/`, copies in
+//! `examples/workloads/`):
+//! - `shared-prefix`: groups sharing a long prefix, each request a new question;
+//! - `multi-turn-chat`: conversations start as a Poisson process at rate / turns; each turn
+//!   resends the whole history (shared system prompt, earlier turns and the engine's actual
+//!   replies) after a think time, to a node picked at random each turn.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -67,6 +71,82 @@ struct Slo {
     ttft_p90_s: f64,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+struct MultiTurn {
+    conversations: usize,
+    system_prompt_tokens: usize,
+    turns: usize,
+    user_tokens: Dist,
+    output_tokens: Dist,
+    think_time_s: Dist,
+    slo: Slo,
+}
+
+/// A workload number: fixed, or normal with a mean and standard deviation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Dist {
+    Fixed(f64),
+    Normal { mean: f64, stddev: f64 },
+}
+
+impl Dist {
+    /// A draw, at least `min`.
+    fn sample(&self, rng: &mut impl Rng, min: f64) -> f64 {
+        match *self {
+            Dist::Fixed(v) => v.max(min),
+            Dist::Normal { mean, stddev } => {
+                // Box-Muller.
+                let (u1, u2): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random::<f64>());
+                let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                (mean + stddev * z).max(min)
+            }
+        }
+    }
+
+    fn mean(&self) -> f64 {
+        match *self {
+            Dist::Fixed(v) => v,
+            Dist::Normal { mean, .. } => mean,
+        }
+    }
+}
+
+enum Workload {
+    SharedPrefix(SharedPrefix),
+    MultiTurn(MultiTurn),
+}
+
+impl Workload {
+    fn slo(&self) -> &Slo {
+        match self {
+            Workload::SharedPrefix(w) => &w.slo,
+            Workload::MultiTurn(w) => &w.slo,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Workload::SharedPrefix(w) => format!(
+                "`shared-prefix`: {} groups × {}-token shared prefix, {}-token unique question, {} output tokens",
+                w.groups, w.prefix_tokens, w.question_tokens, w.output_tokens
+            ),
+            Workload::MultiTurn(w) => format!(
+                "`multi-turn-chat`: conversations of {} turns sharing a {}-token system prompt, ~{:.0}-token user \
+                 turns, ~{:.0}-token replies kept in the history, ~{:.0} s think time; conversations start at rate / \
+                 {} (at most {})",
+                w.turns,
+                w.system_prompt_tokens,
+                w.user_tokens.mean(),
+                w.output_tokens.mean(),
+                w.think_time_s.mean(),
+                w.turns,
+                w.conversations
+            ),
+        }
+    }
+}
+
 fn err(e: impl std::fmt::Display) -> NodeError {
     NodeError::Bench(e.to_string())
 }
@@ -84,6 +164,8 @@ fn text(seed: u64, tokens: usize, tokens_per_word: f64) -> String {
 }
 
 struct Sample {
+    /// The reply's text, for the next turn of a conversation.
+    reply: String,
     ttft_ms: f64,
     itls_ms: Vec<f64>,
     e2e_ms: f64,
@@ -119,6 +201,7 @@ async fn one(client: &reqwest::Client, url: &str, body: &serde_json::Value) -> R
     let (mut first, mut last) = (None::<Instant>, None::<Instant>);
     let mut itls = Vec::new();
     let mut usage = (0, 0, 0);
+    let mut reply = String::new();
     while let Some(chunk) = s.next().await {
         buf.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
         while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
@@ -139,8 +222,9 @@ async fn one(client: &reqwest::Client, url: &str, body: &serde_json::Value) -> R
                     u["completion_tokens"].as_u64().unwrap_or(0),
                 );
             }
-            let has_text = v["choices"][0]["delta"]["content"].as_str().is_some_and(|c| !c.is_empty());
-            if has_text {
+            let content = v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+            reply.push_str(content);
+            if !content.is_empty() {
                 let now = Instant::now();
                 match last {
                     None => first = Some(now),
@@ -152,6 +236,7 @@ async fn one(client: &reqwest::Client, url: &str, body: &serde_json::Value) -> R
     }
     let first = first.ok_or("no tokens")?;
     Ok(Sample {
+        reply,
         ttft_ms: first.duration_since(t0).as_secs_f64() * 1000.0,
         itls_ms: itls,
         e2e_ms: t0.elapsed().as_secs_f64() * 1000.0,
@@ -253,15 +338,37 @@ fn pct(h: &Histogram<u64>, q: f64) -> f64 {
     }
 }
 
-async fn run_one(policy: &str, rate: f64, a: &RoutingArgs, w: &SharedPrefix, tpw: f64) -> Result<Row, NodeError> {
+async fn run_one(policy: &str, rate: f64, a: &RoutingArgs, w: &Workload, tpw: f64) -> Result<Row, NodeError> {
     let cancel = CancellationToken::new();
     let s = setup(policy, a.engines, &cancel).await?;
     let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(1024).build().map_err(err)?;
     let samples: Arc<Mutex<Vec<Outcome>>> = Arc::new(Mutex::new(Vec::new()));
+    let start = Instant::now();
+    let warmup = Duration::from_secs_f64(a.duration_s / 4.0);
+    match w {
+        Workload::SharedPrefix(w) => shared_prefix(&s, &client, &samples, rate, a, w, tpw).await,
+        Workload::MultiTurn(w) => multi_turn(&s, &client, &samples, rate, a, w, tpw).await,
+    }
+    // Conversations run past the arrival window; throughput is over the time actually taken.
+    let measured_s = start.elapsed().as_secs_f64() - warmup.as_secs_f64();
+    s.stop().await;
+    let w = w.slo();
+    let all = std::mem::take(&mut *samples.lock().await);
+    summarize(policy, rate, all, start, warmup, measured_s, w)
+}
+
+async fn shared_prefix(
+    s: &Setup,
+    client: &reqwest::Client,
+    samples: &Arc<Mutex<Vec<Outcome>>>,
+    rate: f64,
+    a: &RoutingArgs,
+    w: &SharedPrefix,
+    tpw: f64,
+) {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
     let prefixes: Vec<String> = (0..w.groups).map(|g| text(1000 + g as u64, w.prefix_tokens, tpw)).collect();
     let start = Instant::now();
-    let warmup = Duration::from_secs_f64(a.duration_s / 4.0);
     let mut next = Instant::now();
     let mut tasks = Vec::new();
     let mut i = 0u64;
@@ -287,9 +394,66 @@ async fn run_one(policy: &str, rate: f64, a: &RoutingArgs, w: &SharedPrefix, tpw
         }));
     }
     futures::future::join_all(tasks).await;
-    let measured_s = a.duration_s - warmup.as_secs_f64();
-    s.stop().await;
-    let all = std::mem::take(&mut *samples.lock().await);
+}
+
+async fn multi_turn(
+    s: &Setup,
+    client: &reqwest::Client,
+    samples: &Arc<Mutex<Vec<Outcome>>>,
+    rate: f64,
+    a: &RoutingArgs,
+    w: &MultiTurn,
+    tpw: f64,
+) {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let system = Arc::new(text(999, w.system_prompt_tokens, tpw));
+    let start = Instant::now();
+    let mut next = Instant::now();
+    let mut tasks = Vec::new();
+    let conv_rate = rate / w.turns.max(1) as f64;
+    for c in 0..w.conversations as u64 {
+        let gap = -(1.0 - rng.random::<f64>()).ln() / conv_rate;
+        next += Duration::from_secs_f64(gap);
+        if next.duration_since(start).as_secs_f64() >= a.duration_s {
+            break;
+        }
+        tokio::time::sleep_until(next.into()).await;
+        let (client, samples, system, w) = (client.clone(), samples.clone(), system.clone(), w.clone());
+        let urls = s.entry_urls.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(10_000 + c);
+            let mut history = vec![json!({"role": "system", "content": *system})];
+            for turn in 0..w.turns as u64 {
+                let user = text(1_000_000 + c * 100 + turn, w.user_tokens.sample(&mut rng, 1.0) as usize, tpw);
+                history.push(json!({"role": "user", "content": user}));
+                let body = json!({
+                    "model": "kvmesh-sim", "stream": true, "stream_options": {"include_usage": true},
+                    "max_tokens": w.output_tokens.sample(&mut rng, 1.0) as u32, "ignore_eos": true,
+                    "messages": history,
+                });
+                let url = &urls[rng.random_range(0..urls.len())];
+                let sent = Instant::now();
+                let r = one(&client, url, &body).await;
+                let reply = r.as_ref().map(|x| x.reply.clone()).map_err(|_| ());
+                samples.lock().await.push((sent, r));
+                let Ok(reply) = reply else { break };
+                history.push(json!({"role": "assistant", "content": reply}));
+                tokio::time::sleep(Duration::from_secs_f64(w.think_time_s.sample(&mut rng, 0.0))).await;
+            }
+        }));
+    }
+    futures::future::join_all(tasks).await;
+}
+
+fn summarize(
+    policy: &str,
+    rate: f64,
+    all: Vec<Outcome>,
+    start: Instant,
+    warmup: Duration,
+    measured_s: f64,
+    w: &Slo,
+) -> Result<Row, NodeError> {
     let (mut ttft, mut itl, mut e2e) = (hist(), hist(), hist());
     let (mut done, mut failed, mut good, mut out_tok, mut prompt, mut cached) = (0, 0, 0, 0u64, 0u64, 0u64);
     for (_, r) in all.into_iter().filter(|(sent, _)| sent.duration_since(start) >= warmup) {
@@ -301,7 +465,7 @@ async fn run_one(policy: &str, rate: f64, a: &RoutingArgs, w: &SharedPrefix, tpw
                 for v in &x.itls_ms {
                     let _ = itl.record((v * 1000.0).max(1.0) as u64);
                 }
-                good += (x.ttft_ms <= w.slo.ttft_p90_s * 1000.0) as usize;
+                good += (x.ttft_ms <= w.ttft_p90_s * 1000.0) as usize;
                 out_tok += x.output_tokens;
                 prompt += x.prompt_tokens;
                 cached += x.cached_tokens;
@@ -337,8 +501,17 @@ pub async fn run(a: RoutingArgs) -> Result<(), NodeError> {
             a.workload.display()
         ))
     })?;
-    let w: SharedPrefix =
-        toml::from_str(&text_w).map_err(|e| err(format!("workload {}: {e}", a.workload.display())))?;
+    let bad = |e: toml::de::Error| err(format!("workload {}: {e}", a.workload.display()));
+    let name = toml::from_str::<toml::Table>(&text_w)
+        .map_err(bad)?
+        .get("name")
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    let w = match name.as_str() {
+        "shared-prefix" => Workload::SharedPrefix(toml::from_str(&text_w).map_err(bad)?),
+        "multi-turn-chat" => Workload::MultiTurn(toml::from_str(&text_w).map_err(bad)?),
+        other => return Err(err(format!("workload `{other}`: this benchmark runs shared-prefix and multi-turn-chat"))),
+    };
     // Calibrate words per token for the built-in tokenizer on this generator's text.
     let tok = ModelTokenizer::builtin().map_err(err)?;
     let sample = text(1, 2000, 1.0);
@@ -357,13 +530,13 @@ pub async fn run(a: RoutingArgs) -> Result<(), NodeError> {
     let mut md = format!(
         "Command: `kvmesh bench routing --rates {} --duration-s {} --engines {}` (release build; {} engine \
          simulators in real time with the default 8B/H100 model, all nodes and the load generator in one process on this \
-         machine's {} cores). Workload `shared-prefix`: {} groups × {}-token shared prefix, {}-token unique question, \
-         {} output tokens; each request to a random node (the oracle: its one router). The first quarter of each run is \
-         warm-up and not counted. Goodput: requests/s with TTFT ≤ {} s.\n\n",
+         machine's {} cores). Workload {}; each request to a random node (the oracle: its one router). Requests sent \
+         in the first quarter of the arrival window are warm-up and not counted. Goodput: requests/s with TTFT ≤ {} \
+         s.\n\n",
         a.rates.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(","),
         a.duration_s, a.engines, a.engines,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        w.groups, w.prefix_tokens, w.question_tokens, w.output_tokens, w.slo.ttft_p90_s,
+        w.describe(), w.slo().ttft_p90_s,
     );
     md.push_str("| rate (req/s) | policy | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | output tok/s | cache hit | goodput (req/s) | failed |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     let mut csv = String::from("rate,policy,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,itl_p50_ms,itl_p99_ms,e2e_p50_ms,out_tok_s,hit_rate,goodput,done,failed\n");
@@ -394,12 +567,14 @@ pub async fn run(a: RoutingArgs) -> Result<(), NodeError> {
         std::fs::write(p, csv).map_err(err)?;
     }
     if let Some(p) = &a.out {
-        crate::bench::write_section(
-            p,
-            "routing",
-            "KV-aware routing vs round-robin, least-load and a central oracle",
-            &md,
-        )?;
+        // One section per workload, so runs of each keep the other's results.
+        let (section, title) = match w {
+            Workload::SharedPrefix(_) => {
+                ("routing", "KV-aware routing vs round-robin, least-load and a central oracle (shared prefix)")
+            }
+            Workload::MultiTurn(_) => ("routing-multi-turn", "KV-aware routing on multi-turn chat"),
+        };
+        crate::bench::write_section(p, section, title, &md)?;
     }
     Ok(())
 }
