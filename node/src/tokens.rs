@@ -228,6 +228,10 @@ fn load_all(cfg: &Config) -> Result<HashMap<String, ModelTokenizer>, NodeError> 
     let before = resident_bytes();
     let builtin = PromptEncoder::new(&TokenizerFiles::builtin(), &opts(None))
         .map_err(|e| NodeError::Config(format!("builtin tokenizer: {e}")))?;
+    // Expected and harmless for the tiny builtin tokenizer (see ARCHITECTURE.md, Tokenizing).
+    for note in &builtin.report().notes {
+        tracing::debug!(model = %cfg.embedded.model, "{note}");
+    }
     let max = builtin.tokenizer().declared_max_model_len();
     let loaded_bytes = resident_bytes().saturating_sub(before);
     by_model.insert(
@@ -243,6 +247,9 @@ fn load_all(cfg: &Config) -> Result<HashMap<String, ModelTokenizer>, NodeError> 
         let max_model_len = m.max_model_len.or_else(|| encoder.tokenizer().declared_max_model_len());
         let loaded_bytes = resident_bytes().saturating_sub(before);
         let r = encoder.report();
+        for note in &r.notes {
+            tracing::warn!(model = %m.name, "{note}");
+        }
         tracing::info!(model = %m.name, fast = r.fast_encoder, segment_cache = r.segment_cache, loaded_mb = loaded_bytes >> 20, "tokenizer ready");
         by_model.insert(m.name.clone(), ModelTokenizer { encoder: Arc::new(encoder), max_model_len, loaded_bytes });
     }

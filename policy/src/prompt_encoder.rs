@@ -171,9 +171,6 @@ impl PromptEncoder {
         report.fast_encoder = fast.is_some();
         report.segment_cache = cache.is_some();
         report.special_affix = affix.is_some();
-        for note in &report.notes {
-            tracing::warn!(tokenizer = %files.source, "{note}");
-        }
         Ok(Self {
             tokenizer,
             fast,
