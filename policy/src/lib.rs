@@ -8,8 +8,11 @@
 //! servers or gossip. Everything here is called by `node` (and by the cluster simulator in `sim`)
 //! with the facts it needs passed in, so the same code runs in production and in simulation.
 
+pub mod auth;
 pub mod blocks;
 pub mod error;
+pub mod guardrails;
+pub mod limits;
 pub mod openai;
 pub mod prefix_index;
 pub mod request;
