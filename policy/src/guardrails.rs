@@ -327,7 +327,8 @@ pub fn luhn_valid(digits: &str) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    let remainder = sum % 10;
+    remainder == 0
 }
 
 impl PiiKind {
