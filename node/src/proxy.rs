@@ -28,6 +28,7 @@ use tracing::Instrument;
 
 use crate::config::{Config, RoutingPolicy};
 use crate::engine::{Engine, EngineSet, InFlight};
+use crate::guard::Guard;
 use crate::mesh::{Mesh, RemoteEngine};
 use crate::metrics::NodeMetrics;
 use crate::tokens::Tokenizers;
@@ -40,6 +41,7 @@ pub struct Pipeline {
     pub engines: Arc<EngineSet>,
     pub metrics: Arc<NodeMetrics>,
     mesh: OnceLock<Arc<Mesh>>,
+    guard: OnceLock<Arc<Guard>>,
     client: reqwest::Client,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
@@ -116,6 +118,7 @@ impl Pipeline {
             engines,
             metrics,
             mesh: OnceLock::new(),
+            guard: OnceLock::new(),
             client,
             first_byte_timeout: Config::ms(cfg.engine_first_byte_timeout_ms),
             idle_timeout: Config::ms(cfg.engine_idle_timeout_ms),
@@ -132,6 +135,19 @@ impl Pipeline {
         self.mesh.get()
     }
 
+    /// Auth, limits, guardrails and audit for client requests (see `guard`).
+    pub fn set_guard(&self, guard: Arc<Guard>) {
+        let _ = self.guard.set(guard);
+    }
+
+    pub fn guard(&self) -> Option<&Arc<Guard>> {
+        self.guard.get()
+    }
+
+    pub(crate) fn tokenizers(&self) -> &Tokenizers {
+        &self.tokenizers
+    }
+
     pub fn max_body_bytes(&self) -> usize {
         self.max_body_bytes
     }
@@ -145,7 +161,10 @@ impl Pipeline {
             .map(str::to_owned)
             .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
         let span = request_span(&request_id, &self.node_name, endpoint);
-        self.dispatch(endpoint, &request_id, body, Scope::Mesh).instrument(span).await
+        match self.guard() {
+            Some(g) => g.clone().serve(self, endpoint, headers, &request_id, body).instrument(span).await,
+            None => self.dispatch(endpoint, &request_id, body, Scope::Mesh).instrument(span).await,
+        }
     }
 
     /// A request a peer forwarded: served by this node's engines, answered on the QUIC stream.
@@ -221,10 +240,46 @@ impl Pipeline {
             Scope::Mesh | Scope::Local("") => self.tokenizers.prompt_ids(&req).await,
             Scope::Local(_) => None,
         };
+        self.route(endpoint, request_id, &req, &body, ids.as_deref(), scope, started).await
+    }
+
+    /// A client's request the guard admitted (parsed, and tokenized when it had to count).
+    pub(crate) async fn route_client(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+        request_id: &str,
+        req: &InferenceRequest,
+        body: &Bytes,
+        ids: Option<&[u32]>,
+    ) -> Response {
+        let started = Instant::now();
+        let tokenized;
+        let ids = match ids {
+            Some(ids) => Some(ids),
+            None => {
+                tokenized = self.tokenizers.prompt_ids(req).await;
+                tokenized.as_deref()
+            }
+        };
+        self.route(endpoint, request_id, req, body, ids, Scope::Mesh, started).await
+    }
+
+    /// Chooses, forwards and retries: everything after parsing and tokenizing.
+    #[allow(clippy::too_many_arguments)]
+    async fn route(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+        request_id: &str,
+        req: &InferenceRequest,
+        body: &Bytes,
+        ids: Option<&[u32]>,
+        scope: Scope<'_>,
+        started: Instant,
+    ) -> Response {
         let mut tried: Vec<String> = Vec::new();
         let mut last_error: Option<ApiError> = None;
         for attempt in 0..self.max_attempts {
-            let (target, route) = match self.pick(&req, ids.as_deref(), scope, &tried) {
+            let (target, route) = match self.pick(req, ids, scope, &tried) {
                 Ok(t) => t,
                 Err(e) => {
                     // After a failed attempt, the failure says more than "nothing left".
@@ -241,11 +296,11 @@ impl Pipeline {
             self.metrics.route_decisions.with_label_values(&[reason]).inc();
             let outcome = match &target {
                 Target::Local(e) => {
-                    self.forward_local(endpoint, &req.model, req.stream, request_id, &body, e.clone(), &route, started)
+                    self.forward_local(endpoint, &req.model, req.stream, request_id, body, e.clone(), &route, started)
                         .await
                 }
                 Target::Remote(r) => {
-                    self.forward_remote(endpoint, &req.model, req.stream, request_id, &body, r, &route, started).await
+                    self.forward_remote(endpoint, &req.model, req.stream, request_id, body, r, &route, started).await
                 }
             };
             match outcome {
