@@ -556,6 +556,22 @@ mod tests {
     }
 
     #[test]
+    fn guard_sections_say_what_to_fix() {
+        let c: Config = toml::from_str("[[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"abc\"\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("kvmesh keys hash"));
+        let c: Config = toml::from_str("[limits.tenants.a]\nrequests_per_minute = 0\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("leave it out"));
+        let c: Config = toml::from_str("[[guardrails]]\nkind = \"deny\"\nname = \"d\"\npatterns = [\"(\"]\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("not a valid regex"));
+        let twice = "[[guardrails]]\nkind = \"pii\"\nname = \"p\"\n[[guardrails]]\nkind = \"pii\"\nname = \"p\"\n";
+        assert!(toml::from_str::<Config>(twice).unwrap().validate().unwrap_err().to_string().contains("used twice"));
+        let e = toml::from_str::<Config>("[[guardrails]]\nkind = \"pii\"\nname = \"p\"\nbogus = 1\n").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let c: Config = toml::from_str("[audit]\npath = \"/tmp/a\"\nqueue = 0\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("[audit] queue"));
+    }
+
+    #[test]
     fn engine_flag_parts() {
         let e = parse_engine_flag("http://h:1,kv-events=tcp://h:2,name=gpu0").unwrap();
         assert_eq!(e.url, "http://h:1");
