@@ -71,7 +71,7 @@ async fn completions(
 /// Models served anywhere this node can route: its engines' and its live peers'.
 async fn models(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response {
     let tenant = match p.guard().map(|g| g.check_client(&headers)) {
-        Some(Err(denied)) => return denied,
+        Some(Err(denied)) => return error_response(&denied),
         Some(Ok(t)) => t,
         None => None,
     };
@@ -94,7 +94,7 @@ async fn models(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response 
 /// The live members of the mesh as this node sees them, itself included.
 async fn peers(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response {
     if let Some(Err(denied)) = p.guard().map(|g| g.check_admin(&headers)) {
-        return denied;
+        return error_response(&denied);
     }
     let Some(mesh) = p.mesh() else {
         return Json(json!({"node": p.node_name, "mesh": false, "peers": []})).into_response();
@@ -146,7 +146,7 @@ async fn reload_keys(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Resp
         return error_response(&ApiError::not_found("API keys are not configured on this node."));
     };
     if let Err(denied) = g.check_admin(&headers) {
-        return denied;
+        return error_response(&denied);
     }
     match g.reload_keys() {
         Ok(n) => Json(json!({"keys": n})).into_response(),
@@ -156,7 +156,7 @@ async fn reload_keys(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Resp
 
 async fn metrics(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response {
     if let Some(Err(denied)) = p.guard().map(|g| g.check_metrics(&headers)) {
-        return denied;
+        return error_response(&denied);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], p.metrics.render(&p.engines)).into_response()
 }

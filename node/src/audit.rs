@@ -702,7 +702,7 @@ mod tests {
         let cfg = AuditConfig { path: Some(path.clone()), ..Default::default() };
         write_n(&cfg, 3).await.close().await;
         write_n(&cfg, 2).await.close().await;
-        let rep = verify(&[path.clone()]).unwrap();
+        let rep = verify(std::slice::from_ref(&path)).unwrap();
         assert_eq!((rep.records, rep.requests, rep.first_seq, rep.last_seq), (5, 5, Some(0), Some(4)));
         assert!(!rep.torn_tail && !rep.starts_mid_chain);
     }
@@ -722,14 +722,14 @@ mod tests {
             .map(|(i, l)| if i == 2 { l.replace("\"r2\"", "\"rX\"") } else { l.to_string() } + "\n")
             .collect();
         std::fs::write(&path, edited).unwrap();
-        let b = verify(&[path.clone()]).unwrap_err();
+        let b = verify(std::slice::from_ref(&path)).unwrap_err();
         assert_eq!(b.line, 3);
         assert!(b.why.contains("edited"), "{b}");
 
         let deleted: String =
             lines.iter().enumerate().filter(|(i, _)| *i != 1).map(|(_, l)| format!("{l}\n")).collect();
         std::fs::write(&path, deleted).unwrap();
-        let b = verify(&[path.clone()]).unwrap_err();
+        let b = verify(std::slice::from_ref(&path)).unwrap_err();
         assert_eq!(b.line, 2);
         assert!(b.why.contains("deleted"), "{b}");
     }
@@ -743,11 +743,11 @@ mod tests {
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"seq\":2,\"prev\":\"ab").unwrap();
         drop(f);
-        let rep = verify(&[path.clone()]).unwrap();
+        let rep = verify(std::slice::from_ref(&path)).unwrap();
         assert!(rep.torn_tail);
         assert_eq!(rep.records, 2);
         write_n(&cfg, 1).await.close().await;
-        let rep = verify(&[path.clone()]).unwrap();
+        let rep = verify(std::slice::from_ref(&path)).unwrap();
         assert_eq!((rep.records, rep.torn_tail), (3, false));
     }
 

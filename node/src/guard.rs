@@ -233,18 +233,17 @@ impl Guard {
     }
 
     /// For admin and mesh-debug endpoints: `Err` is the 401 to answer.
-    pub fn check_admin(&self, headers: &HeaderMap) -> Result<(), Response> {
+    pub fn check_admin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         if !self.auth_enabled {
             return Ok(());
         }
-        self.keys().verify_admin(Self::authorization(headers)).map(|_| ()).map_err(|e| {
+        self.keys().verify_admin(Self::authorization(headers)).map(|_| ()).inspect_err(|_| {
             self.metrics.auth_failures.inc();
-            error_response(&e)
         })
     }
 
     /// For `/metrics`: admin-only when `protect_metrics` is set.
-    pub fn check_metrics(&self, headers: &HeaderMap) -> Result<(), Response> {
+    pub fn check_metrics(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         if self.protect_metrics {
             self.check_admin(headers)
         } else {
@@ -254,13 +253,12 @@ impl Guard {
 
     /// For client endpoints other than inference (`/v1/models`): the caller's tenant, if keys
     /// are on.
-    pub fn check_client(&self, headers: &HeaderMap) -> Result<Option<Arc<Tenant>>, Response> {
+    pub fn check_client(&self, headers: &HeaderMap) -> Result<Option<Arc<Tenant>>, ApiError> {
         if !self.auth_enabled {
             return Ok(None);
         }
-        self.keys().verify(Self::authorization(headers)).map(Some).map_err(|e| {
+        self.keys().verify(Self::authorization(headers)).map(Some).inspect_err(|_| {
             self.metrics.auth_failures.inc();
-            error_response(&e)
         })
     }
 
@@ -423,24 +421,24 @@ impl Guard {
                         continue;
                     }
                     let mut v: (&'static str, Option<String>) = ("allow", None);
-                    // Rules that look at the request rather than its text still run on a
-                    // prompt of token ids.
-                    let empty = [String::new()];
-                    let n = texts.len();
-                    for i in 0..n.max(1) {
-                        let text = if n == 0 { &empty[0] } else { &texts[i] };
+                    if texts.is_empty() {
+                        // Rules that look at the request rather than its text still run on a
+                        // prompt of token ids.
+                        if let Verdict::Deny { reason, .. } = guardrails::check(&**rule, ctx, "") {
+                            v = ("deny", Some(reason));
+                        }
+                    }
+                    for text in texts.iter_mut() {
                         match guardrails::check(&**rule, ctx, text) {
                             Verdict::Allow => {}
                             Verdict::Deny { reason, .. } => {
                                 v = ("deny", Some(reason));
                                 break;
                             }
-                            Verdict::Rewrite { text } => {
-                                if n > 0 {
-                                    texts[i] = text;
-                                    changed = true;
-                                    v = ("rewrite", None);
-                                }
+                            Verdict::Rewrite { text: new } => {
+                                *text = new;
+                                changed = true;
+                                v = ("rewrite", None);
                             }
                         }
                     }
