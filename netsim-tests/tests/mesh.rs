@@ -174,6 +174,7 @@ async fn foreign_certificate_cannot_join_nor_send() {
         origin: "intruder".into(),
         engine: "embedded-sim".into(),
         stream: false,
+        prompt: None,
     };
     let target = cluster.node(0).mesh.as_ref().unwrap().advertise;
     let body = serde_json::to_vec(&chat(0, false, 2)).unwrap();
@@ -238,4 +239,69 @@ async fn a_cached_prefix_on_a_peer_draws_its_requests() {
         }
     }
     cluster.shutdown().await;
+}
+
+/// Sum of a metric's samples whose labels contain `label`, from a node's `/metrics`.
+async fn metric(url: &str, name: &str, label: &str) -> f64 {
+    let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_prompt_is_not_tokenized_again() {
+    // n1 runs two engines, so a request routed to it for a cached prefix leaves the engine
+    // choice to n1's exact indexes: n0 sends the block keys along instead of n1 re-tokenizing.
+    let mut cluster = Cluster::new("once");
+    cluster.start(cluster.config("n0")).await;
+    let mut cfg = cluster.config("n1");
+    let mut engines = Vec::new();
+    for name in ["first", "second"] {
+        let e = kvmesh_sim::EngineSim::start(
+            kvmesh_netsim_tests::fast_engine(),
+            "127.0.0.1:0",
+            Some("tcp://127.0.0.1:0"),
+            &tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        cfg.engines.push(kvmesh_node::config::EngineEntry {
+            url: e.url(),
+            name: Some(name.into()),
+            kv_events: e.kv_events_endpoint.clone(),
+            api_key: None,
+        });
+        engines.push(e);
+    }
+    cluster.start(cfg).await;
+    cluster.converge(Duration::from_secs(3)).await;
+    let client = reqwest::Client::new();
+    let (n0, n1) = (cluster.node(0).url(), cluster.node(1).url());
+    let body = json!({"model": "kvmesh-sim", "max_tokens": 1,
+                      "messages": [{"role": "user", "content": "a long shared document ".repeat(200)}]});
+    let warm = send(&client, &n1, &body).await;
+    assert_eq!(warm.status, 200, "{warm:?}");
+    assert!(warm.served_by.starts_with("n1/"), "{warm:?}");
+    let tokenized = |url: String| async move { metric(&url, "kvmesh_tokenize_requests_total", "tokenized").await };
+    let (n0_before, n1_before) = (tokenized(n0.clone()).await, tokenized(n1.clone()).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = client.post(format!("{n0}/v1/chat/completions")).json(&body).send().await.unwrap();
+    let route = r.headers()["x-kvmesh-route"].to_str().unwrap().to_owned();
+    let served = r.headers()["x-kvmesh-served-by"].to_str().unwrap().to_owned();
+    assert_eq!(r.status(), 200);
+    r.bytes().await.unwrap();
+    assert!(route.contains("reason=prefix"), "{route}");
+    // n1 chose, from n0's keys, the engine that holds the prefix.
+    assert_eq!(served, warm.served_by, "{route}");
+    assert_eq!(tokenized(n0.clone()).await, n0_before + 1.0);
+    assert_eq!(tokenized(n1.clone()).await, n1_before, "n1 tokenized a forwarded prompt again");
+    let text = reqwest::get(format!("{n1}/metrics")).await.unwrap().text().await.unwrap();
+    let lines: Vec<_> = text.lines().filter(|l| l.starts_with("kvmesh_tokenize_requests_total")).collect();
+    assert_eq!(metric(&n1, "kvmesh_tokenize_requests_total", "from_peer").await, 1.0, "{route} {lines:?}");
+    cluster.shutdown().await;
+    for e in engines {
+        e.shutdown().await;
+    }
 }

@@ -25,6 +25,7 @@ pub fn router(p: Arc<Pipeline>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/mesh/peers", get(peers))
         .route("/admin/keys/reload", post(reload_keys))
+        .route("/v1/mesh/status", get(status))
         .fallback(|| async { error_response(&ApiError::not_found("Not Found")) })
         .method_not_allowed_fallback(|| async {
             error_response(&ApiError::new(
@@ -154,9 +155,61 @@ async fn reload_keys(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Resp
     }
 }
 
+/// This node's view of itself: engines with their index sizes, and how each model's prompts
+/// are matched (`exact` with a tokenizer, `load_only` without).
+async fn status(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response {
+    if let Some(Err(denied)) = p.guard().map(|g| g.check_admin(&headers)) {
+        return error_response(&denied);
+    }
+    let engines: Vec<_> = p
+        .engines
+        .engines
+        .iter()
+        .map(|e| {
+            let v = e.snapshot();
+            json!({
+                "name": e.name,
+                "healthy": v.healthy,
+                "models": v.models,
+                "running": v.load.running,
+                "waiting": v.load.waiting,
+                "kv_usage": v.load.kv_usage,
+                "kv_events": e.kv.batches.load(std::sync::atomic::Ordering::Relaxed) > 0,
+                "indexed_blocks": e.kv.cached_blocks(),
+                "index_resets": e.kv.gaps.load(std::sync::atomic::Ordering::Relaxed),
+            })
+        })
+        .collect();
+    let mut models = p.engines.models();
+    if let Some(mesh) = p.mesh() {
+        for r in mesh.remote_engines() {
+            for m in r.engine.models {
+                if !models.contains(&m) {
+                    models.push(m);
+                }
+            }
+        }
+    }
+    models.sort();
+    let routing: Vec<_> = models
+        .iter()
+        .map(|m| json!({"model": m, "prefix_matching": if p.tokenizers().has(m) { "exact" } else { "load_only" }}))
+        .collect();
+    Json(json!({
+        "node": p.node_name,
+        "mesh": p.mesh().is_some(),
+        "peers": p.mesh().map(|m| m.peers().len()).unwrap_or(0),
+        "engines": engines,
+        "models": routing,
+        "tokenizers": p.tokenizers().status(),
+    }))
+    .into_response()
+}
+
 async fn metrics(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response {
     if let Some(Err(denied)) = p.guard().map(|g| g.check_metrics(&headers)) {
         return error_response(&denied);
     }
+    p.tokenizers().observe();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], p.metrics.render(&p.engines)).into_response()
 }

@@ -27,6 +27,8 @@ pub enum BenchCmd {
     Gossip(crate::bench_gossip::GossipArgs),
     /// KV-aware routing against round-robin, least-load and a central oracle.
     Routing(crate::bench_routing::RoutingArgs),
+    /// Prompt tokenizing: reference encoder, segment cache and fast encoder, cold and warm.
+    Tokenize(crate::bench_tokenize::TokenizeArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -45,7 +47,21 @@ pub struct OverheadArgs {
     pub prompt_words: usize,
     #[arg(long, default_value_t = 16)]
     pub max_tokens: u32,
-    /// Markdown file whose `overhead` section is replaced with the results.
+    /// A production tokenizer directory for the node to tokenize with (its segment cache and
+    /// fast encoder on, as by default). Without it the builtin tiny tokenizer is used.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// `sim` (the engine simulator) or `echo`: an engine that answers every request at once
+    /// with a fixed completion, so that its own prompt processing (the same on both paths, and
+    /// for long prompts far larger than the node's) does not drown the node's share in noise.
+    #[arg(long, default_value = "sim")]
+    pub engine: String,
+    /// Tokens of chat history before each request's own last message, the same for every
+    /// request (a conversation's earlier turns, or a shared system prompt and documents).
+    #[arg(long, default_value_t = 0)]
+    pub history_tokens: usize,
+    /// Markdown file whose `overhead` section (`overhead-tokenizer` with --tokenizer) is
+    /// replaced with the results.
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
@@ -55,6 +71,7 @@ pub async fn run(cmd: BenchCmd) -> Result<(), NodeError> {
         BenchCmd::Overhead(a) => overhead(a).await,
         BenchCmd::Gossip(a) => crate::bench_gossip::run(a).await,
         BenchCmd::Routing(a) => crate::bench_routing::run(a).await,
+        BenchCmd::Tokenize(a) => crate::bench_tokenize::run(a).await,
     }
 }
 
@@ -108,23 +125,62 @@ async fn overhead(a: OverheadArgs) -> Result<(), NodeError> {
     let cancel = CancellationToken::new();
     // No modelled GPU time: what remains is HTTP, JSON and tokenizing, so the node's share shows.
     let engine_cfg = EngineConfig { time_scale: 0.0, ..EngineConfig::default() };
-    let engine = EngineSim::start(engine_cfg, "127.0.0.1:0", None, &cancel).await?;
-    let node_cfg = Config {
+    let (engine_url, engine) = match a.engine.as_str() {
+        "sim" => {
+            let e = EngineSim::start(engine_cfg, "127.0.0.1:0", None, &cancel).await?;
+            (e.url(), Some(e))
+        }
+        "echo" => (echo_engine(&cancel).await?, None),
+        other => return Err(NodeError::Bench(format!("--engine {other}: give sim or echo"))),
+    };
+    let mut node_cfg = Config {
         node_name: "bench".into(),
         http_addr: "127.0.0.1:0".into(),
-        engines: vec![EngineEntry { url: engine.url(), name: Some("sim".into()), kv_events: None, api_key: None }],
+        engines: vec![EngineEntry {
+            url: engine_url.clone(),
+            name: Some("sim".into()),
+            kv_events: None,
+            api_key: None,
+        }],
         ..Config::default()
     };
+    let template_file = tempfile::NamedTempFile::new().map_err(|e| NodeError::Bench(e.to_string()))?;
+    if let Some(dir) = &a.tokenizer {
+        let files =
+            kvmesh_policy::tokenize::TokenizerFiles::read(dir, None).map_err(|e| NodeError::Bench(e.to_string()))?;
+        let has_template = kvmesh_policy::tokenize::ModelTokenizer::from_files(&files)
+            .map(|t| t.has_chat_template())
+            .map_err(|e| NodeError::Bench(e.to_string()))?;
+        let chat_template = if has_template {
+            None
+        } else {
+            std::fs::write(template_file.path(), crate::bench_tokenize::DEEPSEEK_STYLE_TEMPLATE)
+                .map_err(|e| NodeError::Bench(e.to_string()))?;
+            Some(template_file.path().to_path_buf())
+        };
+        node_cfg.models.push(crate::config::ModelEntry {
+            name: "kvmesh-sim".into(),
+            tokenizer: dir.clone(),
+            chat_template,
+            encoder: Default::default(),
+            max_model_len: None,
+        });
+    }
     let node = Node::start(node_cfg, &cancel).await?;
-    let paths = Paths { direct: engine.url(), node: node.url() };
+    let paths = Paths { direct: engine_url, node: node.url() };
     let client = reqwest::Client::builder()
         .tcp_nodelay(true)
         .no_proxy()
         .build()
         .map_err(|e| NodeError::Client(e.to_string()))?;
+    let history =
+        if a.history_tokens > 0 { crate::bench_tokenize::conversation(7, a.history_tokens, 7) } else { Vec::new() };
     let body = |i: usize, stream: bool| {
-        json!({"model": "kvmesh-sim", "messages": [{"role": "user", "content": prompt(a.prompt_words, i)}],
-               "max_tokens": a.max_tokens, "stream": stream})
+        let mut messages: Vec<serde_json::Value> =
+            history.iter().map(|m| json!({"role": m.role, "content": m.content})).collect();
+        // Numbered, so each request's own message is new text to the node's segment cache.
+        messages.push(json!({"role": "user", "content": format!("Question {i}: {}", prompt(a.prompt_words, i))}));
+        json!({"model": "kvmesh-sim", "messages": messages, "max_tokens": a.max_tokens, "stream": stream})
     };
     for i in 0..100 {
         one(&client, &paths.direct, &body(i, false), false).await?;
@@ -147,14 +203,51 @@ async fn overhead(a: OverheadArgs) -> Result<(), NodeError> {
     }
     let tput_direct = throughput(&client, &paths.direct, &a, &body).await?;
     let tput_node = throughput(&client, &paths.node, &a, &body).await?;
+    let metrics = client
+        .get(format!("{}/metrics", paths.node))
+        .send()
+        .await
+        .map_err(|e| NodeError::Bench(e.to_string()))?
+        .text()
+        .await
+        .map_err(|e| NodeError::Bench(e.to_string()))?;
+    let sum = |name: &str, label: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains(label))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let tokenized = sum("kvmesh_tokenize_requests_total", "outcome=\"tokenized\"");
+    let encoded = sum("kvmesh_tokenize_tokens_total", "source=\"encoded\"");
+    let cached = sum("kvmesh_tokenize_tokens_total", "source=\"cache\"");
     node.shutdown().await;
-    engine.shutdown().await;
+    if let Some(e) = engine {
+        e.shutdown().await;
+    }
+    cancel.cancel();
 
     let mut md = String::new();
+    let tokenizer_note = match &a.tokenizer {
+        Some(dir) => format!(
+            " --tokenizer {} --history-tokens {}` (the node tokenizes with that tokenizer, segment cache and fast \
+             encoder on; every request repeats the same {}-token, 7-message history, seen before, then its own new \
+             message",
+            dir.display(),
+            a.history_tokens,
+            a.history_tokens
+        ),
+        None => "` (the builtin tokenizer".into(),
+    };
+    let engine_note = if a.engine == "echo" {
+        "an echo engine that answers at once with a fixed completion (`--engine echo`), so only the node's work differs"
+    } else {
+        "engine-sim with `time_scale = 0`, so only HTTP, JSON and tokenizing remain"
+    };
     md.push_str(&format!(
-        "Command: `kvmesh bench overhead --requests {} --concurrency {} --duration-s {}` (release build; engine-sim with \
-         `time_scale = 0`, so only HTTP, JSON and tokenizing remain; {}-word prompts, max_tokens {}; client, node and \
-         engine share this machine's {} cores).\n\n",
+        "Command: `kvmesh bench overhead --requests {} --concurrency {} --duration-s {}{tokenizer_note}; release build; \
+         {engine_note}; {}-word last messages, max_tokens {}; client, node and engine share this machine's {} \
+         cores).\n\n",
         a.requests, a.concurrency, a.duration_s, a.prompt_words, a.max_tokens,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     ));
@@ -181,9 +274,23 @@ async fn overhead(a: OverheadArgs) -> Result<(), NodeError> {
         tput_node,
         tput_node / tput_direct.max(1e-9)
     ));
+    md.push_str(&format!(
+        "\nThe node tokenized {tokenized:.0} prompts: {:.0} tokens per prompt on average, {:.1}% of them from its \
+         segment cache.\n",
+        (encoded + cached) / tokenized.max(1.0),
+        100.0 * cached / (encoded + cached).max(1.0)
+    ));
     println!("{md}");
     if let Some(path) = &a.out {
-        write_section(path, "overhead", "Node overhead over a direct engine call", &md)?;
+        match a.tokenizer {
+            Some(_) => write_section(
+                path,
+                "overhead-tokenizer",
+                "Node overhead with a production tokenizer and a long chat",
+                &md,
+            )?,
+            None => write_section(path, "overhead", "Node overhead over a direct engine call", &md)?,
+        }
         println!("written to {}", path.display());
     }
     Ok(())
@@ -229,4 +336,47 @@ pub fn write_section(path: &Path, name: &str, title: &str, body: &str) -> Result
         _ => format!("{}\n{}\n", old.trim_end(), section),
     };
     std::fs::write(path, new).map_err(|e| NodeError::Bench(format!("cannot write {}: {e}", path.display())))
+}
+
+/// An engine that answers every completion at once with the same short answer, streamed or
+/// not, and passes the node's health, model and metrics probes: a baseline that isolates the
+/// node's own work in `bench overhead --engine echo`.
+async fn echo_engine(cancel: &CancellationToken) -> Result<String, NodeError> {
+    use axum::routing::{get, post};
+    let completion = |stream: bool| {
+        if stream {
+            let chunk = json!({"id": "echo", "object": "chat.completion.chunk", "model": "kvmesh-sim",
+                               "choices": [{"index": 0, "delta": {"content": "ok"}, "finish_reason": null}]});
+            let body = format!("data: {chunk}\n\ndata: [DONE]\n\n");
+            ([(axum::http::header::CONTENT_TYPE, "text/event-stream")], body)
+        } else {
+            let body = json!({"id": "echo", "object": "chat.completion", "model": "kvmesh-sim",
+                              "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"},
+                                           "finish_reason": "stop"}],
+                              "usage": {"prompt_tokens": 0, "completion_tokens": 1, "total_tokens": 1}});
+            ([(axum::http::header::CONTENT_TYPE, "application/json")], body.to_string())
+        }
+    };
+    let app = axum::Router::new()
+        .route("/health", get(|| async { "" }))
+        .route("/metrics", get(|| async { "vllm:num_requests_running{engine=\"0\"} 0\n" }))
+        .route(
+            "/v1/models",
+            get(|| async { axum::Json(json!({"object": "list", "data": [{"id": "kvmesh-sim", "object": "model"}]})) }),
+        )
+        .route(
+            "/v1/chat/completions",
+            post(move |body: axum::body::Bytes| async move {
+                let stream =
+                    serde_json::from_slice::<serde_json::Value>(&body).map(|v| v["stream"] == true).unwrap_or(false);
+                completion(stream)
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| NodeError::Bench(e.to_string()))?;
+    let addr = listener.local_addr().map_err(|e| NodeError::Bench(e.to_string()))?;
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+    });
+    Ok(format!("http://{addr}"))
 }

@@ -12,6 +12,7 @@ pub use kvmesh_gossip::NodeRole;
 use kvmesh_policy::auth::{KeyEntry, KeyStore};
 use kvmesh_policy::guardrails::GuardrailConfig;
 use kvmesh_policy::limits::{LimitSpec, LimitsConfig};
+use kvmesh_policy::prompt_encoder::EncoderChoice;
 use kvmesh_policy::score::ScoreWeights;
 
 use crate::audit::AuditConfig;
@@ -81,6 +82,8 @@ pub struct Config {
     pub summary_min_change: f64,
     /// Weights of the predicted-TTFT score.
     pub score: ScoreWeights,
+    /// The tokenizer service: encoding threads, queue and segment cache.
+    pub tokenize: TokenizeSettings,
     /// How engines are chosen. `kvmesh` (the default) predicts TTFT from cached prefixes and
     /// load; `least_load` and `round_robin` are baselines for benchmarks.
     pub routing: RoutingPolicy,
@@ -152,6 +155,35 @@ pub enum RoutingPolicy {
 pub struct ModelEntry {
     pub name: String,
     pub tokenizer: PathBuf,
+    /// A Jinja chat template that wins over the one in `tokenizer_config.json`.
+    #[serde(default)]
+    pub chat_template: Option<PathBuf>,
+    /// `auto` (the fast encoder where it passes the start-up check), `reference` or `fast`.
+    #[serde(default)]
+    pub encoder: EncoderChoice,
+    /// Context length to enforce before routing; defaults to `model_max_length` from
+    /// `tokenizer_config.json`. Set it to the engines' `--max-model-len` when that is smaller.
+    #[serde(default)]
+    pub max_model_len: Option<u32>,
+}
+
+/// The tokenizer service (see `tokens`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenizeSettings {
+    /// Threads that encode prompts. Default: half the cores (at least 1, at most 8).
+    pub threads: usize,
+    /// Prompts waiting for a thread before new ones are refused with 503.
+    pub queue: usize,
+    /// Bound on each model's segment cache, in MiB (0 turns it off).
+    pub segment_cache_mb: u64,
+}
+
+impl Default for TokenizeSettings {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        Self { threads: (cores / 2).clamp(1, 8), queue: 1024, segment_cache_mb: 64 }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum, Default)]
@@ -210,6 +242,7 @@ impl Default for Config {
             summary_interval_ms: 2_000,
             summary_min_change: 0.0,
             score: ScoreWeights::default(),
+            tokenize: TokenizeSettings::default(),
             routing: RoutingPolicy::Kvmesh,
             auth: AuthConfig { reload_interval_ms: 2_000, ..AuthConfig::default() },
             limits: LimitsConfig::default(),
@@ -400,6 +433,17 @@ impl Config {
         }
         if self.max_body_bytes < 1024 {
             return bad(format!("max_body_bytes must be at least 1024, got {}", self.max_body_bytes));
+        }
+        if self.tokenize.threads == 0 || self.tokenize.threads > 256 {
+            return bad(format!("tokenize.threads is {}; give 1 to 256", self.tokenize.threads));
+        }
+        if self.tokenize.queue == 0 {
+            return bad("tokenize.queue must be at least 1".into());
+        }
+        for m in &self.models {
+            if m.max_model_len == Some(0) {
+                return bad(format!("[[models]] {}: max_model_len must be at least 1", m.name));
+            }
         }
         if self.default_block_size == 0 {
             return bad("default_block_size must be at least 1".into());

@@ -320,7 +320,7 @@ impl Guard {
                 resp
             }
             Ok((req, body, ids)) => {
-                let resp = p.route_client(endpoint, request_id, &req, &body, ids.as_deref()).await;
+                let resp = p.route_client(endpoint, request_id, &req, &body, ids).await;
                 self.answer(flow, &req, resp).await
             }
         }
@@ -378,7 +378,7 @@ impl Guard {
             flow.rec.prompt = Some(self.redact_for_audit(Stage::Prompt, &texts.join("\n")));
         }
 
-        let ids = if self.limits_enabled { p.tokenizers().prompt_ids(&req).await } else { None };
+        let ids = if self.limits_enabled { p.tokenizers().prompt_ids(&req).await? } else { None };
         let prompt_tokens = match (&ids, self.limits_enabled) {
             (Some(ids), _) => Some(ids.len() as u64),
             // No tokenizer for this model here: about four characters a token.

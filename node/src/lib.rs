@@ -14,6 +14,7 @@ pub mod audit;
 pub mod bench;
 pub mod bench_gossip;
 pub mod bench_routing;
+pub mod bench_tokenize;
 pub mod config;
 pub mod demo;
 pub mod engine;

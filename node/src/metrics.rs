@@ -36,6 +36,15 @@ pub struct NodeMetrics {
     /// Requests refused by a rate or budget limit, by limit.
     pub rate_limited: IntCounterVec,
     pub audit: AuditMetrics,
+    /// Prompts through the tokenizer service by model and outcome: `tokenized`, `token_ids`
+    /// (none needed), `no_tokenizer`, `shed` (queue full), `failed`.
+    pub tokenize_requests: IntCounterVec,
+    /// Prompt tokens by where their ids came from: `encoded` now or the segment `cache`.
+    pub tokenize_tokens: IntCounterVec,
+    pub tokenize_seconds: HistogramVec,
+    pub tokenize_queue: prometheus::IntGauge,
+    /// Memory per model's tokenizer: `loaded` (at start) and `segment_cache` (now).
+    pub tokenizer_memory: IntGaugeVec,
     engine_up: IntGaugeVec,
     engine_in_flight: IntGaugeVec,
     engine_running: GaugeVec,
@@ -110,6 +119,27 @@ impl NodeMetrics {
                     "Failed audit writes, fsyncs or rotations.",
                 )?,
             },
+            tokenize_requests: IntCounterVec::new(
+                Opts::new("kvmesh_tokenize_requests_total", "Prompts through the tokenizer service, by outcome."),
+                &["model", "outcome"],
+            )?,
+            tokenize_tokens: IntCounterVec::new(
+                Opts::new("kvmesh_tokenize_tokens_total", "Prompt tokens by source of their ids (encoded, cache)."),
+                &["model", "source"],
+            )?,
+            tokenize_seconds: HistogramVec::new(
+                HistogramOpts::new("kvmesh_tokenize_seconds", "Time to tokenize a prompt on a tokenizer thread.")
+                    .buckets(vec![0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1]),
+                &["model"],
+            )?,
+            tokenize_queue: prometheus::IntGauge::new(
+                "kvmesh_tokenize_queue",
+                "Prompts waiting for a tokenizer thread.",
+            )?,
+            tokenizer_memory: IntGaugeVec::new(
+                Opts::new("kvmesh_tokenizer_memory_bytes", "Tokenizer memory per model (loaded, segment_cache)."),
+                &["model", "part"],
+            )?,
             engine_up: IntGaugeVec::new(Opts::new("kvmesh_engine_up", "1 if the engine is healthy."), engine)?,
             engine_in_flight: IntGaugeVec::new(
                 Opts::new("kvmesh_engine_in_flight", "Requests this node has open on the engine."),
@@ -152,6 +182,11 @@ impl NodeMetrics {
             Box::new(m.audit.written.clone()),
             Box::new(m.audit.dropped.clone()),
             Box::new(m.audit.write_errors.clone()),
+            Box::new(m.tokenize_requests.clone()),
+            Box::new(m.tokenize_tokens.clone()),
+            Box::new(m.tokenize_seconds.clone()),
+            Box::new(m.tokenize_queue.clone()),
+            Box::new(m.tokenizer_memory.clone()),
             Box::new(m.engine_up.clone()),
             Box::new(m.engine_in_flight.clone()),
             Box::new(m.engine_running.clone()),

@@ -124,7 +124,7 @@ impl Node {
         let tasks = TaskTracker::new();
         engines.spawn_watchers(&tasks, &cancel);
         let metrics = Arc::new(NodeMetrics::new(&cfg.node_name)?);
-        let tokenizers = crate::tokens::Tokenizers::load(&cfg)?;
+        let tokenizers = crate::tokens::Tokenizers::load(&cfg, metrics.clone()).await?;
         let guard = Guard::new(&cfg, metrics.clone())?;
         let pipeline = Arc::new(Pipeline::new(&cfg, engines.clone(), metrics, client, tokenizers));
         if let Some(g) = &guard {

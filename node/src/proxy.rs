@@ -23,7 +23,7 @@ use kvmesh_policy::request::InferenceRequest;
 use kvmesh_policy::request::{self, Endpoint};
 use kvmesh_policy::score::{self, Estimate, ScoreWeights};
 use kvmesh_transport::endpoint::respond;
-use kvmesh_transport::{IncomingRequest, RequestHead, ResponseHead, TransportError};
+use kvmesh_transport::{IncomingRequest, PromptDigest, RequestHead, ResponseHead, TransportError};
 use tracing::Instrument;
 
 use crate::config::{Config, RoutingPolicy};
@@ -74,6 +74,35 @@ enum Scope<'a> {
 enum Target {
     Local(Arc<Engine>),
     Remote(RemoteEngine),
+}
+
+/// What the router knows of a prompt: its ids (tokenized here) or the block keys a peer sent.
+#[derive(Default)]
+struct PromptKeys {
+    tokens: usize,
+    ids: Option<Vec<u32>>,
+    given: Option<(u32, Vec<u64>)>,
+}
+
+impl PromptKeys {
+    fn known(&self) -> bool {
+        self.ids.is_some() || self.given.is_some()
+    }
+
+    /// Chained block keys at block size `bs` (empty when unknown at that size).
+    fn keys(&self, seed: u64, bs: u32) -> Vec<u64> {
+        match (&self.given, &self.ids) {
+            (Some((given_bs, keys)), _) if *given_bs == bs => keys.clone(),
+            (_, Some(ids)) => blocks::block_keys(seed, ids, bs as usize),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// With several engines on the peer, its exact indexes know better which one holds the prefix
+/// than our node-level summary: it chooses, from the block keys sent along.
+fn peer_chooses(remote: &RemoteEngine, route: &Route) -> bool {
+    remote.node_engines > 1 && route.reason == "prefix"
 }
 
 /// Why a request went where it went, for the `x-kvmesh-route` header, the span and metrics.
@@ -144,7 +173,7 @@ impl Pipeline {
         self.guard.get()
     }
 
-    pub(crate) fn tokenizers(&self) -> &Tokenizers {
+    pub fn tokenizers(&self) -> &Tokenizers {
         &self.tokenizers
     }
 
@@ -163,7 +192,7 @@ impl Pipeline {
         let span = request_span(&request_id, &self.node_name, endpoint);
         match self.guard() {
             Some(g) => g.clone().serve(self, endpoint, headers, &request_id, body).instrument(span).await,
-            None => self.dispatch(endpoint, &request_id, body, Scope::Mesh).instrument(span).await,
+            None => self.dispatch(endpoint, &request_id, body, Scope::Mesh, None).instrument(span).await,
         }
     }
 
@@ -182,7 +211,8 @@ impl Pipeline {
             Some(ep) => {
                 // The origin may give up (its client left, its timeout fired) before the engine
                 // answers: stop then, so the engine is not kept working for nobody.
-                let work = self.dispatch(ep, &req.head.request_id, req.body, Scope::Local(&req.head.engine));
+                let scope = Scope::Local(&req.head.engine);
+                let work = self.dispatch(ep, &req.head.request_id, req.body, scope, req.head.prompt.as_ref());
                 tokio::select! {
                     r = work.instrument(span) => r,
                     _ = send.stopped() => {
@@ -227,6 +257,7 @@ impl Pipeline {
         request_id: &str,
         body: Bytes,
         scope: Scope<'_>,
+        digest: Option<&PromptDigest>,
     ) -> Response {
         let started = Instant::now();
         let req = match request::parse(endpoint, &body) {
@@ -234,13 +265,25 @@ impl Pipeline {
             Err(e) => return self.reply_error(endpoint, "", &e, started),
         };
         tracing::Span::current().record("model", req.model.as_str());
-        // Token ids only matter when there is a choice to make.
-        let ids = match scope {
-            // A peer that named no engine leaves the choice to this node's exact indexes.
-            Scope::Mesh | Scope::Local("") => self.tokenizers.prompt_ids(&req).await,
-            Scope::Local(_) => None,
+        // Token ids only matter when there is a choice to make, and are made once per request:
+        // a peer that leaves the choice to this node sends the block keys it computed.
+        let prompt = match (scope, digest.map(|d| (d, d.keys()))) {
+            (Scope::Local(""), Some((d, Ok(keys)))) => {
+                self.metrics.tokenize_requests.with_label_values(&[&req.model, "from_peer"]).inc();
+                PromptKeys { tokens: d.tokens as usize, ids: None, given: Some((d.block_size, keys)) }
+            }
+            (Scope::Mesh | Scope::Local(""), _) => match self.tokenizers.prompt_ids(&req).await {
+                Ok(ids) => PromptKeys { tokens: ids.as_ref().map_or(0, Vec::len), ids, given: None },
+                Err(e) => {
+                    let resp = self.reply_error(endpoint, &req.model, &e, started);
+                    // An overloaded tokenizer refused before any engine saw it: the origin may
+                    // try elsewhere.
+                    return if e.status == StatusCode::SERVICE_UNAVAILABLE { not_accepted(resp) } else { resp };
+                }
+            },
+            (Scope::Local(_), _) => PromptKeys::default(),
         };
-        self.route(endpoint, request_id, &req, &body, ids.as_deref(), scope, started).await
+        self.route(endpoint, request_id, &req, &body, prompt, scope, started).await
     }
 
     /// A client's request the guard admitted (parsed, and tokenized when it had to count).
@@ -250,18 +293,17 @@ impl Pipeline {
         request_id: &str,
         req: &InferenceRequest,
         body: &Bytes,
-        ids: Option<&[u32]>,
+        ids: Option<Vec<u32>>,
     ) -> Response {
         let started = Instant::now();
-        let tokenized;
-        let ids = match ids {
-            Some(ids) => Some(ids),
-            None => {
-                tokenized = self.tokenizers.prompt_ids(req).await;
-                tokenized.as_deref()
-            }
+        let prompt = match ids {
+            Some(ids) => PromptKeys { tokens: ids.len(), ids: Some(ids), given: None },
+            None => match self.tokenizers.prompt_ids(req).await {
+                Ok(ids) => PromptKeys { tokens: ids.as_ref().map_or(0, Vec::len), ids, given: None },
+                Err(e) => return self.reply_error(endpoint, &req.model, &e, started),
+            },
         };
-        self.route(endpoint, request_id, req, body, ids, Scope::Mesh, started).await
+        self.route(endpoint, request_id, req, body, prompt, Scope::Mesh, started).await
     }
 
     /// Chooses, forwards and retries: everything after parsing and tokenizing.
@@ -272,14 +314,15 @@ impl Pipeline {
         request_id: &str,
         req: &InferenceRequest,
         body: &Bytes,
-        ids: Option<&[u32]>,
+        prompt: PromptKeys,
         scope: Scope<'_>,
         started: Instant,
     ) -> Response {
+        let seed = blocks::chain_seed(&req.model, None, req.cache_salt.as_deref());
         let mut tried: Vec<String> = Vec::new();
         let mut last_error: Option<ApiError> = None;
         for attempt in 0..self.max_attempts {
-            let (target, route) = match self.pick(req, ids, scope, &tried) {
+            let (target, route) = match self.pick(req, &prompt, seed, scope, &tried) {
                 Ok(t) => t,
                 Err(e) => {
                     // After a failed attempt, the failure says more than "nothing left".
@@ -300,7 +343,21 @@ impl Pipeline {
                         .await
                 }
                 Target::Remote(r) => {
-                    self.forward_remote(endpoint, &req.model, req.stream, request_id, body, r, &route, started).await
+                    let digest = peer_chooses(r, &route)
+                        .then(|| {
+                            let bs = r.engine.block_size.unwrap_or(self.default_block_size);
+                            PromptDigest::new(prompt.tokens as u32, bs, &prompt.keys(seed, bs))
+                        })
+                        .flatten();
+                    let head = RequestHead {
+                        path: endpoint.path().to_owned(),
+                        request_id: request_id.to_owned(),
+                        origin: self.node_name.clone(),
+                        engine: if peer_chooses(r, &route) { String::new() } else { r.engine.name.clone() },
+                        stream: req.stream,
+                        prompt: digest,
+                    };
+                    self.forward_remote(endpoint, &req.model, head, body, r, &route, started).await
                 }
             };
             match outcome {
@@ -330,7 +387,8 @@ impl Pipeline {
     fn pick(
         &self,
         req: &InferenceRequest,
-        ids: Option<&[u32]>,
+        prompt: &PromptKeys,
+        seed: u64,
         scope: Scope<'_>,
         tried: &[String],
     ) -> Result<(Target, Route), ApiError> {
@@ -354,14 +412,15 @@ impl Pipeline {
             Scope::Mesh => self.engines.engines.iter().collect(),
         };
         // Keys are computed once per block size in use (engines normally share one).
-        let seed = blocks::chain_seed(model, None, req.cache_salt.as_deref());
         let mut keys_by_size: Vec<(u32, Vec<u64>)> = Vec::new();
         let mut keys_for = |bs: u32| -> Vec<u64> {
-            let Some(ids) = ids else { return Vec::new() };
+            if !prompt.known() {
+                return Vec::new();
+            }
             if let Some((_, k)) = keys_by_size.iter().find(|(b, _)| *b == bs) {
                 return k.clone();
             }
-            let k = blocks::block_keys(seed, ids, bs as usize);
+            let k = prompt.keys(seed, bs);
             keys_by_size.push((bs, k.clone()));
             k
         };
@@ -414,7 +473,7 @@ impl Pipeline {
         if !known {
             return Err(ApiError::model_not_found(model));
         }
-        let prompt_tokens = ids.map(<[u32]>::len).unwrap_or(0);
+        let prompt_tokens = prompt.tokens;
         match self.routing {
             RoutingPolicy::Kvmesh => {}
             RoutingPolicy::LeastLoad => cands.iter_mut().for_each(|c| c.matched_blocks = 0),
@@ -447,7 +506,7 @@ impl Pipeline {
         }
         let reason = if matched > 0 {
             "prefix"
-        } else if ids.is_some() {
+        } else if prompt.known() {
             "load"
         } else {
             "load_no_tokenizer"
@@ -509,8 +568,7 @@ impl Pipeline {
         self: &Arc<Self>,
         endpoint: Endpoint,
         model: &str,
-        stream: bool,
-        request_id: &str,
+        head: RequestHead,
         body: &Bytes,
         remote: &RemoteEngine,
         route: &Route,
@@ -520,19 +578,6 @@ impl Pipeline {
             return Err(Retry { error: ApiError::unavailable("This node is not in a mesh."), reason: "no_mesh" });
         };
         let in_flight = InFlight::new(mesh.in_flight(&remote.key()));
-        let head = RequestHead {
-            path: endpoint.path().to_owned(),
-            request_id: request_id.to_owned(),
-            origin: self.node_name.clone(),
-            // With several engines on the peer, its exact indexes know better which one holds
-            // the prefix than our node-level summary: let it choose.
-            engine: if remote.node_engines > 1 && route.reason == "prefix" {
-                String::new()
-            } else {
-                remote.engine.name.clone()
-            },
-            stream,
-        };
         let (rhead, recv) = match mesh.endpoint.request(remote.addr, &head, body, self.first_byte_timeout).await {
             Ok(r) => r,
             Err(TransportError::Timeout { what: "response head", .. }) => {
@@ -561,8 +606,8 @@ impl Pipeline {
             status,
             content_type: Some(rhead.content_type),
             served_by: rhead.served_by,
-            stream,
-            request_id,
+            stream: head.stream,
+            request_id: &head.request_id,
             route: &route.header,
         };
         let relayed = self.relay_answer(endpoint, model, answer, upstream, in_flight, started).await;

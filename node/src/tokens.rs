@@ -1,55 +1,299 @@
-//! Token ids of a request's prompt at the node that receives it, for prefix matching.
+//! The tokenizer service: a prompt's token ids at the node that receives the request, once.
 //!
-//! One tokenizer per model (`[[models]]` in config; the embedded simulator's model uses the
-//! tokenizer compiled into kvmesh). Encoding runs on the blocking pool, never on the async
-//! workers. A model without a configured tokenizer is routed by load alone. The faster
-//! encoder and the segment cache are separate work; see ARCHITECTURE.md.
+//! One [`PromptEncoder`] per model (`[[models]]` in config; the embedded simulator's model uses
+//! the tokenizer compiled into kvmesh), each with its segment cache and, where the start-up check
+//! passed, the fast encoder. Encoding runs on a small pool of dedicated threads fed by a bounded
+//! queue, never on the async workers; when the queue is full the request is shed with a 503
+//! rather than left to wait behind work the node cannot keep up with. A model without a
+//! tokenizer is routed by load alone.
+//!
+//! The ids leave this node only as block keys in the QUIC request head (see `proxy`), so the
+//! peer that serves a forwarded request never tokenizes it again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
 
-use kvmesh_policy::request::{InferenceRequest, Prompt};
-use kvmesh_policy::tokenize::ModelTokenizer;
+use kvmesh_policy::openai::ApiError;
+use kvmesh_policy::prompt_encoder::{EncoderOptions, EncoderReport, PromptEncoder};
+use kvmesh_policy::request::{Endpoint, InferenceRequest, Prompt};
+use kvmesh_policy::tokenize::TokenizerFiles;
+use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::NodeError;
+use crate::metrics::NodeMetrics;
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+struct ModelTokenizer {
+    encoder: Arc<PromptEncoder>,
+    /// Context length to enforce before routing, when known (config or tokenizer_config.json).
+    max_model_len: Option<u32>,
+    /// Resident memory the model's tokenizers added when loaded (Linux RSS delta).
+    loaded_bytes: u64,
+}
 
 pub struct Tokenizers {
     by_model: HashMap<String, ModelTokenizer>,
+    jobs: Option<crossbeam_channel::Sender<Job>>,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    queued: Arc<AtomicUsize>,
+    queue_bound: usize,
+    metrics: Arc<NodeMetrics>,
+}
+
+/// What `/v1/mesh/status` says about a model's tokenizer.
+#[derive(Debug, Serialize)]
+pub struct TokenizerStatus {
+    pub model: String,
+    pub mode: &'static str,
+    pub encoder: EncoderReport,
+    pub max_model_len: Option<u32>,
+    pub loaded_bytes: u64,
+    pub segment_cache_bytes: u64,
 }
 
 impl Tokenizers {
-    pub fn load(cfg: &Config) -> Result<Self, NodeError> {
-        let mut by_model = HashMap::new();
-        let builtin = ModelTokenizer::builtin().map_err(|e| NodeError::Config(e.to_string()))?;
-        by_model.insert(cfg.embedded.model.clone(), builtin);
-        for m in &cfg.models {
-            let t = ModelTokenizer::from_path(&m.tokenizer)
-                .map_err(|e| NodeError::Config(format!("[[models]] {}: {e}", m.name)))?;
-            by_model.insert(m.name.clone(), t);
+    /// Loads every configured tokenizer (off the async runtime: a production vocabulary takes
+    /// about a second with its start-up checks) and starts the encoding threads.
+    pub async fn load(cfg: &Config, metrics: Arc<NodeMetrics>) -> Result<Self, NodeError> {
+        let cfg2 = cfg.clone();
+        let by_model = tokio::task::spawn_blocking(move || load_all(&cfg2))
+            .await
+            .map_err(|e| NodeError::Config(format!("loading tokenizers: {e}")))??;
+        for (model, t) in &by_model {
+            metrics.tokenizer_memory.with_label_values(&[model, "loaded"]).set(t.loaded_bytes as i64);
         }
-        Ok(Self { by_model })
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(cfg.tokenize.queue);
+        let mut workers = Vec::new();
+        for i in 0..cfg.tokenize.threads {
+            let rx = rx.clone();
+            let w = std::thread::Builder::new()
+                .name(format!("kvmesh-tokenize-{i}"))
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        job();
+                    }
+                })
+                .map_err(|e| NodeError::Config(format!("cannot start tokenizer threads: {e}")))?;
+            workers.push(w);
+        }
+        Ok(Self {
+            by_model,
+            jobs: Some(tx),
+            workers: Mutex::new(workers),
+            queued: Arc::new(AtomicUsize::new(0)),
+            queue_bound: cfg.tokenize.queue,
+            metrics,
+        })
     }
 
     pub fn has(&self, model: &str) -> bool {
         self.by_model.contains_key(model)
     }
 
-    /// The prompt's token ids as the engine will see them, or `None` when the model has no
-    /// tokenizer here or the prompt does not render (the engine will say why).
-    pub async fn prompt_ids(&self, req: &InferenceRequest) -> Option<Vec<u32>> {
-        if let Prompt::TokenIds(ids) = &req.prompt {
-            return Some(ids.clone());
+    pub fn status(&self) -> Vec<TokenizerStatus> {
+        let mut out: Vec<_> = self
+            .by_model
+            .iter()
+            .map(|(model, t)| TokenizerStatus {
+                model: model.clone(),
+                mode: "exact",
+                encoder: t.encoder.report().clone(),
+                max_model_len: t.max_model_len,
+                loaded_bytes: t.loaded_bytes,
+                segment_cache_bytes: t.encoder.cache_bytes(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.model.cmp(&b.model));
+        out
+    }
+
+    /// Refreshes the gauges that are read rather than counted.
+    pub fn observe(&self) {
+        for (model, t) in &self.by_model {
+            self.metrics
+                .tokenizer_memory
+                .with_label_values(&[model, "segment_cache"])
+                .set(t.encoder.cache_bytes() as i64);
         }
-        let tok = self.by_model.get(&req.model)?.clone();
+        self.metrics.tokenize_queue.set(self.queued.load(Ordering::Relaxed) as i64);
+    }
+
+    /// The prompt's token ids as the engine will see them. `Ok(None)`: no tokenizer here for
+    /// the model, or the prompt does not render (the engine will say why). Errors: the prompt
+    /// is over the model's context (400), or the tokenizer is overloaded (503).
+    pub async fn prompt_ids(&self, req: &InferenceRequest) -> Result<Option<Vec<u32>>, ApiError> {
+        let model = req.model.as_str();
+        let count = |outcome: &str| self.metrics.tokenize_requests.with_label_values(&[model, outcome]).inc();
+        if let Prompt::TokenIds(ids) = &req.prompt {
+            count("token_ids");
+            self.check_length(req, ids.len())?;
+            return Ok(Some(ids.clone()));
+        }
+        let Some(t) = self.by_model.get(model) else {
+            count("no_tokenizer");
+            return Ok(None);
+        };
+        let Some(jobs) = &self.jobs else { return Ok(None) };
+        let encoder = t.encoder.clone();
         let prompt = req.prompt.clone();
         let add_generation_prompt = req.add_generation_prompt;
-        tokio::task::spawn_blocking(move || match &prompt {
-            Prompt::Chat(messages) => tok.encode(&tok.render_chat(messages, add_generation_prompt).ok()?, false).ok(),
-            Prompt::Text(text) => tok.encode(text, true).ok(),
-            Prompt::TokenIds(ids) => Some(ids.clone()),
-        })
-        .await
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let queued = self.queued.clone();
+        let job: Job = Box::new(move || {
+            queued.fetch_sub(1, Ordering::Relaxed);
+            let started = Instant::now();
+            let out = match &prompt {
+                Prompt::Chat(messages) => encoder.encode_chat(messages, add_generation_prompt),
+                Prompt::Text(text) => encoder.encode(text, true),
+                Prompt::TokenIds(ids) => {
+                    Ok(kvmesh_policy::prompt_encoder::Encoded { ids: ids.clone(), ..Default::default() })
+                }
+            };
+            let _ = tx.send((out, started.elapsed()));
+        });
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        if jobs.try_send(job).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            count("shed");
+            return Err(ApiError::unavailable(format!(
+                "The tokenizer for `{model}` is overloaded ({} prompts queued); retry shortly.",
+                self.queue_bound
+            ))
+            .with_code("tokenizer_overloaded"));
+        }
+        let Ok((out, took)) = rx.await else { return Ok(None) };
+        self.metrics.tokenize_seconds.with_label_values(&[model]).observe(took.as_secs_f64());
+        match out {
+            Ok(e) => {
+                count("tokenized");
+                self.metrics.tokenize_tokens.with_label_values(&[model, "encoded"]).inc_by(e.encoded as u64);
+                self.metrics.tokenize_tokens.with_label_values(&[model, "cache"]).inc_by(e.cached as u64);
+                self.check_length(req, e.ids.len())?;
+                Ok(Some(e.ids))
+            }
+            Err(e) => {
+                count("failed");
+                tracing::debug!(error = %e, "prompt did not tokenize; routing by load");
+                Ok(None)
+            }
+        }
+    }
+
+    /// vLLM's own check and wording, done here so an impossible request is refused before it
+    /// is routed anywhere.
+    fn check_length(&self, req: &InferenceRequest, prompt_tokens: usize) -> Result<(), ApiError> {
+        let Some(max) = self.by_model.get(&req.model).and_then(|t| t.max_model_len) else { return Ok(()) };
+        let completion = req.max_tokens.unwrap_or(0) as usize;
+        if prompt_tokens + completion <= max as usize && prompt_tokens < max as usize {
+            return Ok(());
+        }
+        let what = if req.endpoint == Endpoint::Chat { "messages" } else { "prompt" };
+        Err(ApiError::invalid(
+            format!(
+                "This model's maximum context length is {max} tokens. However, you requested {} tokens \
+                 ({prompt_tokens} in the {what}, {completion} in the completion). Please reduce the length \
+                 of the {what} or completion.",
+                prompt_tokens + completion
+            ),
+            Some(what),
+        )
+        .with_code("context_length_exceeded"))
+    }
+}
+
+impl Drop for Tokenizers {
+    /// Closing the queue ends the workers once they finish what they hold; they are joined so
+    /// no encoding outlives the node.
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Ok(mut workers) = self.workers.lock() {
+            for w in workers.drain(..) {
+                let _ = w.join();
+            }
+        }
+    }
+}
+
+fn load_all(cfg: &Config) -> Result<HashMap<String, ModelTokenizer>, NodeError> {
+    let opts = |m: Option<&crate::config::ModelEntry>| EncoderOptions {
+        encoder: m.map(|m| m.encoder).unwrap_or_default(),
+        segment_cache_bytes: cfg.tokenize.segment_cache_mb << 20,
+    };
+    let mut by_model = HashMap::new();
+    let before = resident_bytes();
+    let builtin = PromptEncoder::new(&TokenizerFiles::builtin(), &opts(None))
+        .map_err(|e| NodeError::Config(format!("builtin tokenizer: {e}")))?;
+    let max = builtin.tokenizer().declared_max_model_len();
+    let loaded_bytes = resident_bytes().saturating_sub(before);
+    by_model.insert(
+        cfg.embedded.model.clone(),
+        ModelTokenizer { encoder: Arc::new(builtin), max_model_len: max, loaded_bytes },
+    );
+    for m in &cfg.models {
+        let before = resident_bytes();
+        let files = TokenizerFiles::read(&m.tokenizer, m.chat_template.as_deref())
+            .map_err(|e| NodeError::Config(format!("[[models]] {}: {e}", m.name)))?;
+        let encoder = PromptEncoder::new(&files, &opts(Some(m)))
+            .map_err(|e| NodeError::Config(format!("[[models]] {}: {e}", m.name)))?;
+        let max_model_len = m.max_model_len.or_else(|| encoder.tokenizer().declared_max_model_len());
+        let loaded_bytes = resident_bytes().saturating_sub(before);
+        let r = encoder.report();
+        tracing::info!(model = %m.name, fast = r.fast_encoder, segment_cache = r.segment_cache, loaded_mb = loaded_bytes >> 20, "tokenizer ready");
+        by_model.insert(m.name.clone(), ModelTokenizer { encoder: Arc::new(encoder), max_model_len, loaded_bytes });
+    }
+    Ok(by_model)
+}
+
+/// This process's resident memory, from `/proc/self/statm` (0 where there is none).
+fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .flatten()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvmesh_policy::request::{self, Endpoint};
+
+    #[tokio::test]
+    async fn full_queue_sheds_with_503() {
+        let mut cfg = Config::default();
+        cfg.tokenize.threads = 1;
+        cfg.tokenize.queue = 1;
+        let metrics = Arc::new(NodeMetrics::new("t").unwrap());
+        let t = Tokenizers::load(&cfg, metrics.clone()).await.unwrap();
+        // Hold the only thread, then fill the one queue slot.
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let jobs = t.jobs.as_ref().unwrap();
+        jobs.send(Box::new(move || {
+            let _ = started_tx.send(());
+            let _ = release_rx.recv();
+        }))
+        .unwrap();
+        started_rx.recv().unwrap();
+        jobs.send(Box::new(|| {})).unwrap();
+        let req =
+            request::parse(Endpoint::Chat, br#"{"model":"kvmesh-sim","messages":[{"role":"user","content":"hello"}]}"#)
+                .unwrap();
+        let err = t.prompt_ids(&req).await.unwrap_err();
+        assert_eq!(err.status.as_u16(), 503);
+        assert_eq!(err.code.as_deref(), Some("tokenizer_overloaded"));
+        assert_eq!(metrics.tokenize_requests.with_label_values(&["kvmesh-sim", "shed"]).get(), 1);
+        release_tx.send(()).unwrap();
+        while !t.jobs.as_ref().unwrap().is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        // Once the thread is free, prompts are encoded again.
+        let ids = t.prompt_ids(&req).await.unwrap().unwrap();
+        assert!(!ids.is_empty());
     }
 }

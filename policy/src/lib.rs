@@ -11,12 +11,15 @@
 pub mod auth;
 pub mod blocks;
 pub mod error;
+pub mod fast_encode;
 pub mod guardrails;
 pub mod limits;
 pub mod openai;
 pub mod prefix_index;
+pub mod prompt_encoder;
 pub mod request;
 pub mod score;
+pub mod segments;
 pub mod summary;
 pub mod tokenize;
 

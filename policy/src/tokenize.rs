@@ -25,6 +25,51 @@ pub const BUILTIN_TOKENIZER_CONFIG: &[u8] = include_bytes!("../assets/tiny-chat/
 /// Default for models whose `tokenizer_config.json` gives no usable `model_max_length`.
 pub const DEFAULT_MAX_MODEL_LEN: u32 = 32_768;
 
+/// The files a model's tokenizer is made of, read once: the reference encoder, the fast encoder
+/// and the chat template are all built from them.
+pub struct TokenizerFiles {
+    pub json: Vec<u8>,
+    pub config: Option<Vec<u8>>,
+    /// A chat template that overrides the one in `tokenizer_config.json`.
+    pub chat_template: Option<String>,
+    /// Where they came from, for messages.
+    pub source: String,
+}
+
+impl TokenizerFiles {
+    pub fn builtin() -> Self {
+        Self {
+            json: BUILTIN_TOKENIZER_JSON.to_vec(),
+            config: Some(BUILTIN_TOKENIZER_CONFIG.to_vec()),
+            chat_template: None,
+            source: "builtin tiny-chat".into(),
+        }
+    }
+
+    /// `path` is `tokenizer.json` or a directory holding it; `tokenizer_config.json` and
+    /// `chat_template.jinja` beside it are read when present. `chat_template`, when given, is a
+    /// Jinja file that wins over both.
+    pub fn read(path: &Path, chat_template: Option<&Path>) -> Result<Self, PolicyError> {
+        let (dir, json_path) = if path.is_dir() {
+            (path.to_path_buf(), path.join("tokenizer.json"))
+        } else {
+            (path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")), path.to_path_buf())
+        };
+        let json = read(&json_path)?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config = if config_path.exists() { Some(read(&config_path)?) } else { None };
+        let jinja_path = match chat_template {
+            Some(p) => Some(p.to_path_buf()),
+            None => Some(dir.join("chat_template.jinja")).filter(|p| p.exists()),
+        };
+        let chat_template = match jinja_path {
+            Some(p) => Some(String::from_utf8_lossy(&read(&p)?).into_owned()),
+            None => None,
+        };
+        Ok(Self { json, config, chat_template, source: json_path.display().to_string() })
+    }
+}
+
 #[derive(Clone)]
 pub struct ModelTokenizer {
     inner: Arc<Inner>,
@@ -34,7 +79,8 @@ struct Inner {
     tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
     eos_token_id: Option<u32>,
-    max_model_len: u32,
+    /// `model_max_length` from `tokenizer_config.json`, when it gives a usable one.
+    declared_max_model_len: Option<u32>,
     source: String,
 }
 
@@ -47,35 +93,20 @@ struct ChatTemplate {
 impl ModelTokenizer {
     /// The tokenizer compiled into the binary.
     pub fn builtin() -> Result<Self, PolicyError> {
-        Self::from_bytes(BUILTIN_TOKENIZER_JSON, Some(BUILTIN_TOKENIZER_CONFIG), None, "builtin tiny-chat".into())
+        Self::from_files(&TokenizerFiles::builtin())
     }
 
     /// Loads `tokenizer.json` from `path` (a file, or a directory holding it), with
     /// `tokenizer_config.json` and `chat_template.jinja` from the same directory when present.
     pub fn from_path(path: &Path) -> Result<Self, PolicyError> {
-        let (dir, json_path) = if path.is_dir() {
-            (path.to_path_buf(), path.join("tokenizer.json"))
-        } else {
-            (path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(".")), path.to_path_buf())
-        };
-        let json = read(&json_path)?;
-        let config_path = dir.join("tokenizer_config.json");
-        let config = if config_path.exists() { Some(read(&config_path)?) } else { None };
-        let jinja_path = dir.join("chat_template.jinja");
-        let jinja =
-            if jinja_path.exists() { Some(String::from_utf8_lossy(&read(&jinja_path)?).into_owned()) } else { None };
-        Self::from_bytes(&json, config.as_deref(), jinja, json_path.display().to_string())
+        Self::from_files(&TokenizerFiles::read(path, None)?)
     }
 
-    fn from_bytes(
-        json: &[u8],
-        config: Option<&[u8]>,
-        template_override: Option<String>,
-        source: String,
-    ) -> Result<Self, PolicyError> {
-        let tokenizer = Tokenizer::from_bytes(json)
+    pub fn from_files(files: &TokenizerFiles) -> Result<Self, PolicyError> {
+        let source = files.source.clone();
+        let tokenizer = Tokenizer::from_bytes(&files.json)
             .map_err(|e| PolicyError::Tokenizer { what: source.clone(), message: e.to_string() })?;
-        let config: Value = match config {
+        let config: Value = match &files.config {
             Some(bytes) => serde_json::from_slice(bytes)
                 .map_err(|e| PolicyError::TokenizerConfig { path: source.clone(), message: e.to_string() })?,
             None => Value::Null,
@@ -83,18 +114,22 @@ impl ModelTokenizer {
         let bos_token = special_token(&config, "bos_token");
         let eos_token = special_token(&config, "eos_token");
         let eos_token_id = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t));
-        let max_model_len = config
+        let declared_max_model_len = config
             .get("model_max_length")
             .and_then(Value::as_u64)
             .filter(|&n| n > 0 && n <= 16_777_216)
-            .map(|n| n as u32)
-            .unwrap_or(DEFAULT_MAX_MODEL_LEN);
-        let source_text = template_override.or_else(|| template_from_config(&config));
+            .map(|n| n as u32);
+        let source_text = files.chat_template.clone().or_else(|| template_from_config(&config));
         let template = match source_text {
             Some(text) => Some(ChatTemplate::new(text, bos_token.unwrap_or_default(), eos_token.unwrap_or_default())?),
             None => None,
         };
-        Ok(Self { inner: Arc::new(Inner { tokenizer, template, eos_token_id, max_model_len, source }) })
+        Ok(Self { inner: Arc::new(Inner { tokenizer, template, eos_token_id, declared_max_model_len, source }) })
+    }
+
+    /// The reference `tokenizers` encoder itself.
+    pub fn reference(&self) -> &Tokenizer {
+        &self.inner.tokenizer
     }
 
     pub fn source(&self) -> &str {
@@ -102,7 +137,12 @@ impl ModelTokenizer {
     }
 
     pub fn max_model_len(&self) -> u32 {
-        self.inner.max_model_len
+        self.inner.declared_max_model_len.unwrap_or(DEFAULT_MAX_MODEL_LEN)
+    }
+
+    /// The context length the tokenizer's config states, if it states one.
+    pub fn declared_max_model_len(&self) -> Option<u32> {
+        self.inner.declared_max_model_len
     }
 
     pub fn eos_token_id(&self) -> Option<u32> {

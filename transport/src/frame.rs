@@ -6,8 +6,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::TransportError;
 
-/// Largest head accepted; a head is a few hundred bytes, so more is a broken or hostile peer.
-pub const MAX_HEAD: usize = 64 * 1024;
+/// Largest head accepted. A head is a few hundred bytes plus, at most, a prompt digest of
+/// [`MAX_DIGEST_KEYS`] block keys; more is a broken or hostile peer.
+pub const MAX_HEAD: usize = 256 * 1024;
+
+/// Block keys carried in one head: a 1M-token prompt at block size 16 (the origin leaves the
+/// digest out above this, and the peer tokenizes).
+pub const MAX_DIGEST_KEYS: usize = 16_384;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RequestHead {
@@ -19,6 +24,45 @@ pub struct RequestHead {
     /// Engine on the receiving node that should serve it, by name.
     pub engine: String,
     pub stream: bool,
+    /// The prompt as the origin tokenized it, so the peer can match it against its engines'
+    /// exact indexes without tokenizing again. Absent when the origin has no tokenizer for the
+    /// model or named the engine itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<PromptDigest>,
+}
+
+/// A prompt's chained block keys at one block size, little-endian u64s in base64.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptDigest {
+    pub tokens: u32,
+    pub block_size: u32,
+    keys: String,
+}
+
+impl PromptDigest {
+    /// `None` when there are more keys than a head may carry.
+    pub fn new(tokens: u32, block_size: u32, keys: &[u64]) -> Option<Self> {
+        use base64::Engine as _;
+        if keys.len() > MAX_DIGEST_KEYS {
+            return None;
+        }
+        let bytes: Vec<u8> = keys.iter().flat_map(|k| k.to_le_bytes()).collect();
+        Some(Self { tokens, block_size, keys: base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes) })
+    }
+
+    pub fn keys(&self) -> Result<Vec<u64>, TransportError> {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(&self.keys)
+            .map_err(|e| TransportError::Frame(format!("prompt digest: {e}")))?;
+        if bytes.len() % 8 != 0 || bytes.len() / 8 > MAX_DIGEST_KEYS {
+            return Err(TransportError::Frame(format!("prompt digest of {} bytes is not whole keys", bytes.len())));
+        }
+        Ok(bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,6 +103,21 @@ pub async fn read_head<T: for<'de> Deserialize<'de>>(recv: &mut quinn::RecvStrea
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digest_roundtrip_and_bounds() {
+        let keys: Vec<u64> = (0..1000u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect();
+        let d = PromptDigest::new(16_000, 16, &keys).unwrap();
+        let json = serde_json::to_string(&d).unwrap();
+        let back: PromptDigest = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.keys().unwrap(), keys);
+        assert!(json.len() < keys.len() * 11 + 100, "{} bytes", json.len());
+        assert!(PromptDigest::new(0, 16, &vec![0; MAX_DIGEST_KEYS + 1]).is_none());
+        let bad = PromptDigest { tokens: 1, block_size: 16, keys: "AAAA".into() };
+        assert!(bad.keys().is_err());
+        let max = PromptDigest::new(0, 16, &vec![u64::MAX; MAX_DIGEST_KEYS]).unwrap();
+        assert!(serde_json::to_vec(&max).unwrap().len() < MAX_HEAD - 1024);
+    }
 
     #[test]
     fn head_roundtrip_prefix() {

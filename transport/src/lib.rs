@@ -15,7 +15,7 @@ pub mod tls;
 
 pub use endpoint::{IncomingRequest, MeshEndpoint, RequestHandler};
 pub use error::TransportError;
-pub use frame::{RequestHead, ResponseHead};
+pub use frame::{PromptDigest, RequestHead, ResponseHead};
 pub use tls::TlsIdentity;
 
 /// ALPN protocol id: the protocol's name and version. A peer speaking another version fails the

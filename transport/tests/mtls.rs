@@ -32,6 +32,7 @@ fn head() -> RequestHead {
         origin: "a".into(),
         engine: "e".into(),
         stream: true,
+        prompt: None,
     }
 }
 
