@@ -17,4 +17,6 @@ pub mod schema;
 
 pub use error::GossipError;
 pub use membership::{GossipConfig, Membership, Peer};
-pub use schema::{EngineLoad, EngineRole, KvSummarySlot, LoadReport, NodeMeta, NodeRole, SCHEMA_VERSION};
+pub use schema::{
+    EngineLoad, EngineRole, KvSummarySlot, LoadReport, NodeMeta, NodeRole, TenantUsage, UsageReport, SCHEMA_VERSION,
+};

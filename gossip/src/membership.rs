@@ -65,6 +65,8 @@ pub struct Peer {
     /// The KV summary's shards as gossiped: (chitchat version, value). Shared, not copied,
     /// between view rebuilds while unchanged.
     pub kv_shards: Vec<Option<(u64, Arc<str>)>>,
+    /// Per-tenant usage of the rate-limit window (empty when the node has none or predates it).
+    pub usage: UsageReport,
     pub is_self: bool,
 }
 
@@ -73,6 +75,7 @@ pub struct Membership {
     self_id: ChitchatId,
     peers: watch::Receiver<Arc<Vec<Peer>>>,
     last_load: Mutex<String>,
+    last_usage: Mutex<String>,
     gossip_interval: Duration,
 }
 
@@ -146,6 +149,7 @@ impl Membership {
             self_id,
             peers: rx,
             last_load: Mutex::new(String::new()),
+            last_usage: Mutex::new(String::new()),
             gossip_interval: cfg.gossip_interval,
         });
         // chitchat runs on a task of its own; stop it with the node, leave() or not.
@@ -188,6 +192,20 @@ impl Membership {
             *last = json.clone();
         }
         self.set(KEY_LOAD, json).await;
+        Ok(())
+    }
+
+    /// Publishes per-tenant usage if it changed since the last call.
+    pub async fn set_usage(&self, usage: &UsageReport) -> Result<(), GossipError> {
+        let json = serde_json::to_string(usage)?;
+        {
+            let Ok(mut last) = self.last_usage.lock() else { return Ok(()) };
+            if *last == json {
+                return Ok(());
+            }
+            *last = json.clone();
+        }
+        self.set(KEY_USAGE, json).await;
         Ok(())
     }
 
@@ -240,6 +258,7 @@ fn peers_from(states: &std::collections::BTreeMap<ChitchatId, NodeState>, me: &C
         let Some(meta) = state.get(KEY_NODE).and_then(|v| serde_json::from_str::<NodeMeta>(v).ok()) else { continue };
         let load = state.get(KEY_LOAD).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
         let kv = state.get(KEY_KV).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
+        let usage = state.get(KEY_USAGE).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
         let peer = Peer {
             node_id: id.node_id.to_string(),
             generation: id.generation_id,
@@ -248,6 +267,7 @@ fn peers_from(states: &std::collections::BTreeMap<ChitchatId, NodeState>, me: &C
             load,
             kv,
             kv_shards,
+            usage,
             is_self: id == me,
         };
         match out.iter_mut().find(|p| p.node_id == peer.node_id) {

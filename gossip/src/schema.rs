@@ -9,6 +9,7 @@
 //! | `load` | [`LoadReport`]: per-engine running, waiting, KV usage, throughput | at most every `load_interval` and only when changed |
 //! | `kv` | [`KvSummarySlot`]: the KV-prefix summary's format and version | with the summary |
 //! | `kv.0` .. `kv.15` | one Bloom-filter shard each (`policy::summary`), opaque here | a shard only when it changed enough |
+//! | `usage` | [`UsageReport`]: per-tenant requests and tokens in the current minute window | while a tenant is active, when changed |
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +18,7 @@ pub const KEY_VERSION: &str = "v";
 pub const KEY_NODE: &str = "node";
 pub const KEY_LOAD: &str = "load";
 pub const KEY_KV: &str = "kv";
+pub const KEY_USAGE: &str = "usage";
 /// Shard `i` of the KV summary is under `kv.{i}` (an opaque string to this crate).
 pub const KV_SHARDS: usize = 16;
 
@@ -88,4 +90,23 @@ impl Default for KvSummarySlot {
     fn default() -> Self {
         Self { format: "none".into(), version: 0 }
     }
+}
+
+/// One tenant's use of the rate-limit window on the publishing node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TenantUsage {
+    #[serde(rename = "r")]
+    pub requests: u64,
+    #[serde(rename = "t")]
+    pub tokens: u64,
+    /// Milliseconds (at publishing) until the oldest counted part leaves the window.
+    #[serde(rename = "reset")]
+    pub reset_ms: u64,
+}
+
+/// Per-tenant usage a node admitted in the last minute, so every node enforces the same
+/// limits mesh-wide (`policy::limits`). Tenants with no use are left out.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct UsageReport {
+    pub tenants: std::collections::BTreeMap<String, TenantUsage>,
 }

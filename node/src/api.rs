@@ -24,6 +24,7 @@ pub fn router(p: Arc<Pipeline>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/v1/mesh/peers", get(peers))
+        .route("/admin/keys/reload", post(reload_keys))
         .route("/v1/mesh/status", get(status))
         .fallback(|| async { error_response(&ApiError::not_found("Not Found")) })
         .method_not_allowed_fallback(|| async {
@@ -69,7 +70,12 @@ async fn completions(
 }
 
 /// Models served anywhere this node can route: its engines' and its live peers'.
-async fn models(State(p): State<Arc<Pipeline>>) -> Response {
+async fn models(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response {
+    let tenant = match p.guard().map(|g| g.check_client(&headers)) {
+        Some(Err(denied)) => return error_response(&denied),
+        Some(Ok(t)) => t,
+        None => None,
+    };
     let mut ids = p.engines.models();
     if let Some(mesh) = p.mesh() {
         for r in mesh.remote_engines().into_iter().filter(|r| r.engine.healthy) {
@@ -80,13 +86,17 @@ async fn models(State(p): State<Arc<Pipeline>>) -> Response {
             }
         }
     }
+    ids.retain(|m| tenant.as_ref().is_none_or(|t| t.may_use(m)));
     let data: Vec<_> =
         ids.into_iter().map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "kvmesh"})).collect();
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
 /// The live members of the mesh as this node sees them, itself included.
-async fn peers(State(p): State<Arc<Pipeline>>) -> Response {
+async fn peers(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response {
+    if let Some(Err(denied)) = p.guard().map(|g| g.check_admin(&headers)) {
+        return error_response(&denied);
+    }
     let Some(mesh) = p.mesh() else {
         return Json(json!({"node": p.node_name, "mesh": false, "peers": []})).into_response();
     };
@@ -131,10 +141,27 @@ async fn health(State(p): State<Arc<Pipeline>>) -> Response {
         .into_response()
 }
 
+/// Re-reads the API keys (inline and the keys file) now. Admin key required.
+async fn reload_keys(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response {
+    let Some(g) = p.guard() else {
+        return error_response(&ApiError::not_found("API keys are not configured on this node."));
+    };
+    if let Err(denied) = g.check_admin(&headers) {
+        return error_response(&denied);
+    }
+    match g.reload_keys() {
+        Ok(n) => Json(json!({"keys": n})).into_response(),
+        Err(e) => error_response(&ApiError::invalid(e.to_string(), None)),
+    }
+}
+
 /// This node's view of itself: engines with their index sizes, and how each model's prompts
 /// are matched: `exact` (token blocks, with a tokenizer) or `approximate` (text chunks against
-/// what this node routed where, without one).
-async fn status(State(p): State<Arc<Pipeline>>) -> Response {
+/// what this node routed where, without one). Admin key required when keys are configured.
+async fn status(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response {
+    if let Some(Err(denied)) = p.guard().map(|g| g.check_admin(&headers)) {
+        return error_response(&denied);
+    }
     let engines: Vec<_> = p
         .engines
         .engines
@@ -181,7 +208,10 @@ async fn status(State(p): State<Arc<Pipeline>>) -> Response {
     .into_response()
 }
 
-async fn metrics(State(p): State<Arc<Pipeline>>) -> Response {
+async fn metrics(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response {
+    if let Some(Err(denied)) = p.guard().map(|g| g.check_metrics(&headers)) {
+        return error_response(&denied);
+    }
     p.tokenizers().observe();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], p.metrics.render(&p.engines)).into_response()
 }

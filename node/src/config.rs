@@ -9,8 +9,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::NodeError;
 pub use kvmesh_gossip::NodeRole;
+use kvmesh_policy::auth::{KeyEntry, KeyStore};
+use kvmesh_policy::guardrails::GuardrailConfig;
+use kvmesh_policy::limits::{LimitSpec, LimitsConfig};
 use kvmesh_policy::prompt_encoder::EncoderChoice;
 use kvmesh_policy::score::ScoreWeights;
+
+use crate::audit::AuditConfig;
 use kvmesh_sim::EngineConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -88,6 +93,57 @@ pub struct Config {
     /// How engines are chosen. `kvmesh` (the default) predicts TTFT from cached prefixes and
     /// load; `least_load` and `round_robin` are baselines for benchmarks.
     pub routing: RoutingPolicy,
+    /// API keys. With none configured, the API is open (as before).
+    pub auth: AuthConfig,
+    /// Per-tenant rate and budget limits (tenants come from `[auth]`; without keys every
+    /// request is tenant `anonymous`).
+    pub limits: LimitsConfig,
+    /// How often this node gossips its per-tenant usage, so limits hold mesh-wide.
+    pub usage_publish_interval_ms: u64,
+    /// Guardrail hooks, run in this order on prompts and on answers.
+    pub guardrails: Vec<GuardrailConfig>,
+    /// Text held back from a streamed answer so rules see matches across chunks (characters,
+    /// counted as UTF-8 bytes). Longer matches can slip through; text reaches clients this late.
+    pub guardrail_window_chars: usize,
+    /// The hash-chained audit trail.
+    pub audit: AuditConfig,
+}
+
+/// `[auth]`: API keys inline, from a file, or both.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub keys: Vec<KeyEntry>,
+    /// A TOML file of `[[keys]]` entries, re-read when it changes (no restart needed).
+    pub keys_file: Option<PathBuf>,
+    /// How often the keys file is checked for changes.
+    pub reload_interval_ms: u64,
+    /// `/metrics` also needs an admin key (off: Prometheus scrapes without one).
+    pub protect_metrics: bool,
+}
+
+impl AuthConfig {
+    pub fn enabled(&self) -> bool {
+        !self.keys.is_empty() || self.keys_file.is_some()
+    }
+}
+
+/// The keys file: `[[keys]]` entries as in `[auth]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KeysFile {
+    #[serde(default)]
+    pub keys: Vec<KeyEntry>,
+}
+
+impl KeysFile {
+    pub fn read(path: &std::path::Path) -> Result<Vec<KeyEntry>, NodeError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| NodeError::ConfigFile { path: path.display().to_string(), source })?;
+        let f: KeysFile = toml::from_str(&text)
+            .map_err(|e| NodeError::ConfigParse { path: path.display().to_string(), message: e.to_string() })?;
+        Ok(f.keys)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -196,6 +252,12 @@ impl Default for Config {
             route_history_ttl_s: 120,
             route_history_max_keys: 131_072,
             routing: RoutingPolicy::Kvmesh,
+            auth: AuthConfig { reload_interval_ms: 2_000, ..AuthConfig::default() },
+            limits: LimitsConfig::default(),
+            usage_publish_interval_ms: 250,
+            guardrails: Vec::new(),
+            guardrail_window_chars: 256,
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -416,9 +478,49 @@ impl Config {
                 return bad(format!("{name} must be greater than 0"));
             }
         }
+        self.validate_guard()?;
         if self.engines.is_empty() && self.role == NodeRole::Worker {
             self.embedded.validate().map_err(|e| NodeError::Config(format!("[embedded] {e}")))?;
         }
+        Ok(())
+    }
+
+    /// `[auth]`, `[limits]`, `[[guardrails]]` and `[audit]`.
+    fn validate_guard(&self) -> Result<(), NodeError> {
+        let bad = |m: String| Err(NodeError::Config(m));
+        KeyStore::new(&self.auth.keys).map_err(|e| NodeError::Config(format!("[auth] {e}")))?;
+        if self.auth.keys_file.is_some() && self.auth.reload_interval_ms == 0 {
+            return bad("[auth] reload_interval_ms must be greater than 0".into());
+        }
+        let specs = std::iter::once(("default", &self.limits.default))
+            .chain(self.limits.tenants.iter().map(|(t, s)| (t.as_str(), s)));
+        for (who, s) in specs {
+            let LimitSpec { requests_per_minute, tokens_per_minute, max_tokens, max_prompt_tokens } = s;
+            if *requests_per_minute == Some(0)
+                || *tokens_per_minute == Some(0)
+                || *max_tokens == Some(0)
+                || *max_prompt_tokens == Some(0)
+            {
+                return bad(format!("[limits] {who}: a limit of 0 refuses everything; leave it out for no limit"));
+            }
+        }
+        if self.usage_publish_interval_ms == 0 {
+            return bad("usage_publish_interval_ms must be greater than 0".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for g in &self.guardrails {
+            g.build().map_err(|e| NodeError::Config(e.to_string()))?;
+            if !names.insert(g.name()) {
+                return bad(format!(
+                    "[[guardrails]] name `{}` is used twice; names label metrics and audit records",
+                    g.name()
+                ));
+            }
+        }
+        if self.guardrail_window_chars == 0 {
+            return bad("guardrail_window_chars must be at least 1 (256 is the default)".into());
+        }
+        self.audit.validate().map_err(NodeError::Config)?;
         Ok(())
     }
 
@@ -506,6 +608,22 @@ mod tests {
         assert!(parse_engine_flag("http://x,bogus").unwrap_err().to_string().contains("kv-events"));
         let e = toml::from_str::<Config>("unknown_key = 1").unwrap_err().to_string();
         assert!(e.contains("unknown_key"), "{e}");
+    }
+
+    #[test]
+    fn guard_sections_say_what_to_fix() {
+        let c: Config = toml::from_str("[[auth.keys]]\ntenant = \"a\"\nkey_sha256 = \"abc\"\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("kvmesh keys hash"));
+        let c: Config = toml::from_str("[limits.tenants.a]\nrequests_per_minute = 0\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("leave it out"));
+        let c: Config = toml::from_str("[[guardrails]]\nkind = \"deny\"\nname = \"d\"\npatterns = [\"(\"]\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("not a valid regex"));
+        let twice = "[[guardrails]]\nkind = \"pii\"\nname = \"p\"\n[[guardrails]]\nkind = \"pii\"\nname = \"p\"\n";
+        assert!(toml::from_str::<Config>(twice).unwrap().validate().unwrap_err().to_string().contains("used twice"));
+        let e = toml::from_str::<Config>("[[guardrails]]\nkind = \"pii\"\nname = \"p\"\nbogus = 1\n").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let c: Config = toml::from_str("[audit]\npath = \"/tmp/a\"\nqueue = 0\n").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("[audit] queue"));
     }
 
     #[test]

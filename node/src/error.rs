@@ -29,4 +29,6 @@ pub enum NodeError {
     Mesh(String),
     #[error("benchmark: {0}")]
     Bench(String),
+    #[error("audit trail: {0}")]
+    Audit(String),
 }

@@ -10,6 +10,7 @@
 //! as the client's original bytes.
 
 pub mod api;
+pub mod audit;
 pub mod bench;
 pub mod bench_gossip;
 pub mod bench_routing;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod demo;
 pub mod engine;
 pub mod error;
+pub mod guard;
 pub mod mesh;
 pub mod metrics;
 pub mod node;

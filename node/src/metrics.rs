@@ -4,8 +4,11 @@
 use std::sync::atomic::Ordering;
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
+
+use crate::audit::AuditMetrics;
 
 use crate::engine::EngineSet;
 use crate::error::NodeError;
@@ -25,6 +28,14 @@ pub struct NodeMetrics {
     /// Routing decisions by reason: `prefix` (a cached prefix decided), `load`,
     /// `load_no_tokenizer`, `retry`.
     pub route_decisions: IntCounterVec,
+    /// Guardrail verdicts by hook, stage (`prompt`/`response`) and verdict (`allow`, `deny`,
+    /// `rewrite`, `error_open`, `error_closed`).
+    pub guardrail_verdicts: IntCounterVec,
+    /// Requests refused for a missing or wrong API key.
+    pub auth_failures: IntCounter,
+    /// Requests refused by a rate or budget limit, by limit.
+    pub rate_limited: IntCounterVec,
+    pub audit: AuditMetrics,
     /// Prompts through the tokenizer service by model and outcome: `tokenized`, `token_ids`
     /// (none needed), `no_tokenizer`, `shed` (queue full), `failed`.
     pub tokenize_requests: IntCounterVec,
@@ -78,6 +89,36 @@ impl NodeMetrics {
                 Opts::new("kvmesh_route_decisions_total", "Routing decisions by reason."),
                 &["reason"],
             )?,
+            guardrail_verdicts: IntCounterVec::new(
+                Opts::new("kvmesh_guardrail_verdicts_total", "Guardrail verdicts by hook, stage and verdict."),
+                &["hook", "stage", "verdict"],
+            )?,
+            auth_failures: IntCounter::new(
+                "kvmesh_auth_failures_total",
+                "Requests refused for a missing or wrong API key.",
+            )?,
+            rate_limited: IntCounterVec::new(
+                Opts::new("kvmesh_rate_limited_total", "Requests refused by a tenant limit, by limit."),
+                &["limit"],
+            )?,
+            audit: AuditMetrics {
+                queue_depth: IntGauge::new(
+                    "kvmesh_audit_queue_depth",
+                    "Audit slots held: records waiting for the writer plus, in reject mode, requests in flight.",
+                )?,
+                written: IntCounter::new(
+                    "kvmesh_audit_records_written_total",
+                    "Audit records written (gap records included).",
+                )?,
+                dropped: IntCounter::new(
+                    "kvmesh_audit_records_dropped_total",
+                    "Audit records dropped on a full queue.",
+                )?,
+                write_errors: IntCounter::new(
+                    "kvmesh_audit_write_errors_total",
+                    "Failed audit writes, fsyncs or rotations.",
+                )?,
+            },
             tokenize_requests: IntCounterVec::new(
                 Opts::new("kvmesh_tokenize_requests_total", "Prompts through the tokenizer service, by outcome."),
                 &["model", "outcome"],
@@ -134,6 +175,13 @@ impl NodeMetrics {
             Box::new(m.retries.clone()),
             Box::new(m.stream_errors.clone()),
             Box::new(m.route_decisions.clone()),
+            Box::new(m.guardrail_verdicts.clone()),
+            Box::new(m.auth_failures.clone()),
+            Box::new(m.rate_limited.clone()),
+            Box::new(m.audit.queue_depth.clone()),
+            Box::new(m.audit.written.clone()),
+            Box::new(m.audit.dropped.clone()),
+            Box::new(m.audit.write_errors.clone()),
             Box::new(m.tokenize_requests.clone()),
             Box::new(m.tokenize_tokens.clone()),
             Box::new(m.tokenize_seconds.clone()),

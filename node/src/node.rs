@@ -11,6 +11,7 @@ use crate::api;
 use crate::config::{Config, EngineEntry};
 use crate::engine::EngineSet;
 use crate::error::NodeError;
+use crate::guard::Guard;
 use crate::mesh::Mesh;
 use crate::metrics::NodeMetrics;
 use crate::proxy::Pipeline;
@@ -27,6 +28,7 @@ pub struct RunningNode {
     /// This node's mesh membership, when it has certificates.
     pub mesh: Option<Arc<Mesh>>,
     pipeline: Arc<Pipeline>,
+    guard: Option<Arc<Guard>>,
     /// Stops the HTTP server from accepting (open responses still finish).
     http_stop: CancellationToken,
     http_server: tokio::task::JoinHandle<()>,
@@ -55,6 +57,9 @@ impl RunningNode {
         }
         self.tasks.close();
         self.tasks.wait().await;
+        if let Some(g) = &self.guard {
+            g.close().await;
+        }
     }
 
     /// Graceful: leaves the mesh (peers stop sending here), stops accepting client requests,
@@ -79,6 +84,10 @@ impl RunningNode {
         }
         self.tasks.close();
         self.tasks.wait().await;
+        // Last: every answer that could still produce a record has ended.
+        if let Some(g) = &self.guard {
+            g.close().await;
+        }
         if let Some(e) = self.embedded {
             e.shutdown().await;
         }
@@ -116,7 +125,11 @@ impl Node {
         engines.spawn_watchers(&tasks, &cancel);
         let metrics = Arc::new(NodeMetrics::new(&cfg.node_name)?);
         let tokenizers = crate::tokens::Tokenizers::load(&cfg, metrics.clone()).await?;
+        let guard = Guard::new(&cfg, metrics.clone())?;
         let pipeline = Arc::new(Pipeline::new(&cfg, engines.clone(), metrics, client, tokenizers));
+        if let Some(g) = &guard {
+            pipeline.set_guard(g.clone());
+        }
         let listener = tokio::net::TcpListener::bind(&cfg.http_addr)
             .await
             .map_err(|source| NodeError::Bind { addr: cfg.http_addr.clone(), source })?;
@@ -141,6 +154,9 @@ impl Node {
             tracing::info!("no certificates configured: serving alone, without a mesh");
             None
         };
+        if let Some(g) = &guard {
+            g.spawn_tasks(mesh.clone(), &tasks, &cancel);
+        }
         let app = api::router(pipeline.clone());
         let http_stop = cancel.child_token();
         let stop = http_stop.clone();
@@ -164,6 +180,7 @@ impl Node {
             embedded,
             mesh,
             pipeline,
+            guard,
             http_stop,
             http_server,
             cancel,

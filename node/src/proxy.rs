@@ -29,6 +29,7 @@ use tracing::Instrument;
 
 use crate::config::{Config, RoutingPolicy};
 use crate::engine::{Engine, EngineSet, InFlight};
+use crate::guard::Guard;
 use crate::mesh::{Mesh, RemoteEngine};
 use crate::metrics::NodeMetrics;
 use crate::tokens::Tokenizers;
@@ -41,6 +42,7 @@ pub struct Pipeline {
     pub engines: Arc<EngineSet>,
     pub metrics: Arc<NodeMetrics>,
     mesh: OnceLock<Arc<Mesh>>,
+    guard: OnceLock<Arc<Guard>>,
     client: reqwest::Client,
     first_byte_timeout: Duration,
     idle_timeout: Duration,
@@ -168,6 +170,7 @@ impl Pipeline {
             engines,
             metrics,
             mesh: OnceLock::new(),
+            guard: OnceLock::new(),
             client,
             first_byte_timeout: Config::ms(cfg.engine_first_byte_timeout_ms),
             idle_timeout: Config::ms(cfg.engine_idle_timeout_ms),
@@ -182,6 +185,15 @@ impl Pipeline {
 
     pub fn mesh(&self) -> Option<&Arc<Mesh>> {
         self.mesh.get()
+    }
+
+    /// Auth, limits, guardrails and audit for client requests (see `guard`).
+    pub fn set_guard(&self, guard: Arc<Guard>) {
+        let _ = self.guard.set(guard);
+    }
+
+    pub fn guard(&self) -> Option<&Arc<Guard>> {
+        self.guard.get()
     }
 
     pub fn tokenizers(&self) -> &Tokenizers {
@@ -201,7 +213,10 @@ impl Pipeline {
             .map(str::to_owned)
             .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
         let span = request_span(&request_id, &self.node_name, endpoint);
-        self.dispatch(endpoint, &request_id, body, Scope::Mesh, None).instrument(span).await
+        match self.guard() {
+            Some(g) => g.clone().serve(self, endpoint, headers, &request_id, body).instrument(span).await,
+            None => self.dispatch(endpoint, &request_id, body, Scope::Mesh, None).instrument(span).await,
+        }
     }
 
     /// A request a peer forwarded: served by this node's engines, answered on the QUIC stream.
@@ -291,17 +306,52 @@ impl Pipeline {
             },
             (Scope::Local(_), _) => PromptKeys::default(),
         };
+        self.route(endpoint, request_id, &req, &body, prompt, scope, started).await
+    }
+
+    /// A client's request the guard admitted (parsed, and tokenized when it had to count).
+    pub(crate) async fn route_client(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+        request_id: &str,
+        req: &InferenceRequest,
+        body: &Bytes,
+        ids: Option<Vec<u32>>,
+    ) -> Response {
+        let started = Instant::now();
+        let prompt = match ids {
+            Some(ids) => PromptKeys { tokens: ids.len(), ids: Some(ids), ..Default::default() },
+            None => match self.tokenizers.prompt_ids(req).await {
+                Ok(ids) => PromptKeys { tokens: ids.as_ref().map_or(0, Vec::len), ids, ..Default::default() },
+                Err(e) => return self.reply_error(endpoint, &req.model, &e, started),
+            },
+        };
+        self.route(endpoint, request_id, req, body, prompt, Scope::Mesh, started).await
+    }
+
+    /// Chooses, forwards and retries: everything after parsing and tokenizing.
+    #[allow(clippy::too_many_arguments)]
+    async fn route(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+        request_id: &str,
+        req: &InferenceRequest,
+        body: &Bytes,
+        prompt: PromptKeys,
+        scope: Scope<'_>,
+        started: Instant,
+    ) -> Response {
         let seed = blocks::chain_seed(&req.model, None, req.cache_salt.as_deref());
         let mut prompt = prompt;
         if !prompt.known() && matches!(scope, Scope::Mesh | Scope::Local("")) {
-            let (keys, bytes) = approx_keys(&req, seed);
+            let (keys, bytes) = approx_keys(req, seed);
             prompt.tokens = bytes / 4;
             prompt.approx = Some(keys);
         }
         let mut tried: Vec<String> = Vec::new();
         let mut last_error: Option<ApiError> = None;
         for attempt in 0..self.max_attempts {
-            let (target, route) = match self.pick(&req, &prompt, seed, scope, &tried) {
+            let (target, route) = match self.pick(req, &prompt, seed, scope, &tried) {
                 Ok(t) => t,
                 Err(e) => {
                     // After a failed attempt, the failure says more than "nothing left".
@@ -318,7 +368,7 @@ impl Pipeline {
             self.metrics.route_decisions.with_label_values(&[reason]).inc();
             let outcome = match &target {
                 Target::Local(e) => {
-                    self.forward_local(endpoint, &req.model, req.stream, request_id, &body, e.clone(), &route, started)
+                    self.forward_local(endpoint, &req.model, req.stream, request_id, body, e.clone(), &route, started)
                         .await
                 }
                 Target::Remote(r) => {
@@ -336,7 +386,7 @@ impl Pipeline {
                         stream: req.stream,
                         prompt: digest,
                     };
-                    self.forward_remote(endpoint, &req.model, head, &body, r, &route, started).await
+                    self.forward_remote(endpoint, &req.model, head, body, r, &route, started).await
                 }
             };
             match outcome {

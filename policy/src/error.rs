@@ -16,4 +16,10 @@ pub enum PolicyError {
     TokenizerConfig { path: String, message: String },
     #[error("chat template: {0}")]
     Template(String),
+    /// An API key entry is unusable; the message names it and says what to fix.
+    #[error("API keys: {0}")]
+    Keys(String),
+    /// A guardrail or limit is misconfigured; the message names it and says what to fix.
+    #[error("guardrails: {0}")]
+    Guardrail(String),
 }

@@ -8,9 +8,12 @@
 //! servers or gossip. Everything here is called by `node` (and by the cluster simulator in `sim`)
 //! with the facts it needs passed in, so the same code runs in production and in simulation.
 
+pub mod auth;
 pub mod blocks;
 pub mod error;
 pub mod fast_encode;
+pub mod guardrails;
+pub mod limits;
 pub mod openai;
 pub mod prefix_index;
 pub mod prompt_encoder;

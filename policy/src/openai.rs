@@ -77,6 +77,27 @@ impl ApiError {
         e
     }
 
+    /// 401: a missing or wrong API key. Always the same body, so nothing about the key leaks.
+    pub fn invalid_api_key() -> Self {
+        let mut e = Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "Incorrect API key provided.");
+        e.code = Some("invalid_api_key".into());
+        e
+    }
+
+    /// 429: a tenant is over a rate or token limit; `retry-after` travels as a header.
+    pub fn rate_limited(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded", message);
+        e.code = Some("rate_limit_exceeded".into());
+        e
+    }
+
+    /// 400: a guardrail refused the prompt or the answer.
+    pub fn content_filter(message: impl Into<String>) -> Self {
+        let mut e = Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message);
+        e.code = Some("content_filter".into());
+        e
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)
     }

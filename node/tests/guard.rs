@@ -1,0 +1,510 @@
+//! API keys, tenant limits, guardrail hooks (built-in and webhooks, on prompts and on streamed
+//! answers) and the audit trail, through a real node on loopback.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use common::*;
+use futures::StreamExt;
+use kvmesh_node::audit::AuditConfig;
+use kvmesh_node::config::Config;
+use kvmesh_policy::auth::{hash_key, KeyEntry};
+use kvmesh_policy::guardrails::{FailMode, GuardrailConfig, PiiAction, PiiKind, Stage};
+use kvmesh_policy::limits::LimitSpec;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+/// A fake engine that answers with the last message's content: whole, or streamed in pieces of
+/// `piece` characters, one network write each.
+async fn echo_engine(piece: usize) -> (SocketAddr, CancellationToken) {
+    let app = Router::new()
+        .route("/health", get(|| async { "" }))
+        .route("/metrics", get(|| async { "vllm:num_requests_running{engine=\"0\"} 0\n" }))
+        .route("/v1/models", get(|| async { Json(json!({"object":"list","data":[{"id":"kvmesh-sim","object":"model"}]})) }))
+        .route(
+            "/v1/chat/completions",
+            post(move |body: Bytes| async move {
+                let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+                let content = v["messages"].as_array().and_then(|m| m.last()).and_then(|m| m["content"].as_str()).unwrap_or("").to_owned();
+                if v["stream"] != true {
+                    return Json(json!({
+                        "id": "x", "object": "chat.completion", "model": "kvmesh-sim",
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+                    }))
+                    .into_response();
+                }
+                let chars: Vec<char> = content.chars().collect();
+                let mut events: Vec<String> =
+                    chars.chunks(piece).map(|c| chunk_event(json!({"content": c.iter().collect::<String>()}), Value::Null)).collect();
+                events.push(chunk_event(json!({}), json!("stop")));
+                events.push("data: [DONE]\n\n".into());
+                let s = futures::stream::iter(events).then(|e| async move {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Ok::<_, std::io::Error>(Bytes::from(e))
+                });
+                Response::builder().header("content-type", "text/event-stream").body(Body::from_stream(s)).unwrap()
+            }),
+        );
+    serve_app(app).await
+}
+
+fn chunk_event(delta: Value, finish: Value) -> String {
+    let ev = json!({"id": "x", "object": "chat.completion.chunk", "model": "kvmesh-sim",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+    format!("data: {ev}\n\n")
+}
+
+async fn serve_app(app: Router) -> (SocketAddr, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cancel = CancellationToken::new();
+    let stop = cancel.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
+    });
+    (addr, cancel)
+}
+
+async fn echo_node(piece: usize, f: impl FnOnce(&mut Config)) -> (kvmesh_node::RunningNode, CancellationToken) {
+    let (addr, stop) = echo_engine(piece).await;
+    let mut cfg = node_config(vec![entry(format!("http://{addr}"))]);
+    f(&mut cfg);
+    (node(cfg).await, stop)
+}
+
+async fn send(url: &str, key: Option<&str>, body: &Value) -> (u16, reqwest::header::HeaderMap, String) {
+    let mut rb = reqwest::Client::new().post(format!("{url}/v1/chat/completions")).json(body);
+    if let Some(k) = key {
+        rb = rb.bearer_auth(k);
+    }
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    (status, headers, r.text().await.unwrap())
+}
+
+/// The text of a streamed chat answer, and its error event if any.
+fn stream_text(body: &str) -> (String, Option<Value>) {
+    let mut text = String::new();
+    let mut error = None;
+    for ev in sse_data(body) {
+        if ev == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&ev).unwrap();
+        if v.get("error").is_some() {
+            error = Some(v);
+            continue;
+        }
+        if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(t);
+        }
+    }
+    (text, error)
+}
+
+fn key(tenant: &str, secret: &str, models: &[&str], admin: bool) -> KeyEntry {
+    KeyEntry {
+        tenant: tenant.into(),
+        key_sha256: hash_key(secret),
+        models: models.iter().map(|m| m.to_string()).collect(),
+        admin,
+    }
+}
+
+fn audit_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[tokio::test]
+async fn api_keys_gate_every_endpoint_and_reload_without_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys_file = dir.path().join("keys.toml");
+    std::fs::write(&keys_file, "").unwrap();
+    let mut cfg = node_config(vec![]);
+    cfg.embedded = fast_engine();
+    cfg.auth.keys = vec![key("acme", "sk-acme", &["kvmesh-sim"], false), key("ops", "sk-ops", &[], true)];
+    cfg.auth.keys_file = Some(keys_file.clone());
+    cfg.auth.reload_interval_ms = 50;
+    let n = node(cfg).await;
+    let url = n.url();
+    let body = chat("hi", json!({"max_tokens": 2}));
+
+    let want_401 = json!({"error":{"message":"Incorrect API key provided.","type":"invalid_request_error","param":null,"code":"invalid_api_key"}});
+    for k in [None, Some("sk-wrong"), Some("")] {
+        let (s, _, t) = send(&url, k, &body).await;
+        assert_eq!(s, 401, "{k:?}");
+        assert_eq!(serde_json::from_str::<Value>(&t).unwrap(), want_401);
+    }
+    let (s, _, t) = send(&url, Some("sk-acme"), &body).await;
+    assert_eq!(s, 200, "{t}");
+    // A model outside the key's list does not exist, as far as that key can tell.
+    let (s, _, t) =
+        send(&url, Some("sk-acme"), &json!({"model": "other", "messages": [{"role": "user", "content": "x"}]})).await;
+    assert_eq!(s, 404, "{t}");
+
+    let client = reqwest::Client::new();
+    let get = |path: &str, k: Option<&str>| {
+        let mut rb = client.get(format!("{url}{path}"));
+        if let Some(k) = k {
+            rb = rb.bearer_auth(k);
+        }
+        rb.send()
+    };
+    assert_eq!(get("/v1/models", None).await.unwrap().status(), 401);
+    assert_eq!(get("/v1/models", Some("sk-acme")).await.unwrap().status(), 200);
+    // Mesh-debug and admin endpoints need an admin key.
+    assert_eq!(get("/v1/mesh/peers", Some("sk-acme")).await.unwrap().status(), 401);
+    assert_eq!(get("/v1/mesh/peers", Some("sk-ops")).await.unwrap().status(), 200);
+    assert_eq!(get("/health", None).await.unwrap().status(), 200);
+
+    // A key added to the keys file works without a restart; one removed stops working.
+    assert_eq!(send(&url, Some("sk-new"), &body).await.0, 401);
+    std::fs::write(&keys_file, format!("[[keys]]\ntenant = \"new\"\nkey_sha256 = \"{}\"\n", hash_key("sk-new")))
+        .unwrap();
+    eventually("new key accepted", Duration::from_secs(3), async || send(&url, Some("sk-new"), &body).await.0 == 200)
+        .await;
+    std::fs::write(&keys_file, "keys = []\n").unwrap();
+    eventually("removed key refused", Duration::from_secs(3), async || {
+        send(&url, Some("sk-new"), &body).await.0 == 401
+    })
+    .await;
+    let r = client.post(format!("{url}/admin/keys/reload")).bearer_auth("sk-ops").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["keys"], 2);
+    assert!(scrape(&url, "kvmesh_auth_failures_total").await >= 6.0);
+    n.shutdown().await;
+}
+
+#[tokio::test]
+async fn tenant_limits_answer_429_with_retry_after() {
+    let mut cfg = node_config(vec![]);
+    cfg.embedded = fast_engine();
+    cfg.auth.keys = vec![key("small", "sk-small", &[], false), key("big", "sk-big", &[], false)];
+    cfg.limits.default = LimitSpec { requests_per_minute: Some(2), max_tokens: Some(50), ..Default::default() };
+    cfg.limits.tenants.insert("big".into(), LimitSpec { requests_per_minute: Some(100), ..Default::default() });
+    let n = node(cfg).await;
+    let url = n.url();
+    let body = chat("hi", json!({"max_tokens": 2}));
+    assert_eq!(send(&url, Some("sk-small"), &body).await.0, 200);
+    assert_eq!(send(&url, Some("sk-small"), &body).await.0, 200);
+    let (s, h, t) = send(&url, Some("sk-small"), &body).await;
+    assert_eq!(s, 429, "{t}");
+    let retry: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let v: Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+    // Another tenant has its own quota.
+    assert_eq!(send(&url, Some("sk-big"), &body).await.0, 200);
+    // max_tokens over the key's limit is a 400 naming the parameter.
+    let (s, _, t) = send(&url, Some("sk-big"), &chat("hi", json!({"max_tokens": 51}))).await;
+    assert_eq!(s, 400);
+    assert_eq!(serde_json::from_str::<Value>(&t).unwrap()["error"]["param"], "max_tokens");
+    assert_eq!(scrape(&url, "kvmesh_rate_limited_total").await, 1.0);
+    n.shutdown().await;
+}
+
+#[tokio::test]
+async fn tokens_per_minute_count_real_prompt_tokens() {
+    let mut cfg = node_config(vec![]);
+    cfg.embedded = fast_engine();
+    cfg.limits.default = LimitSpec { tokens_per_minute: Some(400), ..Default::default() };
+    let n = node(cfg).await;
+    let url = n.url();
+    // Prompt tokens as the engine counts them (the same tokenizer): charged at admission.
+    let prompt = "count these tokens please ".repeat(10);
+    let (s, _, t) = send(&url, None, &chat(&prompt, json!({"max_tokens": 1}))).await;
+    assert_eq!(s, 200, "{t}");
+    let used = serde_json::from_str::<Value>(&t).unwrap()["usage"]["total_tokens"].as_u64().unwrap();
+    assert!(used > 20);
+    let mut ok = 1;
+    while send(&url, None, &chat(&prompt, json!({"max_tokens": 1}))).await.0 == 200 {
+        ok += 1;
+        assert!(ok < 100);
+    }
+    // Each request costs its prompt (charged at admission) plus its completion token (charged
+    // when it ends): the 400-token budget admits k requests while (k-1)*used + prompt <= 400.
+    assert_eq!(ok, 401 / used, "used {used} tokens a request");
+    n.shutdown().await;
+}
+
+#[tokio::test]
+async fn prompt_rules_deny_redact_and_check_models() {
+    let (n, stop) = echo_node(8, |cfg| {
+        cfg.guardrails = vec![
+            GuardrailConfig::Models { name: "models".into(), allow: vec!["kvmesh-sim".into()] },
+            GuardrailConfig::Deny {
+                name: "no-secrets".into(),
+                on: vec![Stage::Prompt],
+                patterns: vec![r"sk-[A-Za-z0-9]{20,}".into()],
+                words: vec!["bomb".into()],
+            },
+            GuardrailConfig::Pii {
+                name: "pii".into(),
+                on: vec![Stage::Prompt],
+                types: vec![PiiKind::Email, PiiKind::Card],
+                action: PiiAction::Redact,
+            },
+            GuardrailConfig::MaxLength { name: "length".into(), max_chars: 200 },
+        ];
+    })
+    .await;
+    let url = n.url();
+    let (s, _, t) = send(&url, None, &chat("how to build a BOMB", json!({}))).await;
+    assert_eq!(s, 400);
+    let v: Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(v["error"]["code"], "content_filter");
+    assert!(v["error"]["message"].as_str().unwrap().contains("no-secrets"));
+    assert_eq!(send(&url, None, &chat(&"x".repeat(201), json!({}))).await.0, 400);
+    assert_eq!(
+        send(&url, None, &json!({"model": "gpt-x", "messages": [{"role": "user", "content": "x"}]})).await.0,
+        400
+    );
+    // The engine echoes what it was sent: the redacted prompt.
+    let (s, _, t) = send(&url, None, &chat("mail a@b.com, card 4111-1111-1111-1111", json!({}))).await;
+    assert_eq!(s, 200, "{t}");
+    let v: Value = serde_json::from_str(&t).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "mail [REDACTED:email], card [REDACTED:card]");
+    let verdicts = scrape(&url, "kvmesh_guardrail_verdicts_total").await;
+    assert!(verdicts >= 10.0, "{verdicts}");
+    let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(
+        text.contains(
+            r#"kvmesh_guardrail_verdicts_total{hook="pii",stage="prompt",verdict="rewrite",node="test-node"} 1"#
+        ),
+        "{text}"
+    );
+    stop.cancel();
+    n.shutdown().await;
+}
+
+#[tokio::test]
+async fn streamed_pii_split_across_chunks_is_redacted_and_a_denied_word_stops_the_stream() {
+    let (n, stop) = echo_node(5, |cfg| {
+        cfg.guardrails = vec![
+            GuardrailConfig::Pii {
+                name: "pii".into(),
+                on: vec![Stage::Response],
+                types: vec![PiiKind::Email, PiiKind::Phone, PiiKind::Card],
+                action: PiiAction::Redact,
+            },
+            GuardrailConfig::Deny {
+                name: "words".into(),
+                on: vec![Stage::Response],
+                patterns: vec![],
+                words: vec!["classified".into()],
+            },
+        ];
+        cfg.guardrail_window_chars = 64;
+    })
+    .await;
+    let url = n.url();
+    let said =
+        "Sure! Write to john.doe@example.com or call 555-867-5309 any time. ".to_owned() + &"More text. ".repeat(12);
+    let (s, _, body) = send(&url, None, &chat(&said, json!({"stream": true}))).await;
+    assert_eq!(s, 200);
+    // The engine sent 5-character pieces: the email and the number each span several chunks.
+    let (text, err) = stream_text(&body);
+    assert!(err.is_none(), "{body}");
+    assert_eq!(
+        text,
+        said.replace("john.doe@example.com", "[REDACTED:email]").replace("555-867-5309", "[REDACTED:phone]")
+    );
+    assert!(body.ends_with("data: [DONE]\n\n"));
+    for leaked in ["john", "example.com", "867"] {
+        assert!(!body.contains(leaked), "{leaked} leaked: {body}");
+    }
+
+    let said = "Here it is: the classified plan. ".to_owned() + &"Go on. ".repeat(20);
+    let (s, _, body) = send(&url, None, &chat(&said, json!({"stream": true}))).await;
+    assert_eq!(s, 200);
+    let (text, err) = stream_text(&body);
+    let err = err.expect("an error event ends the stream");
+    assert_eq!(err["error"]["code"], "content_filter");
+    assert!(!text.contains("classified") && !body.contains("Go on"), "{body}");
+    assert!(body.ends_with("data: [DONE]\n\n"));
+    let m = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(m.contains(r#"hook="words",stage="response",verdict="deny",node="test-node"} 1"#), "{m}");
+    stop.cancel();
+    n.shutdown().await;
+}
+
+/// A webhook that answers after `delay` with `verdict`.
+async fn webhook(delay: Duration, verdict: Value) -> (String, CancellationToken) {
+    let app = Router::new().route(
+        "/check",
+        post(move |Json(req): Json<Value>| {
+            let verdict = verdict.clone();
+            async move {
+                tokio::time::sleep(delay).await;
+                let mut v = verdict;
+                if v["verdict"] == "rewrite" {
+                    let texts: Vec<Value> = req["texts"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|t| json!(t.as_str().unwrap().to_uppercase()))
+                        .collect();
+                    v["texts"] = Value::Array(texts);
+                }
+                Json(v)
+            }
+        }),
+    );
+    let (addr, stop) = serve_app(app).await;
+    (format!("http://{addr}/check"), stop)
+}
+
+fn hook(name: &str, url: &str, fail: FailMode, stages: &[Stage]) -> GuardrailConfig {
+    GuardrailConfig::Webhook { name: name.into(), url: url.into(), on: stages.to_vec(), timeout_ms: 150, fail }
+}
+
+#[tokio::test]
+async fn webhooks_time_out_open_or_closed_and_can_deny_or_rewrite() {
+    let (slow, stop_slow) = webhook(Duration::from_secs(3), json!({"verdict": "allow"})).await;
+    let (upper, stop_upper) = webhook(Duration::ZERO, json!({"verdict": "rewrite"})).await;
+    let (deny, stop_deny) = webhook(Duration::ZERO, json!({"verdict": "deny", "reason": "policy 7"})).await;
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+
+    let a = audit.clone();
+    let (s1, u1) = (slow.clone(), upper.clone());
+    let (n, stop) = echo_node(4, move |cfg| {
+        cfg.guardrails = vec![
+            hook("slow-open", &s1, FailMode::Open, &[Stage::Prompt]),
+            hook("upper", &u1, FailMode::Closed, &[Stage::Prompt]),
+        ];
+        cfg.audit = AuditConfig { path: Some(a), ..Default::default() };
+    })
+    .await;
+    let t = std::time::Instant::now();
+    let (s, _, body) = send(&n.url(), None, &chat("quiet words", json!({}))).await;
+    assert_eq!(s, 200, "fail-open lets the request through: {body}");
+    assert!(t.elapsed() < Duration::from_secs(2), "the timeout bounds the wait");
+    // The rewrite webhook ran after the failed one, and the engine got its rewrite.
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["choices"][0]["message"]["content"], "QUIET WORDS");
+    stop.cancel();
+    n.shutdown().await;
+    let rec = audit_lines(&audit).pop().unwrap();
+    let verdicts: Vec<(&str, &str)> = rec["guardrails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["hook"].as_str().unwrap(), v["verdict"].as_str().unwrap()))
+        .collect();
+    assert_eq!(verdicts, vec![("slow-open", "error_open"), ("upper", "rewrite")]);
+
+    let s2 = slow.clone();
+    let (n, stop) =
+        echo_node(4, move |cfg| cfg.guardrails = vec![hook("slow-closed", &s2, FailMode::Closed, &[Stage::Prompt])])
+            .await;
+    let (s, _, body) = send(&n.url(), None, &chat("anything", json!({}))).await;
+    assert_eq!(s, 400, "fail-closed refuses: {body}");
+    assert!(body.contains("slow-closed"));
+    assert_eq!(scrape(&n.url(), "kvmesh_guardrail_verdicts_total").await, 1.0);
+    stop.cancel();
+    n.shutdown().await;
+
+    // A deny on the answer of a stream: the text went out, so the end is an error event.
+    let d3 = deny.clone();
+    let (n, stop) =
+        echo_node(4, move |cfg| cfg.guardrails = vec![hook("judge", &d3, FailMode::Closed, &[Stage::Response])]).await;
+    let (s, _, body) = send(&n.url(), None, &chat("some answer", json!({"stream": true}))).await;
+    assert_eq!(s, 200);
+    let (text, err) = stream_text(&body);
+    assert_eq!(text, "some answer");
+    assert!(err.unwrap()["error"]["message"].as_str().unwrap().contains("judge"));
+    let (s, _, body) = send(&n.url(), None, &chat("some answer", json!({}))).await;
+    assert_eq!(s, 400, "{body}");
+    stop.cancel();
+    n.shutdown().await;
+    stop_slow.cancel();
+    stop_upper.cancel();
+    stop_deny.cancel();
+}
+
+#[tokio::test]
+async fn audit_trail_records_every_request_and_verify_catches_edits_and_deletions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit").join("audit.jsonl");
+    let p = path.clone();
+    let (n, stop) = echo_node(6, move |cfg| {
+        cfg.auth.keys = vec![key("acme", "sk-acme", &[], false)];
+        cfg.limits.default = LimitSpec { requests_per_minute: Some(4), ..Default::default() };
+        cfg.guardrails = vec![GuardrailConfig::Pii {
+            name: "pii".into(),
+            on: vec![Stage::Response],
+            types: vec![PiiKind::Email],
+            action: PiiAction::Redact,
+        }];
+        cfg.audit = AuditConfig { path: Some(p), record_text: true, ..Default::default() };
+    })
+    .await;
+    let url = n.url();
+    assert_eq!(send(&url, Some("sk-acme"), &chat("write to a@b.com", json!({}))).await.0, 200);
+    assert_eq!(send(&url, Some("sk-acme"), &chat("streamed c@d.org", json!({"stream": true}))).await.0, 200);
+    assert_eq!(send(&url, Some("nope"), &chat("x", json!({}))).await.0, 401);
+    assert_eq!(send(&url, Some("sk-acme"), &chat("x", json!({}))).await.0, 200);
+    assert_eq!(send(&url, Some("sk-acme"), &chat("x", json!({}))).await.0, 200);
+    assert_eq!(send(&url, Some("sk-acme"), &chat("x", json!({}))).await.0, 429);
+    // Each answer completed only after its record was written: the file has all six now.
+    let recs = audit_lines(&path);
+    assert_eq!(recs.len(), 6);
+    assert_eq!(scrape(&url, "kvmesh_audit_records_written_total").await, 6.0);
+    stop.cancel();
+    n.shutdown().await;
+
+    let statuses: Vec<u64> = recs.iter().map(|r| r["status"].as_u64().unwrap()).collect();
+    assert_eq!(statuses, vec![200, 200, 401, 200, 200, 429]);
+    let first = &recs[0];
+    assert_eq!(first["tenant"], "acme");
+    assert_eq!(first["model"], "kvmesh-sim");
+    assert_eq!(first["served_by"], "test-node/engine-0");
+    assert!(first["route"].as_str().unwrap().contains("engine=test-node/engine-0"));
+    assert_eq!(first["completion_tokens"], 7);
+    assert!(first["latency_ms"].as_f64().unwrap() > 0.0);
+    // Recorded text is redacted, whatever the rules say about prompts.
+    assert_eq!(first["prompt"], "write to [REDACTED:email]");
+    assert_eq!(first["response"], "write to [REDACTED:email]");
+    assert_eq!(recs[1]["stream"], true);
+    assert_eq!(recs[1]["response"], "streamed [REDACTED:email]");
+    assert_eq!(recs[1]["guardrails"][0]["verdict"], "rewrite");
+    assert!(recs[2]["tenant"].is_null());
+    assert_eq!(recs[5]["outcome"], "rejected");
+
+    let kvmesh = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvmesh")).args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let file = path.to_str().unwrap();
+    let (code, out) = kvmesh(&["audit", "verify", file]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.starts_with("OK: 6 records"), "{out}");
+
+    let original = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = original.lines().collect();
+    // One edited line: a status changed by hand.
+    let edited: Vec<String> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| if i == 3 { l.replace("\"status\":200", "\"status\":201") } else { l.to_string() })
+        .collect();
+    std::fs::write(&path, edited.join("\n") + "\n").unwrap();
+    let (code, out) = kvmesh(&["audit", "verify", file]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("line 4") && out.contains("edited"), "{out}");
+    // One deleted line.
+    let deleted: Vec<&str> = lines.iter().enumerate().filter(|(i, _)| *i != 2).map(|(_, l)| *l).collect();
+    std::fs::write(&path, deleted.join("\n") + "\n").unwrap();
+    let (code, out) = kvmesh(&["audit", "verify", file]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("line 3") && out.contains("deleted"), "{out}");
+}
