@@ -255,7 +255,11 @@ async fn a_forwarded_prompt_is_not_tokenized_again() {
     // n1 runs two engines, so a request routed to it for a cached prefix leaves the engine
     // choice to n1's exact indexes: n0 sends the block keys along instead of n1 re-tokenizing.
     let mut cluster = Cluster::new("once");
-    cluster.start(cluster.config("n0")).await;
+    // n0 is an edge node: every request it takes goes to n1's engines.
+    let mut edge = cluster.config("n0");
+    edge.role = kvmesh_node::config::NodeRole::Edge;
+    edge.embedded_engine = false;
+    cluster.start(edge).await;
     let mut cfg = cluster.config("n1");
     let mut engines = Vec::new();
     for name in ["first", "second"] {
