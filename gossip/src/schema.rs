@@ -36,15 +36,9 @@ pub enum NodeRole {
     Worker,
 }
 
-/// Which phase of a request an engine takes (prefill/decode disaggregation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum EngineRole {
-    Prefill,
-    Decode,
-    #[default]
-    Both,
-}
+/// Which phase of a request an engine takes (prefill/decode disaggregation): `policy` decides
+/// with it, gossip carries it (`"prefill"`, `"decode"` or `"both"`).
+pub use kvmesh_policy::pd::Role as EngineRole;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeMeta {

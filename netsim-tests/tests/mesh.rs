@@ -276,6 +276,7 @@ async fn a_forwarded_prompt_is_not_tokenized_again() {
             name: Some(name.into()),
             kv_events: e.kv_events_endpoint.clone(),
             api_key: None,
+            role: Default::default(),
         });
         engines.push(e);
     }

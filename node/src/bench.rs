@@ -141,6 +141,7 @@ async fn overhead(a: OverheadArgs) -> Result<(), NodeError> {
             name: Some("sim".into()),
             kv_events: None,
             api_key: None,
+            role: Default::default(),
         }],
         ..Config::default()
     };

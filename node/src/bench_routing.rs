@@ -69,6 +69,17 @@ struct SharedPrefix {
 #[derive(Debug, Clone, Deserialize)]
 struct Slo {
     ttft_p90_s: f64,
+    /// When set, a request counts toward goodput only if its own inter-token p99 is within it.
+    #[serde(default)]
+    itl_p99_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct LongPrompt {
+    prompt_tokens: Dist,
+    shared_prefix_tokens: usize,
+    output_tokens: u32,
+    slo: Slo,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -115,6 +126,7 @@ impl Dist {
 enum Workload {
     SharedPrefix(SharedPrefix),
     MultiTurn(MultiTurn),
+    LongPrompt(LongPrompt),
 }
 
 impl Workload {
@@ -122,6 +134,7 @@ impl Workload {
         match self {
             Workload::SharedPrefix(w) => &w.slo,
             Workload::MultiTurn(w) => &w.slo,
+            Workload::LongPrompt(w) => &w.slo,
         }
     }
 
@@ -142,6 +155,12 @@ impl Workload {
                 w.think_time_s.mean(),
                 w.turns,
                 w.conversations
+            ),
+            Workload::LongPrompt(w) => format!(
+                "`long-prompt`: ~{:.0}-token prompts (a {}-token shared instruction, the rest unique), {} output tokens",
+                w.prompt_tokens.mean(),
+                w.shared_prefix_tokens,
+                w.output_tokens
             ),
         }
     }
@@ -281,6 +300,7 @@ async fn setup(policy: &str, n: usize, cancel: &CancellationToken) -> Result<Set
                     name: Some(format!("e{i}")),
                     kv_events: e.kv_events_endpoint.clone(),
                     api_key: None,
+                    role: Default::default(),
                 })
                 .collect(),
             ..Config::default()
@@ -292,8 +312,14 @@ async fn setup(policy: &str, n: usize, cancel: &CancellationToken) -> Result<Set
     let routing = match policy {
         "round-robin" => RoutingPolicy::RoundRobin,
         "least-load" => RoutingPolicy::LeastLoad,
-        "kvmesh" => RoutingPolicy::Kvmesh,
+        "kvmesh" | "pd" => RoutingPolicy::Kvmesh,
         other => return Err(err(format!("unknown policy `{other}`"))),
+    };
+    // `pd`: the first half of the nodes prefill, the rest decode; the same hardware otherwise.
+    let role = |i: usize| match policy {
+        "pd" if i < n / 2 => kvmesh_policy::pd::Role::Prefill,
+        "pd" => kvmesh_policy::pd::Role::Decode,
+        _ => kvmesh_policy::pd::Role::Both,
     };
     let dir = tempfile::tempdir().map_err(err)?;
     kvmesh_transport::certs::create_ca(dir.path(), "bench").map_err(err)?;
@@ -310,6 +336,7 @@ async fn setup(policy: &str, n: usize, cancel: &CancellationToken) -> Result<Set
             tls_dir: Some(dir.path().to_path_buf()),
             cluster_id: "bench".into(),
             routing,
+            embedded_role: role(i),
             ..Config::default()
         };
         let node = Node::start(cfg, cancel).await?;
@@ -348,6 +375,7 @@ async fn run_one(policy: &str, rate: f64, a: &RoutingArgs, w: &Workload, tpw: f6
     match w {
         Workload::SharedPrefix(w) => shared_prefix(&s, &client, &samples, rate, a, w, tpw).await,
         Workload::MultiTurn(w) => multi_turn(&s, &client, &samples, rate, a, w, tpw).await,
+        Workload::LongPrompt(w) => long_prompt(&s, &client, &samples, rate, a, w, tpw).await,
     }
     // Conversations run past the arrival window; throughput is over the time actually taken.
     let measured_s = start.elapsed().as_secs_f64() - warmup.as_secs_f64();
@@ -445,6 +473,44 @@ async fn multi_turn(
     futures::future::join_all(tasks).await;
 }
 
+async fn long_prompt(
+    s: &Setup,
+    client: &reqwest::Client,
+    samples: &Arc<Mutex<Vec<Outcome>>>,
+    rate: f64,
+    a: &RoutingArgs,
+    w: &LongPrompt,
+    tpw: f64,
+) {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let shared = text(998, w.shared_prefix_tokens, tpw);
+    let start = Instant::now();
+    let mut next = Instant::now();
+    let mut tasks = Vec::new();
+    let mut i = 0u64;
+    while start.elapsed().as_secs_f64() < a.duration_s {
+        let gap = -(1.0 - rng.random::<f64>()).ln() / rate;
+        next += Duration::from_secs_f64(gap);
+        tokio::time::sleep_until(next.into()).await;
+        let tokens = w.prompt_tokens.sample(&mut rng, 1.0) as usize;
+        let url = s.entry_urls[rng.random_range(0..s.entry_urls.len())].clone();
+        let body = json!({
+            "model": "kvmesh-sim", "stream": true, "stream_options": {"include_usage": true},
+            "max_tokens": w.output_tokens, "ignore_eos": true,
+            "messages": [{"role": "system", "content": shared},
+                         {"role": "user", "content": text(2_000_000 + i, tokens.saturating_sub(w.shared_prefix_tokens), tpw)}],
+        });
+        i += 1;
+        let (client, samples) = (client.clone(), samples.clone());
+        let sent = Instant::now();
+        tasks.push(tokio::spawn(async move {
+            let r = one(&client, &url, &body).await;
+            samples.lock().await.push((sent, r));
+        }));
+    }
+    futures::future::join_all(tasks).await;
+}
+
 fn summarize(
     policy: &str,
     rate: f64,
@@ -465,7 +531,13 @@ fn summarize(
                 for v in &x.itls_ms {
                     let _ = itl.record((v * 1000.0).max(1.0) as u64);
                 }
-                good += (x.ttft_ms <= w.ttft_p90_s * 1000.0) as usize;
+                let own_itl_p99 = {
+                    let mut v = x.itls_ms.clone();
+                    v.sort_by(f64::total_cmp);
+                    v.get(((v.len() as f64) * 0.99) as usize).or(v.last()).copied().unwrap_or(0.0)
+                };
+                let itl_ok = w.itl_p99_ms.is_none_or(|slo| own_itl_p99 <= slo);
+                good += (x.ttft_ms <= w.ttft_p90_s * 1000.0 && itl_ok) as usize;
                 out_tok += x.output_tokens;
                 prompt += x.prompt_tokens;
                 cached += x.cached_tokens;
@@ -510,6 +582,7 @@ pub async fn run(a: RoutingArgs) -> Result<(), NodeError> {
     let w = match name.as_str() {
         "shared-prefix" => Workload::SharedPrefix(toml::from_str(&text_w).map_err(bad)?),
         "multi-turn-chat" => Workload::MultiTurn(toml::from_str(&text_w).map_err(bad)?),
+        "long-prompt" => Workload::LongPrompt(toml::from_str(&text_w).map_err(bad)?),
         other => return Err(err(format!("workload `{other}`: this benchmark runs shared-prefix and multi-turn-chat"))),
     };
     // Calibrate words per token for the built-in tokenizer on this generator's text.
@@ -573,6 +646,7 @@ pub async fn run(a: RoutingArgs) -> Result<(), NodeError> {
                 ("routing", "KV-aware routing vs round-robin, least-load and a central oracle (shared prefix)")
             }
             Workload::MultiTurn(_) => ("routing-multi-turn", "KV-aware routing on multi-turn chat"),
+            Workload::LongPrompt(_) => ("pd", "Prefill/decode disaggregation on long prompts"),
         };
         crate::bench::write_section(p, section, title, &md)?;
     }

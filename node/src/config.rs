@@ -31,6 +31,11 @@ pub struct Config {
     pub embedded_engine: bool,
     /// Settings of the embedded simulator.
     pub embedded: EngineConfig,
+    /// P/D role of the embedded simulator (see `[[engines]] role`); `prefill` and `decode` turn
+    /// on its KV transfer (`embedded.kv_transfer`).
+    pub embedded_role: kvmesh_policy::pd::Role,
+    /// Prefill/decode disaggregation: when to split a request.
+    pub pd: kvmesh_policy::pd::PdSettings,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     /// How often each engine's `/health` and `/metrics` are read.
@@ -210,6 +215,10 @@ pub struct EngineEntry {
     /// ZeroMQ endpoint of the engine's KV events (`tcp://host:port`).
     #[serde(default)]
     pub kv_events: Option<String>,
+    /// `prefill`, `decode` or `both` (default): with prefill engines in the mesh, long uncached
+    /// prompts are prefilled on one and decoded on a `decode`/`both` engine (NixlConnector).
+    #[serde(default)]
+    pub role: kvmesh_policy::pd::Role,
     /// Sent as `Authorization: Bearer` to engines started with `--api-key`.
     #[serde(default)]
     pub api_key: Option<String>,
@@ -222,6 +231,8 @@ impl Default for Config {
             http_addr: "0.0.0.0:8080".into(),
             engines: Vec::new(),
             embedded_engine: true,
+            embedded_role: Default::default(),
+            pd: Default::default(),
             embedded: EngineConfig::default(),
             max_body_bytes: 32 * 1024 * 1024,
             engine_poll_interval_ms: 500,
@@ -250,7 +261,7 @@ impl Default for Config {
             score: ScoreWeights::default(),
             tokenize: TokenizeSettings::default(),
             route_history_ttl_s: 120,
-            route_history_max_keys: 131_072,
+            route_history_max_keys: 32_768,
             routing: RoutingPolicy::Kvmesh,
             auth: AuthConfig { reload_interval_ms: 2_000, ..AuthConfig::default() },
             limits: LimitsConfig::default(),
@@ -560,15 +571,27 @@ fn parse_role(s: &str) -> Result<NodeRole, String> {
 pub fn parse_engine_flag(s: &str) -> Result<EngineEntry, NodeError> {
     let mut parts = s.split(',');
     let url = parts.next().unwrap_or_default().trim().to_owned();
-    let mut e = EngineEntry { url, name: None, kv_events: None, api_key: None };
+    let mut e = EngineEntry { url, name: None, kv_events: None, api_key: None, role: Default::default() };
     for p in parts {
         match p.split_once('=') {
             Some(("kv-events", v)) => e.kv_events = Some(v.to_owned()),
             Some(("name", v)) => e.name = Some(v.to_owned()),
             Some(("api-key", v)) => e.api_key = Some(v.to_owned()),
+            Some(("role", v)) => {
+                e.role = match v {
+                    "prefill" => kvmesh_policy::pd::Role::Prefill,
+                    "decode" => kvmesh_policy::pd::Role::Decode,
+                    "both" => kvmesh_policy::pd::Role::Both,
+                    other => {
+                        return Err(NodeError::Config(format!(
+                            "--engine `{s}`: role `{other}` is not prefill, decode or both"
+                        )))
+                    }
+                }
+            }
             _ => {
                 return Err(NodeError::Config(format!(
-                    "--engine `{s}`: unknown part `{p}`; expected URL[,kv-events=tcp://HOST:PORT][,name=NAME][,api-key=KEY]"
+                    "--engine `{s}`: unknown part `{p}`; expected URL[,kv-events=tcp://HOST:PORT][,name=NAME][,api-key=KEY][,role=prefill|decode|both]"
                 )))
             }
         }

@@ -256,7 +256,7 @@ async fn publish_load(mesh: Arc<Mesh>, engines: Arc<EngineSet>, every: Duration,
                         name: e.name.clone(),
                         models: v.models.clone(),
                         healthy: v.healthy,
-                        role: Default::default(),
+                        role: e.role,
                         running: v.load.running as u32,
                         waiting: v.load.waiting as u32,
                         kv_usage: ((v.load.kv_usage * 100.0).round() / 100.0) as f32,
@@ -292,6 +292,7 @@ async fn publish_summary(
         let mut keys: Vec<u64> = Vec::new();
         let mut capacity = 0usize;
         let now = engines.now_ms();
+        let mut routed_keys: Vec<u64> = Vec::new();
         for e in &engines.engines {
             if let Ok(index) = e.kv.index.read() {
                 keys.extend(index.keys());
@@ -299,10 +300,15 @@ async fn publish_summary(
             // What this node routed to the engine within the TTL: the only evidence for an
             // engine without KV events, and for approximate-mode (text) keys.
             if let Ok(routed) = e.routed.lock() {
-                keys.extend(routed.live_keys(now));
+                routed_keys.extend(routed.live_keys(now));
             }
             capacity += e.snapshot().load.num_gpu_blocks.unwrap_or(28_000) as usize;
         }
+        // The filter is sized for every key it holds (so its false-positive rate stays at its
+        // bound), up to the summary's cap; over the cap, exact keys go in before routed ones.
+        routed_keys.truncate(summary::MAX_CAPACITY_KEYS.saturating_sub(keys.len()));
+        keys.extend(routed_keys);
+        let capacity = capacity.max(keys.len());
         let shards = summary::build(keys.into_iter(), capacity);
         let mut sent = false;
         for (i, shard) in shards.into_iter().enumerate() {

@@ -28,6 +28,9 @@ pub struct NodeMetrics {
     /// Routing decisions by reason: `prefix` (a cached prefix decided), `load`,
     /// `load_no_tokenizer`, `retry`.
     pub route_decisions: IntCounterVec,
+    /// Disaggregated requests served whole after all, by what failed (`prefill_failed`,
+    /// `prefill_no_transfer_params`, `decode_failed`).
+    pub pd_fallbacks: IntCounterVec,
     /// Guardrail verdicts by hook, stage (`prompt`/`response`) and verdict (`allow`, `deny`,
     /// `rewrite`, `error_open`, `error_closed`).
     pub guardrail_verdicts: IntCounterVec,
@@ -84,6 +87,10 @@ impl NodeMetrics {
             stream_errors: IntCounterVec::new(
                 Opts::new("kvmesh_stream_errors_total", "Started streams ended with an error event, by cause."),
                 &["cause"],
+            )?,
+            pd_fallbacks: IntCounterVec::new(
+                Opts::new("kvmesh_pd_fallbacks_total", "Split requests served whole after a failed hop, by reason."),
+                &["reason"],
             )?,
             route_decisions: IntCounterVec::new(
                 Opts::new("kvmesh_route_decisions_total", "Routing decisions by reason."),
@@ -175,6 +182,7 @@ impl NodeMetrics {
             Box::new(m.retries.clone()),
             Box::new(m.stream_errors.clone()),
             Box::new(m.route_decisions.clone()),
+            Box::new(m.pd_fallbacks.clone()),
             Box::new(m.guardrail_verdicts.clone()),
             Box::new(m.auth_failures.clone()),
             Box::new(m.rate_limited.clone()),

@@ -100,12 +100,16 @@ impl Node {
         let cancel = cancel.child_token();
         let embedded = if cfg.wants_embedded_engine() {
             // Loopback and ephemeral ports: the simulator is this node's private engine.
-            let e = EngineSim::start(cfg.embedded.clone(), "127.0.0.1:0", Some("tcp://127.0.0.1:0"), &cancel).await?;
+            let mut sim = cfg.embedded.clone();
+            // A P/D role needs the simulated NixlConnector.
+            sim.kv_transfer |= cfg.embedded_role != kvmesh_policy::pd::Role::Both;
+            let e = EngineSim::start(sim, "127.0.0.1:0", Some("tcp://127.0.0.1:0"), &cancel).await?;
             cfg.engines.push(EngineEntry {
                 url: e.url(),
                 name: Some("embedded-sim".into()),
                 kv_events: e.kv_events_endpoint.clone(),
                 api_key: None,
+                role: cfg.embedded_role,
             });
             Some(e)
         } else {
@@ -124,7 +128,7 @@ impl Node {
         let tasks = TaskTracker::new();
         engines.spawn_watchers(&tasks, &cancel);
         let metrics = Arc::new(NodeMetrics::new(&cfg.node_name)?);
-        let tokenizers = crate::tokens::Tokenizers::load(&cfg, metrics.clone()).await?;
+        let tokenizers = crate::tokens::Tokenizers::load(&cfg, metrics.clone(), engines.clone()).await?;
         let guard = Guard::new(&cfg, metrics.clone())?;
         let pipeline = Arc::new(Pipeline::new(&cfg, engines.clone(), metrics, client, tokenizers));
         if let Some(g) = &guard {

@@ -59,6 +59,14 @@ pub struct Pipeline {
     remote_routed: std::sync::Mutex<std::collections::HashMap<String, RoutedKeys>>,
     route_history_ttl_ms: u64,
     route_history_max_keys: usize,
+    pd: kvmesh_policy::pd::PdSettings,
+}
+
+/// A request split between a prefill and a decode engine (`policy::pd`).
+struct Split {
+    prefill: Target,
+    decode: Target,
+    route: Route,
 }
 
 pub fn error_response(e: &ApiError) -> Response {
@@ -77,6 +85,7 @@ enum Scope<'a> {
     Local(&'a str),
 }
 
+#[derive(Clone)]
 enum Target {
     Local(Arc<Engine>),
     Remote(RemoteEngine),
@@ -164,6 +173,7 @@ impl Pipeline {
             remote_routed: Default::default(),
             route_history_ttl_ms: cfg.route_history_ttl_s * 1000,
             route_history_max_keys: cfg.route_history_max_keys,
+            pd: cfg.pd.clone(),
             weights: cfg.score.clone(),
             default_block_size: cfg.default_block_size,
             node_name: cfg.node_name.clone(),
@@ -292,7 +302,8 @@ impl Pipeline {
         // a peer that leaves the choice to this node sends the block keys it computed.
         let prompt = match (scope, digest.map(|d| (d, d.keys()))) {
             (Scope::Local(""), Some((d, Ok(keys)))) => {
-                self.metrics.tokenize_requests.with_label_values(&[&req.model, "from_peer"]).inc();
+                let label = if self.tokenizers.has(&req.model) { req.model.as_str() } else { "other" };
+                self.metrics.tokenize_requests.with_label_values(&[label, "from_peer"]).inc();
                 PromptKeys { tokens: d.tokens as usize, given: Some((d.block_size, keys)), ..Default::default() }
             }
             (Scope::Mesh | Scope::Local(""), _) => match self.tokenizers.prompt_ids(&req).await {
@@ -351,7 +362,7 @@ impl Pipeline {
         let mut tried: Vec<String> = Vec::new();
         let mut last_error: Option<ApiError> = None;
         for attempt in 0..self.max_attempts {
-            let (target, route) = match self.pick(req, &prompt, seed, scope, &tried) {
+            let (target, route, split) = match self.pick(req, &prompt, seed, scope, &tried, attempt == 0) {
                 Ok(t) => t,
                 Err(e) => {
                     // After a failed attempt, the failure says more than "nothing left".
@@ -359,6 +370,20 @@ impl Pipeline {
                     return not_accepted(self.reply_error(endpoint, &req.model, &e, started));
                 }
             };
+            if let Some(split) = split {
+                match self.serve_split(endpoint, request_id, req, body, &split, started).await {
+                    Ok(resp) => {
+                        self.remember_route(&split.prefill, &prompt, seed);
+                        self.remember_route(&split.decode, &prompt, seed);
+                        return resp;
+                    }
+                    Err(reason) => {
+                        // Serve it whole instead: nothing has reached the client yet.
+                        tracing::warn!(%reason, prefill = %split.prefill.key(), decode = %split.decode.key(), "disaggregated serving failed; serving whole");
+                        self.metrics.pd_fallbacks.with_label_values(&[reason]).inc();
+                    }
+                }
+            }
             tried.push(target.key());
             let span = tracing::Span::current();
             span.record("peer", target.key().as_str());
@@ -410,6 +435,8 @@ impl Pipeline {
     /// Answers with an OpenAI error, counted and logged like every other answer.
     pub fn reply_error(&self, endpoint: Endpoint, model: &str, e: &ApiError, started: Instant) -> Response {
         tracing::info!(status = e.status.as_u16(), error = %e.message, "request rejected");
+        // A model nobody serves is the client's free text: keep it out of metric labels.
+        let model = if e.code.as_deref() == Some("model_not_found") { "unknown" } else { model };
         self.metrics.requests.with_label_values(&[endpoint.path(), model, e.status.as_str()]).inc();
         self.metrics.duration.with_label_values(&[endpoint.path(), "false"]).observe(started.elapsed().as_secs_f64());
         error_response(e)
@@ -425,10 +452,12 @@ impl Pipeline {
         seed: u64,
         scope: Scope<'_>,
         tried: &[String],
-    ) -> Result<(Target, Route), ApiError> {
+        may_split: bool,
+    ) -> Result<(Target, Route, Option<Split>), ApiError> {
         let model = req.model.as_str();
         let mut targets: Vec<Target> = Vec::new();
         let mut cands: Vec<Estimate> = Vec::new();
+        let mut roles: Vec<kvmesh_policy::pd::Role> = Vec::new();
         let local: Vec<&Arc<Engine>> = match scope {
             Scope::Local(name) => {
                 let named: Vec<_> = self
@@ -490,6 +519,7 @@ impl Pipeline {
                 matched_blocks: matched,
                 block_size: bs,
             });
+            roles.push(e.role);
             targets.push(t);
         }
         if let (Scope::Mesh, Some(mesh)) = (scope, self.mesh()) {
@@ -522,6 +552,7 @@ impl Pipeline {
                     matched_blocks: matched,
                     block_size: bs,
                 });
+                roles.push(r.engine.role);
                 targets.push(Target::Remote(r));
             }
         }
@@ -543,13 +574,44 @@ impl Pipeline {
                 }
                 let i = order[self.rr_next.fetch_add(1, Ordering::Relaxed) as usize % order.len()];
                 let header = format!("engine={}; reason=round_robin", targets[i].label(&self.node_name));
-                return Ok((targets.swap_remove(i), Route { header, reason: "round_robin" }));
+                return Ok((targets.swap_remove(i), Route { header, reason: "round_robin" }, None));
             }
         }
+        // Prefill-only engines take whole requests only when nothing else can.
+        let mut whole = cands.clone();
+        if whole.iter().zip(&roles).any(|(c, r)| c.usable && r.serves_whole()) {
+            whole.iter_mut().zip(&roles).filter(|(_, r)| !r.serves_whole()).for_each(|(c, _)| c.usable = false);
+        }
         let choice =
-            score::choose(prompt_tokens, &cands, &self.weights, |n| rand::random_range(0..n)).ok_or_else(|| {
+            score::choose(prompt_tokens, &whole, &self.weights, |n| rand::random_range(0..n)).ok_or_else(|| {
                 ApiError::unavailable(format!("No healthy engine serves `{model}` right now; retry later."))
             })?;
+        let split = if may_split && prompt.known() && self.routing == RoutingPolicy::Kvmesh {
+            kvmesh_policy::pd::choose(
+                prompt_tokens,
+                &cands,
+                &roles,
+                Some((choice.index, choice.predicted_ms)),
+                &self.weights,
+                &self.pd,
+            )
+        } else {
+            None
+        };
+        let split = split.map(|s| {
+            let header = format!(
+                "engine={}; prefill={}; prompt_tokens={prompt_tokens}; predicted_ms={:.1}; whole_ms={:.1}; reason=pd",
+                targets[s.decode].label(&self.node_name),
+                targets[s.prefill].label(&self.node_name),
+                s.predicted_ms,
+                s.whole_ms
+            );
+            Split {
+                prefill: targets[s.prefill].clone(),
+                decode: targets[s.decode].clone(),
+                route: Route { header, reason: "pd" },
+            }
+        });
         let matched = cands[choice.index].matched_blocks;
         let mut header = format!(
             "engine={}; matched_blocks={matched}; prompt_tokens={prompt_tokens}; predicted_ms={:.1}",
@@ -569,7 +631,108 @@ impl Pipeline {
             "load_no_tokenizer"
         };
         header.push_str(&format!("; reason={reason}"));
-        Ok((targets.swap_remove(choice.index), Route { header, reason }))
+        Ok((targets.swap_remove(choice.index), Route { header, reason }, split))
+    }
+
+    /// Serves a request split in two (vLLM's NixlConnector flow, as llm-d's sidecar drives it):
+    /// the prefill engine gets a copy with `do_remote_decode`, not streamed and one token long;
+    /// its answer's `kv_transfer_params` go verbatim into the original request, which the decode
+    /// engine serves and streams. `Err(reason)` means nothing reached the client, and the request
+    /// can still be served whole.
+    async fn serve_split(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+        request_id: &str,
+        req: &InferenceRequest,
+        body: &Bytes,
+        split: &Split,
+        started: Instant,
+    ) -> Result<Response, &'static str> {
+        let Ok(serde_json::Value::Object(original)) = serde_json::from_slice::<serde_json::Value>(body) else {
+            return Err("body_not_object");
+        };
+        let mut prefill = original.clone();
+        prefill.insert(
+            "kv_transfer_params".into(),
+            serde_json::json!({"do_remote_decode": true, "do_remote_prefill": false, "remote_engine_id": null,
+                               "remote_block_ids": null, "remote_host": null, "remote_port": null}),
+        );
+        prefill.insert("stream".into(), false.into());
+        prefill.remove("stream_options");
+        prefill.insert("max_tokens".into(), 1.into());
+        for k in ["max_completion_tokens", "min_tokens"] {
+            if prefill.contains_key(k) {
+                prefill.insert(k.into(), 1.into());
+            }
+        }
+        let prefill_body = Bytes::from(serde_json::Value::Object(prefill).to_string());
+        let prefill_id = format!("{request_id}-prefill");
+        self.metrics.route_decisions.with_label_values(&["pd"]).inc();
+        let answer = match self
+            .forward_to(&split.prefill, endpoint, &req.model, false, &prefill_id, &prefill_body, &split.route, started)
+            .await
+        {
+            Ok(resp) if resp.status().is_success() => resp,
+            Ok(_) | Err(_) => return Err("prefill_failed"),
+        };
+        let bytes =
+            axum::body::to_bytes(answer.into_body(), MAX_BUFFERED_RESPONSE).await.map_err(|_| "prefill_failed")?;
+        let params = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|mut v| v.get_mut("kv_transfer_params").map(serde_json::Value::take))
+            .filter(serde_json::Value::is_object)
+            .ok_or("prefill_no_transfer_params")?;
+        let mut decode = original;
+        decode.insert("kv_transfer_params".into(), params);
+        let decode_body = Bytes::from(serde_json::Value::Object(decode).to_string());
+        tracing::Span::current().record("route", split.route.header.as_str());
+        match self
+            .forward_to(
+                &split.decode,
+                endpoint,
+                &req.model,
+                req.stream,
+                request_id,
+                &decode_body,
+                &split.route,
+                started,
+            )
+            .await
+        {
+            Ok(resp) if resp.extensions().get::<NotAccepted>().is_none() => Ok(resp),
+            Ok(_) | Err(_) => Err("decode_failed"),
+        }
+    }
+
+    /// One engine, local or a peer's, named explicitly.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_to(
+        self: &Arc<Self>,
+        target: &Target,
+        endpoint: Endpoint,
+        model: &str,
+        stream: bool,
+        request_id: &str,
+        body: &Bytes,
+        route: &Route,
+        started: Instant,
+    ) -> Result<Response, Retry> {
+        match target {
+            Target::Local(e) => {
+                self.forward_local(endpoint, model, stream, request_id, body, e.clone(), route, started).await
+            }
+            Target::Remote(r) => {
+                let head = RequestHead {
+                    path: endpoint.path().to_owned(),
+                    request_id: request_id.to_owned(),
+                    origin: self.node_name.clone(),
+                    engine: r.engine.name.clone(),
+                    stream,
+                    prompt: None,
+                };
+                self.forward_remote(endpoint, model, head, body, r, route, started).await
+            }
+        }
     }
 
     /// Records where a served prompt went, for engines and peers whose caches this node cannot

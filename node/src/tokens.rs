@@ -23,6 +23,7 @@ use kvmesh_policy::tokenize::TokenizerFiles;
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::engine::EngineSet;
 use crate::error::NodeError;
 use crate::metrics::NodeMetrics;
 
@@ -30,7 +31,8 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 
 struct ModelTokenizer {
     encoder: Arc<PromptEncoder>,
-    /// Context length to enforce before routing, when known (config or tokenizer_config.json).
+    /// Context length set in config (`[[models]] max_model_len`); without it the engines'
+    /// own reports are used.
     max_model_len: Option<u32>,
     /// Resident memory the model's tokenizers added when loaded (Linux RSS delta).
     loaded_bytes: u64,
@@ -43,6 +45,7 @@ pub struct Tokenizers {
     queued: Arc<AtomicUsize>,
     queue_bound: usize,
     metrics: Arc<NodeMetrics>,
+    engines: Arc<EngineSet>,
 }
 
 /// What `/v1/mesh/status` says about a model's tokenizer.
@@ -59,7 +62,7 @@ pub struct TokenizerStatus {
 impl Tokenizers {
     /// Loads every configured tokenizer (off the async runtime: a production vocabulary takes
     /// about a second with its start-up checks) and starts the encoding threads.
-    pub async fn load(cfg: &Config, metrics: Arc<NodeMetrics>) -> Result<Self, NodeError> {
+    pub async fn load(cfg: &Config, metrics: Arc<NodeMetrics>, engines: Arc<EngineSet>) -> Result<Self, NodeError> {
         let cfg2 = cfg.clone();
         let by_model = tokio::task::spawn_blocking(move || load_all(&cfg2))
             .await
@@ -75,7 +78,11 @@ impl Tokenizers {
                 .name(format!("kvmesh-tokenize-{i}"))
                 .spawn(move || {
                     while let Ok(job) = rx.recv() {
-                        job();
+                        // A panicking encode must not take the thread with it: its request
+                        // falls back to load routing (its reply channel is dropped).
+                        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                            tracing::warn!("a tokenizer job panicked; the request is routed by load");
+                        }
                     }
                 })
                 .map_err(|e| NodeError::Config(format!("cannot start tokenizer threads: {e}")))?;
@@ -88,6 +95,7 @@ impl Tokenizers {
             queued: Arc::new(AtomicUsize::new(0)),
             queue_bound: cfg.tokenize.queue,
             metrics,
+            engines,
         })
     }
 
@@ -103,7 +111,7 @@ impl Tokenizers {
                 model: model.clone(),
                 mode: "exact",
                 encoder: t.encoder.report().clone(),
-                max_model_len: t.max_model_len,
+                max_model_len: self.max_model_len(model),
                 loaded_bytes: t.loaded_bytes,
                 segment_cache_bytes: t.encoder.cache_bytes(),
             })
@@ -128,7 +136,10 @@ impl Tokenizers {
     /// is over the model's context (400), or the tokenizer is overloaded (503).
     pub async fn prompt_ids(&self, req: &InferenceRequest) -> Result<Option<Vec<u32>>, ApiError> {
         let model = req.model.as_str();
-        let count = |outcome: &str| self.metrics.tokenize_requests.with_label_values(&[model, outcome]).inc();
+        // Only models with a tokenizer here name a label: a client's arbitrary model names
+        // must not create metric series.
+        let label = if self.by_model.contains_key(model) { model } else { "other" };
+        let count = |outcome: &str| self.metrics.tokenize_requests.with_label_values(&[label, outcome]).inc();
         if let Prompt::TokenIds(ids) = &req.prompt {
             count("token_ids");
             self.check_length(req, ids.len())?;
@@ -187,7 +198,7 @@ impl Tokenizers {
     /// vLLM's own check and wording, done here so an impossible request is refused before it
     /// is routed anywhere.
     fn check_length(&self, req: &InferenceRequest, prompt_tokens: usize) -> Result<(), ApiError> {
-        let Some(max) = self.by_model.get(&req.model).and_then(|t| t.max_model_len) else { return Ok(()) };
+        let Some(max) = self.max_model_len(&req.model) else { return Ok(()) };
         let completion = req.max_tokens.unwrap_or(0) as usize;
         if prompt_tokens + completion <= max as usize && prompt_tokens < max as usize {
             return Ok(());
@@ -203,6 +214,23 @@ impl Tokenizers {
             Some(what),
         )
         .with_code("context_length_exceeded"))
+    }
+}
+
+impl Tokenizers {
+    /// The context length to enforce for `model`: the configured one, else the largest that
+    /// this node's engines serving it report (a peer's engine with a longer context would still
+    /// refuse a request too long for it itself). Not the tokenizer's `model_max_length`, which
+    /// is often not the engine's limit.
+    fn max_model_len(&self, model: &str) -> Option<u32> {
+        if let Some(m) = self.by_model.get(model).and_then(|t| t.max_model_len) {
+            return Some(m);
+        }
+        self.engines
+            .engines
+            .iter()
+            .filter_map(|e| e.view.read().ok().filter(|v| v.models.iter().any(|m| m == model))?.max_model_len)
+            .max()
     }
 }
 
@@ -232,11 +260,10 @@ fn load_all(cfg: &Config) -> Result<HashMap<String, ModelTokenizer>, NodeError> 
     for note in &builtin.report().notes {
         tracing::debug!(model = %cfg.embedded.model, "{note}");
     }
-    let max = builtin.tokenizer().declared_max_model_len();
     let loaded_bytes = resident_bytes().saturating_sub(before);
     by_model.insert(
         cfg.embedded.model.clone(),
-        ModelTokenizer { encoder: Arc::new(builtin), max_model_len: max, loaded_bytes },
+        ModelTokenizer { encoder: Arc::new(builtin), max_model_len: None, loaded_bytes },
     );
     for m in &cfg.models {
         let before = resident_bytes();
@@ -244,7 +271,7 @@ fn load_all(cfg: &Config) -> Result<HashMap<String, ModelTokenizer>, NodeError> 
             .map_err(|e| NodeError::Config(format!("[[models]] {}: {e}", m.name)))?;
         let encoder = PromptEncoder::new(&files, &opts(Some(m)))
             .map_err(|e| NodeError::Config(format!("[[models]] {}: {e}", m.name)))?;
-        let max_model_len = m.max_model_len.or_else(|| encoder.tokenizer().declared_max_model_len());
+        let max_model_len = m.max_model_len;
         let loaded_bytes = resident_bytes().saturating_sub(before);
         let r = encoder.report();
         for note in &r.notes {
@@ -276,7 +303,8 @@ mod tests {
         cfg.tokenize.threads = 1;
         cfg.tokenize.queue = 1;
         let metrics = Arc::new(NodeMetrics::new("t").unwrap());
-        let t = Tokenizers::load(&cfg, metrics.clone()).await.unwrap();
+        let engines = Arc::new(EngineSet::new(&[], &cfg, reqwest::Client::new()));
+        let t = Tokenizers::load(&cfg, metrics.clone(), engines).await.unwrap();
         // Hold the only thread, then fill the one queue slot.
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();

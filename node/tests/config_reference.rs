@@ -50,6 +50,7 @@ fn key_paths() -> BTreeMap<String, Value> {
         name: Some("n".into()),
         kv_events: Some("tcp://e:1".into()),
         api_key: Some("k".into()),
+        role: Default::default(),
     }];
     cfg.models = vec![ModelEntry {
         name: "m".into(),

@@ -174,6 +174,7 @@ async fn node_follows_engine_load_and_kv_events() {
         name: Some("gpu0".into()),
         kv_events: e.kv_events_endpoint.clone(),
         api_key: None,
+        role: Default::default(),
     }]))
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await; // let the subscription land
@@ -220,6 +221,7 @@ async fn repeated_prompts_follow_their_cached_prefix() {
             name: Some(format!("gpu{i}")),
             kv_events: e.kv_events_endpoint.clone(),
             api_key: None,
+            role: Default::default(),
         })
         .collect();
     let n = node(node_config(entries)).await;

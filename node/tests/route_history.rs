@@ -15,7 +15,13 @@ async fn two_engines_without_kv_events(model: &str) -> (kvmesh_node::RunningNode
     let entries = engines
         .iter()
         .enumerate()
-        .map(|(i, e)| EngineEntry { url: e.url(), name: Some(format!("gpu{i}")), kv_events: None, api_key: None })
+        .map(|(i, e)| EngineEntry {
+            url: e.url(),
+            name: Some(format!("gpu{i}")),
+            kv_events: None,
+            api_key: None,
+            role: Default::default(),
+        })
         .collect();
     (node(node_config(entries)).await, engines)
 }

@@ -15,6 +15,7 @@ pub mod fast_encode;
 pub mod guardrails;
 pub mod limits;
 pub mod openai;
+pub mod pd;
 pub mod prefix_index;
 pub mod prompt_encoder;
 pub mod request;

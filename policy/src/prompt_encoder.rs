@@ -93,6 +93,8 @@ pub struct PromptEncoder {
     /// What the post-processor adds around a single sequence (e.g. `[BOS]`, `[]`).
     affix: Option<(Vec<u32>, Vec<u32>)>,
     report: EncoderReport,
+    /// Per-process seed of the segment cache's keys, so no one can aim a crafted collision.
+    hash_seed: u64,
     encoded_tokens: AtomicU64,
     cached_tokens: AtomicU64,
 }
@@ -126,7 +128,11 @@ impl PromptEncoder {
 
         let segmenter = match Segmenter::new(tokenizer.reference()) {
             None => {
-                report.notes.push("no added tokens to segment at; whole prompts are encoded".into());
+                report.notes.push(
+                    "no added tokens to segment at (or a single_word one, which makes segments inexact); whole \
+                     prompts are encoded"
+                        .into(),
+                );
                 None
             }
             Some(seg) if opts.segment_cache_bytes > 0 => {
@@ -178,6 +184,7 @@ impl PromptEncoder {
             cache,
             affix,
             report,
+            hash_seed: rand::random(),
             encoded_tokens: AtomicU64::new(0),
             cached_tokens: AtomicU64::new(0),
         })
@@ -246,7 +253,7 @@ impl PromptEncoder {
             match piece {
                 Piece::Token(id) => out.ids.push(id),
                 Piece::Text(stretch) => {
-                    let key = xxhash_rust::xxh3::xxh3_128(stretch.as_bytes());
+                    let key = xxhash_rust::xxh3::xxh3_128_with_seed(stretch.as_bytes(), self.hash_seed);
                     if let Some(ids) = cache.get(&key) {
                         out.cached += ids.len();
                         out.ids.extend_from_slice(&ids);
@@ -349,6 +356,8 @@ pub fn verification_corpus(t: &ModelTokenizer) -> Vec<String> {
     let mut added: Vec<_> = t.reference().get_added_tokens_decoder().into_iter().collect();
     added.sort_by_key(|(id, _)| *id);
     let step = (added.len() / 24).max(1);
+    // Every added token at least once, side by side and in text.
+    texts.push(added.iter().map(|(_, t)| t.content.as_str()).collect::<Vec<_>>().join(" x"));
     for (_, token) in added.iter().step_by(step).chain(added.iter().take(4)) {
         let c = &token.content;
         let half: String = c.chars().take(c.chars().count().div_ceil(2)).collect();

@@ -25,7 +25,9 @@ impl RoutedKeys {
     }
 
     pub fn record(&mut self, keys: &[u64], now_ms: u64) {
-        for &k in keys {
+        // Tail first: under the bound, a chain then loses its tail before its head, and what
+        // is left still matches as a leading run.
+        for &k in keys.iter().rev() {
             self.seq += 1;
             self.last.insert(k, (now_ms, self.seq));
             self.order.push_back((k, self.seq));
@@ -104,14 +106,15 @@ mod tests {
         r.record(&[1], 1);
         r.record(&[4], 2);
         assert_eq!(r.len(), 3);
-        assert_eq!(r.matched_blocks(&[2], 3), 0);
-        assert_eq!(r.matched_blocks(&[1], 3), 1);
+        // A chain's tail goes before its head: [1, 2] still matches as a leading run.
+        assert_eq!(r.matched_blocks(&[3], 3), 0);
+        assert_eq!(r.matched_blocks(&[1, 2, 3], 3), 2);
         assert_eq!(r.matched_blocks(&[4], 3), 1);
     }
 
     proptest! {
         /// Against a naive model: a key matches iff its latest routing is within the TTL and
-        /// it is among the `max` most recently routed live keys.
+        /// it is among the `max` most recently routed live keys (a call's keys routed tail first).
         #[test]
         fn agrees_with_naive_model(ops in prop::collection::vec((prop::collection::vec(0u64..20, 0..5), 0u64..50), 1..60)) {
             let (ttl, max) = (120u64, 8usize);
@@ -121,7 +124,7 @@ mod tests {
             for (keys, dt) in ops {
                 now += dt;
                 r.record(&keys, now);
-                log.extend(keys.iter().map(|&k| (k, now)));
+                log.extend(keys.iter().rev().map(|&k| (k, now)));
                 let mut latest: HashMap<u64, (u64, usize)> = HashMap::new();
                 for (i, &(k, t)) in log.iter().enumerate() {
                     latest.insert(k, (t, i));

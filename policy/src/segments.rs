@@ -41,7 +41,12 @@ impl Segmenter {
             if token.normalized || token.content.is_empty() {
                 continue;
             }
-            let plain = !token.lstrip && !token.rstrip && !token.single_word;
+            // A single_word token's match depends on the characters around it, which a stretch
+            // cut out of its prompt no longer sees: with any, segmenting is not exact.
+            if token.single_word {
+                return None;
+            }
+            let plain = !token.lstrip && !token.rstrip;
             patterns.push(token.content.clone());
             split_ids.push(plain.then_some(id));
         }

@@ -104,8 +104,14 @@ impl ModelTokenizer {
 
     pub fn from_files(files: &TokenizerFiles) -> Result<Self, PolicyError> {
         let source = files.source.clone();
-        let tokenizer = Tokenizer::from_bytes(&files.json)
+        let mut tokenizer = Tokenizer::from_bytes(&files.json)
             .map_err(|e| PolicyError::Tokenizer { what: source.clone(), message: e.to_string() })?;
+        // A prompt's ids are all of its ids: vLLM does not truncate or pad a prompt through
+        // tokenizer.json's settings, so neither do we.
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| PolicyError::Tokenizer { what: source.clone(), message: e.to_string() })?;
+        tokenizer.with_padding(None);
         let config: Value = match &files.config {
             Some(bytes) => serde_json::from_slice(bytes)
                 .map_err(|e| PolicyError::TokenizerConfig { path: source.clone(), message: e.to_string() })?,
@@ -224,6 +230,74 @@ fn template_from_config(config: &Value) -> Option<String> {
     }
 }
 
+/// Python's `strftime` for the directives chat templates use, in UTC (vLLM's servers usually
+/// run in UTC containers); anything else is copied as is.
+fn strftime_utc(fmt: &str, at: std::time::SystemTime) -> String {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
+    let secs = at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let days = (secs / 86_400) as i64;
+    // Civil date from days since 1970-01-01 (proleptic Gregorian).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    let mut out = String::new();
+    let mut chars = fmt.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let month_name = MONTHS[(month - 1) as usize];
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('-') if chars.clone().next() == Some('d') => {
+                chars.next();
+                out.push_str(&day.to_string());
+            }
+            Some('e') => out.push_str(&format!("{day:>2}")),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year % 100)),
+            Some('B') => out.push_str(month_name),
+            Some('b') => out.push_str(&month_name[..3]),
+            Some('A') => out.push_str(DAYS[weekday]),
+            Some('a') => out.push_str(&DAYS[weekday][..3]),
+            Some('H') => out.push_str(&format!("{h:02}")),
+            Some('M') => out.push_str(&format!("{m:02}")),
+            Some('S') => out.push_str(&format!("{s:02}")),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
+}
+
 impl ChatTemplate {
     fn new(source: String, bos_token: String, eos_token: String) -> Result<Self, PolicyError> {
         let mut env = minijinja::Environment::new();
@@ -234,10 +308,9 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
             Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
         });
-        env.add_function("strftime_now", |_fmt: String| -> String {
-            // Templates use it for a "today is" line; a fixed date keeps prompts cacheable.
-            "01 Jan 2026".to_owned()
-        });
+        // Templates (Llama 3.x, Mistral, Granite) write today's date into the system header;
+        // the engine renders it with the real date, so must we, or no block key would match.
+        env.add_function("strftime_now", |fmt: String| -> String { strftime_utc(&fmt, std::time::SystemTime::now()) });
         env.add_template_owned("chat", source).map_err(|e| PolicyError::Template(e.to_string()))?;
         Ok(Self { env, bos_token, eos_token })
     }
@@ -284,6 +357,16 @@ mod tests {
             ChatTemplate::new("{{ raise_exception('no system role') }}".into(), String::new(), String::new()).unwrap();
         let err = t.render(&[msg("user", "x")], true).unwrap_err();
         assert!(err.to_string().contains("no system role"), "{err}");
+    }
+
+    #[test]
+    fn strftime_formats_like_python() {
+        // 2024-02-29 13:05:09 UTC, a Thursday.
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_709_211_909);
+        assert_eq!(strftime_utc("%d %b %Y", at), "29 Feb 2024");
+        assert_eq!(strftime_utc("%A %B %-d, %y %H:%M:%S %% %Q", at), "Thursday February 29, 24 13:05:09 % %Q");
+        let epoch = std::time::UNIX_EPOCH;
+        assert_eq!(strftime_utc("%Y-%m-%d %a", epoch), "1970-01-01 Thu");
     }
 
     #[test]

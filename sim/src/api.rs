@@ -32,6 +32,12 @@ pub struct AppState {
     pub max_model_len: u32,
     pub kv_capacity_tokens: u64,
     pub created: u64,
+    /// This engine's HTTP address, named in the KV-transfer params it offers.
+    pub http_addr: std::net::SocketAddr,
+    pub engine_id: String,
+    pub offers: crate::nixl::Offers,
+    /// For pulling KV from prefill engines.
+    pub client: reqwest::Client,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -48,6 +54,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/metrics", get(metrics))
         .route("/reset_prefix_cache", post(reset_prefix_cache))
+        .route("/kvmesh/nixl/pull", post(nixl_pull))
         .fallback(|| async { error_response(ApiError::not_found("Not Found")) })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -79,6 +86,17 @@ async fn models(State(st): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.render()).into_response()
+}
+
+/// The side channel a decode engine pulls offered KV through (NIXL's, simulated).
+async fn nixl_pull(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
+    let id = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v.get("remote_request_id").and_then(Value::as_str).map(str::to_owned));
+    match id.and_then(|id| st.offers.take(&id)) {
+        Some(tokens) => axum::Json(json!({"tokens": tokens})).into_response(),
+        None => error_response(ApiError::not_found("No such KV offer (pulled already, expired or unknown).")),
+    }
 }
 
 async fn reset_prefix_cache(State(st): State<Arc<AppState>>) -> Response {
@@ -114,6 +132,8 @@ struct Job {
     stream: bool,
     include_usage: bool,
     stop: Vec<String>,
+    /// `kv_transfer_params` of the answer (a prefill for a remote decode).
+    transfer_params: Option<Value>,
     /// Finish reason when the sequence reaches its planned length.
     length_reason: &'static str,
     echo_prefix: String,
@@ -180,23 +200,67 @@ async fn prepare(
             None,
         ));
     }
+    let transfer = if st.cfg.kv_transfer {
+        crate::nixl::parse(req.kv_transfer_params.as_ref())?
+    } else {
+        crate::nixl::Transfer::None
+    };
     let frontend = std::time::Duration::from_secs_f64(st.cfg.timing.frontend_ms * st.cfg.time_scale / 1000.0);
     tokio::time::sleep(frontend.saturating_sub(started.elapsed())).await;
-    let seq = NewSequence {
-        id: st.engine.next_id(),
-        output_seed: st.filler.sequence_seed(&ids, req.seed),
-        prompt: ids,
-        output_len,
-    };
-    let (rx, guard) = st.engine.submit(seq).map_err(|e| match e {
-        SubmitError::QueueFull => ApiError::unavailable("The engine's request queue is full; retry later."),
-        SubmitError::Closed => ApiError::unavailable("The engine is shutting down."),
-    })?;
     let request_id = headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+    let bs = st.cfg.block_size as usize;
+    let mut external_kv_tokens = 0;
+    let mut transfer_params = None;
+    match &transfer {
+        crate::nixl::Transfer::None => {}
+        crate::nixl::Transfer::Offer => {
+            let offer_id = format!("{}-{request_id}", st.engine_id);
+            st.offers.offer(&offer_id, ids.len(), std::time::Duration::from_secs(st.cfg.kv_transfer_ttl_s));
+            transfer_params = Some(crate::nixl::offer_params(
+                &st.engine_id,
+                &st.http_addr.ip().to_string(),
+                st.http_addr.port(),
+                &offer_id,
+                ids.len().div_ceil(bs),
+            ));
+        }
+        crate::nixl::Transfer::Pull { host, port, request_id: offer, blocks } => {
+            let tokens = crate::nixl::pull(&st.client, host, *port, offer).await?;
+            if tokens != ids.len() || *blocks != tokens.div_ceil(bs) {
+                return Err(ApiError::invalid(
+                    format!(
+                        "kv_transfer_params name {tokens} tokens in {blocks} blocks; this prompt has {}.",
+                        ids.len()
+                    ),
+                    Some("kv_transfer_params"),
+                )
+                .with_code("invalid_kv_transfer_params"));
+            }
+            let t = crate::nixl::transfer_time(
+                tokens,
+                st.cfg.kv_bytes_per_token,
+                st.cfg.kv_link_gb_per_s,
+                st.cfg.kv_transfer_overhead_ms,
+            );
+            tokio::time::sleep(t.mul_f64(st.cfg.time_scale)).await;
+            external_kv_tokens = tokens;
+        }
+    }
+    let seq = NewSequence {
+        id: st.engine.next_id(),
+        output_seed: st.filler.sequence_seed(&ids, req.seed),
+        prompt: ids,
+        output_len,
+        external_kv_tokens,
+    };
+    let (rx, guard) = st.engine.submit(seq).map_err(|e| match e {
+        SubmitError::QueueFull => ApiError::unavailable("The engine's request queue is full; retry later."),
+        SubmitError::Closed => ApiError::unavailable("The engine is shutting down."),
+    })?;
     let prefix = match endpoint {
         Endpoint::Chat => "chatcmpl",
         Endpoint::Completions => "cmpl",
@@ -209,6 +273,7 @@ async fn prepare(
         stream: req.stream,
         include_usage: req.include_usage,
         stop: req.stop.into_iter().filter(|s| !s.is_empty()).collect(),
+        transfer_params,
         length_reason,
         echo_prefix: if req.echo { echo_prefix } else { String::new() },
         started,
@@ -417,7 +482,7 @@ async fn full_response(
                 "message": {"role": "assistant", "content": text, "reasoning_content": null, "tool_calls": []},
                 "logprobs": null, "finish_reason": g.finish_reason(), "stop_reason": g.stop_reason(),
             }],
-            "usage": g.usage(), "prompt_logprobs": null, "kv_transfer_params": null,
+            "usage": g.usage(), "prompt_logprobs": null, "kv_transfer_params": g.job.transfer_params,
         }),
         Endpoint::Completions => json!({
             "id": g.job.id, "object": "text_completion", "created": g.job.created, "model": g.job.model,
@@ -425,7 +490,7 @@ async fn full_response(
                 "index": 0, "text": text, "logprobs": null,
                 "finish_reason": g.finish_reason(), "stop_reason": g.stop_reason(), "prompt_logprobs": null,
             }],
-            "usage": g.usage(), "kv_transfer_params": null,
+            "usage": g.usage(), "kv_transfer_params": g.job.transfer_params,
         }),
     };
     axum::Json(body).into_response()

@@ -52,6 +52,22 @@ pub struct EngineConfig {
     /// Largest request body accepted, in bytes.
     #[arg(long = "max-body-bytes", default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Act as vLLM with NixlConnector: honour `kv_transfer_params` (prefill for a remote decode,
+    /// or pull a remote prefill's KV instead of computing it). See `nixl`.
+    #[arg(long = "kv-transfer")]
+    pub kv_transfer: bool,
+    /// KV bytes per token moved in a transfer (8B model, bf16: 32 layers x 8 KV heads x 128 x 2 x 2).
+    #[arg(long = "kv-bytes-per-token", default_value_t = 131_072)]
+    pub kv_bytes_per_token: u64,
+    /// Link bandwidth of a KV transfer, GB/s (400G RDMA: ~40; engine-timing.md section 7).
+    #[arg(long = "kv-link-gb-per-s", default_value_t = 40.0)]
+    pub kv_link_gb_per_s: f64,
+    /// Fixed cost of one KV transfer, ms.
+    #[arg(long = "kv-transfer-overhead-ms", default_value_t = 2.0)]
+    pub kv_transfer_overhead_ms: f64,
+    /// How long offered blocks wait for a decode engine (vLLM's VLLM_NIXL_ABORT_REQUEST_TIMEOUT).
+    #[arg(long = "kv-transfer-ttl-s", default_value_t = 480)]
+    pub kv_transfer_ttl_s: u64,
     /// Step-time constants (TOML: an `[embedded.timing]` table).
     #[command(flatten)]
     pub timing: TimingModel,
@@ -73,6 +89,11 @@ impl Default for EngineConfig {
             kv_events_topic: String::new(),
             time_scale: 1.0,
             max_body_bytes: 32 * 1024 * 1024,
+            kv_transfer: false,
+            kv_bytes_per_token: 131_072,
+            kv_link_gb_per_s: 40.0,
+            kv_transfer_overhead_ms: 2.0,
+            kv_transfer_ttl_s: 480,
             timing: TimingModel::default(),
         }
     }

@@ -39,6 +39,9 @@ pub struct NewSequence {
     pub output_len: usize,
     /// Output token generator: `output_token(i)` is the i-th token.
     pub output_seed: u64,
+    /// Leading prompt tokens whose KV arrived from another engine (P/D): admitted as computed,
+    /// with no prefill cost (`nixl`).
+    pub external_kv_tokens: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +100,8 @@ struct Sequence {
     /// Blocks of this sequence already registered in the prefix cache.
     num_cached_blocks: usize,
     cached_prompt_tokens: Option<usize>,
+    /// See `NewSequence::external_kv_tokens`; dropped on preemption (the KV is gone then).
+    external_kv_tokens: usize,
 }
 
 impl Sequence {
@@ -159,6 +164,7 @@ impl EngineCore {
             block_hashes: Vec::new(),
             num_cached_blocks: 0,
             cached_prompt_tokens: None,
+            external_kv_tokens: s.external_kv_tokens,
         };
         self.waiting.push_back(seq.id);
         self.seqs.insert(seq.id, seq);
@@ -294,7 +300,9 @@ impl EngineCore {
         } else {
             Vec::new()
         };
-        let hit_tokens = hits.len() * bs;
+        // Transferred KV counts as computed; its blocks are new here, like any miss.
+        let cache_hit_tokens = hits.len() * bs;
+        let hit_tokens = cache_hit_tokens.max(s.external_kv_tokens.min(s.tokens.len() - 1));
         let num_new = (s.tokens.len() - hit_tokens).min(budget);
         let need = (hit_tokens + num_new).div_ceil(bs) - hits.len();
         let hits_on_free_list = hits.iter().filter(|&&b| self.pool.is_free(b)).count();
@@ -317,7 +325,7 @@ impl EngineCore {
             self.counters.prefix_hit_tokens += hit_tokens as u64;
         }
         if s.cached_prompt_tokens.is_none() {
-            s.cached_prompt_tokens = Some(hit_tokens.min(s.prompt_len));
+            s.cached_prompt_tokens = Some(cache_hit_tokens.min(s.prompt_len));
             self.counters.prompt_tokens += s.prompt_len as u64;
         }
         Some(num_new)
@@ -328,6 +336,7 @@ impl EngineCore {
         if let Some(s) = self.seqs.get_mut(&id) {
             let blocks = std::mem::take(&mut s.blocks);
             s.num_computed = 0;
+            s.external_kv_tokens = 0;
             s.num_cached_blocks = 0;
             self.pool.release(&blocks);
         }
@@ -442,7 +451,7 @@ mod tests {
     #[test]
     fn generates_exactly_output_len_and_frees_blocks() {
         let mut c = core(64);
-        c.add(NewSequence { id: 1, prompt: (0..10).collect(), output_len: 5, output_seed: 0 });
+        c.add(NewSequence { id: 1, prompt: (0..10).collect(), output_len: 5, output_seed: 0, external_kv_tokens: 0 });
         let (toks, evs, _) = run_to_end(&mut c);
         assert_eq!(toks.len(), 5);
         assert!(toks.last().unwrap().finished);
@@ -465,9 +474,9 @@ mod tests {
     fn repeated_prompt_hits_prefix_cache() {
         let mut c = core(64);
         let prompt: Vec<u32> = (0..30).collect();
-        c.add(NewSequence { id: 1, prompt: prompt.clone(), output_len: 1, output_seed: 0 });
+        c.add(NewSequence { id: 1, prompt: prompt.clone(), output_len: 1, output_seed: 0, external_kv_tokens: 0 });
         let (_, _, cold) = run_to_end(&mut c);
-        c.add(NewSequence { id: 2, prompt, output_len: 1, output_seed: 0 });
+        c.add(NewSequence { id: 2, prompt, output_len: 1, output_seed: 0, external_kv_tokens: 0 });
         let (toks, _, warm) = run_to_end(&mut c);
         assert_eq!(toks[0].cached_prompt_tokens, 28, "7 full blocks of 4 hit; the last token is recomputed");
         assert!(warm < cold, "warm {warm} cold {cold}");
@@ -477,7 +486,7 @@ mod tests {
     #[test]
     fn chunked_prefill_respects_budget() {
         let mut c = core(64);
-        c.add(NewSequence { id: 1, prompt: (0..100).collect(), output_len: 1, output_seed: 0 });
+        c.add(NewSequence { id: 1, prompt: (0..100).collect(), output_len: 1, output_seed: 0, external_kv_tokens: 0 });
         let s = c.schedule();
         assert_eq!(s.shape.scheduled_tokens, 32);
     }
@@ -485,8 +494,14 @@ mod tests {
     #[test]
     fn preemption_under_memory_pressure_still_finishes_all() {
         let mut c = core(12); // 48 tokens of KV for two 20-token prompts growing to 40 each
-        c.add(NewSequence { id: 1, prompt: (0..20).collect(), output_len: 20, output_seed: 1 });
-        c.add(NewSequence { id: 2, prompt: (100..120).collect(), output_len: 20, output_seed: 2 });
+        c.add(NewSequence { id: 1, prompt: (0..20).collect(), output_len: 20, output_seed: 1, external_kv_tokens: 0 });
+        c.add(NewSequence {
+            id: 2,
+            prompt: (100..120).collect(),
+            output_len: 20,
+            output_seed: 2,
+            external_kv_tokens: 0,
+        });
         let (toks, _, _) = run_to_end(&mut c);
         for id in [1, 2] {
             let mine: Vec<_> = toks.iter().filter(|t| t.seq == id).collect();
@@ -500,9 +515,9 @@ mod tests {
     #[test]
     fn eviction_publishes_removed_blocks() {
         let mut c = core(4);
-        c.add(NewSequence { id: 1, prompt: (0..9).collect(), output_len: 1, output_seed: 0 });
+        c.add(NewSequence { id: 1, prompt: (0..9).collect(), output_len: 1, output_seed: 0, external_kv_tokens: 0 });
         run_to_end(&mut c);
-        c.add(NewSequence { id: 2, prompt: (50..66).collect(), output_len: 1, output_seed: 0 });
+        c.add(NewSequence { id: 2, prompt: (50..66).collect(), output_len: 1, output_seed: 0, external_kv_tokens: 0 });
         let (_, evs, _) = run_to_end(&mut c);
         assert!(evs.iter().any(|e| matches!(e, KvEvent::BlockRemoved { .. })), "{evs:?}");
     }
@@ -510,7 +525,7 @@ mod tests {
     #[test]
     fn abort_frees_everything() {
         let mut c = core(16);
-        c.add(NewSequence { id: 1, prompt: (0..20).collect(), output_len: 50, output_seed: 0 });
+        c.add(NewSequence { id: 1, prompt: (0..20).collect(), output_len: 50, output_seed: 0, external_kv_tokens: 0 });
         let s = c.schedule();
         c.complete(s);
         assert!(c.kv_usage() > 0.0);

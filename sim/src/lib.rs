@@ -19,6 +19,7 @@ pub mod filler;
 pub mod kv_cache;
 pub mod kv_events;
 pub mod metrics;
+pub mod nixl;
 pub mod runner;
 pub mod server;
 pub mod timing;

@@ -134,6 +134,10 @@ impl EngineSim {
             engine: handle,
             metrics,
             max_model_len,
+            http_addr: local,
+            engine_id: format!("kvmesh-sim-{:016x}", rand::random::<u64>()),
+            offers: crate::nixl::Offers::default(),
+            client: reqwest::Client::builder().no_proxy().build().unwrap_or_default(),
         });
         let app = api::router(state);
         let shutdown = cancel.clone();

@@ -25,6 +25,8 @@ pub struct EngineView {
     /// Models the engine listed at its last successful `/v1/models`; kept while it is down so a
     /// request for a known model gets 503 (retry later), not 404.
     pub models: Vec<String>,
+    /// Context length the engine reports in `/v1/models` (vLLM's `max_model_len`).
+    pub max_model_len: Option<u32>,
     pub load: EngineLoad,
     pub consecutive_failures: u32,
     pub last_ok: Option<Instant>,
@@ -63,6 +65,7 @@ pub struct Engine {
     pub url: String,
     pub kv_events: Option<String>,
     pub api_key: Option<String>,
+    pub role: kvmesh_policy::pd::Role,
     /// Requests this node has open on the engine.
     pub in_flight: Arc<AtomicU32>,
     pub view: RwLock<EngineView>,
@@ -126,6 +129,7 @@ impl EngineSet {
                     url: e.url.trim_end_matches('/').to_owned(),
                     kv_events: e.kv_events.clone(),
                     api_key: e.api_key.clone(),
+                    role: e.role,
                     in_flight: Arc::new(AtomicU32::new(0)),
                     view: RwLock::new(EngineView::default()),
                     kv: KvEventStats {
@@ -212,7 +216,9 @@ async fn poll_once(client: &reqwest::Client, e: &Engine, timeout: Duration) {
     let need_models = e.view.read().map(|v| v.models.is_empty()).unwrap_or(true) || rand::random::<u8>() < 26;
     let models = if result.is_ok() && need_models {
         match get("/v1/models").await {
-            Ok(r) if r.status().is_success() => r.json::<serde_json::Value>().await.ok().map(|v| model_ids(&v)),
+            Ok(r) if r.status().is_success() => {
+                r.json::<serde_json::Value>().await.ok().map(|v| (model_ids(&v), max_model_len(&v)))
+            }
             _ => None,
         }
     } else {
@@ -233,8 +239,9 @@ async fn poll_once(client: &reqwest::Client, e: &Engine, timeout: Duration) {
             v.consecutive_failures = 0;
             v.last_ok = Some(Instant::now());
             v.last_error = None;
-            if let Some(m) = models {
+            if let Some((m, max_len)) = models {
                 v.models = m;
+                v.max_model_len = max_len;
             }
         }
         Err(err) => {
@@ -246,6 +253,16 @@ async fn poll_once(client: &reqwest::Client, e: &Engine, timeout: Duration) {
             v.last_error = Some(err);
         }
     }
+}
+
+/// The largest `max_model_len` a vLLM `/v1/models` answer lists (an engine serves one model).
+fn max_model_len(v: &serde_json::Value) -> Option<u32> {
+    v.get("data")?
+        .as_array()?
+        .iter()
+        .filter_map(|m| m.get("max_model_len")?.as_u64())
+        .filter_map(|n| u32::try_from(n).ok())
+        .max()
 }
 
 /// Model ids of an OpenAI `/v1/models` answer.

@@ -1,0 +1,186 @@
+//! Prefill/decode disaggregation through a node: engine simulators acting as vLLM with
+//! NixlConnector, each behind a recording pass-through so the test sees exactly what each
+//! engine was sent and answered.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post as route_post};
+use axum::Router;
+use common::*;
+use kvmesh_node::config::EngineEntry;
+use kvmesh_policy::pd::Role;
+use kvmesh_sim::EngineConfig;
+use serde_json::{json, Value};
+
+/// Requests and answers seen by one engine.
+type Log = Arc<Mutex<Vec<(Value, Value)>>>;
+
+/// Forwards everything to `upstream`, recording chat completions (body and JSON answer).
+async fn spy(upstream: String) -> (String, Log) {
+    let log: Log = Arc::default();
+    let client = reqwest::Client::new();
+    let state = (upstream, client, log.clone());
+    async fn pass(State((up, client, _)): State<(String, reqwest::Client, Log)>, uri: axum::http::Uri) -> Response {
+        match client.get(format!("{up}{}", uri.path())).send().await {
+            Ok(r) => (StatusCode::from_u16(r.status().as_u16()).unwrap(), r.bytes().await.unwrap_or_default())
+                .into_response(),
+            Err(_) => StatusCode::BAD_GATEWAY.into_response(),
+        }
+    }
+    async fn chat(
+        State((up, client, log)): State<(String, reqwest::Client, Log)>,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Response {
+        let mut rb = client.post(format!("{up}/v1/chat/completions")).header("content-type", "application/json");
+        if let Some(id) = headers.get("x-request-id") {
+            rb = rb.header("x-request-id", id.to_str().unwrap());
+        }
+        let r = rb.body(body.clone()).send().await.unwrap();
+        let status = r.status().as_u16();
+        let ct = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
+        let bytes = r.bytes().await.unwrap();
+        let answer = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        log.lock().unwrap().push((serde_json::from_slice(&body).unwrap(), answer));
+        (StatusCode::from_u16(status).unwrap(), [("content-type", ct)], bytes).into_response()
+    }
+    let app = Router::new()
+        .route("/v1/chat/completions", route_post(chat))
+        .route("/health", get(pass))
+        .route("/metrics", get(pass))
+        .route("/v1/models", get(pass))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, log)
+}
+
+fn nixl_engine(kv_transfer: bool) -> EngineConfig {
+    EngineConfig { kv_transfer, ..fast_engine() }
+}
+
+fn entry_with(url: String, name: &str, role: Role) -> EngineEntry {
+    EngineEntry { url, name: Some(name.into()), kv_events: None, api_key: None, role }
+}
+
+fn long_chat(doc: usize, stream: bool) -> Value {
+    json!({"model": "kvmesh-sim", "max_tokens": 12, "ignore_eos": true, "seed": 3, "stream": stream,
+           "messages": [{"role": "user", "content": format!("long uncached document {doc}: ").repeat(120)}]})
+}
+
+#[tokio::test]
+async fn long_prompts_are_prefilled_on_one_engine_and_decoded_on_another() {
+    let (p, d) = (engine(nixl_engine(true), false).await, engine(nixl_engine(true), false).await);
+    let ((p_url, p_log), (d_url, d_log)) = (spy(p.url()).await, spy(d.url()).await);
+    let mut cfg =
+        node_config(vec![entry_with(p_url, "prefill", Role::Prefill), entry_with(d_url, "decode", Role::Decode)]);
+    cfg.pd.min_uncached_tokens = 256;
+    let n = node(cfg).await;
+
+    let (s, h, split) = post(&n.url(), &long_chat(1, false)).await;
+    assert_eq!(s, 200, "{split}");
+    let route = h["x-kvmesh-route"].to_str().unwrap();
+    assert!(route.contains("reason=pd") && route.contains("prefill=test-node/prefill"), "{route}");
+    assert_eq!(h["x-kvmesh-served-by"], "test-node/decode");
+    {
+        let p_log = p_log.lock().unwrap();
+        let d_log = d_log.lock().unwrap();
+        let (sent, answered) = &p_log[0];
+        assert_eq!(sent["max_tokens"], 1, "{sent}");
+        assert_eq!(sent["stream"], false);
+        assert_eq!(sent["kv_transfer_params"]["do_remote_decode"], true);
+        let params = &answered["kv_transfer_params"];
+        assert_eq!(params["do_remote_prefill"], true, "{answered}");
+        // The decode engine got the original request with the prefill's params, unchanged.
+        let (decoded, _) = &d_log[0];
+        assert_eq!(&decoded["kv_transfer_params"], params);
+        assert_eq!(decoded["max_tokens"], 12);
+    }
+    // The same request served whole (sent straight to an engine) gives the same answer.
+    let direct = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", d.url()))
+        .json(&long_chat(1, false))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(split["choices"][0]["message"]["content"], direct["choices"][0]["message"]["content"]);
+    assert_eq!(split["usage"]["completion_tokens"], 12);
+
+    // Streamed: the decode engine streams to the client.
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", n.url()))
+        .json(&long_chat(2, true))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers()["x-kvmesh-route"].to_str().unwrap().contains("reason=pd"));
+    let text = r.text().await.unwrap();
+    let events = sse_data(&text);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{text}");
+    assert!(!text.contains("\"error\""), "{text}");
+
+    // A short prompt is served whole by the decode engine.
+    let (s, h, _) = post(&n.url(), &chat("short", json!({"max_tokens": 2}))).await;
+    assert_eq!(s, 200);
+    assert!(!h["x-kvmesh-route"].to_str().unwrap().contains("reason=pd"));
+    assert_eq!(h["x-kvmesh-served-by"], "test-node/decode");
+    n.shutdown().await;
+    p.shutdown().await;
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_failed_hop_falls_back_to_serving_whole() {
+    // The prefill engine has no connector: it answers without kv_transfer_params.
+    let (p, d) = (engine(nixl_engine(false), false).await, engine(nixl_engine(true), false).await);
+    let mut cfg =
+        node_config(vec![entry_with(p.url(), "prefill", Role::Prefill), entry_with(d.url(), "decode", Role::Decode)]);
+    cfg.pd.min_uncached_tokens = 256;
+    let n = node(cfg).await;
+    let (s, h, v) = post(&n.url(), &long_chat(3, false)).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(h["x-kvmesh-served-by"], "test-node/decode");
+    assert_eq!(v["usage"]["completion_tokens"], 12);
+    assert_eq!(scrape(&n.url(), "kvmesh_pd_fallbacks_total").await, 1.0);
+
+    // The prefill engine gone: served whole again, once the node sees it down.
+    p.shutdown().await;
+    let (s, _, v) = post(&n.url(), &long_chat(4, true)).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(scrape(&n.url(), "kvmesh_pd_fallbacks_total").await >= 1.0);
+    n.shutdown().await;
+    d.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_decode_engine_refusing_before_its_first_byte_is_retried_elsewhere() {
+    let p = engine(nixl_engine(true), false).await;
+    let good = engine(nixl_engine(true), false).await;
+    let (bad, stop) = scripted_engine(Script::Unavailable).await;
+    let mut cfg = node_config(vec![
+        entry_with(p.url(), "prefill", Role::Prefill),
+        entry_with(format!("http://{bad}"), "bad", Role::Decode),
+        entry_with(good.url(), "good", Role::Decode),
+    ]);
+    cfg.pd.min_uncached_tokens = 256;
+    let n = node(cfg).await;
+    for doc in 10..16 {
+        let (s, h, v) = post(&n.url(), &long_chat(doc, false)).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(h["x-kvmesh-served-by"], "test-node/good", "{v}");
+    }
+    n.shutdown().await;
+    p.shutdown().await;
+    good.shutdown().await;
+    stop.cancel();
+}
