@@ -601,11 +601,12 @@ pub async fn run(a: RoutingArgs) -> Result<(), NodeError> {
         }
     }
     let mut md = format!(
-        "Command: `kvmesh bench routing --rates {} --duration-s {} --engines {}` (release build; {} engine \
+        "Command: `kvmesh bench routing --workload {} --rates {} --duration-s {} --engines {}` (release build; {} engine \
          simulators in real time with the default 8B/H100 model, all nodes and the load generator in one process on this \
          machine's {} cores). Workload {}; each request to a random node (the oracle: its one router). Requests sent \
          in the first quarter of the arrival window are warm-up and not counted. Goodput: requests/s with TTFT ≤ {} \
          s.\n\n",
+        a.workload.display(),
         a.rates.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(","),
         a.duration_s, a.engines, a.engines,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
