@@ -310,3 +310,52 @@ async fn a_forwarded_prompt_is_not_tokenized_again() {
         e.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_prompt_is_prefilled_on_one_peer_and_decoded_on_another() {
+    // Three nodes: an edge that takes the request, a prefill node and a decode node. Both hops
+    // cross the mesh over QUIC.
+    let mut cluster = Cluster::new("pd");
+    let mut edge = cluster.config("edge");
+    edge.role = kvmesh_node::config::NodeRole::Edge;
+    edge.embedded_engine = false;
+    edge.pd.min_uncached_tokens = 256;
+    cluster.start(edge).await;
+    for (name, role) in [("p", kvmesh_policy::pd::Role::Prefill), ("d", kvmesh_policy::pd::Role::Decode)] {
+        let mut cfg = cluster.config(name);
+        cfg.embedded_role = role;
+        cluster.start(cfg).await;
+    }
+    cluster.converge(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await; // roles and load in gossip
+    let client = reqwest::Client::new();
+    let body = |stream: bool| {
+        json!({"model": "kvmesh-sim", "max_tokens": 10, "ignore_eos": true, "seed": 5, "stream": stream,
+               "messages": [{"role": "user", "content": "an uncached report to summarise ".repeat(80)}]})
+    };
+    let r =
+        client.post(format!("{}/v1/chat/completions", cluster.node(0).url())).json(&body(false)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let route = r.headers()["x-kvmesh-route"].to_str().unwrap().to_owned();
+    let served = r.headers()["x-kvmesh-served-by"].to_str().unwrap().to_owned();
+    let split: serde_json::Value = r.json().await.unwrap();
+    assert!(route.contains("reason=pd") && route.contains("prefill=p/"), "{route}");
+    assert!(served.starts_with("d/"), "{served}");
+    assert_eq!(split["usage"]["completion_tokens"], 10, "{split}");
+    // Served whole by the decode node's engine, the same request gives the same answer.
+    let whole: serde_json::Value = client
+        .post(format!("{}/v1/chat/completions", cluster.node(2).embedded.as_ref().unwrap().url()))
+        .json(&body(false))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(split["choices"][0]["message"]["content"], whole["choices"][0]["message"]["content"]);
+    // Streamed across the mesh, to the end.
+    let seen = send(&client, &cluster.node(0).url(), &body(true)).await;
+    assert_eq!((seen.status, seen.error.as_deref()), (200, None), "{seen:?}");
+    assert!(seen.data_events >= 10, "{seen:?}"); // at least one event per token
+    cluster.shutdown().await;
+}
