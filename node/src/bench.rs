@@ -327,10 +327,12 @@ async fn throughput(
 }
 
 /// Replaces (or appends) the section between `<!-- bench:NAME -->` markers in a Markdown file.
+/// An empty title writes the body alone (a part of a section whose heading is outside).
 pub fn write_section(path: &Path, name: &str, title: &str, body: &str) -> Result<(), NodeError> {
     let start = format!("<!-- bench:{name} -->");
     let end = format!("<!-- /bench:{name} -->");
-    let section = format!("{start}\n## {title}\n\n{body}\n{end}");
+    let heading = if title.is_empty() { String::new() } else { format!("## {title}\n\n") };
+    let section = format!("{start}\n{heading}{body}\n{end}");
     let old = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n".into());
     let new = match (old.find(&start), old.find(&end)) {
         (Some(s), Some(e)) if e > s => format!("{}{}{}", &old[..s], section, &old[e + end.len()..]),

@@ -55,6 +55,13 @@ pub struct RoutingArgs {
     /// CSV of the results (for `scripts/plot-routing.py`).
     #[arg(long)]
     pub csv: Option<PathBuf>,
+    /// Send to these already running nodes (`http://HOST:PORT,...`) instead of starting nodes in
+    /// this process; `--policies` then only labels the run (`scripts/bench-processes.sh`).
+    #[arg(long, value_delimiter = ',')]
+    pub entry_urls: Vec<String>,
+    /// BENCHMARKS.md section to write (default: by workload).
+    #[arg(long)]
+    pub section: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -367,7 +374,11 @@ fn pct(h: &Histogram<u64>, q: f64) -> f64 {
 
 async fn run_one(policy: &str, rate: f64, a: &RoutingArgs, w: &Workload, tpw: f64) -> Result<Row, NodeError> {
     let cancel = CancellationToken::new();
-    let s = setup(policy, a.engines, &cancel).await?;
+    let s = if a.entry_urls.is_empty() {
+        setup(policy, a.engines, &cancel).await?
+    } else {
+        Setup { nodes: Vec::new(), engines: Vec::new(), entry_urls: a.entry_urls.clone(), _dir: None }
+    };
     let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(1024).build().map_err(err)?;
     let samples: Arc<Mutex<Vec<Outcome>>> = Arc::new(Mutex::new(Vec::new()));
     let start = Instant::now();
@@ -600,17 +611,33 @@ pub async fn run(a: RoutingArgs) -> Result<(), NodeError> {
             rows.push(r);
         }
     }
+    let setup_note = if a.entry_urls.is_empty() {
+        format!(
+            "{} engine simulators in real time with the default 8B/H100 model, all nodes and the load generator in one \
+             process",
+            a.engines
+        )
+    } else {
+        format!(
+            "{} separate `kvmesh serve` processes (`--entry-urls`), each with its embedded engine simulator in real time, \
+             and the load generator in another",
+            a.entry_urls.len()
+        )
+    };
+    let itl_slo = w.slo().itl_p99_ms.map(|ms| format!(" and their own inter-token p99 ≤ {ms} ms")).unwrap_or_default();
     let mut md = format!(
-        "Command: `kvmesh bench routing --workload {} --rates {} --duration-s {} --engines {}` (release build; {} engine \
-         simulators in real time with the default 8B/H100 model, all nodes and the load generator in one process on this \
-         machine's {} cores). Workload {}; each request to a random node (the oracle: its one router). Requests sent \
-         in the first quarter of the arrival window are warm-up and not counted. Goodput: requests/s with TTFT ≤ {} \
-         s.\n\n",
+        "Command: `kvmesh bench routing --workload {} --policies {} --rates {} --duration-s {} --engines {}` (release \
+         build; {setup_note}, on this machine's {} cores). Workload {}; each request to a random node (the oracle: its \
+         one router). Requests sent in the first quarter of the arrival window are warm-up and not counted. Goodput: \
+         requests/s with TTFT ≤ {} s{itl_slo}.\n\n",
         a.workload.display(),
+        a.policies.join(","),
         a.rates.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(","),
-        a.duration_s, a.engines, a.engines,
+        a.duration_s,
+        a.engines,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        w.describe(), w.slo().ttft_p90_s,
+        w.describe(),
+        w.slo().ttft_p90_s,
     );
     md.push_str("| rate (req/s) | policy | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | output tok/s | cache hit | goodput (req/s) | failed |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     let mut csv = String::from("rate,policy,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,itl_p50_ms,itl_p99_ms,e2e_p50_ms,out_tok_s,hit_rate,goodput,done,failed\n");
@@ -648,6 +675,11 @@ pub async fn run(a: RoutingArgs) -> Result<(), NodeError> {
             }
             Workload::MultiTurn(_) => ("routing-multi-turn", "KV-aware routing on multi-turn chat"),
             Workload::LongPrompt(_) => ("pd", "Prefill/decode disaggregation on long prompts"),
+        };
+        // A named section is one part of a heading written by hand (`scripts/bench-processes.sh`).
+        let (section, title) = match a.section.as_deref() {
+            Some(named) => (named, ""),
+            None => (section, title),
         };
         crate::bench::write_section(p, section, title, &md)?;
     }
