@@ -162,3 +162,29 @@ async fn two_serve_processes_form_a_mesh_with_cli_certificates() {
     assert_eq!(r.headers()["x-kvmesh-served-by"], "p0/embedded-sim");
     assert!(r.text().await.unwrap().ends_with("data: [DONE]\n\n"));
 }
+
+/// The operator commands against a running node: `kvmesh status`, `kvmesh drain --wait`, then
+/// SIGTERM on the drained node still exits cleanly.
+#[tokio::test]
+async fn status_and_drain_commands() {
+    let mut node = spawn(&["serve", "--http-addr", "127.0.0.1:0", "--node-name", "ops"], "serving the OpenAI API at");
+    let kvmesh = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kvmesh")).args(args).output().unwrap();
+        assert!(out.status.success(), "kvmesh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let status = kvmesh(&["status", "--url", &node.url]);
+    assert!(status.contains("node ops: serving"), "{status}");
+    assert!(status.contains("embedded-sim") && status.contains("kvmesh-sim"), "{status}");
+    assert!(status.contains("prefix matching"), "{status}");
+
+    let drained = kvmesh(&["drain", "--url", &node.url, "--wait", "5"]);
+    assert!(drained.contains("node ops is draining"), "{drained}");
+    assert!(drained.contains("no open requests"), "{drained}");
+    assert!(kvmesh(&["status", "--url", &node.url]).contains("node ops: DRAINING"));
+    let health = reqwest::get(format!("{}/health", node.url)).await.unwrap();
+    assert_eq!(health.status(), 503);
+
+    let status = sigterm_and_wait(&mut node);
+    assert!(status.success(), "exit status {status}");
+}
