@@ -124,6 +124,8 @@ async fn shutdown_under_load_cuts_no_stream_and_loses_no_audit_record() {
         let first = String::from_utf8_lossy(&s.next().await.unwrap().unwrap()).into_owned();
         open.push(async move { (100 + i as u64, finish_stream(s, first).await) });
     }
+    let status: Value = reqwest::get(format!("{url}/v1/mesh/status")).await.unwrap().json().await.unwrap();
+    assert!(status["open_requests"].as_u64().unwrap() >= 6, "streams must be open when the shutdown starts: {status}");
     let (streams, ()) = tokio::time::timeout(Duration::from_secs(20), async {
         tokio::join!(futures::future::join_all(open), n.shutdown())
     })
