@@ -81,9 +81,12 @@ pub struct Membership {
     gossip_interval: Duration,
     /// Per live peer (node id, generation): its last heartbeat value and when this node first
     /// saw it. chitchat does not notify heartbeats, so a sampler refreshes this every round.
-    heartbeats: Arc<Mutex<HashMap<(String, u64), (u64, Instant)>>>,
+    heartbeats: Arc<Mutex<Heartbeats>>,
     left: AtomicBool,
 }
+
+/// (node id, generation) to (last heartbeat seen, when it was first seen).
+type Heartbeats = HashMap<(String, u64), (u64, Instant)>;
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -281,7 +284,7 @@ impl Membership {
 async fn sample_heartbeats(
     chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
     me: ChitchatId,
-    out: Arc<Mutex<HashMap<(String, u64), (u64, Instant)>>>,
+    out: Arc<Mutex<Heartbeats>>,
     every: Duration,
     cancel: CancellationToken,
 ) {

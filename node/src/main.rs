@@ -253,8 +253,8 @@ async fn print_status(node: &NodeArgs) -> anyhow::Result<()> {
             e["waiting"].as_f64().unwrap_or(0.0),
             e["kv_usage"].as_f64().unwrap_or(0.0) * 100.0,
             if e["kv_events"].as_bool() == Some(true) { "yes" } else { "no" },
-            e["indexed_blocks"],
-            e["routed_keys"],
+            e["indexed_blocks"].as_u64().unwrap_or(0),
+            e["routed_keys"].as_u64().unwrap_or(0),
             models.join(",")
         );
     }
