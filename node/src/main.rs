@@ -356,7 +356,11 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Serve(args) => {
             let cfg = Config::load(&args).context("invalid configuration")?;
             init_tracing(cfg.log_format);
-            cancel_on_signal(cancel.clone());
+            // The signal must not cancel the node's own token: that would stop its engines,
+            // watchers and gossip at once, before the drain lets open streams finish.
+            // `shutdown` cancels the node's token itself, once they have.
+            let signalled = CancellationToken::new();
+            cancel_on_signal(signalled.clone());
             let node = Node::start(cfg, &cancel).await.context("node failed to start")?;
             println!("kvmesh node `{}` serving the OpenAI API at {}", node.node_name, node.url());
             if let Some(m) = &node.mesh {
@@ -364,7 +368,7 @@ async fn main() -> anyhow::Result<()> {
             }
             println!("  try: curl {}/v1/chat/completions -H 'content-type: application/json' \\", node.url());
             println!("         -d '{{\"model\":\"kvmesh-sim\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'");
-            cancel.cancelled().await;
+            signalled.cancelled().await;
             node.shutdown().await;
         }
         Cmd::EngineSim(args) => {
