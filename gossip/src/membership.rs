@@ -265,12 +265,16 @@ impl Membership {
     }
 
     /// Tells peers this node is leaving, gives that a few rounds to spread, then stops gossip.
-    /// Only the first call does anything (a drain, then SIGTERM, both leave).
+    /// Only the first call that got the word out does anything (a drain, then SIGTERM, both
+    /// leave); a call dropped before that (an HTTP client gone) leaves the next one to do it.
     pub async fn leave(&self) {
-        if self.left.swap(true, Ordering::SeqCst) {
+        if self.left.load(Ordering::SeqCst) {
             return;
         }
         self.set(KEY_LEAVING, "1".into()).await;
+        if self.left.swap(true, Ordering::SeqCst) {
+            return;
+        }
         tokio::time::sleep(self.gossip_interval * 3).await;
         if let Some(h) = self.handle.lock().await.take() {
             if let Err(e) = h.shutdown().await {
