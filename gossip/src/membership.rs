@@ -1,9 +1,11 @@
 //! Running chitchat for this node and keeping a ready-to-read view of live peers, so the request
 //! path never waits on the gossip lock.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState};
 use kvmesh_transport::MeshEndpoint;
@@ -77,7 +79,14 @@ pub struct Membership {
     last_load: Mutex<String>,
     last_usage: Mutex<String>,
     gossip_interval: Duration,
+    /// Per live peer (node id, generation): its last heartbeat value and when this node first
+    /// saw it. chitchat does not notify heartbeats, so a sampler refreshes this every round.
+    heartbeats: Arc<Mutex<Heartbeats>>,
+    left: AtomicBool,
 }
+
+/// (node id, generation) to (last heartbeat seen, when it was first seen).
+type Heartbeats = HashMap<(String, u64), (u64, Instant)>;
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -124,7 +133,8 @@ impl Membership {
         let transport = QuicTransport::new(endpoint, inbox);
         let handle =
             spawn_chitchat(config, initial, &transport).await.map_err(|e| GossipError::Start(e.to_string()))?;
-        let mut live = handle.chitchat().lock().await.live_nodes_watcher();
+        let chitchat = handle.chitchat();
+        let mut live = chitchat.lock().await.live_nodes_watcher();
         let (tx, rx) = watch::channel(Arc::new(Vec::new()));
         let me = self_id.clone();
         let cancel_gossip = cancel.clone();
@@ -151,7 +161,16 @@ impl Membership {
             last_load: Mutex::new(String::new()),
             last_usage: Mutex::new(String::new()),
             gossip_interval: cfg.gossip_interval,
+            heartbeats: Arc::new(Mutex::new(HashMap::new())),
+            left: AtomicBool::new(false),
         });
+        tasks.spawn(sample_heartbeats(
+            chitchat,
+            this.self_id.clone(),
+            this.heartbeats.clone(),
+            cfg.gossip_interval,
+            cancel_gossip.clone(),
+        ));
         // chitchat runs on a task of its own; stop it with the node, leave() or not.
         let me = this.clone();
         tasks.spawn(async move {
@@ -227,13 +246,79 @@ impl Membership {
         }
     }
 
+    /// For each live peer in the current view, how long ago its heartbeat last advanced here
+    /// (to within one gossip round): how stale this node's picture of that peer is. A healthy
+    /// mesh keeps it near a few rounds; the failure detector drops a peer well before it grows
+    /// past seconds.
+    pub fn heartbeat_ages(&self) -> Vec<(String, Duration)> {
+        let peers = self.peers();
+        let Ok(beats) = self.heartbeats.lock() else { return Vec::new() };
+        let now = Instant::now();
+        peers
+            .iter()
+            .filter(|p| !p.is_self)
+            .filter_map(|p| {
+                let (_, seen) = beats.get(&(p.node_id.clone(), p.generation))?;
+                Some((p.node_id.clone(), now.duration_since(*seen)))
+            })
+            .collect()
+    }
+
     /// Tells peers this node is leaving, gives that a few rounds to spread, then stops gossip.
+    /// Only the first call that got the word out does anything (a drain, then SIGTERM, both
+    /// leave); a call dropped before that (an HTTP client gone) leaves the next one to do it.
     pub async fn leave(&self) {
+        if self.left.load(Ordering::SeqCst) {
+            return;
+        }
         self.set(KEY_LEAVING, "1".into()).await;
+        if self.left.swap(true, Ordering::SeqCst) {
+            return;
+        }
         tokio::time::sleep(self.gossip_interval * 3).await;
         if let Some(h) = self.handle.lock().await.take() {
             if let Err(e) = h.shutdown().await {
                 tracing::debug!(error = %e, "gossip shutdown");
+            }
+        }
+    }
+}
+
+/// Every `every`, notes which live peers' heartbeats advanced since the last look.
+async fn sample_heartbeats(
+    chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
+    me: ChitchatId,
+    out: Arc<Mutex<Heartbeats>>,
+    every: Duration,
+    cancel: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let beats: Vec<((String, u64), u64)> = {
+            let c = chitchat.lock().await;
+            c.live_nodes()
+                .filter(|id| **id != me)
+                .filter_map(|id| {
+                    let hb = u64::from(c.node_state(id)?.heartbeat());
+                    Some(((id.node_id.to_string(), id.generation_id), hb))
+                })
+                .collect()
+        };
+        let now = Instant::now();
+        let Ok(mut seen) = out.lock() else { break };
+        seen.retain(|k, _| beats.iter().any(|(b, _)| b == k));
+        for (k, hb) in beats {
+            match seen.get_mut(&k) {
+                Some((prev, _)) if *prev == hb => {}
+                Some(e) => *e = (hb, now),
+                None => {
+                    seen.insert(k, (hb, now));
+                }
             }
         }
     }

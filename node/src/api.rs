@@ -25,6 +25,7 @@ pub fn router(p: Arc<Pipeline>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/mesh/peers", get(peers))
         .route("/admin/keys/reload", post(reload_keys))
+        .route("/admin/drain", post(drain))
         .route("/v1/mesh/status", get(status))
         .fallback(|| async { error_response(&ApiError::not_found("Not Found")) })
         .method_not_allowed_fallback(|| async {
@@ -120,7 +121,8 @@ async fn peers(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response {
 }
 
 /// 200 while this node can serve something (a healthy engine of its own or, in a mesh, a
-/// peer's), 503 otherwise; the body lists this node's engines.
+/// peer's), 503 otherwise and while it drains (so load balancers stop sending); the body lists
+/// this node's engines.
 async fn health(State(p): State<Arc<Pipeline>>) -> Response {
     let engines: Vec<_> = p
         .engines
@@ -131,14 +133,14 @@ async fn health(State(p): State<Arc<Pipeline>>) -> Response {
             json!({"name": e.name, "url": e.url, "healthy": v.healthy, "models": v.models, "error": v.last_error})
         })
         .collect();
-    let ok = p.engines.engines.iter().any(|e| e.is_healthy())
+    let can_serve = p.engines.engines.iter().any(|e| e.is_healthy())
         || p.mesh().is_some_and(|m| m.remote_engines().iter().any(|r| r.engine.healthy));
-    let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (
-        status,
-        Json(json!({"status": if ok { "ok" } else { "no_healthy_engine" }, "node": p.node_name, "engines": engines})),
-    )
-        .into_response()
+    let (status, word) = match (p.is_draining(), can_serve) {
+        (true, _) => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        (false, true) => (StatusCode::OK, "ok"),
+        (false, false) => (StatusCode::SERVICE_UNAVAILABLE, "no_healthy_engine"),
+    };
+    (status, Json(json!({"status": word, "node": p.node_name, "engines": engines}))).into_response()
 }
 
 /// Re-reads the API keys (inline and the keys file) now. Admin key required.
@@ -199,6 +201,8 @@ async fn status(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response 
         .collect();
     Json(json!({
         "node": p.node_name,
+        "draining": p.is_draining(),
+        "open_requests": p.open_requests(),
         "mesh": p.mesh().is_some(),
         "peers": p.mesh().map(|m| m.peers().len()).unwrap_or(0),
         "engines": engines,
@@ -208,10 +212,37 @@ async fn status(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response 
     .into_response()
 }
 
+/// Drains this node: new requests (clients' and peers') get a retryable 503 `draining`,
+/// `/health` turns 503, the node leaves gossip (answered once peers have had a few rounds to
+/// hear it), and open requests run to their end. The process keeps running until stopped
+/// (SIGTERM then exits at once if nothing is open); there is no undrain short of a restart.
+/// Admin key required when keys are configured.
+async fn drain(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response {
+    if let Some(Err(denied)) = p.guard().map(|g| g.check_admin(&headers)) {
+        return error_response(&denied);
+    }
+    let first = p.start_draining();
+    if let Some(m) = p.mesh() {
+        m.leave().await;
+    }
+    Json(json!({
+        "node": p.node_name,
+        "draining": true,
+        "already_draining": !first,
+        "left_mesh": p.mesh().is_some(),
+        "open_requests": p.open_requests(),
+    }))
+    .into_response()
+}
+
 async fn metrics(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response {
     if let Some(Err(denied)) = p.guard().map(|g| g.check_metrics(&headers)) {
         return error_response(&denied);
     }
     p.tokenizers().observe();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], p.metrics.render(&p.engines)).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        p.metrics.render(&p.engines, p.mesh().map(|m| &**m)),
+    )
+        .into_response()
 }

@@ -23,6 +23,8 @@ pub enum NodeError {
     EmbeddedEngine(#[from] kvmesh_sim::SimError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("latency histogram: {0}")]
+    Histogram(String),
     #[error("HTTP client: {0}")]
     Client(String),
     #[error("mesh: {0}")]

@@ -36,9 +36,23 @@ enum Cmd {
     Cert(CertCmd),
     /// List the mesh's live members as a node sees them.
     Peers {
-        /// The node's HTTP address.
-        #[arg(long, default_value = "http://127.0.0.1:8080", env = "KVMESH_NODE_URL")]
-        node: String,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// A node's view of itself: peers, engines (health, load, indexed blocks), how each model's
+    /// prompts are matched, tokenizers, and whether it is draining.
+    Status {
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Drain a node: it refuses new requests (503 `draining`), leaves the mesh and lets open
+    /// requests finish. Stop the process afterwards (SIGTERM).
+    Drain {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Then wait up to this many seconds for the node's open requests to finish.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
     },
     /// Start a local mesh of nodes with simulated engines and show requests crossing it.
     Demo(DemoArgs),
@@ -48,6 +62,38 @@ enum Cmd {
     /// Make API keys and the hashes that config stores.
     #[command(subcommand)]
     Keys(KeysCmd),
+}
+
+/// Which node an operator command talks to, and with what key.
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// The node's HTTP address.
+    #[arg(long, alias = "node", default_value = "http://127.0.0.1:8080", env = "KVMESH_NODE_URL")]
+    url: String,
+    /// An admin API key (needed when the node has `[auth]` keys).
+    #[arg(long, env = "KVMESH_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
+}
+
+impl NodeArgs {
+    /// Sends `method path` and returns the JSON answer; a non-2xx answer is an error that
+    /// carries the node's message.
+    async fn call(&self, method: reqwest::Method, path: &str) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}{path}", self.url.trim_end_matches('/'));
+        let mut rb = reqwest::Client::new().request(method.clone(), &url);
+        if let Some(k) = &self.admin_key {
+            rb = rb.bearer_auth(k);
+        }
+        let r = rb.send().await.with_context(|| format!("{method} {url}"))?;
+        let status = r.status();
+        let text = r.text().await.with_context(|| format!("{method} {url}: reading the answer"))?;
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        if !status.is_success() {
+            let why = v["error"]["message"].as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+            anyhow::bail!("{method} {url}: {status}: {why}");
+        }
+        Ok(v)
+    }
 }
 
 #[derive(Subcommand)]
@@ -136,9 +182,8 @@ fn init_tracing_filter(default: &str) {
     init_tracing_with(LogFormat::Text, default)
 }
 
-async fn print_peers(node: &str) -> anyhow::Result<()> {
-    let url = format!("{}/v1/mesh/peers", node.trim_end_matches('/'));
-    let v: serde_json::Value = reqwest::get(&url).await.with_context(|| format!("GET {url}"))?.json().await?;
+async fn print_peers(node: &NodeArgs) -> anyhow::Result<()> {
+    let v = node.call(reqwest::Method::GET, "/v1/mesh/peers").await?;
     let empty = Vec::new();
     let peers = v["peers"].as_array().unwrap_or(&empty);
     println!("{:<16} {:<7} {:<22} {:<22} engines (running/waiting/kv)", "node", "role", "http", "quic");
@@ -176,6 +221,95 @@ async fn print_peers(node: &str) -> anyhow::Result<()> {
         println!("(this node is not in a mesh: start it with --tls-dir)");
     }
     Ok(())
+}
+
+async fn print_status(node: &NodeArgs) -> anyhow::Result<()> {
+    let v = node.call(reqwest::Method::GET, "/v1/mesh/status").await?;
+    let empty = Vec::new();
+    let mesh = if v["mesh"].as_bool() == Some(true) {
+        format!("in a mesh, {} live members (itself included)", v["peers"])
+    } else {
+        "not in a mesh".to_owned()
+    };
+    println!(
+        "node {}: {}; {}; {} open requests",
+        v["node"].as_str().unwrap_or("?"),
+        if v["draining"].as_bool() == Some(true) { "DRAINING" } else { "serving" },
+        mesh,
+        v["open_requests"]
+    );
+    println!();
+    println!(
+        "{:<20} {:<8} {:>7} {:>7} {:>5} {:>9} {:>14} {:>12}  models",
+        "engine", "health", "running", "waiting", "kv%", "kv events", "indexed blocks", "routed keys"
+    );
+    for e in v["engines"].as_array().unwrap_or(&empty) {
+        let models: Vec<&str> = e["models"].as_array().unwrap_or(&empty).iter().filter_map(|m| m.as_str()).collect();
+        println!(
+            "{:<20} {:<8} {:>7} {:>7} {:>5.0} {:>9} {:>14} {:>12}  {}",
+            e["name"].as_str().unwrap_or("?"),
+            if e["healthy"].as_bool() == Some(true) { "up" } else { "DOWN" },
+            e["running"].as_f64().unwrap_or(0.0),
+            e["waiting"].as_f64().unwrap_or(0.0),
+            e["kv_usage"].as_f64().unwrap_or(0.0) * 100.0,
+            if e["kv_events"].as_bool() == Some(true) { "yes" } else { "no" },
+            e["indexed_blocks"].as_u64().unwrap_or(0),
+            e["routed_keys"].as_u64().unwrap_or(0),
+            models.join(",")
+        );
+    }
+    println!();
+    println!("{:<32} prefix matching", "model");
+    for m in v["models"].as_array().unwrap_or(&empty) {
+        println!("{:<32} {}", m["model"].as_str().unwrap_or("?"), m["prefix_matching"].as_str().unwrap_or("?"));
+    }
+    let tokenizers = v["tokenizers"].as_array().unwrap_or(&empty);
+    if !tokenizers.is_empty() {
+        println!();
+        println!(
+            "{:<32} {:<6} {:<6} {:>10} {:>14} {:>12}",
+            "tokenizer", "fast", "cache", "max len", "loaded MiB", "cache MiB"
+        );
+        for t in tokenizers {
+            let mib = |x: &serde_json::Value| x.as_f64().unwrap_or(0.0) / (1024.0 * 1024.0);
+            let yes = |x: &serde_json::Value| if x.as_bool() == Some(true) { "yes" } else { "no" };
+            println!(
+                "{:<32} {:<6} {:<6} {:>10} {:>14.1} {:>12.1}",
+                t["model"].as_str().unwrap_or("?"),
+                yes(&t["encoder"]["fast_encoder"]),
+                yes(&t["encoder"]["segment_cache"]),
+                t["max_model_len"].as_u64().map(|n| n.to_string()).unwrap_or_else(|| "-".into()),
+                mib(&t["loaded_bytes"]),
+                mib(&t["segment_cache_bytes"])
+            );
+            for note in t["encoder"]["notes"].as_array().unwrap_or(&empty) {
+                println!("  note: {}", note.as_str().unwrap_or(""));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn drain(node: &NodeArgs, wait: Option<u64>) -> anyhow::Result<()> {
+    let v = node.call(reqwest::Method::POST, "/admin/drain").await?;
+    println!(
+        "node {} is draining{}; {} open requests",
+        v["node"].as_str().unwrap_or("?"),
+        if v["left_mesh"].as_bool() == Some(true) { " and has left the mesh" } else { "" },
+        v["open_requests"]
+    );
+    let Some(secs) = wait else { return Ok(()) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let s = node.call(reqwest::Method::GET, "/v1/mesh/status").await?;
+        let open = s["open_requests"].as_u64().unwrap_or(0);
+        if open == 0 {
+            println!("no open requests: the node can be stopped");
+            return Ok(());
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "{open} requests still open after {secs} s");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 fn init_tracing_with(format: LogFormat, default: &str) {
@@ -222,7 +356,11 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Serve(args) => {
             let cfg = Config::load(&args).context("invalid configuration")?;
             init_tracing(cfg.log_format);
-            cancel_on_signal(cancel.clone());
+            // The signal must not cancel the node's own token: that would stop its engines,
+            // watchers and gossip at once, before the drain lets open streams finish.
+            // `shutdown` cancels the node's token itself, once they have.
+            let signalled = CancellationToken::new();
+            cancel_on_signal(signalled.clone());
             let node = Node::start(cfg, &cancel).await.context("node failed to start")?;
             println!("kvmesh node `{}` serving the OpenAI API at {}", node.node_name, node.url());
             if let Some(m) = &node.mesh {
@@ -230,7 +368,7 @@ async fn main() -> anyhow::Result<()> {
             }
             println!("  try: curl {}/v1/chat/completions -H 'content-type: application/json' \\", node.url());
             println!("         -d '{{\"model\":\"kvmesh-sim\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'");
-            cancel.cancelled().await;
+            signalled.cancelled().await;
             node.shutdown().await;
         }
         Cmd::EngineSim(args) => {
@@ -264,6 +402,8 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         Cmd::Peers { node } => print_peers(&node).await?,
+        Cmd::Status { node } => print_status(&node).await?,
+        Cmd::Drain { node, wait } => drain(&node, wait).await?,
         Cmd::Demo(args) => {
             init_tracing_filter("warn");
             cancel_on_signal(cancel.clone());

@@ -2,16 +2,20 @@
 //! run in one process (tests, benchmarks).
 
 use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
+use hdrhistogram::Histogram;
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::audit::AuditMetrics;
 
 use crate::engine::EngineSet;
 use crate::error::NodeError;
+use crate::mesh::Mesh;
 
 pub struct NodeMetrics {
     registry: Registry,
@@ -56,7 +60,91 @@ pub struct NodeMetrics {
     kv_batches: IntGaugeVec,
     kv_gaps: IntGaugeVec,
     kv_cached_blocks: IntGaugeVec,
+    route_history_keys: IntGaugeVec,
+    /// Time between two chunks of a relayed stream, by endpoint (about one decode step each).
+    pub inter_token: HistogramVec,
+    /// Streamed requests' time to first token, inter-chunk gaps and whole requests over the last
+    /// one to two minutes, as exact quantiles for `kvmesh_latency_summary_seconds`.
+    pub recent_ttft: Recent,
+    pub recent_itl: Recent,
+    pub recent_e2e: Recent,
+    latency_summary: GaugeVec,
+    /// 1 while the node refuses new requests (drain or shutdown).
+    pub draining: IntGauge,
+    gossip_peers: IntGauge,
+    gossip_bytes: IntCounterVec,
+    gossip_dropped: IntCounter,
+    refused_connections: IntCounter,
+    heartbeat_age: GaugeVec,
+    max_heartbeat_age: Gauge,
+    /// Serializes scrapes: counters mirrored from the transport's atomics are advanced by the
+    /// difference, which two concurrent scrapes would both add.
+    scrape: Mutex<()>,
 }
+
+/// Quantiles reported by `kvmesh_latency_summary_seconds`.
+const QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
+/// A `Recent` answers for the last `RECENT_WINDOW` to twice that.
+const RECENT_WINDOW: Duration = Duration::from_secs(60);
+
+/// Latencies of the last minute or two in microseconds, in two rotating hdrhistograms: exact
+/// quantiles (2 significant digits) of what happened lately, which Prometheus buckets only
+/// approximate and lifetime summaries bury.
+pub struct Recent {
+    inner: Mutex<RecentInner>,
+}
+
+struct RecentInner {
+    current: Histogram<u64>,
+    previous: Histogram<u64>,
+    since: Instant,
+}
+
+impl Recent {
+    fn new() -> Result<Self, NodeError> {
+        // 1 µs to 1 h; longer values are clamped to the top.
+        let h = Histogram::new_with_bounds(1, 3_600_000_000, 2).map_err(|e| NodeError::Histogram(e.to_string()))?;
+        Ok(Self { inner: Mutex::new(RecentInner { current: h.clone(), previous: h, since: Instant::now() }) })
+    }
+
+    pub fn record(&self, seconds: f64) {
+        if let Ok(mut r) = self.inner.lock() {
+            r.rotate(Instant::now());
+            r.current.saturating_record((seconds * 1e6).max(0.0) as u64);
+        }
+    }
+
+    /// `QUANTILES` in seconds; `None` when nothing was recorded in the window.
+    fn quantiles(&self) -> Option<[f64; 3]> {
+        let mut r = self.inner.lock().ok()?;
+        r.rotate(Instant::now());
+        let mut merged = r.current.clone();
+        merged.add(&r.previous).ok()?;
+        if merged.is_empty() {
+            return None;
+        }
+        Some(QUANTILES.map(|q| merged.value_at_quantile(q) as f64 / 1e6))
+    }
+}
+
+impl RecentInner {
+    fn rotate(&mut self, now: Instant) {
+        let age = now.duration_since(self.since);
+        if age < RECENT_WINDOW {
+            return;
+        }
+        if age >= RECENT_WINDOW * 2 {
+            self.previous.reset();
+        } else {
+            std::mem::swap(&mut self.previous, &mut self.current);
+        }
+        self.current.reset();
+        self.since = now;
+    }
+}
+
+const INTER_TOKEN_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0];
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
@@ -173,6 +261,54 @@ impl NodeMetrics {
                 Opts::new("kvmesh_kv_cached_blocks", "Blocks the engine holds, per its KV events."),
                 engine,
             )?,
+            route_history_keys: IntGaugeVec::new(
+                Opts::new("kvmesh_route_history_keys", "Block keys this node remembers routing to the engine."),
+                engine,
+            )?,
+            inter_token: HistogramVec::new(
+                HistogramOpts::new(
+                    "kvmesh_inter_token_seconds",
+                    "Time between two relayed chunks of a streamed answer (about one decode step).",
+                )
+                .buckets(INTER_TOKEN_BUCKETS.to_vec()),
+                &["endpoint"],
+            )?,
+            recent_ttft: Recent::new()?,
+            recent_itl: Recent::new()?,
+            recent_e2e: Recent::new()?,
+            latency_summary: GaugeVec::new(
+                Opts::new(
+                    "kvmesh_latency_summary_seconds",
+                    "Quantiles over the last 1-2 minutes (hdrhistogram): ttft and inter_token of streams, e2e of answers.",
+                ),
+                &["measure", "quantile"],
+            )?,
+            draining: IntGauge::new("kvmesh_draining", "1 while the node refuses new requests (drain or shutdown).")?,
+            gossip_peers: IntGauge::new("kvmesh_gossip_peers", "Live peers in this node's view (itself not counted).")?,
+            gossip_bytes: IntCounterVec::new(
+                Opts::new("kvmesh_gossip_bytes_total", "Gossip payload bytes on QUIC, by direction (sent, received)."),
+                &["direction"],
+            )?,
+            gossip_dropped: IntCounter::new(
+                "kvmesh_gossip_dropped_total",
+                "Gossip messages lost: failed sends and arrivals on a full inbox (gossip repeats them).",
+            )?,
+            refused_connections: IntCounter::new(
+                "kvmesh_mesh_refused_connections_total",
+                "Mesh connections refused (no certificate, another CA, wrong ALPN).",
+            )?,
+            heartbeat_age: GaugeVec::new(
+                Opts::new(
+                    "kvmesh_gossip_heartbeat_age_seconds",
+                    "Time since the peer's heartbeat last advanced in this node's view (to within a gossip round).",
+                ),
+                &["peer"],
+            )?,
+            max_heartbeat_age: Gauge::new(
+                "kvmesh_gossip_max_heartbeat_age_seconds",
+                "The largest kvmesh_gossip_heartbeat_age_seconds: how stale this node's view of the mesh is.",
+            )?,
+            scrape: Mutex::new(()),
             registry,
         };
         for c in [
@@ -203,14 +339,25 @@ impl NodeMetrics {
             Box::new(m.kv_batches.clone()),
             Box::new(m.kv_gaps.clone()),
             Box::new(m.kv_cached_blocks.clone()),
+            Box::new(m.route_history_keys.clone()),
+            Box::new(m.inter_token.clone()),
+            Box::new(m.latency_summary.clone()),
+            Box::new(m.draining.clone()),
+            Box::new(m.gossip_peers.clone()),
+            Box::new(m.gossip_bytes.clone()),
+            Box::new(m.gossip_dropped.clone()),
+            Box::new(m.refused_connections.clone()),
+            Box::new(m.heartbeat_age.clone()),
+            Box::new(m.max_heartbeat_age.clone()),
         ] {
             m.registry.register(c)?;
         }
         Ok(m)
     }
 
-    /// Prometheus text; engine gauges are read from the engine views at scrape time.
-    pub fn render(&self, engines: &EngineSet) -> String {
+    /// Prometheus text; engine and mesh figures are read from their sources at scrape time.
+    pub fn render(&self, engines: &EngineSet, mesh: Option<&Mesh>) -> String {
+        let _one_at_a_time = self.scrape.lock();
         for e in &engines.engines {
             let v = e.snapshot();
             let l = [e.name.as_str()];
@@ -223,11 +370,80 @@ impl NodeMetrics {
             self.kv_gaps.with_label_values(&l).set(e.kv.gaps.load(Ordering::Relaxed) as i64);
             let cached = e.kv.cached_blocks();
             self.kv_cached_blocks.with_label_values(&l).set(cached as i64);
+            let routed = e.routed.lock().map(|r| r.len()).unwrap_or(0);
+            self.route_history_keys.with_label_values(&l).set(routed as i64);
+        }
+        for (measure, recent) in
+            [("ttft", &self.recent_ttft), ("inter_token", &self.recent_itl), ("e2e", &self.recent_e2e)]
+        {
+            // NaN for an idle window, as a Prometheus summary with no observations reports.
+            let qs = recent.quantiles().unwrap_or([f64::NAN; 3]);
+            for (q, v) in QUANTILES.iter().zip(qs) {
+                self.latency_summary.with_label_values(&[measure, &q.to_string()]).set(v);
+            }
+        }
+        if let Some(mesh) = mesh {
+            self.observe_mesh(mesh);
         }
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::warn!(error = %e, "metrics encoding failed");
         }
         String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    fn observe_mesh(&self, mesh: &Mesh) {
+        let peers = mesh.peers();
+        self.gossip_peers.set(peers.iter().filter(|p| !p.is_self).count() as i64);
+        let stats = &mesh.endpoint.stats;
+        let mirror = |c: &IntCounter, now: u64| {
+            let seen = c.get();
+            if now > seen {
+                c.inc_by(now - seen);
+            }
+        };
+        mirror(&self.gossip_bytes.with_label_values(&["sent"]), stats.gossip_bytes_sent.load(Ordering::Relaxed));
+        mirror(
+            &self.gossip_bytes.with_label_values(&["received"]),
+            stats.gossip_bytes_received.load(Ordering::Relaxed),
+        );
+        mirror(&self.gossip_dropped, stats.gossip_dropped.load(Ordering::Relaxed));
+        mirror(&self.refused_connections, stats.refused_connections.load(Ordering::Relaxed));
+        // Peers that left must not keep reporting their last age.
+        self.heartbeat_age.reset();
+        let ages = mesh.membership.heartbeat_ages();
+        for (peer, age) in &ages {
+            self.heartbeat_age.with_label_values(&[peer]).set(age.as_secs_f64());
+        }
+        self.max_heartbeat_age.set(ages.iter().map(|(_, a)| a.as_secs_f64()).fold(0.0, f64::max));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_quantiles_are_exact_and_forget_old_windows() {
+        let r = Recent::new().unwrap();
+        assert!(r.quantiles().is_none());
+        for ms in 1..=100 {
+            r.record(ms as f64 / 1000.0);
+        }
+        let [p50, p90, p99] = r.quantiles().unwrap();
+        for (got, want) in [(p50, 0.050), (p90, 0.090), (p99, 0.099)] {
+            assert!((got - want).abs() <= want * 0.01, "{got} vs {want}");
+        }
+        let mut inner = r.inner.lock().unwrap();
+        let t0 = inner.since;
+        // One window later the values move to `previous` and still count.
+        inner.rotate(t0 + RECENT_WINDOW);
+        assert!(inner.current.is_empty());
+        assert_eq!(inner.previous.len(), 100);
+        // Two windows without a rotation: everything is older than the window, gone.
+        let t1 = inner.since;
+        inner.current.record(5).unwrap();
+        inner.rotate(t1 + RECENT_WINDOW * 2);
+        assert!(inner.current.is_empty() && inner.previous.is_empty());
     }
 }

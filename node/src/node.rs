@@ -62,10 +62,13 @@ impl RunningNode {
         }
     }
 
-    /// Graceful: leaves the mesh (peers stop sending here), stops accepting client requests,
-    /// lets open responses finish (clients' and peers', at most `DRAIN_LIMIT`), then stops
+    /// Graceful (SIGTERM): drains as `POST /admin/drain` does (refuses new requests, leaves the
+    /// mesh so peers stop sending here), stops accepting client connections, lets open
+    /// responses finish (clients' and peers', at most `DRAIN_LIMIT`), then stops
     /// every task and the embedded engine and waits for all of it.
     pub async fn shutdown(self) {
+        // Requests still arriving on open keep-alive connections get a retryable 503 from here on.
+        self.pipeline.start_draining();
         if let Some(m) = &self.mesh {
             m.leave().await;
         }

@@ -59,6 +59,8 @@ pub struct Pipeline {
     remote_routed: std::sync::Mutex<std::collections::HashMap<String, RoutedKeys>>,
     route_history_ttl_ms: u64,
     route_history_max_keys: usize,
+    /// Set by a drain or a shutdown: new requests, clients' and peers', get a retryable 503.
+    draining: std::sync::atomic::AtomicBool,
     pd: kvmesh_policy::pd::PdSettings,
 }
 
@@ -186,7 +188,36 @@ impl Pipeline {
             idle_timeout: Config::ms(cfg.engine_idle_timeout_ms),
             max_attempts: cfg.max_attempts,
             max_body_bytes: cfg.max_body_bytes,
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Stops taking new requests; open ones finish. False when it was draining already.
+    pub fn start_draining(&self) -> bool {
+        let first = !self.draining.swap(true, Ordering::SeqCst);
+        self.metrics.draining.set(1);
+        if first {
+            tracing::info!(open = self.open_requests(), "draining: new requests are refused from now on");
+        }
+        first
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// The answer to a request that arrives while draining: a 503 with code `draining`, marked
+    /// as never accepted (a peer's origin retries elsewhere), with the hints clients and load
+    /// balancers act on: `x-should-retry` (OpenAI's SDKs) and `connection: close`, so the next
+    /// attempt opens a connection that can land on another node.
+    fn refuse_draining(&self, endpoint: Endpoint) -> Response {
+        let e =
+            ApiError::unavailable(format!("Node {} is draining; send the request to another node.", self.node_name))
+                .with_code("draining");
+        let mut r = not_accepted(self.reply_error(endpoint, "", &e, Instant::now()));
+        r.headers_mut().insert("x-should-retry", HeaderValue::from_static("true"));
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        r
     }
 
     pub fn set_mesh(&self, mesh: Arc<Mesh>) {
@@ -222,6 +253,10 @@ impl Pipeline {
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .map(str::to_owned)
             .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+        if self.is_draining() {
+            // Before the guard: refused like a closed port, so it leaves no audit record.
+            return self.refuse_draining(endpoint);
+        }
         let span = request_span(&request_id, &self.node_name, endpoint);
         match self.guard() {
             Some(g) => g.clone().serve(self, endpoint, headers, &request_id, body).instrument(span).await,
@@ -241,6 +276,7 @@ impl Pipeline {
         let span = request_span(&req.head.request_id, &req.head.origin, endpoint.unwrap_or(Endpoint::Chat));
         let send = req.respond;
         let resp = match endpoint {
+            Some(ep) if self.is_draining() => self.refuse_draining(ep),
             Some(ep) => {
                 // The origin may give up (its client left, its timeout fired) before the engine
                 // answers: stop then, so the engine is not kept working for nobody.
@@ -929,7 +965,9 @@ impl Pipeline {
             _ => builder,
         };
         if let Some(first) = first {
-            self.metrics.ttfb.with_label_values(&[ep, "true"]).observe(started.elapsed().as_secs_f64());
+            let ttft = started.elapsed().as_secs_f64();
+            self.metrics.ttfb.with_label_values(&[ep, "true"]).observe(ttft);
+            self.metrics.recent_ttft.record(ttft);
             let upstream = futures::stream::iter([Ok(first)]).chain(upstream).boxed();
             let relay = relay(self.clone(), upstream, in_flight, started, ep, self.idle_timeout);
             return Ok(builder
@@ -950,6 +988,7 @@ impl Pipeline {
         let label = if a.stream { "true" } else { "false" };
         self.metrics.ttfb.with_label_values(&[ep, label]).observe(started.elapsed().as_secs_f64());
         self.metrics.duration.with_label_values(&[ep, label]).observe(started.elapsed().as_secs_f64());
+        self.metrics.recent_e2e.record(started.elapsed().as_secs_f64());
         Ok(builder
             .body(Body::from(body))
             .unwrap_or_else(|_| error_response(&ApiError::internal("failed to build response"))))
@@ -1066,6 +1105,8 @@ struct RelayState {
     finished: bool,
     /// Whether what was sent so far ends on an event boundary (`\n\n`).
     clean: bool,
+    /// When the previous chunk went out: the gap to the next one is an inter-token latency.
+    last_chunk: Option<Instant>,
 }
 
 /// Relays an SSE stream chunk by chunk. Dropping it (client gone) drops the upstream, which
@@ -1078,20 +1119,37 @@ fn relay(
     endpoint: &'static str,
     idle: Duration,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
-    let state =
-        RelayState { pipeline, upstream, _in_flight: in_flight, started, endpoint, idle, finished: false, clean: true };
+    let state = RelayState {
+        pipeline,
+        upstream,
+        _in_flight: in_flight,
+        started,
+        endpoint,
+        idle,
+        finished: false,
+        clean: true,
+        last_chunk: None,
+    };
     futures::stream::unfold(state, |mut s| async move {
         if s.finished {
             return None;
         }
         let item = match tokio::time::timeout(s.idle, s.upstream.next()).await {
-            Ok(Some(Ok(chunk))) => chunk,
+            Ok(Some(Ok(chunk))) => {
+                let now = Instant::now();
+                // `[DONE]` follows the last token at once; it is not a token.
+                if let (Some(prev), false) = (s.last_chunk, chunk.starts_with(b"data: [DONE]")) {
+                    let gap = now.duration_since(prev).as_secs_f64();
+                    s.pipeline.metrics.inter_token.with_label_values(&[s.endpoint]).observe(gap);
+                    s.pipeline.metrics.recent_itl.record(gap);
+                }
+                s.last_chunk = Some(now);
+                chunk
+            }
             Ok(None) => {
-                s.pipeline
-                    .metrics
-                    .duration
-                    .with_label_values(&[s.endpoint, "true"])
-                    .observe(s.started.elapsed().as_secs_f64());
+                let e2e = s.started.elapsed().as_secs_f64();
+                s.pipeline.metrics.duration.with_label_values(&[s.endpoint, "true"]).observe(e2e);
+                s.pipeline.metrics.recent_e2e.record(e2e);
                 return None;
             }
             Ok(Some(Err(e))) => {

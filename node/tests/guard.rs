@@ -164,6 +164,16 @@ async fn api_keys_gate_every_endpoint_and_reload_without_restart() {
     // Mesh-debug and admin endpoints need an admin key.
     assert_eq!(get("/v1/mesh/peers", Some("sk-acme")).await.unwrap().status(), 401);
     assert_eq!(get("/v1/mesh/peers", Some("sk-ops")).await.unwrap().status(), 200);
+    assert_eq!(get("/v1/mesh/status", Some("sk-acme")).await.unwrap().status(), 401);
+    assert_eq!(get("/v1/mesh/status", Some("sk-ops")).await.unwrap().status(), 200);
+    // Only an admin may drain (and none does here: the node keeps serving below).
+    for k in [None, Some("sk-acme")] {
+        let mut rb = client.post(format!("{url}/admin/drain"));
+        if let Some(k) = k {
+            rb = rb.bearer_auth(k);
+        }
+        assert_eq!(rb.send().await.unwrap().status(), 401, "{k:?}");
+    }
     assert_eq!(get("/health", None).await.unwrap().status(), 200);
 
     // A key added to the keys file works without a restart; one removed stops working.
@@ -180,7 +190,7 @@ async fn api_keys_gate_every_endpoint_and_reload_without_restart() {
     let r = client.post(format!("{url}/admin/keys/reload")).bearer_auth("sk-ops").send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["keys"], 2);
-    assert!(scrape(&url, "kvmesh_auth_failures_total").await >= 6.0);
+    assert!(scrape(&url, "kvmesh_auth_failures_total").await >= 9.0);
     n.shutdown().await;
 }
 

@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use serde_json::{json, Value};
 
 struct Proc {
@@ -55,9 +56,17 @@ fn spawn(args: &[&str], marker: &str) -> Proc {
     Proc { child, url: url.unwrap(), extra: found }
 }
 
-fn sigterm_and_wait(p: &mut Proc) -> std::process::ExitStatus {
+fn sigterm(p: &Proc) {
     let status = Command::new("kill").args(["-TERM", &p.child.id().to_string()]).status().unwrap();
     assert!(status.success());
+}
+
+fn sigterm_and_wait(p: &mut Proc) -> std::process::ExitStatus {
+    sigterm(p);
+    wait_exit(p)
+}
+
+fn wait_exit(p: &mut Proc) -> std::process::ExitStatus {
     let t = Instant::now();
     loop {
         if let Some(s) = p.child.try_wait().unwrap() {
@@ -126,7 +135,9 @@ async fn engine_sim_and_node_as_separate_processes() {
 }
 
 /// The CLI path of a mesh: `kvmesh cert`, two `kvmesh serve` processes joined by `--seeds`,
-/// `kvmesh peers`, and a request crossing from one to the other.
+/// `kvmesh peers`, and a request crossing from one to the other. Then SIGTERM on the serving
+/// node while a stream crosses the mesh: the stream finishes, the node leaves its peer's view,
+/// and it exits 0.
 #[tokio::test]
 async fn two_serve_processes_form_a_mesh_with_cli_certificates() {
     let dir = tempfile::tempdir().unwrap();
@@ -140,7 +151,7 @@ async fn two_serve_processes_form_a_mesh_with_cli_certificates() {
     kvmesh(&["cert", "node", "--dir", d, "--name", "p0"]);
     kvmesh(&["cert", "node", "--dir", d, "--name", "p1"]);
     let common = ["--http-addr", "127.0.0.1:0", "--quic-addr", "127.0.0.1:0", "--tls-dir", d, "--cluster-id", "proc"];
-    let p0 = spawn(&[&["serve", "--node-name", "p0"], &common[..]].concat(), "serving the OpenAI API at");
+    let mut p0 = spawn(&[&["serve", "--node-name", "p0"], &common[..]].concat(), "serving the OpenAI API at");
     let seed = p0.extra.clone().unwrap();
     // p1 is an edge node: everything it serves crosses the mesh to p0's embedded engine.
     let p1 = spawn(
@@ -161,4 +172,54 @@ async fn two_serve_processes_form_a_mesh_with_cli_certificates() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["x-kvmesh-served-by"], "p0/embedded-sim");
     assert!(r.text().await.unwrap().ends_with("data: [DONE]\n\n"));
+
+    // Real time: 150 tokens take about a second, longer than the leave (3 gossip rounds).
+    let body = json!({"model": "kvmesh-sim", "messages": [{"role": "user", "content": "long"}], "max_tokens": 150, "stream": true});
+    let r = reqwest::Client::new().post(format!("{}/v1/chat/completions", p1.url)).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut stream = Box::pin(r.bytes_stream());
+    let mut text = String::from_utf8_lossy(&stream.next().await.unwrap().unwrap()).into_owned();
+    let t = Instant::now();
+    sigterm(&p0);
+    while let Some(chunk) = stream.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.expect("the stream is not cut")));
+    }
+    assert!(text.ends_with("data: [DONE]\n\n") && !text.contains("\"error\""), "{text}");
+    assert!(t.elapsed() > Duration::from_millis(300), "the stream ended too soon to prove anything");
+    loop {
+        let out = kvmesh(&["peers", "--node", &p1.url]);
+        if !out.contains("p0") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(3), "p0 still in p1's view: {out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = wait_exit(&mut p0);
+    assert!(status.success(), "exit status {status}");
+}
+
+/// The operator commands against a running node: `kvmesh status`, `kvmesh drain --wait`, then
+/// SIGTERM on the drained node still exits cleanly.
+#[tokio::test]
+async fn status_and_drain_commands() {
+    let mut node = spawn(&["serve", "--http-addr", "127.0.0.1:0", "--node-name", "ops"], "serving the OpenAI API at");
+    let kvmesh = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_kvmesh")).args(args).output().unwrap();
+        assert!(out.status.success(), "kvmesh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let status = kvmesh(&["status", "--url", &node.url]);
+    assert!(status.contains("node ops: serving"), "{status}");
+    assert!(status.contains("embedded-sim") && status.contains("kvmesh-sim"), "{status}");
+    assert!(status.contains("prefix matching"), "{status}");
+
+    let drained = kvmesh(&["drain", "--url", &node.url, "--wait", "5"]);
+    assert!(drained.contains("node ops is draining"), "{drained}");
+    assert!(drained.contains("no open requests"), "{drained}");
+    assert!(kvmesh(&["status", "--url", &node.url]).contains("node ops: DRAINING"));
+    let health = reqwest::get(format!("{}/health", node.url)).await.unwrap();
+    assert_eq!(health.status(), 503);
+
+    let status = sigterm_and_wait(&mut node);
+    assert!(status.success(), "exit status {status}");
 }
