@@ -800,6 +800,14 @@ impl Pipeline {
                     m.entry(r.key())
                         .or_insert_with(|| RoutedKeys::new(self.route_history_ttl_ms, self.route_history_max_keys))
                         .record(&keys, now);
+                    // Engines of peers that left (or restarted under new names) would keep their
+                    // histories forever: now and then, drop the ones with nothing live.
+                    if m.len() > 64 && rand::random::<u8>() < 4 {
+                        m.retain(|_, h| {
+                            h.prune(now);
+                            !h.is_empty()
+                        });
+                    }
                 }
             }
         }
