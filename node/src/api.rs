@@ -77,20 +77,28 @@ async fn models(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response 
         Some(Ok(t)) => t,
         None => None,
     };
-    let mut ids = p.engines.models();
-    if let Some(mesh) = p.mesh() {
-        for r in mesh.remote_engines().into_iter().filter(|r| r.engine.healthy) {
-            for m in r.engine.models {
-                if !ids.contains(&m) {
-                    ids.push(m);
-                }
-            }
-        }
-    }
+    let mut ids = mesh_models(&p, true);
     ids.retain(|m| tenant.as_ref().is_none_or(|t| t.may_use(m)));
     let data: Vec<_> =
         ids.into_iter().map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "kvmesh"})).collect();
     Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// Models served by this node's engines and, in a mesh, its peers' (healthy ones only, or all
+/// that gossip lists).
+fn mesh_models(p: &Pipeline, healthy_peers_only: bool) -> Vec<String> {
+    let mut ids = p.engines.models();
+    for r in p.mesh().map(|m| m.remote_engines()).unwrap_or_default() {
+        if healthy_peers_only && !r.engine.healthy {
+            continue;
+        }
+        for m in r.engine.models {
+            if !ids.contains(&m) {
+                ids.push(m);
+            }
+        }
+    }
+    ids
 }
 
 /// The live members of the mesh as this node sees them, itself included.
@@ -184,16 +192,7 @@ async fn status(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response 
             })
         })
         .collect();
-    let mut models = p.engines.models();
-    if let Some(mesh) = p.mesh() {
-        for r in mesh.remote_engines() {
-            for m in r.engine.models {
-                if !models.contains(&m) {
-                    models.push(m);
-                }
-            }
-        }
-    }
+    let mut models = mesh_models(&p, false);
     models.sort();
     let routing: Vec<_> = models
         .iter()

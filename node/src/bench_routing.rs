@@ -405,25 +405,41 @@ async fn shared_prefix(
     w: &SharedPrefix,
     tpw: f64,
 ) {
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
     let prefixes: Vec<String> = (0..w.groups).map(|g| text(1000 + g as u64, w.prefix_tokens, tpw)).collect();
-    let start = Instant::now();
-    let mut next = Instant::now();
-    let mut tasks = Vec::new();
-    let mut i = 0u64;
-    while start.elapsed().as_secs_f64() < a.duration_s {
-        // Poisson arrivals: exponential gaps.
-        let gap = -(1.0 - rng.random::<f64>()).ln() / rate;
-        next += Duration::from_secs_f64(gap);
-        tokio::time::sleep_until(next.into()).await;
+    open_loop(s, client, samples, rate, a.duration_s, |rng, i| {
         let group = rng.random_range(0..w.groups);
-        let url = s.entry_urls[rng.random_range(0..s.entry_urls.len())].clone();
-        let body = json!({
+        json!({
             "model": "kvmesh-sim", "stream": true, "stream_options": {"include_usage": true},
             "max_tokens": w.output_tokens, "ignore_eos": true,
             "messages": [{"role": "system", "content": prefixes[group]},
                          {"role": "user", "content": text(1_000_000 + i, w.question_tokens, tpw)}],
-        });
+        })
+    })
+    .await
+}
+
+/// Poisson arrivals at `rate` for `duration_s`, each request (made by `body` from the arrival
+/// number) sent to a random entry node; waits for all of them.
+async fn open_loop(
+    s: &Setup,
+    client: &reqwest::Client,
+    samples: &Arc<Mutex<Vec<Outcome>>>,
+    rate: f64,
+    duration_s: f64,
+    mut body: impl FnMut(&mut rand::rngs::SmallRng, u64) -> serde_json::Value,
+) {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let start = Instant::now();
+    let mut next = Instant::now();
+    let mut tasks = Vec::new();
+    let mut i = 0u64;
+    while start.elapsed().as_secs_f64() < duration_s {
+        // Exponential gaps.
+        let gap = -(1.0 - rng.random::<f64>()).ln() / rate;
+        next += Duration::from_secs_f64(gap);
+        tokio::time::sleep_until(next.into()).await;
+        let body = body(&mut rng, i);
+        let url = s.entry_urls[rng.random_range(0..s.entry_urls.len())].clone();
         i += 1;
         let (client, samples) = (client.clone(), samples.clone());
         let sent = Instant::now();
@@ -493,33 +509,17 @@ async fn long_prompt(
     w: &LongPrompt,
     tpw: f64,
 ) {
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
     let shared = text(998, w.shared_prefix_tokens, tpw);
-    let start = Instant::now();
-    let mut next = Instant::now();
-    let mut tasks = Vec::new();
-    let mut i = 0u64;
-    while start.elapsed().as_secs_f64() < a.duration_s {
-        let gap = -(1.0 - rng.random::<f64>()).ln() / rate;
-        next += Duration::from_secs_f64(gap);
-        tokio::time::sleep_until(next.into()).await;
-        let tokens = w.prompt_tokens.sample(&mut rng, 1.0) as usize;
-        let url = s.entry_urls[rng.random_range(0..s.entry_urls.len())].clone();
-        let body = json!({
+    open_loop(s, client, samples, rate, a.duration_s, |rng, i| {
+        let tokens = w.prompt_tokens.sample(rng, 1.0) as usize;
+        json!({
             "model": "kvmesh-sim", "stream": true, "stream_options": {"include_usage": true},
             "max_tokens": w.output_tokens, "ignore_eos": true,
             "messages": [{"role": "system", "content": shared},
                          {"role": "user", "content": text(2_000_000 + i, tokens.saturating_sub(w.shared_prefix_tokens), tpw)}],
-        });
-        i += 1;
-        let (client, samples) = (client.clone(), samples.clone());
-        let sent = Instant::now();
-        tasks.push(tokio::spawn(async move {
-            let r = one(&client, &url, &body).await;
-            samples.lock().await.push((sent, r));
-        }));
-    }
-    futures::future::join_all(tasks).await;
+        })
+    })
+    .await
 }
 
 fn summarize(

@@ -456,6 +456,14 @@ impl Config {
         if self.tokenize.threads == 0 || self.tokenize.threads > 256 {
             return bad(format!("tokenize.threads is {}; give 1 to 256", self.tokenize.threads));
         }
+        let pd = &self.pd;
+        let positive = pd.max_ttft_ratio.is_finite() && pd.max_ttft_ratio > 0.0;
+        if !positive || pd.transfer_ms_per_token < 0.0 || pd.transfer_overhead_ms < 0.0 {
+            return bad(format!(
+                "[pd] max_ttft_ratio must be > 0 and the transfer costs >= 0 (got {}, {}, {})",
+                pd.max_ttft_ratio, pd.transfer_ms_per_token, pd.transfer_overhead_ms
+            ));
+        }
         if self.route_history_max_keys == 0 {
             return bad("route_history_max_keys must be at least 1 (0 would forget every route at once)".into());
         }

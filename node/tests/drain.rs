@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures::StreamExt;
 use kvmesh_node::audit::AuditConfig;
-use kvmesh_node::config::Config;
 use kvmesh_sim::EngineConfig;
 use serde_json::{json, Value};
 
@@ -139,31 +138,14 @@ async fn shutdown_under_load_cuts_no_stream_and_loses_no_audit_record() {
     assert!(recs.iter().all(|r| r["status"] == 200 && r["outcome"] == "ok"), "{recs:?}");
 }
 
-fn mesh_config(dir: &Path, name: &str, seed: Option<String>) -> Config {
-    kvmesh_transport::certs::create_node(dir, dir, name).unwrap();
-    Config {
-        node_name: name.into(),
-        http_addr: "127.0.0.1:0".into(),
-        quic_addr: "127.0.0.1:0".into(),
-        seeds: seed.into_iter().collect(),
-        tls_dir: Some(dir.to_path_buf()),
-        cluster_id: "drain".into(),
-        gossip_interval_ms: 100,
-        load_publish_interval_ms: 100,
-        engine_poll_interval_ms: 100,
-        embedded: fast_engine(),
-        ..Config::default()
-    }
-}
-
 /// A drained node leaves its peer's view within a few gossip rounds (no failure detection
 /// needed), and the peer keeps serving with its own engine.
 #[tokio::test]
 async fn a_drained_node_leaves_the_mesh_and_peers_serve_without_it() {
     let dir = tempfile::tempdir().unwrap();
     kvmesh_transport::certs::create_ca(dir.path(), "drain").unwrap();
-    let a = node(mesh_config(dir.path(), "a", None)).await;
-    let b = node(mesh_config(dir.path(), "b", a.mesh.as_ref().map(|m| m.advertise.to_string()))).await;
+    let a = node(mesh_config(dir.path(), "drain", "a", None)).await;
+    let b = node(mesh_config(dir.path(), "drain", "b", a.mesh.as_ref().map(|m| m.advertise.to_string()))).await;
     let view = |n: &kvmesh_node::RunningNode| n.mesh.as_ref().unwrap().peers().len();
     eventually("a and b see each other", Duration::from_secs(10), async || view(&a) == 2 && view(&b) == 2).await;
 

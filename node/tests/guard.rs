@@ -62,17 +62,6 @@ fn chunk_event(delta: Value, finish: Value) -> String {
     format!("data: {ev}\n\n")
 }
 
-async fn serve_app(app: Router) -> (SocketAddr, CancellationToken) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let cancel = CancellationToken::new();
-    let stop = cancel.clone();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
-    });
-    (addr, cancel)
-}
-
 async fn echo_node(piece: usize, f: impl FnOnce(&mut Config)) -> (kvmesh_node::RunningNode, CancellationToken) {
     let (addr, stop) = echo_engine(piece).await;
     let mut cfg = node_config(vec![entry(format!("http://{addr}"))]);

@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use futures::StreamExt;
 use kvmesh_node::audit::AuditConfig;
-use kvmesh_node::config::{Config, NodeRole};
+use kvmesh_node::config::NodeRole;
 use kvmesh_policy::guardrails::GuardrailConfig;
 use serde_json::json;
 
@@ -46,24 +46,6 @@ fn get(m: &BTreeMap<String, f64>, family: &str, labels: &[(&str, &str)]) -> f64 
 
 async fn metrics(url: &str) -> BTreeMap<String, f64> {
     parse(&reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap())
-}
-
-fn mesh_config(dir: &std::path::Path, name: &str, seed: Option<String>) -> Config {
-    kvmesh_transport::certs::create_node(dir, dir, name).unwrap();
-    Config {
-        node_name: name.into(),
-        http_addr: "127.0.0.1:0".into(),
-        quic_addr: "127.0.0.1:0".into(),
-        seeds: seed.into_iter().collect(),
-        tls_dir: Some(dir.to_path_buf()),
-        cluster_id: "metrics".into(),
-        gossip_interval_ms: 100,
-        load_publish_interval_ms: 100,
-        summary_interval_ms: 200,
-        engine_poll_interval_ms: 100,
-        embedded: fast_engine(),
-        ..Config::default()
-    }
 }
 
 /// Counters and histogram counts that must grow under streamed load.
@@ -108,7 +90,7 @@ const PRESENT: &[&str] = &[
 async fn every_family_is_present_and_moves_under_load() {
     let dir = tempfile::tempdir().unwrap();
     kvmesh_transport::certs::create_ca(dir.path(), "metrics").unwrap();
-    let mut cfg = mesh_config(dir.path(), "m0", None);
+    let mut cfg = mesh_config(dir.path(), "metrics", "m0", None);
     // Slow enough (about 1.3 ms a token) that tokens arrive as chunks of their own.
     cfg.embedded.time_scale = 0.2;
     cfg.guardrails = vec![GuardrailConfig::MaxLength { name: "length".into(), max_chars: 100_000 }];
@@ -116,7 +98,7 @@ async fn every_family_is_present_and_moves_under_load() {
     let m0 = node(cfg).await;
     let seed = m0.mesh.as_ref().map(|m| m.advertise.to_string());
     // An edge peer: gossip flows both ways, and every request is served by m0's engine.
-    let mut edge = mesh_config(dir.path(), "m1", seed);
+    let mut edge = mesh_config(dir.path(), "metrics", "m1", seed);
     edge.role = NodeRole::Edge;
     let m1 = node(edge).await;
     let url = m0.url();

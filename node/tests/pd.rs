@@ -56,10 +56,8 @@ async fn spy(upstream: String) -> (String, Log) {
         .route("/metrics", get(pass))
         .route("/v1/models", get(pass))
         .with_state(state);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, log)
+    let (addr, _stop) = serve_app(app).await;
+    (format!("http://{addr}"), log)
 }
 
 fn nixl_engine(kv_transfer: bool) -> EngineConfig {

@@ -140,6 +140,11 @@ pub async fn scripted_engine(script: Script) -> (SocketAddr, CancellationToken) 
                 }
             }),
         );
+    serve_app(app).await
+}
+
+/// Serves `app` on a loopback port until the token is cancelled.
+pub async fn serve_app(app: Router) -> (SocketAddr, CancellationToken) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let cancel = CancellationToken::new();
@@ -148,4 +153,24 @@ pub async fn scripted_engine(script: Script) -> (SocketAddr, CancellationToken) 
         let _ = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
     });
     (addr, cancel)
+}
+
+/// A mesh node with the embedded simulator, its certificate made in `dir` (which holds the CA),
+/// joining through `seed`, with fast gossip and polling for tests.
+pub fn mesh_config(dir: &std::path::Path, cluster_id: &str, name: &str, seed: Option<String>) -> Config {
+    kvmesh_transport::certs::create_node(dir, dir, name).unwrap();
+    Config {
+        node_name: name.into(),
+        http_addr: "127.0.0.1:0".into(),
+        quic_addr: "127.0.0.1:0".into(),
+        seeds: seed.into_iter().collect(),
+        tls_dir: Some(dir.to_path_buf()),
+        cluster_id: cluster_id.into(),
+        gossip_interval_ms: 100,
+        load_publish_interval_ms: 100,
+        summary_interval_ms: 200,
+        engine_poll_interval_ms: 100,
+        embedded: fast_engine(),
+        ..Config::default()
+    }
 }
