@@ -333,7 +333,7 @@ impl Guard {
         headers: &HeaderMap,
         body: Bytes,
         flow: &mut Flow,
-    ) -> Result<(InferenceRequest, Bytes, Option<Vec<u32>>), Refusal> {
+    ) -> Result<(InferenceRequest, Bytes, Option<Option<Vec<u32>>>), Refusal> {
         let tenant = if self.auth_enabled {
             match self.keys().verify(Self::authorization(headers)) {
                 Ok(t) => Some(t),
@@ -378,8 +378,9 @@ impl Guard {
             flow.rec.prompt = Some(self.redact_for_audit(Stage::Prompt, &texts.join("\n")));
         }
 
-        let ids = if self.limits_enabled { p.tokenizers().prompt_ids(&req).await? } else { None };
-        let prompt_tokens = match (&ids, self.limits_enabled) {
+        // Tokenized here only when limits count tokens; `Some` tells the router it was tried.
+        let ids = if self.limits_enabled { Some(p.tokenizers().prompt_ids(&req).await?) } else { None };
+        let prompt_tokens = match (ids.as_ref().and_then(Option::as_ref), self.limits_enabled) {
             (Some(ids), _) => Some(ids.len() as u64),
             // No tokenizer for this model here: about four characters a token.
             (None, true) => Some((prompt_chars as u64).div_ceil(4)),

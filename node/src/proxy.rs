@@ -356,18 +356,19 @@ impl Pipeline {
         self.route(endpoint, request_id, &req, &body, prompt, scope, started).await
     }
 
-    /// A client's request the guard admitted (parsed, and tokenized when it had to count).
+    /// A client's request the guard admitted (parsed, and tokenized when it had to count:
+    /// `tokenized` is then `Some`, holding the ids or `None` for a model with no tokenizer).
     pub(crate) async fn route_client(
         self: &Arc<Self>,
         endpoint: Endpoint,
         request_id: &str,
         req: &InferenceRequest,
         body: &Bytes,
-        ids: Option<Vec<u32>>,
+        tokenized: Option<Option<Vec<u32>>>,
     ) -> Response {
         let started = Instant::now();
-        let prompt = match ids {
-            Some(ids) => PromptKeys { tokens: ids.len(), ids: Some(ids), ..Default::default() },
+        let prompt = match tokenized {
+            Some(ids) => PromptKeys { tokens: ids.as_ref().map_or(0, Vec::len), ids, ..Default::default() },
             None => match self.tokenizers.prompt_ids(req).await {
                 Ok(ids) => PromptKeys { tokens: ids.as_ref().map_or(0, Vec::len), ids, ..Default::default() },
                 Err(e) => return self.reply_error(endpoint, &req.model, &e, started),
