@@ -78,11 +78,18 @@ pub struct LoadReport {
 pub struct KvSummarySlot {
     pub format: String,
     pub version: u64,
+    /// Sampling stride of the summary's keys (`policy::summary`); 1 (every key) when absent.
+    #[serde(default = "one")]
+    pub stride: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl Default for KvSummarySlot {
     fn default() -> Self {
-        Self { format: "none".into(), version: 0 }
+        Self { format: "none".into(), version: 0, stride: 1 }
     }
 }
 

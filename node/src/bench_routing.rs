@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use rand::{Rng, SeedableRng};
-use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +31,7 @@ use crate::config::{Config, EngineEntry, RoutingPolicy};
 use crate::error::NodeError;
 use crate::node::{Node, RunningNode};
 use kvmesh_policy::tokenize::ModelTokenizer;
+use kvmesh_sim::workload::{LongPrompt, MultiTurn, SharedPrefix, Slo, Workload};
 use kvmesh_sim::{EngineConfig, EngineSim, RunningEngine};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -62,115 +62,6 @@ pub struct RoutingArgs {
     /// BENCHMARKS.md section to write (default: by workload).
     #[arg(long)]
     pub section: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct SharedPrefix {
-    groups: usize,
-    prefix_tokens: usize,
-    question_tokens: usize,
-    output_tokens: u32,
-    slo: Slo,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct Slo {
-    ttft_p90_s: f64,
-    /// When set, a request counts toward goodput only if its own inter-token p99 is within it.
-    #[serde(default)]
-    itl_p99_ms: Option<f64>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct LongPrompt {
-    prompt_tokens: Dist,
-    shared_prefix_tokens: usize,
-    output_tokens: u32,
-    slo: Slo,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-struct MultiTurn {
-    conversations: usize,
-    system_prompt_tokens: usize,
-    turns: usize,
-    user_tokens: Dist,
-    output_tokens: Dist,
-    think_time_s: Dist,
-    slo: Slo,
-}
-
-/// A workload number: fixed, or normal with a mean and standard deviation.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-enum Dist {
-    Fixed(f64),
-    Normal { mean: f64, stddev: f64 },
-}
-
-impl Dist {
-    /// A draw, at least `min`.
-    fn sample(&self, rng: &mut impl Rng, min: f64) -> f64 {
-        match *self {
-            Dist::Fixed(v) => v.max(min),
-            Dist::Normal { mean, stddev } => {
-                // Box-Muller.
-                let (u1, u2): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random::<f64>());
-                let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
-                (mean + stddev * z).max(min)
-            }
-        }
-    }
-
-    fn mean(&self) -> f64 {
-        match *self {
-            Dist::Fixed(v) => v,
-            Dist::Normal { mean, .. } => mean,
-        }
-    }
-}
-
-enum Workload {
-    SharedPrefix(SharedPrefix),
-    MultiTurn(MultiTurn),
-    LongPrompt(LongPrompt),
-}
-
-impl Workload {
-    fn slo(&self) -> &Slo {
-        match self {
-            Workload::SharedPrefix(w) => &w.slo,
-            Workload::MultiTurn(w) => &w.slo,
-            Workload::LongPrompt(w) => &w.slo,
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Workload::SharedPrefix(w) => format!(
-                "`shared-prefix`: {} groups × {}-token shared prefix, {}-token unique question, {} output tokens",
-                w.groups, w.prefix_tokens, w.question_tokens, w.output_tokens
-            ),
-            Workload::MultiTurn(w) => format!(
-                "`multi-turn-chat`: conversations of {} turns sharing a {}-token system prompt, ~{:.0}-token user \
-                 turns, ~{:.0}-token replies kept in the history, ~{:.0} s think time; conversations start at rate / \
-                 {} (at most {})",
-                w.turns,
-                w.system_prompt_tokens,
-                w.user_tokens.mean(),
-                w.output_tokens.mean(),
-                w.think_time_s.mean(),
-                w.turns,
-                w.conversations
-            ),
-            Workload::LongPrompt(w) => format!(
-                "`long-prompt`: ~{:.0}-token prompts (a {}-token shared instruction, the rest unique), {} output tokens",
-                w.prompt_tokens.mean(),
-                w.shared_prefix_tokens,
-                w.output_tokens
-            ),
-        }
-    }
 }
 
 fn err(e: impl std::fmt::Display) -> NodeError {
@@ -578,24 +469,7 @@ fn hist() -> Histogram<u64> {
 }
 
 pub async fn run(a: RoutingArgs) -> Result<(), NodeError> {
-    let text_w = std::fs::read_to_string(&a.workload).map_err(|e| {
-        err(format!(
-            "workload {}: {e} (pass --workload PATH, e.g. ../shared/workloads/shared-prefix.toml)",
-            a.workload.display()
-        ))
-    })?;
-    let bad = |e: toml::de::Error| err(format!("workload {}: {e}", a.workload.display()));
-    let name = toml::from_str::<toml::Table>(&text_w)
-        .map_err(bad)?
-        .get("name")
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default();
-    let w = match name.as_str() {
-        "shared-prefix" => Workload::SharedPrefix(toml::from_str(&text_w).map_err(bad)?),
-        "multi-turn-chat" => Workload::MultiTurn(toml::from_str(&text_w).map_err(bad)?),
-        "long-prompt" => Workload::LongPrompt(toml::from_str(&text_w).map_err(bad)?),
-        other => return Err(err(format!("workload `{other}`: this benchmark runs shared-prefix and multi-turn-chat"))),
-    };
+    let w = Workload::load(&a.workload).map_err(err)?;
     // Calibrate words per token for the built-in tokenizer on this generator's text.
     let tok = ModelTokenizer::builtin().map_err(err)?;
     let sample = text(1, 2000, 1.0);

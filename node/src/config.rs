@@ -85,6 +85,10 @@ pub struct Config {
     /// `summary_interval_ms`, so a new prefix is visible to peers within one interval plus
     /// gossip.
     pub summary_min_change: f64,
+    /// The summary holds one block key in this many (by hash), which shrinks it and its gossip
+    /// by the same factor; peers' matches fall short by `stride` - 1 blocks on average
+    /// (`policy::summary`). 1 publishes every key.
+    pub summary_stride: u32,
     /// Weights of the predicted-TTFT score.
     pub score: ScoreWeights,
     /// The tokenizer service: encoding threads, queue and segment cache.
@@ -258,6 +262,7 @@ impl Default for Config {
             default_block_size: 16,
             summary_interval_ms: 2_000,
             summary_min_change: 0.0,
+            summary_stride: kvmesh_policy::summary::DEFAULT_STRIDE,
             score: ScoreWeights::default(),
             tokenize: TokenizeSettings::default(),
             route_history_ttl_s: 120,
@@ -480,6 +485,12 @@ impl Config {
         }
         if !(self.score.tolerance >= 0.0 && self.score.prefill_ms_per_token >= 0.0) {
             return bad("[score] tolerance and prefill_ms_per_token must be >= 0".into());
+        }
+        if !(1..=kvmesh_policy::summary::MAX_STRIDE).contains(&self.summary_stride) {
+            return bad(format!(
+                "summary_stride must be between 1 and {} (8 is a good default)",
+                kvmesh_policy::summary::MAX_STRIDE
+            ));
         }
         if self.max_attempts == 0 {
             return bad("max_attempts must be at least 1".into());

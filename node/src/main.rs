@@ -56,6 +56,9 @@ enum Cmd {
     },
     /// Start a local mesh of nodes with simulated engines and show requests crossing it.
     Demo(DemoArgs),
+    /// Simulate a cluster of any size in virtual time: the engine simulator's model, the real
+    /// routing code, modelled gossip delay; figures as `bench routing` reports them.
+    Simulate(kvmesh_node::simulate::SimulateArgs),
     /// Check the audit trail's hash chain.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -382,6 +385,10 @@ async fn main() -> anyhow::Result<()> {
                 println!("  KV events on {kv}");
             }
             engine.wait().await;
+        }
+        Cmd::Simulate(args) => {
+            init_tracing(LogFormat::Text);
+            kvmesh_node::simulate::run(args)?;
         }
         Cmd::Bench(cmd) => {
             init_tracing(LogFormat::Text);

@@ -28,6 +28,8 @@ pub struct RemoteEngine {
     /// Engines on that node (when several, the node picks among them with its exact index).
     pub node_engines: usize,
     pub summary: Vec<Option<Arc<BloomShard>>>,
+    /// Sampling stride of `summary`.
+    pub summary_stride: u32,
 }
 
 impl RemoteEngine {
@@ -110,6 +112,7 @@ impl Mesh {
             engines.clone(),
             Config::ms(cfg.summary_interval_ms),
             cfg.summary_min_change,
+            cfg.summary_stride,
             cancel.clone(),
         ));
         Ok(mesh)
@@ -138,6 +141,7 @@ impl Mesh {
                     engine: e.clone(),
                     node_engines: p.load.engines.len(),
                     summary: summary.clone(),
+                    summary_stride: p.kv.stride.clamp(1, summary::MAX_STRIDE),
                 })
             })
             .collect()
@@ -282,6 +286,7 @@ async fn publish_summary(
     engines: Arc<EngineSet>,
     every: Duration,
     min_change: f64,
+    stride: u32,
     cancel: CancellationToken,
 ) {
     const STALE_AFTER: Duration = Duration::from_secs(10);
@@ -309,7 +314,7 @@ async fn publish_summary(
         routed_keys.truncate(summary::MAX_CAPACITY_KEYS.saturating_sub(keys.len()));
         keys.extend(routed_keys);
         let capacity = capacity.max(keys.len());
-        let shards = summary::build(keys.into_iter(), capacity);
+        let shards = summary::build(keys.into_iter(), capacity, stride);
         let mut sent = false;
         for (i, shard) in shards.into_iter().enumerate() {
             let due = match &last[i] {
@@ -327,7 +332,7 @@ async fn publish_summary(
         }
         if sent {
             version += 1;
-            let slot = KvSummarySlot { format: "bloom-v1".into(), version };
+            let slot = KvSummarySlot { format: "bloom-v1".into(), version, stride };
             if let Err(e) = mesh.membership.set_kv_summary(&slot).await {
                 tracing::warn!(error = %e, "publishing the KV summary failed");
             }

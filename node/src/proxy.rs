@@ -21,8 +21,9 @@ use kvmesh_policy::blocks;
 use kvmesh_policy::openai::ApiError;
 use kvmesh_policy::request::InferenceRequest;
 use kvmesh_policy::request::{self, Endpoint};
+use kvmesh_policy::route::{self, unreported};
 use kvmesh_policy::route_history::RoutedKeys;
-use kvmesh_policy::score::{self, Estimate, ScoreWeights};
+use kvmesh_policy::score::{Estimate, ScoreWeights};
 use kvmesh_transport::endpoint::respond;
 use kvmesh_transport::{IncomingRequest, PromptDigest, RequestHead, ResponseHead, TransportError};
 use tracing::Instrument;
@@ -578,7 +579,7 @@ impl Pipeline {
                     Ok(m) => m.get(&r.key()).map(|h| h.matched_blocks(&keys, now)).unwrap_or(0),
                     Err(_) => 0,
                 };
-                let matched = kvmesh_policy::summary::matched_blocks(&r.summary, &keys).max(routed);
+                let matched = kvmesh_policy::summary::matched_blocks(&r.summary, &keys, r.summary_stride).max(routed);
                 cands.push(Estimate {
                     usable: r.engine.healthy && serves && !tried.contains(&r.key()),
                     rtt_ms: rtt,
@@ -597,9 +598,9 @@ impl Pipeline {
             return Err(ApiError::model_not_found(model));
         }
         let prompt_tokens = prompt.tokens;
-        match self.routing {
-            RoutingPolicy::Kvmesh => {}
-            RoutingPolicy::LeastLoad => cands.iter_mut().for_each(|c| c.matched_blocks = 0),
+        let mode = match self.routing {
+            RoutingPolicy::Kvmesh => route::Mode::Kvmesh,
+            RoutingPolicy::LeastLoad => route::Mode::LeastLoad,
             RoutingPolicy::RoundRobin => {
                 // Baseline: the next usable engine in a fixed order, blind to load and cache.
                 let mut order: Vec<usize> = (0..cands.len()).filter(|&i| cands[i].usable).collect();
@@ -613,28 +614,18 @@ impl Pipeline {
                 let header = format!("engine={}; reason=round_robin", targets[i].label(&self.node_name));
                 return Ok((targets.swap_remove(i), Route { header, reason: "round_robin" }, None));
             }
-        }
-        // Prefill-only engines take whole requests only when nothing else can.
-        let mut whole = cands.clone();
-        if whole.iter().zip(&roles).any(|(c, r)| c.usable && r.serves_whole()) {
-            whole.iter_mut().zip(&roles).filter(|(_, r)| !r.serves_whole()).for_each(|(c, _)| c.usable = false);
-        }
-        let choice =
-            score::choose(prompt_tokens, &whole, &self.weights, |n| rand::random_range(0..n)).ok_or_else(|| {
-                ApiError::unavailable(format!("No healthy engine serves `{model}` right now; retry later."))
-            })?;
-        let split = if may_split && prompt.known() && self.routing == RoutingPolicy::Kvmesh {
-            kvmesh_policy::pd::choose(
-                prompt_tokens,
-                &cands,
-                &roles,
-                Some((choice.index, choice.predicted_ms)),
-                &self.weights,
-                &self.pd,
-            )
-        } else {
-            None
         };
+        let route::Picked { choice, split } = route::pick(
+            mode,
+            prompt_tokens,
+            &mut cands,
+            &roles,
+            may_split && prompt.known(),
+            &self.weights,
+            &self.pd,
+            |n| rand::random_range(0..n),
+        )
+        .ok_or_else(|| ApiError::unavailable(format!("No healthy engine serves `{model}` right now; retry later.")))?;
         let split = split.map(|s| {
             let header = format!(
                 "engine={}; prefill={}; prompt_tokens={prompt_tokens}; predicted_ms={:.1}; whole_ms={:.1}; reason=pd",
@@ -1006,10 +997,6 @@ impl Pipeline {
 
 /// This node's in-flight requests on an engine that its last report cannot account for as
 /// running: they are queued there, or sent after the report.
-fn unreported(in_flight: u32, reported_running: f64) -> f64 {
-    (in_flight as f64 - reported_running).max(0.0)
-}
-
 /// Marks an error answered before any engine accepted the request (safe to send elsewhere).
 #[derive(Clone, Copy)]
 struct NotAccepted;

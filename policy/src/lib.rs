@@ -19,6 +19,7 @@ pub mod pd;
 pub mod prefix_index;
 pub mod prompt_encoder;
 pub mod request;
+pub mod route;
 pub mod route_history;
 pub mod score;
 pub mod segments;

@@ -12,6 +12,15 @@
 //!   node's summary to 16 shards of at most 10 KB each (160 KB at the cap).
 //! - A false positive can only extend a match, by one block with probability ~0.8%, two with
 //!   ~0.006%, and so on. It never hides a real match.
+//!
+//! Sampling (`stride`): a summary holds only the keys whose hash is 0 modulo the stride, one
+//! block in `stride` on average. A chain key stands for its whole prefix, so the deepest
+//! sampled key of a request that the summary holds gives the match, short of the true one by
+//! the blocks after it (`stride` - 1 on average; 7 blocks, 112 tokens, at the default 8: a few
+//! ms of prefill, small beside the thousands of tokens a useful match saves). The filter is
+//! sized for the sampled keys, so the summary, its churn and its gossip shrink by the stride.
+//! The stride travels with the summary (`KvSummarySlot::stride`); a node that predates it
+//! matches with stride 1 and so only under-counts.
 
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -21,6 +30,15 @@ pub const BITS_PER_KEY: usize = 10;
 pub const HASHES: u32 = 7;
 /// Upper bound on keys a summary is sized for (8 engines of 16k blocks).
 pub const MAX_CAPACITY_KEYS: usize = 131_072;
+/// Default sampling stride of a published summary.
+pub const DEFAULT_STRIDE: u32 = 8;
+/// Largest stride accepted from a peer (a bigger one would make matches meaningless).
+pub const MAX_STRIDE: u32 = 64;
+
+/// Whether a key belongs to a summary sampled with `stride`.
+pub fn in_sample(key: u64, stride: u32) -> bool {
+    stride <= 1 || key % stride as u64 == 0
+}
 
 pub fn shard_of(key: u64) -> usize {
     (key >> 60) as usize
@@ -101,20 +119,29 @@ struct WireShard {
     b: String,
 }
 
-/// All shards of a summary built from a set of keys.
-pub fn build(keys: impl Iterator<Item = u64>, capacity: usize) -> Vec<BloomShard> {
-    let mut shards = vec![BloomShard::with_capacity(capacity); SHARDS];
-    for k in keys {
+/// All shards of a summary of `keys` sampled with `stride`; `capacity` is the number of keys
+/// the node can hold before sampling.
+pub fn build(keys: impl Iterator<Item = u64>, capacity: usize, stride: u32) -> Vec<BloomShard> {
+    let stride = stride.max(1);
+    let mut shards = vec![BloomShard::with_capacity(capacity.div_ceil(stride as usize)); SHARDS];
+    for k in keys.filter(|&k| in_sample(k, stride)) {
         shards[shard_of(k)].insert(k);
     }
     shards
 }
 
-/// Leading keys of a request's chain that a peer's summary says it holds.
-pub fn matched_blocks(shards: &[Option<std::sync::Arc<BloomShard>>], keys: &[u64]) -> usize {
-    keys.iter()
-        .take_while(|&&k| shards.get(shard_of(k)).and_then(|s| s.as_ref()).is_some_and(|s| s.contains(k)))
-        .count()
+/// Leading blocks of a request's chain that a peer's summary, sampled with `stride`, says it
+/// holds: up to and including the deepest sampled key found before the first sampled miss.
+pub fn matched_blocks(shards: &[Option<std::sync::Arc<BloomShard>>], keys: &[u64], stride: u32) -> usize {
+    let held = |k: u64| shards.get(shard_of(k)).and_then(|s| s.as_ref()).is_some_and(|s| s.contains(k));
+    let mut matched = 0;
+    for (i, &k) in keys.iter().enumerate().filter(|(_, &k)| in_sample(k, stride)) {
+        if !held(k) {
+            break;
+        }
+        matched = i + 1;
+    }
+    matched
 }
 
 #[cfg(test)]
@@ -130,7 +157,7 @@ mod tests {
     #[test]
     fn fpr_at_capacity_is_within_bound() {
         let capacity = 28_000;
-        let shards = build((0..capacity as u64).map(key), capacity);
+        let shards = build((0..capacity as u64).map(key), capacity, 1);
         for i in 0..capacity as u64 {
             assert!(shards[shard_of(key(i))].contains(key(i)), "no false negatives");
         }
@@ -146,19 +173,38 @@ mod tests {
     #[test]
     fn wire_roundtrip_and_matching() {
         let keys: Vec<u64> = (0..50).map(key).collect();
-        let shards = build(keys[..30].iter().copied(), 1000);
+        let shards = build(keys[..30].iter().copied(), 1000, 1);
         let decoded: Vec<Option<Arc<BloomShard>>> =
             shards.iter().map(|s| BloomShard::decode(&s.encode()).map(Arc::new)).collect();
         assert_eq!(decoded.iter().flatten().count(), SHARDS);
-        let m = matched_blocks(&decoded, &keys);
+        let m = matched_blocks(&decoded, &keys, 1);
         assert!((30..=31).contains(&m), "{m}");
-        assert_eq!(matched_blocks(&vec![None; SHARDS], &keys), 0);
+        assert_eq!(matched_blocks(&vec![None; SHARDS], &keys, 1), 0);
+    }
+
+    #[test]
+    fn sampled_summaries_match_to_the_last_sampled_key_and_shrink_by_the_stride() {
+        let stride = DEFAULT_STRIDE;
+        let chain: Vec<u64> = (0..400).map(key).collect();
+        let held = 300;
+        let full = build(chain[..held].iter().copied(), 28_000, 1);
+        let sampled = build(chain[..held].iter().copied(), 28_000, stride);
+        let wrap =
+            |v: Vec<BloomShard>| -> Vec<Option<Arc<BloomShard>>> { v.into_iter().map(|s| Some(Arc::new(s))).collect() };
+        let m = matched_blocks(&wrap(sampled.clone()), &chain, stride);
+        let last_sampled = chain[..held].iter().rposition(|&k| in_sample(k, stride)).map_or(0, |i| i + 1);
+        assert!(m >= last_sampled && m <= held + 8, "match {m}, last sampled key at {last_sampled}");
+        assert!(held - last_sampled < 8 * stride as usize, "a 300-block chain has a sampled key near its end");
+        let bytes = |v: &[BloomShard]| v.iter().map(|s| s.encode().len()).sum::<usize>();
+        assert!(bytes(&sampled) * (stride as usize) / 2 < bytes(&full), "{} vs {}", bytes(&sampled), bytes(&full));
+        // A node that predates sampling reads it with stride 1: it can only under-count.
+        assert!(matched_blocks(&wrap(sampled), &chain, 1) <= m);
     }
 
     #[test]
     fn difference_measures_change() {
-        let a = build((0..100).map(key), 1000);
-        let b = build((0..110).map(key), 1000);
+        let a = build((0..100).map(key), 1000, 1);
+        let b = build((0..110).map(key), 1000, 1);
         let d: f64 = a.iter().zip(&b).map(|(x, y)| x.difference(y)).sum();
         assert!(d > 0.0);
         assert_eq!(a[0].difference(&a[0]), 0.0);

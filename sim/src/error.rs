@@ -4,6 +4,9 @@ use thiserror::Error;
 pub enum SimError {
     #[error("invalid engine-sim configuration: {0}")]
     Config(String),
+    /// The cluster simulator's configuration or workload file.
+    #[error("cluster simulator: {0}")]
+    Cluster(String),
     #[error(transparent)]
     Policy(#[from] kvmesh_policy::PolicyError),
     #[error("cannot bind HTTP address {addr}: {source}")]

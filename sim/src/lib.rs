@@ -12,6 +12,7 @@
 //! in virtual time.
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -23,6 +24,7 @@ pub mod nixl;
 pub mod runner;
 pub mod server;
 pub mod timing;
+pub mod workload;
 
 pub use config::EngineConfig;
 pub use error::SimError;

@@ -1,0 +1,187 @@
+//! `kvmesh simulate`: the cluster simulator (`kvmesh_sim::cluster`) from the command line, with
+//! its results as a table (and optionally a `BENCHMARKS.md` section and a CSV for plotting).
+
+use std::path::PathBuf;
+
+use kvmesh_sim::cluster::{self, ClusterConfig, Row};
+
+use crate::error::NodeError;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimulateArgs {
+    /// TOML file of `ClusterConfig` (see `examples/simulate/`); flags below override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Workload file (default: the config's, else examples/workloads/shared-prefix.toml).
+    #[arg(long)]
+    pub workload: Option<PathBuf>,
+    /// Cluster sizes (nodes, one engine each).
+    #[arg(long, value_delimiter = ',')]
+    pub nodes: Vec<usize>,
+    #[arg(long, value_delimiter = ',')]
+    pub policies: Vec<String>,
+    /// Arrival rates per engine, requests/s.
+    #[arg(long, value_delimiter = ',')]
+    pub rates_per_engine: Vec<f64>,
+    /// Virtual seconds of arrivals per run.
+    #[arg(long)]
+    pub duration_s: Option<f64>,
+    /// Markdown file whose section (`--section`, default `simulate`) is replaced with the results.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value = "simulate")]
+    pub section: String,
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+}
+
+fn err(e: impl std::fmt::Display) -> NodeError {
+    NodeError::Bench(e.to_string())
+}
+
+pub fn config(a: &SimulateArgs) -> Result<ClusterConfig, NodeError> {
+    let mut cfg = match &a.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| err(format!("{}: {e}", p.display())))?;
+            toml::from_str::<ClusterConfig>(&text).map_err(|e| err(format!("{}: {e}", p.display())))?
+        }
+        None => ClusterConfig::default(),
+    };
+    if let Some(w) = &a.workload {
+        cfg.workload = w.clone();
+    }
+    if !a.nodes.is_empty() {
+        cfg.nodes = a.nodes.clone();
+    }
+    if !a.policies.is_empty() {
+        cfg.policies = a.policies.clone();
+    }
+    if !a.rates_per_engine.is_empty() {
+        cfg.rates_per_engine = a.rates_per_engine.clone();
+    }
+    if let Some(d) = a.duration_s {
+        cfg.duration_s = d;
+    }
+    cfg.validate().map_err(err)?;
+    Ok(cfg)
+}
+
+pub fn run(a: SimulateArgs) -> Result<(), NodeError> {
+    let cfg = config(&a)?;
+    let rows = cluster::run_all(&cfg, |r| {
+        println!(
+            "{:>5} nodes {:>12} @ {:>7.1} req/s: TTFT p50/p90/p99 {:.0}/{:.0}/{:.0} ms, hit {:.0}%, goodput {:.1} req/s, \
+             gossip {:.1} KB/s/node ({:.1} s wall)",
+            r.nodes,
+            r.policy,
+            r.rate,
+            r.ttft_ms[0],
+            r.ttft_ms[1],
+            r.ttft_ms[2],
+            r.hit_rate * 100.0,
+            r.goodput,
+            r.gossip_kb_s,
+            r.wall_s
+        )
+    })
+    .map_err(err)?;
+    let md = table(&a, &cfg, &rows);
+    println!("{md}");
+    if let Some(p) = &a.csv {
+        std::fs::write(p, csv(&rows)).map_err(err)?;
+    }
+    if let Some(p) = &a.out {
+        crate::bench::write_section(p, &a.section, "", &md)?;
+    }
+    Ok(())
+}
+
+/// The oracle's TTFT p90 at the same size and rate, when it ran.
+fn oracle_p90(rows: &[Row], r: &Row) -> Option<f64> {
+    rows.iter().find(|o| o.policy == "oracle" && o.nodes == r.nodes && o.rate == r.rate).map(|o| o.ttft_ms[1])
+}
+
+fn table(a: &SimulateArgs, cfg: &ClusterConfig, rows: &[Row]) -> String {
+    let mut md = format!(
+        "Command: `kvmesh simulate{}` (workload `{}`, {} virtual s of arrivals per run, the first {:.0}% warm-up; \
+         gossip every {} ms, load published every {} ms, summaries every {} ms).\n\n",
+        std::env::args().skip(2).map(|s| format!(" {s}")).collect::<String>(),
+        cfg.workload.display(),
+        cfg.duration_s,
+        cfg.warmup_fraction * 100.0,
+        cfg.gossip.gossip_interval_ms,
+        cfg.gossip.load_publish_interval_ms,
+        cfg.gossip.summary_interval_ms,
+    );
+    let _ = a;
+    md.push_str(
+        "| nodes | rate (req/s) | policy | TTFT p50 | TTFT p90 | TTFT p99 | p90 / oracle | ITL p99 | output tok/s | cache hit | \
+         goodput (req/s) | gossip KB/s/node (summaries) | wall s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let vs = oracle_p90(rows, r).map(|o| format!("{:.2}", r.ttft_ms[1] / o)).unwrap_or_else(|| "-".into());
+        let gossip =
+            if r.policy == "oracle" { "-".to_owned() } else { format!("{:.1} ({:.1})", r.gossip_kb_s, r.summary_kb_s) };
+        md.push_str(&format!(
+            "| {} | {:.0} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {vs} | {:.1} ms | {:.0} | {:.0}% | {:.1} | {gossip} | {:.0} |\n",
+            r.nodes,
+            r.rate,
+            r.policy,
+            r.ttft_ms[0],
+            r.ttft_ms[1],
+            r.ttft_ms[2],
+            r.itl_ms[1],
+            r.out_tok_s,
+            r.hit_rate * 100.0,
+            r.goodput,
+            r.wall_s
+        ));
+    }
+    let edge: Vec<&Row> = rows.iter().filter(|r| r.edge.is_some()).collect();
+    if !edge.is_empty() {
+        md.push_str(
+            "\nRequests received at edge nodes: \n\n| nodes | policy | edge requests | chose the engine whose cache saving \
+             minus RTT was best | sent where nothing was cached while a cache would have paid | mean cached prefix \
+             used |\n|---|---|---|---|---|---|\n",
+        );
+        for r in edge {
+            let Some(e) = &r.edge else { continue };
+            md.push_str(&format!(
+                "| {} | {} | {} | {:.0}% | {:.1}% | {:.0} tokens |\n",
+                r.nodes,
+                r.policy,
+                e.requests,
+                100.0 * e.to_best_cache as f64 / e.requests.max(1) as f64,
+                100.0 * e.missed_cache as f64 / e.requests.max(1) as f64,
+                e.mean_matched_tokens
+            ));
+        }
+    }
+    md
+}
+
+fn csv(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "nodes,rate,policy,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,itl_p50_ms,itl_p99_ms,out_tok_s,hit_rate,goodput,gossip_kb_s,summary_kb_s,done\n",
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "{},{:.2},{},{:.1},{:.1},{:.1},{:.2},{:.2},{:.1},{:.4},{:.2},{:.2},{:.2},{}\n",
+            r.nodes,
+            r.rate,
+            r.policy,
+            r.ttft_ms[0],
+            r.ttft_ms[1],
+            r.ttft_ms[2],
+            r.itl_ms[0],
+            r.itl_ms[1],
+            r.out_tok_s,
+            r.hit_rate,
+            r.goodput,
+            r.gossip_kb_s,
+            r.summary_kb_s,
+            r.done
+        ));
+    }
+    s
+}

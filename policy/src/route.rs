@@ -1,0 +1,102 @@
+//! Choosing an engine for one request from scored candidates: the step shared by the node's
+//! proxy and the cluster simulator, so that simulated routing is the product's routing.
+//!
+//! The caller gathers what it knows about each candidate (`score::Estimate`: matched prefix,
+//! reported load, its own in-flight requests, RTT) and each candidate's P/D role; this module
+//! applies the policy's view of them, picks the engine (randomized among near-equal ones), and
+//! decides whether to split prefill from decode.
+
+use crate::pd::{self, PdSettings, Role, Split};
+use crate::score::{self, Choice, Estimate, ScoreWeights};
+
+/// What a router takes into account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Predicted TTFT: cached prefix, load, KV pressure, RTT.
+    Kvmesh,
+    /// The same prediction blind to caches: a baseline.
+    LeastLoad,
+}
+
+/// The pick for one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Picked {
+    /// The engine serving it whole (or decoding it when split).
+    pub choice: Choice,
+    pub split: Option<Split>,
+}
+
+/// Requests this router has in flight to an engine beyond what the engine last reported
+/// running: they count as waiting, since the report may predate them.
+pub fn unreported(in_flight: u32, reported_running: f64) -> f64 {
+    (in_flight as f64 - reported_running).max(0.0)
+}
+
+/// Picks an engine among `cands` (with their `roles`), or `None` when none is usable.
+///
+/// Prefill-only engines take whole requests only when nothing else can. A split is considered
+/// only in `Mode::Kvmesh` and when `may_split` (the prompt's blocks are known and the request
+/// allows it).
+pub fn pick(
+    mode: Mode,
+    prompt_tokens: usize,
+    cands: &mut [Estimate],
+    roles: &[Role],
+    may_split: bool,
+    w: &ScoreWeights,
+    pd_settings: &PdSettings,
+    draw: impl FnMut(usize) -> usize,
+) -> Option<Picked> {
+    if mode == Mode::LeastLoad {
+        cands.iter_mut().for_each(|c| c.matched_blocks = 0);
+    }
+    let mut whole = cands.to_vec();
+    if whole.iter().zip(roles).any(|(c, r)| c.usable && r.serves_whole()) {
+        whole.iter_mut().zip(roles).filter(|(_, r)| !r.serves_whole()).for_each(|(c, _)| c.usable = false);
+    }
+    let choice = score::choose(prompt_tokens, &whole, w, draw)?;
+    let split = if may_split && mode == Mode::Kvmesh {
+        pd::choose(prompt_tokens, cands, roles, Some((choice.index, choice.predicted_ms)), w, pd_settings)
+    } else {
+        None
+    };
+    Some(Picked { choice, split })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn est(waiting: f64, matched_blocks: usize) -> Estimate {
+        Estimate { usable: true, rtt_ms: 0.0, running: 0.0, waiting, kv_usage: 0.2, matched_blocks, block_size: 16 }
+    }
+
+    #[test]
+    fn least_load_ignores_the_cache_that_kvmesh_follows() {
+        let (w, pd) = (ScoreWeights::default(), PdSettings::default());
+        let roles = [Role::Both, Role::Both];
+        let mut a = [est(0.0, 0), est(2.0, 400)];
+        let kv = pick(Mode::Kvmesh, 7000, &mut a.clone(), &roles, false, &w, &pd, |_| 0).expect("usable");
+        assert_eq!(kv.choice.index, 1);
+        let ll = pick(Mode::LeastLoad, 7000, &mut a, &roles, false, &w, &pd, |_| 0).expect("usable");
+        assert_eq!(ll.choice.index, 0);
+        assert_eq!(a[1].matched_blocks, 0, "least-load sees no cache");
+    }
+
+    #[test]
+    fn prefill_engines_serve_whole_only_as_a_last_resort() {
+        let (w, pd) = (ScoreWeights::default(), PdSettings::default());
+        let mut c = [est(0.0, 0), est(5.0, 0)];
+        let p = pick(Mode::Kvmesh, 100, &mut c, &[Role::Prefill, Role::Both], false, &w, &pd, |_| 0).expect("usable");
+        assert_eq!(p.choice.index, 1);
+        let mut c = [est(0.0, 0), Estimate { usable: false, ..est(0.0, 0) }];
+        let p = pick(Mode::Kvmesh, 100, &mut c, &[Role::Prefill, Role::Both], false, &w, &pd, |_| 0).expect("usable");
+        assert_eq!(p.choice.index, 0);
+    }
+
+    #[test]
+    fn unreported_counts_only_what_the_report_cannot_hold() {
+        assert_eq!(unreported(3, 1.0), 2.0);
+        assert_eq!(unreported(1, 4.0), 0.0);
+    }
+}

@@ -1,0 +1,69 @@
+//! How the cluster simulator models gossip: when a published value reaches the other nodes, and
+//! what it costs in bytes.
+//!
+//! kvmesh gossips with chitchat: every `interval` each node exchanges digests and deltas with
+//! `fanout` peers. Two figures from `kvmesh bench gossip` (real QUIC endpoints and the real
+//! membership code, BENCHMARKS.md "Gossip convergence and bandwidth", 300 ms interval) calibrate
+//! the model:
+//! - Delay: an update reached every node in 2.0, 2.1 and 2.6 rounds at p50 for 10, 50 and 100
+//!   nodes. `rounds = 1 + 0.6 × log_{fanout+1}(N)` gives 2.0, 2.7 and 3.0: the same growth, a
+//!   little pessimistic. Each publication's delay is that times a uniform factor in 0.75..1.25;
+//!   every observer sees a publication at the same moment (a simplification: in reality the
+//!   first peers learn it a round or two before the last).
+//! - Bytes: with one load change per node per second the mesh sent 10.9, 49.1 and 94.2 KB/s per
+//!   node at 10, 50 and 100 nodes. Digests are `DIGEST_BYTES_PER_MEMBER` per known member per
+//!   round (fitted: 222 B), and every change must reach every node once, so a node receives
+//!   (and, on average, sends) the sum of everyone else's published bytes. That gives 9.4, 47
+//!   and 94 KB/s for the calibration runs.
+//!
+//! Not modelled: chitchat's per-message MTU, which caps how much delta one round can carry and so
+//! delays large summaries further when many change at once; failures and rejoins.
+
+use rand::Rng;
+
+/// Digest bytes per known member per gossip round, sent and received (fit to `bench gossip`).
+pub const DIGEST_BYTES_PER_MEMBER: f64 = 222.0;
+
+#[derive(Debug, Clone)]
+pub struct GossipModel {
+    pub nodes: usize,
+    pub interval_ms: f64,
+    pub fanout: usize,
+}
+
+impl GossipModel {
+    /// Mean rounds for a publication to reach every node.
+    pub fn rounds(&self) -> f64 {
+        let n = self.nodes.max(2) as f64;
+        1.0 + 0.6 * n.ln() / ((self.fanout + 1) as f64).ln()
+    }
+
+    /// Delay of one publication until the other nodes see it, ms.
+    pub fn delay_ms(&self, rng: &mut impl Rng) -> f64 {
+        self.interval_ms * self.rounds() * rng.random_range(0.75..1.25)
+    }
+
+    /// Digest bytes per node per second.
+    pub fn digest_bytes_per_s(&self) -> f64 {
+        DIGEST_BYTES_PER_MEMBER * self.nodes as f64 / (self.interval_ms / 1000.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_model_reproduces_its_calibration_runs() {
+        // BENCHMARKS.md, `bench gossip`: (nodes, KB/s per node) with one ~200-byte load change
+        // per node per second.
+        for (n, measured) in [(10usize, 10.9), (50, 49.1), (100, 94.2)] {
+            let g = GossipModel { nodes: n, interval_ms: 300.0, fanout: 3 };
+            let modelled = (g.digest_bytes_per_s() + (n - 1) as f64 * 200.0) / 1000.0;
+            assert!((modelled / measured - 1.0).abs() < 0.2, "{n} nodes: {modelled:.1} vs {measured}");
+        }
+        let small = GossipModel { nodes: 10, interval_ms: 300.0, fanout: 3 }.rounds();
+        let large = GossipModel { nodes: 1000, interval_ms: 300.0, fanout: 3 }.rounds();
+        assert!((1.5..2.5).contains(&small) && large > small && large < 5.0, "{small} {large}");
+    }
+}

@@ -1,0 +1,250 @@
+//! The cluster simulator: a discrete-event model of a kvmesh cluster in virtual time, to show
+//! how routing behaves at sizes and loads that cannot run on one machine.
+//!
+//! What is real and what is modelled:
+//! - Engines: the engine simulator's own scheduler, KV cache and step-time formula
+//!   (`engine::EngineCore`, `timing`), driven by an event queue instead of a clock.
+//! - Routing: the product's code. Each node keeps the exact index of its engine from that
+//!   engine's KV events (`policy::prefix_index`), publishes its Bloom summary
+//!   (`policy::summary`), remembers what it routed where (`policy::route_history`), and picks an
+//!   engine with `policy::route::pick` from the same `Estimate`s the proxy builds.
+//! - Staleness: each node reads its engine's load every `engine_poll_interval_ms` (as the node
+//!   polls `/metrics`), publishes load every `load_publish_interval_ms` and its summary every
+//!   `summary_interval_ms`; other nodes see a publication after the gossip delay of `gossip`.
+//! - Network: a fixed RTT within a site and between sites (`sites`), half of it each way; the
+//!   node adds `node_overhead_ms` per request (tokenizing and scoring, measured by `kvmesh bench
+//!   overhead`). Bandwidth and CPU contention are not modelled.
+//! - Gossip bytes: modelled (`gossip`), from the sizes the product would publish.
+//!
+//! Policies: `round-robin`, `least-load` and `kvmesh` run on every node as the proxy does;
+//! `oracle` is one central router that sees every engine's exact index and load with no delay
+//! (what llm-d's precise-prefix scheduler knows).
+
+pub mod gossip;
+mod world;
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::timing::TimingModel;
+use crate::workload::Workload;
+use crate::SimError;
+use kvmesh_policy::pd::PdSettings;
+use kvmesh_policy::score::ScoreWeights;
+
+pub use world::simulate;
+
+/// `kvmesh simulate --config FILE`: what to run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Workload file (`shared/workloads/` shape). Distinct prefixes (groups, conversations)
+    /// scale with the number of engines from the file's 8.
+    pub workload: PathBuf,
+    /// Cluster sizes to run (nodes with one engine each).
+    pub nodes: Vec<usize>,
+    pub policies: Vec<String>,
+    /// Arrival rates per engine, requests/s (the cluster's rate is this times its engines).
+    pub rates_per_engine: Vec<f64>,
+    /// Virtual seconds of arrivals per run; the first `warmup_fraction` is not counted.
+    pub duration_s: f64,
+    pub warmup_fraction: f64,
+    pub seed: u64,
+    pub engine: EngineModel,
+    pub network: Network,
+    pub gossip: Gossip,
+    pub weights: ScoreWeights,
+    pub pd: PdSettings,
+    pub route_history_ttl_s: u64,
+    pub route_history_max_keys: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            workload: PathBuf::from("examples/workloads/shared-prefix.toml"),
+            nodes: vec![8],
+            policies: ["round-robin", "least-load", "kvmesh", "oracle"].map(String::from).to_vec(),
+            rates_per_engine: vec![5.0],
+            duration_s: 40.0,
+            warmup_fraction: 0.25,
+            seed: 7,
+            engine: EngineModel::default(),
+            network: Network::default(),
+            gossip: Gossip::default(),
+            weights: ScoreWeights::default(),
+            pd: PdSettings::default(),
+            route_history_ttl_s: 120,
+            route_history_max_keys: 32_768,
+        }
+    }
+}
+
+/// One engine per node, as the engine simulator's defaults (8B model on one H100).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineModel {
+    pub block_size: u32,
+    pub num_gpu_blocks: u32,
+    pub max_num_seqs: u32,
+    pub max_num_batched_tokens: u32,
+    pub timing: TimingModel,
+}
+
+impl Default for EngineModel {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            num_gpu_blocks: 28_000,
+            max_num_seqs: 1024,
+            max_num_batched_tokens: 8192,
+            timing: TimingModel::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Network {
+    /// RTT between two nodes of one site, ms.
+    pub rtt_ms: f64,
+    /// Added by the node that receives a request (tokenizing, scoring, proxying), ms.
+    pub node_overhead_ms: f64,
+    /// Edge sites: nodes without engines that clients send to, `rtt_ms` away from the cluster.
+    pub edge: Vec<EdgeSite>,
+    /// With edge sites: the share of requests that clients send to the edge (the rest go to
+    /// cluster nodes).
+    pub edge_share: f64,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Self { rtt_ms: 0.5, node_overhead_ms: 0.5, edge: Vec::new(), edge_share: 1.0 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeSite {
+    pub nodes: usize,
+    /// RTT to every cluster node, ms.
+    pub rtt_ms: f64,
+}
+
+/// The node's gossip settings (same names and defaults as the node's config).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Gossip {
+    pub gossip_interval_ms: f64,
+    pub fanout: usize,
+    pub engine_poll_interval_ms: f64,
+    pub load_publish_interval_ms: f64,
+    pub summary_interval_ms: f64,
+    /// Sampling stride of published summaries (the node's `summary_stride`).
+    pub summary_stride: u32,
+}
+
+impl Default for Gossip {
+    fn default() -> Self {
+        Self {
+            gossip_interval_ms: 300.0,
+            fanout: 3,
+            engine_poll_interval_ms: 500.0,
+            load_publish_interval_ms: 200.0,
+            summary_interval_ms: 2_000.0,
+            summary_stride: kvmesh_policy::summary::DEFAULT_STRIDE,
+        }
+    }
+}
+
+impl ClusterConfig {
+    pub fn validate(&self) -> Result<(), SimError> {
+        let bad = |m: &str| Err(SimError::Cluster(m.to_owned()));
+        if self.nodes.is_empty() || self.nodes.contains(&0) {
+            return bad("nodes: give at least one cluster size, each at least 1");
+        }
+        if self.rates_per_engine.is_empty() || self.rates_per_engine.iter().any(|r| !(*r > 0.0)) {
+            return bad("rates_per_engine: give at least one rate, each above 0");
+        }
+        if !(self.duration_s > 0.0) || !(0.0..1.0).contains(&self.warmup_fraction) {
+            return bad("duration_s must be above 0 and warmup_fraction in [0, 1)");
+        }
+        for p in &self.policies {
+            if !POLICIES.contains(&p.as_str()) {
+                return Err(SimError::Cluster(format!("policies: unknown `{p}` (known: {})", POLICIES.join(", "))));
+            }
+        }
+        let g = &self.gossip;
+        if [g.gossip_interval_ms, g.engine_poll_interval_ms, g.load_publish_interval_ms, g.summary_interval_ms]
+            .iter()
+            .any(|v| !(*v > 0.0))
+            || g.fanout == 0
+            || !(1..=kvmesh_policy::summary::MAX_STRIDE).contains(&g.summary_stride)
+        {
+            return bad("gossip: every interval must be above 0, fanout at least 1, summary_stride in 1..=64");
+        }
+        if self.network.edge.iter().any(|e| e.nodes == 0 || e.rtt_ms < 0.0)
+            || !(0.0..=1.0).contains(&self.network.edge_share)
+        {
+            return bad("network.edge: each site needs nodes >= 1 and rtt_ms >= 0; edge_share in [0, 1]");
+        }
+        if self.engine.block_size == 0 || self.engine.num_gpu_blocks == 0 {
+            return bad("engine: block_size and num_gpu_blocks must be above 0");
+        }
+        self.engine.timing.validate().map_err(SimError::Cluster)
+    }
+}
+
+pub const POLICIES: [&str; 4] = ["round-robin", "least-load", "kvmesh", "oracle"];
+
+/// One (size, policy, rate) run, in the routing benchmark's terms.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub nodes: usize,
+    pub policy: String,
+    /// Cluster-wide arrival rate, requests/s.
+    pub rate: f64,
+    pub done: usize,
+    pub ttft_ms: [f64; 3],
+    pub itl_ms: [f64; 2],
+    pub e2e_ms: [f64; 2],
+    pub out_tok_s: f64,
+    pub hit_rate: f64,
+    pub goodput: f64,
+    /// Gossip bytes per node per second (digests + load + summaries), modelled.
+    pub gossip_kb_s: f64,
+    /// Of which KV summaries.
+    pub summary_kb_s: f64,
+    /// Requests an edge node sent to a far cluster node / all requests received at the edge.
+    pub edge: Option<EdgeStats>,
+    /// Wall-clock seconds the run took.
+    pub wall_s: f64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EdgeStats {
+    pub requests: usize,
+    /// Sent to the engine holding the longest cached prefix among all engines.
+    pub to_best_cache: usize,
+    /// Of those sent to an engine with no cached prefix: how many could have had one elsewhere.
+    pub missed_cache: usize,
+    pub mean_matched_tokens: f64,
+}
+
+/// Runs every (size, rate, policy) of `cfg`; `progress` is called after each run.
+pub fn run_all(cfg: &ClusterConfig, mut progress: impl FnMut(&Row)) -> Result<Vec<Row>, SimError> {
+    cfg.validate()?;
+    let workload = Workload::load(&cfg.workload)?;
+    let mut rows = Vec::new();
+    for &n in &cfg.nodes {
+        for &r in &cfg.rates_per_engine {
+            for p in &cfg.policies {
+                let row = simulate(cfg, &workload, n, p, r)?;
+                progress(&row);
+                rows.push(row);
+            }
+        }
+    }
+    Ok(rows)
+}

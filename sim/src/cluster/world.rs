@@ -1,0 +1,799 @@
+//! The event loop of one cluster-simulator run: engines, nodes, gossip and clients in virtual
+//! time (microseconds).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use super::gossip::GossipModel;
+use super::{ClusterConfig, EdgeStats, Row};
+use crate::engine::{CoreConfig, EngineCore, NewSequence, ScheduledStep};
+use crate::kv_cache::KvEvent;
+use crate::workload::Workload;
+use crate::SimError;
+use kvmesh_policy::blocks;
+use kvmesh_policy::pd::Role;
+use kvmesh_policy::prefix_index::{EngineIndex, IndexEvent};
+use kvmesh_policy::route::{self, Mode};
+use kvmesh_policy::route_history::RoutedKeys;
+use kvmesh_policy::score::Estimate;
+use kvmesh_policy::summary::{self, BloomShard};
+
+type Us = u64;
+
+fn us(ms: f64) -> Us {
+    (ms * 1000.0).max(0.0).round() as Us
+}
+
+/// Bytes of one node's gossiped `load` value with one engine (its JSON, as the node writes it).
+const LOAD_REPORT_BYTES: u64 = 180;
+
+/// Model name the simulated engines serve; the routers' chain seed derives from it.
+const MODEL: &str = "kvmesh-sim";
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct Load {
+    running: f64,
+    waiting: f64,
+    kv_usage: f64,
+}
+
+/// What other nodes see of a value a node publishes: versions with the time they arrive.
+struct Published<T> {
+    versions: VecDeque<(Us, T)>,
+}
+
+impl<T> Published<T> {
+    fn new() -> Self {
+        Self { versions: VecDeque::new() }
+    }
+
+    fn push(&mut self, visible_at: Us, v: T) {
+        self.versions.push_back((visible_at, v));
+    }
+
+    /// The latest version visible at `now` (observers all see a version at the same moment).
+    fn visible(&mut self, now: Us) -> Option<&T> {
+        while self.versions.len() >= 2 && self.versions[1].0 <= now {
+            self.versions.pop_front();
+        }
+        self.versions.front().filter(|(at, _)| *at <= now).map(|(_, v)| v)
+    }
+}
+
+struct Engine {
+    core: EngineCore,
+    node: usize,
+    /// The node's exact index of this engine, from its KV events.
+    index: EngineIndex,
+    kv_seq: u64,
+    step: Option<ScheduledStep>,
+    /// What the node's last poll of `/metrics` read.
+    polled: Load,
+    load: Published<Load>,
+    last_published: Option<Load>,
+    /// When a load change last went into the byte count: chitchat carries only a key's latest
+    /// value each round, so changes within one gossip interval cost one transfer.
+    load_counted_at: Option<Us>,
+}
+
+type Summary = Arc<Vec<Option<Arc<BloomShard>>>>;
+
+struct Node {
+    engine: Option<usize>,
+    /// 0: the cluster; 1..: edge sites.
+    site: usize,
+    in_flight: HashMap<usize, u32>,
+    routed: HashMap<usize, RoutedKeys>,
+    rr: u64,
+    last_shards: Vec<Option<BloomShard>>,
+    summary: Published<Summary>,
+}
+
+struct Request {
+    origin: usize,
+    engine: usize,
+    sent: Us,
+    /// One-way delay from the engine back to the client.
+    back: Us,
+    prompt_tokens: usize,
+    cached_tokens: usize,
+    out_tokens: usize,
+    first: Option<Us>,
+    last: Option<Us>,
+    itls: Vec<f32>,
+    conv: Option<usize>,
+    reply: Vec<u32>,
+}
+
+struct Conv {
+    history: Vec<u32>,
+    turn: usize,
+    rng: SmallRng,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Ev {
+    Arrival,
+    ConvStart,
+    ConvTurn(usize),
+    Deliver(usize),
+    StepDone(usize),
+    Poll(usize),
+    PublishLoad(usize),
+    PublishSummary(usize),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Policy {
+    RoundRobin,
+    Route(Mode),
+    Oracle,
+}
+
+struct Stats {
+    ttft: Histogram<u64>,
+    itl: Histogram<u64>,
+    e2e: Histogram<u64>,
+    done: usize,
+    good: usize,
+    out_tokens: u64,
+    prompt: u64,
+    cached: u64,
+    load_bytes: u64,
+    summary_bytes: u64,
+    edge: EdgeStats,
+    edge_matched_tokens: u64,
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| Histogram::new(3).expect("valid sigfig"))
+}
+
+fn pct(h: &Histogram<u64>, q: f64) -> f64 {
+    if h.is_empty() {
+        f64::NAN
+    } else {
+        h.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+/// Token ids of a seeded stream: prompts are made of ids, not text, here.
+fn tokens(stream: u64, n: usize) -> impl Iterator<Item = u32> {
+    (0..n as u64).map(move |i| {
+        let mut z = stream.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        100 + ((z ^ (z >> 31)) % 30_000) as u32
+    })
+}
+
+struct World<'a> {
+    cfg: &'a ClusterConfig,
+    workload: &'a Workload,
+    policy: Policy,
+    rng: SmallRng,
+    now: Us,
+    queue: BinaryHeap<Reverse<(Us, u64, Ev)>>,
+    next_ev: u64,
+    engines: Vec<Engine>,
+    nodes: Vec<Node>,
+    /// Nodes clients send to: (cluster nodes, edge nodes).
+    entries: (Vec<usize>, Vec<usize>),
+    edge_rtt: Vec<f64>,
+    requests: Vec<Request>,
+    convs: Vec<Conv>,
+    arrivals: u64,
+    rate: f64,
+    scale: f64,
+    end_arrivals: Us,
+    warmup: Us,
+    gossip: GossipModel,
+    chain_seed: u64,
+    stats: Stats,
+    /// Prompts and output lengths of requests on their way to an engine.
+    pending: HashMap<usize, Vec<u32>>,
+    outputs: HashMap<usize, usize>,
+    /// Requests not finished, plus conversations with turns left: periodic events run until
+    /// this is 0 after the arrival window.
+    open: usize,
+}
+
+/// Runs one (size, policy, rate) point.
+pub fn simulate(
+    cfg: &ClusterConfig,
+    workload: &Workload,
+    cluster_nodes: usize,
+    policy: &str,
+    rate_per_engine: f64,
+) -> Result<Row, SimError> {
+    let wall = Instant::now();
+    let policy = match policy {
+        "round-robin" => Policy::RoundRobin,
+        "least-load" => Policy::Route(Mode::LeastLoad),
+        "kvmesh" => Policy::Route(Mode::Kvmesh),
+        "oracle" => Policy::Oracle,
+        other => return Err(SimError::Cluster(format!("unknown policy `{other}`"))),
+    };
+    let mut w = World::new(cfg, workload, cluster_nodes, policy, rate_per_engine);
+    w.start();
+    while let Some(Reverse((t, _, ev))) = w.queue.pop() {
+        w.now = t;
+        w.handle(ev);
+    }
+    Ok(w.row(cluster_nodes, policy_name(policy), wall.elapsed().as_secs_f64()))
+}
+
+fn policy_name(p: Policy) -> &'static str {
+    match p {
+        Policy::RoundRobin => "round-robin",
+        Policy::Route(Mode::LeastLoad) => "least-load",
+        Policy::Route(Mode::Kvmesh) => "kvmesh",
+        Policy::Oracle => "oracle",
+    }
+}
+
+impl<'a> World<'a> {
+    fn new(cfg: &'a ClusterConfig, workload: &'a Workload, n: usize, policy: Policy, rate_per_engine: f64) -> Self {
+        let e = &cfg.engine;
+        let mut rng = SmallRng::seed_from_u64(cfg.seed);
+        let engines = (0..n)
+            .map(|i| Engine {
+                core: EngineCore::new(
+                    CoreConfig {
+                        block_size: e.block_size,
+                        num_gpu_blocks: e.num_gpu_blocks,
+                        max_num_seqs: e.max_num_seqs,
+                        max_num_batched_tokens: e.max_num_batched_tokens,
+                        enable_prefix_caching: true,
+                        hash_seed: rng.random(),
+                        timing: e.timing.clone(),
+                    },
+                    // Output ids: a seeded stream per request, like the engine simulator's filler.
+                    |seed, i| tokens(seed ^ 0x5EED, i + 1).last().unwrap_or(100),
+                ),
+                node: i,
+                index: EngineIndex::new(blocks::chain_seed(MODEL, None, None)),
+                kv_seq: 0,
+                step: None,
+                polled: Load::default(),
+                load: Published::new(),
+                last_published: None,
+                load_counted_at: None,
+            })
+            .collect();
+        let node = |engine: Option<usize>, site: usize| Node {
+            engine,
+            site,
+            in_flight: HashMap::new(),
+            routed: HashMap::new(),
+            rr: 0,
+            last_shards: vec![None; summary::SHARDS],
+            summary: Published::new(),
+        };
+        let mut nodes: Vec<Node> = (0..n).map(|i| node(Some(i), 0)).collect();
+        let mut edge_rtt = vec![0.0];
+        let mut edge_nodes = Vec::new();
+        for (s, site) in cfg.network.edge.iter().enumerate() {
+            edge_rtt.push(site.rtt_ms);
+            for _ in 0..site.nodes {
+                edge_nodes.push(nodes.len());
+                nodes.push(node(None, s + 1));
+            }
+        }
+        let cluster_entries = if policy == Policy::Oracle {
+            // The oracle: one central router in the cluster that every client reaches.
+            nodes.push(node(None, 0));
+            vec![nodes.len() - 1]
+        } else {
+            (0..n).collect()
+        };
+        let scale = n as f64 / 8.0;
+        let end_arrivals = us(cfg.duration_s * 1000.0);
+        let gossip =
+            GossipModel { nodes: nodes.len(), interval_ms: cfg.gossip.gossip_interval_ms, fanout: cfg.gossip.fanout };
+        Self {
+            cfg,
+            workload,
+            policy,
+            rng,
+            now: 0,
+            queue: BinaryHeap::new(),
+            next_ev: 0,
+            engines,
+            nodes,
+            entries: (cluster_entries, if policy == Policy::Oracle { Vec::new() } else { edge_nodes }),
+            edge_rtt,
+            requests: Vec::new(),
+            convs: Vec::new(),
+            arrivals: 0,
+            rate: rate_per_engine * n as f64,
+            scale,
+            end_arrivals,
+            warmup: us(cfg.duration_s * 1000.0 * cfg.warmup_fraction),
+            gossip,
+            chain_seed: blocks::chain_seed(MODEL, None, None),
+            stats: Stats {
+                ttft: hist(),
+                itl: hist(),
+                e2e: hist(),
+                done: 0,
+                good: 0,
+                out_tokens: 0,
+                prompt: 0,
+                cached: 0,
+                load_bytes: 0,
+                summary_bytes: 0,
+                edge: EdgeStats::default(),
+                edge_matched_tokens: 0,
+            },
+            pending: HashMap::new(),
+            outputs: HashMap::new(),
+            open: 0,
+        }
+    }
+
+    fn at(&mut self, t: Us, ev: Ev) {
+        self.next_ev += 1;
+        self.queue.push(Reverse((t, self.next_ev, ev)));
+    }
+
+    fn start(&mut self) {
+        let g = self.cfg.gossip.clone();
+        // Timers start at random phases, as independent processes would.
+        for e in 0..self.engines.len() {
+            let t = self.rng.random_range(0..us(g.engine_poll_interval_ms).max(1));
+            self.at(t, Ev::Poll(e));
+            let t = self.rng.random_range(0..us(g.load_publish_interval_ms).max(1));
+            self.at(t, Ev::PublishLoad(e));
+            let t = self.rng.random_range(0..us(g.summary_interval_ms).max(1));
+            self.at(t, Ev::PublishSummary(e));
+        }
+        match self.workload {
+            Workload::MultiTurn(_) => self.at(0, Ev::ConvStart),
+            _ => self.at(0, Ev::Arrival),
+        }
+    }
+
+    fn gap(&mut self, rate: f64) -> Us {
+        us(-(1.0 - self.rng.random::<f64>()).ln() / rate * 1000.0)
+    }
+
+    fn entry(&mut self) -> usize {
+        let (cluster, edge) = &self.entries;
+        if !edge.is_empty() && (cluster.is_empty() || self.rng.random::<f64>() < self.cfg.network.edge_share) {
+            edge[self.rng.random_range(0..edge.len())]
+        } else {
+            cluster[self.rng.random_range(0..cluster.len())]
+        }
+    }
+
+    fn rtt_ms(&self, a: usize, b: usize) -> f64 {
+        let (sa, sb) = (self.nodes[a].site, self.nodes[b].site);
+        if a == b {
+            0.0
+        } else if sa == sb {
+            self.cfg.network.rtt_ms
+        } else {
+            // Edge sites reach each other through the cluster.
+            self.cfg.network.rtt_ms.max(self.edge_rtt[sa] + self.edge_rtt[sb])
+        }
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Arrival => self.arrival(),
+            Ev::ConvStart => self.conv_start(),
+            Ev::ConvTurn(c) => self.conv_turn(c),
+            Ev::Deliver(r) => self.deliver(r),
+            Ev::StepDone(e) => self.step_done(e),
+            Ev::Poll(e) => {
+                let c = &self.engines[e].core;
+                self.engines[e].polled =
+                    Load { running: c.num_running() as f64, waiting: c.num_waiting() as f64, kv_usage: c.kv_usage() };
+                self.after(self.cfg.gossip.engine_poll_interval_ms, ev);
+            }
+            Ev::PublishLoad(e) => {
+                // The node rounds KV usage so that noise does not re-gossip an unchanged engine;
+                // chitchat sends a key only when its value changed.
+                let mut v = self.engines[e].polled;
+                v.kv_usage = (v.kv_usage * 100.0).round() / 100.0;
+                if self.engines[e].last_published != Some(v) {
+                    let at = self.now + us(self.gossip.delay_ms(&mut self.rng));
+                    self.engines[e].load.push(at, v);
+                    self.engines[e].last_published = Some(v);
+                    let round = us(self.cfg.gossip.gossip_interval_ms);
+                    if self.engines[e].load_counted_at.is_none_or(|t| self.now >= t + round) {
+                        self.engines[e].load_counted_at = Some(self.now);
+                        if self.now >= self.warmup {
+                            self.stats.load_bytes += LOAD_REPORT_BYTES;
+                        }
+                    }
+                }
+                self.after(self.cfg.gossip.load_publish_interval_ms, ev);
+            }
+            Ev::PublishSummary(e) => {
+                self.publish_summary(e);
+                self.after(self.cfg.gossip.summary_interval_ms, ev);
+            }
+        }
+    }
+
+    /// Re-arms a periodic event while the run has work left.
+    fn after(&mut self, ms: f64, ev: Ev) {
+        if self.now < self.end_arrivals || self.open > 0 {
+            self.at(self.now + us(ms), ev);
+        }
+    }
+
+    fn arrival(&mut self) {
+        let i = self.arrivals;
+        self.arrivals += 1;
+        let (prompt, output_len) = match self.workload {
+            Workload::SharedPrefix(w) => {
+                let groups = ((w.groups as f64 * self.scale).round() as u64).max(1);
+                let g = self.rng.random_range(0..groups);
+                let p: Vec<u32> =
+                    tokens(1 << 40 | g, w.prefix_tokens).chain(tokens(2 << 40 | i, w.question_tokens)).collect();
+                (p, w.output_tokens as usize)
+            }
+            Workload::LongPrompt(w) => {
+                let n = w.prompt_tokens.sample(&mut self.rng, 1.0) as usize;
+                let p: Vec<u32> = tokens(3 << 40, w.shared_prefix_tokens)
+                    .chain(tokens(4 << 40 | i, n.saturating_sub(w.shared_prefix_tokens)))
+                    .collect();
+                (p, w.output_tokens as usize)
+            }
+            Workload::MultiTurn(_) => return,
+        };
+        let origin = self.entry();
+        self.submit(origin, prompt, output_len, None);
+        let t = self.now + self.gap(self.rate);
+        if t < self.end_arrivals {
+            self.at(t, Ev::Arrival);
+        }
+    }
+
+    fn conv_start(&mut self) {
+        let Workload::MultiTurn(w) = self.workload else { return };
+        let max = ((w.conversations as f64 * self.scale).round() as usize).max(1);
+        let c = self.convs.len();
+        let system: Vec<u32> = tokens(5 << 40, w.system_prompt_tokens).collect();
+        self.convs.push(Conv { history: system, turn: 0, rng: SmallRng::seed_from_u64(10_000 + c as u64) });
+        self.open += 1; // the conversation, until its last turn ends
+        self.conv_turn(c);
+        let t = self.now + self.gap(self.rate / w.turns.max(1) as f64);
+        if t < self.end_arrivals && self.convs.len() < max {
+            self.at(t, Ev::ConvStart);
+        }
+    }
+
+    fn conv_turn(&mut self, c: usize) {
+        let Workload::MultiTurn(w) = self.workload else { return };
+        let conv = &mut self.convs[c];
+        let user = w.user_tokens.sample(&mut conv.rng, 1.0) as usize;
+        let out = w.output_tokens.sample(&mut conv.rng, 1.0) as usize;
+        let stream = 6 << 40 | (c as u64) << 8 | conv.turn as u64;
+        conv.history.extend(tokens(stream, user));
+        let prompt = conv.history.clone();
+        let origin = self.entry();
+        self.submit(origin, prompt, out, Some(c));
+    }
+
+    /// A request reaches node `origin`: the node routes it and forwards it to the engine.
+    fn submit(&mut self, origin: usize, prompt: Vec<u32>, output_len: usize, conv: Option<usize>) {
+        let bs = self.cfg.engine.block_size as usize;
+        let keys = blocks::block_keys(self.chain_seed, &prompt, bs);
+        let engine = self.route(origin, &keys, prompt.len());
+        let target = self.engines[engine].node;
+        let one_way = self.rtt_ms(origin, target) / 2.0;
+        if self.nodes[origin].site != 0 && self.now >= self.warmup {
+            self.edge_decision(origin, engine, &keys);
+        }
+        *self.nodes[origin].in_flight.entry(engine).or_default() += 1;
+        if origin != target && self.policy != Policy::Oracle {
+            let now_ms = self.now / 1000;
+            let (ttl, max) = (self.cfg.route_history_ttl_s * 1000, self.cfg.route_history_max_keys);
+            self.nodes[origin].routed.entry(engine).or_insert_with(|| RoutedKeys::new(ttl, max)).record(&keys, now_ms);
+        }
+        let r = self.requests.len();
+        self.requests.push(Request {
+            origin,
+            engine,
+            sent: self.now,
+            back: us(one_way),
+            prompt_tokens: prompt.len(),
+            cached_tokens: 0,
+            out_tokens: 0,
+            first: None,
+            last: None,
+            itls: Vec::new(),
+            conv,
+            reply: Vec::with_capacity(if conv.is_some() { output_len } else { 0 }),
+        });
+        self.open += 1;
+        self.pending.insert(r, prompt);
+        self.outputs.insert(r, output_len);
+        let t = self.now + us(self.cfg.network.node_overhead_ms + one_way + self.cfg.engine.timing.frontend_ms);
+        self.at(t, Ev::Deliver(r));
+    }
+
+    fn route(&mut self, origin: usize, keys: &[u64], prompt_tokens: usize) -> usize {
+        let n = self.engines.len();
+        match self.policy {
+            Policy::RoundRobin => {
+                let node = &mut self.nodes[origin];
+                node.rr += 1;
+                ((node.rr - 1) % n as u64) as usize
+            }
+            Policy::Oracle | Policy::Route(_) => {
+                let mut cands = Vec::with_capacity(n);
+                let bs = self.cfg.engine.block_size;
+                let now_ms = self.now / 1000;
+                for e in 0..n {
+                    let node_of = self.engines[e].node;
+                    let local = self.policy == Policy::Oracle || self.nodes[origin].engine == Some(e);
+                    let in_flight = self.nodes[origin].in_flight.get(&e).copied().unwrap_or(0);
+                    let (load, matched, usable) = if self.policy == Policy::Oracle {
+                        let c = &self.engines[e].core;
+                        let load = Load {
+                            running: c.num_running() as f64,
+                            waiting: c.num_waiting() as f64,
+                            kv_usage: c.kv_usage(),
+                        };
+                        (load, self.engines[e].index.matched_blocks(keys), true)
+                    } else if local {
+                        (self.engines[e].polled, self.engines[e].index.matched_blocks(keys), true)
+                    } else {
+                        let now = self.now;
+                        let load = self.engines[e].load.visible(now).copied();
+                        let from_summary = self.nodes[node_of]
+                            .summary
+                            .visible(now)
+                            .map(|s| summary::matched_blocks(s, keys, self.cfg.gossip.summary_stride))
+                            .unwrap_or(0);
+                        let routed =
+                            self.nodes[origin].routed.get(&e).map(|h| h.matched_blocks(keys, now_ms)).unwrap_or(0);
+                        (load.unwrap_or_default(), from_summary.max(routed), load.is_some())
+                    };
+                    let waiting = if self.policy == Policy::Oracle {
+                        load.waiting
+                    } else {
+                        load.waiting + route::unreported(in_flight, load.running)
+                    };
+                    cands.push(Estimate {
+                        usable,
+                        rtt_ms: if local && self.policy != Policy::Oracle { 0.0 } else { self.rtt_ms(origin, node_of) },
+                        running: load.running,
+                        waiting,
+                        kv_usage: load.kv_usage,
+                        matched_blocks: matched,
+                        block_size: bs,
+                    });
+                }
+                let mode = match self.policy {
+                    Policy::Route(m) => m,
+                    _ => Mode::Kvmesh,
+                };
+                let roles = vec![Role::Both; n];
+                let rng = &mut self.rng;
+                let picked =
+                    route::pick(mode, prompt_tokens, &mut cands, &roles, false, &self.cfg.weights, &self.cfg.pd, |k| {
+                        rng.random_range(0..k)
+                    });
+                match picked {
+                    Some(p) => p.choice.index,
+                    // Nothing visible yet (the first gossip rounds): the node's own engine, else
+                    // any.
+                    None => self.nodes[origin].engine.unwrap_or_else(|| self.rng.random_range(0..n)),
+                }
+            }
+        }
+    }
+
+    /// For requests received at the edge: did the choice follow the cache where the cache was
+    /// worth the distance? Judged against the engines' true caches at decision time.
+    fn edge_decision(&mut self, origin: usize, engine: usize, keys: &[u64]) {
+        let bs = self.cfg.engine.block_size as usize;
+        let w = &self.cfg.weights;
+        let best = (0..self.engines.len())
+            .map(|e| {
+                let saved = (self.engines[e].index.matched_blocks(keys) * bs) as f64 * w.prefill_ms_per_token;
+                (e, saved - self.rtt_ms(origin, self.engines[e].node))
+            })
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        let matched = self.engines[engine].index.matched_blocks(keys);
+        let chosen_net =
+            (matched * bs) as f64 * w.prefill_ms_per_token - self.rtt_ms(origin, self.engines[engine].node);
+        let s = &mut self.stats.edge;
+        s.requests += 1;
+        self.stats.edge_matched_tokens += (matched * bs) as u64;
+        if let Some((b, net)) = best {
+            if b == engine || chosen_net >= net - 1e-9 {
+                s.to_best_cache += 1;
+            } else if matched == 0 {
+                s.missed_cache += 1;
+            }
+        }
+    }
+
+    fn deliver(&mut self, r: usize) {
+        let e = self.requests[r].engine;
+        let prompt = self.pending.remove(&r).unwrap_or_default();
+        let output_len = self.outputs.remove(&r).unwrap_or(1);
+        self.engines[e].core.add(NewSequence {
+            id: r as u64,
+            prompt,
+            output_len,
+            output_seed: r as u64,
+            external_kv_tokens: 0,
+        });
+        if self.engines[e].step.is_none() {
+            self.start_step(e);
+        }
+    }
+
+    fn start_step(&mut self, e: usize) {
+        let step = self.engines[e].core.schedule();
+        if step.is_empty() {
+            return;
+        }
+        let t = self.now + us(step.duration_ms).max(1);
+        self.engines[e].step = Some(step);
+        self.at(t, Ev::StepDone(e));
+    }
+
+    fn step_done(&mut self, e: usize) {
+        let Some(step) = self.engines[e].step.take() else { return };
+        let out = self.engines[e].core.complete(step);
+        for t in out.tokens {
+            let r = t.seq as usize;
+            let at = self.now + self.requests[r].back;
+            let req = &mut self.requests[r];
+            match req.last {
+                None => {
+                    req.first = Some(at);
+                    req.cached_tokens = t.cached_prompt_tokens;
+                    req.prompt_tokens = t.prompt_tokens;
+                }
+                Some(prev) => req.itls.push((at - prev) as f32 / 1000.0),
+            }
+            req.last = Some(at);
+            req.out_tokens += 1;
+            if req.conv.is_some() {
+                req.reply.push(t.token);
+            }
+            if t.finished {
+                self.finish(r, at);
+            }
+        }
+        let mut events = out.kv_events;
+        events.extend(self.engines[e].core.take_kv_events());
+        if !events.is_empty() {
+            let engine = &mut self.engines[e];
+            engine.kv_seq += 1;
+            let batch = events.into_iter().map(|ev| match ev {
+                KvEvent::BlockStored { block_hashes, parent_block_hash, token_ids, block_size } => {
+                    IndexEvent::Stored { block_hashes, parent: parent_block_hash, token_ids, block_size }
+                }
+                KvEvent::BlockRemoved { block_hashes } => IndexEvent::Removed { block_hashes },
+                KvEvent::AllBlocksCleared => IndexEvent::Cleared,
+            });
+            engine.index.apply_batch(engine.kv_seq, batch);
+        }
+        self.start_step(e);
+    }
+
+    fn finish(&mut self, r: usize, at: Us) {
+        self.open -= 1;
+        let (origin, engine) = (self.requests[r].origin, self.requests[r].engine);
+        if let Some(n) = self.nodes[origin].in_flight.get_mut(&engine) {
+            *n = n.saturating_sub(1);
+        }
+        let req = &mut self.requests[r];
+        if req.sent >= self.warmup {
+            let s = &mut self.stats;
+            let ttft = req.first.map(|f| f - req.sent).unwrap_or(0);
+            let _ = s.ttft.record(ttft.max(1));
+            let _ = s.e2e.record((at - req.sent).max(1));
+            for v in &req.itls {
+                let _ = s.itl.record(((*v * 1000.0) as u64).max(1));
+            }
+            let slo = self.workload.slo();
+            let itl_ok = slo.itl_p99_ms.is_none_or(|limit| {
+                let mut v = req.itls.clone();
+                v.sort_by(f32::total_cmp);
+                let p99 = v.get(((v.len() as f64) * 0.99) as usize).or(v.last()).copied().unwrap_or(0.0);
+                p99 as f64 <= limit
+            });
+            s.done += 1;
+            s.good += (ttft as f64 <= slo.ttft_p90_s * 1e6 && itl_ok) as usize;
+            s.out_tokens += req.out_tokens as u64;
+            s.prompt += req.prompt_tokens as u64;
+            s.cached += req.cached_tokens as u64;
+        }
+        req.itls = Vec::new();
+        if let Some(c) = req.conv {
+            let reply = std::mem::take(&mut req.reply);
+            let Workload::MultiTurn(w) = self.workload else { return };
+            let conv = &mut self.convs[c];
+            conv.history.extend(reply);
+            conv.turn += 1;
+            if conv.turn < w.turns {
+                let think = us(w.think_time_s.sample(&mut conv.rng, 0.0) * 1000.0);
+                self.at(at + think, Ev::ConvTurn(c));
+            } else {
+                self.open -= 1;
+            }
+        }
+    }
+
+    /// The node's summary publisher: the Bloom filter of its engine's exact index, shards
+    /// re-gossiped when any of their bits changed (the node's default `summary_min_change` 0).
+    fn publish_summary(&mut self, e: usize) {
+        let node = self.engines[e].node;
+        let capacity = (self.cfg.engine.num_gpu_blocks as usize).max(self.engines[e].index.len());
+        let shards = summary::build(self.engines[e].index.keys(), capacity, self.cfg.gossip.summary_stride);
+        let mut sent = false;
+        let mut bytes = 0u64;
+        for (i, shard) in shards.into_iter().enumerate() {
+            let due = match &self.nodes[node].last_shards[i] {
+                None => true,
+                Some(prev) => shard.difference(prev) > 0.0,
+            };
+            if due {
+                bytes += shard.encode().len() as u64 + 16;
+                self.nodes[node].last_shards[i] = Some(shard);
+                sent = true;
+            }
+        }
+        if sent {
+            let view: Summary =
+                Arc::new(self.nodes[node].last_shards.iter().map(|s| s.clone().map(Arc::new)).collect());
+            let at = self.now + us(self.gossip.delay_ms(&mut self.rng));
+            self.nodes[node].summary.push(at, view);
+            if self.now >= self.warmup {
+                self.stats.summary_bytes += bytes;
+            }
+        }
+    }
+
+    fn row(&self, cluster_nodes: usize, policy: &str, wall_s: f64) -> Row {
+        let s = &self.stats;
+        let measured_s = (self.now.saturating_sub(self.warmup) as f64 / 1e6).max(1e-9);
+        let publishers = cluster_nodes as f64;
+        // Every node receives every other node's publications once (and sends as much).
+        let deltas = (s.load_bytes + s.summary_bytes) as f64 / measured_s * (publishers - 1.0).max(0.0) / publishers;
+        let summary = s.summary_bytes as f64 / measured_s * (publishers - 1.0).max(0.0) / publishers;
+        let gossip_kb_s = if self.policy == Policy::Oracle || cluster_nodes == 1 {
+            0.0
+        } else {
+            (self.gossip.digest_bytes_per_s() + deltas) / 1000.0
+        };
+        let edge = (s.edge.requests > 0).then(|| EdgeStats {
+            mean_matched_tokens: self.stats.edge_matched_tokens as f64 / s.edge.requests as f64,
+            ..s.edge.clone()
+        });
+        Row {
+            nodes: cluster_nodes,
+            policy: policy.to_owned(),
+            rate: self.rate,
+            done: s.done,
+            ttft_ms: [pct(&s.ttft, 0.5), pct(&s.ttft, 0.9), pct(&s.ttft, 0.99)],
+            itl_ms: [pct(&s.itl, 0.5), pct(&s.itl, 0.99)],
+            e2e_ms: [pct(&s.e2e, 0.5), pct(&s.e2e, 0.99)],
+            out_tok_s: s.out_tokens as f64 / measured_s,
+            hit_rate: if s.prompt > 0 { s.cached as f64 / s.prompt as f64 } else { 0.0 },
+            goodput: s.good as f64 / measured_s,
+            gossip_kb_s,
+            summary_kb_s: if self.policy == Policy::Oracle { 0.0 } else { summary / 1000.0 },
+            edge,
+            wall_s,
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Benchmark workload shapes (`shared/workloads/*.toml`, copies in `examples/workloads/`), read
+//! by the real-time routing benchmark and by the cluster simulator alike, so both run the same
+//! numbers.
+
+use std::path::Path;
+
+use rand::Rng;
+use serde::Deserialize;
+
+use crate::SimError;
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SharedPrefix {
+    /// Distinct shared prefixes at 8 engines; the cluster simulator scales them with the
+    /// cluster, as the workload README asks.
+    pub groups: usize,
+    pub prefix_tokens: usize,
+    pub question_tokens: usize,
+    pub output_tokens: u32,
+    pub slo: Slo,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Slo {
+    pub ttft_p90_s: f64,
+    /// When set, a request counts toward goodput only if its own inter-token p99 is within it.
+    #[serde(default)]
+    pub itl_p99_ms: Option<f64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LongPrompt {
+    pub prompt_tokens: Dist,
+    pub shared_prefix_tokens: usize,
+    pub output_tokens: u32,
+    pub slo: Slo,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MultiTurn {
+    pub conversations: usize,
+    pub system_prompt_tokens: usize,
+    pub turns: usize,
+    pub user_tokens: Dist,
+    pub output_tokens: Dist,
+    pub think_time_s: Dist,
+    pub slo: Slo,
+}
+
+/// A workload number: fixed, or normal with a mean and standard deviation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Dist {
+    Fixed(f64),
+    Normal { mean: f64, stddev: f64 },
+}
+
+impl Dist {
+    /// A draw, at least `min`.
+    pub fn sample(&self, rng: &mut impl Rng, min: f64) -> f64 {
+        match *self {
+            Dist::Fixed(v) => v.max(min),
+            Dist::Normal { mean, stddev } => {
+                // Box-Muller.
+                let (u1, u2): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random::<f64>());
+                let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+                (mean + stddev * z).max(min)
+            }
+        }
+    }
+
+    pub fn mean(&self) -> f64 {
+        match *self {
+            Dist::Fixed(v) => v,
+            Dist::Normal { mean, .. } => mean,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Workload {
+    SharedPrefix(SharedPrefix),
+    MultiTurn(MultiTurn),
+    LongPrompt(LongPrompt),
+}
+
+impl Workload {
+    /// Reads a workload file; its `name` says which shape it is.
+    pub fn load(path: &Path) -> Result<Self, SimError> {
+        let bad = |e: String| SimError::Cluster(format!("workload {}: {e}", path.display()));
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad(format!("{e} (pass a workload file, e.g. ../shared/workloads/shared-prefix.toml)")))?;
+        Self::parse(&text).map_err(bad)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let name = toml::from_str::<toml::Table>(text)
+            .map_err(|e| e.to_string())?
+            .get("name")
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        let e = |e: toml::de::Error| e.to_string();
+        Ok(match name.as_str() {
+            "shared-prefix" => Workload::SharedPrefix(toml::from_str(text).map_err(e)?),
+            "multi-turn-chat" => Workload::MultiTurn(toml::from_str(text).map_err(e)?),
+            "long-prompt" => Workload::LongPrompt(toml::from_str(text).map_err(e)?),
+            other => {
+                return Err(format!(
+                    "`name = \"{other}\"`: known workloads are shared-prefix, multi-turn-chat and long-prompt"
+                ))
+            }
+        })
+    }
+
+    pub fn slo(&self) -> &Slo {
+        match self {
+            Workload::SharedPrefix(w) => &w.slo,
+            Workload::MultiTurn(w) => &w.slo,
+            Workload::LongPrompt(w) => &w.slo,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Workload::SharedPrefix(w) => format!(
+                "`shared-prefix`: {} groups × {}-token shared prefix, {}-token unique question, {} output tokens",
+                w.groups, w.prefix_tokens, w.question_tokens, w.output_tokens
+            ),
+            Workload::MultiTurn(w) => format!(
+                "`multi-turn-chat`: conversations of {} turns sharing a {}-token system prompt, ~{:.0}-token user \
+                 turns, ~{:.0}-token replies kept in the history, ~{:.0} s think time; conversations start at rate / \
+                 {} (at most {})",
+                w.turns,
+                w.system_prompt_tokens,
+                w.user_tokens.mean(),
+                w.output_tokens.mean(),
+                w.think_time_s.mean(),
+                w.turns,
+                w.conversations
+            ),
+            Workload::LongPrompt(w) => format!(
+                "`long-prompt`: ~{:.0}-token prompts (a {}-token shared instruction, the rest unique), {} output tokens",
+                w.prompt_tokens.mean(),
+                w.shared_prefix_tokens,
+                w.output_tokens
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_repository_workloads_parse() {
+        for f in ["shared-prefix", "multi-turn-chat", "long-prompt"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/workloads/{f}.toml"));
+            Workload::load(&path).unwrap_or_else(|e| panic!("{f}: {e}"));
+        }
+        assert!(Workload::parse("name = \"nope\"").unwrap_err().contains("known workloads"));
+    }
+}
