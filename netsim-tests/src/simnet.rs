@@ -325,7 +325,12 @@ impl AsyncUdpSocket for SimSocket {
         Ok(())
     }
 
-    fn poll_recv(&self, cx: &mut Context, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> Poll<io::Result<usize>> {
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
         let mut rx = lock(&self.rx);
         let now = Instant::now();
         let mut n = 0;
