@@ -341,13 +341,7 @@ impl AsyncUdpSocket for SimSocket {
             let Some(d) = rx.queue.pop() else { break };
             let len = d.data.len().min(bufs[n].len());
             bufs[n][..len].copy_from_slice(&d.data[..len]);
-            let mut m = RecvMeta::default();
-            m.addr = d.from;
-            m.len = len;
-            m.stride = len;
-            m.ecn = None;
-            m.dst_ip = Some(self.addr.ip());
-            meta[n] = m;
+            meta[n] = RecvMeta { addr: d.from, len, stride: len, ecn: None, dst_ip: Some(self.addr.ip()) };
             n += 1;
         }
         if n > 0 {
