@@ -1,19 +1,23 @@
 //! Multi-node tests of the mesh. This crate holds the harness (`Cluster`), the tests live in
 //! `tests/`.
 //!
-//! What runs today: real nodes in one process on loopback, each with a real QUIC endpoint,
-//! mutual TLS and gossip, and an embedded engine simulator. Two kinds of test are not built
-//! yet: deterministic simulated networks (virtual time, loss, partitions) and
-//! network-namespace tests. Both belong to the fault-testing work.
+//! What runs: real nodes in one process, each with a real QUIC endpoint, mutual TLS and gossip,
+//! and an embedded engine simulator. Their QUIC runs on loopback UDP, or on a simulated network
+//! (`simnet`: delay, loss, partitions, hosts down) for the fault tests. Not built yet:
+//! network-namespace tests.
 //!
 //! Must not: be a dependency of any shipped crate.
+
+pub mod simnet;
 
 use std::time::{Duration, Instant};
 
 use kvmesh_node::config::Config;
-use kvmesh_node::{Node, RunningNode};
+use kvmesh_node::{Node, RunningNode, StartOptions};
 use kvmesh_sim::EngineConfig;
 use tokio_util::sync::CancellationToken;
+
+pub use simnet::SimNet;
 
 /// Nodes sharing one throwaway CA. Node `i` is named `n{i}`; all join through `n0`.
 pub struct Cluster {
@@ -21,6 +25,8 @@ pub struct Cluster {
     pub nodes: Vec<Option<RunningNode>>,
     seed: Option<String>,
     pub cluster_id: String,
+    /// When set, nodes' QUIC runs on this simulated network instead of loopback UDP.
+    pub net: Option<SimNet>,
 }
 
 /// Simulated engines run 50x faster than real time so tests finish quickly.
@@ -32,7 +38,12 @@ impl Cluster {
     pub fn new(cluster_id: &str) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         kvmesh_transport::certs::create_ca(dir.path(), cluster_id).expect("CA");
-        Self { dir, nodes: Vec::new(), seed: None, cluster_id: cluster_id.to_owned() }
+        Self { dir, nodes: Vec::new(), seed: None, cluster_id: cluster_id.to_owned(), net: None }
+    }
+
+    /// A cluster whose nodes talk QUIC over `net`; a node's address there is its name's.
+    pub fn simulated(cluster_id: &str, net: SimNet) -> Self {
+        Self { net: Some(net), ..Self::new(cluster_id) }
     }
 
     /// A config for the next node, joined through the first one, with certificates made.
@@ -41,7 +52,7 @@ impl Cluster {
         Config {
             node_name: name.to_owned(),
             http_addr: "127.0.0.1:0".into(),
-            quic_addr: "127.0.0.1:0".into(),
+            quic_addr: self.net.as_ref().map_or_else(|| "127.0.0.1:0".into(), |n| n.addr(name).to_string()),
             seeds: self.seed.clone().into_iter().collect(),
             tls_dir: Some(self.dir.path().to_path_buf()),
             cluster_id: self.cluster_id.clone(),
@@ -55,12 +66,24 @@ impl Cluster {
     }
 
     pub async fn start(&mut self, cfg: Config) -> usize {
-        let node = Node::start(cfg, &CancellationToken::new()).await.expect("node starts");
+        let node = self.launch(cfg).await;
         if self.seed.is_none() {
             self.seed = node.mesh.as_ref().map(|m| m.advertise.to_string());
         }
         self.nodes.push(Some(node));
         self.nodes.len() - 1
+    }
+
+    /// Starts a node in slot `i` (after `kill(i)`: a restart, a new process with the config's
+    /// name, and on a simulated network the same address).
+    pub async fn restart(&mut self, i: usize, cfg: Config) {
+        self.kill(i).await;
+        self.nodes[i] = Some(self.launch(cfg).await);
+    }
+
+    async fn launch(&self, cfg: Config) -> RunningNode {
+        let quic_socket = self.net.as_ref().map(|n| n.socket(&cfg.node_name) as _);
+        Node::start_with(cfg, &CancellationToken::new(), StartOptions { quic_socket }).await.expect("node starts")
     }
 
     pub async fn with_nodes(cluster_id: &str, n: usize) -> Self {

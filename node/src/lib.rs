@@ -29,4 +29,4 @@ pub mod tokens;
 
 pub use config::Config;
 pub use error::NodeError;
-pub use node::{Node, RunningNode};
+pub use node::{Node, RunningNode, StartOptions};

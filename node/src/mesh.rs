@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use kvmesh_gossip::{EngineLoad, GossipConfig, KvSummarySlot, LoadReport, Membership, NodeMeta, Peer};
 use kvmesh_policy::summary::{self, BloomShard};
 use kvmesh_transport::endpoint::EndpointConfig;
-use kvmesh_transport::{MeshEndpoint, TlsIdentity};
+use kvmesh_transport::{AsyncUdpSocket, MeshEndpoint, TlsIdentity};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -58,6 +58,7 @@ impl Mesh {
         cfg: &Config,
         http_addr: SocketAddr,
         engines: &Arc<EngineSet>,
+        socket: Option<Arc<dyn AsyncUdpSocket>>,
         cancel: &CancellationToken,
         tasks: &TaskTracker,
     ) -> Result<Arc<Self>, NodeError> {
@@ -71,8 +72,11 @@ impl Mesh {
         })?;
         let bind: SocketAddr =
             cfg.quic_addr.parse().map_err(|_| NodeError::Config(format!("quic_addr `{}`", cfg.quic_addr)))?;
-        let (endpoint, inbox) = MeshEndpoint::bind(&identity, EndpointConfig::new(bind), cancel, tasks)
-            .map_err(|e| NodeError::Mesh(e.to_string()))?;
+        let bound = match socket {
+            None => MeshEndpoint::bind(&identity, EndpointConfig::new(bind), cancel, tasks),
+            Some(s) => MeshEndpoint::with_socket(&identity, EndpointConfig::new(bind), s, cancel, tasks),
+        };
+        let (endpoint, inbox) = bound.map_err(|e| NodeError::Mesh(e.to_string()))?;
         let advertise = match &cfg.advertise_addr {
             Some(a) => a.parse().map_err(|_| NodeError::Config(format!("advertise_addr `{a}`")))?,
             None => {

@@ -97,8 +97,26 @@ impl RunningNode {
     }
 }
 
+/// How a node is started, beyond its config: hooks for tests that embed nodes, never set by
+/// the `kvmesh` binary (so not config keys).
+#[derive(Default)]
+pub struct StartOptions {
+    /// The socket under the QUIC endpoint instead of a UDP port bound at `quic_addr`: the
+    /// fault tests put nodes on a simulated network this way. Its `local_addr` is the node's
+    /// QUIC address (advertised unless `advertise_addr` says otherwise).
+    pub quic_socket: Option<Arc<dyn kvmesh_transport::AsyncUdpSocket>>,
+}
+
 impl Node {
-    pub async fn start(mut cfg: Config, cancel: &CancellationToken) -> Result<RunningNode, NodeError> {
+    pub async fn start(cfg: Config, cancel: &CancellationToken) -> Result<RunningNode, NodeError> {
+        Self::start_with(cfg, cancel, StartOptions::default()).await
+    }
+
+    pub async fn start_with(
+        mut cfg: Config,
+        cancel: &CancellationToken,
+        opts: StartOptions,
+    ) -> Result<RunningNode, NodeError> {
         cfg.validate()?;
         let cancel = cancel.child_token();
         let embedded = if cfg.wants_embedded_engine() {
@@ -143,7 +161,7 @@ impl Node {
         let http_addr =
             listener.local_addr().map_err(|source| NodeError::Bind { addr: cfg.http_addr.clone(), source })?;
         let mesh = if cfg.mesh_enabled() {
-            let mesh = Mesh::start(&cfg, http_addr, &engines, &cancel, &tasks).await?;
+            let mesh = Mesh::start(&cfg, http_addr, &engines, opts.quic_socket, &cancel, &tasks).await?;
             pipeline.set_mesh(mesh.clone());
             // Weak: the endpoint must not keep the pipeline (and through it the mesh) alive.
             let p = Arc::downgrade(&pipeline);

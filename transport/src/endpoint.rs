@@ -102,6 +102,29 @@ impl MeshEndpoint {
         cancel: &CancellationToken,
         tasks: &TaskTracker,
     ) -> Result<(Arc<Self>, GossipInbox), TransportError> {
+        Self::start(identity, cfg, None, cancel, tasks)
+    }
+
+    /// Like `bind`, but on a socket the caller made instead of a UDP port: the fault tests run
+    /// the real endpoint on a simulated network this way. `cfg.bind` is ignored; the socket's
+    /// own `local_addr` is the endpoint's address.
+    pub fn with_socket(
+        identity: &TlsIdentity,
+        cfg: EndpointConfig,
+        socket: Arc<dyn quinn::AsyncUdpSocket>,
+        cancel: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<(Arc<Self>, GossipInbox), TransportError> {
+        Self::start(identity, cfg, Some(socket), cancel, tasks)
+    }
+
+    fn start(
+        identity: &TlsIdentity,
+        cfg: EndpointConfig,
+        socket: Option<Arc<dyn quinn::AsyncUdpSocket>>,
+        cancel: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<(Arc<Self>, GossipInbox), TransportError> {
         let mut transport = quinn::TransportConfig::default();
         transport.keep_alive_interval(Some(cfg.keep_alive));
         transport.max_idle_timeout(Some(
@@ -118,8 +141,20 @@ impl MeshEndpoint {
             QuicClientConfig::try_from(identity.client_config()?).map_err(|e| TransportError::Tls(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport);
-        let endpoint = quinn::Endpoint::server(server, cfg.bind)
-            .map_err(|source| TransportError::Bind { addr: cfg.bind.to_string(), source })?;
+        let endpoint = match socket {
+            None => quinn::Endpoint::server(server, cfg.bind)
+                .map_err(|source| TransportError::Bind { addr: cfg.bind.to_string(), source })?,
+            Some(socket) => {
+                let addr = socket.local_addr().map_or_else(|_| cfg.bind.to_string(), |a| a.to_string());
+                quinn::Endpoint::new_with_abstract_socket(
+                    quinn::EndpointConfig::default(),
+                    Some(server),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+                .map_err(|source| TransportError::Bind { addr, source })?
+            }
+        };
         let (gossip_tx, gossip_rx) = mpsc::channel(GOSSIP_INBOX);
         let this = Arc::new(Self {
             endpoint,

@@ -18,6 +18,10 @@ pub use error::TransportError;
 pub use frame::{PromptDigest, RequestHead, ResponseHead};
 pub use tls::TlsIdentity;
 
+/// The socket trait `MeshEndpoint::with_socket` takes, re-exported so callers need not pin quinn
+/// themselves.
+pub use quinn::AsyncUdpSocket;
+
 /// ALPN protocol id: the protocol's name and version. A peer speaking another version fails the
 /// handshake instead of misreading frames.
 pub const ALPN: &[u8] = b"kvmesh/1";
