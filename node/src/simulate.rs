@@ -26,6 +26,9 @@ pub struct SimulateArgs {
     /// Virtual seconds of arrivals per run.
     #[arg(long)]
     pub duration_s: Option<f64>,
+    /// Stretch gossip intervals to keep each node's gossip within this many KB/s.
+    #[arg(long)]
+    pub gossip_budget_kb_s: Option<f64>,
     /// Markdown file whose section (`--section`, default `simulate`) is replaced with the results.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -61,6 +64,9 @@ pub fn config(a: &SimulateArgs) -> Result<ClusterConfig, NodeError> {
     }
     if let Some(d) = a.duration_s {
         cfg.duration_s = d;
+    }
+    if a.gossip_budget_kb_s.is_some() {
+        cfg.gossip_budget_kb_s = a.gossip_budget_kb_s;
     }
     cfg.validate().map_err(err)?;
     Ok(cfg)
@@ -104,26 +110,35 @@ fn oracle_p90(rows: &[Row], r: &Row) -> Option<f64> {
 fn table(a: &SimulateArgs, cfg: &ClusterConfig, rows: &[Row]) -> String {
     let mut md = format!(
         "Command: `kvmesh simulate{}` (workload `{}`, {} virtual s of arrivals per run, the first {:.0}% warm-up; \
-         gossip every {} ms, load published every {} ms, summaries every {} ms).\n\n",
+         summaries sampled 1 key in {}; {}). Gossip intervals: chitchat round / load / summary, in s.\n\n",
         std::env::args().skip(2).map(|s| format!(" {s}")).collect::<String>(),
         cfg.workload.display(),
         cfg.duration_s,
         cfg.warmup_fraction * 100.0,
-        cfg.gossip.gossip_interval_ms,
-        cfg.gossip.load_publish_interval_ms,
-        cfg.gossip.summary_interval_ms,
+        cfg.gossip.summary_stride,
+        match cfg.gossip_budget_kb_s {
+            Some(b) => format!("intervals stretched to keep gossip within {b} KB/s per node"),
+            None => "the node's default intervals".into(),
+        },
     );
     let _ = a;
     md.push_str(
         "| nodes | rate (req/s) | policy | TTFT p50 | TTFT p90 | TTFT p99 | p90 / oracle | ITL p99 | output tok/s | cache hit | \
-         goodput (req/s) | gossip KB/s/node (summaries) | wall s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         goodput (req/s) | gossip KB/s/node (summaries) | gossip intervals | wall s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let vs = oracle_p90(rows, r).map(|o| format!("{:.2}", r.ttft_ms[1] / o)).unwrap_or_else(|| "-".into());
         let gossip =
             if r.policy == "oracle" { "-".to_owned() } else { format!("{:.1} ({:.1})", r.gossip_kb_s, r.summary_kb_s) };
+        let g = &r.gossip;
+        let intervals = format!(
+            "{:.1} / {:.1} / {:.1}",
+            g.gossip_interval_ms / 1000.0,
+            g.load_publish_interval_ms / 1000.0,
+            g.summary_interval_ms / 1000.0
+        );
         md.push_str(&format!(
-            "| {} | {:.0} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {vs} | {:.1} ms | {:.0} | {:.0}% | {:.1} | {gossip} | {:.0} |\n",
+            "| {} | {:.0} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {vs} | {:.1} ms | {:.0} | {:.0}% | {:.1} | {gossip} | {intervals} | {:.0} |\n",
             r.nodes,
             r.rate,
             r.policy,
@@ -137,22 +152,24 @@ fn table(a: &SimulateArgs, cfg: &ClusterConfig, rows: &[Row]) -> String {
             r.wall_s
         ));
     }
-    let edge: Vec<&Row> = rows.iter().filter(|r| r.edge.is_some()).collect();
+    let edge: Vec<&Row> = rows.iter().filter(|r| !r.edge.is_empty()).collect();
     if !edge.is_empty() {
         md.push_str(
-            "\nRequests received at edge nodes: \n\n| nodes | policy | edge requests | chose the engine whose cache saving \
-             minus RTT was best | sent where nothing was cached while a cache would have paid | mean cached prefix \
-             used |\n|---|---|---|---|---|---|\n",
+            "\nRequests received at edge nodes (an engine's worth: the prefill its cached prefix saves minus the RTT to \
+             it, from the engines' true caches when the request was routed):\n\n| nodes | policy | site RTT | edge requests | sent \
+             far | far, and worth more than any engine in the site | kept in the site though a far engine was worth \
+             more | mean cached prefix used |\n|---|---|---|---|---|---|---|---|\n",
         );
-        for r in edge {
-            let Some(e) = &r.edge else { continue };
+        for (r, (rtt, e)) in edge.iter().flat_map(|r| r.edge.iter().map(move |x| (r, x))) {
+            let pct = |n: usize, of: usize| 100.0 * n as f64 / of.max(1) as f64;
             md.push_str(&format!(
-                "| {} | {} | {} | {:.0}% | {:.1}% | {:.0} tokens |\n",
+                "| {} | {} | {rtt} ms | {} | {:.0}% | {:.0}% of far | {:.1}% of kept | {:.0} tokens |\n",
                 r.nodes,
                 r.policy,
                 e.requests,
-                100.0 * e.to_best_cache as f64 / e.requests.max(1) as f64,
-                100.0 * e.missed_cache as f64 / e.requests.max(1) as f64,
+                pct(e.sent_far, e.requests),
+                pct(e.far_paid, e.sent_far),
+                pct(e.near_missed, e.requests - e.sent_far),
                 e.mean_matched_tokens
             ));
         }

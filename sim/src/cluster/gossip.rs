@@ -21,8 +21,30 @@
 
 use rand::Rng;
 
-/// Digest bytes per known member per gossip round, sent and received (fit to `bench gossip`).
+/// Digest bytes per known member per gossip round (fit to `bench gossip`). It is what six
+/// digests of ~37 bytes per member cost: a node sends a digest in each of its three Syns and
+/// in its SynAck to each of the ~three Syns it receives per round.
 pub const DIGEST_BYTES_PER_MEMBER: f64 = 222.0;
+
+/// Intervals that keep a node's gossip within `budget_kb_s` at `nodes` members: half the budget
+/// for digests, 15% for load, 35% for KV summaries; never faster than `base`. Everything a
+/// node publishes reaches every other node, so each publisher's share is the budget over the
+/// number of peers: the cost of flat gossip grows with the mesh, and only slower publication
+/// (staler load and summaries) keeps it bounded.
+pub fn budgeted(base: &super::Gossip, nodes: usize, budget_kb_s: f64, summary_bytes: f64) -> super::Gossip {
+    let budget = budget_kb_s * 1000.0;
+    let peers = nodes.saturating_sub(1).max(1) as f64;
+    let gossip_interval_ms =
+        base.gossip_interval_ms.max(DIGEST_BYTES_PER_MEMBER * nodes as f64 / (0.5 * budget) * 1000.0);
+    // Chitchat carries a key's latest value once per round at most.
+    let load_publish_interval_ms =
+        base.load_publish_interval_ms.max(LOAD_BYTES * peers / (0.15 * budget) * 1000.0).max(gossip_interval_ms);
+    let summary_interval_ms = base.summary_interval_ms.max(summary_bytes * peers / (0.35 * budget) * 1000.0);
+    super::Gossip { gossip_interval_ms, load_publish_interval_ms, summary_interval_ms, ..base.clone() }
+}
+
+/// Bytes of one node's gossiped `load` value with one engine (its JSON, as the node writes it).
+pub const LOAD_BYTES: f64 = 180.0;
 
 #[derive(Debug, Clone)]
 pub struct GossipModel {

@@ -54,6 +54,9 @@ pub struct ClusterConfig {
     pub engine: EngineModel,
     pub network: Network,
     pub gossip: Gossip,
+    /// When set, gossip intervals are stretched so that a node's gossip stays within this many
+    /// KB/s at each size (`gossip::budgeted`); otherwise `gossip` applies as given.
+    pub gossip_budget_kb_s: Option<f64>,
     pub weights: ScoreWeights,
     pub pd: PdSettings,
     pub route_history_ttl_s: u64,
@@ -73,6 +76,7 @@ impl Default for ClusterConfig {
             engine: EngineModel::default(),
             network: Network::default(),
             gossip: Gossip::default(),
+            gossip_budget_kb_s: None,
             weights: ScoreWeights::default(),
             pd: PdSettings::default(),
             route_history_ttl_s: 120,
@@ -130,6 +134,10 @@ pub struct EdgeSite {
     pub nodes: usize,
     /// RTT to every cluster node, ms.
     pub rtt_ms: f64,
+    /// Whether each of the site's nodes has an engine (a small local GPU pool); otherwise they
+    /// are pure routers.
+    #[serde(default)]
+    pub engines: bool,
 }
 
 /// The node's gossip settings (same names and defaults as the node's config).
@@ -189,6 +197,9 @@ impl ClusterConfig {
         {
             return bad("network.edge: each site needs nodes >= 1 and rtt_ms >= 0; edge_share in [0, 1]");
         }
+        if self.gossip_budget_kb_s.is_some_and(|b| !(b > 0.0)) {
+            return bad("gossip_budget_kb_s must be above 0 (or left out)");
+        }
         if self.engine.block_size == 0 || self.engine.num_gpu_blocks == 0 {
             return bad("engine: block_size and num_gpu_blocks must be above 0");
         }
@@ -216,19 +227,26 @@ pub struct Row {
     pub gossip_kb_s: f64,
     /// Of which KV summaries.
     pub summary_kb_s: f64,
-    /// Requests an edge node sent to a far cluster node / all requests received at the edge.
-    pub edge: Option<EdgeStats>,
+    /// Requests received at edge nodes, by site (its RTT to the cluster, ms).
+    pub edge: Vec<(f64, EdgeStats)>,
     /// Wall-clock seconds the run took.
     pub wall_s: f64,
+    /// Gossip settings in force.
+    pub gossip: Gossip,
 }
 
+/// How requests received at edge nodes were placed, judged against the engines' true caches:
+/// an engine's worth is the prefill its cached prefix saves minus the RTT to it.
 #[derive(Debug, Clone, Default)]
 pub struct EdgeStats {
     pub requests: usize,
-    /// Sent to the engine holding the longest cached prefix among all engines.
-    pub to_best_cache: usize,
-    /// Of those sent to an engine with no cached prefix: how many could have had one elsewhere.
-    pub missed_cache: usize,
+    /// Sent to an engine outside the edge node's site.
+    pub sent_far: usize,
+    /// Of those: the far engine was worth more than the best one in the site.
+    pub far_paid: usize,
+    /// Kept in the site although a far engine was worth more.
+    pub near_missed: usize,
+    /// Cached prefix the chosen engine held, tokens.
     pub mean_matched_tokens: f64,
 }
 

@@ -30,9 +30,6 @@ fn us(ms: f64) -> Us {
     (ms * 1000.0).max(0.0).round() as Us
 }
 
-/// Bytes of one node's gossiped `load` value with one engine (its JSON, as the node writes it).
-const LOAD_REPORT_BYTES: u64 = 180;
-
 /// Model name the simulated engines serve; the routers' chain seed derives from it.
 const MODEL: &str = "kvmesh-sim";
 
@@ -147,8 +144,8 @@ struct Stats {
     cached: u64,
     load_bytes: u64,
     summary_bytes: u64,
-    edge: EdgeStats,
-    edge_matched_tokens: u64,
+    /// By edge site (index 0 unused: the cluster), with the cached tokens the choices used.
+    edge: Vec<(EdgeStats, u64)>,
 }
 
 fn hist() -> Histogram<u64> {
@@ -194,6 +191,8 @@ struct World<'a> {
     end_arrivals: Us,
     warmup: Us,
     gossip: GossipModel,
+    /// Gossip settings in force (the configured ones, or fitted to `gossip_budget_kb_s`).
+    g: super::Gossip,
     chain_seed: u64,
     stats: Stats,
     /// Prompts and output lengths of requests on their way to an engine.
@@ -242,8 +241,35 @@ impl<'a> World<'a> {
     fn new(cfg: &'a ClusterConfig, workload: &'a Workload, n: usize, policy: Policy, rate_per_engine: f64) -> Self {
         let e = &cfg.engine;
         let mut rng = SmallRng::seed_from_u64(cfg.seed);
-        let engines = (0..n)
-            .map(|i| Engine {
+        let node = |engine: Option<usize>, site: usize| Node {
+            engine,
+            site,
+            in_flight: HashMap::new(),
+            routed: HashMap::new(),
+            rr: 0,
+            last_shards: vec![None; summary::SHARDS],
+            summary: Published::new(),
+        };
+        // Cluster nodes first, each with its engine; then edge sites' nodes (with an engine each
+        // where the site has engines).
+        let mut nodes: Vec<Node> = (0..n).map(|i| node(Some(i), 0)).collect();
+        let mut engine_nodes: Vec<usize> = (0..n).collect();
+        let mut edge_rtt = vec![0.0];
+        let mut edge_nodes = Vec::new();
+        for (s, site) in cfg.network.edge.iter().enumerate() {
+            edge_rtt.push(site.rtt_ms);
+            for _ in 0..site.nodes {
+                edge_nodes.push(nodes.len());
+                let engine = site.engines.then_some(engine_nodes.len());
+                if engine.is_some() {
+                    engine_nodes.push(nodes.len());
+                }
+                nodes.push(node(engine, s + 1));
+            }
+        }
+        let engines: Vec<Engine> = engine_nodes
+            .iter()
+            .map(|&i| Engine {
                 core: EngineCore::new(
                     CoreConfig {
                         block_size: e.block_size,
@@ -267,25 +293,6 @@ impl<'a> World<'a> {
                 load_counted_at: None,
             })
             .collect();
-        let node = |engine: Option<usize>, site: usize| Node {
-            engine,
-            site,
-            in_flight: HashMap::new(),
-            routed: HashMap::new(),
-            rr: 0,
-            last_shards: vec![None; summary::SHARDS],
-            summary: Published::new(),
-        };
-        let mut nodes: Vec<Node> = (0..n).map(|i| node(Some(i), 0)).collect();
-        let mut edge_rtt = vec![0.0];
-        let mut edge_nodes = Vec::new();
-        for (s, site) in cfg.network.edge.iter().enumerate() {
-            edge_rtt.push(site.rtt_ms);
-            for _ in 0..site.nodes {
-                edge_nodes.push(nodes.len());
-                nodes.push(node(None, s + 1));
-            }
-        }
         let cluster_entries = if policy == Policy::Oracle {
             // The oracle: one central router in the cluster that every client reaches.
             nodes.push(node(None, 0));
@@ -293,10 +300,18 @@ impl<'a> World<'a> {
         } else {
             (0..n).collect()
         };
-        let scale = n as f64 / 8.0;
+        let scale = engines.len() as f64 / 8.0;
+        let rate = rate_per_engine * engines.len() as f64;
         let end_arrivals = us(cfg.duration_s * 1000.0);
-        let gossip =
-            GossipModel { nodes: nodes.len(), interval_ms: cfg.gossip.gossip_interval_ms, fanout: cfg.gossip.fanout };
+        let g = match cfg.gossip_budget_kb_s {
+            Some(budget) => {
+                let stride = cfg.gossip.summary_stride.max(1) as usize;
+                let shard = BloomShard::with_capacity(e.num_gpu_blocks as usize / stride).encode().len() + 16;
+                super::gossip::budgeted(&cfg.gossip, nodes.len(), budget, (shard * summary::SHARDS) as f64)
+            }
+            None => cfg.gossip.clone(),
+        };
+        let gossip = GossipModel { nodes: nodes.len(), interval_ms: g.gossip_interval_ms, fanout: g.fanout };
         Self {
             cfg,
             workload,
@@ -312,11 +327,12 @@ impl<'a> World<'a> {
             requests: Vec::new(),
             convs: Vec::new(),
             arrivals: 0,
-            rate: rate_per_engine * n as f64,
+            rate,
             scale,
             end_arrivals,
             warmup: us(cfg.duration_s * 1000.0 * cfg.warmup_fraction),
             gossip,
+            g,
             chain_seed: blocks::chain_seed(MODEL, None, None),
             stats: Stats {
                 ttft: hist(),
@@ -329,8 +345,7 @@ impl<'a> World<'a> {
                 cached: 0,
                 load_bytes: 0,
                 summary_bytes: 0,
-                edge: EdgeStats::default(),
-                edge_matched_tokens: 0,
+                edge: vec![(EdgeStats::default(), 0); cfg.network.edge.len() + 1],
             },
             pending: HashMap::new(),
             outputs: HashMap::new(),
@@ -344,7 +359,7 @@ impl<'a> World<'a> {
     }
 
     fn start(&mut self) {
-        let g = self.cfg.gossip.clone();
+        let g = self.g.clone();
         // Timers start at random phases, as independent processes would.
         for e in 0..self.engines.len() {
             let t = self.rng.random_range(0..us(g.engine_poll_interval_ms).max(1));
@@ -396,7 +411,7 @@ impl<'a> World<'a> {
                 let c = &self.engines[e].core;
                 self.engines[e].polled =
                     Load { running: c.num_running() as f64, waiting: c.num_waiting() as f64, kv_usage: c.kv_usage() };
-                self.after(self.cfg.gossip.engine_poll_interval_ms, ev);
+                self.after(self.g.engine_poll_interval_ms, ev);
             }
             Ev::PublishLoad(e) => {
                 // The node rounds KV usage so that noise does not re-gossip an unchanged engine;
@@ -407,19 +422,19 @@ impl<'a> World<'a> {
                     let at = self.now + us(self.gossip.delay_ms(&mut self.rng));
                     self.engines[e].load.push(at, v);
                     self.engines[e].last_published = Some(v);
-                    let round = us(self.cfg.gossip.gossip_interval_ms);
+                    let round = us(self.g.gossip_interval_ms);
                     if self.engines[e].load_counted_at.is_none_or(|t| self.now >= t + round) {
                         self.engines[e].load_counted_at = Some(self.now);
                         if self.now >= self.warmup {
-                            self.stats.load_bytes += LOAD_REPORT_BYTES;
+                            self.stats.load_bytes += super::gossip::LOAD_BYTES as u64;
                         }
                     }
                 }
-                self.after(self.cfg.gossip.load_publish_interval_ms, ev);
+                self.after(self.g.load_publish_interval_ms, ev);
             }
             Ev::PublishSummary(e) => {
                 self.publish_summary(e);
-                self.after(self.cfg.gossip.summary_interval_ms, ev);
+                self.after(self.g.summary_interval_ms, ev);
             }
         }
     }
@@ -555,7 +570,7 @@ impl<'a> World<'a> {
                         let from_summary = self.nodes[node_of]
                             .summary
                             .visible(now)
-                            .map(|s| summary::matched_blocks(s, keys, self.cfg.gossip.summary_stride))
+                            .map(|s| summary::matched_blocks(s, keys, self.g.summary_stride))
                             .unwrap_or(0);
                         let routed =
                             self.nodes[origin].routed.get(&e).map(|h| h.matched_blocks(keys, now_ms)).unwrap_or(0);
@@ -596,29 +611,29 @@ impl<'a> World<'a> {
         }
     }
 
-    /// For requests received at the edge: did the choice follow the cache where the cache was
-    /// worth the distance? Judged against the engines' true caches at decision time.
+    /// For requests received at the edge: was going far worth it? Judged with the engines'
+    /// true caches at decision time: an engine's worth is the prefill its cached prefix saves
+    /// minus the RTT to reach it (load left aside).
     fn edge_decision(&mut self, origin: usize, engine: usize, keys: &[u64]) {
-        let bs = self.cfg.engine.block_size as usize;
-        let w = &self.cfg.weights;
-        let best = (0..self.engines.len())
-            .map(|e| {
-                let saved = (self.engines[e].index.matched_blocks(keys) * bs) as f64 * w.prefill_ms_per_token;
-                (e, saved - self.rtt_ms(origin, self.engines[e].node))
-            })
-            .max_by(|a, b| a.1.total_cmp(&b.1));
+        let (bs, per_token) = (self.cfg.engine.block_size as usize, self.cfg.weights.prefill_ms_per_token);
+        let site = self.nodes[origin].site;
+        let worth = |w: &Self, e: usize| {
+            (w.engines[e].index.matched_blocks(keys) * bs) as f64 * per_token - w.rtt_ms(origin, w.engines[e].node)
+        };
+        let near = |w: &Self, e: usize| w.nodes[w.engines[e].node].site == site;
+        let best_near = (0..self.engines.len()).filter(|&e| near(self, e)).map(|e| worth(self, e)).fold(f64::MIN, f64::max);
+        let best_far = (0..self.engines.len()).filter(|&e| !near(self, e)).map(|e| worth(self, e)).fold(f64::MIN, f64::max);
+        let chosen = worth(self, engine);
+        let far = !near(self, engine);
         let matched = self.engines[engine].index.matched_blocks(keys);
-        let chosen_net =
-            (matched * bs) as f64 * w.prefill_ms_per_token - self.rtt_ms(origin, self.engines[engine].node);
-        let s = &mut self.stats.edge;
+        let (s, tokens) = &mut self.stats.edge[site];
         s.requests += 1;
-        self.stats.edge_matched_tokens += (matched * bs) as u64;
-        if let Some((b, net)) = best {
-            if b == engine || chosen_net >= net - 1e-9 {
-                s.to_best_cache += 1;
-            } else if matched == 0 {
-                s.missed_cache += 1;
-            }
+        *tokens += (matched * bs) as u64;
+        if far {
+            s.sent_far += 1;
+            s.far_paid += (chosen > best_near) as usize;
+        } else {
+            s.near_missed += (best_far > chosen) as usize;
         }
     }
 
@@ -738,7 +753,7 @@ impl<'a> World<'a> {
     fn publish_summary(&mut self, e: usize) {
         let node = self.engines[e].node;
         let capacity = (self.cfg.engine.num_gpu_blocks as usize).max(self.engines[e].index.len());
-        let shards = summary::build(self.engines[e].index.keys(), capacity, self.cfg.gossip.summary_stride);
+        let shards = summary::build(self.engines[e].index.keys(), capacity, self.g.summary_stride);
         let mut sent = false;
         let mut bytes = 0u64;
         for (i, shard) in shards.into_iter().enumerate() {
@@ -775,10 +790,15 @@ impl<'a> World<'a> {
         } else {
             (self.gossip.digest_bytes_per_s() + deltas) / 1000.0
         };
-        let edge = (s.edge.requests > 0).then(|| EdgeStats {
-            mean_matched_tokens: self.stats.edge_matched_tokens as f64 / s.edge.requests as f64,
-            ..s.edge.clone()
-        });
+        let edge = s
+            .edge
+            .iter()
+            .zip(&self.edge_rtt)
+            .filter(|((e, _), _)| e.requests > 0)
+            .map(|((e, tokens), rtt)| {
+                (*rtt, EdgeStats { mean_matched_tokens: *tokens as f64 / e.requests as f64, ..e.clone() })
+            })
+            .collect();
         Row {
             nodes: cluster_nodes,
             policy: policy.to_owned(),
@@ -794,6 +814,7 @@ impl<'a> World<'a> {
             summary_kb_s: if self.policy == Policy::Oracle { 0.0 } else { summary / 1000.0 },
             edge,
             wall_s,
+            gossip: self.g.clone(),
         }
     }
 }

@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Puts the cluster simulator's figures beside the real-process routing benchmark's.
+
+    compare-simulator.py SIM_CSV REAL_CSV... [--out BENCHMARKS.md] [--command CMD]
+
+SIM_CSV is `kvmesh simulate --csv`, each REAL_CSV `kvmesh bench routing --csv` (8 nodes). The
+table goes to stdout and, with --out, into the file's `simulate-validation` section.
+"""
+import argparse
+import csv
+import re
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("sim")
+    ap.add_argument("real", nargs="+")
+    ap.add_argument("--out")
+    ap.add_argument("--command", default="")
+    a = ap.parse_args()
+    sim = {(round(float(r["rate"]), 1), r["policy"]): r for r in rows(a.sim)}
+    lines = [
+        f"Command: `{a.command}`. Real: 8 separate `kvmesh serve` processes on loopback (the oracle: one "
+        "router in front of 8 `kvmesh engine-sim` processes), the load generator in another, all on this "
+        "machine's 2 cores. Simulated: `kvmesh simulate` with the same workload, rates and duration. "
+        "Ratio: simulated / real.",
+        "",
+        "| rate (req/s) | policy | real TTFT p50 / p90 / p99 | simulated TTFT p50 / p90 / p99 | ratio p50 / p90 / p99 | "
+        "real hit | simulated hit |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    worst = 0.0
+    for path in a.real:
+        for r in rows(path):
+            key = (round(float(r["rate"]), 1), r["policy"])
+            s = sim.get(key)
+            if s is None:
+                continue
+            q = ["ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms"]
+            real = [float(r[k]) for k in q]
+            simv = [float(s[k]) for k in q]
+            ratio = [x / y if y else float("nan") for x, y in zip(simv, real)]
+            worst = max(worst, abs(ratio[1] - 1))
+            lines.append(
+                f"| {key[0]:g} | {key[1]} | {' / '.join(f'{v:.0f}' for v in real)} ms | "
+                f"{' / '.join(f'{v:.0f}' for v in simv)} ms | {' / '.join(f'{v:.2f}' for v in ratio)} | "
+                f"{float(r['hit_rate']) * 100:.0f}% | {float(s['hit_rate']) * 100:.0f}% |"
+            )
+    lines += ["", f"Largest TTFT p90 difference: {worst * 100:.0f}%."]
+    body = "\n".join(lines)
+    print(body)
+    if a.out:
+        name = "simulate-validation"
+        start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+        section = f"{start}\n{body}\n{end}"
+        try:
+            old = open(a.out).read()
+        except FileNotFoundError:
+            old = "# Benchmarks\n"
+        if start in old and end in old:
+            new = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: section, old, flags=re.S)
+        else:
+            new = old.rstrip("\n") + "\n\n" + section + "\n"
+        open(a.out, "w").write(new)
+
+
+if __name__ == "__main__":
+    main()
