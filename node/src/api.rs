@@ -188,7 +188,8 @@ async fn status(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response 
                 "kv_events": e.kv.batches.load(std::sync::atomic::Ordering::Relaxed) > 0,
                 "indexed_blocks": e.kv.cached_blocks(),
                 "routed_keys": e.routed.lock().map(|r| r.len()).unwrap_or(0),
-                "index_resets": e.kv.gaps.load(std::sync::atomic::Ordering::Relaxed),
+                "index_resets": e.kv.resync_dropped.load(std::sync::atomic::Ordering::Relaxed),
+                "index_replays": e.kv.resync_replayed.load(std::sync::atomic::Ordering::Relaxed),
             })
         })
         .collect();

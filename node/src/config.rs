@@ -46,6 +46,9 @@ pub struct Config {
     pub engine_first_byte_timeout_ms: u64,
     /// Longest silence between two chunks of a streamed response before it is cut.
     pub engine_idle_timeout_ms: u64,
+    /// Longest a KV-event resync from an engine's replay socket may take before the engine's
+    /// index is dropped instead.
+    pub kv_events_replay_timeout_ms: u64,
     /// Engines tried for one request when the first choices fail before answering.
     pub max_attempts: u32,
     /// `text` or `json`.
@@ -215,6 +218,11 @@ pub struct EngineEntry {
     /// ZeroMQ endpoint of the engine's KV events (`tcp://host:port`).
     #[serde(default)]
     pub kv_events: Option<String>,
+    /// ZeroMQ endpoint of the engine's KV-event replay socket (vLLM's `kv_events_config`
+    /// `replay_endpoint`): after a sequence gap the missed batches are asked for there, so the
+    /// index is kept instead of dropped.
+    #[serde(default)]
+    pub kv_events_replay: Option<String>,
     /// `prefill`, `decode` or `both` (default): with prefill engines in the mesh, long uncached
     /// prompts are prefilled on one and decoded on a `decode`/`both` engine (NixlConnector).
     #[serde(default)]
@@ -239,6 +247,7 @@ impl Default for Config {
             engine_connect_timeout_ms: 2_000,
             engine_first_byte_timeout_ms: 600_000,
             engine_idle_timeout_ms: 300_000,
+            kv_events_replay_timeout_ms: 1_000,
             max_attempts: 3,
             log_format: LogFormat::Text,
             role: NodeRole::Worker,
@@ -404,6 +413,16 @@ impl Config {
                     ));
                 }
             }
+            if let Some(r) = &e.kv_events_replay {
+                if !r.starts_with("tcp://") {
+                    return bad(format!(
+                        "engines[{i}].kv_events_replay `{r}` must be a ZeroMQ endpoint like tcp://127.0.0.1:5558"
+                    ));
+                }
+                if e.kv_events.is_none() {
+                    return bad(format!("engines[{i}].kv_events_replay needs kv_events (the events it replays)"));
+                }
+            }
         }
         if self.role == NodeRole::Edge && !self.engines.is_empty() {
             return bad("an edge node runs no engines: remove [[engines]]/--engine or use --role worker".into());
@@ -489,6 +508,7 @@ impl Config {
             ("engine_connect_timeout_ms", self.engine_connect_timeout_ms),
             ("engine_first_byte_timeout_ms", self.engine_first_byte_timeout_ms),
             ("engine_idle_timeout_ms", self.engine_idle_timeout_ms),
+            ("kv_events_replay_timeout_ms", self.kv_events_replay_timeout_ms),
             ("gossip_interval_ms", self.gossip_interval_ms),
             ("load_publish_interval_ms", self.load_publish_interval_ms),
             ("summary_interval_ms", self.summary_interval_ms),
@@ -579,10 +599,18 @@ fn parse_role(s: &str) -> Result<NodeRole, String> {
 pub fn parse_engine_flag(s: &str) -> Result<EngineEntry, NodeError> {
     let mut parts = s.split(',');
     let url = parts.next().unwrap_or_default().trim().to_owned();
-    let mut e = EngineEntry { url, name: None, kv_events: None, api_key: None, role: Default::default() };
+    let mut e = EngineEntry {
+        url,
+        name: None,
+        kv_events: None,
+        kv_events_replay: None,
+        api_key: None,
+        role: Default::default(),
+    };
     for p in parts {
         match p.split_once('=') {
             Some(("kv-events", v)) => e.kv_events = Some(v.to_owned()),
+            Some(("kv-events-replay", v)) => e.kv_events_replay = Some(v.to_owned()),
             Some(("name", v)) => e.name = Some(v.to_owned()),
             Some(("api-key", v)) => e.api_key = Some(v.to_owned()),
             Some(("role", v)) => {
@@ -599,7 +627,7 @@ pub fn parse_engine_flag(s: &str) -> Result<EngineEntry, NodeError> {
             }
             _ => {
                 return Err(NodeError::Config(format!(
-                    "--engine `{s}`: unknown part `{p}`; expected URL[,kv-events=tcp://HOST:PORT][,name=NAME][,api-key=KEY][,role=prefill|decode|both]"
+                    "--engine `{s}`: unknown part `{p}`; expected URL[,kv-events=tcp://HOST:PORT][,kv-events-replay=tcp://HOST:PORT][,name=NAME][,api-key=KEY][,role=prefill|decode|both]"
                 )))
             }
         }
@@ -660,6 +688,9 @@ mod tests {
     #[test]
     fn engine_flag_parts() {
         let e = parse_engine_flag("http://h:1,kv-events=tcp://h:2,name=gpu0").unwrap();
+        assert_eq!(e.kv_events_replay, None);
+        let r = parse_engine_flag("http://h:1,kv-events=tcp://h:2,kv-events-replay=tcp://h:3").unwrap();
+        assert_eq!(r.kv_events_replay.as_deref(), Some("tcp://h:3"));
         assert_eq!(e.url, "http://h:1");
         assert_eq!(e.kv_events.as_deref(), Some("tcp://h:2"));
         assert_eq!(e.name.as_deref(), Some("gpu0"));

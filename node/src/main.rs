@@ -374,12 +374,21 @@ async fn main() -> anyhow::Result<()> {
         Cmd::EngineSim(args) => {
             init_tracing(LogFormat::Text);
             cancel_on_signal(cancel.clone());
-            let engine = EngineSim::start(args.engine, &args.http_addr, args.kv_events_addr.as_deref(), &cancel)
-                .await
-                .context("engine simulator failed to start")?;
+            let engine = EngineSim::start_with_replay(
+                args.engine,
+                &args.http_addr,
+                args.kv_events_addr.as_deref(),
+                args.kv_events_replay_addr.as_deref(),
+                &cancel,
+            )
+            .await
+            .context("engine simulator failed to start")?;
             println!("engine-sim serving `{}` at {}", engine.model, engine.url());
             if let Some(kv) = &engine.kv_events_endpoint {
                 println!("  KV events on {kv}");
+            }
+            if let Some(r) = &engine.kv_events_replay_endpoint {
+                println!("  KV-event replay on {r}");
             }
             engine.wait().await;
         }

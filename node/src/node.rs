@@ -106,11 +106,14 @@ impl Node {
             let mut sim = cfg.embedded.clone();
             // A P/D role needs the simulated NixlConnector.
             sim.kv_transfer |= cfg.embedded_role != kvmesh_policy::pd::Role::Both;
-            let e = EngineSim::start(sim, "127.0.0.1:0", Some("tcp://127.0.0.1:0"), &cancel).await?;
+            // Its replay socket is on too: a gap in its events is then filled, not dropped.
+            let loopback = Some("tcp://127.0.0.1:0");
+            let e = EngineSim::start_with_replay(sim, "127.0.0.1:0", loopback, loopback, &cancel).await?;
             cfg.engines.push(EngineEntry {
                 url: e.url(),
                 name: Some("embedded-sim".into()),
                 kv_events: e.kv_events_endpoint.clone(),
+                kv_events_replay: e.kv_events_replay_endpoint.clone(),
                 api_key: None,
                 role: cfg.embedded_role,
             });
