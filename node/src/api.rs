@@ -25,6 +25,7 @@ pub fn router(p: Arc<Pipeline>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/mesh/peers", get(peers))
         .route("/admin/keys/reload", post(reload_keys))
+        .route("/admin/reload", post(reload))
         .route("/admin/drain", post(drain))
         .route("/v1/mesh/status", get(status))
         .fallback(|| async { error_response(&ApiError::not_found("Not Found")) })
@@ -162,6 +163,26 @@ async fn reload_keys(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Resp
     match g.reload_keys() {
         Ok(n) => Json(json!({"keys": n})).into_response(),
         Err(e) => error_response(&ApiError::invalid(e.to_string(), None)),
+    }
+}
+
+/// Re-reads the API keys (with keys configured) and the guardrails file (when there is one),
+/// as SIGHUP does. What cannot be used keeps its old state; the answer is then 400 with every
+/// error (file, and line or entry). Admin key required.
+async fn reload(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response {
+    let Some(g) = p.guard() else {
+        return error_response(&ApiError::not_found(
+            "Nothing to reload: no API keys or guardrails are configured on this node.",
+        ));
+    };
+    if let Err(denied) = g.check_admin(&headers) {
+        return error_response(&denied);
+    }
+    let r = g.reload_all();
+    if r.errors.is_empty() {
+        Json(json!({"keys": r.keys, "guardrails": r.guardrails})).into_response()
+    } else {
+        error_response(&ApiError::invalid(r.errors.join("; "), None))
     }
 }
 

@@ -110,6 +110,11 @@ pub struct Config {
     pub usage_publish_interval_ms: u64,
     /// Guardrail hooks, run in this order on prompts and on answers.
     pub guardrails: Vec<GuardrailConfig>,
+    /// More guardrail hooks (`[[guardrails]]` entries), run after the inline ones; re-read when
+    /// the file changes, on `POST /admin/reload` and on SIGHUP.
+    pub guardrails_file: Option<PathBuf>,
+    /// How often the guardrails file is checked for changes.
+    pub guardrails_reload_interval_ms: u64,
     /// Text held back from a streamed answer so rules see matches across chunks (characters,
     /// counted as UTF-8 bytes). Longer matches can slip through; text reaches clients this late.
     pub guardrail_window_chars: usize,
@@ -151,6 +156,44 @@ impl KeysFile {
         let f: KeysFile = toml::from_str(&text)
             .map_err(|e| NodeError::ConfigParse { path: path.display().to_string(), message: e.to_string() })?;
         Ok(f.keys)
+    }
+}
+
+/// A guardrails file: `[[guardrails]]` entries in the main config's format.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GuardrailsFile {
+    #[serde(default)]
+    pub guardrails: Vec<GuardrailConfig>,
+}
+
+impl GuardrailsFile {
+    /// Reads the file and checks that every entry builds (valid regexes, required fields). A
+    /// syntax or field error names its line (TOML's message); an entry that does not build is
+    /// named by its position, its line and its name.
+    pub fn read(path: &std::path::Path) -> Result<Vec<GuardrailConfig>, NodeError> {
+        let shown = path.display().to_string();
+        let text =
+            std::fs::read_to_string(path).map_err(|source| NodeError::ConfigFile { path: shown.clone(), source })?;
+        let f: GuardrailsFile = toml::from_str(&text)
+            .map_err(|e| NodeError::ConfigParse { path: shown.clone(), message: e.to_string() })?;
+        // Line of each `[[guardrails]]` header, in order: entry i starts at the i-th.
+        let headers: Vec<usize> = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.trim_start().starts_with("[[guardrails]]"))
+            .map(|(i, _)| i + 1)
+            .collect();
+        for (i, g) in f.guardrails.iter().enumerate() {
+            if let Err(e) = g.build() {
+                let at = headers.get(i).map(|l| format!(" at line {l}")).unwrap_or_default();
+                return Err(NodeError::ConfigParse {
+                    path: shown,
+                    message: format!("entry {} of [[guardrails]]{at}: {e}", i + 1),
+                });
+            }
+        }
+        Ok(f.guardrails)
     }
 }
 
@@ -276,6 +319,8 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             usage_publish_interval_ms: 250,
             guardrails: Vec::new(),
+            guardrails_file: None,
+            guardrails_reload_interval_ms: 2_000,
             guardrail_window_chars: 256,
             audit: AuditConfig::default(),
         }
@@ -555,6 +600,9 @@ impl Config {
                     g.name()
                 ));
             }
+        }
+        if self.guardrails_file.is_some() && self.guardrails_reload_interval_ms == 0 {
+            return bad("guardrails_reload_interval_ms must be greater than 0".into());
         }
         if self.guardrail_window_chars == 0 {
             return bad("guardrail_window_chars must be at least 1 (256 is the default)".into());

@@ -167,6 +167,8 @@ impl Node {
         if let Some(g) = &guard {
             g.spawn_tasks(mesh.clone(), &tasks, &cancel);
         }
+        #[cfg(unix)]
+        tasks.spawn(reload_on_sighup(guard.clone(), cancel.clone()));
         let app = api::router(pipeline.clone());
         let http_stop = cancel.child_token();
         let stop = http_stop.clone();
@@ -196,5 +198,31 @@ impl Node {
             cancel,
             tasks,
         })
+    }
+}
+
+/// SIGHUP reloads what `POST /admin/reload` does. Handled with or without a guard, so a HUP
+/// (a terminal closing, a config tool) never kills a node that has nothing to reload.
+#[cfg(unix)]
+async fn reload_on_sighup(guard: Option<Arc<Guard>>, cancel: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /admin/reload");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            got = hup.recv() => if got.is_none() { return },
+        }
+        match &guard {
+            Some(g) => {
+                let _ = g.reload_all();
+            }
+            None => tracing::info!("SIGHUP: no API keys or guardrails configured, nothing to reload"),
+        }
     }
 }
