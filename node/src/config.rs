@@ -120,6 +120,17 @@ pub struct Config {
     pub guardrail_window_chars: usize,
     /// The hash-chained audit trail.
     pub audit: AuditConfig,
+    /// Trace export.
+    pub observability: ObservabilityConfig,
+}
+
+/// `[observability]`: where spans go besides the log.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ObservabilityConfig {
+    /// Base URL of an OpenTelemetry collector's OTLP/HTTP receiver (e.g. `http://otel:4318`);
+    /// spans are POSTed as protobuf to `/v1/traces`. Unset: no export.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// `[auth]`: API keys inline, from a file, or both.
@@ -323,6 +334,7 @@ impl Default for Config {
             guardrails_reload_interval_ms: 2_000,
             guardrail_window_chars: 256,
             audit: AuditConfig::default(),
+            observability: ObservabilityConfig::default(),
         }
     }
 }
@@ -598,6 +610,14 @@ impl Config {
                 return bad(format!(
                     "[[guardrails]] name `{}` is used twice; names label metrics and audit records",
                     g.name()
+                ));
+            }
+        }
+        if let Some(ep) = &self.observability.otlp_endpoint {
+            if !ep.starts_with("http://") {
+                return bad(format!(
+                    "observability.otlp_endpoint `{ep}` must be an http:// URL like http://127.0.0.1:4318 \
+                     (this build's HTTP client has no TLS)"
                 ));
             }
         }

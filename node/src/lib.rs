@@ -24,6 +24,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod proxy;
+pub mod telemetry;
 pub mod tokens;
 
 pub use config::Config;
