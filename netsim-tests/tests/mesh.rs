@@ -275,6 +275,7 @@ async fn a_forwarded_prompt_is_not_tokenized_again() {
             url: e.url(),
             name: Some(name.into()),
             kv_events: e.kv_events_endpoint.clone(),
+            kv_events_replay: None,
             api_key: None,
             role: Default::default(),
         });

@@ -25,6 +25,7 @@ pub fn router(p: Arc<Pipeline>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/mesh/peers", get(peers))
         .route("/admin/keys/reload", post(reload_keys))
+        .route("/admin/reload", post(reload))
         .route("/admin/drain", post(drain))
         .route("/v1/mesh/status", get(status))
         .fallback(|| async { error_response(&ApiError::not_found("Not Found")) })
@@ -165,6 +166,26 @@ async fn reload_keys(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Resp
     }
 }
 
+/// Re-reads the API keys (with keys configured) and the guardrails file (when there is one),
+/// as SIGHUP does. What cannot be used keeps its old state; the answer is then 400 with every
+/// error (file, and line or entry). Admin key required.
+async fn reload(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response {
+    let Some(g) = p.guard() else {
+        return error_response(&ApiError::not_found(
+            "Nothing to reload: no API keys or guardrails are configured on this node.",
+        ));
+    };
+    if let Err(denied) = g.check_admin(&headers) {
+        return error_response(&denied);
+    }
+    let r = g.reload_all();
+    if r.errors.is_empty() {
+        Json(json!({"keys": r.keys, "guardrails": r.guardrails})).into_response()
+    } else {
+        error_response(&ApiError::invalid(r.errors.join("; "), None))
+    }
+}
+
 /// This node's view of itself: engines with their index sizes, and how each model's prompts
 /// are matched: `exact` (token blocks, with a tokenizer) or `approximate` (text chunks against
 /// what this node routed where, without one). Admin key required when keys are configured.
@@ -188,7 +209,8 @@ async fn status(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response 
                 "kv_events": e.kv.batches.load(std::sync::atomic::Ordering::Relaxed) > 0,
                 "indexed_blocks": e.kv.cached_blocks(),
                 "routed_keys": e.routed.lock().map(|r| r.len()).unwrap_or(0),
-                "index_resets": e.kv.gaps.load(std::sync::atomic::Ordering::Relaxed),
+                "index_resets": e.kv.resync_dropped.load(std::sync::atomic::Ordering::Relaxed),
+                "index_replays": e.kv.resync_replayed.load(std::sync::atomic::Ordering::Relaxed),
             })
         })
         .collect();

@@ -140,6 +140,7 @@ async fn overhead(a: OverheadArgs) -> Result<(), NodeError> {
             url: engine_url.clone(),
             name: Some("sim".into()),
             kv_events: None,
+            kv_events_replay: None,
             api_key: None,
             role: Default::default(),
         }],

@@ -197,6 +197,7 @@ async fn setup(policy: &str, n: usize, cancel: &CancellationToken) -> Result<Set
                     url: e.url(),
                     name: Some(format!("e{i}")),
                     kv_events: e.kv_events_endpoint.clone(),
+                    kv_events_replay: None,
                     api_key: None,
                     role: Default::default(),
                 })

@@ -46,6 +46,9 @@ pub struct Config {
     pub engine_first_byte_timeout_ms: u64,
     /// Longest silence between two chunks of a streamed response before it is cut.
     pub engine_idle_timeout_ms: u64,
+    /// Longest a KV-event resync from an engine's replay socket may take before the engine's
+    /// index is dropped instead.
+    pub kv_events_replay_timeout_ms: u64,
     /// Engines tried for one request when the first choices fail before answering.
     pub max_attempts: u32,
     /// `text` or `json`.
@@ -111,11 +114,27 @@ pub struct Config {
     pub usage_publish_interval_ms: u64,
     /// Guardrail hooks, run in this order on prompts and on answers.
     pub guardrails: Vec<GuardrailConfig>,
+    /// More guardrail hooks (`[[guardrails]]` entries), run after the inline ones; re-read when
+    /// the file changes, on `POST /admin/reload` and on SIGHUP.
+    pub guardrails_file: Option<PathBuf>,
+    /// How often the guardrails file is checked for changes.
+    pub guardrails_reload_interval_ms: u64,
     /// Text held back from a streamed answer so rules see matches across chunks (characters,
     /// counted as UTF-8 bytes). Longer matches can slip through; text reaches clients this late.
     pub guardrail_window_chars: usize,
     /// The hash-chained audit trail.
     pub audit: AuditConfig,
+    /// Trace export.
+    pub observability: ObservabilityConfig,
+}
+
+/// `[observability]`: where spans go besides the log.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ObservabilityConfig {
+    /// Base URL of an OpenTelemetry collector's OTLP/HTTP receiver (e.g. `http://otel:4318`);
+    /// spans are POSTed as protobuf to `/v1/traces`. Unset: no export.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// `[auth]`: API keys inline, from a file, or both.
@@ -152,6 +171,44 @@ impl KeysFile {
         let f: KeysFile = toml::from_str(&text)
             .map_err(|e| NodeError::ConfigParse { path: path.display().to_string(), message: e.to_string() })?;
         Ok(f.keys)
+    }
+}
+
+/// A guardrails file: `[[guardrails]]` entries in the main config's format.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GuardrailsFile {
+    #[serde(default)]
+    pub guardrails: Vec<GuardrailConfig>,
+}
+
+impl GuardrailsFile {
+    /// Reads the file and checks that every entry builds (valid regexes, required fields). A
+    /// syntax or field error names its line (TOML's message); an entry that does not build is
+    /// named by its position, its line and its name.
+    pub fn read(path: &std::path::Path) -> Result<Vec<GuardrailConfig>, NodeError> {
+        let shown = path.display().to_string();
+        let text =
+            std::fs::read_to_string(path).map_err(|source| NodeError::ConfigFile { path: shown.clone(), source })?;
+        let f: GuardrailsFile = toml::from_str(&text)
+            .map_err(|e| NodeError::ConfigParse { path: shown.clone(), message: e.to_string() })?;
+        // Line of each `[[guardrails]]` header, in order: entry i starts at the i-th.
+        let headers: Vec<usize> = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.trim_start().starts_with("[[guardrails]]"))
+            .map(|(i, _)| i + 1)
+            .collect();
+        for (i, g) in f.guardrails.iter().enumerate() {
+            if let Err(e) = g.build() {
+                let at = headers.get(i).map(|l| format!(" at line {l}")).unwrap_or_default();
+                return Err(NodeError::ConfigParse {
+                    path: shown,
+                    message: format!("entry {} of [[guardrails]]{at}: {e}", i + 1),
+                });
+            }
+        }
+        Ok(f.guardrails)
     }
 }
 
@@ -219,6 +276,11 @@ pub struct EngineEntry {
     /// ZeroMQ endpoint of the engine's KV events (`tcp://host:port`).
     #[serde(default)]
     pub kv_events: Option<String>,
+    /// ZeroMQ endpoint of the engine's KV-event replay socket (vLLM's `kv_events_config`
+    /// `replay_endpoint`): after a sequence gap the missed batches are asked for there, so the
+    /// index is kept instead of dropped.
+    #[serde(default)]
+    pub kv_events_replay: Option<String>,
     /// `prefill`, `decode` or `both` (default): with prefill engines in the mesh, long uncached
     /// prompts are prefilled on one and decoded on a `decode`/`both` engine (NixlConnector).
     #[serde(default)]
@@ -243,6 +305,7 @@ impl Default for Config {
             engine_connect_timeout_ms: 2_000,
             engine_first_byte_timeout_ms: 600_000,
             engine_idle_timeout_ms: 300_000,
+            kv_events_replay_timeout_ms: 1_000,
             max_attempts: 3,
             log_format: LogFormat::Text,
             role: NodeRole::Worker,
@@ -272,8 +335,11 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             usage_publish_interval_ms: 250,
             guardrails: Vec::new(),
+            guardrails_file: None,
+            guardrails_reload_interval_ms: 2_000,
             guardrail_window_chars: 256,
             audit: AuditConfig::default(),
+            observability: ObservabilityConfig::default(),
         }
     }
 }
@@ -409,6 +475,16 @@ impl Config {
                     ));
                 }
             }
+            if let Some(r) = &e.kv_events_replay {
+                if !r.starts_with("tcp://") {
+                    return bad(format!(
+                        "engines[{i}].kv_events_replay `{r}` must be a ZeroMQ endpoint like tcp://127.0.0.1:5558"
+                    ));
+                }
+                if e.kv_events.is_none() {
+                    return bad(format!("engines[{i}].kv_events_replay needs kv_events (the events it replays)"));
+                }
+            }
         }
         if self.role == NodeRole::Edge && !self.engines.is_empty() {
             return bad("an edge node runs no engines: remove [[engines]]/--engine or use --role worker".into());
@@ -500,6 +576,7 @@ impl Config {
             ("engine_connect_timeout_ms", self.engine_connect_timeout_ms),
             ("engine_first_byte_timeout_ms", self.engine_first_byte_timeout_ms),
             ("engine_idle_timeout_ms", self.engine_idle_timeout_ms),
+            ("kv_events_replay_timeout_ms", self.kv_events_replay_timeout_ms),
             ("gossip_interval_ms", self.gossip_interval_ms),
             ("load_publish_interval_ms", self.load_publish_interval_ms),
             ("summary_interval_ms", self.summary_interval_ms),
@@ -547,6 +624,17 @@ impl Config {
                 ));
             }
         }
+        if let Some(ep) = &self.observability.otlp_endpoint {
+            if !ep.starts_with("http://") {
+                return bad(format!(
+                    "observability.otlp_endpoint `{ep}` must be an http:// URL like http://127.0.0.1:4318 \
+                     (this build's HTTP client has no TLS)"
+                ));
+            }
+        }
+        if self.guardrails_file.is_some() && self.guardrails_reload_interval_ms == 0 {
+            return bad("guardrails_reload_interval_ms must be greater than 0".into());
+        }
         if self.guardrail_window_chars == 0 {
             return bad("guardrail_window_chars must be at least 1 (256 is the default)".into());
         }
@@ -590,10 +678,18 @@ fn parse_role(s: &str) -> Result<NodeRole, String> {
 pub fn parse_engine_flag(s: &str) -> Result<EngineEntry, NodeError> {
     let mut parts = s.split(',');
     let url = parts.next().unwrap_or_default().trim().to_owned();
-    let mut e = EngineEntry { url, name: None, kv_events: None, api_key: None, role: Default::default() };
+    let mut e = EngineEntry {
+        url,
+        name: None,
+        kv_events: None,
+        kv_events_replay: None,
+        api_key: None,
+        role: Default::default(),
+    };
     for p in parts {
         match p.split_once('=') {
             Some(("kv-events", v)) => e.kv_events = Some(v.to_owned()),
+            Some(("kv-events-replay", v)) => e.kv_events_replay = Some(v.to_owned()),
             Some(("name", v)) => e.name = Some(v.to_owned()),
             Some(("api-key", v)) => e.api_key = Some(v.to_owned()),
             Some(("role", v)) => {
@@ -610,7 +706,7 @@ pub fn parse_engine_flag(s: &str) -> Result<EngineEntry, NodeError> {
             }
             _ => {
                 return Err(NodeError::Config(format!(
-                    "--engine `{s}`: unknown part `{p}`; expected URL[,kv-events=tcp://HOST:PORT][,name=NAME][,api-key=KEY][,role=prefill|decode|both]"
+                    "--engine `{s}`: unknown part `{p}`; expected URL[,kv-events=tcp://HOST:PORT][,kv-events-replay=tcp://HOST:PORT][,name=NAME][,api-key=KEY][,role=prefill|decode|both]"
                 )))
             }
         }
@@ -671,6 +767,9 @@ mod tests {
     #[test]
     fn engine_flag_parts() {
         let e = parse_engine_flag("http://h:1,kv-events=tcp://h:2,name=gpu0").unwrap();
+        assert_eq!(e.kv_events_replay, None);
+        let r = parse_engine_flag("http://h:1,kv-events=tcp://h:2,kv-events-replay=tcp://h:3").unwrap();
+        assert_eq!(r.kv_events_replay.as_deref(), Some("tcp://h:3"));
         assert_eq!(e.url, "http://h:1");
         assert_eq!(e.kv_events.as_deref(), Some("tcp://h:2"));
         assert_eq!(e.name.as_deref(), Some("gpu0"));

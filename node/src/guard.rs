@@ -40,7 +40,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::{unix_ms, AuditLog, AuditRecord, HookVerdict, Slot};
-use crate::config::{Config, KeysFile};
+use crate::config::{Config, GuardrailsFile, KeysFile};
 use crate::error::NodeError;
 use crate::mesh::Mesh;
 use crate::metrics::NodeMetrics;
@@ -77,6 +77,57 @@ impl Hook {
     }
 }
 
+/// The guardrail hooks in force. Swapped whole on a reload, and a streamed answer keeps the set
+/// it started with, so no answer is checked by half of one set and half of another.
+struct Rules {
+    hooks: Vec<Hook>,
+    /// The built-in rules among `hooks`, which scan streamed answers as they flow.
+    stream_rules: Vec<Arc<dyn Guardrail>>,
+}
+
+impl Rules {
+    fn build(cfgs: &[GuardrailConfig]) -> Result<Self, NodeError> {
+        let mut hooks = Vec::new();
+        let mut stream_rules = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for g in cfgs {
+            if !names.insert(g.name()) {
+                return Err(NodeError::Config(format!(
+                    "[[guardrails]] name `{}` is used twice (inline and file entries share one namespace); \
+                     names label metrics and audit records",
+                    g.name()
+                )));
+            }
+            match g.build().map_err(|e| NodeError::Config(e.to_string()))? {
+                Some(rule) => {
+                    stream_rules.push(rule.clone());
+                    hooks.push(Hook::Rule(rule));
+                }
+                None => {
+                    if let GuardrailConfig::Webhook { name, url, on, timeout_ms, fail } = g {
+                        hooks.push(Hook::Webhook(Webhook {
+                            name: name.clone(),
+                            url: url.clone(),
+                            on: on.clone(),
+                            timeout: Duration::from_millis(*timeout_ms),
+                            fail: *fail,
+                        }));
+                    }
+                }
+            }
+        }
+        Ok(Self { hooks, stream_rules })
+    }
+}
+
+/// What a reload touched: counts of what is now in force, and the errors of what was kept.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    pub keys: Option<usize>,
+    pub guardrails: Option<usize>,
+    pub errors: Vec<String>,
+}
+
 pub struct Guard {
     node: String,
     auth_enabled: bool,
@@ -90,8 +141,10 @@ pub struct Guard {
     limiter: Mutex<Limiter>,
     epoch: Instant,
     usage_every: Duration,
-    hooks: Vec<Hook>,
-    stream_rules: Vec<Arc<dyn Guardrail>>,
+    rules: RwLock<Arc<Rules>>,
+    inline_rules: Vec<GuardrailConfig>,
+    rules_file: Option<PathBuf>,
+    rules_reload_every: Duration,
     window: usize,
     /// Redacts recorded text, whatever rules are configured.
     audit_redactor: Arc<dyn Guardrail>,
@@ -117,30 +170,15 @@ impl Guard {
     /// as without this module).
     pub fn new(cfg: &Config, metrics: Arc<NodeMetrics>) -> Result<Option<Arc<Self>>, NodeError> {
         let limits_enabled = cfg.limits != LimitsConfig::default();
-        if !cfg.auth.enabled() && !limits_enabled && cfg.guardrails.is_empty() && cfg.audit.path.is_none() {
+        if !cfg.auth.enabled()
+            && !limits_enabled
+            && cfg.guardrails.is_empty()
+            && cfg.guardrails_file.is_none()
+            && cfg.audit.path.is_none()
+        {
             return Ok(None);
         }
-        let mut hooks = Vec::new();
-        let mut stream_rules = Vec::new();
-        for g in &cfg.guardrails {
-            match g.build().map_err(|e| NodeError::Config(e.to_string()))? {
-                Some(rule) => {
-                    stream_rules.push(rule.clone());
-                    hooks.push(Hook::Rule(rule));
-                }
-                None => {
-                    if let GuardrailConfig::Webhook { name, url, on, timeout_ms, fail } = g {
-                        hooks.push(Hook::Webhook(Webhook {
-                            name: name.clone(),
-                            url: url.clone(),
-                            on: on.clone(),
-                            timeout: Duration::from_millis(*timeout_ms),
-                            fail: *fail,
-                        }));
-                    }
-                }
-            }
-        }
+        let rules = Rules::build(&cfg.guardrails)?;
         let audit_redactor = GuardrailConfig::Pii {
             name: "audit-redaction".into(),
             on: vec![Stage::Prompt, Stage::Response],
@@ -168,8 +206,10 @@ impl Guard {
             limiter: Mutex::new(Limiter::new()),
             epoch: Instant::now(),
             usage_every: Config::ms(cfg.usage_publish_interval_ms),
-            hooks,
-            stream_rules,
+            rules: RwLock::new(Arc::new(rules)),
+            inline_rules: cfg.guardrails.clone(),
+            rules_file: cfg.guardrails_file.clone(),
+            rules_reload_every: Config::ms(cfg.guardrails_reload_interval_ms.max(1)),
             window: cfg.guardrail_window_chars,
             audit_redactor,
             audit,
@@ -180,7 +220,60 @@ impl Guard {
             let n = guard.reload_keys()?;
             tracing::info!(keys = n, file = ?guard.keys_file, "API keys required");
         }
+        if guard.rules_file.is_some() {
+            // A file that cannot be used stops the node at start; later, it keeps the old rules.
+            let n = guard.reload_rules()?;
+            tracing::info!(hooks = n, file = ?guard.rules_file, "guardrails loaded");
+        }
         Ok(Some(Arc::new(guard)))
+    }
+
+    /// Re-reads the guardrail hooks (inline plus the guardrails file) and swaps them in whole.
+    /// On an error (the message names the file, and the line or entry) the hooks in use stay.
+    pub fn reload_rules(&self) -> Result<usize, NodeError> {
+        let mut entries = self.inline_rules.clone();
+        if let Some(path) = &self.rules_file {
+            entries.extend(GuardrailsFile::read(path)?);
+        }
+        let rules = Rules::build(&entries)?;
+        let n = rules.hooks.len();
+        if let Ok(mut r) = self.rules.write() {
+            *r = Arc::new(rules);
+        }
+        Ok(n)
+    }
+
+    fn rules(&self) -> Arc<Rules> {
+        self.rules
+            .read()
+            .map(|r| r.clone())
+            .unwrap_or_else(|_| Arc::new(Rules { hooks: Vec::new(), stream_rules: Vec::new() }))
+    }
+
+    /// Everything reloadable (`POST /admin/reload`, SIGHUP): the API keys when keys are
+    /// configured, the guardrails when a guardrails file is. What fails keeps its old state and
+    /// is reported and logged; the rest is swapped in.
+    pub fn reload_all(&self) -> Reloaded {
+        let mut out = Reloaded::default();
+        if self.auth_enabled {
+            match self.reload_keys() {
+                Ok(n) => out.keys = Some(n),
+                Err(e) => out.errors.push(format!("API keys kept: {e}")),
+            }
+        }
+        if self.rules_file.is_some() {
+            match self.reload_rules() {
+                Ok(n) => out.guardrails = Some(n),
+                Err(e) => out.errors.push(format!("guardrails kept: {e}")),
+            }
+        }
+        for e in &out.errors {
+            tracing::error!(error = %e, "reload failed");
+        }
+        if out.errors.is_empty() {
+            tracing::info!(keys = ?out.keys, guardrails = ?out.guardrails, "configuration reloaded");
+        }
+        out
     }
 
     /// Re-reads the keys (inline plus the keys file) and swaps them in whole. On an error the
@@ -214,7 +307,10 @@ impl Guard {
         cancel: &CancellationToken,
     ) {
         if let Some(path) = self.keys_file.clone() {
-            tasks.spawn(watch_keys(self.clone(), path, cancel.clone()));
+            tasks.spawn(watch_file(self.clone(), path, Watched::Keys, self.reload_every, cancel.clone()));
+        }
+        if let Some(path) = self.rules_file.clone() {
+            tasks.spawn(watch_file(self.clone(), path, Watched::Guardrails, self.rules_reload_every, cancel.clone()));
         }
         if let (Some(mesh), true) = (mesh, self.limits_enabled) {
             tasks.spawn(publish_usage(self.clone(), mesh, cancel.clone()));
@@ -415,7 +511,8 @@ impl Guard {
         out: &mut Vec<HookVerdict>,
     ) -> Result<bool, (String, String)> {
         let mut changed = false;
-        for hook in &self.hooks {
+        let rules = self.rules();
+        for hook in &rules.hooks {
             let (verdict, reason): (&'static str, Option<String>) = match hook {
                 Hook::Rule(rule) => {
                     if !rule.applies(ctx.stage) {
@@ -617,6 +714,7 @@ impl Guard {
         let (mut parts, body) = resp.into_parts();
         parts.headers.remove(header::CONTENT_LENGTH);
         let state = StreamState {
+            rules: self.rules(),
             upstream: body.into_data_stream().boxed(),
             buf: Vec::new(),
             scanners: BTreeMap::new(),
@@ -731,6 +829,8 @@ type DataStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, axum::Error>
 
 struct StreamState {
     guard: Arc<Guard>,
+    /// The hooks in force when the answer started; a reload mid-stream does not change them.
+    rules: Arc<Rules>,
     upstream: DataStream,
     /// Bytes of an SSE event not complete yet.
     buf: Vec<u8>,
@@ -803,7 +903,7 @@ impl StreamState {
                 let (scanner, done) = self
                     .scanners
                     .entry(idx)
-                    .or_insert_with(|| (StreamScanner::new(&self.guard.stream_rules, self.guard.window), false));
+                    .or_insert_with(|| (StreamScanner::new(&self.rules.stream_rules, self.guard.window), false));
                 let mut released = scanner.push(&ctx, text.as_deref().unwrap_or(""))?;
                 if finishing {
                     released.push_str(&scanner.finish(&ctx)?);
@@ -867,12 +967,12 @@ impl StreamState {
             }
         }
         if self.scanners.is_empty() {
-            for r in self.guard.stream_rules.iter() {
+            for r in self.rules.stream_rules.iter() {
                 by_rule.insert(r.name().to_owned(), "allow");
             }
         }
         let mut ordered = Vec::new();
-        for r in &self.guard.stream_rules {
+        for r in &self.rules.stream_rules {
             if let Some(d) = denied.filter(|d| d.rule == r.name()) {
                 ordered.push((r.name().to_owned(), "deny", Some(d.reason.clone())));
                 break;
@@ -924,14 +1024,15 @@ impl StreamState {
         let mut denied_by_webhook = None;
         if let Some(mut f) = self.flow.take() {
             let guard = self.guard.clone();
+            let rules = self.rules.clone();
             let has_webhooks =
-                guard.hooks.iter().any(|h| matches!(h, Hook::Webhook(w) if w.on.contains(&Stage::Response)));
+                rules.hooks.iter().any(|h| matches!(h, Hook::Webhook(w) if w.on.contains(&Stage::Response)));
             if has_webhooks {
                 let ctx = Context { stage: Stage::Response, model: &self.model, tenant: &f.tenant, prompt_chars: 0 };
                 let mut texts = vec![f.text.clone()];
                 let mut verdicts = Vec::new();
                 // Built-in rules already ran on the stream: only the webhooks run here.
-                for h in guard.hooks.iter() {
+                for h in rules.hooks.iter() {
                     if let Hook::Webhook(w) = h {
                         if !w.on.contains(&Stage::Response) {
                             continue;
@@ -1032,14 +1133,22 @@ fn find_event_end(buf: &[u8]) -> Option<usize> {
     buf.windows(2).position(|w| w == b"\n\n")
 }
 
-/// Re-reads the keys file whenever its modification time or size changes.
-async fn watch_keys(guard: Arc<Guard>, path: PathBuf, cancel: CancellationToken) {
+#[derive(Clone, Copy)]
+enum Watched {
+    Keys,
+    Guardrails,
+}
+
+/// Re-reads a watched file whenever its modification time or size changes.
+async fn watch_file(guard: Arc<Guard>, path: PathBuf, what: Watched, every: Duration, cancel: CancellationToken) {
     let stamp = |p: &PathBuf| -> Option<(SystemTime, u64)> {
         let m = std::fs::metadata(p).ok()?;
         Some((m.modified().ok()?, m.len()))
     };
     let mut last = stamp(&path);
-    let mut tick = tokio::time::interval(guard.reload_every);
+    // The first check one period from now: an interval's "immediate" first tick still waits for
+    // the timer, and a change in between would be taken for one made before `last` was read.
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -1051,9 +1160,17 @@ async fn watch_keys(guard: Arc<Guard>, path: PathBuf, cancel: CancellationToken)
             continue;
         }
         last = now;
-        match guard.reload_keys() {
-            Ok(n) => tracing::info!(keys = n, path = %path.display(), "API keys reloaded"),
-            Err(e) => tracing::error!(error = %e, "keys file changed but cannot be used; keeping the keys in use"),
+        match what {
+            Watched::Keys => match guard.reload_keys() {
+                Ok(n) => tracing::info!(keys = n, path = %path.display(), "API keys reloaded"),
+                Err(e) => tracing::error!(error = %e, "keys file changed but cannot be used; keeping the keys in use"),
+            },
+            Watched::Guardrails => match guard.reload_rules() {
+                Ok(n) => tracing::info!(hooks = n, path = %path.display(), "guardrails reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "guardrails file changed but cannot be used; keeping the rules in use")
+                }
+            },
         }
     }
 }

@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod node;
 pub mod proxy;
 pub mod simulate;
+pub mod telemetry;
 pub mod tokens;
 
 pub use config::Config;

@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use kvmesh_node::telemetry::OtlpExport;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -178,11 +179,11 @@ enum CertCmd {
 }
 
 fn init_tracing(format: LogFormat) {
-    init_tracing_with(format, "info")
+    init_tracing_with(format, "info", None)
 }
 
 fn init_tracing_filter(default: &str) {
-    init_tracing_with(LogFormat::Text, default)
+    init_tracing_with(LogFormat::Text, default, None)
 }
 
 async fn print_peers(node: &NodeArgs) -> anyhow::Result<()> {
@@ -315,12 +316,17 @@ async fn drain(node: &NodeArgs, wait: Option<u64>) -> anyhow::Result<()> {
     }
 }
 
-fn init_tracing_with(format: LogFormat, default: &str) {
+/// Logs on stderr (text or JSON) and, with `otlp`, the same spans exported over OTLP; the
+/// `RUST_LOG` filter applies to both.
+fn init_tracing_with(format: LogFormat, default: &str, otlp: Option<&OtlpExport>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let base = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => base.with(fmt.json()).with(otlp.map(|o| o.layer())).init(),
+        LogFormat::Text => base.with(fmt).with(otlp.map(|o| o.layer())).init(),
     }
 }
 
@@ -358,7 +364,14 @@ async fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Serve(args) => {
             let cfg = Config::load(&args).context("invalid configuration")?;
-            init_tracing(cfg.log_format);
+            let otlp = match &cfg.observability.otlp_endpoint {
+                Some(ep) => Some(OtlpExport::start(ep, &cfg.node_name).context("OTLP export")?),
+                None => None,
+            };
+            init_tracing_with(cfg.log_format, "info", otlp.as_ref());
+            if let Some(ep) = &cfg.observability.otlp_endpoint {
+                tracing::info!(endpoint = %ep, "exporting request spans over OTLP/HTTP");
+            }
             // The signal must not cancel the node's own token: that would stop its engines,
             // watchers and gossip at once, before the drain lets open streams finish.
             // `shutdown` cancels the node's token itself, once they have.
@@ -373,16 +386,29 @@ async fn main() -> anyhow::Result<()> {
             println!("         -d '{{\"model\":\"kvmesh-sim\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'");
             signalled.cancelled().await;
             node.shutdown().await;
+            if let Some(o) = otlp {
+                // Sends the last batch; blocking, so off the async workers.
+                let _ = tokio::task::spawn_blocking(move || o.shutdown()).await;
+            }
         }
         Cmd::EngineSim(args) => {
             init_tracing(LogFormat::Text);
             cancel_on_signal(cancel.clone());
-            let engine = EngineSim::start(args.engine, &args.http_addr, args.kv_events_addr.as_deref(), &cancel)
-                .await
-                .context("engine simulator failed to start")?;
+            let engine = EngineSim::start_with_replay(
+                args.engine,
+                &args.http_addr,
+                args.kv_events_addr.as_deref(),
+                args.kv_events_replay_addr.as_deref(),
+                &cancel,
+            )
+            .await
+            .context("engine simulator failed to start")?;
             println!("engine-sim serving `{}` at {}", engine.model, engine.url());
             if let Some(kv) = &engine.kv_events_endpoint {
                 println!("  KV events on {kv}");
+            }
+            if let Some(r) = &engine.kv_events_replay_endpoint {
+                println!("  KV-event replay on {r}");
             }
             engine.wait().await;
         }

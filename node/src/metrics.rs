@@ -59,6 +59,7 @@ pub struct NodeMetrics {
     engine_kv_usage: GaugeVec,
     kv_batches: IntGaugeVec,
     kv_gaps: IntGaugeVec,
+    kv_resync: IntCounterVec,
     kv_cached_blocks: IntGaugeVec,
     route_history_keys: IntGaugeVec,
     /// Time between two chunks of a relayed stream, by endpoint (about one decode step each).
@@ -254,8 +255,18 @@ impl NodeMetrics {
             )?,
             kv_batches: IntGaugeVec::new(Opts::new("kvmesh_kv_event_batches", "KV-event batches received."), engine)?,
             kv_gaps: IntGaugeVec::new(
-                Opts::new("kvmesh_kv_event_gaps", "Sequence gaps or restarts seen in KV events (view dropped)."),
+                Opts::new(
+                    "kvmesh_kv_event_gaps",
+                    "Sequence gaps or restarts seen in KV events (replayed, or view dropped).",
+                ),
                 engine,
+            )?,
+            kv_resync: IntCounterVec::new(
+                Opts::new(
+                    "kvmesh_kv_resync_total",
+                    "KV-event gaps and restarts by outcome: replayed (index kept) or dropped (index emptied).",
+                ),
+                &["engine", "outcome"],
             )?,
             kv_cached_blocks: IntGaugeVec::new(
                 Opts::new("kvmesh_kv_cached_blocks", "Blocks the engine holds, per its KV events."),
@@ -338,6 +349,7 @@ impl NodeMetrics {
             Box::new(m.engine_kv_usage.clone()),
             Box::new(m.kv_batches.clone()),
             Box::new(m.kv_gaps.clone()),
+            Box::new(m.kv_resync.clone()),
             Box::new(m.kv_cached_blocks.clone()),
             Box::new(m.route_history_keys.clone()),
             Box::new(m.inter_token.clone()),
@@ -368,6 +380,11 @@ impl NodeMetrics {
             self.engine_kv_usage.with_label_values(&l).set(v.load.kv_usage);
             self.kv_batches.with_label_values(&l).set(e.kv.batches.load(Ordering::Relaxed) as i64);
             self.kv_gaps.with_label_values(&l).set(e.kv.gaps.load(Ordering::Relaxed) as i64);
+            // The subscriber counts in atomics; the counter catches up at scrape time.
+            for (outcome, n) in [("replayed", &e.kv.resync_replayed), ("dropped", &e.kv.resync_dropped)] {
+                let c = self.kv_resync.with_label_values(&[e.name.as_str(), outcome]);
+                c.inc_by(n.load(Ordering::Relaxed).saturating_sub(c.get()));
+            }
             let cached = e.kv.cached_blocks();
             self.kv_cached_blocks.with_label_values(&l).set(cached as i64);
             let routed = e.routed.lock().map(|r| r.len()).unwrap_or(0);

@@ -124,11 +124,14 @@ impl Node {
             let mut sim = cfg.embedded.clone();
             // A P/D role needs the simulated NixlConnector.
             sim.kv_transfer |= cfg.embedded_role != kvmesh_policy::pd::Role::Both;
-            let e = EngineSim::start(sim, "127.0.0.1:0", Some("tcp://127.0.0.1:0"), &cancel).await?;
+            // Its replay socket is on too: a gap in its events is then filled, not dropped.
+            let loopback = Some("tcp://127.0.0.1:0");
+            let e = EngineSim::start_with_replay(sim, "127.0.0.1:0", loopback, loopback, &cancel).await?;
             cfg.engines.push(EngineEntry {
                 url: e.url(),
                 name: Some("embedded-sim".into()),
                 kv_events: e.kv_events_endpoint.clone(),
+                kv_events_replay: e.kv_events_replay_endpoint.clone(),
                 api_key: None,
                 role: cfg.embedded_role,
             });
@@ -182,6 +185,8 @@ impl Node {
         if let Some(g) = &guard {
             g.spawn_tasks(mesh.clone(), &tasks, &cancel);
         }
+        #[cfg(unix)]
+        tasks.spawn(reload_on_sighup(guard.clone(), cancel.clone()));
         let app = api::router(pipeline.clone());
         let http_stop = cancel.child_token();
         let stop = http_stop.clone();
@@ -211,5 +216,31 @@ impl Node {
             cancel,
             tasks,
         })
+    }
+}
+
+/// SIGHUP reloads what `POST /admin/reload` does. Handled with or without a guard, so a HUP
+/// (a terminal closing, a config tool) never kills a node that has nothing to reload.
+#[cfg(unix)]
+async fn reload_on_sighup(guard: Option<Arc<Guard>>, cancel: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /admin/reload");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            got = hup.recv() => if got.is_none() { return },
+        }
+        match &guard {
+            Some(g) => {
+                let _ = g.reload_all();
+            }
+            None => tracing::info!("SIGHUP: no API keys or guardrails configured, nothing to reload"),
+        }
     }
 }

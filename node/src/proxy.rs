@@ -541,6 +541,11 @@ impl Pipeline {
                 (routed(&keys_for(bs)), bs)
             } else {
                 match e.kv.index.read() {
+                    // Mid-resync the index lacks the missed batches: count on no cached prefix
+                    // until they are applied (or the index is dropped).
+                    Ok(index) if e.kv.resyncing.load(Ordering::Relaxed) => {
+                        (0, index.block_size().or(v.load.block_size).unwrap_or(self.default_block_size))
+                    }
                     Ok(index) => {
                         let bs = index.block_size().or(v.load.block_size).unwrap_or(self.default_block_size);
                         (index.matched_blocks(&keys_for(bs)), bs)

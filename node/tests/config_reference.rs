@@ -49,6 +49,7 @@ fn key_paths() -> BTreeMap<String, Value> {
         url: "http://e".into(),
         name: Some("n".into()),
         kv_events: Some("tcp://e:1".into()),
+        kv_events_replay: Some("tcp://e:2".into()),
         api_key: Some("k".into()),
         role: Default::default(),
     }];

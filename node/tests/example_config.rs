@@ -8,6 +8,7 @@ fn example_node_toml_is_valid() {
     let cfg = Config::load(&ServeArgs { config: Some(path.into()), ..Default::default() }).unwrap();
     assert_eq!(cfg.engines.len(), 2);
     assert_eq!(cfg.engines[0].kv_events.as_deref(), Some("tcp://127.0.0.1:5557"));
+    assert_eq!(cfg.engines[0].kv_events_replay.as_deref(), Some("tcp://127.0.0.1:5567"));
     assert_eq!(cfg.embedded.timing.step_floor_ms, 6.5);
 }
 

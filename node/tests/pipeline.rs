@@ -173,6 +173,7 @@ async fn node_follows_engine_load_and_kv_events() {
         url: e.url(),
         name: Some("gpu0".into()),
         kv_events: e.kv_events_endpoint.clone(),
+        kv_events_replay: None,
         api_key: None,
         role: Default::default(),
     }]))
@@ -220,6 +221,7 @@ async fn repeated_prompts_follow_their_cached_prefix() {
             url: e.url(),
             name: Some(format!("gpu{i}")),
             kv_events: e.kv_events_endpoint.clone(),
+            kv_events_replay: None,
             api_key: None,
             role: Default::default(),
         })

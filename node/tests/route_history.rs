@@ -19,6 +19,7 @@ async fn two_engines_without_kv_events(model: &str) -> (kvmesh_node::RunningNode
             url: e.url(),
             name: Some(format!("gpu{i}")),
             kv_events: None,
+            kv_events_replay: None,
             api_key: None,
             role: Default::default(),
         })

@@ -5,7 +5,9 @@
 //! from the parent's kvmesh key) and keeps the engine-hash → key map to apply `BlockRemoved`.
 //! A gap in event sequence numbers, or a sequence that goes backwards (engine restart), means
 //! events were missed: the index is emptied and rebuilt from what arrives next. It may then
-//! under-report what the engine holds, but never claims a block the engine may not have.
+//! under-report what the engine holds, but never claims a block the engine may not have. (The
+//! node's subscriber first tries to fetch the missed batches from the engine's replay socket
+//! and applies them in order, so that `apply_batch` never sees the gap.)
 
 use std::collections::HashMap;
 
@@ -100,6 +102,24 @@ impl EngineIndex {
                 self.keys.remove(&key);
             }
         }
+    }
+
+    /// Sequence number of the last batch applied, if any since the last `forget_sequence`.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.last_seq
+    }
+
+    /// Engine hashes of the blocks held (what the engine's own cache would list).
+    pub fn engine_hashes(&self) -> impl Iterator<Item = u64> + '_ {
+        self.by_engine_hash.keys().copied()
+    }
+
+    /// Empties the index and forgets the sequence: the next batch starts a new stream (the
+    /// subscription was lost or the engine was down, so what follows is not checked against
+    /// what came before, and there is nothing left to resync).
+    pub fn reset_stream(&mut self) {
+        self.reset();
+        self.last_seq = None;
     }
 
     /// Forgets everything (gap, restart, lost subscription).

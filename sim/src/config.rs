@@ -46,6 +46,10 @@ pub struct EngineConfig {
     /// ZeroMQ topic of KV events (vLLM's `kv_events_config.topic`).
     #[arg(long = "kv-events-topic", default_value = "")]
     pub kv_events_topic: String,
+    /// Batches kept for the KV-event replay socket (vLLM's `kv_events_config.buffer_steps`);
+    /// used only when replay is on (`--kv-events-replay-addr`).
+    #[arg(long = "kv-events-buffer-steps", default_value_t = 10_000)]
+    pub kv_events_buffer_steps: usize,
     /// Multiplies every simulated duration: 1.0 is real time; tests use less to run faster.
     #[arg(long = "time-scale", default_value_t = 1.0)]
     pub time_scale: f64,
@@ -87,6 +91,7 @@ impl Default for EngineConfig {
             hash_seed: None,
             seed: 0,
             kv_events_topic: String::new(),
+            kv_events_buffer_steps: 10_000,
             time_scale: 1.0,
             max_body_bytes: 32 * 1024 * 1024,
             kv_transfer: false,

@@ -205,6 +205,11 @@ impl EngineCore {
         self.pool.num_cached()
     }
 
+    /// Engine hashes of the cached blocks (what a subscriber's index should hold).
+    pub fn cached_block_hashes(&self) -> Vec<u64> {
+        self.pool.cached_hashes()
+    }
+
     /// vLLM's `/reset_prefix_cache`: refused while any sequence holds blocks.
     pub fn reset_prefix_cache(&mut self) -> bool {
         self.pool.reset()

@@ -62,6 +62,11 @@ impl BlockPool {
         self.cached.len()
     }
 
+    /// Hashes of every cached block: the set the engine's KV events describe.
+    pub fn cached_hashes(&self) -> Vec<u64> {
+        self.cached.keys().copied().collect()
+    }
+
     /// vLLM's `kv_cache_usage_perc`: the fraction of blocks held by running sequences.
     pub fn usage(&self) -> f64 {
         1.0 - self.free.len() as f64 / self.blocks.len() as f64

@@ -2,12 +2,22 @@
 //! a ZeroMQ PUB socket sending three frames per batch, `[topic, sequence (u64 big-endian),
 //! payload]`, where payload is msgpack `[timestamp, [event, ...], data_parallel_rank]` and each
 //! event is a tagged array (msgspec `array_like` with the tag first).
+//!
+//! With a replay endpoint (vLLM's `KVEventsConfig.replay_endpoint`), a ROUTER socket also
+//! answers replay requests from the last `buffer_steps` batches, framed as vLLM's
+//! `ZmqEventPublisher._service_replay` does: a request is `[identity, "", start_seq (8 bytes
+//! BE)]` (what a REQ client, or a DEALER sending `["", seq]`, produces); the answer is one
+//! `[identity, "", seq (8 bytes BE), payload]` per buffered batch from `start_seq` on, then
+//! `[identity, "", -1 (8 bytes BE, signed), ""]`.
+
+use std::collections::VecDeque;
+use std::time::Duration;
 
 use bytes::Bytes;
 use rmpv::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use zeromq::{Socket, SocketSend, ZmqMessage};
+use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::error::SimError;
 use crate::kv_cache::KvEvent;
@@ -52,11 +62,29 @@ pub fn encode_payload(batch: &EventBatch) -> Vec<u8> {
     buf
 }
 
-/// A bound PUB socket; `run` sends batches until cancelled or the sender side closes.
+/// vLLM's end-of-replay marker: sequence -1 as a signed 8-byte big-endian integer.
+pub const END_SEQ: [u8; 8] = (-1i64).to_be_bytes();
+
+/// Longest one replay answer may take to hand to ZeroMQ. Replay runs on the publishing task
+/// (as in vLLM), so a client that stops reading must not stall live events for long.
+const REPLAY_SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The replay side: a bound ROUTER socket and the last `capacity` published batches.
+struct Replay {
+    socket: zeromq::RouterSocket,
+    buffer: VecDeque<(u64, Bytes)>,
+    capacity: usize,
+}
+
+/// A bound PUB socket (and, optionally, a replay ROUTER socket); `run` sends batches until
+/// cancelled or the sender side closes.
 pub struct KvPublisher {
     socket: zeromq::PubSocket,
     topic: Bytes,
     pub endpoint: String,
+    /// The bound replay endpoint, when replay is on.
+    pub replay_endpoint: Option<String>,
+    replay: Option<Replay>,
 }
 
 impl KvPublisher {
@@ -67,29 +95,115 @@ impl KvPublisher {
             .bind(endpoint)
             .await
             .map_err(|e| SimError::BindKvEvents { endpoint: endpoint.to_owned(), message: e.to_string() })?;
-        Ok(Self { socket, topic: Bytes::copy_from_slice(topic.as_bytes()), endpoint: bound.to_string() })
+        Ok(Self {
+            socket,
+            topic: Bytes::copy_from_slice(topic.as_bytes()),
+            endpoint: bound.to_string(),
+            replay_endpoint: None,
+            replay: None,
+        })
     }
 
-    pub async fn run(mut self, mut rx: mpsc::Receiver<EventBatch>, cancel: CancellationToken) {
+    /// Also binds a replay ROUTER socket on `endpoint`, keeping the last `buffer_steps` batches.
+    pub async fn with_replay(mut self, endpoint: &str, buffer_steps: usize) -> Result<Self, SimError> {
+        let mut socket = zeromq::RouterSocket::new();
+        let bound = socket
+            .bind(endpoint)
+            .await
+            .map_err(|e| SimError::BindKvEvents { endpoint: endpoint.to_owned(), message: e.to_string() })?;
+        self.replay_endpoint = Some(bound.to_string());
+        self.replay =
+            Some(Replay { socket, buffer: VecDeque::with_capacity(buffer_steps.min(1024)), capacity: buffer_steps });
+        Ok(self)
+    }
+
+    pub async fn run(self, mut rx: mpsc::Receiver<EventBatch>, cancel: CancellationToken) {
+        let Self { mut socket, topic, mut replay, .. } = self;
         loop {
-            let batch = tokio::select! {
+            tokio::select! {
                 _ = cancel.cancelled() => break,
-                b = rx.recv() => match b { Some(b) => b, None => break },
-            };
-            let frames = vec![
-                self.topic.clone(),
-                Bytes::copy_from_slice(&batch.seq.to_be_bytes()),
-                Bytes::from(encode_payload(&batch)),
-            ];
-            let Ok(msg) = ZmqMessage::try_from(frames) else {
-                continue;
-            };
-            // PUB drops for slow or absent subscribers, as ZeroMQ does for vLLM; a subscriber
-            // sees the gap in sequence numbers.
-            if let Err(e) = self.socket.send(msg).await {
-                tracing::warn!(error = %e, "kv events: send failed");
+                b = rx.recv() => match b {
+                    Some(b) => publish(&mut socket, &topic, replay.as_mut(), b).await,
+                    None => break,
+                },
+                req = next_request(replay.as_mut()) => {
+                    if let (Some(r), Ok(req)) = (replay.as_mut(), req) {
+                        serve_replay(r, req).await;
+                    }
+                }
             }
         }
-        let _ = self.socket.close().await;
+        let _ = socket.close().await;
+        if let Some(r) = replay {
+            let _ = r.socket.close().await;
+        }
+    }
+}
+
+async fn publish(socket: &mut zeromq::PubSocket, topic: &Bytes, replay: Option<&mut Replay>, batch: EventBatch) {
+    let seq = Bytes::copy_from_slice(&batch.seq.to_be_bytes());
+    let payload = Bytes::from(encode_payload(&batch));
+    if let Some(r) = replay {
+        if r.capacity > 0 {
+            if r.buffer.len() == r.capacity {
+                r.buffer.pop_front();
+            }
+            r.buffer.push_back((batch.seq, payload.clone()));
+        }
+    }
+    let mut msg = ZmqMessage::from(topic.clone());
+    msg.push_back(seq);
+    msg.push_back(payload);
+    // PUB drops for slow or absent subscribers, as ZeroMQ does for vLLM; a subscriber
+    // sees the gap in sequence numbers (and may ask the replay socket for what it missed).
+    if let Err(e) = socket.send(msg).await {
+        tracing::warn!(error = %e, "kv events: send failed");
+    }
+}
+
+/// The next replay request, or never when replay is off.
+async fn next_request(replay: Option<&mut Replay>) -> zeromq::ZmqResult<ZmqMessage> {
+    match replay {
+        Some(r) => r.socket.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Answers one request as vLLM's `_service_replay` does; malformed requests are logged and
+/// ignored (vLLM answers nothing to them either).
+async fn serve_replay(r: &mut Replay, req: ZmqMessage) {
+    let frames = req.into_vec();
+    let [identity, delimiter, start] = frames.as_slice() else {
+        tracing::warn!(frames = frames.len(), "kv events: replay request is not [identity, \"\", start_seq]");
+        return;
+    };
+    let Ok(start) = <[u8; 8]>::try_from(start.as_ref()) else {
+        tracing::warn!(len = start.len(), "kv events: replay start sequence is not 8 bytes");
+        return;
+    };
+    let start = u64::from_be_bytes(start);
+    let reply = |a: Bytes, b: Bytes| {
+        let mut m = ZmqMessage::from(identity.clone());
+        m.push_back(delimiter.clone());
+        m.push_back(a);
+        m.push_back(b);
+        m
+    };
+    let socket = &mut r.socket;
+    let buffer = &r.buffer;
+    let sent = tokio::time::timeout(REPLAY_SEND_TIMEOUT, async {
+        let mut n = 0usize;
+        for (seq, payload) in buffer.iter().filter(|(s, _)| *s >= start) {
+            socket.send(reply(Bytes::copy_from_slice(&seq.to_be_bytes()), payload.clone())).await?;
+            n += 1;
+        }
+        socket.send(reply(Bytes::from_static(&END_SEQ), Bytes::new())).await?;
+        Ok::<_, zeromq::ZmqError>(n)
+    })
+    .await;
+    match sent {
+        Ok(Ok(n)) => tracing::debug!(start, batches = n, "kv events: replay served"),
+        Ok(Err(e)) => tracing::warn!(start, error = %e, "kv events: replay failed"),
+        Err(_) => tracing::warn!(start, "kv events: replay timed out (client not reading)"),
     }
 }

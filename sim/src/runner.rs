@@ -18,6 +18,7 @@ use crate::metrics::EngineMetrics;
 enum Control {
     Add(NewSequence, mpsc::UnboundedSender<TokenOut>),
     ResetPrefixCache(oneshot::Sender<bool>),
+    CachedBlockHashes(oneshot::Sender<Vec<u64>>),
 }
 
 /// Cheap to clone; submits work to the engine loop.
@@ -88,6 +89,14 @@ impl EngineHandle {
         self.control.send(Control::ResetPrefixCache(tx)).await.map_err(|_| SubmitError::Closed)?;
         rx.await.map_err(|_| SubmitError::Closed)
     }
+
+    /// Engine hashes of the blocks cached right now. Not part of vLLM's surface: tests compare
+    /// a subscriber's index with it, the engine's own state rather than its event stream.
+    pub async fn cached_block_hashes(&self) -> Result<Vec<u64>, SubmitError> {
+        let (tx, rx) = oneshot::channel();
+        self.control.send(Control::CachedBlockHashes(tx)).await.map_err(|_| SubmitError::Closed)?;
+        rx.await.map_err(|_| SubmitError::Closed)
+    }
 }
 
 pub struct Runner {
@@ -146,6 +155,11 @@ impl Runner {
                 let ok = self.core.reset_prefix_cache();
                 let _ = reply.send(ok);
                 self.flush_kv_events(Vec::new());
+            }
+            Control::CachedBlockHashes(reply) => {
+                // Events of the last step are flushed before a step ends, so this set and the
+                // batches published so far describe the same cache.
+                let _ = reply.send(self.core.cached_block_hashes());
             }
         }
     }

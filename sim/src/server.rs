@@ -27,6 +27,11 @@ pub struct EngineSimArgs {
     /// Without it no events are published (vLLM's default).
     #[arg(long = "kv-events-addr")]
     pub kv_events_addr: Option<String>,
+    /// ZeroMQ ROUTER endpoint answering replay requests for missed KV-event batches (vLLM's
+    /// `kv_events_config.replay_endpoint`), e.g. `tcp://*:5558`. Needs `--kv-events-addr`.
+    /// Off by default, as in vLLM.
+    #[arg(long = "kv-events-replay-addr", requires = "kv_events_addr")]
+    pub kv_events_replay_addr: Option<String>,
     #[command(flatten)]
     pub engine: EngineConfig,
 }
@@ -36,7 +41,10 @@ pub struct RunningEngine {
     pub http_addr: SocketAddr,
     /// The bound ZeroMQ endpoint (`tcp://host:port`), when KV events are on.
     pub kv_events_endpoint: Option<String>,
+    /// The bound replay endpoint, when replay is on.
+    pub kv_events_replay_endpoint: Option<String>,
     pub model: String,
+    engine: crate::runner::EngineHandle,
     cancel: CancellationToken,
     tasks: TaskTracker,
 }
@@ -44,6 +52,12 @@ pub struct RunningEngine {
 impl RunningEngine {
     pub fn url(&self) -> String {
         format!("http://{}", self.http_addr)
+    }
+
+    /// Engine hashes of the blocks cached now: the engine's own state, for tests that check
+    /// what a KV-event subscriber derived (not something vLLM offers).
+    pub async fn cached_block_hashes(&self) -> Option<Vec<u64>> {
+        self.engine.cached_block_hashes().await.ok()
     }
 
     pub fn cancel_token(&self) -> CancellationToken {
@@ -80,7 +94,21 @@ impl EngineSim {
         kv_events_addr: Option<&str>,
         cancel: &CancellationToken,
     ) -> Result<RunningEngine, SimError> {
+        Self::start_with_replay(cfg, http_addr, kv_events_addr, None, cancel).await
+    }
+
+    /// As `start`, with a KV-event replay socket on `replay_addr` (which needs `kv_events_addr`).
+    pub async fn start_with_replay(
+        cfg: EngineConfig,
+        http_addr: &str,
+        kv_events_addr: Option<&str>,
+        replay_addr: Option<&str>,
+        cancel: &CancellationToken,
+    ) -> Result<RunningEngine, SimError> {
         cfg.validate()?;
+        if replay_addr.is_some() && kv_events_addr.is_none() {
+            return Err(SimError::Config("--kv-events-replay-addr needs --kv-events-addr".into()));
+        }
         let tokenizer = match &cfg.tokenizer {
             Some(p) => ModelTokenizer::from_path(p)?,
             None => ModelTokenizer::builtin()?,
@@ -108,10 +136,17 @@ impl EngineSim {
             move |seed, i| output_filler.token(seed, i),
         );
         let publisher = match kv_events_addr {
-            Some(a) => Some(KvPublisher::bind(&zmq_endpoint(a), &cfg.kv_events_topic).await?),
+            Some(a) => {
+                let p = KvPublisher::bind(&zmq_endpoint(a), &cfg.kv_events_topic).await?;
+                match replay_addr {
+                    Some(r) => Some(p.with_replay(&zmq_endpoint(r), cfg.kv_events_buffer_steps).await?),
+                    None => Some(p),
+                }
+            }
             None => None,
         };
         let kv_events_endpoint = publisher.as_ref().map(|p| p.endpoint.clone());
+        let kv_events_replay_endpoint = publisher.as_ref().and_then(|p| p.replay_endpoint.clone());
         let listener = tokio::net::TcpListener::bind(http_addr)
             .await
             .map_err(|source| SimError::BindHttp { addr: http_addr.to_owned(), source })?;
@@ -131,7 +166,7 @@ impl EngineSim {
             cfg: cfg.clone(),
             tokenizer,
             filler,
-            engine: handle,
+            engine: handle.clone(),
             metrics,
             max_model_len,
             http_addr: local,
@@ -148,7 +183,21 @@ impl EngineSim {
                 tracing::error!(error = %e, "engine-sim HTTP server failed");
             }
         });
-        tracing::info!(http = %local, kv_events = ?kv_events_endpoint, model = %cfg.model, "engine simulator started");
-        Ok(RunningEngine { http_addr: local, kv_events_endpoint, model: cfg.model, cancel, tasks })
+        tracing::info!(
+            http = %local,
+            kv_events = ?kv_events_endpoint,
+            kv_events_replay = ?kv_events_replay_endpoint,
+            model = %cfg.model,
+            "engine simulator started"
+        );
+        Ok(RunningEngine {
+            http_addr: local,
+            kv_events_endpoint,
+            kv_events_replay_endpoint,
+            model: cfg.model,
+            engine: handle,
+            cancel,
+            tasks,
+        })
     }
 }

@@ -94,3 +94,67 @@ async fn block_events_match_vllm_layout() {
     assert!(m.events.iter().any(|ev| tag(ev) == "AllBlocksCleared"));
     e.shutdown().await;
 }
+
+/// Asks a replay socket for batches from `start`, as a client of vLLM's `ZmqEventPublisher`
+/// does (a DEALER sending `["", start_seq]`), and reads `["", seq, payload]` frames up to the
+/// `seq = -1` marker.
+async fn replay(endpoint: &str, start: u64) -> Vec<(u64, Vec<u8>)> {
+    use zeromq::SocketSend;
+    let mut dealer = zeromq::DealerSocket::new();
+    dealer.connect(endpoint).await.unwrap();
+    let mut req = zeromq::ZmqMessage::from(bytes::Bytes::new());
+    req.push_back(bytes::Bytes::copy_from_slice(&start.to_be_bytes()));
+    dealer.send(req).await.unwrap();
+    let mut out = Vec::new();
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), dealer.recv()).await.expect("replay answer").unwrap();
+        let frames = m.into_vec();
+        assert_eq!(frames.len(), 3, "ROUTER replies [\"\", seq, payload] to a DEALER");
+        assert!(frames[0].is_empty(), "empty delimiter first");
+        let seq = i64::from_be_bytes(frames[1].as_ref().try_into().expect("8-byte sequence"));
+        if seq == -1 {
+            assert!(frames[2].is_empty(), "the end marker has an empty payload");
+            return out;
+        }
+        out.push((seq as u64, frames[2].to_vec()));
+    }
+}
+
+#[tokio::test]
+async fn replay_socket_resends_buffered_batches_like_vllm() {
+    let cfg =
+        EngineConfig { time_scale: 0.02, num_gpu_blocks: 64, kv_events_buffer_steps: 3, ..EngineConfig::default() };
+    let e = EngineSim::start_with_replay(
+        cfg,
+        "127.0.0.1:0",
+        Some("tcp://127.0.0.1:0"),
+        Some("tcp://127.0.0.1:0"),
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let replay_ep = e.kv_events_replay_endpoint.clone().expect("replay endpoint bound");
+    let mut sub = zeromq::SubSocket::new();
+    sub.connect(e.kv_events_endpoint.as_deref().unwrap()).await.unwrap();
+    sub.subscribe("").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let client = reqwest::Client::new();
+    let mut live = Vec::new();
+    for i in 0..5 {
+        let b = json!({"model": "kvmesh-sim", "prompt": format!("batch{i} ").repeat(40), "max_tokens": 1});
+        client.post(format!("{}/v1/completions", e.url())).json(&b).send().await.unwrap();
+        while let Ok(Ok(msg)) = tokio::time::timeout(Duration::from_millis(200), sub.recv()).await {
+            let f = msg.into_vec();
+            live.push((u64::from_be_bytes(f[1].as_ref().try_into().unwrap()), f[2].to_vec()));
+        }
+    }
+    assert!(live.len() >= 5, "one batch or more per request, got {}", live.len());
+    // The buffer keeps the last 3 batches, byte for byte what was published.
+    let all = replay(&replay_ep, 0).await;
+    assert_eq!(all, live[live.len() - 3..].to_vec());
+    // From a later sequence: only what follows it.
+    let last = live.last().unwrap().0;
+    assert_eq!(replay(&replay_ep, last).await, live[live.len() - 1..].to_vec());
+    assert!(replay(&replay_ep, last + 1).await.is_empty());
+    e.shutdown().await;
+}

@@ -6,7 +6,7 @@ pub mod kv_events;
 pub mod metrics_text;
 pub mod subscriber;
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -41,19 +41,50 @@ pub struct KvEventStats {
     pub gaps: AtomicU64,
     pub decode_errors: AtomicU64,
     pub last_seq: AtomicU64,
+    /// Gaps whose missed batches the engine's replay socket supplied (index kept).
+    pub resync_replayed: AtomicU64,
+    /// Gaps and restarts that emptied the index (no replay socket, range no longer buffered,
+    /// engine restarted, replay failed or timed out).
+    pub resync_dropped: AtomicU64,
+    /// Set while missed batches are being fetched: the index lacks them, so routing must not
+    /// count on it until the resync ends (at most `kv_events_replay_timeout_ms`).
+    pub resyncing: AtomicBool,
+    /// Test hook: the subscriber discards this many incoming batches, as if ZeroMQ had lost
+    /// them in transit, so tests can make real gaps. Always 0 outside tests.
+    #[doc(hidden)]
+    pub drop_incoming: AtomicU64,
     /// The blocks the engine holds, under kvmesh's block keys (emptied on gaps, restarts and
-    /// engine outages: a view that may have missed events is not trusted).
+    /// engine outages unless the missed batches could be replayed: a view that may have missed
+    /// events is not trusted).
     pub index: RwLock<EngineIndex>,
 }
 
 impl KvEventStats {
+    fn new() -> Self {
+        Self {
+            batches: AtomicU64::new(0),
+            events: AtomicU64::new(0),
+            gaps: AtomicU64::new(0),
+            decode_errors: AtomicU64::new(0),
+            last_seq: AtomicU64::new(0),
+            resync_replayed: AtomicU64::new(0),
+            resync_dropped: AtomicU64::new(0),
+            resyncing: AtomicBool::new(false),
+            drop_incoming: AtomicU64::new(0),
+            // Seeded for real once the engine's model is known (subscriber).
+            index: RwLock::new(EngineIndex::new(0)),
+        }
+    }
+
     pub fn cached_blocks(&self) -> usize {
         self.index.read().map(|i| i.len()).unwrap_or(0)
     }
 
+    /// Empties the index and starts a new stream (lost subscription, engine outage): the next
+    /// batch is not a gap to resync, since nothing before it is kept.
     pub fn reset_index(&self) {
         if let Ok(mut i) = self.index.write() {
-            i.reset();
+            i.reset_stream();
         }
     }
 }
@@ -64,6 +95,8 @@ pub struct Engine {
     /// Base URL without a trailing slash.
     pub url: String,
     pub kv_events: Option<String>,
+    /// The engine's KV-event replay socket, if it has one.
+    pub kv_events_replay: Option<String>,
     pub api_key: Option<String>,
     pub role: kvmesh_policy::pd::Role,
     /// Requests this node has open on the engine.
@@ -106,6 +139,7 @@ pub struct EngineSet {
     epoch: Instant,
     client: reqwest::Client,
     poll_interval: Duration,
+    replay_timeout: Duration,
 }
 
 /// Failures in a row before a polled engine counts as down; one slow scrape should not take an
@@ -128,19 +162,12 @@ impl EngineSet {
                     name: e.name.clone().unwrap_or_else(|| format!("engine-{i}")),
                     url: e.url.trim_end_matches('/').to_owned(),
                     kv_events: e.kv_events.clone(),
+                    kv_events_replay: e.kv_events_replay.clone(),
                     api_key: e.api_key.clone(),
                     role: e.role,
                     in_flight: Arc::new(AtomicU32::new(0)),
                     view: RwLock::new(EngineView::default()),
-                    kv: KvEventStats {
-                        batches: AtomicU64::new(0),
-                        events: AtomicU64::new(0),
-                        gaps: AtomicU64::new(0),
-                        decode_errors: AtomicU64::new(0),
-                        last_seq: AtomicU64::new(0),
-                        // Seeded for real once the engine's model is known (subscriber).
-                        index: RwLock::new(EngineIndex::new(0)),
-                    },
+                    kv: KvEventStats::new(),
                     routed: std::sync::Mutex::new(RoutedKeys::new(
                         cfg.route_history_ttl_s * 1000,
                         cfg.route_history_max_keys,
@@ -148,7 +175,13 @@ impl EngineSet {
                 })
             })
             .collect();
-        Self { engines, client, poll_interval: Config::ms(cfg.engine_poll_interval_ms), epoch: Instant::now() }
+        Self {
+            engines,
+            client,
+            poll_interval: Config::ms(cfg.engine_poll_interval_ms),
+            replay_timeout: Config::ms(cfg.kv_events_replay_timeout_ms),
+            epoch: Instant::now(),
+        }
     }
 
     /// One poll of every engine, awaited: the node knows its engines' models before serving.
@@ -170,7 +203,11 @@ impl EngineSet {
                 }
             });
             if let Some(endpoint) = e.kv_events.clone() {
-                tasks.spawn(subscriber::run(e.clone(), endpoint, cancel.clone()));
+                let replay = e
+                    .kv_events_replay
+                    .clone()
+                    .map(|endpoint| subscriber::ReplaySource { endpoint, timeout: self.replay_timeout });
+                tasks.spawn(subscriber::run(e.clone(), endpoint, replay, cancel.clone()));
             }
         }
     }

@@ -1,24 +1,76 @@
 //! Subscribes to one engine's KV-cache events and keeps its exact block index
 //! (`policy::prefix_index`), keyed by kvmesh's own block keys.
 //!
-//! A gap in sequence numbers, a sequence that goes backwards (engine restart), a lost
-//! subscription or an engine outage means events were missed: the index is emptied and rebuilt
-//! from what arrives next, never trusted stale. Replaying missed batches from vLLM's replay
-//! socket is not implemented yet.
+//! A gap in sequence numbers means batches were lost in transit (ZeroMQ's PUB socket drops for
+//! slow subscribers). When the engine has a replay socket (vLLM's `replay_endpoint`), the
+//! missed range is asked for there, with a timeout; if it comes back whole, it is applied in
+//! order before the batch that revealed the gap, and the index is kept. Otherwise (no replay
+//! socket, the range no longer buffered, a timeout or a bad answer), and always after a
+//! sequence that goes backwards (engine restart), a lost subscription or an engine outage, the
+//! index is emptied and rebuilt from what arrives next: never trusted stale.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
-use zeromq::{Socket, SocketRecv};
+use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use kvmesh_policy::prefix_index::{BatchOutcome, EngineIndex, IndexEvent};
 
-use super::kv_events::{decode_payload, decode_seq, DecodeError, EngineKvEvent};
+use super::kv_events::{decode_payload, decode_seq, DecodeError, EngineKvEvent, EventBatch};
 use super::Engine;
 
-pub async fn run(engine: Arc<Engine>, endpoint: String, cancel: CancellationToken) {
+/// An engine's replay socket and how long a resync from it may take.
+#[derive(Debug, Clone)]
+pub struct ReplaySource {
+    pub endpoint: String,
+    pub timeout: Duration,
+}
+
+/// Most batches one resync asks for: vLLM's default replay buffer (`buffer_steps`). A larger
+/// gap would hold that many decoded batches in memory, and the engine is unlikely to still
+/// have them; the index is dropped instead.
+pub const MAX_REPLAY_BATCHES: u64 = 10_000;
+
+/// Why a gap could not be filled from the replay socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayMiss {
+    /// The gap is larger than `MAX_REPLAY_BATCHES`.
+    TooLarge(u64),
+    /// The engine's buffer starts after the first missed batch (or is empty).
+    NotBuffered {
+        oldest: Option<u64>,
+    },
+    /// The answer skipped a sequence number or ended before the gap was filled.
+    Incomplete {
+        expected: u64,
+        got: Option<u64>,
+    },
+    TimedOut,
+    Connect(String),
+    Transport(String),
+    Undecodable(String),
+}
+
+impl std::fmt::Display for ReplayMiss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TooLarge(n) => write!(f, "gap of {n} batches is over the replay limit of {MAX_REPLAY_BATCHES}"),
+            Self::NotBuffered { oldest: Some(o) } => write!(f, "no longer buffered (oldest replayed batch is {o})"),
+            Self::NotBuffered { oldest: None } => write!(f, "no longer buffered (replay returned nothing)"),
+            Self::Incomplete { expected, got: Some(g) } => write!(f, "replay skipped from {expected} to {g}"),
+            Self::Incomplete { expected, got: None } => write!(f, "replay ended before batch {expected}"),
+            Self::TimedOut => write!(f, "replay timed out"),
+            Self::Connect(e) => write!(f, "cannot connect to the replay socket: {e}"),
+            Self::Transport(e) => write!(f, "replay socket failed: {e}"),
+            Self::Undecodable(e) => write!(f, "undecodable replayed batch: {e}"),
+        }
+    }
+}
+
+pub async fn run(engine: Arc<Engine>, endpoint: String, replay: Option<ReplaySource>, cancel: CancellationToken) {
     // Index keys chain from the model's seed, so the model must be known first.
     let Some(seed) = wait_for_seed(&engine, &cancel).await else { return };
     if let Ok(mut index) = engine.kv.index.write() {
@@ -48,7 +100,7 @@ pub async fn run(engine: Arc<Engine>, endpoint: String, cancel: CancellationToke
             wait(&cancel, &mut backoff).await;
             continue;
         }
-        tracing::info!(engine = %engine.name, %endpoint, "kv events: subscribed");
+        tracing::info!(engine = %engine.name, %endpoint, replay = ?replay.as_ref().map(|r| &r.endpoint), "kv events: subscribed");
         backoff = Duration::from_millis(100);
         loop {
             let msg = tokio::select! {
@@ -57,8 +109,15 @@ pub async fn run(engine: Arc<Engine>, endpoint: String, cancel: CancellationToke
             };
             match msg {
                 Ok(m) => {
+                    if take_test_drop(&engine) {
+                        continue;
+                    }
                     let frames: Vec<_> = m.into_vec();
-                    if let Err(e) = apply(&engine, &frames) {
+                    let handled = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        r = handle(&engine, &frames, replay.as_ref()) => r,
+                    };
+                    if let Err(e) = handled {
                         engine.kv.decode_errors.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(engine = %engine.name, error = %e, "kv events: undecodable message");
                     }
@@ -85,13 +144,153 @@ fn reset(engine: &Engine) {
     engine.kv.reset_index();
 }
 
-/// Applies one multipart message; public for tests that feed frames directly.
-pub fn apply(engine: &Engine, frames: &[bytes::Bytes]) -> Result<(), DecodeError> {
+/// Consumes one unit of the test hook `drop_incoming`, if any is left.
+fn take_test_drop(engine: &Engine) -> bool {
+    engine.kv.drop_incoming.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
+}
+
+/// Clears `resyncing` however the resync ends (replayed, dropped, or the task cancelled).
+struct Resyncing<'a>(&'a Engine);
+
+impl<'a> Resyncing<'a> {
+    fn start(engine: &'a Engine) -> Self {
+        engine.kv.resyncing.store(true, Ordering::Relaxed);
+        Self(engine)
+    }
+}
+
+impl Drop for Resyncing<'_> {
+    fn drop(&mut self) {
+        self.0.kv.resyncing.store(false, Ordering::Relaxed);
+    }
+}
+
+/// Applies one multipart message from the SUB socket, first fetching the batches before it
+/// from the replay socket when it reveals a gap.
+async fn handle(engine: &Engine, frames: &[Bytes], replay: Option<&ReplaySource>) -> Result<(), DecodeError> {
+    let (seq, batch) = decode_message(frames)?;
+    let last = engine.kv.index.read().ok().and_then(|i| i.last_seq());
+    let gap_from = last.and_then(|l| l.checked_add(1)).filter(|&expected| seq > expected);
+    let (Some(expected), Some(replay)) = (gap_from, replay) else {
+        apply_batch(engine, seq, batch);
+        return Ok(());
+    };
+    engine.kv.gaps.fetch_add(1, Ordering::Relaxed);
+    let fetched = {
+        let _resyncing = Resyncing::start(engine);
+        match tokio::time::timeout(replay.timeout, fetch_replay(&replay.endpoint, expected, seq)).await {
+            Ok(r) => r,
+            Err(_) => Err(ReplayMiss::TimedOut),
+        }
+    };
+    match fetched {
+        Ok(batches) => {
+            let n = batches.len();
+            // Replayed batches pass through the same in-order check: if the index moved on
+            // meanwhile (the poller reset it), they start a new stream and can only add what
+            // the engine reported, never claim more.
+            for (s, b) in batches {
+                apply_replayed(engine, s, b);
+            }
+            apply_replayed(engine, seq, batch);
+            engine.kv.resync_replayed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(engine = %engine.name, from = expected, to = seq - 1, batches = n, "kv events: missed batches replayed; index kept");
+        }
+        Err(why) => {
+            // The gap is still there, so applying the batch empties the index first.
+            apply_replayed(engine, seq, batch);
+            engine.kv.resync_dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(engine = %engine.name, from = expected, to = seq - 1, reason = %why, "kv events: missed batches could not be replayed; the engine's index was emptied and rebuilds from here");
+        }
+    }
+    Ok(())
+}
+
+/// Asks the replay socket for batches `from..to` (vLLM's framing: a DEALER sends
+/// `["", start_seq]`; the ROUTER answers `["", seq, payload]` per buffered batch from
+/// `start_seq` on, then `["", -1, ""]`). The caller bounds the time it takes.
+async fn fetch_replay(endpoint: &str, from: u64, to: u64) -> Result<Vec<(u64, EventBatch)>, ReplayMiss> {
+    let wanted = to - from;
+    if wanted > MAX_REPLAY_BATCHES {
+        return Err(ReplayMiss::TooLarge(wanted));
+    }
+    // A socket per resync: gaps are rare, and a fresh socket cannot hold a late answer to an
+    // earlier request that timed out.
+    let mut socket = zeromq::DealerSocket::new();
+    socket.connect(endpoint).await.map_err(|e| ReplayMiss::Connect(e.to_string()))?;
+    let mut req = ZmqMessage::from(Bytes::new());
+    req.push_back(Bytes::copy_from_slice(&from.to_be_bytes()));
+    socket.send(req).await.map_err(|e| ReplayMiss::Transport(e.to_string()))?;
+    let mut out: Vec<(u64, EventBatch)> = Vec::with_capacity(wanted as usize);
+    let mut next = from;
+    while next < to {
+        let msg = socket.recv().await.map_err(|e| ReplayMiss::Transport(e.to_string()))?;
+        let frames = msg.into_vec();
+        // A DEALER keeps the ROUTER's empty delimiter.
+        let frames = match frames.as_slice() {
+            [d, rest @ ..] if d.is_empty() && rest.len() == 2 => rest,
+            other => other,
+        };
+        let [seq, payload] = frames else {
+            return Err(ReplayMiss::Undecodable(format!("expected [seq, payload], got {} frames", frames.len())));
+        };
+        let seq = decode_seq(seq).map_err(|e| ReplayMiss::Undecodable(e.to_string()))?;
+        if seq == u64::MAX {
+            // The end marker (-1): the buffer ran out before the gap was filled.
+            return Err(if next == from {
+                ReplayMiss::NotBuffered { oldest: None }
+            } else {
+                ReplayMiss::Incomplete { expected: next, got: None }
+            });
+        }
+        if seq != next {
+            return Err(if next == from && seq > from {
+                ReplayMiss::NotBuffered { oldest: Some(seq) }
+            } else {
+                ReplayMiss::Incomplete { expected: next, got: Some(seq) }
+            });
+        }
+        let batch = decode_payload(payload).map_err(|e| ReplayMiss::Undecodable(e.to_string()))?;
+        out.push((seq, batch));
+        next += 1;
+    }
+    // The rest of the answer (batches from `to` on, already here live, and the end marker) is
+    // discarded with the socket.
+    let _ = socket.close().await;
+    Ok(out)
+}
+
+fn decode_message(frames: &[Bytes]) -> Result<(u64, EventBatch), DecodeError> {
     if frames.len() != 3 {
         return Err(DecodeError::Frames(frames.len()));
     }
-    let seq = decode_seq(&frames[1])?;
-    let batch = decode_payload(&frames[2])?;
+    Ok((decode_seq(&frames[1])?, decode_payload(&frames[2])?))
+}
+
+/// Applies one multipart message without any resync (a gap or restart empties the index);
+/// public for tests that feed frames directly.
+pub fn apply(engine: &Engine, frames: &[Bytes]) -> Result<(), DecodeError> {
+    let (seq, batch) = decode_message(frames)?;
+    apply_batch(engine, seq, batch);
+    Ok(())
+}
+
+/// A batch straight from the SUB socket: a gap or restart here is a drop (no replay tried).
+fn apply_batch(engine: &Engine, seq: u64, batch: EventBatch) {
+    let outcome = apply_decoded(engine, seq, batch);
+    if outcome != BatchOutcome::InOrder {
+        engine.kv.gaps.fetch_add(1, Ordering::Relaxed);
+        engine.kv.resync_dropped.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(engine = %engine.name, ?outcome, "kv events: missed batches; the engine's index was emptied and rebuilds from here");
+    }
+}
+
+/// A batch after a resync decision: whatever its outcome, it was already counted.
+fn apply_replayed(engine: &Engine, seq: u64, batch: EventBatch) {
+    let _ = apply_decoded(engine, seq, batch);
+}
+
+fn apply_decoded(engine: &Engine, seq: u64, batch: EventBatch) -> BatchOutcome {
     engine.kv.last_seq.store(seq, Ordering::Relaxed);
     engine.kv.batches.fetch_add(1, Ordering::Relaxed);
     engine.kv.events.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
@@ -103,15 +302,8 @@ pub fn apply(engine: &Engine, frames: &[bytes::Bytes]) -> Result<(), DecodeError
         EngineKvEvent::AllBlocksCleared => Some(IndexEvent::Cleared),
         EngineKvEvent::Unknown(_) => None,
     });
-    let Ok(mut index) = engine.kv.index.write() else { return Ok(()) };
-    match index.apply_batch(seq, events) {
-        BatchOutcome::InOrder => {}
-        other => {
-            engine.kv.gaps.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(engine = %engine.name, ?other, "kv events: missed batches; the engine's index was emptied and rebuilds from here");
-        }
-    }
-    Ok(())
+    let Ok(mut index) = engine.kv.index.write() else { return BatchOutcome::InOrder };
+    index.apply_batch(seq, events)
 }
 
 /// The chain seed of the engine's first model, once the poller has read its models.

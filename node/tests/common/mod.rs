@@ -36,7 +36,7 @@ pub fn node_config(engines: Vec<EngineEntry>) -> Config {
 }
 
 pub fn entry(url: String) -> EngineEntry {
-    EngineEntry { url, name: None, kv_events: None, api_key: None, role: Default::default() }
+    EngineEntry { url, name: None, kv_events: None, kv_events_replay: None, api_key: None, role: Default::default() }
 }
 
 pub async fn node(cfg: Config) -> RunningNode {
