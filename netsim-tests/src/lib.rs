@@ -2,11 +2,13 @@
 //! `tests/`.
 //!
 //! What runs today: real nodes in one process on loopback, each with a real QUIC endpoint,
-//! mutual TLS and gossip, and an embedded engine simulator. Two kinds of test are not built
-//! yet: deterministic simulated networks (virtual time, loss, partitions) and
-//! network-namespace tests. Both belong to the fault-testing work.
+//! mutual TLS and gossip, and an embedded engine simulator; and, in [`netns`], real `kvmesh`
+//! processes in network namespaces with kernel-made faults (root only). Deterministic
+//! simulated networks (virtual time) are not built yet.
 //!
 //! Must not: be a dependency of any shipped crate.
+
+pub mod netns;
 
 use std::time::{Duration, Instant};
 
