@@ -90,16 +90,20 @@ pub fn missing(need_nft: bool) -> Option<String> {
     failed
 }
 
-/// True when the test should return now: prints why, or panics where `KVMESH_REQUIRE_NETNS=1`.
+/// True when the test should return now: says why on stderr (past the test harness's output
+/// capture, so a skip shows in a plain `cargo test`), or panics where `KVMESH_REQUIRE_NETNS=1`.
 pub fn skip(test: &str, need_nft: bool) -> bool {
-    let reason = missing(need_nft).or_else(|| kvmesh_bin().err());
-    let Some(reason) = reason else { return false };
     let what = if need_nft { "root, ip netns and nft" } else { "root and ip netns" };
-    let msg = format!("skipped: {test} needs {what} ({reason})");
+    let msg = match (missing(need_nft), kvmesh_bin()) {
+        (Some(reason), _) => format!("skipped: {test} needs {what} ({reason})"),
+        (None, Err(reason)) => format!("skipped: {test} needs the kvmesh binary ({reason})"),
+        (None, Ok(_)) => return false,
+    };
     if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
         panic!("{msg}, and {REQUIRE_ENV}=1 forbids skipping");
     }
-    eprintln!("{msg}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{msg}");
     true
 }
 
@@ -107,44 +111,48 @@ pub fn skip(test: &str, need_nft: bool) -> bool {
 /// (`cargo test --workspace` builds it for the node crate's own process tests).
 ///
 /// The test cannot build it itself: cargo holds the target directory's lock while tests run, so
-/// a nested `cargo build` there waits forever. A binary older than the sources it is built from
-/// is refused rather than tested.
+/// a nested `cargo build` there waits forever. A binary older than any source file cargo lists
+/// for it (its dep-info, `kvmesh.d`) is refused rather than tested.
 pub fn kvmesh_bin() -> Result<PathBuf, String> {
     if let Some(p) = std::env::var_os(BIN_ENV) {
-        return Ok(PathBuf::from(p));
+        let p = PathBuf::from(p);
+        return if p.is_file() { Ok(p) } else { Err(format!("{BIN_ENV}={} is not a file", p.display())) };
     }
     let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
     // target/PROFILE/deps/netns-HASH -> target/PROFILE/kvmesh
     let profile_dir = exe.parent().and_then(Path::parent).ok_or("no target directory above the test")?;
     let bin = profile_dir.join("kvmesh");
-    let build = "run `cargo build -p kvmesh-node --bin kvmesh` (or `cargo test --workspace`, which builds it) first";
+    let build = format!(
+        "run `cargo build -p kvmesh-node --bin kvmesh` (or `cargo test --workspace`, which builds it) first, or set {BIN_ENV}"
+    );
     let built = std::fs::metadata(&bin)
         .and_then(|m| m.modified())
         .map_err(|_| format!("no kvmesh binary at {}: {build}", bin.display()))?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut newest = None;
-    newest_source(&root.join("Cargo.lock"), &mut newest);
-    for krate in ["node", "policy", "sim", "gossip", "transport"] {
-        newest_source(&root.join(krate).join("Cargo.toml"), &mut newest);
-        newest_source(&root.join(krate).join("src"), &mut newest);
+    let deps = std::fs::read_to_string(profile_dir.join("kvmesh.d")).unwrap_or_default();
+    if let Some(newer) =
+        dep_info_files(&deps).find(|f| std::fs::metadata(f).and_then(|m| m.modified()).is_ok_and(|t| t > built))
+    {
+        return Err(format!("{} is older than {}: {build}", bin.display(), newer.display()));
     }
-    match newest {
-        Some((t, path)) if t > built => Err(format!("{} is older than {}: {build}", bin.display(), path.display())),
-        _ => Ok(bin),
-    }
+    Ok(bin)
 }
 
-fn newest_source(path: &Path, newest: &mut Option<(std::time::SystemTime, PathBuf)>) {
-    let Ok(meta) = std::fs::metadata(path) else { return };
-    if meta.is_dir() {
-        for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
-            newest_source(&entry.path(), newest);
-        }
-    } else if let Ok(t) = meta.modified() {
-        if newest.as_ref().is_none_or(|(n, _)| t > *n) {
-            *newest = Some((t, path.to_path_buf()));
+/// The prerequisites in a Makefile-style dep-info file (`target: a b\ c`), spaces unescaped.
+fn dep_info_files(text: &str) -> impl Iterator<Item = PathBuf> + '_ {
+    let first = text.lines().next().unwrap_or("");
+    let deps = first.split_once(": ").map(|(_, d)| d).unwrap_or("");
+    let mut files = Vec::new();
+    let mut cur = String::new();
+    let mut chars = deps.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => cur.extend(chars.next()),
+            ' ' => files.extend((!cur.is_empty()).then(|| PathBuf::from(std::mem::take(&mut cur)))),
+            c => cur.push(c),
         }
     }
+    files.extend((!cur.is_empty()).then(|| PathBuf::from(cur)));
+    files.into_iter()
 }
 
 fn runs(cmd: &str, args: &[&str]) -> bool {
