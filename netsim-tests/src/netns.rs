@@ -172,13 +172,17 @@ fn ip(args: &[&str]) -> String {
     try_ip(args).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Deletes namespaces left by test processes that no longer exist (killed before their drop
-/// ran), so they do not pile up or hold subnets.
+/// Removes what test processes killed before their drop ran left behind: their nodes, still
+/// running in their namespaces, and the namespaces (which take the veths with them).
 fn remove_stale_namespaces() {
     let Ok(list) = try_ip(&["netns", "list"]) else { return };
     for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
         let Some(pid) = name.strip_prefix(NS_PREFIX).and_then(|r| r.split('-').next()) else { continue };
         if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
+            // Only processes inside that namespace, each by its id.
+            for p in try_ip(&["netns", "pids", name]).unwrap_or_default().split_whitespace() {
+                let _ = Command::new("kill").args(["-KILL", p]).status();
+            }
             let _ = try_ip(&["netns", "del", name]);
         }
     }
