@@ -80,6 +80,7 @@ pub fn missing(need_nft: bool) -> Option<String> {
     let mut checks = vec![
         ("bridge", vec!["-n", &probe, "link", "add", "b0", "type", "bridge"]),
         ("veth", vec!["-n", &probe, "link", "add", "v0", "type", "veth", "peer", "name", "v1"]),
+        ("ip netns exec", vec!["netns", "exec", &probe, "true"]),
     ];
     let nft = ["netns", "exec", &probe, "nft", "add", "table", "inet", "probe"];
     if need_nft {
