@@ -186,8 +186,9 @@ async fn link_cut_leaves_views_and_the_node_rejoins_when_it_returns() {
     }
 }
 
-/// 20% packet loss both ways on the edge node's interface (nftables): every request through it
-/// still completes (QUIC and TCP retransmit), and no node's failure detector drops a member.
+/// 20% loss of the mesh's packets (UDP: QUIC) both ways on the edge node's interface
+/// (nftables): every request through it still completes, each crossing the lossy link to a
+/// worker and back (QUIC retransmits), and no node's failure detector drops a member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packet_loss_keeps_requests_completing_and_views_whole() {
     if netns::skip("packet_loss_keeps_requests_completing_and_views_whole", true) {
