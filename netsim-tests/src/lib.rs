@@ -3,11 +3,13 @@
 //!
 //! What runs: real nodes in one process, each with a real QUIC endpoint, mutual TLS and gossip,
 //! and an embedded engine simulator. Their QUIC runs on loopback UDP, or on a simulated network
-//! (`simnet`: delay, loss, partitions, hosts down) for the fault tests. Not built yet:
-//! network-namespace tests.
+//! (`simnet`: delay, loss, partitions, hosts down) for the fault tests; and, in [`netns`], real
+//! `kvmesh` processes in network namespaces with kernel-made faults (root only). Fault timing is
+//! real time, not virtual time (`simnet` explains why).
 //!
 //! Must not: be a dependency of any shipped crate.
 
+pub mod netns;
 pub mod simnet;
 
 use std::time::{Duration, Instant};
