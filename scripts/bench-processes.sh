@@ -24,8 +24,8 @@ run() {
   local mode=$1 rate=$2
   pids=()
   local urls=()
-  # Ports away from the defaults and from earlier runs' lingering sockets.
-  local base=$((20000 + RANDOM % 20000))
+  # Ports away from the defaults, from earlier runs' lingering sockets and below the ephemeral range.
+  local base=$((10000 + RANDOM % 20000))
   for i in 0 1 2 3; do
     local role=both
     if [ "$mode" = pd ]; then if [ "$i" -lt 2 ]; then role=prefill; else role=decode; fi; fi

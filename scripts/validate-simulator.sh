@@ -4,20 +4,24 @@
 # engine simulator, meshed over QUIC with mutual TLS) for round-robin and kvmesh, and on one
 # `kvmesh serve` router in front of 8 `kvmesh engine-sim` processes for the oracle; then
 # `kvmesh simulate` on the same workload, rates and duration. Prints both and their ratio, and
-# writes them to BENCHMARKS.md (section `simulate-validation`).
+# writes them to BENCHMARKS.md (sections `simulate-validation`, and `routing-processes-NAME` with
+# the real runs' full figures; NAME is the workload's file name).
 #
-#   scripts/validate-simulator.sh [RATES] [DURATION_S] [POLICIES]
+#   scripts/validate-simulator.sh [RATES] [DURATION_S] [POLICIES] [WORKLOAD]
+#
+# Ports are drawn from 10000-29999, below Linux's ephemeral range (32768-60999) where the
+# nodes' own outgoing and embedded-engine sockets land.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rates=${1:-10,25}
 duration=${2:-40}
 policies=${3:-round-robin,kvmesh,oracle}
-workload=examples/workloads/shared-prefix.toml
+workload=${4:-examples/workloads/shared-prefix.toml}
 bin=target/release/kvmesh
 [ -x "$bin" ] || cargo build --release --locked -p kvmesh-node --bin kvmesh
 dir=$(mktemp -d)
 pids=()
-stop() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
+stop() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
 trap 'stop; rm -rf "$dir"' EXIT
 "$bin" cert ca --dir "$dir" >/dev/null
 for i in $(seq 0 7); do "$bin" cert node --name "n$i" --dir "$dir" >/dev/null; done
@@ -25,7 +29,7 @@ for i in $(seq 0 7); do "$bin" cert node --name "n$i" --dir "$dir" >/dev/null; d
 wait_http() { for _ in $(seq 1 120); do curl -sf "$1/health" >/dev/null && return 0; sleep 0.25; done; echo "no answer from $1" >&2; exit 1; }
 
 mesh() { # routing policy (TOML spelling)
-  local base=$((20000 + RANDOM % 20000)) urls=()
+  local base=$((10000 + RANDOM % 20000)) urls=()
   for i in $(seq 0 7); do
     cat >"$dir/n$i.toml" <<TOML
 node_name = "n$i"
@@ -41,6 +45,9 @@ TOML
     urls+=("http://127.0.0.1:$((base + 10 + i))")
   done
   for u in "${urls[@]}"; do
+    for pid in "${pids[@]}"; do
+      kill -0 "$pid" 2>/dev/null || { echo "a node failed to start:" >&2; tail -n 20 "$dir"/n*.log >&2; exit 1; }
+    done
     wait_http "$u"
     for _ in $(seq 1 120); do
       n=$(curl -sf "$u/v1/mesh/peers" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["peers"]))' 2>/dev/null || echo 0)
@@ -53,7 +60,7 @@ TOML
 }
 
 oracle() {
-  local base=$((20000 + RANDOM % 20000)) engines=""
+  local base=$((10000 + RANDOM % 20000)) engines=""
   for i in $(seq 0 7); do
     "$bin" engine-sim --http-addr "127.0.0.1:$((base + 20 + i))" --kv-events-addr "tcp://127.0.0.1:$((base + 40 + i))" \
       >"$dir/e$i.log" 2>&1 &
@@ -97,4 +104,4 @@ per_engine=$(python3 -c "print(','.join(str(float(r)/8) for r in '$rates'.split(
 "$bin" simulate --nodes 8 --rates-per-engine "$per_engine" --duration-s "$duration" --policies "$policies" \
   --workload "$workload" --csv "$dir/sim.csv" >/dev/null
 python3 scripts/compare-simulator.py "$dir/sim.csv" "${csvs[@]}" --out BENCHMARKS.md \
-  --command "scripts/validate-simulator.sh $rates $duration $policies"
+  --workload "$workload" --command "scripts/validate-simulator.sh $rates $duration $policies $workload"

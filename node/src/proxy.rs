@@ -620,17 +620,14 @@ impl Pipeline {
                 return Ok((targets.swap_remove(i), Route { header, reason: "round_robin" }, None));
             }
         };
-        let route::Picked { choice, split } = route::pick(
-            mode,
-            prompt_tokens,
-            &mut cands,
-            &roles,
-            may_split && prompt.known(),
-            &self.weights,
-            &self.pd,
-            |n| rand::random_range(0..n),
-        )
-        .ok_or_else(|| ApiError::unavailable(format!("No healthy engine serves `{model}` right now; retry later.")))?;
+        let rules = route::Rules { mode, weights: &self.weights, pd: &self.pd };
+        let route::Picked { choice, split } =
+            route::pick(rules, prompt_tokens, &mut cands, &roles, may_split && prompt.known(), |n| {
+                rand::random_range(0..n)
+            })
+            .ok_or_else(|| {
+                ApiError::unavailable(format!("No healthy engine serves `{model}` right now; retry later."))
+            })?;
         let split = split.map(|s| {
             let header = format!(
                 "engine={}; prefill={}; prompt_tokens={prompt_tokens}; predicted_ms={:.1}; whole_ms={:.1}; reason=pd",

@@ -155,10 +155,11 @@ fn table(a: &SimulateArgs, cfg: &ClusterConfig, rows: &[Row]) -> String {
     let edge: Vec<&Row> = rows.iter().filter(|r| !r.edge.is_empty()).collect();
     if !edge.is_empty() {
         md.push_str(
-            "\nRequests received at edge nodes (an engine's worth: the prefill its cached prefix saves minus the RTT to \
-             it, from the engines' true caches when the request was routed):\n\n| nodes | policy | site RTT | edge requests | sent \
-             far | far, and worth more than any engine in the site | kept in the site though a far engine was worth \
-             more | mean cached prefix used |\n|---|---|---|---|---|---|---|---|\n",
+            "\nRequests received at edge nodes. Right or wrong is judged with the truth when each request was routed \
+             (every engine's exact cache and queue, scored with the router's own TTFT prediction, within its \
+             tolerance):\n\n| nodes | policy | site RTT | edge requests | sent far | far, and truly no worse than the \
+             best engine in the site | kept in the site though a far engine was truly better | mean cached prefix \
+             used |\n|---|---|---|---|---|---|---|---|\n",
         );
         for (r, (rtt, e)) in edge.iter().flat_map(|r| r.edge.iter().map(move |x| (r, x))) {
             let pct = |n: usize, of: usize| 100.0 * n as f64 / of.max(1) as f64;

@@ -18,6 +18,14 @@ pub enum Mode {
     LeastLoad,
 }
 
+/// How a router weighs candidates: its mode and its settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Rules<'a> {
+    pub mode: Mode,
+    pub weights: &'a ScoreWeights,
+    pub pd: &'a PdSettings,
+}
+
 /// The pick for one request.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Picked {
@@ -38,15 +46,14 @@ pub fn unreported(in_flight: u32, reported_running: f64) -> f64 {
 /// only in `Mode::Kvmesh` and when `may_split` (the prompt's blocks are known and the request
 /// allows it).
 pub fn pick(
-    mode: Mode,
+    rules: Rules<'_>,
     prompt_tokens: usize,
     cands: &mut [Estimate],
     roles: &[Role],
     may_split: bool,
-    w: &ScoreWeights,
-    pd_settings: &PdSettings,
     draw: impl FnMut(usize) -> usize,
 ) -> Option<Picked> {
+    let Rules { mode, weights: w, pd: pd_settings } = rules;
     if mode == Mode::LeastLoad {
         cands.iter_mut().for_each(|c| c.matched_blocks = 0);
     }
@@ -74,11 +81,12 @@ mod tests {
     #[test]
     fn least_load_ignores_the_cache_that_kvmesh_follows() {
         let (w, pd) = (ScoreWeights::default(), PdSettings::default());
+        let rules = |mode| Rules { mode, weights: &w, pd: &pd };
         let roles = [Role::Both, Role::Both];
         let mut a = [est(0.0, 0), est(2.0, 400)];
-        let kv = pick(Mode::Kvmesh, 7000, &mut a.clone(), &roles, false, &w, &pd, |_| 0).expect("usable");
+        let kv = pick(rules(Mode::Kvmesh), 7000, &mut a.clone(), &roles, false, |_| 0).expect("usable");
         assert_eq!(kv.choice.index, 1);
-        let ll = pick(Mode::LeastLoad, 7000, &mut a, &roles, false, &w, &pd, |_| 0).expect("usable");
+        let ll = pick(rules(Mode::LeastLoad), 7000, &mut a, &roles, false, |_| 0).expect("usable");
         assert_eq!(ll.choice.index, 0);
         assert_eq!(a[1].matched_blocks, 0, "least-load sees no cache");
     }
@@ -86,11 +94,13 @@ mod tests {
     #[test]
     fn prefill_engines_serve_whole_only_as_a_last_resort() {
         let (w, pd) = (ScoreWeights::default(), PdSettings::default());
+        let rules = Rules { mode: Mode::Kvmesh, weights: &w, pd: &pd };
+        let roles = [Role::Prefill, Role::Both];
         let mut c = [est(0.0, 0), est(5.0, 0)];
-        let p = pick(Mode::Kvmesh, 100, &mut c, &[Role::Prefill, Role::Both], false, &w, &pd, |_| 0).expect("usable");
+        let p = pick(rules, 100, &mut c, &roles, false, |_| 0).expect("usable");
         assert_eq!(p.choice.index, 1);
         let mut c = [est(0.0, 0), Estimate { usable: false, ..est(0.0, 0) }];
-        let p = pick(Mode::Kvmesh, 100, &mut c, &[Role::Prefill, Role::Both], false, &w, &pd, |_| 0).expect("usable");
+        let p = pick(rules, 100, &mut c, &roles, false, |_| 0).expect("usable");
         assert_eq!(p.choice.index, 0);
     }
 

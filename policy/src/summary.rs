@@ -37,7 +37,7 @@ pub const MAX_STRIDE: u32 = 64;
 
 /// Whether a key belongs to a summary sampled with `stride`.
 pub fn in_sample(key: u64, stride: u32) -> bool {
-    stride <= 1 || key % stride as u64 == 0
+    stride <= 1 || key.is_multiple_of(stride as u64)
 }
 
 pub fn shard_of(key: u64) -> usize {

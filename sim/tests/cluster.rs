@@ -47,10 +47,8 @@ fn an_edge_node_goes_far_only_when_the_cache_there_is_worth_the_distance() {
     let (mut cfg, w) = shared_prefix();
     // One site 20 ms from the cluster, one 2 s away: a cached 6,000-token prefix saves ~290 ms
     // of predicted prefill, worth the first trip and not the second.
-    cfg.network.edge = vec![
-        EdgeSite { nodes: 1, rtt_ms: 20.0, engines: true },
-        EdgeSite { nodes: 1, rtt_ms: 2000.0, engines: true },
-    ];
+    cfg.network.edge =
+        vec![EdgeSite { nodes: 1, rtt_ms: 20.0, engines: true }, EdgeSite { nodes: 1, rtt_ms: 2000.0, engines: true }];
     cfg.network.edge_share = 1.0;
     cfg.duration_s = 20.0;
     let r = run(&cfg, &w, 4, "kvmesh", 0.5);

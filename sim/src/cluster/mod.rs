@@ -12,8 +12,9 @@
 //!   polls `/metrics`), publishes load every `load_publish_interval_ms` and its summary every
 //!   `summary_interval_ms`; other nodes see a publication after the gossip delay of `gossip`.
 //! - Network: a fixed RTT within a site and between sites (`sites`), half of it each way; the
-//!   node adds `node_overhead_ms` per request (tokenizing and scoring, measured by `kvmesh bench
-//!   overhead`). Bandwidth and CPU contention are not modelled.
+//!   node adds `node_overhead_ms` plus `node_us_per_prompt_token` per request, the engine's API
+//!   server `frontend_ms` plus `frontend_us_per_prompt_token` (tokenizing). Bandwidth and CPU
+//!   contention are not modelled.
 //! - Gossip bytes: modelled (`gossip`), from the sizes the product would publish.
 //!
 //! Policies: `round-robin`, `least-load` and `kvmesh` run on every node as the proxy does;
@@ -94,6 +95,11 @@ pub struct EngineModel {
     pub max_num_seqs: u32,
     pub max_num_batched_tokens: u32,
     pub timing: TimingModel,
+    /// The engine's API server tokenizes each prompt before scheduling it, on the CPU, on top
+    /// of `timing.frontend_ms`. 1.5 µs per token fits the real-process runs at low load
+    /// (`scripts/validate-simulator.sh`: the oracle's TTFT p50 at 10 req/s), in line with
+    /// `tokenizers` at 1.5-3 µs/token on this machine (BENCHMARKS.md, tokenizing).
+    pub frontend_us_per_prompt_token: f64,
 }
 
 impl Default for EngineModel {
@@ -104,6 +110,7 @@ impl Default for EngineModel {
             max_num_seqs: 1024,
             max_num_batched_tokens: 8192,
             timing: TimingModel::default(),
+            frontend_us_per_prompt_token: 1.5,
         }
     }
 }
@@ -113,8 +120,12 @@ impl Default for EngineModel {
 pub struct Network {
     /// RTT between two nodes of one site, ms.
     pub rtt_ms: f64,
-    /// Added by the node that receives a request (tokenizing, scoring, proxying), ms.
+    /// Added by the node that receives a request (scoring, proxying), ms.
     pub node_overhead_ms: f64,
+    /// Added per prompt token by the receiving node and the hop to a peer (tokenizing the
+    /// uncached part, carrying the prompt). 0.8 µs fits kvmesh's TTFT p50 at 10 req/s in the
+    /// real-process runs, beside the oracle's.
+    pub node_us_per_prompt_token: f64,
     /// Edge sites: nodes without engines that clients send to, `rtt_ms` away from the cluster.
     pub edge: Vec<EdgeSite>,
     /// With edge sites: the share of requests that clients send to the edge (the rest go to
@@ -124,7 +135,7 @@ pub struct Network {
 
 impl Default for Network {
     fn default() -> Self {
-        Self { rtt_ms: 0.5, node_overhead_ms: 0.5, edge: Vec::new(), edge_share: 1.0 }
+        Self { rtt_ms: 0.5, node_overhead_ms: 0.5, node_us_per_prompt_token: 0.8, edge: Vec::new(), edge_share: 1.0 }
     }
 }
 
@@ -172,10 +183,10 @@ impl ClusterConfig {
         if self.nodes.is_empty() || self.nodes.contains(&0) {
             return bad("nodes: give at least one cluster size, each at least 1");
         }
-        if self.rates_per_engine.is_empty() || self.rates_per_engine.iter().any(|r| !(*r > 0.0)) {
+        if self.rates_per_engine.is_empty() || self.rates_per_engine.iter().any(|r| !positive(*r)) {
             return bad("rates_per_engine: give at least one rate, each above 0");
         }
-        if !(self.duration_s > 0.0) || !(0.0..1.0).contains(&self.warmup_fraction) {
+        if !positive(self.duration_s) || !(0.0..1.0).contains(&self.warmup_fraction) {
             return bad("duration_s must be above 0 and warmup_fraction in [0, 1)");
         }
         for p in &self.policies {
@@ -186,7 +197,7 @@ impl ClusterConfig {
         let g = &self.gossip;
         if [g.gossip_interval_ms, g.engine_poll_interval_ms, g.load_publish_interval_ms, g.summary_interval_ms]
             .iter()
-            .any(|v| !(*v > 0.0))
+            .any(|v| !positive(*v))
             || g.fanout == 0
             || !(1..=kvmesh_policy::summary::MAX_STRIDE).contains(&g.summary_stride)
         {
@@ -197,7 +208,7 @@ impl ClusterConfig {
         {
             return bad("network.edge: each site needs nodes >= 1 and rtt_ms >= 0; edge_share in [0, 1]");
         }
-        if self.gossip_budget_kb_s.is_some_and(|b| !(b > 0.0)) {
+        if self.gossip_budget_kb_s.is_some_and(|b| !positive(b)) {
             return bad("gossip_budget_kb_s must be above 0 (or left out)");
         }
         if self.engine.block_size == 0 || self.engine.num_gpu_blocks == 0 {
@@ -205,6 +216,11 @@ impl ClusterConfig {
         }
         self.engine.timing.validate().map_err(SimError::Cluster)
     }
+}
+
+/// Above zero and finite (NaN is neither).
+fn positive(v: f64) -> bool {
+    v.is_finite() && v > 0.0
 }
 
 pub const POLICIES: [&str; 4] = ["round-robin", "least-load", "kvmesh", "oracle"];
@@ -235,16 +251,19 @@ pub struct Row {
     pub gossip: Gossip,
 }
 
-/// How requests received at edge nodes were placed, judged against the engines' true caches:
-/// an engine's worth is the prefill its cached prefix saves minus the RTT to it.
+/// How requests received at edge nodes were placed, judged against the truth when each was
+/// routed: every engine's exact cache and current queue, scored with the router's own TTFT
+/// prediction (`score::predicted_ttft_ms`), so only stale or missing information makes a
+/// choice wrong.
 #[derive(Debug, Clone, Default)]
 pub struct EdgeStats {
     pub requests: usize,
     /// Sent to an engine outside the edge node's site.
     pub sent_far: usize,
-    /// Of those: the far engine was worth more than the best one in the site.
+    /// Of those: the far engine was truly at least as good (within the router's tolerance) as
+    /// the best one in the site.
     pub far_paid: usize,
-    /// Kept in the site although a far engine was worth more.
+    /// Kept in the site although a far engine was truly better by more than the tolerance.
     pub near_missed: usize,
     /// Cached prefix the chosen engine held, tokens.
     pub mean_matched_tokens: f64,

@@ -21,7 +21,7 @@ use kvmesh_policy::pd::Role;
 use kvmesh_policy::prefix_index::{EngineIndex, IndexEvent};
 use kvmesh_policy::route::{self, Mode};
 use kvmesh_policy::route_history::RoutedKeys;
-use kvmesh_policy::score::Estimate;
+use kvmesh_policy::score::{self, Estimate};
 use kvmesh_policy::summary::{self, BloomShard};
 
 type Us = u64;
@@ -508,7 +508,7 @@ impl<'a> World<'a> {
         let target = self.engines[engine].node;
         let one_way = self.rtt_ms(origin, target) / 2.0;
         if self.nodes[origin].site != 0 && self.now >= self.warmup {
-            self.edge_decision(origin, engine, &keys);
+            self.edge_decision(origin, engine, &keys, prompt.len());
         }
         *self.nodes[origin].in_flight.entry(engine).or_default() += 1;
         if origin != target && self.policy != Policy::Oracle {
@@ -534,7 +534,11 @@ impl<'a> World<'a> {
         self.open += 1;
         self.pending.insert(r, prompt);
         self.outputs.insert(r, output_len);
-        let t = self.now + us(self.cfg.network.node_overhead_ms + one_way + self.cfg.engine.timing.frontend_ms);
+        let (net, eng) = (&self.cfg.network, &self.cfg.engine);
+        let tokens = self.requests[r].prompt_tokens as f64;
+        let node_ms = net.node_overhead_ms + net.node_us_per_prompt_token * tokens / 1000.0;
+        let frontend_ms = eng.timing.frontend_ms + eng.frontend_us_per_prompt_token * tokens / 1000.0;
+        let t = self.now + us(node_ms + one_way + frontend_ms);
         self.at(t, Ev::Deliver(r));
     }
 
@@ -597,10 +601,8 @@ impl<'a> World<'a> {
                 };
                 let roles = vec![Role::Both; n];
                 let rng = &mut self.rng;
-                let picked =
-                    route::pick(mode, prompt_tokens, &mut cands, &roles, false, &self.cfg.weights, &self.cfg.pd, |k| {
-                        rng.random_range(0..k)
-                    });
+                let rules = route::Rules { mode, weights: &self.cfg.weights, pd: &self.cfg.pd };
+                let picked = route::pick(rules, prompt_tokens, &mut cands, &roles, false, |k| rng.random_range(0..k));
                 match picked {
                     Some(p) => p.choice.index,
                     // Nothing visible yet (the first gossip rounds): the node's own engine, else
@@ -611,29 +613,42 @@ impl<'a> World<'a> {
         }
     }
 
-    /// For requests received at the edge: was going far worth it? Judged with the engines'
-    /// true caches at decision time: an engine's worth is the prefill its cached prefix saves
-    /// minus the RTT to reach it (load left aside).
-    fn edge_decision(&mut self, origin: usize, engine: usize, keys: &[u64]) {
-        let (bs, per_token) = (self.cfg.engine.block_size as usize, self.cfg.weights.prefill_ms_per_token);
-        let site = self.nodes[origin].site;
-        let worth = |w: &Self, e: usize| {
-            (w.engines[e].index.matched_blocks(keys) * bs) as f64 * per_token - w.rtt_ms(origin, w.engines[e].node)
+    /// For requests received at the edge: was going far worth it? Judged with the truth at
+    /// decision time (each engine's exact cache and current queue, no gossip delay) through the
+    /// same TTFT prediction the router uses; a choice within the router's tolerance of the best
+    /// counts as right.
+    fn edge_decision(&mut self, origin: usize, engine: usize, keys: &[u64], prompt_tokens: usize) {
+        let w = &self.cfg.weights;
+        let truth = |e: usize| {
+            let c = &self.engines[e].core;
+            let est = Estimate {
+                usable: true,
+                rtt_ms: self.rtt_ms(origin, self.engines[e].node),
+                running: c.num_running() as f64,
+                waiting: c.num_waiting() as f64,
+                kv_usage: c.kv_usage(),
+                matched_blocks: self.engines[e].index.matched_blocks(keys),
+                block_size: self.cfg.engine.block_size,
+            };
+            score::predicted_ttft_ms(prompt_tokens, &est, w)
         };
-        let near = |w: &Self, e: usize| w.nodes[w.engines[e].node].site == site;
-        let best_near = (0..self.engines.len()).filter(|&e| near(self, e)).map(|e| worth(self, e)).fold(f64::MIN, f64::max);
-        let best_far = (0..self.engines.len()).filter(|&e| !near(self, e)).map(|e| worth(self, e)).fold(f64::MIN, f64::max);
-        let chosen = worth(self, engine);
-        let far = !near(self, engine);
-        let matched = self.engines[engine].index.matched_blocks(keys);
+        let site = self.nodes[origin].site;
+        let near = |e: usize| self.nodes[self.engines[e].node].site == site;
+        let best = |want_near: bool| {
+            (0..self.engines.len()).filter(|&e| near(e) == want_near).map(truth).fold(f64::INFINITY, f64::min)
+        };
+        let (best_near, best_far, chosen) = (best(true), best(false), truth(engine));
+        let slack = 1.0 + w.tolerance;
+        let far = !near(engine);
+        let matched = self.engines[engine].index.matched_blocks(keys) * self.cfg.engine.block_size as usize;
         let (s, tokens) = &mut self.stats.edge[site];
         s.requests += 1;
-        *tokens += (matched * bs) as u64;
+        *tokens += matched as u64;
         if far {
             s.sent_far += 1;
-            s.far_paid += (chosen > best_near) as usize;
+            s.far_paid += (chosen <= best_near * slack) as usize;
         } else {
-            s.near_missed += (best_far > chosen) as usize;
+            s.near_missed += (best_far * slack < chosen) as usize;
         }
     }
 
