@@ -85,6 +85,8 @@ struct Node {
     engine: Option<usize>,
     /// 0: the cluster; 1..: edge sites.
     site: usize,
+    /// Requests in flight, by engine: this node's own to peers' engines, and everyone's to its own
+    /// engine (it proxies them all).
     in_flight: HashMap<usize, u32>,
     routed: HashMap<usize, RoutedKeys>,
     rr: u64,
@@ -654,6 +656,12 @@ impl<'a> World<'a> {
 
     fn deliver(&mut self, r: usize) {
         let e = self.requests[r].engine;
+        // The engine's own node proxies every request to it, so its count for its engine covers
+        // all origins (an origin's count for a peer's engine covers only its own).
+        let (origin, target) = (self.requests[r].origin, self.engines[e].node);
+        if origin != target {
+            *self.nodes[target].in_flight.entry(e).or_default() += 1;
+        }
         let prompt = self.pending.remove(&r).unwrap_or_default();
         let output_len = self.outputs.remove(&r).unwrap_or(1);
         self.engines[e].core.add(NewSequence {
@@ -722,8 +730,11 @@ impl<'a> World<'a> {
     fn finish(&mut self, r: usize, at: Us) {
         self.open -= 1;
         let (origin, engine) = (self.requests[r].origin, self.requests[r].engine);
-        if let Some(n) = self.nodes[origin].in_flight.get_mut(&engine) {
-            *n = n.saturating_sub(1);
+        let target = self.engines[engine].node;
+        for node in if origin == target { vec![origin] } else { vec![origin, target] } {
+            if let Some(n) = self.nodes[node].in_flight.get_mut(&engine) {
+                *n = n.saturating_sub(1);
+            }
         }
         let req = &mut self.requests[r];
         if req.sent >= self.warmup {
