@@ -25,7 +25,10 @@ def main():
     ap.add_argument("--workload", default="examples/workloads/shared-prefix.toml")
     a = ap.parse_args()
     sim = {(round(float(r["rate"]), 1), r["policy"]): r for r in rows(a.sim)}
+    name = a.workload.rsplit("/", 1)[-1].removesuffix(".toml")
     lines = [
+        f"## The cluster simulator against real processes ({name}, 8 nodes)",
+        "",
         f"Command: `{a.command}`. Real: 8 separate `kvmesh serve` processes on loopback (the oracle: one "
         "router in front of 8 `kvmesh engine-sim` processes), the load generator in another, all on this "
         "machine's 2 cores. Simulated: `kvmesh simulate` with the same workload, rates and duration. "
@@ -65,7 +68,10 @@ def main():
 
 def real_table(a):
     """The real runs' figures, as `bench routing` prints them."""
+    name = a.workload.rsplit("/", 1)[-1].removesuffix(".toml")
     out = [
+        f"## Routing on real processes ({name}, 8 nodes)",
+        "",
         f"Command: `{a.command}` (its real runs). 8 separate `kvmesh serve` processes on loopback, meshed "
         "over QUIC with mutual TLS, each with its embedded engine simulator (the oracle: one `kvmesh serve` "
         f"router in front of 8 `kvmesh engine-sim` processes); the load generator in another process; workload "

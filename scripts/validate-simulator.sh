@@ -97,6 +97,8 @@ for rate in ${rates//,/ }; do
     "$bin" bench routing --workload "$workload" --rates "$rate" --duration-s "$duration" --engines 8 \
       --policies "$p" --entry-urls "$entry" --csv "$dir/real-$p-$rate.csv" >/dev/null
     csvs+=("$dir/real-$p-$rate.csv")
+    # KVMESH_KEEP_CSV=DIR keeps each point's CSV, to compare runs made by several invocations.
+    if [ -n "${KVMESH_KEEP_CSV:-}" ]; then cp "$dir/real-$p-$rate.csv" "$KVMESH_KEEP_CSV/real-$(basename "$workload" .toml)-$p-$rate.csv"; fi
     stop
   done
 done

@@ -4,6 +4,7 @@
 //! shared and noisy): the node's added latency is measured against calling the same engine
 //! directly, interleaving the two so drift hits both alike.
 
+use axum::serve::ListenerExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -380,6 +381,9 @@ async fn echo_engine(cancel: &CancellationToken) -> Result<String, NodeError> {
     let addr = listener.local_addr().map_err(|e| NodeError::Bench(e.to_string()))?;
     let stop = cancel.clone();
     tokio::spawn(async move {
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let _ = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
     });
     Ok(format!("http://{addr}"))

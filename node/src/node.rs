@@ -1,5 +1,6 @@
 //! Starting a node: embedded engine (if needed), engine watchers, HTTP server; and stopping it.
 
+use axum::serve::ListenerExt as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -193,6 +194,11 @@ impl Node {
         // Not on the tracker: shutdown awaits it first, on its own, to drain client streams
         // while the mesh endpoint is still up.
         let http_server = tokio::spawn(async move {
+            // Streamed tokens are small writes: with Nagle's algorithm on, one could wait for the
+            // client's delayed ACK (40 ms on Linux) before leaving.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let served = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "HTTP server failed");

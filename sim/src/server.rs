@@ -1,5 +1,6 @@
 //! Starting and stopping one simulated engine: HTTP server, engine loop, KV-event publisher.
 
+use axum::serve::ListenerExt as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -177,6 +178,10 @@ impl EngineSim {
         let app = api::router(state);
         let shutdown = cancel.clone();
         tasks.spawn(async move {
+            // vLLM's server (uvicorn) sends streamed tokens with Nagle's algorithm off; so does this.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let served =
                 axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
             if let Err(e) = served {
