@@ -12,8 +12,9 @@
 //!   polls `/metrics`), publishes load every `load_publish_interval_ms` and its summary every
 //!   `summary_interval_ms`; other nodes see a publication after the gossip delay of `gossip`.
 //! - Network: a fixed RTT within a site and between sites (`sites`), half of it each way; the
-//!   node adds `node_overhead_ms` plus `node_us_per_prompt_token` per request, the engine's API
-//!   server `frontend_ms` plus `frontend_us_per_prompt_token` (tokenizing). Bandwidth and CPU
+//!   node adds `node_overhead_ms` plus `node_us_per_prompt_token` per request (and
+//!   `forward_us_per_prompt_token` when it forwards to a peer), the engine's API server
+//!   `frontend_ms` plus `frontend_us_per_prompt_token` (tokenizing). Bandwidth and CPU
 //!   contention are not modelled.
 //! - Gossip bytes: modelled (`gossip`), from the sizes the product would publish.
 //!
@@ -96,9 +97,9 @@ pub struct EngineModel {
     pub max_num_batched_tokens: u32,
     pub timing: TimingModel,
     /// The engine's API server tokenizes each prompt before scheduling it, on the CPU, on top
-    /// of `timing.frontend_ms`. 1.5 µs per token fits the real-process runs at low load
-    /// (`scripts/validate-simulator.sh`: the oracle's TTFT p50 at 10 req/s), in line with
-    /// `tokenizers` at 1.5-3 µs/token on this machine (BENCHMARKS.md, tokenizing).
+    /// of `timing.frontend_ms`. Fitted, with the network's per-token costs, to the real-process
+    /// runs at low load (`scripts/validate-simulator.sh`: TTFT p50 at 10 req/s of the oracle
+    /// and of kvmesh).
     pub frontend_us_per_prompt_token: f64,
 }
 
@@ -110,7 +111,7 @@ impl Default for EngineModel {
             max_num_seqs: 1024,
             max_num_batched_tokens: 8192,
             timing: TimingModel::default(),
-            frontend_us_per_prompt_token: 1.5,
+            frontend_us_per_prompt_token: 0.35,
         }
     }
 }
@@ -122,10 +123,11 @@ pub struct Network {
     pub rtt_ms: f64,
     /// Added by the node that receives a request (scoring, proxying), ms.
     pub node_overhead_ms: f64,
-    /// Added per prompt token by the receiving node and the hop to a peer (tokenizing the
-    /// uncached part, carrying the prompt). 0.8 µs fits kvmesh's TTFT p50 at 10 req/s in the
-    /// real-process runs, beside the oracle's.
+    /// Added per prompt token by the receiving node (tokenizing the uncached part, scoring).
     pub node_us_per_prompt_token: f64,
+    /// Added per prompt token when the request is forwarded to a peer's engine: the QUIC hop
+    /// and the peer node's proxying of the body. Fitted with the per-token costs above.
+    pub forward_us_per_prompt_token: f64,
     /// Edge sites: nodes without engines that clients send to, `rtt_ms` away from the cluster.
     pub edge: Vec<EdgeSite>,
     /// With edge sites: the share of requests that clients send to the edge (the rest go to
@@ -135,7 +137,14 @@ pub struct Network {
 
 impl Default for Network {
     fn default() -> Self {
-        Self { rtt_ms: 0.5, node_overhead_ms: 0.5, node_us_per_prompt_token: 0.8, edge: Vec::new(), edge_share: 1.0 }
+        Self {
+            rtt_ms: 0.5,
+            node_overhead_ms: 0.5,
+            node_us_per_prompt_token: 0.5,
+            forward_us_per_prompt_token: 1.0,
+            edge: Vec::new(),
+            edge_share: 1.0,
+        }
     }
 }
 

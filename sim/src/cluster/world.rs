@@ -538,7 +538,10 @@ impl<'a> World<'a> {
         self.outputs.insert(r, output_len);
         let (net, eng) = (&self.cfg.network, &self.cfg.engine);
         let tokens = self.requests[r].prompt_tokens as f64;
-        let node_ms = net.node_overhead_ms + net.node_us_per_prompt_token * tokens / 1000.0;
+        // The oracle reaches its engines directly, as a router in front of engines does.
+        let forwarded = origin != target && self.policy != Policy::Oracle;
+        let forward_us = if forwarded { net.forward_us_per_prompt_token } else { 0.0 };
+        let node_ms = net.node_overhead_ms + (net.node_us_per_prompt_token + forward_us) * tokens / 1000.0;
         let frontend_ms = eng.timing.frontend_ms + eng.frontend_us_per_prompt_token * tokens / 1000.0;
         let t = self.now + us(node_ms + one_way + frontend_ms);
         self.at(t, Ev::Deliver(r));
