@@ -91,7 +91,7 @@ pub fn run(a: SimulateArgs) -> Result<(), NodeError> {
         )
     })
     .map_err(err)?;
-    let md = table(&a, &cfg, &rows);
+    let md = table(&cfg, &rows);
     println!("{md}");
     if let Some(p) = &a.csv {
         std::fs::write(p, csv(&rows)).map_err(err)?;
@@ -107,7 +107,7 @@ fn oracle_p90(rows: &[Row], r: &Row) -> Option<f64> {
     rows.iter().find(|o| o.policy == "oracle" && o.nodes == r.nodes && o.rate == r.rate).map(|o| o.ttft_ms[1])
 }
 
-fn table(a: &SimulateArgs, cfg: &ClusterConfig, rows: &[Row]) -> String {
+fn table(cfg: &ClusterConfig, rows: &[Row]) -> String {
     let mut md = format!(
         "Command: `kvmesh simulate{}` (workload `{}`, {} virtual s of arrivals per run, the first {:.0}% warm-up; \
          summaries sampled 1 key in {}; {}). Gossip intervals: chitchat round / load / summary, in s.\n\n",
@@ -121,7 +121,6 @@ fn table(a: &SimulateArgs, cfg: &ClusterConfig, rows: &[Row]) -> String {
             None => "the node's default intervals".into(),
         },
     );
-    let _ = a;
     md.push_str(
         "| nodes | rate (req/s) | policy | TTFT p50 | TTFT p90 | TTFT p99 | p90 / oracle | ITL p99 | output tok/s | cache hit | \
          goodput (req/s) | gossip KB/s/node (summaries) | gossip intervals | wall s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
