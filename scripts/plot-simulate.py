@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Plot `kvmesh simulate --csv` results against cluster size: TTFT p90 per policy, and gossip
-bandwidth per node for kvmesh.
+bandwidth per node for kvmesh (flat and in cells, with the cells' gateways).
 
 Usage: python3 scripts/plot-simulate.py OUT.png LABEL=CSV [LABEL=CSV ...]
 Each CSV is one `kvmesh simulate` run (e.g. `default=sizes.csv budget=sizes-budget.csv`); its
@@ -24,9 +24,11 @@ def main():
         with open(path) as f:
             for r in csv.DictReader(f):
                 n, p = int(r["nodes"]), r["policy"]
-                if p == "kvmesh":
-                    name = f"kvmesh ({label})"
+                if p in ("kvmesh", "kvmesh-cells"):
+                    name = f"{p} ({label})"
                     gossip[name].append((n, float(r["gossip_kb_s"])))
+                    if float(r.get("gateway_kb_s") or 0) > 0:
+                        gossip[f"{p} gateways ({label})"].append((n, float(r["gateway_kb_s"])))
                 elif i > 0:
                     continue
                 else:

@@ -622,7 +622,7 @@ impl Pipeline {
         };
         let rules = route::Rules { mode, weights: &self.weights, pd: &self.pd };
         let route::Picked { choice, split } =
-            route::pick(rules, prompt_tokens, &mut cands, &roles, may_split && prompt.known(), |n| {
+            route::pick(rules, prompt_tokens, &mut cands, &roles, may_split && prompt.known(), None, |n| {
                 rand::random_range(0..n)
             })
             .ok_or_else(|| {

@@ -123,12 +123,15 @@ fn table(cfg: &ClusterConfig, rows: &[Row]) -> String {
     );
     md.push_str(
         "| nodes | rate (req/s) | policy | TTFT p50 | TTFT p90 | TTFT p99 | p90 / oracle | ITL p99 | output tok/s | cache hit | \
-         goodput (req/s) | gossip KB/s/node (summaries) | gossip intervals | wall s |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         goodput (req/s) | gossip KB/s/node (summaries) | gateway KB/s | cells (relayed) | gossip intervals | wall s |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let vs = oracle_p90(rows, r).map(|o| format!("{:.2}", r.ttft_ms[1] / o)).unwrap_or_else(|| "-".into());
         let gossip =
             if r.policy == "oracle" { "-".to_owned() } else { format!("{:.1} ({:.1})", r.gossip_kb_s, r.summary_kb_s) };
+        let gateway = r.gateway_kb_s.map(|k| format!("{k:.1}")).unwrap_or_else(|| "-".into());
+        let cells = if r.cells > 1 { format!("{} ({:.0}%)", r.cells, r.relayed * 100.0) } else { "1".into() };
         let g = &r.gossip;
         let intervals = format!(
             "{:.1} / {:.1} / {:.1}",
@@ -137,7 +140,7 @@ fn table(cfg: &ClusterConfig, rows: &[Row]) -> String {
             g.summary_interval_ms / 1000.0
         );
         md.push_str(&format!(
-            "| {} | {:.0} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {vs} | {:.1} ms | {:.0} | {:.0}% | {:.1} | {gossip} | {intervals} | {:.0} |\n",
+            "| {} | {:.0} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {vs} | {:.1} ms | {:.0} | {:.0}% | {:.1} | {gossip} | {gateway} | {cells} | {intervals} | {:.0} |\n",
             r.nodes,
             r.rate,
             r.policy,
@@ -179,11 +182,11 @@ fn table(cfg: &ClusterConfig, rows: &[Row]) -> String {
 
 fn csv(rows: &[Row]) -> String {
     let mut s = String::from(
-        "nodes,rate,policy,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,itl_p50_ms,itl_p99_ms,out_tok_s,hit_rate,goodput,gossip_kb_s,summary_kb_s,done\n",
+        "nodes,rate,policy,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,itl_p50_ms,itl_p99_ms,out_tok_s,hit_rate,goodput,gossip_kb_s,summary_kb_s,gateway_kb_s,cells,relayed,done\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "{},{:.2},{},{:.1},{:.1},{:.1},{:.2},{:.2},{:.1},{:.4},{:.2},{:.2},{:.2},{}\n",
+            "{},{:.2},{},{:.1},{:.1},{:.1},{:.2},{:.2},{:.1},{:.4},{:.2},{:.2},{:.2},{:.2},{},{:.4},{}\n",
             r.nodes,
             r.rate,
             r.policy,
@@ -197,6 +200,9 @@ fn csv(rows: &[Row]) -> String {
             r.goodput,
             r.gossip_kb_s,
             r.summary_kb_s,
+            r.gateway_kb_s.unwrap_or(0.0),
+            r.cells,
+            r.relayed,
             r.done
         ));
     }

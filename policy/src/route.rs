@@ -40,7 +40,10 @@ pub fn unreported(in_flight: u32, reported_running: f64) -> f64 {
     (in_flight as f64 - reported_running).max(0.0)
 }
 
-/// Picks an engine among `cands` (with their `roles`), or `None` when none is usable.
+/// Picks an engine among `cands` (with their `roles`), or `None` when none is usable. `prefer`
+/// (an index into `cands`) wins among near-equal candidates: a node that is a prompt's home in
+/// its cell (`cells::member`) prefers its own engine, so that the prefix settles where the
+/// next requests for it arrive.
 ///
 /// Prefill-only engines take whole requests only when nothing else can. A split is considered
 /// only in `Mode::Kvmesh` and when `may_split` (the prompt's blocks are known and the request
@@ -51,6 +54,7 @@ pub fn pick(
     cands: &mut [Estimate],
     roles: &[Role],
     may_split: bool,
+    prefer: Option<usize>,
     draw: impl FnMut(usize) -> usize,
 ) -> Option<Picked> {
     let Rules { mode, weights: w, pd: pd_settings } = rules;
@@ -61,7 +65,7 @@ pub fn pick(
     if whole.iter().zip(roles).any(|(c, r)| c.usable && r.serves_whole()) {
         whole.iter_mut().zip(roles).filter(|(_, r)| !r.serves_whole()).for_each(|(c, _)| c.usable = false);
     }
-    let choice = score::choose(prompt_tokens, &whole, w, draw)?;
+    let choice = score::choose(prompt_tokens, &whole, w, prefer, draw)?;
     let split = if may_split && mode == Mode::Kvmesh {
         pd::choose(prompt_tokens, cands, roles, Some((choice.index, choice.predicted_ms)), w, pd_settings)
     } else {
@@ -84,9 +88,9 @@ mod tests {
         let rules = |mode| Rules { mode, weights: &w, pd: &pd };
         let roles = [Role::Both, Role::Both];
         let mut a = [est(0.0, 0), est(2.0, 400)];
-        let kv = pick(rules(Mode::Kvmesh), 7000, &mut a.clone(), &roles, false, |_| 0).expect("usable");
+        let kv = pick(rules(Mode::Kvmesh), 7000, &mut a.clone(), &roles, false, None, |_| 0).expect("usable");
         assert_eq!(kv.choice.index, 1);
-        let ll = pick(rules(Mode::LeastLoad), 7000, &mut a, &roles, false, |_| 0).expect("usable");
+        let ll = pick(rules(Mode::LeastLoad), 7000, &mut a, &roles, false, None, |_| 0).expect("usable");
         assert_eq!(ll.choice.index, 0);
         assert_eq!(a[1].matched_blocks, 0, "least-load sees no cache");
     }
@@ -97,10 +101,10 @@ mod tests {
         let rules = Rules { mode: Mode::Kvmesh, weights: &w, pd: &pd };
         let roles = [Role::Prefill, Role::Both];
         let mut c = [est(0.0, 0), est(5.0, 0)];
-        let p = pick(rules, 100, &mut c, &roles, false, |_| 0).expect("usable");
+        let p = pick(rules, 100, &mut c, &roles, false, None, |_| 0).expect("usable");
         assert_eq!(p.choice.index, 1);
         let mut c = [est(0.0, 0), Estimate { usable: false, ..est(0.0, 0) }];
-        let p = pick(rules, 100, &mut c, &roles, false, |_| 0).expect("usable");
+        let p = pick(rules, 100, &mut c, &roles, false, None, |_| 0).expect("usable");
         assert_eq!(p.choice.index, 0);
     }
 

@@ -95,11 +95,13 @@ pub struct Choice {
 }
 
 /// Picks among usable candidates: all within `tolerance` of the best prediction are
-/// near-equal; two of them are drawn with `draw` and the better one wins.
+/// near-equal; `prefer` wins when it is one of them, else two are drawn with `draw` and the
+/// better one wins.
 pub fn choose(
     prompt_tokens: usize,
     cands: &[Estimate],
     w: &ScoreWeights,
+    prefer: Option<usize>,
     mut draw: impl FnMut(usize) -> usize,
 ) -> Option<Choice> {
     let mut scored: Vec<(usize, f64)> = cands
@@ -114,7 +116,10 @@ pub fn choose(
     scored.sort_by(|a, b| a.1.total_cmp(&b.1));
     let best = scored[0].1;
     let near = scored.iter().take_while(|(_, s)| *s <= best * (1.0 + w.tolerance)).count();
-    let pick = if near >= 2 {
+    let preferred = prefer.and_then(|p| scored[..near].iter().position(|(i, _)| *i == p));
+    let pick = if let Some(p) = preferred {
+        p
+    } else if near >= 2 {
         let (a, b) = (draw(near), draw(near));
         a.min(b) // sorted: the lower index is the better prediction
     } else {
@@ -145,7 +150,7 @@ mod tests {
     fn cached_prefix_beats_light_load_when_the_prompt_is_long() {
         let w = ScoreWeights::default();
         // 6,000 cached tokens on a busier engine vs an idle engine with nothing cached.
-        let c = choose(7_200, &[e(0.0, 0), e(3.0, 375)], &w, |_| 0).unwrap();
+        let c = choose(7_200, &[e(0.0, 0), e(3.0, 375)], &w, None, |_| 0).unwrap();
         assert_eq!(c.index, 1);
         assert!(c.runner_up.unwrap().1 > c.predicted_ms);
     }
@@ -153,7 +158,7 @@ mod tests {
     #[test]
     fn load_wins_when_nothing_is_cached() {
         let w = ScoreWeights::default();
-        assert_eq!(choose(500, &[e(8.0, 0), e(1.0, 0)], &w, |_| 0).unwrap().index, 1);
+        assert_eq!(choose(500, &[e(8.0, 0), e(1.0, 0)], &w, None, |_| 0).unwrap().index, 1);
     }
 
     #[test]
@@ -170,7 +175,7 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         let mut k = 0usize;
         for _ in 0..50 {
-            let c = choose(100, &cands, &w, |n| {
+            let c = choose(100, &cands, &w, None, |n| {
                 k = k.wrapping_mul(31).wrapping_add(7);
                 k % n
             })
@@ -182,9 +187,17 @@ mod tests {
     }
 
     #[test]
+    fn a_preferred_candidate_wins_only_among_near_equals() {
+        let w = ScoreWeights::default();
+        let cands = [e(1.0, 0), e(1.0, 0), e(9.0, 0)];
+        assert_eq!(choose(100, &cands, &w, Some(1), |_| 0).unwrap().index, 1);
+        assert_eq!(choose(100, &cands, &w, Some(2), |_| 0).unwrap().index, 0, "too slow to prefer");
+    }
+
+    #[test]
     fn kv_pressure_penalizes_a_full_cache() {
         let w = ScoreWeights::default();
         let full = Estimate { kv_usage: 0.99, ..e(0.0, 0) };
-        assert_eq!(choose(100, &[full, e(0.0, 0)], &w, |_| 0).unwrap().index, 1);
+        assert_eq!(choose(100, &[full, e(0.0, 0)], &w, None, |_| 0).unwrap().index, 1);
     }
 }

@@ -69,3 +69,21 @@ fn a_gossip_budget_stretches_intervals_and_bounds_the_bytes() {
     assert!(tight.gossip_kb_s < free.gossip_kb_s, "{} vs {}", tight.gossip_kb_s, free.gossip_kb_s);
     assert!(tight.gossip_kb_s <= 10.0 * 1.2, "within the budget (model): {}", tight.gossip_kb_s);
 }
+
+#[test]
+fn cells_cut_each_nodes_gossip_and_keep_prefixes_together() {
+    let (mut cfg, w) = shared_prefix();
+    cfg.duration_s = 10.0;
+    cfg.cells.size = 4;
+    let flat = run(&cfg, &w, 16, "kvmesh", 2.0);
+    let cells = run(&cfg, &w, 16, "kvmesh-cells", 2.0);
+    assert!(flat.done > 150 && cells.done > 150, "{flat:?} {cells:?}");
+    assert_eq!((flat.cells, cells.cells), (1, 4));
+    // A request's home is another cell three times in four.
+    assert!((0.6..0.9).contains(&cells.relayed), "relayed {:.2}", cells.relayed);
+    // Each node hears 3 peers instead of 15, plus a small cells table.
+    assert!(cells.gossip_kb_s < flat.gossip_kb_s / 2.0, "{:.1} vs {:.1} KB/s", cells.gossip_kb_s, flat.gossip_kb_s);
+    assert!(cells.gateway_kb_s.is_some_and(|g| g > cells.gossip_kb_s) && flat.gateway_kb_s.is_none());
+    // Homes keep each prefix in one cell: the hit rate holds.
+    assert!(cells.hit_rate > flat.hit_rate - 0.05, "hit {:.2} vs flat {:.2}", cells.hit_rate, flat.hit_rate);
+}

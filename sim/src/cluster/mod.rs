@@ -32,6 +32,7 @@ use serde::Deserialize;
 use crate::timing::TimingModel;
 use crate::workload::Workload;
 use crate::SimError;
+use kvmesh_policy::cells::CellSettings;
 use kvmesh_policy::pd::PdSettings;
 use kvmesh_policy::score::ScoreWeights;
 
@@ -56,6 +57,8 @@ pub struct ClusterConfig {
     pub engine: EngineModel,
     pub network: Network,
     pub gossip: Gossip,
+    /// How the `kvmesh-cells` policy splits the mesh.
+    pub cells: Cells,
     /// When set, gossip intervals are stretched so that a node's gossip stays within this many
     /// KB/s at each size (`gossip::budgeted`); otherwise `gossip` applies as given.
     pub gossip_budget_kb_s: Option<f64>,
@@ -78,6 +81,7 @@ impl Default for ClusterConfig {
             engine: EngineModel::default(),
             network: Network::default(),
             gossip: Gossip::default(),
+            cells: Cells::default(),
             gossip_budget_kb_s: None,
             weights: ScoreWeights::default(),
             pd: PdSettings::default(),
@@ -186,6 +190,27 @@ impl Default for Gossip {
     }
 }
 
+/// Cells (`policy::cells`), for the `kvmesh-cells` policy: cluster nodes are dealt into cells of
+/// about `size` (node `i` into cell `i mod cells`; edge nodes into the first), each a full mesh
+/// of its own. `gateways` nodes per cell are also on the backbone, where the first of them
+/// publishes the cell's aggregate load every `backbone_interval_ms` (also the backbone's gossip
+/// round); gateways republish the table into their cells. A request whose home is another cell
+/// goes to one of that cell's gateways, which routes it within its cell.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Cells {
+    pub size: usize,
+    pub gateways: usize,
+    pub backbone_interval_ms: f64,
+    pub routing: CellSettings,
+}
+
+impl Default for Cells {
+    fn default() -> Self {
+        Self { size: 16, gateways: 2, backbone_interval_ms: 2_000.0, routing: CellSettings::default() }
+    }
+}
+
 impl ClusterConfig {
     pub fn validate(&self) -> Result<(), SimError> {
         let bad = |m: &str| Err(SimError::Cluster(m.to_owned()));
@@ -217,6 +242,11 @@ impl ClusterConfig {
         {
             return bad("network.edge: each site needs nodes >= 1 and rtt_ms >= 0; edge_share in [0, 1]");
         }
+        let c = &self.cells;
+        if c.size == 0 || c.gateways == 0 || !positive(c.backbone_interval_ms) {
+            return bad("cells: size and gateways must be at least 1, backbone_interval_ms above 0");
+        }
+        c.routing.validate().map_err(SimError::Cluster)?;
         if self.gossip_budget_kb_s.is_some_and(|b| !positive(b)) {
             return bad("gossip_budget_kb_s must be above 0 (or left out)");
         }
@@ -232,7 +262,8 @@ fn positive(v: f64) -> bool {
     v.is_finite() && v > 0.0
 }
 
-pub const POLICIES: [&str; 4] = ["round-robin", "least-load", "kvmesh", "oracle"];
+/// `kvmesh-cells` is kvmesh with the mesh split into cells (`cells`); the others run flat.
+pub const POLICIES: [&str; 5] = ["round-robin", "least-load", "kvmesh", "kvmesh-cells", "oracle"];
 
 /// One (size, policy, rate) run, in the routing benchmark's terms.
 #[derive(Debug, Clone)]
@@ -252,6 +283,12 @@ pub struct Row {
     pub gossip_kb_s: f64,
     /// Of which KV summaries.
     pub summary_kb_s: f64,
+    /// Cells the mesh was split into (1: flat).
+    pub cells: usize,
+    /// With cells: gossip of a gateway node (its cell's, the cells table and the backbone's).
+    pub gateway_kb_s: Option<f64>,
+    /// With cells: the share of requests sent on to another cell's gateway.
+    pub relayed: f64,
     /// Requests received at edge nodes, by site (its RTT to the cluster, ms).
     pub edge: Vec<(f64, EdgeStats)>,
     /// Wall-clock seconds the run took.

@@ -17,6 +17,7 @@ use crate::kv_cache::KvEvent;
 use crate::workload::Workload;
 use crate::SimError;
 use kvmesh_policy::blocks;
+use kvmesh_policy::cells::{self, CellLoad};
 use kvmesh_policy::pd::Role;
 use kvmesh_policy::prefix_index::{EngineIndex, IndexEvent};
 use kvmesh_policy::route::{self, Mode};
@@ -85,6 +86,8 @@ struct Node {
     engine: Option<usize>,
     /// 0: the cluster; 1..: edge sites.
     site: usize,
+    /// Its cell (always 0 without cells).
+    cell: usize,
     /// Requests in flight, by engine: this node's own to peers' engines, and everyone's to its own
     /// engine (it proxies them all).
     in_flight: HashMap<usize, u32>,
@@ -93,6 +96,33 @@ struct Node {
     last_shards: Vec<Option<BloomShard>>,
     summary: Published<Summary>,
 }
+
+/// One cell of a `kvmesh-cells` run.
+struct Cell {
+    name: String,
+    engines: Vec<usize>,
+    /// Nodes on the backbone; the first publishes the cell's aggregate.
+    gateways: Vec<usize>,
+    /// Nodes with engines, with their names: where requests homed here are sent.
+    members: Vec<(usize, String)>,
+    /// Requests running and waiting on the cell's engines, as the rest of the mesh sees it.
+    load: Published<f64>,
+}
+
+/// A request on its way to another cell's gateway, which routes it there.
+struct Relay {
+    gateway: usize,
+    prompt: Vec<u32>,
+    output_len: usize,
+    conv: Option<usize>,
+    arrived: Us,
+    /// One-way delay from the gateway back to the client.
+    back: Us,
+}
+
+/// Bytes of one cell's entry in the cells table (name, engines, load, gateway addresses, as
+/// compact JSON with chitchat's key and version).
+pub const CELL_ENTRY_BYTES: f64 = 120.0;
 
 struct Request {
     origin: usize,
@@ -121,11 +151,13 @@ enum Ev {
     Arrival,
     ConvStart,
     ConvTurn(usize),
+    Relay(usize),
     Deliver(usize),
     StepDone(usize),
     Poll(usize),
     PublishLoad(usize),
     PublishSummary(usize),
+    PublishCell(usize),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -146,6 +178,9 @@ struct Stats {
     cached: u64,
     load_bytes: u64,
     summary_bytes: u64,
+    cell_bytes: u64,
+    relayed: usize,
+    submitted: usize,
     /// By edge site (index 0 unused: the cluster), with the cached tokens the choices used.
     edge: Vec<(EdgeStats, u64)>,
 }
@@ -182,6 +217,12 @@ struct World<'a> {
     next_ev: u64,
     engines: Vec<Engine>,
     nodes: Vec<Node>,
+    /// With the `kvmesh-cells` policy, the cells (else one, holding everything).
+    cells: Vec<Cell>,
+    cells_on: bool,
+    /// Gossip among the backbone's gateways.
+    backbone: GossipModel,
+    relays: Vec<Option<Relay>>,
     /// Nodes clients send to: (cluster nodes, edge nodes).
     entries: (Vec<usize>, Vec<usize>),
     edge_rtt: Vec<f64>,
@@ -214,38 +255,40 @@ pub fn simulate(
     rate_per_engine: f64,
 ) -> Result<Row, SimError> {
     let wall = Instant::now();
+    let name = policy;
     let policy = match policy {
         "round-robin" => Policy::RoundRobin,
         "least-load" => Policy::Route(Mode::LeastLoad),
-        "kvmesh" => Policy::Route(Mode::Kvmesh),
+        "kvmesh" | "kvmesh-cells" => Policy::Route(Mode::Kvmesh),
         "oracle" => Policy::Oracle,
         other => return Err(SimError::Cluster(format!("unknown policy `{other}`"))),
     };
-    let mut w = World::new(cfg, workload, cluster_nodes, policy, rate_per_engine);
+    let cells_on = policy == Policy::Route(Mode::Kvmesh) && name == "kvmesh-cells";
+    let mut w = World::new(cfg, workload, cluster_nodes, policy, rate_per_engine, cells_on);
     w.start();
     while let Some(Reverse((t, _, ev))) = w.queue.pop() {
         w.now = t;
         w.handle(ev);
     }
-    Ok(w.row(cluster_nodes, policy_name(policy), wall.elapsed().as_secs_f64()))
-}
-
-fn policy_name(p: Policy) -> &'static str {
-    match p {
-        Policy::RoundRobin => "round-robin",
-        Policy::Route(Mode::LeastLoad) => "least-load",
-        Policy::Route(Mode::Kvmesh) => "kvmesh",
-        Policy::Oracle => "oracle",
-    }
+    Ok(w.row(cluster_nodes, name, wall.elapsed().as_secs_f64()))
 }
 
 impl<'a> World<'a> {
-    fn new(cfg: &'a ClusterConfig, workload: &'a Workload, n: usize, policy: Policy, rate_per_engine: f64) -> Self {
+    fn new(
+        cfg: &'a ClusterConfig,
+        workload: &'a Workload,
+        n: usize,
+        policy: Policy,
+        rate_per_engine: f64,
+        cells_on: bool,
+    ) -> Self {
         let e = &cfg.engine;
         let mut rng = SmallRng::seed_from_u64(cfg.seed);
-        let node = |engine: Option<usize>, site: usize| Node {
+        let n_cells = if cells_on { n.div_ceil(cfg.cells.size).max(1) } else { 1 };
+        let node = |engine: Option<usize>, site: usize, cell: usize| Node {
             engine,
             site,
+            cell,
             in_flight: HashMap::new(),
             routed: HashMap::new(),
             rr: 0,
@@ -254,7 +297,7 @@ impl<'a> World<'a> {
         };
         // Cluster nodes first, each with its engine; then edge sites' nodes (with an engine each
         // where the site has engines).
-        let mut nodes: Vec<Node> = (0..n).map(|i| node(Some(i), 0)).collect();
+        let mut nodes: Vec<Node> = (0..n).map(|i| node(Some(i), 0, i % n_cells)).collect();
         let mut engine_nodes: Vec<usize> = (0..n).collect();
         let mut edge_rtt = vec![0.0];
         let mut edge_nodes = Vec::new();
@@ -266,7 +309,7 @@ impl<'a> World<'a> {
                 if engine.is_some() {
                     engine_nodes.push(nodes.len());
                 }
-                nodes.push(node(engine, s + 1));
+                nodes.push(node(engine, s + 1, 0));
             }
         }
         let engines: Vec<Engine> = engine_nodes
@@ -297,7 +340,7 @@ impl<'a> World<'a> {
             .collect();
         let cluster_entries = if policy == Policy::Oracle {
             // The oracle: one central router in the cluster that every client reaches.
-            nodes.push(node(None, 0));
+            nodes.push(node(None, 0, 0));
             vec![nodes.len() - 1]
         } else {
             (0..n).collect()
@@ -305,15 +348,43 @@ impl<'a> World<'a> {
         let scale = engines.len() as f64 / 8.0;
         let rate = rate_per_engine * engines.len() as f64;
         let end_arrivals = us(cfg.duration_s * 1000.0);
+        let mut cells: Vec<Cell> = (0..n_cells)
+            .map(|c| Cell {
+                name: format!("cell-{c}"),
+                engines: Vec::new(),
+                gateways: Vec::new(),
+                members: Vec::new(),
+                load: Published::new(),
+            })
+            .collect();
+        for (e, engine) in engines.iter().enumerate() {
+            cells[nodes[engine.node].cell].engines.push(e);
+        }
+        for (i, nd) in nodes.iter().enumerate() {
+            let c = &mut cells[nd.cell];
+            if nd.site == 0 && nd.engine.is_some() {
+                if c.gateways.len() < cfg.cells.gateways {
+                    c.gateways.push(i);
+                }
+                c.members.push((i, format!("node-{i}")));
+            }
+        }
+        // Gossip within a cell reaches its members (all nodes, without cells).
+        let members = (0..n_cells).map(|c| nodes.iter().filter(|nd| nd.cell == c).count()).max().unwrap_or(1);
         let g = match cfg.gossip_budget_kb_s {
             Some(budget) => {
                 let stride = cfg.gossip.summary_stride.max(1) as usize;
                 let shard = BloomShard::with_capacity(e.num_gpu_blocks as usize / stride).encode().len() + 16;
-                super::gossip::budgeted(&cfg.gossip, nodes.len(), budget, (shard * summary::SHARDS) as f64)
+                super::gossip::budgeted(&cfg.gossip, members, budget, (shard * summary::SHARDS) as f64)
             }
             None => cfg.gossip.clone(),
         };
-        let gossip = GossipModel { nodes: nodes.len(), interval_ms: g.gossip_interval_ms, fanout: g.fanout };
+        let gossip = GossipModel { nodes: members, interval_ms: g.gossip_interval_ms, fanout: g.fanout };
+        let backbone = GossipModel {
+            nodes: n_cells * cfg.cells.gateways,
+            interval_ms: cfg.cells.backbone_interval_ms,
+            fanout: g.fanout,
+        };
         Self {
             cfg,
             workload,
@@ -324,6 +395,10 @@ impl<'a> World<'a> {
             next_ev: 0,
             engines,
             nodes,
+            cells,
+            cells_on,
+            backbone,
+            relays: Vec::new(),
             entries: (cluster_entries, if policy == Policy::Oracle { Vec::new() } else { edge_nodes }),
             edge_rtt,
             requests: Vec::new(),
@@ -347,6 +422,9 @@ impl<'a> World<'a> {
                 cached: 0,
                 load_bytes: 0,
                 summary_bytes: 0,
+                cell_bytes: 0,
+                relayed: 0,
+                submitted: 0,
                 edge: vec![(EdgeStats::default(), 0); cfg.network.edge.len() + 1],
             },
             pending: HashMap::new(),
@@ -370,6 +448,12 @@ impl<'a> World<'a> {
             self.at(t, Ev::PublishLoad(e));
             let t = self.rng.random_range(0..us(g.summary_interval_ms).max(1));
             self.at(t, Ev::PublishSummary(e));
+        }
+        if self.cells_on {
+            for c in 0..self.cells.len() {
+                let t = self.rng.random_range(0..us(self.cfg.cells.backbone_interval_ms).max(1));
+                self.at(t, Ev::PublishCell(c));
+            }
         }
         match self.workload {
             Workload::MultiTurn(_) => self.at(0, Ev::ConvStart),
@@ -407,6 +491,11 @@ impl<'a> World<'a> {
             Ev::Arrival => self.arrival(),
             Ev::ConvStart => self.conv_start(),
             Ev::ConvTurn(c) => self.conv_turn(c),
+            Ev::Relay(r) => {
+                if let Some(x) = self.relays[r].take() {
+                    self.submit(x.gateway, x.prompt, x.output_len, x.conv, x.arrived, Some(x.back));
+                }
+            }
             Ev::Deliver(r) => self.deliver(r),
             Ev::StepDone(e) => self.step_done(e),
             Ev::Poll(e) => {
@@ -437,6 +526,10 @@ impl<'a> World<'a> {
             Ev::PublishSummary(e) => {
                 self.publish_summary(e);
                 self.after(self.g.summary_interval_ms, ev);
+            }
+            Ev::PublishCell(c) => {
+                self.publish_cell(c);
+                self.after(self.cfg.cells.backbone_interval_ms, ev);
             }
         }
     }
@@ -469,7 +562,7 @@ impl<'a> World<'a> {
             Workload::MultiTurn(_) => return,
         };
         let origin = self.entry();
-        self.submit(origin, prompt, output_len, None);
+        self.submit(origin, prompt, output_len, None, self.now, None);
         let t = self.now + self.gap(self.rate);
         if t < self.end_arrivals {
             self.at(t, Ev::Arrival);
@@ -499,16 +592,46 @@ impl<'a> World<'a> {
         conv.history.extend(tokens(stream, user));
         let prompt = conv.history.clone();
         let origin = self.entry();
-        self.submit(origin, prompt, out, Some(c));
+        self.submit(origin, prompt, out, Some(c), self.now, None);
     }
 
-    /// A request reaches node `origin`: the node routes it and forwards it to the engine.
-    fn submit(&mut self, origin: usize, prompt: Vec<u32>, output_len: usize, conv: Option<usize>) {
+    /// A request reaches node `origin` (from a client that sent it at `arrived`, or relayed
+    /// from another cell with `relayed` the one-way delay back to the client): the node routes
+    /// it and forwards it to the engine, or with cells to the gateway of its home cell.
+    fn submit(
+        &mut self,
+        origin: usize,
+        prompt: Vec<u32>,
+        output_len: usize,
+        conv: Option<usize>,
+        arrived: Us,
+        relayed: Option<Us>,
+    ) {
         let bs = self.cfg.engine.block_size as usize;
         let keys = blocks::block_keys(self.chain_seed, &prompt, bs);
-        let engine = self.route(origin, &keys, prompt.len());
+        if relayed.is_none() {
+            if arrived >= self.warmup {
+                self.stats.submitted += 1;
+            }
+            if let Some(gateway) = self.relay_to(origin, &keys) {
+                let net = &self.cfg.network;
+                let tokens = prompt.len() as f64;
+                let one_way = self.rtt_ms(origin, gateway) / 2.0;
+                let ms = net.node_overhead_ms
+                    + (net.node_us_per_prompt_token + net.forward_us_per_prompt_token) * tokens / 1000.0
+                    + one_way;
+                if arrived >= self.warmup {
+                    self.stats.relayed += 1;
+                }
+                self.relays.push(Some(Relay { gateway, prompt, output_len, conv, arrived, back: us(one_way) }));
+                self.at(self.now + us(ms), Ev::Relay(self.relays.len() - 1));
+                return;
+            }
+        }
+        let engine = self.route(origin, &keys, prompt.len(), relayed.is_some());
         let target = self.engines[engine].node;
         let one_way = self.rtt_ms(origin, target) / 2.0;
+        let back = us(one_way) + relayed.unwrap_or(0);
         if self.nodes[origin].site != 0 && self.now >= self.warmup {
             self.edge_decision(origin, engine, &keys, prompt.len());
         }
@@ -522,8 +645,8 @@ impl<'a> World<'a> {
         self.requests.push(Request {
             origin,
             engine,
-            sent: self.now,
-            back: us(one_way),
+            sent: arrived,
+            back,
             prompt_tokens: prompt.len(),
             cached_tokens: 0,
             out_tokens: 0,
@@ -541,13 +664,16 @@ impl<'a> World<'a> {
         // The oracle reaches its engines directly, as a router in front of engines does.
         let forwarded = origin != target && self.policy != Policy::Oracle;
         let forward_us = if forwarded { net.forward_us_per_prompt_token } else { 0.0 };
-        let node_ms = net.node_overhead_ms + (net.node_us_per_prompt_token + forward_us) * tokens / 1000.0;
+        // A relayed request carries the block keys its origin computed: the home node does not
+        // tokenize it again.
+        let tokenize_us = if relayed.is_some() { 0.0 } else { net.node_us_per_prompt_token };
+        let node_ms = net.node_overhead_ms + (tokenize_us + forward_us) * tokens / 1000.0;
         let frontend_ms = eng.timing.frontend_ms + eng.frontend_us_per_prompt_token * tokens / 1000.0;
         let t = self.now + us(node_ms + one_way + frontend_ms);
         self.at(t, Ev::Deliver(r));
     }
 
-    fn route(&mut self, origin: usize, keys: &[u64], prompt_tokens: usize) -> usize {
+    fn route(&mut self, origin: usize, keys: &[u64], prompt_tokens: usize, relayed: bool) -> usize {
         let n = self.engines.len();
         match self.policy {
             Policy::RoundRobin => {
@@ -556,10 +682,13 @@ impl<'a> World<'a> {
                 ((node.rr - 1) % n as u64) as usize
             }
             Policy::Oracle | Policy::Route(_) => {
-                let mut cands = Vec::with_capacity(n);
+                // With cells a node sees only its own cell's engines.
+                let pool: Vec<usize> =
+                    if self.cells_on { self.cells[self.nodes[origin].cell].engines.clone() } else { (0..n).collect() };
+                let mut cands = Vec::with_capacity(pool.len());
                 let bs = self.cfg.engine.block_size;
                 let now_ms = self.now / 1000;
-                for e in 0..n {
+                for &e in &pool {
                     let node_of = self.engines[e].node;
                     let local = self.policy == Policy::Oracle || self.nodes[origin].engine == Some(e);
                     let in_flight = self.nodes[origin].in_flight.get(&e).copied().unwrap_or(0);
@@ -604,17 +733,72 @@ impl<'a> World<'a> {
                     Policy::Route(m) => m,
                     _ => Mode::Kvmesh,
                 };
-                let roles = vec![Role::Both; n];
+                let roles = vec![Role::Both; pool.len()];
                 let rng = &mut self.rng;
                 let rules = route::Rules { mode, weights: &self.cfg.weights, pd: &self.cfg.pd };
-                let picked = route::pick(rules, prompt_tokens, &mut cands, &roles, false, |k| rng.random_range(0..k));
+                // A relayed request reached its home node, which prefers its own engine.
+                let prefer = if relayed {
+                    self.nodes[origin].engine.and_then(|e| pool.iter().position(|&p| p == e))
+                } else {
+                    None
+                };
+                let picked =
+                    route::pick(rules, prompt_tokens, &mut cands, &roles, false, prefer, |k| rng.random_range(0..k));
                 match picked {
-                    Some(p) => p.choice.index,
+                    Some(p) => pool[p.choice.index],
                     // Nothing visible yet (the first gossip rounds): the node's own engine, else
                     // any.
-                    None => self.nodes[origin].engine.unwrap_or_else(|| self.rng.random_range(0..n)),
+                    None => self.nodes[origin]
+                        .engine
+                        .unwrap_or_else(|| pool.get(self.rng.random_range(0..pool.len().max(1))).copied().unwrap_or(0)),
                 }
             }
+        }
+    }
+
+    /// With cells: the gateway of the prompt's home cell when that is not `origin`'s own cell
+    /// (`policy::cells::home` on the cells table as `origin` sees it).
+    fn relay_to(&mut self, origin: usize, keys: &[u64]) -> Option<usize> {
+        if !self.cells_on || self.cells.len() < 2 {
+            return None;
+        }
+        let key = cells::affinity_key(keys, &self.cfg.cells.routing)?;
+        let now = self.now;
+        let loads: Vec<f64> = self.cells.iter_mut().map(|c| c.load.visible(now).copied().unwrap_or(0.0)).collect();
+        let table: Vec<CellLoad<'_>> = self
+            .cells
+            .iter()
+            .zip(&loads)
+            .map(|(c, l)| CellLoad { name: &c.name, engines: c.engines.len() as u32, load: *l })
+            .collect();
+        let rng = &mut self.rng;
+        let home = cells::home(key, &table, &self.cfg.cells.routing, || rng.random::<f64>())?;
+        if home == self.nodes[origin].cell {
+            return None;
+        }
+        cells::member(key, self.cells[home].members.iter().map(|(i, name)| (*i, name.as_str())))
+    }
+
+    /// A cell's first gateway publishes the cell's load as it sees it (its own engine as polled,
+    /// its cell peers' as gossiped) on the backbone; every gateway republishes the table into its
+    /// cell, so routers see it after a backbone and a cell delay.
+    fn publish_cell(&mut self, c: usize) {
+        let Some(&gateway) = self.cells[c].gateways.first() else { return };
+        let now = self.now;
+        let mut load = 0.0;
+        for i in 0..self.cells[c].engines.len() {
+            let e = self.cells[c].engines[i];
+            let l = if self.engines[e].node == gateway {
+                Some(self.engines[e].polled)
+            } else {
+                self.engines[e].load.visible(now).copied()
+            };
+            load += l.map(|l| l.running + l.waiting).unwrap_or(0.0);
+        }
+        let delay = self.backbone.delay_ms(&mut self.rng) + self.gossip.delay_ms(&mut self.rng);
+        self.cells[c].load.push(now + us(delay), load);
+        if now >= self.warmup {
+            self.stats.cell_bytes += CELL_ENTRY_BYTES as u64;
         }
     }
 
@@ -811,14 +995,21 @@ impl<'a> World<'a> {
         let s = &self.stats;
         let measured_s = (self.now.saturating_sub(self.warmup) as f64 / 1e6).max(1e-9);
         let publishers = cluster_nodes as f64;
-        // Every node receives every other node's publications once (and sends as much).
-        let deltas = (s.load_bytes + s.summary_bytes) as f64 / measured_s * (publishers - 1.0).max(0.0) / publishers;
-        let summary = s.summary_bytes as f64 / measured_s * (publishers - 1.0).max(0.0) / publishers;
+        // Every node receives every other member's publications once (and sends as much):
+        // the whole mesh's, or with cells its cell's.
+        let receives =
+            if self.cells_on { (self.gossip.nodes as f64 - 1.0) / publishers } else { (publishers - 1.0) / publishers };
+        let deltas = (s.load_bytes + s.summary_bytes) as f64 / measured_s * receives.max(0.0);
+        let summary = s.summary_bytes as f64 / measured_s * receives.max(0.0);
+        // The cells table: every node hears every cell's entry.
+        let table = s.cell_bytes as f64 / measured_s;
         let gossip_kb_s = if self.policy == Policy::Oracle || cluster_nodes == 1 {
             0.0
         } else {
-            (self.gossip.digest_bytes_per_s() + deltas) / 1000.0
+            (self.gossip.digest_bytes_per_s() + deltas + if self.cells_on { table } else { 0.0 }) / 1000.0
         };
+        // A gateway also gossips on the backbone: its digests and the cells' entries again.
+        let gateway_kb_s = self.cells_on.then(|| gossip_kb_s + (self.backbone.digest_bytes_per_s() + table) / 1000.0);
         let edge = s
             .edge
             .iter()
@@ -841,6 +1032,9 @@ impl<'a> World<'a> {
             goodput: s.good as f64 / measured_s,
             gossip_kb_s,
             summary_kb_s: if self.policy == Policy::Oracle { 0.0 } else { summary / 1000.0 },
+            cells: self.cells.len(),
+            gateway_kb_s,
+            relayed: s.relayed as f64 / s.submitted.max(1) as f64,
             edge,
             wall_s,
             gossip: self.g.clone(),
