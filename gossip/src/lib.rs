@@ -18,5 +18,6 @@ pub mod schema;
 pub use error::GossipError;
 pub use membership::{GossipConfig, Membership, Peer};
 pub use schema::{
-    EngineLoad, EngineRole, KvSummarySlot, LoadReport, NodeMeta, NodeRole, TenantUsage, UsageReport, SCHEMA_VERSION,
+    CellMember, CellReport, EngineLoad, EngineRole, KvSummarySlot, LoadReport, NodeMeta, NodeRole, TenantUsage,
+    UsageReport, SCHEMA_VERSION,
 };

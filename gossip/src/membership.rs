@@ -35,6 +35,9 @@ pub struct GossipConfig {
     pub phi_threshold: f64,
     /// How long a dead node's state is kept (so a flapping node keeps its history).
     pub dead_node_grace: Duration,
+    /// The endpoint's gossip channel this cluster uses (0: the mesh or cell; 1: the cells
+    /// backbone).
+    pub channel: u8,
 }
 
 impl GossipConfig {
@@ -49,6 +52,7 @@ impl GossipConfig {
             gossip_interval: Duration::from_millis(300),
             phi_threshold: 8.0,
             dead_node_grace: Duration::from_secs(60),
+            channel: 0,
         }
     }
 }
@@ -69,6 +73,8 @@ pub struct Peer {
     pub kv_shards: Vec<Option<(u64, Arc<str>)>>,
     /// Per-tenant usage of the rate-limit window (empty when the node has none or predates it).
     pub usage: UsageReport,
+    /// Cells keys (`cell`, `cellm`, `cell.{name}`, `cellm.{name}`), raw: the node reads them.
+    pub cell_keys: Vec<(String, String)>,
     pub is_self: bool,
 }
 
@@ -130,7 +136,7 @@ impl Membership {
             (KEY_LOAD.to_owned(), serde_json::to_string(&LoadReport::default())?),
             (KEY_KV.to_owned(), serde_json::to_string(&KvSummarySlot::default())?),
         ];
-        let transport = QuicTransport::new(endpoint, inbox);
+        let transport = QuicTransport::new(endpoint, inbox, cfg.channel);
         let handle =
             spawn_chitchat(config, initial, &transport).await.map_err(|e| GossipError::Start(e.to_string()))?;
         let chitchat = handle.chitchat();
@@ -240,6 +246,31 @@ impl Membership {
         }
     }
 
+    /// Publishes a cells key (see the schema); values are compared by chitchat, so an
+    /// unchanged value costs nothing.
+    pub async fn set_cell_key(&self, key: &str, value: String) {
+        if key.starts_with(KEY_CELL) {
+            if let Some(h) = self.handle.lock().await.as_ref() {
+                h.with_chitchat(|c| {
+                    let state = c.self_node_state();
+                    if state.get(key) != Some(value.as_str()) {
+                        state.set(key, value.clone());
+                    }
+                })
+                .await;
+            }
+        }
+    }
+
+    /// Withdraws a cells key (a cell that left the backbone).
+    pub async fn delete_cell_key(&self, key: &str) {
+        if key.starts_with(KEY_CELL) {
+            if let Some(h) = self.handle.lock().await.as_ref() {
+                h.with_chitchat(|c| c.self_node_state().delete(key)).await;
+            }
+        }
+    }
+
     async fn set(&self, key: &str, value: String) {
         if let Some(h) = self.handle.lock().await.as_ref() {
             h.with_chitchat(|c| c.self_node_state().set(key, value.clone())).await;
@@ -344,6 +375,7 @@ fn peers_from(states: &std::collections::BTreeMap<ChitchatId, NodeState>, me: &C
         let load = state.get(KEY_LOAD).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
         let kv = state.get(KEY_KV).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
         let usage = state.get(KEY_USAGE).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
+        let cell_keys = state.iter_prefix(KEY_CELL).map(|(k, v)| (k.to_owned(), v.value.clone())).collect();
         let peer = Peer {
             node_id: id.node_id.to_string(),
             generation: id.generation_id,
@@ -353,6 +385,7 @@ fn peers_from(states: &std::collections::BTreeMap<ChitchatId, NodeState>, me: &C
             kv,
             kv_shards,
             usage,
+            cell_keys,
             is_self: id == me,
         };
         match out.iter_mut().find(|p| p.node_id == peer.node_id) {

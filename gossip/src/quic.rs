@@ -14,12 +14,14 @@ use kvmesh_transport::MeshEndpoint;
 pub struct QuicTransport {
     endpoint: Arc<MeshEndpoint>,
     inbox: Mutex<Option<GossipInbox>>,
+    channel: u8,
 }
 
 impl QuicTransport {
-    /// `inbox` is the gossip inbox `MeshEndpoint::bind` returned.
-    pub fn new(endpoint: Arc<MeshEndpoint>, inbox: GossipInbox) -> Self {
-        Self { endpoint, inbox: Mutex::new(Some(inbox)) }
+    /// `inbox` is the inbox of gossip channel `channel`: the one `MeshEndpoint::bind` returned
+    /// for 0, `MeshEndpoint::gossip_channel` for others.
+    pub fn new(endpoint: Arc<MeshEndpoint>, inbox: GossipInbox, channel: u8) -> Self {
+        Self { endpoint, inbox: Mutex::new(Some(inbox)), channel }
     }
 }
 
@@ -32,7 +34,12 @@ impl Transport for QuicTransport {
             .map_err(|_| anyhow::anyhow!("gossip inbox lock poisoned"))?
             .take()
             .ok_or_else(|| anyhow::anyhow!("the QUIC gossip transport can be opened once"))?;
-        Ok(Box::new(QuicSocket { endpoint: self.endpoint.clone(), advertise: listen_addr, inbox }))
+        Ok(Box::new(QuicSocket {
+            endpoint: self.endpoint.clone(),
+            advertise: listen_addr,
+            inbox,
+            channel: self.channel,
+        }))
     }
 }
 
@@ -40,13 +47,14 @@ struct QuicSocket {
     endpoint: Arc<MeshEndpoint>,
     advertise: SocketAddr,
     inbox: GossipInbox,
+    channel: u8,
 }
 
 #[async_trait]
 impl Socket for QuicSocket {
     async fn send(&mut self, to: SocketAddr, msg: ChitchatMessage) -> anyhow::Result<()> {
         // Never waits on the peer: a slow or dead peer must not stall the gossip round.
-        self.endpoint.send_gossip(to, self.advertise, msg.serialize_to_vec());
+        self.endpoint.send_gossip_on(self.channel, to, self.advertise, msg.serialize_to_vec());
         Ok(())
     }
 

@@ -10,6 +10,11 @@
 //! | `kv` | [`KvSummarySlot`]: the KV-prefix summary's format and version | with the summary |
 //! | `kv.0` .. `kv.15` | one Bloom-filter shard each (`policy::summary`), opaque here | a shard only when it changed enough |
 //! | `usage` | [`UsageReport`]: per-tenant requests and tokens in the current minute window | while a tenant is active, when changed |
+//! | `cell.{name}` | [`CellReport`] of cell `name`, republished by its own cell's gateways (cells only) | every backbone interval, when changed |
+//! | `cellm.{name}` | [`CellMember`]s of cell `name` (cells only) | when that cell's members change |
+//!
+//! On the cells backbone (gossip channel 1, gateways only) a gateway publishes the same two
+//! values for its own cell under `cell` and `cellm`.
 
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +26,37 @@ pub const KEY_KV: &str = "kv";
 pub const KEY_USAGE: &str = "usage";
 /// Shard `i` of the KV summary is under `kv.{i}` (an opaque string to this crate).
 pub const KV_SHARDS: usize = 16;
+
+pub const KEY_CELL: &str = "cell";
+pub const KEY_CELL_MEMBERS: &str = "cellm";
+
+/// A cell's report, republished inside every cell: `cell.{name}`.
+pub fn cell_key(name: &str) -> String {
+    format!("{KEY_CELL}.{name}")
+}
+
+/// A cell's members, republished inside every cell: `cellm.{name}`.
+pub fn cell_members_key(name: &str) -> String {
+    format!("{KEY_CELL_MEMBERS}.{name}")
+}
+
+/// What the rest of the mesh knows of a cell (`policy::cells::CellLoad`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CellReport {
+    pub name: String,
+    /// Healthy engines that serve whole requests.
+    pub engines: u32,
+    /// Requests running and waiting on them, summed.
+    pub load: f64,
+}
+
+/// A node of a cell with engines, where requests homed in the cell may be sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellMember {
+    pub name: String,
+    /// Its QUIC address.
+    pub addr: String,
+}
 
 pub fn kv_shard_key(i: usize) -> String {
     format!("kv.{i}")

@@ -105,6 +105,9 @@ pub struct Config {
     /// How engines are chosen. `kvmesh` (the default) predicts TTFT from cached prefixes and
     /// load; `least_load` and `round_robin` are baselines for benchmarks.
     pub routing: RoutingPolicy,
+    /// Cells for large meshes (`policy::cells`, ARCHITECTURE.md *Cells*). Off unless `name`
+    /// is set.
+    pub cells: CellsConfig,
     /// API keys. With none configured, the API is open (as before).
     pub auth: AuthConfig,
     /// Per-tenant rate and budget limits (tenants come from `[auth]`; without keys every
@@ -239,6 +242,37 @@ pub struct ModelEntry {
     pub max_model_len: Option<u32>,
 }
 
+/// `[cells]`: this node's cell in a mesh split into cells. Nodes of one cell gossip among
+/// themselves (cluster id `{cluster_id}/{name}`); gateways also join the backbone (gossip
+/// channel 1, cluster id `{cluster_id}/backbone`) and carry each cell's load and members
+/// between cells. A request whose prompt's home is another cell goes to its home node there.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CellsConfig {
+    /// This node's cell (a rack, a zone, about 16 nodes). Unset: one flat mesh.
+    pub name: Option<String>,
+    /// Whether this node is one of its cell's gateways (two per cell is the design).
+    pub gateway: bool,
+    /// `host:port` QUIC addresses of gateways in other cells (gateways only).
+    pub backbone_seeds: Vec<String>,
+    /// Backbone gossip round, and how often a gateway republishes the cells table.
+    pub backbone_interval_ms: u64,
+    /// Home-cell choice: affinity depth and load slack.
+    pub routing: kvmesh_policy::cells::CellSettings,
+}
+
+impl Default for CellsConfig {
+    fn default() -> Self {
+        Self {
+            name: None,
+            gateway: false,
+            backbone_seeds: Vec::new(),
+            backbone_interval_ms: 2_000,
+            routing: Default::default(),
+        }
+    }
+}
+
 /// The tokenizer service (see `tokens`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -331,6 +365,7 @@ impl Default for Config {
             route_history_ttl_s: 120,
             route_history_max_keys: 32_768,
             routing: RoutingPolicy::Kvmesh,
+            cells: CellsConfig::default(),
             auth: AuthConfig { reload_interval_ms: 2_000, ..AuthConfig::default() },
             limits: LimitsConfig::default(),
             usage_publish_interval_ms: 250,
@@ -571,6 +606,7 @@ impl Config {
         if self.max_attempts == 0 {
             return bad("max_attempts must be at least 1".into());
         }
+        self.validate_cells()?;
         for (name, v) in [
             ("engine_poll_interval_ms", self.engine_poll_interval_ms),
             ("engine_connect_timeout_ms", self.engine_connect_timeout_ms),
@@ -593,6 +629,27 @@ impl Config {
     }
 
     /// `[auth]`, `[limits]`, `[[guardrails]]` and `[audit]`.
+    fn validate_cells(&self) -> Result<(), NodeError> {
+        let c = &self.cells;
+        let bad = |m: String| Err(NodeError::Config(format!("[cells] {m}")));
+        let Some(name) = &c.name else {
+            return if c.gateway { bad("gateway = true needs a cell name (set [cells] name)".into()) } else { Ok(()) };
+        };
+        if name.is_empty()
+            || name.len() > 64
+            || !name.chars().all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch))
+        {
+            return bad(format!("name `{name}`: use 1-64 letters, digits, '-', '_' or '.'"));
+        }
+        if c.backbone_interval_ms < 100 {
+            return bad("backbone_interval_ms must be at least 100".into());
+        }
+        if !c.gateway && !c.backbone_seeds.is_empty() {
+            return bad("backbone_seeds are for gateways: set gateway = true or remove them".into());
+        }
+        c.routing.validate().map_err(NodeError::Config)
+    }
+
     fn validate_guard(&self) -> Result<(), NodeError> {
         let bad = |m: String| Err(NodeError::Config(m));
         KeyStore::new(&self.auth.keys).map_err(|e| NodeError::Config(format!("[auth] {e}")))?;

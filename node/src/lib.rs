@@ -15,6 +15,7 @@ pub mod bench;
 pub mod bench_gossip;
 pub mod bench_routing;
 pub mod bench_tokenize;
+pub mod cells;
 pub mod config;
 pub mod demo;
 pub mod engine;

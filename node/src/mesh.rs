@@ -44,6 +44,9 @@ type CachedShard = (u64, Option<Arc<BloomShard>>);
 pub struct Mesh {
     pub endpoint: Arc<MeshEndpoint>,
     pub membership: Arc<Membership>,
+    /// With cells: this node's cell, and the backbone membership when it is a gateway.
+    pub cell: Option<String>,
+    pub backbone: Option<Arc<Membership>>,
     pub advertise: SocketAddr,
     /// Decoded peer summary shards by (node, generation, shard), re-decoded only when their
     /// gossip version changes.
@@ -90,15 +93,42 @@ impl Mesh {
             http_addr: SocketAddr::new(http_ip, http_addr.port()).to_string(),
             quic_addr: advertise.to_string(),
         };
-        let mut gcfg = GossipConfig::new(&cfg.node_name, &cfg.cluster_id, advertise, cfg.seeds.clone());
+        // A cell is a mesh of its own: nodes of other cells ignore its gossip.
+        let cell = cfg.cells.name.clone();
+        let cluster_id = match &cell {
+            Some(c) => format!("{}/{c}", cfg.cluster_id),
+            None => cfg.cluster_id.clone(),
+        };
+        let mut gcfg = GossipConfig::new(&cfg.node_name, &cluster_id, advertise, cfg.seeds.clone());
         gcfg.gossip_interval = Config::ms(cfg.gossip_interval_ms);
         gcfg.phi_threshold = cfg.phi_threshold;
         let membership = Membership::start(gcfg, endpoint.clone(), inbox, &meta, cancel, tasks)
             .await
             .map_err(|e| NodeError::Mesh(e.to_string()))?;
+        let backbone = match (&cell, cfg.cells.gateway) {
+            (Some(_), true) => {
+                let inbox = endpoint.gossip_channel(1).map_err(|e| NodeError::Mesh(e.to_string()))?;
+                let mut b = GossipConfig::new(
+                    &cfg.node_name,
+                    &format!("{}/backbone", cfg.cluster_id),
+                    advertise,
+                    cfg.cells.backbone_seeds.clone(),
+                );
+                b.gossip_interval = Config::ms(cfg.cells.backbone_interval_ms);
+                b.phi_threshold = cfg.phi_threshold;
+                b.channel = 1;
+                let m = Membership::start(b, endpoint.clone(), inbox, &meta, cancel, tasks)
+                    .await
+                    .map_err(|e| NodeError::Mesh(format!("cells backbone: {e}")))?;
+                Some(m)
+            }
+            _ => None,
+        };
         let mesh = Arc::new(Self {
             endpoint,
             membership,
+            cell: cell.clone(),
+            backbone: backbone.clone(),
             advertise,
             summaries: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
@@ -119,7 +149,25 @@ impl Mesh {
             cfg.summary_stride,
             cancel.clone(),
         ));
+        if let (Some(cell), Some(backbone)) = (cell, backbone) {
+            tasks.spawn(crate::cells::gateway(
+                cell,
+                mesh.membership.clone(),
+                backbone,
+                Config::ms(cfg.cells.backbone_interval_ms),
+                cancel.clone(),
+            ));
+        }
         Ok(mesh)
+    }
+
+    /// The cells table as this node's cell gossips it (empty without cells, or before a
+    /// gateway published it).
+    pub fn cells(&self) -> Vec<crate::cells::CellView> {
+        if self.cell.is_none() {
+            return Vec::new();
+        }
+        crate::cells::table(&self.peers())
     }
 
     /// Live peers, this node included.
@@ -206,7 +254,10 @@ impl Mesh {
     /// Leaves gossip: peers drop this node within a few rounds. The endpoint stays open so
     /// forwarded streams can finish; `close` ends it.
     pub async fn leave(&self) {
-        self.membership.leave().await;
+        match &self.backbone {
+            Some(b) => tokio::join!(self.membership.leave(), b.leave()).0,
+            None => self.membership.leave().await,
+        }
     }
 
     pub async fn close(&self) {

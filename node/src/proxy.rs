@@ -5,7 +5,8 @@
 //! another engine (bounded by `max_attempts`); once a stream has started, a failure ends it with
 //! an OpenAI error event and `[DONE]`, never a silent cut or a hang (every wait has a timeout).
 //! A request forwarded by a peer is served by this node's own engines only, so a request
-//! crosses the mesh at most once.
+//! crosses the mesh at most once; with cells, a request relayed from another cell to its home
+//! node is routed once more within that cell, so it crosses at most twice.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -18,6 +19,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use kvmesh_policy::blocks;
+use kvmesh_policy::cells::{self, CellLoad, CellSettings};
 use kvmesh_policy::openai::ApiError;
 use kvmesh_policy::request::InferenceRequest;
 use kvmesh_policy::request::{self, Endpoint};
@@ -63,6 +65,7 @@ pub struct Pipeline {
     /// Set by a drain or a shutdown: new requests, clients' and peers', get a retryable 503.
     draining: std::sync::atomic::AtomicBool,
     pd: kvmesh_policy::pd::PdSettings,
+    cells: CellSettings,
 }
 
 /// A request split between a prefill and a decode engine (`policy::pd`).
@@ -86,6 +89,9 @@ enum Scope<'a> {
     Mesh,
     /// This node's engines only, preferring the named one (a peer's forwarded request).
     Local(&'a str),
+    /// Any engine in this node's cell, preferring this node's: a request relayed from another
+    /// cell to its home node (`policy::cells`). Never relayed again.
+    Cell,
 }
 
 #[derive(Clone)]
@@ -177,6 +183,7 @@ impl Pipeline {
             route_history_ttl_ms: cfg.route_history_ttl_s * 1000,
             route_history_max_keys: cfg.route_history_max_keys,
             pd: cfg.pd.clone(),
+            cells: cfg.cells.routing.clone(),
             weights: cfg.score.clone(),
             default_block_size: cfg.default_block_size,
             node_name: cfg.node_name.clone(),
@@ -281,7 +288,7 @@ impl Pipeline {
             Some(ep) => {
                 // The origin may give up (its client left, its timeout fired) before the engine
                 // answers: stop then, so the engine is not kept working for nobody.
-                let scope = Scope::Local(&req.head.engine);
+                let scope = if req.head.relay { Scope::Cell } else { Scope::Local(&req.head.engine) };
                 let work = self.dispatch(ep, &req.head.request_id, req.body, scope, req.head.prompt.as_ref());
                 tokio::select! {
                     r = work.instrument(span) => r,
@@ -338,12 +345,12 @@ impl Pipeline {
         // Token ids only matter when there is a choice to make, and are made once per request:
         // a peer that leaves the choice to this node sends the block keys it computed.
         let prompt = match (scope, digest.map(|d| (d, d.keys()))) {
-            (Scope::Local(""), Some((d, Ok(keys)))) => {
+            (Scope::Local("") | Scope::Cell, Some((d, Ok(keys)))) => {
                 let label = if self.tokenizers.has(&req.model) { req.model.as_str() } else { "other" };
                 self.metrics.tokenize_requests.with_label_values(&[label, "from_peer"]).inc();
                 PromptKeys { tokens: d.tokens as usize, given: Some((d.block_size, keys)), ..Default::default() }
             }
-            (Scope::Mesh | Scope::Local(""), _) => match self.tokenizers.prompt_ids(&req).await {
+            (Scope::Mesh | Scope::Local("") | Scope::Cell, _) => match self.tokenizers.prompt_ids(&req).await {
                 Ok(ids) => PromptKeys { tokens: ids.as_ref().map_or(0, Vec::len), ids, ..Default::default() },
                 Err(e) => {
                     let resp = self.reply_error(endpoint, &req.model, &e, started);
@@ -392,10 +399,15 @@ impl Pipeline {
     ) -> Response {
         let seed = blocks::chain_seed(&req.model, None, req.cache_salt.as_deref());
         let mut prompt = prompt;
-        if !prompt.known() && matches!(scope, Scope::Mesh | Scope::Local("")) {
+        if !prompt.known() && matches!(scope, Scope::Mesh | Scope::Local("") | Scope::Cell) {
             let (keys, bytes) = approx_keys(req, seed);
             prompt.tokens = bytes / 4;
             prompt.approx = Some(keys);
+        }
+        if matches!(scope, Scope::Mesh) {
+            if let Some(resp) = self.relay_to_home(endpoint, request_id, req, body, &prompt, seed, started).await {
+                return resp;
+            }
         }
         let mut tried: Vec<String> = Vec::new();
         let mut last_error: Option<ApiError> = None;
@@ -448,6 +460,7 @@ impl Pipeline {
                         engine: if peer_chooses(r, &route) { String::new() } else { r.engine.name.clone() },
                         stream: req.stream,
                         prompt: digest,
+                        relay: false,
                     };
                     self.forward_remote(endpoint, &req.model, head, body, r, &route, started).await
                 }
@@ -468,6 +481,88 @@ impl Pipeline {
         }
         let e = last_error.unwrap_or_else(|| ApiError::unavailable("No engine could take the request."));
         not_accepted(self.reply_error(endpoint, &req.model, &e, started))
+    }
+
+    /// With cells, sends a client's request whose prompt has its home in another cell to the
+    /// prompt's home node there (`policy::cells`), with the block keys. `None`: route it in
+    /// this cell (no cells, no cells table yet, a prompt without tokens, home here, or the
+    /// relay failed before any engine took it).
+    #[allow(clippy::too_many_arguments)]
+    async fn relay_to_home(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+        request_id: &str,
+        req: &InferenceRequest,
+        body: &Bytes,
+        prompt: &PromptKeys,
+        seed: u64,
+        started: Instant,
+    ) -> Option<Response> {
+        let mesh = self.mesh()?;
+        let own = mesh.cell.as_deref()?;
+        if !prompt.known() {
+            return None;
+        }
+        let table = mesh.cells();
+        if table.len() < 2 {
+            return None;
+        }
+        // Every node must derive the same affinity key: the mesh-wide default block size.
+        let bs = self.default_block_size;
+        let keys = prompt.keys(seed, bs);
+        let key = cells::affinity_key(&keys, &self.cells)?;
+        let loads: Vec<CellLoad<'_>> = table
+            .iter()
+            .map(|c| CellLoad { name: &c.report.name, engines: c.report.engines, load: c.report.load })
+            .collect();
+        let home = &table[cells::home(key, &loads, &self.cells, rand::random::<f64>)?];
+        if home.report.name == own {
+            return None;
+        }
+        let (name, addr) = cells::member(key, home.members.iter().map(|(n, a)| ((n, *a), n.as_str())))?;
+        let remote = RemoteEngine {
+            node_id: name.clone(),
+            generation: 0,
+            addr,
+            engine: kvmesh_gossip::EngineLoad {
+                name: String::new(),
+                models: vec![req.model.clone()],
+                healthy: true,
+                role: Default::default(),
+                running: 0,
+                waiting: 0,
+                kv_usage: 0.0,
+                tokens_per_s: 0.0,
+                block_size: Some(bs),
+            },
+            node_engines: 1,
+            summary: Vec::new(),
+            summary_stride: 1,
+        };
+        let route =
+            Route { header: format!("cell={}; node={name}; reason=cell_home", home.report.name), reason: "cell_home" };
+        let span = tracing::Span::current();
+        span.record("peer", name.as_str());
+        span.record("reason", route.reason);
+        span.record("route", route.header.as_str());
+        self.metrics.route_decisions.with_label_values(&[route.reason]).inc();
+        let head = RequestHead {
+            path: endpoint.path().to_owned(),
+            request_id: request_id.to_owned(),
+            origin: self.node_name.clone(),
+            engine: String::new(),
+            stream: req.stream,
+            prompt: PromptDigest::new(prompt.tokens as u32, bs, &keys),
+            relay: true,
+        };
+        match self.forward_remote(endpoint, &req.model, head, body, &remote, &route, started).await {
+            Ok(resp) => Some(resp),
+            Err(Retry { error, reason }) => {
+                tracing::warn!(cell = %home.report.name, node = %name, %reason, error = %error, "relay to the home cell failed; routing in this cell");
+                self.metrics.retries.with_label_values(&["cell_relay"]).inc();
+                None
+            }
+        }
     }
 
     /// Answers with an OpenAI error, counted and logged like every other answer.
@@ -510,7 +605,7 @@ impl Pipeline {
                     named
                 }
             }
-            Scope::Mesh => self.engines.engines.iter().collect(),
+            Scope::Mesh | Scope::Cell => self.engines.engines.iter().collect(),
         };
         // Keys are computed once per block size in use (engines normally share one).
         let mut keys_by_size: Vec<(u32, Vec<u64>)> = Vec::new();
@@ -565,7 +660,7 @@ impl Pipeline {
             roles.push(e.role);
             targets.push(t);
         }
-        if let (Scope::Mesh, Some(mesh)) = (scope, self.mesh()) {
+        if let (Scope::Mesh | Scope::Cell, Some(mesh)) = (scope, self.mesh()) {
             for r in mesh.remote_engines() {
                 let serves = r.engine.models.iter().any(|m| m == model);
                 known |= serves;
@@ -621,8 +716,13 @@ impl Pipeline {
             }
         };
         let rules = route::Rules { mode, weights: &self.weights, pd: &self.pd };
+        // The home node of a relayed prompt keeps it on its own engine when no other is
+        // clearly better, so that the prefix settles where the prompt's next requests arrive.
+        let prefer = matches!(scope, Scope::Cell)
+            .then(|| (0..cands.len()).find(|&i| cands[i].usable && matches!(targets[i], Target::Local(_))))
+            .flatten();
         let route::Picked { choice, split } =
-            route::pick(rules, prompt_tokens, &mut cands, &roles, may_split && prompt.known(), None, |n| {
+            route::pick(rules, prompt_tokens, &mut cands, &roles, may_split && prompt.known(), prefer, |n| {
                 rand::random_range(0..n)
             })
             .ok_or_else(|| {
@@ -759,6 +859,7 @@ impl Pipeline {
                     engine: r.engine.name.clone(),
                     stream,
                     prompt: None,
+                    relay: false,
                 };
                 self.forward_remote(endpoint, model, head, body, r, route, started).await
             }

@@ -81,7 +81,8 @@ pub struct MeshEndpoint {
     /// One dial at a time per peer: without it, every message to a peer whose handshake is slow
     /// would start a handshake of its own, and a busy mesh would storm itself.
     dialing: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
-    gossip_tx: mpsc::Sender<(SocketAddr, Bytes)>,
+    /// Gossip inboxes by channel: 0 is the node's mesh (or cell), 1 a cells backbone.
+    gossip_tx: Mutex<HashMap<u8, mpsc::Sender<(SocketAddr, Bytes)>>>,
     handler: OnceLock<RequestHandler>,
     cfg: EndpointConfig,
     cancel: CancellationToken,
@@ -161,7 +162,7 @@ impl MeshEndpoint {
             client,
             pool: Mutex::new(HashMap::new()),
             dialing: Mutex::new(HashMap::new()),
-            gossip_tx,
+            gossip_tx: Mutex::new(HashMap::from([(0, gossip_tx)])),
             handler: OnceLock::new(),
             cfg,
             cancel: cancel.child_token(),
@@ -265,10 +266,16 @@ impl MeshEndpoint {
             Err(_) => return tracing::debug!("gossip stream timed out"),
         };
         self.stats.gossip_bytes_received.fetch_add(data.len() as u64, Ordering::Relaxed);
-        let Some((from, payload)) = split_gossip(&data) else {
+        let Some((channel, from, payload)) = split_gossip(&data) else {
             return tracing::warn!("malformed gossip frame dropped");
         };
-        if self.gossip_tx.try_send((from, Bytes::copy_from_slice(payload))).is_err() {
+        let tx = self.gossip_tx.lock().ok().and_then(|m| m.get(&channel).cloned());
+        let Some(tx) = tx else {
+            // A peer gossiping on a channel this node has not opened (a gateway's backbone
+            // reaching a plain member): not an error, nothing to do.
+            return tracing::debug!(peer = %from, channel, "gossip on an unopened channel dropped");
+        };
+        if tx.try_send((from, Bytes::copy_from_slice(payload))).is_err() {
             self.stats.gossip_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -368,12 +375,32 @@ impl MeshEndpoint {
         Ok(conn)
     }
 
+    /// Opens gossip channel `channel` (1..=15; 0 is opened at bind) and returns its inbox; a
+    /// second gossip cluster on the same endpoint (the cells backbone) lives there.
+    pub fn gossip_channel(&self, channel: u8) -> Result<GossipInbox, TransportError> {
+        if channel == 0 || channel > MAX_GOSSIP_CHANNEL {
+            return Err(TransportError::Frame(format!("gossip channel {channel} is not in 1..={MAX_GOSSIP_CHANNEL}")));
+        }
+        let (tx, rx) = mpsc::channel(GOSSIP_INBOX);
+        let mut map = self.gossip_tx.lock().map_err(|_| TransportError::Frame("gossip channels poisoned".into()))?;
+        if map.contains_key(&channel) {
+            return Err(TransportError::Frame(format!("gossip channel {channel} is already open")));
+        }
+        map.insert(channel, tx);
+        Ok(rx)
+    }
+
     /// Sends one gossip message in the background; gossip tolerates loss, so failures are
     /// only logged and the caller never waits on a slow or dead peer.
     pub fn send_gossip(self: &Arc<Self>, to: SocketAddr, advertise: SocketAddr, payload: Vec<u8>) {
+        self.send_gossip_on(0, to, advertise, payload)
+    }
+
+    /// `send_gossip` on gossip channel `channel`.
+    pub fn send_gossip_on(self: &Arc<Self>, channel: u8, to: SocketAddr, advertise: SocketAddr, payload: Vec<u8>) {
         let me = self.clone();
         self.tasks.spawn(async move {
-            let frame = gossip_frame(advertise, &payload);
+            let frame = gossip_frame(channel, advertise, &payload);
             let io = me.cfg.io_timeout;
             let sent = async {
                 let conn = me.connection_or_skip(to).await?;
@@ -453,21 +480,28 @@ impl MeshEndpoint {
     }
 }
 
-/// `[u16 BE len][sender's advertised gossip address][payload]`: the address lets replies reach
-/// the sender's gossip port even when its packets come from elsewhere (NAT, 0.0.0.0 binds).
-fn gossip_frame(advertise: SocketAddr, payload: &[u8]) -> Vec<u8> {
+/// Highest gossip channel: the top 4 bits of the frame's length word.
+pub const MAX_GOSSIP_CHANNEL: u8 = 15;
+
+/// `[u16 BE: channel << 12 | address length][sender's advertised gossip address][payload]`:
+/// the address lets replies reach the sender's gossip port even when its packets come from
+/// elsewhere (NAT, 0.0.0.0 binds). Channel 0 frames are the format before channels existed.
+fn gossip_frame(channel: u8, advertise: SocketAddr, payload: &[u8]) -> Vec<u8> {
     let a = advertise.to_string();
     let mut out = Vec::with_capacity(2 + a.len() + payload.len());
-    out.extend_from_slice(&(a.len() as u16).to_be_bytes());
+    // A socket address is at most ~50 characters: the 12 bits always hold it.
+    let word = (u16::from(channel & MAX_GOSSIP_CHANNEL) << 12) | (a.len() as u16 & 0x0FFF);
+    out.extend_from_slice(&word.to_be_bytes());
     out.extend_from_slice(a.as_bytes());
     out.extend_from_slice(payload);
     out
 }
 
-fn split_gossip(data: &[u8]) -> Option<(SocketAddr, &[u8])> {
-    let len = u16::from_be_bytes(data.get(..2)?.try_into().ok()?) as usize;
+fn split_gossip(data: &[u8]) -> Option<(u8, SocketAddr, &[u8])> {
+    let word = u16::from_be_bytes(data.get(..2)?.try_into().ok()?);
+    let (channel, len) = ((word >> 12) as u8, (word & 0x0FFF) as usize);
     let addr = std::str::from_utf8(data.get(2..2 + len)?).ok()?.parse().ok()?;
-    Some((addr, &data[2 + len..]))
+    Some((channel, addr, &data[2 + len..]))
 }
 
 /// Writes a response head then pumps `body` into the stream; stops when the peer stops reading.
@@ -532,8 +566,10 @@ mod tests {
     #[test]
     fn gossip_frame_roundtrip_and_garbage() {
         let a: SocketAddr = "127.0.0.1:7946".parse().unwrap();
-        let f = gossip_frame(a, b"xyz");
-        assert_eq!(split_gossip(&f), Some((a, &b"xyz"[..])));
+        let f = gossip_frame(0, a, b"xyz");
+        assert_eq!(split_gossip(&f), Some((0, a, &b"xyz"[..])));
+        let f = gossip_frame(1, a, b"xyz");
+        assert_eq!(split_gossip(&f), Some((1, a, &b"xyz"[..])));
         assert_eq!(split_gossip(&[0, 50, 1]), None);
         assert_eq!(split_gossip(&[]), None);
     }

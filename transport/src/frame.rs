@@ -29,6 +29,10 @@ pub struct RequestHead {
     /// model or named the engine itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<PromptDigest>,
+    /// Sent from another cell to the prompt's home node (`policy::cells`): route it among this
+    /// node's cell, which the origin cannot see. The origin admitted and audits it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub relay: bool,
 }
 
 /// A prompt's chained block keys at one block size, little-endian u64s in base64.
