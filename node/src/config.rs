@@ -436,6 +436,15 @@ pub struct ServeArgs {
     /// Routing policy: kvmesh (default), least-load or round-robin (baselines).
     #[arg(long, env = "KVMESH_ROUTING", value_enum)]
     pub routing: Option<RoutingPolicy>,
+    /// This node's cell (`[cells] name`): turns cells on.
+    #[arg(long, env = "KVMESH_CELL")]
+    pub cell: Option<String>,
+    /// This node is one of its cell's gateways (`[cells] gateway`).
+    #[arg(long, env = "KVMESH_CELL_GATEWAY")]
+    pub cell_gateway: bool,
+    /// Gateways of other cells to join the backbone through (`[cells] backbone_seeds`).
+    #[arg(long, env = "KVMESH_BACKBONE_SEEDS", value_delimiter = ',')]
+    pub backbone_seeds: Vec<String>,
 }
 
 impl Config {
@@ -480,6 +489,14 @@ impl Config {
         take_opt!(advertise_addr, tls_dir, ca, cert, key);
         if let Some(r) = args.routing {
             cfg.routing = r;
+        }
+        if let Some(c) = &args.cell {
+            cfg.cells.name = Some(c.trim().to_owned());
+        }
+        cfg.cells.gateway |= args.cell_gateway;
+        if !args.backbone_seeds.is_empty() {
+            cfg.cells.backbone_seeds =
+                args.backbone_seeds.iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
         }
         cfg.validate()?;
         Ok(cfg)
@@ -803,6 +820,22 @@ mod tests {
         assert!(parse_engine_flag("http://x,bogus").unwrap_err().to_string().contains("kv-events"));
         let e = toml::from_str::<Config>("unknown_key = 1").unwrap_err().to_string();
         assert!(e.contains("unknown_key"), "{e}");
+    }
+
+    #[test]
+    fn cells_settings_say_what_to_fix() {
+        let ok: Config =
+            toml::from_str("[cells]\nname = \"rack-a\"\ngateway = true\nbackbone_seeds = [\"10.0.1.1:7946\"]\n")
+                .unwrap();
+        ok.validate().expect("valid cells");
+        let err = |t: &str| toml::from_str::<Config>(t).unwrap().validate().unwrap_err().to_string();
+        assert!(err("[cells]\ngateway = true\n").contains("needs a cell name"));
+        assert!(err("[cells]\nname = \"a b\"\n").contains("letters, digits"));
+        assert!(err("[cells]\nname = \"a\"\nbackbone_seeds = [\"x:1\"]\n").contains("for gateways"));
+        assert!(err("[cells]\nname = \"a\"\n[cells.routing]\nload_slack = 0\n").contains("load_slack"));
+        let args = ServeArgs { cell: Some("z".into()), cell_gateway: true, ..Default::default() };
+        let cfg = Config::load(&args).unwrap();
+        assert_eq!((cfg.cells.name.as_deref(), cfg.cells.gateway), (Some("z"), true));
     }
 
     #[test]
