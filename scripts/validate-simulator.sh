@@ -9,6 +9,9 @@
 #
 #   scripts/validate-simulator.sh [RATES] [DURATION_S] [POLICIES] [WORKLOAD]
 #
+# Policies: round-robin, least-load, kvmesh, kvmesh-cells (kvmesh in cells of
+# KVMESH_CELL_SIZE nodes, default 4, the first two of each cell gateways) and oracle.
+#
 # Ports are drawn from 10000-29999, below Linux's ephemeral range (32768-60999) where the
 # nodes' own outgoing and embedded-engine sockets land.
 set -euo pipefail
@@ -28,17 +31,29 @@ for i in $(seq 0 7); do "$bin" cert node --name "n$i" --dir "$dir" >/dev/null; d
 
 wait_http() { for _ in $(seq 1 120); do curl -sf "$1/health" >/dev/null && return 0; sleep 0.25; done; echo "no answer from $1" >&2; exit 1; }
 
-mesh() { # routing policy (TOML spelling)
-  local base=$((10000 + RANDOM % 20000)) urls=()
+mesh() { # routing policy (TOML spelling) [cell size: cells of that many nodes, the first two gateways]
+  local base=$((10000 + RANDOM % 20000)) urls=() size=${2:-8} cells=""
   for i in $(seq 0 7); do
+    local first=$((i / size * size))
+    if [ "$size" -lt 8 ]; then
+      cells="[cells]
+name = \"c$((i / size))\"
+gateway = $([ $((i - first)) -lt 2 ] && echo true || echo false)"
+      # Gateways join the backbone through the other cells' first gateways.
+      if [ $((i - first)) -lt 2 ]; then
+        cells+="
+backbone_seeds = [$(for f in $(seq 0 "$size" 7); do [ "$f" = "$first" ] || printf '"127.0.0.1:%d",' $((base + f)); done | sed 's/,$//')]"
+      fi
+    fi
     cat >"$dir/n$i.toml" <<TOML
 node_name = "n$i"
 http_addr = "127.0.0.1:$((base + 10 + i))"
 quic_addr = "127.0.0.1:$((base + i))"
 tls_dir = "$dir"
 cluster_id = "bench"
-seeds = ["127.0.0.1:$base"]
+seeds = ["127.0.0.1:$((base + first))"]
 routing = "$1"
+$cells
 TOML
     RUST_LOG=warn "$bin" serve --config "$dir/n$i.toml" >"$dir/n$i.log" 2>&1 &
     pids+=($!)
@@ -51,11 +66,12 @@ TOML
     wait_http "$u"
     for _ in $(seq 1 120); do
       n=$(curl -sf "$u/v1/mesh/peers" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["peers"]))' 2>/dev/null || echo 0)
-      [ "$n" = 8 ] && break
+      [ "$n" = "$size" ] && break
       sleep 0.5
     done
   done
   sleep 2 # load reports and first summaries in gossip
+  if [ "$size" -lt 8 ]; then sleep 4; fi # the cells table: a backbone round or two
   entry=$(IFS=,; echo "${urls[*]}")
 }
 
@@ -93,6 +109,7 @@ for rate in ${rates//,/ }; do
       round-robin) mesh round_robin ;;
       least-load) mesh least_load ;;
       kvmesh) mesh kvmesh ;;
+      kvmesh-cells) mesh kvmesh "${KVMESH_CELL_SIZE:-4}" ;;
     esac
     "$bin" bench routing --workload "$workload" --rates "$rate" --duration-s "$duration" --engines 8 \
       --policies "$p" --entry-urls "$entry" --csv "$dir/real-$p-$rate.csv" >/dev/null
@@ -104,6 +121,7 @@ for rate in ${rates//,/ }; do
 done
 per_engine=$(python3 -c "print(','.join(str(float(r)/8) for r in '$rates'.split(',')))")
 "$bin" simulate --nodes 8 --rates-per-engine "$per_engine" --duration-s "$duration" --policies "$policies" \
+  --cell-size "${KVMESH_CELL_SIZE:-4}" \
   --workload "$workload" --csv "$dir/sim.csv" >/dev/null
 python3 scripts/compare-simulator.py "$dir/sim.csv" "${csvs[@]}" --out BENCHMARKS.md \
   --workload "$workload" --command "scripts/validate-simulator.sh $rates $duration $policies $workload"

@@ -29,6 +29,9 @@ pub struct SimulateArgs {
     /// Stretch gossip intervals to keep each node's gossip within this many KB/s.
     #[arg(long)]
     pub gossip_budget_kb_s: Option<f64>,
+    /// Nodes per cell for the `kvmesh-cells` policy (`[cells] size`).
+    #[arg(long)]
+    pub cell_size: Option<usize>,
     /// Markdown file whose section (`--section`, default `simulate`) is replaced with the results.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -64,6 +67,9 @@ pub fn config(a: &SimulateArgs) -> Result<ClusterConfig, NodeError> {
     }
     if let Some(d) = a.duration_s {
         cfg.duration_s = d;
+    }
+    if let Some(c) = a.cell_size {
+        cfg.cells.size = c;
     }
     if a.gossip_budget_kb_s.is_some() {
         cfg.gossip_budget_kb_s = a.gossip_budget_kb_s;
