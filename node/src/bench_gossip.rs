@@ -152,7 +152,7 @@ async fn measure(n: usize, cell_size: usize, a: &GossipArgs) -> Result<Row, Node
     let mut backbone_seed: Option<String> = None;
     let cells = if cell_size == 0 { 1 } else { n.div_ceil(cell_size) };
     for i in 0..n {
-        let (cell, rank) = if cell_size == 0 { (0, i) } else { (i / cell_size, i % cell_size) };
+        let (cell, rank) = i.checked_div(cell_size).map_or((0, i), |c| (c, i % cell_size));
         let gateway = cell_size > 0 && rank < 2;
         let name = format!("g{i}");
         certs::create_node(dir.path(), dir.path(), &name).map_err(err)?;
