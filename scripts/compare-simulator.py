@@ -58,17 +58,15 @@ def main():
     lines += ["", f"Largest TTFT p90 difference: {worst * 100:.0f}%."]
     body = "\n".join(lines)
     print(body)
-    real = real_table(a)
+    real = real_table(a, name)
     print(real)
     if a.out:
-        name = a.workload.rsplit("/", 1)[-1].removesuffix(".toml")
         write_section(a.out, "simulate-validation" + ("" if name == "shared-prefix" else f"-{name}"), body)
         write_section(a.out, f"routing-processes-{name}", real)
 
 
-def real_table(a):
+def real_table(a, name):
     """The real runs' figures, as `bench routing` prints them."""
-    name = a.workload.rsplit("/", 1)[-1].removesuffix(".toml")
     out = [
         f"## Routing on real processes ({name}, 8 nodes)",
         "",

@@ -246,19 +246,11 @@ impl Membership {
         }
     }
 
-    /// Publishes a cells key (see the schema); values are compared by chitchat, so an
-    /// unchanged value costs nothing.
+    /// Publishes a cells key (see the schema); chitchat ignores an unchanged value, so
+    /// republishing costs nothing until it changes.
     pub async fn set_cell_key(&self, key: &str, value: String) {
         if key.starts_with(KEY_CELL) {
-            if let Some(h) = self.handle.lock().await.as_ref() {
-                h.with_chitchat(|c| {
-                    let state = c.self_node_state();
-                    if state.get(key) != Some(value.as_str()) {
-                        state.set(key, value.clone());
-                    }
-                })
-                .await;
-            }
+            self.set(key, value).await;
         }
     }
 

@@ -645,7 +645,6 @@ impl Config {
         Ok(())
     }
 
-    /// `[auth]`, `[limits]`, `[[guardrails]]` and `[audit]`.
     fn validate_cells(&self) -> Result<(), NodeError> {
         let c = &self.cells;
         let bad = |m: String| Err(NodeError::Config(format!("[cells] {m}")));
@@ -667,6 +666,7 @@ impl Config {
         c.routing.validate().map_err(NodeError::Config)
     }
 
+    /// `[auth]`, `[limits]`, `[[guardrails]]` and `[audit]`.
     fn validate_guard(&self) -> Result<(), NodeError> {
         let bad = |m: String| Err(NodeError::Config(m));
         KeyStore::new(&self.auth.keys).map_err(|e| NodeError::Config(format!("[auth] {e}")))?;

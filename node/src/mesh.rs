@@ -38,6 +38,9 @@ impl RemoteEngine {
     }
 }
 
+/// The cells table and the peer view it was parsed from.
+type CellsTable = (Arc<Vec<Peer>>, Arc<Vec<crate::cells::CellView>>);
+
 /// A peer's decoded summary shard, with the gossip version it was decoded from.
 type CachedShard = (u64, Option<Arc<BloomShard>>);
 
@@ -52,6 +55,9 @@ pub struct Mesh {
     /// gossip version changes.
     summaries: Mutex<HashMap<(String, u64, usize), CachedShard>>,
     suspects: Mutex<HashMap<String, Instant>>,
+    /// The cells table parsed from the view it was read from: parsed again only when the view
+    /// changes, not per request.
+    cells_table: Mutex<Option<CellsTable>>,
     in_flight: Mutex<HashMap<String, Arc<AtomicU32>>>,
     suspect_for: Duration,
 }
@@ -132,6 +138,7 @@ impl Mesh {
             advertise,
             summaries: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
+            cells_table: Mutex::new(None),
             in_flight: Mutex::new(HashMap::new()),
             suspect_for: Config::ms(cfg.peer_suspect_ms),
         });
@@ -163,11 +170,20 @@ impl Mesh {
 
     /// The cells table as this node's cell gossips it (empty without cells, or before a
     /// gateway published it).
-    pub fn cells(&self) -> Vec<crate::cells::CellView> {
+    pub fn cells(&self) -> Arc<Vec<crate::cells::CellView>> {
         if self.cell.is_none() {
-            return Vec::new();
+            return Arc::default();
         }
-        crate::cells::table(&self.peers())
+        let peers = self.peers();
+        let Ok(mut cached) = self.cells_table.lock() else { return Arc::new(crate::cells::table(&peers)) };
+        match &*cached {
+            Some((view, table)) if Arc::ptr_eq(view, &peers) => table.clone(),
+            _ => {
+                let table = Arc::new(crate::cells::table(&peers));
+                *cached = Some((peers, table.clone()));
+                table
+            }
+        }
     }
 
     /// Live peers, this node included.

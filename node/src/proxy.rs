@@ -405,7 +405,7 @@ impl Pipeline {
             prompt.approx = Some(keys);
         }
         if matches!(scope, Scope::Mesh) {
-            if let Some(resp) = self.relay_to_home(endpoint, request_id, req, body, &prompt, seed, started).await {
+            if let Some(resp) = self.relay_to_home(endpoint, request_id, req, body, &mut prompt, seed, started).await {
                 return resp;
             }
         }
@@ -486,7 +486,7 @@ impl Pipeline {
     /// With cells, sends a client's request whose prompt has its home in another cell to the
     /// prompt's home node there (`policy::cells`), with the block keys. `None`: route it in
     /// this cell (no cells, no cells table yet, a prompt without tokens, home here, or the
-    /// relay failed before any engine took it).
+    /// relay failed before any engine took it); the keys it computed stay in `prompt` for that.
     #[allow(clippy::too_many_arguments)]
     async fn relay_to_home(
         self: &Arc<Self>,
@@ -494,7 +494,7 @@ impl Pipeline {
         request_id: &str,
         req: &InferenceRequest,
         body: &Bytes,
-        prompt: &PromptKeys,
+        prompt: &mut PromptKeys,
         seed: u64,
         started: Instant,
     ) -> Option<Response> {
@@ -509,8 +509,11 @@ impl Pipeline {
         }
         // Every node must derive the same affinity key: the mesh-wide default block size.
         let bs = self.default_block_size;
-        let keys = prompt.keys(seed, bs);
-        let key = cells::affinity_key(&keys, &self.cells)?;
+        if prompt.given.as_ref().is_none_or(|(b, _)| *b != bs) {
+            prompt.given = Some((bs, prompt.keys(seed, bs)));
+        }
+        let keys = prompt.given.as_ref().map(|(_, k)| k.as_slice()).unwrap_or_default();
+        let key = cells::affinity_key(keys, &self.cells)?;
         let loads: Vec<CellLoad<'_>> = table
             .iter()
             .map(|c| CellLoad { name: &c.report.name, engines: c.report.engines, load: c.report.load })
@@ -552,7 +555,7 @@ impl Pipeline {
             origin: self.node_name.clone(),
             engine: String::new(),
             stream: req.stream,
-            prompt: PromptDigest::new(prompt.tokens as u32, bs, &keys),
+            prompt: PromptDigest::new(prompt.tokens as u32, bs, keys),
             relay: true,
         };
         match self.forward_remote(endpoint, &req.model, head, body, &remote, &route, started).await {

@@ -109,19 +109,19 @@ struct Cell {
     load: Published<f64>,
 }
 
-/// A request on its way to another cell's gateway, which routes it there.
+/// A request on its way to its home node in another cell, which routes it there.
 struct Relay {
-    gateway: usize,
+    home: usize,
     prompt: Vec<u32>,
     output_len: usize,
     conv: Option<usize>,
     arrived: Us,
-    /// One-way delay from the gateway back to the client.
+    /// One-way delay from the home node back to the client.
     back: Us,
 }
 
-/// Bytes of one cell's entry in the cells table (name, engines, load, gateway addresses, as
-/// compact JSON with chitchat's key and version).
+/// Bytes of one cell's report in the cells table (name, engines, load as compact JSON, with
+/// chitchat's key and version). Member lists change only with membership and are not counted.
 pub const CELL_ENTRY_BYTES: f64 = 120.0;
 
 struct Request {
@@ -493,7 +493,7 @@ impl<'a> World<'a> {
             Ev::ConvTurn(c) => self.conv_turn(c),
             Ev::Relay(r) => {
                 if let Some(x) = self.relays[r].take() {
-                    self.submit(x.gateway, x.prompt, x.output_len, x.conv, x.arrived, Some(x.back));
+                    self.submit(x.home, x.prompt, x.output_len, x.conv, x.arrived, Some(x.back));
                 }
             }
             Ev::Deliver(r) => self.deliver(r),
@@ -597,7 +597,7 @@ impl<'a> World<'a> {
 
     /// A request reaches node `origin` (from a client that sent it at `arrived`, or relayed
     /// from another cell with `relayed` the one-way delay back to the client): the node routes
-    /// it and forwards it to the engine, or with cells to the gateway of its home cell.
+    /// it and forwards it to the engine, or with cells to its home node in another cell.
     fn submit(
         &mut self,
         origin: usize,
@@ -613,17 +613,17 @@ impl<'a> World<'a> {
             if arrived >= self.warmup {
                 self.stats.submitted += 1;
             }
-            if let Some(gateway) = self.relay_to(origin, &keys) {
+            if let Some(home) = self.relay_to(origin, &keys) {
                 let net = &self.cfg.network;
                 let tokens = prompt.len() as f64;
-                let one_way = self.rtt_ms(origin, gateway) / 2.0;
+                let one_way = self.rtt_ms(origin, home) / 2.0;
                 let ms = net.node_overhead_ms
                     + (net.node_us_per_prompt_token + net.forward_us_per_prompt_token) * tokens / 1000.0
                     + one_way;
                 if arrived >= self.warmup {
                     self.stats.relayed += 1;
                 }
-                self.relays.push(Some(Relay { gateway, prompt, output_len, conv, arrived, back: us(one_way) }));
+                self.relays.push(Some(Relay { home, prompt, output_len, conv, arrived, back: us(one_way) }));
                 self.at(self.now + us(ms), Ev::Relay(self.relays.len() - 1));
                 return;
             }
@@ -756,7 +756,8 @@ impl<'a> World<'a> {
         }
     }
 
-    /// With cells: the gateway of the prompt's home cell when that is not `origin`'s own cell
+    /// With cells: the prompt's home node (`cells::member`) in its home cell, when that is not
+    /// `origin`'s own cell
     /// (`policy::cells::home` on the cells table as `origin` sees it).
     fn relay_to(&mut self, origin: usize, keys: &[u64]) -> Option<usize> {
         if !self.cells_on || self.cells.len() < 2 {
