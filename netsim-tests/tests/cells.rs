@@ -1,10 +1,12 @@
 //! A mesh split into two cells (`policy::cells`): each cell gossips on its own, the gateways
 //! carry the cells table between them, and a prompt is served in its home cell whichever cell
-//! received it.
+//! received it: the origin asks the prompt's home node there for a placement and forwards the
+//! request straight to the engine it names.
 
 use std::time::{Duration, Instant};
 
 use kvmesh_netsim_tests::Cluster;
+use kvmesh_transport::{PlaceQuery, Placement, PromptDigest, RequestHead};
 use serde_json::json;
 
 /// A prompt of a few hundred tokens: several KV blocks, so it has an affinity key.
@@ -13,15 +15,26 @@ fn prompt(i: usize) -> serde_json::Value {
     json!({"model": "kvmesh-sim", "max_tokens": 2, "messages": [{"role": "user", "content": text}]})
 }
 
-/// (cell that served it, `x-kvmesh-route`).
+/// (`node/engine` that served it, `x-kvmesh-route`).
 async fn serve(client: &reqwest::Client, url: &str, body: &serde_json::Value) -> (String, String) {
     let r = client.post(format!("{url}/v1/chat/completions")).json(body).send().await.expect("request");
     assert_eq!(r.status(), 200, "{:?}", r.text().await);
     let header = |n: &str| r.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-    let served_by = header("x-kvmesh-served-by");
-    let route = header("x-kvmesh-route");
-    let cell = served_by.chars().next().map(String::from).unwrap_or_default();
-    (cell, route)
+    (header("x-kvmesh-served-by"), header("x-kvmesh-route"))
+}
+
+/// The sum of a counter's series that start with `series` in a node's `/metrics`.
+async fn counter(client: &reqwest::Client, url: &str, series: &str) -> f64 {
+    let text = client.get(format!("{url}/metrics")).send().await.expect("metrics").text().await.expect("text");
+    text.lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// `field=value` out of an `x-kvmesh-route` header.
+fn field<'a>(route: &'a str, name: &str) -> Option<&'a str> {
+    route.split("; ").find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,23 +82,66 @@ async fn each_cell_gossips_alone_and_prompts_are_served_in_their_home_cell() {
 
     let client = reqwest::Client::new();
     let url = |i: usize| format!("http://{}", c.node(i).http_addr);
-    let (mut here, mut relayed) = (0, 0);
+    let placed = r#"kvmesh_route_decisions_total{reason="cell_place""#;
+    let placed_before = counter(&client, &url(0), placed).await
+        + counter(&client, &url(1), placed).await
+        + counter(&client, &url(2), placed).await
+        + counter(&client, &url(3), placed).await;
+    let (mut here, mut there) = (0, 0);
     for i in 0..24 {
         // Sent to a plain member of cell a, then to one of cell b: the same home either way.
-        let (from_a, route_a) = serve(&client, &url(1), &prompt(i)).await;
-        let (from_b, route_b) = serve(&client, &url(3), &prompt(i)).await;
-        assert_eq!(from_a, from_b, "prompt {i}: served in cell {from_a} from a, {from_b} from b");
-        if from_a == "b" {
-            relayed += 1;
-            assert!(route_a.contains("cell=b") && route_a.contains("reason=cell_home"), "{route_a}");
-            assert!(!route_b.contains("cell_home"), "served at home without a relay: {route_b}");
-        } else {
+        let (by_a, route_a) = serve(&client, &url(1), &prompt(i)).await;
+        let (by_b, route_b) = serve(&client, &url(3), &prompt(i)).await;
+        let (cell_a, cell_b) = (&by_a[..1], &by_b[..1]);
+        assert_eq!(cell_a, cell_b, "prompt {i}: served in cell {cell_a} from a, {cell_b} from b");
+        // The request from the other cell carries the home node's placement in its route, and
+        // went straight to the engine that placement named.
+        let (away, home_route) = if cell_a == "b" { (&route_a, &route_b) } else { (&route_b, &route_a) };
+        let served = if cell_a == "b" { &by_a } else { &by_b };
+        assert_eq!(field(away, "cell"), Some(cell_a), "{away}");
+        assert_eq!(field(away, "reason"), Some("cell_home"), "{away}");
+        let home = field(away, "home").unwrap_or_else(|| panic!("no home node in {away}"));
+        assert!(home.starts_with(cell_a), "{away}");
+        assert_eq!(field(away, "engine"), Some(served.as_str()), "placed engine serves: {away}");
+        assert!(!home_route.contains("cell_home"), "served at home without the home cell's detour: {home_route}");
+        if cell_a == "a" {
             here += 1;
-            assert!(route_b.contains("cell=a") && route_b.contains("reason=cell_home"), "{route_b}");
+        } else {
+            there += 1;
         }
     }
-    eprintln!("{here} prompts at home in cell a, {relayed} in cell b");
+    eprintln!("{here} prompts at home in cell a, {there} in cell b");
     // Rendezvous hashing spreads homes over both cells (24 all in one: 2^-23).
-    assert!(here > 0 && relayed > 0, "{here} served in a, {relayed} in b");
+    assert!(here > 0 && there > 0, "{here} served in a, {there} in b");
+    let placed_after = counter(&client, &url(0), placed).await
+        + counter(&client, &url(1), placed).await
+        + counter(&client, &url(2), placed).await
+        + counter(&client, &url(3), placed).await;
+    assert_eq!(placed_after - placed_before, 24.0, "one placement per request sent to the other cell");
+
+    // A placement query the home node cannot answer is refused as retryable: nothing ran.
+    let b0_mesh = c.node(2).mesh.as_ref().expect("mesh");
+    let a1_mesh = c.node(1).mesh.as_ref().expect("mesh");
+    let query = RequestHead {
+        path: "/v1/chat/completions".into(),
+        request_id: "bad-placement".into(),
+        origin: "a1".into(),
+        place: Some(PlaceQuery { model: "kvmesh-sim".into() }),
+        ..Default::default()
+    };
+    let (head, _) =
+        a1_mesh.endpoint.request(b0_mesh.advertise, &query, &[], Duration::from_secs(5)).await.expect("answered");
+    assert_eq!((head.status, head.retryable), (400, true), "no block keys: {head:?}");
+    let query = RequestHead { prompt: PromptDigest::new(300, 16, &[1, 2, 3]), ..query };
+    let (head, mut recv) =
+        a1_mesh.endpoint.request(b0_mesh.advertise, &query, &[], Duration::from_secs(5)).await.expect("answered");
+    assert_eq!(head.status, 200, "{head:?}");
+    let answer: Placement = serde_json::from_slice(&recv.read_to_end(4096).await.expect("body")).expect("placement");
+    match answer {
+        Placement::Engine { node, engine, .. } => {
+            assert!(node.starts_with('b') && !engine.is_empty(), "placed in cell b: {node}/{engine}")
+        }
+        Placement::Relay => panic!("no P/D engines here, so no split"),
+    }
     c.shutdown().await;
 }

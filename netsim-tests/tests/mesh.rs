@@ -175,7 +175,7 @@ async fn foreign_certificate_cannot_join_nor_send() {
         engine: "embedded-sim".into(),
         stream: false,
         prompt: None,
-        relay: false,
+        ..Default::default()
     };
     let target = cluster.node(0).mesh.as_ref().unwrap().advertise;
     let body = serde_json::to_vec(&chat(0, false, 2)).unwrap();

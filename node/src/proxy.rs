@@ -5,8 +5,10 @@
 //! another engine (bounded by `max_attempts`); once a stream has started, a failure ends it with
 //! an OpenAI error event and `[DONE]`, never a silent cut or a hang (every wait has a timeout).
 //! A request forwarded by a peer is served by this node's own engines only, so a request
-//! crosses the mesh at most once; with cells, a request relayed from another cell to its home
-//! node is routed once more within that cell, so it crosses at most twice.
+//! crosses the mesh at most once. With cells, the origin asks a prompt's home node in another
+//! cell where to send it and forwards it there, so it still crosses once; only a request that
+//! home node splits between prefill and decode is relayed to it whole and routed there again
+//! (`proxy::cells`).
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -19,7 +21,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
 use kvmesh_policy::blocks;
-use kvmesh_policy::cells::{self, CellLoad, CellSettings};
+use kvmesh_policy::cells::{CellSettings, Placements};
 use kvmesh_policy::openai::ApiError;
 use kvmesh_policy::request::InferenceRequest;
 use kvmesh_policy::request::{self, Endpoint};
@@ -36,6 +38,8 @@ use crate::guard::Guard;
 use crate::mesh::{Mesh, RemoteEngine};
 use crate::metrics::NodeMetrics;
 use crate::tokens::Tokenizers;
+
+mod cells;
 
 /// RTT assumed for a peer with no open connection yet (QUIC has not measured it).
 const UNMEASURED_PEER_RTT_MS: f64 = 1.0;
@@ -66,6 +70,9 @@ pub struct Pipeline {
     draining: std::sync::atomic::AtomicBool,
     pd: kvmesh_policy::pd::PdSettings,
     cells: CellSettings,
+    /// Requests this node placed on its cell peers' engines for other cells' origins, by
+    /// `RemoteEngine::key` (`proxy::cells`).
+    placements: std::sync::Mutex<std::collections::HashMap<String, Placements>>,
 }
 
 /// A request split between a prefill and a decode engine (`policy::pd`).
@@ -184,6 +191,7 @@ impl Pipeline {
             route_history_max_keys: cfg.route_history_max_keys,
             pd: cfg.pd.clone(),
             cells: cfg.cells.routing.clone(),
+            placements: Default::default(),
             weights: cfg.score.clone(),
             default_block_size: cfg.default_block_size,
             node_name: cfg.node_name.clone(),
@@ -274,6 +282,9 @@ impl Pipeline {
 
     /// A request a peer forwarded: served by this node's engines, answered on the QUIC stream.
     pub async fn serve_peer(self: Arc<Self>, req: IncomingRequest) {
+        if req.head.place.is_some() {
+            return self.serve_placement(req).await;
+        }
         self.peer_requests.fetch_add(1, Ordering::Relaxed);
         let _done = DecrementOnDrop(&self.peer_requests);
         let endpoint = match req.head.path.as_str() {
@@ -405,14 +416,16 @@ impl Pipeline {
             prompt.approx = Some(keys);
         }
         if matches!(scope, Scope::Mesh) {
-            if let Some(resp) = self.relay_to_home(endpoint, request_id, req, body, &mut prompt, seed, started).await {
+            if let Some(resp) =
+                self.send_to_home_cell(endpoint, request_id, req, body, &mut prompt, seed, started).await
+            {
                 return resp;
             }
         }
         let mut tried: Vec<String> = Vec::new();
         let mut last_error: Option<ApiError> = None;
         for attempt in 0..self.max_attempts {
-            let (target, route, split) = match self.pick(req, &prompt, seed, scope, &tried, attempt == 0) {
+            let (target, route, split) = match self.pick(&req.model, &prompt, seed, scope, &tried, attempt == 0) {
                 Ok(t) => t,
                 Err(e) => {
                     // After a failed attempt, the failure says more than "nothing left".
@@ -460,7 +473,7 @@ impl Pipeline {
                         engine: if peer_chooses(r, &route) { String::new() } else { r.engine.name.clone() },
                         stream: req.stream,
                         prompt: digest,
-                        relay: false,
+                        ..Default::default()
                     };
                     self.forward_remote(endpoint, &req.model, head, body, r, &route, started).await
                 }
@@ -483,91 +496,6 @@ impl Pipeline {
         not_accepted(self.reply_error(endpoint, &req.model, &e, started))
     }
 
-    /// With cells, sends a client's request whose prompt has its home in another cell to the
-    /// prompt's home node there (`policy::cells`), with the block keys. `None`: route it in
-    /// this cell (no cells, no cells table yet, a prompt without tokens, home here, or the
-    /// relay failed before any engine took it); the keys it computed stay in `prompt` for that.
-    #[allow(clippy::too_many_arguments)]
-    async fn relay_to_home(
-        self: &Arc<Self>,
-        endpoint: Endpoint,
-        request_id: &str,
-        req: &InferenceRequest,
-        body: &Bytes,
-        prompt: &mut PromptKeys,
-        seed: u64,
-        started: Instant,
-    ) -> Option<Response> {
-        let mesh = self.mesh()?;
-        let own = mesh.cell.as_deref()?;
-        if !prompt.known() {
-            return None;
-        }
-        let table = mesh.cells();
-        if table.len() < 2 {
-            return None;
-        }
-        // Every node must derive the same affinity key: the mesh-wide default block size.
-        let bs = self.default_block_size;
-        if prompt.given.as_ref().is_none_or(|(b, _)| *b != bs) {
-            prompt.given = Some((bs, prompt.keys(seed, bs)));
-        }
-        let keys = prompt.given.as_ref().map(|(_, k)| k.as_slice()).unwrap_or_default();
-        let key = cells::affinity_key(keys, &self.cells)?;
-        let loads: Vec<CellLoad<'_>> = table
-            .iter()
-            .map(|c| CellLoad { name: &c.report.name, engines: c.report.engines, load: c.report.load })
-            .collect();
-        let home = &table[cells::home(key, &loads, &self.cells, rand::random::<f64>)?];
-        if home.report.name == own {
-            return None;
-        }
-        let (name, addr) = cells::member(key, home.members.iter().map(|(n, a)| ((n, *a), n.as_str())))?;
-        let remote = RemoteEngine {
-            node_id: name.clone(),
-            generation: 0,
-            addr,
-            engine: kvmesh_gossip::EngineLoad {
-                name: String::new(),
-                models: vec![req.model.clone()],
-                healthy: true,
-                role: Default::default(),
-                running: 0,
-                waiting: 0,
-                kv_usage: 0.0,
-                tokens_per_s: 0.0,
-                block_size: Some(bs),
-            },
-            node_engines: 1,
-            summary: Vec::new(),
-            summary_stride: 1,
-        };
-        let route =
-            Route { header: format!("cell={}; node={name}; reason=cell_home", home.report.name), reason: "cell_home" };
-        let span = tracing::Span::current();
-        span.record("peer", name.as_str());
-        span.record("reason", route.reason);
-        span.record("route", route.header.as_str());
-        self.metrics.route_decisions.with_label_values(&[route.reason]).inc();
-        let head = RequestHead {
-            path: endpoint.path().to_owned(),
-            request_id: request_id.to_owned(),
-            origin: self.node_name.clone(),
-            engine: String::new(),
-            stream: req.stream,
-            prompt: PromptDigest::new(prompt.tokens as u32, bs, keys),
-            relay: true,
-        };
-        match self.forward_remote(endpoint, &req.model, head, body, &remote, &route, started).await {
-            Ok(resp) => Some(resp),
-            Err(Retry { error, reason }) => {
-                tracing::warn!(cell = %home.report.name, node = %name, %reason, error = %error, "relay to the home cell failed; routing in this cell");
-                self.metrics.retries.with_label_values(&["cell_relay"]).inc();
-                None
-            }
-        }
-    }
-
     /// Answers with an OpenAI error, counted and logged like every other answer.
     pub fn reply_error(&self, endpoint: Endpoint, model: &str, e: &ApiError, started: Instant) -> Response {
         tracing::info!(status = e.status.as_u16(), error = %e.message, "request rejected");
@@ -583,14 +511,13 @@ impl Pipeline {
     /// network distance (`policy::score`).
     fn pick(
         &self,
-        req: &InferenceRequest,
+        model: &str,
         prompt: &PromptKeys,
         seed: u64,
         scope: Scope<'_>,
         tried: &[String],
         may_split: bool,
     ) -> Result<(Target, Route, Option<Split>), ApiError> {
-        let model = req.model.as_str();
         let mut targets: Vec<Target> = Vec::new();
         let mut cands: Vec<Estimate> = Vec::new();
         let mut roles: Vec<kvmesh_policy::pd::Role> = Vec::new();
@@ -688,7 +615,7 @@ impl Pipeline {
                     rtt_ms: rtt,
                     running: r.engine.running as f64,
                     waiting: r.engine.waiting as f64
-                        + unreported(mesh.in_flight_now(&r.key()), r.engine.running as f64),
+                        + unreported(mesh.in_flight_now(&r.key()) + self.placed_now(&r.key()), r.engine.running as f64),
                     kv_usage: r.engine.kv_usage as f64,
                     matched_blocks: matched,
                     block_size: bs,
@@ -861,8 +788,7 @@ impl Pipeline {
                     origin: self.node_name.clone(),
                     engine: r.engine.name.clone(),
                     stream,
-                    prompt: None,
-                    relay: false,
+                    ..Default::default()
                 };
                 self.forward_remote(endpoint, model, head, body, r, route, started).await
             }

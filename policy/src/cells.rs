@@ -37,11 +37,17 @@ pub struct CellSettings {
     /// that must compute them again (the cluster simulator lost 5 points of hit rate and a
     /// fifth of its TTFT p90 at 0.25). The spill is for sustained skew: a hot tenant.
     pub load_slack: f64,
+    /// How long a home node counts a request it placed for another cell's origin as in flight
+    /// on the engine it chose. The origin, not the home node, proxies that request, so the home
+    /// node never sees it end; what it needs is to not send the next prompts to the same engine
+    /// before that engine's gossiped load shows the request (a load round and a few gossip
+    /// rounds, well under a second on the defaults).
+    pub placement_lease_ms: u64,
 }
 
 impl Default for CellSettings {
     fn default() -> Self {
-        Self { affinity_blocks: 32, load_slack: 1.0 }
+        Self { affinity_blocks: 32, load_slack: 1.0, placement_lease_ms: 1_000 }
     }
 }
 
@@ -54,6 +60,28 @@ impl CellSettings {
             return Err("cells.load_slack must be above 0 (1.0: a cell may run at twice the mean)".into());
         }
         Ok(())
+    }
+}
+
+/// When a home node placed requests on one engine for origins in other cells, so it can count
+/// them as in flight for a lease (`CellSettings::placement_lease_ms`). Times are milliseconds on
+/// any monotonic clock.
+#[derive(Debug, Default, Clone)]
+pub struct Placements {
+    at: std::collections::VecDeque<u64>,
+}
+
+impl Placements {
+    pub fn record(&mut self, now_ms: u64) {
+        self.at.push_back(now_ms);
+    }
+
+    /// Placements younger than `lease_ms`; older ones are forgotten.
+    pub fn live(&mut self, now_ms: u64, lease_ms: u64) -> u32 {
+        while self.at.front().is_some_and(|&t| now_ms.saturating_sub(t) >= lease_ms) {
+            self.at.pop_front();
+        }
+        self.at.len() as u32
     }
 }
 

@@ -14,7 +14,7 @@ pub const MAX_HEAD: usize = 256 * 1024;
 /// digest out above this, and the peer tokenizes).
 pub const MAX_DIGEST_KEYS: usize = 16_384;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RequestHead {
     /// `/v1/chat/completions` or `/v1/completions`.
     pub path: String,
@@ -33,7 +33,34 @@ pub struct RequestHead {
     /// node's cell, which the origin cannot see. The origin admitted and audits it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub relay: bool,
+    /// Asks the prompt's home node in another cell where the request should go instead of
+    /// sending it (`policy::cells`): the body is empty, `prompt` carries the block keys, and the
+    /// answer's body is a [`Placement`]. The origin then forwards the request itself, so the
+    /// prompt crosses the mesh once, as in a flat mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub place: Option<PlaceQuery>,
 }
+
+/// What a home node needs, beyond the block keys, to place a request it does not see.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlaceQuery {
+    pub model: String,
+}
+
+/// A home node's answer to a [`PlaceQuery`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "send_to", rename_all = "snake_case")]
+pub enum Placement {
+    /// Forward the request to `engine` on `node`, at `addr` (`None`: the node that answered).
+    /// `route` is the home node's explanation, for `x-kvmesh-route`.
+    Engine { node: String, addr: Option<std::net::SocketAddr>, engine: String, route: String },
+    /// Send the whole request to the node that answered (`RequestHead::relay`): it splits it
+    /// between a prefill and a decode engine, which one forward cannot express.
+    Relay,
+}
+
+/// Largest placement answer read; a real one is a few hundred bytes.
+pub const MAX_PLACEMENT: usize = 16 * 1024;
 
 /// A prompt's chained block keys at one block size, little-endian u64s in base64.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

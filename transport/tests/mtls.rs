@@ -33,7 +33,7 @@ fn head() -> RequestHead {
         engine: "e".into(),
         stream: true,
         prompt: None,
-        relay: false,
+        ..Default::default()
     }
 }
 

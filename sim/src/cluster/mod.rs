@@ -203,11 +203,16 @@ pub struct Cells {
     pub gateways: usize,
     pub backbone_interval_ms: f64,
     pub routing: CellSettings,
+    /// How a request reaches its home cell. `true` (the node's way): the origin asks the home
+    /// node where to send it and forwards it there itself. `false`: the whole request is relayed
+    /// through the home node, which forwards it again unless its own engine serves it (the first
+    /// design, kept to compare; the node still does this for a split request).
+    pub place: bool,
 }
 
 impl Default for Cells {
     fn default() -> Self {
-        Self { size: 16, gateways: 2, backbone_interval_ms: 2_000.0, routing: CellSettings::default() }
+        Self { size: 16, gateways: 2, backbone_interval_ms: 2_000.0, routing: CellSettings::default(), place: true }
     }
 }
 

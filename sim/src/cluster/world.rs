@@ -17,7 +17,7 @@ use crate::kv_cache::KvEvent;
 use crate::workload::Workload;
 use crate::SimError;
 use kvmesh_policy::blocks;
-use kvmesh_policy::cells::{self, CellLoad};
+use kvmesh_policy::cells::{self, CellLoad, Placements};
 use kvmesh_policy::pd::Role;
 use kvmesh_policy::prefix_index::{EngineIndex, IndexEvent};
 use kvmesh_policy::route::{self, Mode};
@@ -95,6 +95,9 @@ struct Node {
     rr: u64,
     last_shards: Vec<Option<BloomShard>>,
     summary: Published<Summary>,
+    /// Requests this node placed for origins in other cells, by engine: counted as its own in
+    /// flight while their lease runs (the origin, not this node, proxies them).
+    placed: HashMap<usize, Placements>,
 }
 
 /// One cell of a `kvmesh-cells` run.
@@ -118,6 +121,18 @@ struct Relay {
     arrived: Us,
     /// One-way delay from the home node back to the client.
     back: Us,
+}
+
+/// A placement asked of a prompt's home node: the origin still holds the request, and
+/// forwards it to the engine the home node names.
+struct Placing {
+    origin: usize,
+    home: usize,
+    prompt: Vec<u32>,
+    keys: Vec<u64>,
+    output_len: usize,
+    conv: Option<usize>,
+    arrived: Us,
 }
 
 /// Bytes of one cell's report in the cells table (name, engines, load as compact JSON, with
@@ -152,6 +167,7 @@ enum Ev {
     ConvStart,
     ConvTurn(usize),
     Relay(usize),
+    Place(usize),
     Deliver(usize),
     StepDone(usize),
     Poll(usize),
@@ -223,6 +239,7 @@ struct World<'a> {
     /// Gossip among the backbone's gateways.
     backbone: GossipModel,
     relays: Vec<Option<Relay>>,
+    placings: Vec<Option<Placing>>,
     /// Nodes clients send to: (cluster nodes, edge nodes).
     entries: (Vec<usize>, Vec<usize>),
     edge_rtt: Vec<f64>,
@@ -294,6 +311,7 @@ impl<'a> World<'a> {
             rr: 0,
             last_shards: vec![None; summary::SHARDS],
             summary: Published::new(),
+            placed: HashMap::new(),
         };
         // Cluster nodes first, each with its engine; then edge sites' nodes (with an engine each
         // where the site has engines).
@@ -399,6 +417,7 @@ impl<'a> World<'a> {
             cells_on,
             backbone,
             relays: Vec::new(),
+            placings: Vec::new(),
             entries: (cluster_entries, if policy == Policy::Oracle { Vec::new() } else { edge_nodes }),
             edge_rtt,
             requests: Vec::new(),
@@ -494,6 +513,11 @@ impl<'a> World<'a> {
             Ev::Relay(r) => {
                 if let Some(x) = self.relays[r].take() {
                     self.submit(x.home, x.prompt, x.output_len, x.conv, x.arrived, Some(x.back));
+                }
+            }
+            Ev::Place(p) => {
+                if let Some(x) = self.placings[p].take() {
+                    self.place(x);
                 }
             }
             Ev::Deliver(r) => self.deliver(r),
@@ -614,32 +638,82 @@ impl<'a> World<'a> {
                 self.stats.submitted += 1;
             }
             if let Some(home) = self.relay_to(origin, &keys) {
-                let net = &self.cfg.network;
-                let tokens = prompt.len() as f64;
-                let one_way = self.rtt_ms(origin, home) / 2.0;
-                let ms = net.node_overhead_ms
-                    + (net.node_us_per_prompt_token + net.forward_us_per_prompt_token) * tokens / 1000.0
-                    + one_way;
                 if arrived >= self.warmup {
                     self.stats.relayed += 1;
                 }
-                self.relays.push(Some(Relay { home, prompt, output_len, conv, arrived, back: us(one_way) }));
-                self.at(self.now + us(ms), Ev::Relay(self.relays.len() - 1));
+                let net = &self.cfg.network;
+                let tokens = prompt.len() as f64;
+                let one_way = self.rtt_ms(origin, home) / 2.0;
+                if self.cfg.cells.place {
+                    // The origin asks the home node where to send the prompt (its block keys, a
+                    // few KB) and holds the request meanwhile; its own overhead is counted once,
+                    // when it forwards.
+                    let ms = net.node_us_per_prompt_token * tokens / 1000.0 + one_way;
+                    self.placings.push(Some(Placing { origin, home, prompt, keys, output_len, conv, arrived }));
+                    self.at(self.now + us(ms), Ev::Place(self.placings.len() - 1));
+                } else {
+                    let ms = net.node_overhead_ms
+                        + (net.node_us_per_prompt_token + net.forward_us_per_prompt_token) * tokens / 1000.0
+                        + one_way;
+                    self.relays.push(Some(Relay { home, prompt, output_len, conv, arrived, back: us(one_way) }));
+                    self.at(self.now + us(ms), Ev::Relay(self.relays.len() - 1));
+                }
                 return;
             }
         }
         let engine = self.route(origin, &keys, prompt.len(), relayed.is_some());
+        // A relayed request carries the block keys its origin computed: the home node does not
+        // tokenize it again.
+        let tokenize_us = if relayed.is_some() { 0.0 } else { self.cfg.network.node_us_per_prompt_token };
+        self.launch(origin, engine, prompt, &keys, output_len, conv, arrived, relayed.unwrap_or(0), tokenize_us, 0.0);
+    }
+
+    /// The home node's answer to a placement: it routes the prompt within its cell as if it had
+    /// received it, counts the pick as its own in flight for a lease, and the origin forwards the
+    /// request to the engine it named.
+    fn place(&mut self, x: Placing) {
+        let Placing { origin, home, prompt, keys, output_len, conv, arrived } = x;
+        let net = &self.cfg.network;
+        // Handling the placement stream at the home node, and its answer's way back.
+        let answered_ms = net.node_overhead_ms + self.rtt_ms(home, origin) / 2.0;
+        let engine = self.route(home, &keys, prompt.len(), true);
+        if self.nodes[home].engine != Some(engine) {
+            let now_ms = self.now / 1000;
+            let (ttl, max) = (self.cfg.route_history_ttl_s * 1000, self.cfg.route_history_max_keys);
+            self.nodes[home].routed.entry(engine).or_insert_with(|| RoutedKeys::new(ttl, max)).record(&keys, now_ms);
+            self.nodes[home].placed.entry(engine).or_default().record(now_ms);
+        }
+        self.launch(origin, engine, prompt, &keys, output_len, conv, arrived, 0, 0.0, answered_ms);
+    }
+
+    /// Sends a routed request from `origin` to `engine`'s node after `wait_ms`: its forward,
+    /// the engine's frontend, and the way back. `tokenize_us` per prompt token is what the
+    /// origin still spends on it; `extra_back` is a relay's one-way delay to the client.
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &mut self,
+        origin: usize,
+        engine: usize,
+        prompt: Vec<u32>,
+        keys: &[u64],
+        output_len: usize,
+        conv: Option<usize>,
+        arrived: Us,
+        extra_back: Us,
+        tokenize_us: f64,
+        wait_ms: f64,
+    ) {
         let target = self.engines[engine].node;
         let one_way = self.rtt_ms(origin, target) / 2.0;
-        let back = us(one_way) + relayed.unwrap_or(0);
+        let back = us(one_way) + extra_back;
         if self.nodes[origin].site != 0 && self.now >= self.warmup {
-            self.edge_decision(origin, engine, &keys, prompt.len());
+            self.edge_decision(origin, engine, keys, prompt.len());
         }
         *self.nodes[origin].in_flight.entry(engine).or_default() += 1;
         if origin != target && self.policy != Policy::Oracle {
             let now_ms = self.now / 1000;
             let (ttl, max) = (self.cfg.route_history_ttl_s * 1000, self.cfg.route_history_max_keys);
-            self.nodes[origin].routed.entry(engine).or_insert_with(|| RoutedKeys::new(ttl, max)).record(&keys, now_ms);
+            self.nodes[origin].routed.entry(engine).or_insert_with(|| RoutedKeys::new(ttl, max)).record(keys, now_ms);
         }
         let r = self.requests.len();
         self.requests.push(Request {
@@ -664,12 +738,9 @@ impl<'a> World<'a> {
         // The oracle reaches its engines directly, as a router in front of engines does.
         let forwarded = origin != target && self.policy != Policy::Oracle;
         let forward_us = if forwarded { net.forward_us_per_prompt_token } else { 0.0 };
-        // A relayed request carries the block keys its origin computed: the home node does not
-        // tokenize it again.
-        let tokenize_us = if relayed.is_some() { 0.0 } else { net.node_us_per_prompt_token };
         let node_ms = net.node_overhead_ms + (tokenize_us + forward_us) * tokens / 1000.0;
         let frontend_ms = eng.timing.frontend_ms + eng.frontend_us_per_prompt_token * tokens / 1000.0;
-        let t = self.now + us(node_ms + one_way + frontend_ms);
+        let t = self.now + us(wait_ms + node_ms + one_way + frontend_ms);
         self.at(t, Ev::Deliver(r));
     }
 
@@ -691,7 +762,9 @@ impl<'a> World<'a> {
                 for &e in &pool {
                     let node_of = self.engines[e].node;
                     let local = self.policy == Policy::Oracle || self.nodes[origin].engine == Some(e);
-                    let in_flight = self.nodes[origin].in_flight.get(&e).copied().unwrap_or(0);
+                    let lease = self.cfg.cells.routing.placement_lease_ms;
+                    let placed = self.nodes[origin].placed.get_mut(&e).map(|p| p.live(now_ms, lease)).unwrap_or(0);
+                    let in_flight = self.nodes[origin].in_flight.get(&e).copied().unwrap_or(0) + placed;
                     let (load, matched, usable) = if self.policy == Policy::Oracle {
                         let c = &self.engines[e].core;
                         let load = Load {

@@ -1,0 +1,274 @@
+//! Requests whose prompt has its home in another cell (`policy::cells`, ARCHITECTURE.md
+//! *Cells*).
+//!
+//! The origin asks the prompt's home node there where the request should go (a placement: the
+//! block keys out, an engine back) and forwards the request itself. The prompt then crosses the
+//! mesh once, as in a flat mesh, instead of twice through the home node; and the home node,
+//! which places every request of that prefix from every cell, keeps them on its cell's engines
+//! with its own fresh view: its exact index and in-flight counts for its engine, its cell's
+//! gossip, and the placements it made itself (counted as in flight for
+//! `cells.routing.placement_lease_ms`, since it never sees those requests end).
+//!
+//! A home node that would split the request between a prefill and a decode engine asks for the
+//! whole request instead, and serves it as a relay (`RequestHead::relay`): one forward cannot
+//! say "prefill there, decode here". So does a home node that cannot answer a placement (one
+//! of an older version answers the empty body with a 400). A placement that fails outright (the
+//! home node unreachable, draining, or gone quiet) leaves the request to this node's own cell.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::http::StatusCode;
+use axum::response::Response;
+use kvmesh_policy::blocks;
+use kvmesh_policy::cells::{self, CellLoad};
+use kvmesh_policy::openai::ApiError;
+use kvmesh_policy::request::{Endpoint, InferenceRequest};
+use kvmesh_transport::endpoint::respond;
+use kvmesh_transport::frame::MAX_PLACEMENT;
+use kvmesh_transport::{IncomingRequest, PlaceQuery, Placement, PromptDigest, RequestHead, ResponseHead};
+
+use super::{quic_body, read_limited, PromptKeys, Retry, Route, Scope, Target};
+use crate::mesh::{Mesh, RemoteEngine};
+use crate::proxy::Pipeline;
+
+/// What came of asking a home node for a placement, when it gave none.
+enum Unplaced {
+    /// It wants the whole request (a split), or gave an answer this node cannot read.
+    Relay,
+    /// It could not be asked, or refused before doing anything: route in this cell.
+    Failed(String),
+}
+
+impl Pipeline {
+    /// With cells, serves a client's request whose prompt has its home in another cell through
+    /// the prompt's home node there. `None`: route it in this cell (no cells, no cells table
+    /// yet, a prompt without tokens, home here, or the home cell failed before any engine took
+    /// the request); the keys it computed stay in `prompt` for that.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn send_to_home_cell(
+        self: &Arc<Self>,
+        endpoint: Endpoint,
+        request_id: &str,
+        req: &InferenceRequest,
+        body: &Bytes,
+        prompt: &mut PromptKeys,
+        seed: u64,
+        started: Instant,
+    ) -> Option<Response> {
+        let mesh = self.mesh()?.clone();
+        let own = mesh.cell.as_deref()?;
+        if !prompt.known() {
+            return None;
+        }
+        let table = mesh.cells();
+        if table.len() < 2 {
+            return None;
+        }
+        // Every node must derive the same affinity key: the mesh-wide default block size.
+        let bs = self.default_block_size;
+        if prompt.given.as_ref().is_none_or(|(b, _)| *b != bs) {
+            prompt.given = Some((bs, prompt.keys(seed, bs)));
+        }
+        let keys = prompt.given.as_ref().map(|(_, k)| k.as_slice()).unwrap_or_default();
+        let key = cells::affinity_key(keys, &self.cells)?;
+        let loads: Vec<CellLoad<'_>> = table
+            .iter()
+            .map(|c| CellLoad { name: &c.report.name, engines: c.report.engines, load: c.report.load })
+            .collect();
+        let home = &table[cells::home(key, &loads, &self.cells, rand::random::<f64>)?];
+        if home.report.name == own {
+            return None;
+        }
+        let cell = home.report.name.as_str();
+        let (name, addr) = cells::member(key, home.members.iter().map(|(n, a)| ((n, *a), n.as_str())))?;
+        let digest = PromptDigest::new(prompt.tokens as u32, bs, keys)?;
+        let span = tracing::Span::current();
+        span.record("peer", name.as_str());
+        span.record("reason", "cell_home");
+        self.metrics.route_decisions.with_label_values(&["cell_home"]).inc();
+        let head = RequestHead {
+            path: endpoint.path().to_owned(),
+            request_id: request_id.to_owned(),
+            origin: self.node_name.clone(),
+            stream: req.stream,
+            prompt: Some(digest),
+            ..Default::default()
+        };
+        let unplaced = match self.ask_placement(&mesh, name, addr, &head, &req.model).await {
+            Ok(Placement::Engine { node, addr: at, engine, route }) => {
+                let target = placed_engine(node, at.unwrap_or(addr), engine, &req.model, bs);
+                // The home node's own reason stays, renamed: this request's reason is its home cell.
+                let route = route.replacen("reason=", "home_reason=", 1);
+                let route = Route {
+                    header: format!("cell={cell}; home={name}; {route}; reason=cell_home"),
+                    reason: "cell_home",
+                };
+                span.record("route", route.header.as_str());
+                let head = RequestHead { engine: target.engine.name.clone(), prompt: None, ..head.clone() };
+                match self.forward_remote(endpoint, &req.model, head, body, &target, &route, started).await {
+                    Ok(resp) => return Some(resp),
+                    Err(Retry { error, reason }) => {
+                        Unplaced::Failed(format!("{} ({reason}): {}", target.key(), error.message))
+                    }
+                }
+            }
+            Ok(Placement::Relay) => Unplaced::Relay,
+            Err(u) => u,
+        };
+        let why = match unplaced {
+            Unplaced::Failed(why) => why,
+            Unplaced::Relay => {
+                let route =
+                    Route { header: format!("cell={cell}; node={name}; reason=cell_home"), reason: "cell_home" };
+                span.record("route", route.header.as_str());
+                let remote = placed_engine(name.clone(), addr, String::new(), &req.model, bs);
+                let head = RequestHead { relay: true, ..head };
+                match self.forward_remote(endpoint, &req.model, head, body, &remote, &route, started).await {
+                    Ok(resp) => return Some(resp),
+                    Err(Retry { error, reason }) => format!("relay ({reason}): {}", error.message),
+                }
+            }
+        };
+        tracing::warn!(%cell, node = %name, error = %why, "the home cell failed before any engine took the request; routing in this cell");
+        self.metrics.retries.with_label_values(&["cell_home"]).inc();
+        None
+    }
+
+    /// Asks `name` at `addr` where the request of `head` should go.
+    async fn ask_placement(
+        &self,
+        mesh: &Mesh,
+        name: &str,
+        addr: SocketAddr,
+        head: &RequestHead,
+        model: &str,
+    ) -> Result<Placement, Unplaced> {
+        let query = RequestHead { place: Some(PlaceQuery { model: model.to_owned() }), ..head.clone() };
+        let io = mesh.endpoint.io_timeout();
+        let (rhead, recv) = match mesh.endpoint.request(addr, &query, &[], io).await {
+            Ok(r) => r,
+            Err(e) => {
+                mesh.suspect(name);
+                return Err(Unplaced::Failed(format!("placement: {e}")));
+            }
+        };
+        let answer = read_limited(quic_body(recv), io, MAX_PLACEMENT).await;
+        match (rhead.status, answer) {
+            (200, Ok(bytes)) => serde_json::from_slice(&bytes).map_err(|e| {
+                tracing::debug!(node = %name, error = %e, "unreadable placement; relaying the request whole");
+                Unplaced::Relay
+            }),
+            (status, answer) if rhead.retryable => {
+                let text = answer.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+                Err(Unplaced::Failed(format!("placement refused ({status}): {}", text.trim())))
+            }
+            (status, _) => {
+                tracing::debug!(node = %name, status, "no placement; relaying the request whole");
+                Err(Unplaced::Relay)
+            }
+        }
+    }
+
+    /// Answers a peer's placement query: where in this cell the prompt should go. Nothing runs
+    /// here, so every refusal is retryable.
+    pub(super) async fn serve_placement(self: Arc<Self>, req: IncomingRequest) {
+        let answer = match &req.head.place {
+            _ if self.is_draining() => {
+                Err(ApiError::unavailable(format!("Node {} is draining.", self.node_name)).with_code("draining"))
+            }
+            Some(q) => self.place(&q.model, req.head.prompt.as_ref()),
+            None => Err(ApiError::invalid("not a placement query", None)),
+        };
+        let (status, body) = match answer
+            .and_then(|p| serde_json::to_vec(&p).map_err(|e| ApiError::internal(format!("placement answer: {e}"))))
+        {
+            Ok(body) => (StatusCode::OK, body),
+            Err(e) => {
+                tracing::info!(origin = %req.head.origin, status = e.status.as_u16(), error = %e.message, "placement refused");
+                (e.status, e.to_json().into_bytes())
+            }
+        };
+        let head = ResponseHead {
+            status: status.as_u16(),
+            content_type: "application/json".into(),
+            served_by: self.node_name.clone(),
+            retryable: status != StatusCode::OK,
+        };
+        let io = self.mesh().map(|m| m.endpoint.io_timeout()).unwrap_or(std::time::Duration::from_secs(5));
+        if let Err(e) = respond(req.respond, &head, Body::from(body).into_data_stream(), io).await {
+            tracing::debug!(peer = %req.peer, error = %e, "peer stopped reading the placement");
+        }
+    }
+
+    /// Picks an engine in this cell for a prompt known by its block keys, as for a request
+    /// relayed here, and counts a peer's engine it picked as in flight for the lease.
+    fn place(&self, model: &str, digest: Option<&PromptDigest>) -> Result<Placement, ApiError> {
+        let digest =
+            digest.ok_or_else(|| ApiError::invalid("A placement query needs the prompt's block keys.", None))?;
+        let keys = digest.keys().map_err(|e| ApiError::invalid(e.to_string(), None))?;
+        let prompt =
+            PromptKeys { tokens: digest.tokens as usize, given: Some((digest.block_size, keys)), ..Default::default() };
+        // Keys only need the seed to be recomputed at another block size, which given keys
+        // cannot be: engines of another block size see no prefix, as for a relayed digest.
+        let seed = blocks::chain_seed(model, None, None);
+        let (target, route, split) = self.pick(model, &prompt, seed, Scope::Cell, &[], true)?;
+        self.metrics.route_decisions.with_label_values(&["cell_place"]).inc();
+        if split.is_some() {
+            return Ok(Placement::Relay);
+        }
+        self.remember_route(&target, &prompt, seed);
+        Ok(match target {
+            Target::Local(e) => Placement::Engine {
+                node: self.node_name.clone(),
+                addr: None,
+                engine: e.name.clone(),
+                route: route.header,
+            },
+            Target::Remote(r) => {
+                let now = self.engines.now_ms();
+                if let Ok(mut m) = self.placements.lock() {
+                    m.entry(r.key()).or_default().record(now);
+                    // Peers that left would keep their (empty) entries: sweep now and then.
+                    if m.len() > 64 && rand::random::<u8>() < 4 {
+                        let lease = self.cells.placement_lease_ms;
+                        m.retain(|_, p| p.live(now, lease) > 0);
+                    }
+                }
+                Placement::Engine { node: r.node_id, addr: Some(r.addr), engine: r.engine.name, route: route.header }
+            }
+        })
+    }
+
+    /// Requests this node placed on a peer's engine (`RemoteEngine::key`) within the lease.
+    pub(super) fn placed_now(&self, key: &str) -> u32 {
+        let now = self.engines.now_ms();
+        let lease = self.cells.placement_lease_ms;
+        self.placements.lock().ok().and_then(|mut m| m.get_mut(key).map(|p| p.live(now, lease))).unwrap_or(0)
+    }
+}
+
+/// A peer's engine known only by name and address, from a placement or a cells table.
+fn placed_engine(node: String, addr: SocketAddr, engine: String, model: &str, block_size: u32) -> RemoteEngine {
+    RemoteEngine {
+        node_id: node,
+        generation: 0,
+        addr,
+        engine: kvmesh_gossip::EngineLoad {
+            name: engine,
+            models: vec![model.to_owned()],
+            healthy: true,
+            role: Default::default(),
+            running: 0,
+            waiting: 0,
+            kv_usage: 0.0,
+            tokens_per_s: 0.0,
+            block_size: Some(block_size),
+        },
+        node_engines: 1,
+        summary: Vec::new(),
+        summary_stride: 1,
+    }
+}
