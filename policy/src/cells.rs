@@ -223,6 +223,18 @@ mod tests {
     }
 
     #[test]
+    fn placements_count_while_their_lease_runs() {
+        let mut p = Placements::default();
+        p.record(1_000);
+        p.record(1_400);
+        assert_eq!(p.live(1_500, 1_000), 2);
+        assert_eq!(p.live(2_000, 1_000), 1, "the first one's lease ended at 2,000 ms");
+        assert_eq!(p.live(2_400, 1_000), 0);
+        p.record(3_000);
+        assert_eq!(p.live(3_000, 0), 0, "a lease of 0 counts nothing");
+    }
+
+    #[test]
     fn cells_without_engines_are_never_home() {
         let names = ["edge".to_string(), "gpu".to_string()];
         let t = vec![

@@ -195,7 +195,7 @@ impl Default for Gossip {
 /// of its own. `gateways` nodes per cell are also on the backbone, where the first of them
 /// publishes the cell's aggregate load every `backbone_interval_ms` (also the backbone's gossip
 /// round); gateways republish the table into their cells. A request whose home is another cell
-/// goes, with its block keys, to the prompt's home node there, which routes it within its cell.
+/// is placed by the prompt's home node there, which routes it within its cell (`place`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Cells {
@@ -292,7 +292,8 @@ pub struct Row {
     pub cells: usize,
     /// With cells: gossip of a gateway node (its cell's, the cells table and the backbone's).
     pub gateway_kb_s: Option<f64>,
-    /// With cells: the share of requests sent on to a home node in another cell.
+    /// With cells: the share of requests whose home is another cell (placed by its home node,
+    /// or relayed to it with `place = false`).
     pub relayed: f64,
     /// Requests received at edge nodes, by site (its RTT to the cluster, ms).
     pub edge: Vec<(f64, EdgeStats)>,
