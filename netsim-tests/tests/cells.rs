@@ -81,13 +81,16 @@ async fn each_cell_gossips_alone_and_prompts_are_served_in_their_home_cell() {
     }
 
     let client = reqwest::Client::new();
-    let url = |i: usize| format!("http://{}", c.node(i).http_addr);
+    let urls: Vec<String> = (0..4).map(|i| format!("http://{}", c.node(i).http_addr)).collect();
+    let url = |i: usize| urls[i].clone();
     let placed = r#"kvmesh_route_decisions_total{reason="cell_place""#;
     let placed_before = counter(&client, &url(0), placed).await
         + counter(&client, &url(1), placed).await
         + counter(&client, &url(2), placed).await
         + counter(&client, &url(3), placed).await;
     let (mut here, mut there) = (0, 0);
+    // Prompts of cell b whose home node is b1, as a1 sees them.
+    let mut homed_at_b1 = Vec::new();
     for i in 0..24 {
         // Sent to a plain member of cell a, then to one of cell b: the same home either way.
         let (by_a, route_a) = serve(&client, &url(1), &prompt(i)).await;
@@ -104,6 +107,9 @@ async fn each_cell_gossips_alone_and_prompts_are_served_in_their_home_cell() {
         assert!(home.starts_with(cell_a), "{away}");
         assert_eq!(field(away, "engine"), Some(served.as_str()), "placed engine serves: {away}");
         assert!(!home_route.contains("cell_home"), "served at home without the home cell's detour: {home_route}");
+        if cell_a == "b" && home == "b1" {
+            homed_at_b1.push(i);
+        }
         if cell_a == "a" {
             here += 1;
         } else {
@@ -142,6 +148,23 @@ async fn each_cell_gossips_alone_and_prompts_are_served_in_their_home_cell() {
             assert!(node.starts_with('b') && !engine.is_empty(), "placed in cell b: {node}/{engine}")
         }
         Placement::Relay => panic!("no P/D engines here, so no split"),
+    }
+
+    // b1, home node of some prompts, dies without a word. Each of them is still served: the
+    // first placement asked of b1 fails (its dial times out after 2 s, the endpoint's connect
+    // timeout) and that request is routed in cell a; from then on a1 suspects b1 and asks
+    // b1's successor in rendezvous order, b0 (measured: 2.0 s, then 4-5 ms each).
+    assert!(!homed_at_b1.is_empty(), "rendezvous over 2 members left b1 no prompt of 15");
+    c.kill(3).await;
+    let t = Instant::now();
+    let mut routes = Vec::new();
+    for &i in &homed_at_b1 {
+        routes.push(serve(&client, &url(1), &prompt(i)).await.1);
+    }
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?} for {} prompts", t.elapsed(), routes.len());
+    assert!(routes.iter().all(|r| field(r, "home") != Some("b1")), "placed by a dead node: {routes:?}");
+    if routes.len() > 1 {
+        assert!(routes[1..].iter().any(|r| field(r, "home") == Some("b0")), "b0 took over: {routes:?}");
     }
     c.shutdown().await;
 }

@@ -267,6 +267,12 @@ impl Mesh {
         }
     }
 
+    /// Whether `node_id` failed a request within the last `peer_suspect_ms`.
+    pub fn is_suspect(&self, node_id: &str) -> bool {
+        let now = Instant::now();
+        self.suspects.lock().ok().and_then(|s| s.get(node_id).map(|until| *until > now)).unwrap_or(false)
+    }
+
     /// Leaves gossip: peers drop this node within a few rounds. The endpoint stays open so
     /// forwarded streams can finish; `close` ends it.
     pub async fn leave(&self) {

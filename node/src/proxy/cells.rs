@@ -17,7 +17,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::http::StatusCode;
@@ -33,6 +33,11 @@ use kvmesh_transport::{IncomingRequest, PlaceQuery, Placement, PromptDigest, Req
 use super::{quic_body, read_limited, PromptKeys, Retry, Route, Scope, Target};
 use crate::mesh::{Mesh, RemoteEngine};
 use crate::proxy::Pipeline;
+
+/// Longest wait for a placement's answer once the query is sent. A home node answers from
+/// memory, without waiting on an engine, so a slower answer means it is overloaded or gone:
+/// the request is better routed in this cell than held longer.
+const PLACEMENT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// What came of asking a home node for a placement, when it gave none.
 enum Unplaced {
@@ -83,7 +88,11 @@ impl Pipeline {
             return None;
         }
         let cell = home.report.name.as_str();
-        let (name, addr) = cells::member(key, home.members.iter().map(|(n, a)| ((n, *a), n.as_str())))?;
+        // A home node that just failed is skipped until its suspicion ends: every origin that
+        // saw it fail moves that prompt to the same next member (rendezvous order), and gossip
+        // drops it from the table if it is dead.
+        let members = home.members.iter().filter(|(n, _)| !mesh.is_suspect(n));
+        let (name, addr) = cells::member(key, members.map(|(n, a)| ((n, *a), n.as_str())))?;
         let digest = PromptDigest::new(prompt.tokens as u32, bs, keys)?;
         let span = tracing::Span::current();
         span.record("peer", name.as_str());
@@ -148,7 +157,7 @@ impl Pipeline {
     ) -> Result<Placement, Unplaced> {
         let query = RequestHead { place: Some(PlaceQuery { model: model.to_owned() }), ..head.clone() };
         let io = mesh.endpoint.io_timeout();
-        let (rhead, recv) = match mesh.endpoint.request(addr, &query, &[], io).await {
+        let (rhead, recv) = match mesh.endpoint.request(addr, &query, &[], PLACEMENT_TIMEOUT.min(io)).await {
             Ok(r) => r,
             Err(e) => {
                 mesh.suspect(name);
