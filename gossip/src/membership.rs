@@ -202,6 +202,11 @@ impl Membership {
         &self.self_id.node_id
     }
 
+    /// The gossip round this membership runs at.
+    pub fn gossip_interval(&self) -> Duration {
+        self.gossip_interval
+    }
+
     pub fn generation(&self) -> u64 {
         self.self_id.generation_id
     }

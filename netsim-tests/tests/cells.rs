@@ -168,3 +168,99 @@ async fn each_cell_gossips_alone_and_prompts_are_served_in_their_home_cell() {
     }
     c.shutdown().await;
 }
+
+/// Polls `done` every 50 ms until it holds; panics with `what()` after `limit`.
+async fn until(limit: Duration, mut done: impl FnMut() -> bool, what: impl Fn() -> String) -> Duration {
+    let t = Instant::now();
+    while !done() {
+        assert!(t.elapsed() < limit, "after {limit:?}: {}", what());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn elected_gateways_follow_their_cells_members() {
+    let mut c = Cluster::new("cells-elect");
+    // No gateway set by hand: each cell elects one, its smallest node id. Every node carries
+    // backbone seeds; the first node's point to nothing yet (it is alone on the backbone until
+    // cell b's gateway joins through it).
+    let node = |c: &Cluster, name: &str, seeds: Vec<String>, backbone: Vec<String>| {
+        let mut cfg = c.config(name);
+        cfg.cells.name = Some(name[..1].into());
+        cfg.cells.elected_gateways = 1;
+        cfg.cells.backbone_interval_ms = 200;
+        cfg.cells.backbone_seeds = backbone;
+        if !seeds.is_empty() {
+            cfg.seeds = seeds;
+        }
+        cfg
+    };
+    let cfg = node(&c, "a0", vec![], vec!["127.0.0.1:9".into()]);
+    let a0 = c.start(cfg).await;
+    let a0_addr = c.node(a0).mesh.as_ref().expect("mesh").advertise.to_string();
+    for name in ["a1", "a2"] {
+        let cfg = node(&c, name, vec![], vec![a0_addr.clone()]);
+        c.start(cfg).await;
+    }
+    let cfg = node(&c, "b0", vec!["127.0.0.1:9".into()], vec![a0_addr.clone()]);
+    let b0 = c.start(cfg).await;
+    let b0_addr = c.node(b0).mesh.as_ref().expect("mesh").advertise.to_string();
+    for name in ["b1", "b2"] {
+        let cfg = node(&c, name, vec![b0_addr.clone()], vec![a0_addr.clone()]);
+        c.start(cfg).await;
+    }
+    let gateways = |c: &Cluster| -> Vec<String> {
+        c.live().filter(|n| n.mesh.as_ref().is_some_and(|m| m.is_gateway())).map(|n| n.node_name.clone()).collect()
+    };
+    // Every live node's table lists both cells with the given members of cell b.
+    let tables_show = |c: &Cluster, b_members: &[&str]| {
+        c.live().all(|n| {
+            let t = n.mesh.as_ref().map(|m| m.cells()).unwrap_or_default();
+            t.len() == 2
+                && t.iter().any(|cell| {
+                    cell.report.name == "b"
+                        && cell.members.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>() == b_members
+                })
+        })
+    };
+    let state = |c: &Cluster| format!("gateways {:?}, views {:?}", gateways(c), c.views());
+    until(
+        Duration::from_secs(15),
+        || gateways(&c) == ["a0", "b0"] && tables_show(&c, &["b0", "b1", "b2"]),
+        || state(&c),
+    )
+    .await;
+
+    // b0, cell b's gateway, dies: b1 is elected, joins the backbone (through a0), and cell a's
+    // tables follow: cell b without b0.
+    let killed = Instant::now();
+    c.kill(b0).await;
+    until(Duration::from_secs(15), || gateways(&c) == ["a0", "b1"] && tables_show(&c, &["b1", "b2"]), || state(&c))
+        .await;
+    let took = killed.elapsed();
+    eprintln!("b1 took over as cell b's gateway, and every table showed it, {took:?} after b0 died");
+    // A prompt homed in cell b, sent to cell a, is still served there.
+    let client = reqwest::Client::new();
+    let url = format!("http://{}", c.node(1).http_addr);
+    let mut served_in_b = 0;
+    for i in 0..12 {
+        let (by, route) = serve(&client, &url, &prompt(i)).await;
+        if route.contains("cell=b") {
+            assert!(by.starts_with('b'), "{by}: {route}");
+            served_in_b += 1;
+        }
+    }
+    assert!(served_in_b > 0, "no prompt of 12 homed in cell b");
+
+    // b0 comes back (a new process): elected again, and b1 steps down from the backbone.
+    let cfg = node(&c, "b0", vec![c.node(4).mesh.as_ref().expect("mesh").advertise.to_string()], vec![a0_addr]);
+    c.restart(b0, cfg).await;
+    until(
+        Duration::from_secs(15),
+        || gateways(&c) == ["a0", "b0"] && tables_show(&c, &["b0", "b1", "b2"]),
+        || state(&c),
+    )
+    .await;
+    c.shutdown().await;
+}

@@ -80,7 +80,15 @@ pub async fn gateway(
     let mut published: HashSet<String> = HashSet::new();
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = cancel.cancelled() => {
+                // Stepping down (or shutting down): withdraw the copies this node republished,
+                // or they would outlive its term in the cell's tables.
+                for name in &published {
+                    membership.delete_cell_key(&cell_key(name)).await;
+                    membership.delete_cell_key(&cell_members_key(name)).await;
+                }
+                break;
+            }
             _ = tick.tick() => {}
         }
         let (report, members) = own(&cell, &membership.peers());
@@ -107,6 +115,43 @@ pub async fn gateway(
             membership.delete_cell_key(&cell_members_key(gone)).await;
         }
         published = cells.into_keys().collect();
+    }
+}
+
+/// The nodes a cell elects as gateways from a member's view: the `n` smallest node ids among
+/// its live members (`is_self` included). Every member with the same view agrees; while views
+/// differ (a join, a death) two nodes may both serve for a round, which costs a duplicate
+/// copy, not a wrong table (`table` keeps one copy per cell).
+pub fn elected(peers: &[Peer], n: usize) -> Vec<&str> {
+    let mut ids: Vec<&str> = peers.iter().map(|p| p.node_id.as_str()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids.truncate(n);
+    ids
+}
+
+/// Elected gateways (`[cells] elected_gateways`): every backbone round, this node joins the
+/// backbone when its cell's view elects it and leaves when it no longer does, so a cell keeps
+/// its gateways when they die, drain or are replaced, with nothing to reconfigure.
+pub async fn elect(mesh: Arc<crate::mesh::Mesh>, cancel: CancellationToken, tasks: tokio_util::task::TaskTracker) {
+    let n = mesh.elected_gateways();
+    let me = mesh.membership.node_id().to_owned();
+    let mut tick = tokio::time::interval(mesh.membership.gossip_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let peers = mesh.membership.peers();
+        let mine = elected(&peers, n).contains(&me.as_str());
+        if mine && !mesh.is_gateway() {
+            if let Err(e) = mesh.join_backbone(&cancel, &tasks).await {
+                tracing::warn!(error = %e, "elected gateway, but could not join the cells backbone");
+            }
+        } else if !mine && mesh.is_gateway() {
+            mesh.leave_backbone().await;
+        }
     }
 }
 
@@ -148,6 +193,15 @@ mod tests {
             cell_keys,
             is_self: false,
         }
+    }
+
+    #[test]
+    fn a_cell_elects_its_smallest_node_ids() {
+        let peers =
+            [peer("n3", &[], vec![]), peer("n1", &[], vec![]), peer("edge", &[], vec![]), peer("n2", &[], vec![])];
+        assert_eq!(elected(&peers, 2), ["edge", "n1"]);
+        assert_eq!(elected(&peers[..1], 2), ["n3"], "a cell of one elects it");
+        assert!(elected(&peers, 0).is_empty());
     }
 
     #[test]

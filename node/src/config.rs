@@ -253,8 +253,13 @@ pub struct CellsConfig {
     pub name: Option<String>,
     /// Whether this node is one of its cell's gateways (two per cell is the design).
     pub gateway: bool,
-    /// `host:port` QUIC addresses of gateways in other cells (gateways only).
+    /// `host:port` QUIC addresses of gateways in other cells (gateways only, or every node
+    /// with `elected_gateways`).
     pub backbone_seeds: Vec<String>,
+    /// Elect this many gateways per cell instead of setting `gateway` by hand: the live members
+    /// with the smallest node ids, re-elected as members come and go (`node::cells::elect`).
+    /// 0: gateways are set in config.
+    pub elected_gateways: usize,
     /// Backbone gossip round, and how often a gateway republishes the cells table.
     pub backbone_interval_ms: u64,
     /// Home-cell choice: affinity depth and load slack.
@@ -267,6 +272,7 @@ impl Default for CellsConfig {
             name: None,
             gateway: false,
             backbone_seeds: Vec::new(),
+            elected_gateways: 0,
             backbone_interval_ms: 2_000,
             routing: Default::default(),
         }
@@ -660,8 +666,24 @@ impl Config {
         if c.backbone_interval_ms < 100 {
             return bad("backbone_interval_ms must be at least 100".into());
         }
-        if !c.gateway && !c.backbone_seeds.is_empty() {
-            return bad("backbone_seeds are for gateways: set gateway = true or remove them".into());
+        if c.elected_gateways > 0 {
+            if c.gateway {
+                return bad(
+                    "gateway = true and elected_gateways both set: choose gateways by hand or elect them".into()
+                );
+            }
+            if c.elected_gateways > 8 {
+                return bad(format!("elected_gateways = {}: 2 per cell is the design, 8 at most", c.elected_gateways));
+            }
+            if c.backbone_seeds.is_empty() {
+                return bad("elected_gateways needs backbone_seeds on every node: a few nodes of other cells (their \
+                            smallest names, which those cells elect), so that whichever node is elected can join"
+                    .into());
+            }
+        } else if !c.gateway && !c.backbone_seeds.is_empty() {
+            return bad(
+                "backbone_seeds are for gateways: set gateway = true (or elected_gateways) or remove them".into()
+            );
         }
         c.routing.validate().map_err(NodeError::Config)
     }
@@ -833,6 +855,13 @@ mod tests {
         assert!(err("[cells]\nname = \"a b\"\n").contains("letters, digits"));
         assert!(err("[cells]\nname = \"a\"\nbackbone_seeds = [\"x:1\"]\n").contains("for gateways"));
         assert!(err("[cells]\nname = \"a\"\n[cells.routing]\nload_slack = 0\n").contains("load_slack"));
+        assert!(err("[cells]\nname = \"a\"\nelected_gateways = 2\n").contains("needs backbone_seeds"));
+        assert!(err("[cells]\nname = \"a\"\ngateway = true\nelected_gateways = 2\nbackbone_seeds = [\"x:1\"]\n")
+            .contains("choose gateways"));
+        let elected: Config =
+            toml::from_str("[cells]\nname = \"a\"\nelected_gateways = 2\nbackbone_seeds = [\"10.0.1.1:7946\"]\n")
+                .expect("toml");
+        elected.validate().expect("elected gateways with seeds");
         let args = ServeArgs { cell: Some("z".into()), cell_gateway: true, ..Default::default() };
         let cfg = Config::load(&args).unwrap();
         assert_eq!((cfg.cells.name.as_deref(), cfg.cells.gateway), (Some("z"), true));

@@ -47,9 +47,12 @@ type CachedShard = (u64, Option<Arc<BloomShard>>);
 pub struct Mesh {
     pub endpoint: Arc<MeshEndpoint>,
     pub membership: Arc<Membership>,
-    /// With cells: this node's cell, and the backbone membership when it is a gateway.
+    /// With cells: this node's cell.
     pub cell: Option<String>,
-    pub backbone: Option<Arc<Membership>>,
+    /// With cells: the backbone membership while this node is a gateway (`node::cells`).
+    backbone: Mutex<Option<Backbone>>,
+    /// How to join the backbone, kept for an elected gateway that joins later.
+    backbone_cfg: Option<BackboneJoin>,
     pub advertise: SocketAddr,
     /// Decoded peer summary shards by (node, generation, shard), re-decoded only when their
     /// gossip version changes.
@@ -60,6 +63,22 @@ pub struct Mesh {
     cells_table: Mutex<Option<CellsTable>>,
     in_flight: Mutex<HashMap<String, Arc<AtomicU32>>>,
     suspect_for: Duration,
+}
+
+/// This node's seat on the cells backbone: the membership, and the token that stops it and
+/// the gateway loop.
+struct Backbone {
+    membership: Arc<Membership>,
+    stop: CancellationToken,
+}
+
+/// What joining the backbone takes.
+struct BackboneJoin {
+    gossip: GossipConfig,
+    meta: NodeMeta,
+    interval: Duration,
+    /// Gateways per cell when elected (0: set in config).
+    elected: usize,
 }
 
 impl Mesh {
@@ -111,30 +130,29 @@ impl Mesh {
         let membership = Membership::start(gcfg, endpoint.clone(), inbox, &meta, cancel, tasks)
             .await
             .map_err(|e| NodeError::Mesh(e.to_string()))?;
-        let backbone = match (&cell, cfg.cells.gateway) {
-            (Some(_), true) => {
-                let inbox = endpoint.gossip_channel(1).map_err(|e| NodeError::Mesh(e.to_string()))?;
-                let mut b = GossipConfig::new(
-                    &cfg.node_name,
-                    &format!("{}/backbone", cfg.cluster_id),
-                    advertise,
-                    cfg.cells.backbone_seeds.clone(),
-                );
-                b.gossip_interval = Config::ms(cfg.cells.backbone_interval_ms);
-                b.phi_threshold = cfg.phi_threshold;
-                b.channel = 1;
-                let m = Membership::start(b, endpoint.clone(), inbox, &meta, cancel, tasks)
-                    .await
-                    .map_err(|e| NodeError::Mesh(format!("cells backbone: {e}")))?;
-                Some(m)
+        let backbone_cfg = cell.as_ref().map(|_| {
+            let mut b = GossipConfig::new(
+                &cfg.node_name,
+                &format!("{}/backbone", cfg.cluster_id),
+                advertise,
+                cfg.cells.backbone_seeds.clone(),
+            );
+            b.gossip_interval = Config::ms(cfg.cells.backbone_interval_ms);
+            b.phi_threshold = cfg.phi_threshold;
+            b.channel = 1;
+            BackboneJoin {
+                gossip: b,
+                meta: meta.clone(),
+                interval: Config::ms(cfg.cells.backbone_interval_ms),
+                elected: cfg.cells.elected_gateways,
             }
-            _ => None,
-        };
+        });
         let mesh = Arc::new(Self {
             endpoint,
             membership,
             cell: cell.clone(),
-            backbone: backbone.clone(),
+            backbone: Mutex::new(None),
+            backbone_cfg,
             advertise,
             summaries: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
@@ -156,16 +174,78 @@ impl Mesh {
             cfg.summary_stride,
             cancel.clone(),
         ));
-        if let (Some(cell), Some(backbone)) = (cell, backbone) {
-            tasks.spawn(crate::cells::gateway(
-                cell,
-                mesh.membership.clone(),
-                backbone,
-                Config::ms(cfg.cells.backbone_interval_ms),
-                cancel.clone(),
-            ));
+        if cell.is_some() && cfg.cells.gateway {
+            mesh.join_backbone(cancel, tasks).await?;
+        } else if cell.is_some() && cfg.cells.elected_gateways > 0 {
+            tasks.spawn(crate::cells::elect(mesh.clone(), cancel.clone(), tasks.clone()));
         }
         Ok(mesh)
+    }
+
+    /// Whether this node is one of its cell's gateways now.
+    pub fn is_gateway(&self) -> bool {
+        self.backbone.lock().map(|b| b.is_some()).unwrap_or(false)
+    }
+
+    /// Gateways per cell when they are elected (0: set in config, or no cells).
+    pub fn elected_gateways(&self) -> usize {
+        self.backbone_cfg.as_ref().map_or(0, |b| b.elected)
+    }
+
+    /// Joins the cells backbone and starts the gateway loop (`node::cells::gateway`); nothing
+    /// when already on it or without cells. Besides the configured seeds, an elected gateway
+    /// tries the nodes the cells table says other cells elect (their first members by name).
+    pub async fn join_backbone(
+        self: &Arc<Self>,
+        cancel: &CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Result<(), NodeError> {
+        let (Some(join), Some(cell)) = (&self.backbone_cfg, &self.cell) else { return Ok(()) };
+        if self.is_gateway() {
+            return Ok(());
+        }
+        let mut gossip = join.gossip.clone();
+        if join.elected > 0 {
+            for c in self.cells().iter().filter(|c| &c.report.name != cell) {
+                let mut members: Vec<&(String, SocketAddr)> = c.members.iter().collect();
+                members.sort();
+                gossip.seeds.extend(members.iter().take(join.elected).map(|(_, a)| a.to_string()));
+            }
+            gossip.seeds.sort();
+            gossip.seeds.dedup();
+        }
+        let inbox = self.endpoint.gossip_channel(1).map_err(|e| NodeError::Mesh(e.to_string()))?;
+        let stop = cancel.child_token();
+        let membership = match Membership::start(gossip, self.endpoint.clone(), inbox, &join.meta, &stop, tasks).await {
+            Ok(m) => m,
+            Err(e) => {
+                self.endpoint.close_gossip_channel(1);
+                return Err(NodeError::Mesh(format!("cells backbone: {e}")));
+            }
+        };
+        tasks.spawn(crate::cells::gateway(
+            cell.clone(),
+            self.membership.clone(),
+            membership.clone(),
+            join.interval,
+            stop.clone(),
+        ));
+        if let Ok(mut b) = self.backbone.lock() {
+            *b = Some(Backbone { membership, stop });
+        }
+        tracing::info!(%cell, "joined the cells backbone as a gateway");
+        Ok(())
+    }
+
+    /// Leaves the backbone (an elected gateway that is no longer elected): says goodbye there,
+    /// stops the gateway loop, which withdraws the cells table it republished, and frees the
+    /// gossip channel for a later term.
+    pub async fn leave_backbone(&self) {
+        let Some(b) = self.backbone.lock().ok().and_then(|mut b| b.take()) else { return };
+        b.membership.leave().await;
+        b.stop.cancel();
+        self.endpoint.close_gossip_channel(1);
+        tracing::info!(cell = ?self.cell, "left the cells backbone");
     }
 
     /// The cells table as this node's cell gossips it (empty without cells, or before a
@@ -276,7 +356,8 @@ impl Mesh {
     /// Leaves gossip: peers drop this node within a few rounds. The endpoint stays open so
     /// forwarded streams can finish; `close` ends it.
     pub async fn leave(&self) {
-        match &self.backbone {
+        let backbone = self.backbone.lock().ok().and_then(|b| b.as_ref().map(|b| b.membership.clone()));
+        match backbone {
             Some(b) => tokio::join!(self.membership.leave(), b.leave()).0,
             None => self.membership.leave().await,
         }

@@ -390,6 +390,14 @@ impl MeshEndpoint {
         Ok(rx)
     }
 
+    /// Closes gossip channel `channel` (its frames are dropped from now on), so that it can be
+    /// opened again: a node leaves the cells backbone and may join it later.
+    pub fn close_gossip_channel(&self, channel: u8) {
+        if let Ok(mut map) = self.gossip_tx.lock() {
+            map.remove(&channel);
+        }
+    }
+
     /// Sends one gossip message in the background; gossip tolerates loss, so failures are
     /// only logged and the caller never waits on a slow or dead peer.
     pub fn send_gossip(self: &Arc<Self>, to: SocketAddr, advertise: SocketAddr, payload: Vec<u8>) {
