@@ -240,6 +240,15 @@ async fn elected_gateways_follow_their_cells_members() {
         .await;
     let took = killed.elapsed();
     eprintln!("b1 took over as cell b's gateway, and every table showed it, {took:?} after b0 died");
+    // The status API says so too.
+    let status: serde_json::Value = reqwest::get(format!("http://{}/v1/mesh/status", c.node(4).http_addr))
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!((&status["cells"]["cell"], &status["cells"]["gateway"]), (&json!("b"), &json!(true)), "{status}");
+    assert_eq!(status["cells"]["table"].as_array().map(Vec::len), Some(2), "{status}");
     // A prompt homed in cell b, sent to cell a, is still served there.
     let client = reqwest::Client::new();
     let url = format!("http://{}", c.node(1).http_addr);

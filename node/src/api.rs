@@ -220,12 +220,26 @@ async fn status(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response 
         .iter()
         .map(|m| json!({"model": m, "prefix_matching": if p.tokenizers().has(m) { "exact" } else { "approximate" }}))
         .collect();
+    // With cells: this node's cell, whether it is a gateway now (set or elected), and the
+    // cells table it routes with.
+    let cells = p.mesh().filter(|m| m.cell.is_some()).map(|m| {
+        let table: Vec<_> = m
+            .cells()
+            .iter()
+            .map(|c| {
+                let members: Vec<&str> = c.members.iter().map(|(n, _)| n.as_str()).collect();
+                json!({"name": c.report.name, "engines": c.report.engines, "load": c.report.load, "members": members})
+            })
+            .collect();
+        json!({"cell": m.cell, "gateway": m.is_gateway(), "table": table})
+    });
     Json(json!({
         "node": p.node_name,
         "draining": p.is_draining(),
         "open_requests": p.open_requests(),
         "mesh": p.mesh().is_some(),
         "peers": p.mesh().map(|m| m.peers().len()).unwrap_or(0),
+        "cells": cells,
         "engines": engines,
         "models": routing,
         "tokenizers": p.tokenizers().status(),
