@@ -27,3 +27,12 @@ fn example_guard_toml_is_valid() {
     let store = kvmesh_policy::auth::KeyStore::new(&entries).unwrap();
     assert_eq!(store.verify(Some("Bearer sk-example-acme")).unwrap().name, "acme");
 }
+
+#[test]
+fn example_cells_toml_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/cells.toml");
+    let cfg = Config::load(&ServeArgs { config: Some(path.into()), ..Default::default() }).unwrap();
+    assert_eq!((cfg.cells.name.as_deref(), cfg.cells.elected_gateways, cfg.cells.gateway), (Some("rack-a"), 2, false));
+    assert_eq!(cfg.cells.backbone_seeds.len(), 4);
+    assert_eq!(cfg.cells.routing, kvmesh_policy::cells::CellSettings::default());
+}

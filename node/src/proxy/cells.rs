@@ -170,6 +170,7 @@ impl Pipeline {
                 tracing::debug!(node = %name, error = %e, "unreadable placement; relaying the request whole");
                 Unplaced::Relay
             }),
+            (200, Err(e)) => Err(Unplaced::Failed(format!("placement cut short: {e}"))),
             (status, answer) if rhead.retryable => {
                 let text = answer.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
                 Err(Unplaced::Failed(format!("placement refused ({status}): {}", text.trim())))
