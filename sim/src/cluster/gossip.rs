@@ -65,6 +65,11 @@ impl GossipModel {
         self.interval_ms * self.rounds() * rng.random_range(0.75..1.25)
     }
 
+    /// The longest `delay_ms` draws.
+    pub fn max_delay_ms(&self) -> f64 {
+        self.interval_ms * self.rounds() * 1.25
+    }
+
     /// Digest bytes per node per second.
     pub fn digest_bytes_per_s(&self) -> f64 {
         DIGEST_BYTES_PER_MEMBER * self.nodes as f64 / (self.interval_ms / 1000.0)
@@ -84,6 +89,9 @@ mod tests {
             let modelled = (g.digest_bytes_per_s() + (n - 1) as f64 * 200.0) / 1000.0;
             assert!((modelled / measured - 1.0).abs() < 0.2, "{n} nodes: {modelled:.1} vs {measured}");
         }
+        let g = GossipModel { nodes: 126, interval_ms: 2_000.0, fanout: 3 };
+        let mut rng = <rand::rngs::SmallRng as rand::SeedableRng>::seed_from_u64(7);
+        assert!((0..1000).all(|_| g.delay_ms(&mut rng) <= g.max_delay_ms()), "max_delay_ms bounds every draw");
         let small = GossipModel { nodes: 10, interval_ms: 300.0, fanout: 3 }.rounds();
         let large = GossipModel { nodes: 1000, interval_ms: 300.0, fanout: 3 }.rounds();
         assert!((1.5..2.5).contains(&small) && large > small && large < 5.0, "{small} {large}");
