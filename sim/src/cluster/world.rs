@@ -478,7 +478,7 @@ impl<'a> World<'a> {
             // routers read the cells they have not heard from as idle, and the mean load as
             // lower than it is, so busy cells spill spuriously: a mesh that just started, not
             // the steady state measured here. Measure from then (at 1,000 nodes, 126 gateways
-            // with 2 s rounds: about 10 s in).
+            // with 2 s rounds: 10.6 s in).
             let first_reports = interval + self.backbone.max_delay_ms() + self.gossip.max_delay_ms();
             self.warmup = self.warmup.max(us(first_reports));
         }
