@@ -130,8 +130,8 @@ pub fn elected(peers: &[Peer], n: usize) -> Vec<&str> {
     ids
 }
 
-/// Elected gateways (`[cells] elected_gateways`): every backbone round, this node joins the
-/// backbone when its cell's view elects it and leaves when it no longer does, so a cell keeps
+/// Elected gateways (`[cells] elected_gateways`): every round of its cell's gossip, this node
+/// joins the backbone when its cell's view elects it and leaves when it no longer does, so a cell keeps
 /// its gateways when they die, drain or are replaced, with nothing to reconfigure.
 pub async fn elect(mesh: Arc<crate::mesh::Mesh>, cancel: CancellationToken, tasks: tokio_util::task::TaskTracker) {
     let n = mesh.elected_gateways();

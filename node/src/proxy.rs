@@ -281,9 +281,9 @@ impl Pipeline {
     }
 
     /// A request a peer forwarded: served by this node's engines, answered on the QUIC stream.
-    pub async fn serve_peer(self: Arc<Self>, req: IncomingRequest) {
-        if req.head.place.is_some() {
-            return self.serve_placement(req).await;
+    pub async fn serve_peer(self: Arc<Self>, mut req: IncomingRequest) {
+        if let Some(query) = req.head.place.take() {
+            return self.serve_placement(req, query).await;
         }
         self.peer_requests.fetch_add(1, Ordering::Relaxed);
         let _done = DecrementOnDrop(&self.peer_requests);
@@ -605,17 +605,18 @@ impl Pipeline {
                         (keys_for(bs), bs)
                     }
                 };
+                let key = r.key();
                 let routed = match self.remote_routed.lock() {
-                    Ok(m) => m.get(&r.key()).map(|h| h.matched_blocks(&keys, now)).unwrap_or(0),
+                    Ok(m) => m.get(&key).map(|h| h.matched_blocks(&keys, now)).unwrap_or(0),
                     Err(_) => 0,
                 };
                 let matched = kvmesh_policy::summary::matched_blocks(&r.summary, &keys, r.summary_stride).max(routed);
                 cands.push(Estimate {
-                    usable: r.engine.healthy && serves && !tried.contains(&r.key()),
+                    usable: r.engine.healthy && serves && !tried.contains(&key),
                     rtt_ms: rtt,
                     running: r.engine.running as f64,
                     waiting: r.engine.waiting as f64
-                        + unreported(mesh.in_flight_now(&r.key()) + self.placed_now(&r.key()), r.engine.running as f64),
+                        + unreported(mesh.in_flight_now(&key) + self.placed_now(&key), r.engine.running as f64),
                     kv_usage: r.engine.kv_usage as f64,
                     matched_blocks: matched,
                     block_size: bs,

@@ -172,6 +172,8 @@ impl Pipeline {
             }),
             (200, Err(e)) => Err(Unplaced::Failed(format!("placement cut short: {e}"))),
             (status, answer) if rhead.retryable => {
+                // Draining, or unable to place: skip it like a node that did not answer.
+                mesh.suspect(name);
                 let text = answer.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
                 Err(Unplaced::Failed(format!("placement refused ({status}): {}", text.trim())))
             }
@@ -184,13 +186,11 @@ impl Pipeline {
 
     /// Answers a peer's placement query: where in this cell the prompt should go. Nothing runs
     /// here, so every refusal is retryable.
-    pub(super) async fn serve_placement(self: Arc<Self>, req: IncomingRequest) {
-        let answer = match &req.head.place {
-            _ if self.is_draining() => {
-                Err(ApiError::unavailable(format!("Node {} is draining.", self.node_name)).with_code("draining"))
-            }
-            Some(q) => self.place(&q.model, req.head.prompt.as_ref()),
-            None => Err(ApiError::invalid("not a placement query", None)),
+    pub(super) async fn serve_placement(self: Arc<Self>, req: IncomingRequest, query: PlaceQuery) {
+        let answer = if self.is_draining() {
+            Err(ApiError::unavailable(format!("Node {} is draining.", self.node_name)).with_code("draining"))
+        } else {
+            self.place(&query.model, req.head.prompt.as_ref())
         };
         let (status, body) = match answer
             .and_then(|p| serde_json::to_vec(&p).map_err(|e| ApiError::internal(format!("placement answer: {e}"))))

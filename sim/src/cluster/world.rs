@@ -718,7 +718,10 @@ impl<'a> World<'a> {
             self.edge_decision(origin, engine, keys, prompt.len());
         }
         *self.nodes[origin].in_flight.entry(engine).or_default() += 1;
-        if origin != target && self.policy != Policy::Oracle {
+        // What an origin sends to another cell's engine, placed there by that cell's home
+        // node, it never routes itself: the node keeps no history of it, nor does this.
+        let own_cell = !self.cells_on || self.nodes[origin].cell == self.nodes[target].cell;
+        if origin != target && own_cell && self.policy != Policy::Oracle {
             let now_ms = self.now / 1000;
             let (ttl, max) = (self.cfg.route_history_ttl_s * 1000, self.cfg.route_history_max_keys);
             self.nodes[origin].routed.entry(engine).or_insert_with(|| RoutedKeys::new(ttl, max)).record(keys, now_ms);
