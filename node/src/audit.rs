@@ -112,12 +112,62 @@ pub enum OnFull {
     Drop,
 }
 
+/// What one guardrail hook decided: the `verdict` of an audit record's hook entry and the
+/// `kvmesh_guardrail_verdicts_total` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Allow,
+    Deny,
+    Rewrite,
+    /// A webhook asked to rewrite a streamed answer already sent: recorded, not applied.
+    RewriteTooLate,
+    /// The hook failed and is configured to let the request through.
+    ErrorOpen,
+    /// The hook failed and is configured to block.
+    ErrorClosed,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::Rewrite => "rewrite",
+            Verdict::RewriteTooLate => "rewrite_too_late",
+            Verdict::ErrorOpen => "error_open",
+            Verdict::ErrorClosed => "error_closed",
+        }
+    }
+
+    /// Whether the request (or answer) stops here.
+    pub fn blocks(self) -> bool {
+        matches!(self, Verdict::Deny | Verdict::ErrorClosed)
+    }
+}
+
+/// What happened to one request, as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    #[default]
+    Ok,
+    /// Refused (auth, limits, guardrails, no engine) or answered with an error.
+    Rejected,
+    /// A stream cut by a guardrail.
+    GuardrailStopped,
+    /// The answer failed mid-way.
+    StreamError,
+    /// The client left before the answer ended.
+    ClientGone,
+}
+
 /// One hook's verdict on one request, as recorded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HookVerdict {
     pub hook: String,
     pub stage: String,
-    pub verdict: String,
+    pub verdict: Verdict,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
@@ -134,9 +184,7 @@ pub struct AuditRecord {
     pub endpoint: String,
     pub stream: bool,
     pub status: u16,
-    /// `ok`, `rejected`, `guardrail_stopped` (a stream cut by a rule), `stream_error`,
-    /// `client_gone`.
-    pub outcome: String,
+    pub outcome: Outcome,
     /// `node/engine` that answered, and the routing decision (`x-kvmesh-route`).
     pub served_by: Option<String>,
     pub route: Option<String>,
@@ -683,7 +731,7 @@ mod tests {
     }
 
     fn rec(i: usize) -> AuditRecord {
-        AuditRecord { request_id: format!("r{i}"), status: 200, outcome: "ok".into(), ..Default::default() }
+        AuditRecord { request_id: format!("r{i}"), status: 200, outcome: Outcome::Ok, ..Default::default() }
     }
 
     async fn write_n(cfg: &AuditConfig, n: usize) -> Arc<AuditLog> {

@@ -130,31 +130,6 @@ pub fn elected(peers: &[Peer], n: usize) -> Vec<&str> {
     ids
 }
 
-/// Elected gateways (`[cells] elected_gateways`): every round of its cell's gossip, this node
-/// joins the backbone when its cell's view elects it and leaves when it no longer does, so a cell keeps
-/// its gateways when they die, drain or are replaced, with nothing to reconfigure.
-pub async fn elect(mesh: Arc<crate::mesh::Mesh>, cancel: CancellationToken, tasks: tokio_util::task::TaskTracker) {
-    let n = mesh.elected_gateways();
-    let me = mesh.membership.node_id().to_owned();
-    let mut tick = tokio::time::interval(mesh.membership.gossip_interval());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        let peers = mesh.membership.peers();
-        let mine = elected(&peers, n).contains(&me.as_str());
-        if mine && !mesh.is_gateway() {
-            if let Err(e) = mesh.join_backbone(&cancel, &tasks).await {
-                tracing::warn!(error = %e, "elected gateway, but could not join the cells backbone");
-            }
-        } else if !mine && mesh.is_gateway() {
-            mesh.leave_backbone().await;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

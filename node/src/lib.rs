@@ -5,27 +5,43 @@
 //! operators see, forwarding a request to an engine and streaming its answer back, and watching
 //! engines (health, `/metrics`, KV-cache events).
 //!
-//! Must not: decide policy itself (parsing, validation and engine choice live in `policy`), or
-//! speak anything to an engine that a real vLLM would not understand: requests reach the engine
-//! as the client's original bytes.
+//! Must not: decide policy itself (parsing, validation, candidate evidence and engine choice
+//! live in `policy`), or speak anything to an engine that a real vLLM would not understand:
+//! requests reach the engine as the client's original bytes (a guardrail rewrite and a
+//! prefill/decode split are the two stated exceptions).
+//!
+//! Layout, in the order a request meets it:
+//! - `api`: the HTTP routes; makes each request's `ctx::RequestCtx`. `api::admin` holds the
+//!   admin and mesh-debug routes behind one authorization layer.
+//! - `request`: the client request path as named stages, top to bottom
+//!   (admit → tokenize → limit → place → pick → forward → relay).
+//! - `guard`: admission and answer control (`auth`, `limits`, `hooks`, `admit`, `answer`,
+//!   `stream`, `tasks`). Never routes.
+//! - `tokens`: the tokenizer service (the tokenize stage).
+//! - `router`: engine choice and forwarding (`pick`, `forward`, `split`, `relay`, `cells`,
+//!   `peer`). Never admits.
+//! - `mesh`: the QUIC endpoint and gossip membership, what this node publishes, the cells
+//!   backbone, and `mesh::view`, the routing view of peers' engines rebuilt on every gossip
+//!   change.
+//! - `engine`: this node's engines (pollers, KV-event subscribers, exact indexes).
+//! - `cells`: the cells table and the gateway loop.
+//! - `audit`, `metrics`, `telemetry`, `reply` (errors as answers), `config`, `node` (start
+//!   and stop).
 
 pub mod api;
 pub mod audit;
-pub mod bench;
-pub mod bench_gossip;
-pub mod bench_routing;
-pub mod bench_tokenize;
 pub mod cells;
 pub mod config;
-pub mod demo;
+pub mod ctx;
 pub mod engine;
 pub mod error;
 pub mod guard;
 pub mod mesh;
 pub mod metrics;
 pub mod node;
-pub mod proxy;
-pub mod simulate;
+pub mod reply;
+pub mod request;
+pub mod router;
 pub mod telemetry;
 pub mod tokens;
 

@@ -1,17 +1,19 @@
 //! `kvmesh`: one binary per node. `serve` runs a node; `engine-sim` runs a stand-alone vLLM
 //! simulator; `bench` runs the benchmarks.
 
+mod cli;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use kvmesh_node::telemetry::OtlpExport;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use kvmesh_node::bench::{self, BenchCmd};
+use cli::bench::{self, BenchCmd};
 use std::path::PathBuf;
 
+use cli::demo::DemoArgs;
 use kvmesh_node::config::{Config, LogFormat, ServeArgs};
-use kvmesh_node::demo::DemoArgs;
 use kvmesh_node::Node;
 use kvmesh_sim::server::EngineSimArgs;
 use kvmesh_sim::EngineSim;
@@ -59,7 +61,7 @@ enum Cmd {
     Demo(DemoArgs),
     /// Simulate a cluster of any size in virtual time: the engine simulator's model, the real
     /// routing code, modelled gossip delay; figures as `bench routing` reports them.
-    Simulate(kvmesh_node::simulate::SimulateArgs),
+    Simulate(cli::simulate::SimulateArgs),
     /// Check the audit trail's hash chain.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -414,7 +416,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Simulate(args) => {
             init_tracing(LogFormat::Text);
-            kvmesh_node::simulate::run(args)?;
+            cli::simulate::run(args)?;
         }
         Cmd::Bench(cmd) => {
             init_tracing(LogFormat::Text);
@@ -440,7 +442,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Demo(args) => {
             init_tracing_filter("warn");
             cancel_on_signal(cancel.clone());
-            kvmesh_node::demo::run(args, cancel).await?;
+            cli::demo::run(args, cancel).await?;
         }
         Cmd::Audit(AuditCmd::Verify { files }) => {
             if !audit_verify(files)? {

@@ -15,7 +15,8 @@ use crate::error::NodeError;
 use crate::guard::Guard;
 use crate::mesh::Mesh;
 use crate::metrics::NodeMetrics;
-use crate::proxy::Pipeline;
+use crate::request::Pipeline;
+use crate::router::{Router, RouterSettings};
 use kvmesh_sim::{EngineSim, RunningEngine};
 
 pub struct Node;
@@ -28,7 +29,7 @@ pub struct RunningNode {
     pub embedded: Option<RunningEngine>,
     /// This node's mesh membership, when it has certificates.
     pub mesh: Option<Arc<Mesh>>,
-    pipeline: Arc<Pipeline>,
+    router: Arc<Router>,
     guard: Option<Arc<Guard>>,
     /// Stops the HTTP server from accepting (open responses still finish).
     http_stop: CancellationToken,
@@ -69,7 +70,7 @@ impl RunningNode {
     /// every task and the embedded engine and waits for all of it.
     pub async fn shutdown(self) {
         // Requests still arriving on open keep-alive connections get a retryable 503 from here on.
-        self.pipeline.start_draining();
+        self.router.start_draining();
         if let Some(m) = &self.mesh {
             m.leave().await;
         }
@@ -79,7 +80,7 @@ impl RunningNode {
         if tokio::time::timeout_at(deadline, self.http_server).await.is_err() {
             tracing::warn!("open client responses did not finish within {DRAIN_LIMIT:?}; cutting them");
         }
-        while self.pipeline.open_requests() > 0 && tokio::time::Instant::now() < deadline {
+        while self.router.open_requests() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         self.cancel.cancel();
@@ -155,10 +156,6 @@ impl Node {
         let metrics = Arc::new(NodeMetrics::new(&cfg.node_name)?);
         let tokenizers = crate::tokens::Tokenizers::load(&cfg, metrics.clone(), engines.clone()).await?;
         let guard = Guard::new(&cfg, metrics.clone())?;
-        let pipeline = Arc::new(Pipeline::new(&cfg, engines.clone(), metrics, client, tokenizers));
-        if let Some(g) = &guard {
-            pipeline.set_guard(g.clone());
-        }
         let listener = tokio::net::TcpListener::bind(&cfg.http_addr)
             .await
             .map_err(|source| NodeError::Bind { addr: cfg.http_addr.clone(), source })?;
@@ -166,23 +163,27 @@ impl Node {
             listener.local_addr().map_err(|source| NodeError::Bind { addr: cfg.http_addr.clone(), source })?;
         let mesh = if cfg.mesh_enabled() {
             let mesh = Mesh::start(&cfg, http_addr, &engines, opts.quic_socket, &cancel, &tasks).await?;
-            pipeline.set_mesh(mesh.clone());
-            // Weak: the endpoint must not keep the pipeline (and through it the mesh) alive.
-            let p = Arc::downgrade(&pipeline);
-            mesh.endpoint.set_request_handler(Arc::new(move |req| {
-                let p = p.upgrade();
-                Box::pin(async move {
-                    if let Some(p) = p {
-                        p.serve_peer(req).await
-                    }
-                })
-            }));
             tracing::info!(quic = %mesh.endpoint.local_addr(), advertise = %mesh.advertise, seeds = ?cfg.seeds, "mesh endpoint up");
             Some(mesh)
         } else {
             tracing::info!("no certificates configured: serving alone, without a mesh");
             None
         };
+        let settings = RouterSettings::from_config(&cfg);
+        let router = Arc::new(Router::new(settings, engines.clone(), metrics, mesh.clone(), client, tokenizers));
+        if let Some(mesh) = &mesh {
+            // Weak: the endpoint must not keep the router (and through it the mesh) alive.
+            let r = Arc::downgrade(&router);
+            mesh.endpoint.set_request_handler(Arc::new(move |req| {
+                let r = r.upgrade();
+                Box::pin(async move {
+                    if let Some(r) = r {
+                        r.serve_peer(req).await
+                    }
+                })
+            }));
+        }
+        let pipeline = Arc::new(Pipeline::new(router.clone(), guard.clone(), cfg.max_body_bytes));
         if let Some(g) = &guard {
             g.spawn_tasks(mesh.clone(), &tasks, &cancel);
         }
@@ -215,7 +216,7 @@ impl Node {
             engines,
             embedded,
             mesh,
-            pipeline,
+            router,
             guard,
             http_stop,
             http_server,

@@ -7,7 +7,7 @@
 //! rather than left to wait behind work the node cannot keep up with. A model without a
 //! tokenizer is routed by load alone.
 //!
-//! The ids leave this node only as block keys in the QUIC request head (see `proxy`), so the
+//! The ids leave this node only as block keys in the QUIC request head (see `router`), so the
 //! peer that serves a forwarded request never tokenizes it again.
 
 use std::collections::HashMap;
@@ -16,6 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use kvmesh_policy::blocks;
+use kvmesh_policy::candidates::PromptKeys;
 use kvmesh_policy::openai::ApiError;
 use kvmesh_policy::prompt_encoder::{EncoderOptions, EncoderReport, PromptEncoder};
 use kvmesh_policy::request::{Endpoint, InferenceRequest, Prompt};
@@ -134,6 +136,18 @@ impl Tokenizers {
     /// The prompt's token ids as the engine will see them. `Ok(None)`: no tokenizer here for
     /// the model, or the prompt does not render (the engine will say why). Errors: the prompt
     /// is over the model's context (400), or the tokenizer is overloaded (503).
+    /// The tokenize stage: the prompt's keys for routing. Token ids when this node has the
+    /// model's tokenizer (or the client sent ids); otherwise approximate keys of its text
+    /// (`blocks::text_chunk_keys`), about four bytes a token. `Err` is the answer to give (the
+    /// prompt is too long for the model, or the tokenizer is overloaded: 503, retryable).
+    pub async fn prompt_keys(&self, req: &InferenceRequest) -> Result<PromptKeys, ApiError> {
+        let seed = blocks::chain_seed(&req.model, None, req.cache_salt.as_deref());
+        Ok(match self.prompt_ids(req).await? {
+            Some(ids) => PromptKeys::from_ids(seed, ids),
+            None => approximate(req, seed),
+        })
+    }
+
     pub async fn prompt_ids(&self, req: &InferenceRequest) -> Result<Option<Vec<u32>>, ApiError> {
         let model = req.model.as_str();
         // Only models with a tokenizer here name a label: a client's arbitrary model names
@@ -290,6 +304,18 @@ fn resident_bytes() -> u64 {
         .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
         .map(|pages| pages * 4096)
         .unwrap_or(0)
+}
+
+/// Approximate keys of a prompt's text (roles and contents in order), and a length of about
+/// four bytes a token: for a model with no tokenizer here.
+fn approximate(req: &InferenceRequest, seed: u64) -> PromptKeys {
+    let parts: Vec<&str> = match &req.prompt {
+        Prompt::Chat(messages) => messages.iter().flat_map(|m| [m.role.as_str(), m.content.as_str()]).collect(),
+        Prompt::Text(text) => vec![text.as_str()],
+        Prompt::TokenIds(_) => Vec::new(),
+    };
+    let bytes: usize = parts.iter().map(|p| p.len()).sum();
+    PromptKeys::approximate(bytes / 4, blocks::text_chunk_keys(seed, &parts))
 }
 
 #[cfg(test)]

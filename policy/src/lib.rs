@@ -10,6 +10,7 @@
 
 pub mod auth;
 pub mod blocks;
+pub mod candidates;
 pub mod cells;
 pub mod error;
 pub mod fast_encode;

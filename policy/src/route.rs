@@ -34,6 +34,125 @@ pub struct Picked {
     pub split: Option<Split>,
 }
 
+/// Why a request went where it went: the `reason` of `x-kvmesh-route`, the span and the
+/// `kvmesh_route_decisions_total` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RouteReason {
+    /// The chosen engine holds a cached prefix of the prompt's token blocks.
+    Prefix,
+    /// The chosen engine was sent this prompt's text before (no tokenizer: approximate keys).
+    PrefixApprox,
+    /// No engine holds a prefix: the least loaded (predicted soonest) one.
+    Load,
+    /// No tokenizer for the model and no text match: load only.
+    LoadNoTokenizer,
+    /// The round-robin baseline.
+    RoundRobin,
+    /// Sent again after the first engine failed before answering.
+    Retry,
+    /// Split between a prefill and a decode engine.
+    Pd,
+    /// The prompt's home is another cell: placed (or relayed) through its home node there.
+    CellHome,
+    /// This node placed another cell's prompt on an engine in its own cell.
+    CellPlace,
+}
+
+impl RouteReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteReason::Prefix => "prefix",
+            RouteReason::PrefixApprox => "prefix_approx",
+            RouteReason::Load => "load",
+            RouteReason::LoadNoTokenizer => "load_no_tokenizer",
+            RouteReason::RoundRobin => "round_robin",
+            RouteReason::Retry => "retry",
+            RouteReason::Pd => "pd",
+            RouteReason::CellHome => "cell_home",
+            RouteReason::CellPlace => "cell_place",
+        }
+    }
+
+    /// The reason of a pick that matched `matched` blocks of a prompt whose keys are
+    /// approximate (`approx`) or known (`known`: token blocks).
+    pub fn of_match(matched: usize, approx: bool, known: bool) -> Self {
+        match (matched > 0, approx, known) {
+            (true, true, _) => RouteReason::PrefixApprox,
+            (true, false, _) => RouteReason::Prefix,
+            (false, _, true) => RouteReason::Load,
+            (false, _, false) => RouteReason::LoadNoTokenizer,
+        }
+    }
+}
+
+impl std::fmt::Display for RouteReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A routing decision as the client sees it: its `Display` is the `x-kvmesh-route` header.
+/// Engines are named `node/engine`, as in `x-kvmesh-served-by`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RouteDecision {
+    /// One engine serves the request whole.
+    Whole {
+        engine: String,
+        matched_blocks: usize,
+        prompt_tokens: usize,
+        predicted_ms: f64,
+        runner_up: Option<(String, f64)>,
+        reason: RouteReason,
+    },
+    /// The round-robin baseline's pick.
+    RoundRobin { engine: String },
+    /// Prefill on one engine, decode on another.
+    Split { decode: String, prefill: String, prompt_tokens: usize, predicted_ms: f64, whole_ms: f64 },
+    /// Placed by the prompt's home node in another cell: `placed` is that node's own decision
+    /// as it explained it (its reason renamed `home_reason`).
+    CellPlaced { cell: String, home: String, placed: String },
+    /// Relayed whole to the prompt's home node in another cell (it splits, or cannot place).
+    CellRelayed { cell: String, home: String },
+}
+
+impl RouteDecision {
+    pub fn reason(&self) -> RouteReason {
+        match self {
+            RouteDecision::Whole { reason, .. } => *reason,
+            RouteDecision::RoundRobin { .. } => RouteReason::RoundRobin,
+            RouteDecision::Split { .. } => RouteReason::Pd,
+            RouteDecision::CellPlaced { .. } | RouteDecision::CellRelayed { .. } => RouteReason::CellHome,
+        }
+    }
+}
+
+impl std::fmt::Display for RouteDecision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RouteDecision::Whole { engine, matched_blocks, prompt_tokens, predicted_ms, runner_up, reason } => {
+                write!(
+                    f,
+                    "engine={engine}; matched_blocks={matched_blocks}; prompt_tokens={prompt_tokens}; predicted_ms={predicted_ms:.1}"
+                )?;
+                if let Some((ru, ms)) = runner_up {
+                    write!(f, "; runner_up={ru}@{ms:.1}")?;
+                }
+                write!(f, "; reason={reason}")
+            }
+            RouteDecision::RoundRobin { engine } => write!(f, "engine={engine}; reason=round_robin"),
+            RouteDecision::Split { decode, prefill, prompt_tokens, predicted_ms, whole_ms } => write!(
+                f,
+                "engine={decode}; prefill={prefill}; prompt_tokens={prompt_tokens}; predicted_ms={predicted_ms:.1}; whole_ms={whole_ms:.1}; reason=pd"
+            ),
+            RouteDecision::CellPlaced { cell, home, placed } => {
+                let placed = placed.replacen("reason=", "home_reason=", 1);
+                write!(f, "cell={cell}; home={home}; {placed}; reason=cell_home")
+            }
+            RouteDecision::CellRelayed { cell, home } => write!(f, "cell={cell}; node={home}; reason=cell_home"),
+        }
+    }
+}
+
 /// Requests this router has in flight to an engine beyond what the engine last reported
 /// running: they count as waiting, since the report may predate them.
 pub fn unreported(in_flight: u32, reported_running: f64) -> f64 {
@@ -106,6 +225,27 @@ mod tests {
         let mut c = [est(0.0, 0), Estimate { usable: false, ..est(0.0, 0) }];
         let p = pick(rules, 100, &mut c, &roles, false, None, |_| 0).expect("usable");
         assert_eq!(p.choice.index, 0);
+    }
+
+    #[test]
+    fn the_route_header_reads_as_before() {
+        let whole = RouteDecision::Whole {
+            engine: "n1/e0".into(),
+            matched_blocks: 3,
+            prompt_tokens: 70,
+            predicted_ms: 12.345,
+            runner_up: Some(("n2/e0".into(), 20.0)),
+            reason: RouteReason::Prefix,
+        };
+        assert_eq!(
+            whole.to_string(),
+            "engine=n1/e0; matched_blocks=3; prompt_tokens=70; predicted_ms=12.3; runner_up=n2/e0@20.0; reason=prefix"
+        );
+        let placed = RouteDecision::CellPlaced { cell: "b".into(), home: "b1".into(), placed: whole.to_string() };
+        assert!(placed.to_string().starts_with("cell=b; home=b1; engine=n1/e0;"), "{placed}");
+        assert!(placed.to_string().ends_with("home_reason=prefix; reason=cell_home"), "{placed}");
+        assert_eq!(placed.reason(), RouteReason::CellHome);
+        assert_eq!(RouteDecision::RoundRobin { engine: "a/b".into() }.to_string(), "engine=a/b; reason=round_robin");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
+#[derive(Debug, Clone)]
 pub struct RoutedKeys {
     ttl_ms: u64,
     max_keys: usize,

@@ -41,6 +41,52 @@ pub struct RequestHead {
     pub place: Option<PlaceQuery>,
 }
 
+/// What a peer asks of this node, decoded from a [`RequestHead`]'s fields (the wire format
+/// keeps the flags older nodes send and read).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PeerRequest {
+    /// Serve the request on this engine of the receiving node.
+    Engine(String),
+    /// Serve it on whichever of the receiving node's engines fits best: the origin sent the
+    /// prompt's block keys and leaves the choice to the node's exact indexes.
+    AnyEngine,
+    /// Route it within the receiving node's cell: it is the prompt's home node there.
+    Relay,
+    /// Answer where in the receiving node's cell the request should go ([`Placement`]).
+    Place(PlaceQuery),
+}
+
+impl RequestHead {
+    /// A head asking `ask` for the request at `path`.
+    pub fn new(ask: PeerRequest, path: &str, request_id: &str, origin: &str, stream: bool) -> Self {
+        let mut head = Self {
+            path: path.to_owned(),
+            request_id: request_id.to_owned(),
+            origin: origin.to_owned(),
+            stream,
+            ..Self::default()
+        };
+        match ask {
+            PeerRequest::Engine(name) => head.engine = name,
+            PeerRequest::AnyEngine => {}
+            PeerRequest::Relay => head.relay = true,
+            PeerRequest::Place(q) => head.place = Some(q),
+        }
+        head
+    }
+
+    /// What the peer asks. A placement query wins over the other flags, then a relay; an
+    /// empty engine name leaves the choice to this node.
+    pub fn ask(&self) -> PeerRequest {
+        match (&self.place, self.relay, self.engine.as_str()) {
+            (Some(q), _, _) => PeerRequest::Place(q.clone()),
+            (None, true, _) => PeerRequest::Relay,
+            (None, false, "") => PeerRequest::AnyEngine,
+            (None, false, name) => PeerRequest::Engine(name.to_owned()),
+        }
+    }
+}
+
 /// What a home node needs, beyond the block keys, to place a request it does not see.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlaceQuery {
@@ -134,6 +180,22 @@ pub async fn read_head<T: for<'de> Deserialize<'de>>(recv: &mut quinn::RecvStrea
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_a_peer_asks_survives_the_wire() {
+        let asks = [
+            PeerRequest::Engine("e1".into()),
+            PeerRequest::AnyEngine,
+            PeerRequest::Relay,
+            PeerRequest::Place(PlaceQuery { model: "m".into() }),
+        ];
+        for ask in asks {
+            let head = RequestHead::new(ask.clone(), "/v1/chat/completions", "id", "n0", true);
+            let bytes = encode_head(&head).unwrap();
+            let back: RequestHead = serde_json::from_slice(&bytes[4..]).unwrap();
+            assert_eq!(back.ask(), ask);
+        }
+    }
 
     #[test]
     fn digest_roundtrip_and_bounds() {

@@ -15,7 +15,7 @@ pub mod tls;
 
 pub use endpoint::{IncomingRequest, MeshEndpoint, RequestHandler};
 pub use error::TransportError;
-pub use frame::{PlaceQuery, Placement, PromptDigest, RequestHead, ResponseHead};
+pub use frame::{PeerRequest, PlaceQuery, Placement, PromptDigest, RequestHead, ResponseHead};
 pub use tls::TlsIdentity;
 
 /// The socket trait `MeshEndpoint::with_socket` takes, re-exported so callers need not pin quinn

@@ -148,6 +148,12 @@ const DOWN_AFTER_FAILURES: u32 = 2;
 
 impl EngineSet {
     /// Milliseconds since the node started, the clock of route histories.
+    /// The start of this node's millisecond clock, shared with the peer table so that every
+    /// route history reads one clock.
+    pub fn epoch(&self) -> Instant {
+        self.epoch
+    }
+
     pub fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }

@@ -17,10 +17,11 @@ use crate::kv_cache::KvEvent;
 use crate::workload::Workload;
 use crate::SimError;
 use kvmesh_policy::blocks;
+use kvmesh_policy::candidates::{self, Cache, EngineFacts, PromptKeys};
 use kvmesh_policy::cells::{self, CellLoad, Placements};
 use kvmesh_policy::pd::Role;
 use kvmesh_policy::prefix_index::{EngineIndex, IndexEvent};
-use kvmesh_policy::route::{self, Mode};
+use kvmesh_policy::route::Mode;
 use kvmesh_policy::route_history::RoutedKeys;
 use kvmesh_policy::score::{self, Estimate};
 use kvmesh_policy::summary::{self, BloomShard};
@@ -39,6 +40,12 @@ struct Load {
     running: f64,
     waiting: f64,
     kv_usage: f64,
+}
+
+impl From<Load> for candidates::Load {
+    fn from(l: Load) -> Self {
+        Self { running: l.running, waiting: l.waiting, kv_usage: l.kv_usage }
+    }
 }
 
 /// What other nodes see of a value a node publishes: versions with the time they arrive.
@@ -767,69 +774,84 @@ impl<'a> World<'a> {
                 // With cells a node sees only its own cell's engines.
                 let pool: Vec<usize> =
                     if self.cells_on { self.cells[self.nodes[origin].cell].engines.clone() } else { (0..n).collect() };
-                let mut cands = Vec::with_capacity(pool.len());
                 let bs = self.cfg.engine.block_size;
                 let now_ms = self.now / 1000;
+                let oracle = self.policy == Policy::Oracle;
+                let own = self.nodes[origin].engine;
+                // What gossip shows the origin now (advancing the delayed copies), then the
+                // facts, through the same `policy::candidates` code the node uses.
+                let lease = self.cfg.cells.routing.placement_lease_ms;
+                let mut seen: Vec<(Option<Load>, Option<Summary>, u32)> = Vec::with_capacity(pool.len());
                 for &e in &pool {
                     let node_of = self.engines[e].node;
-                    let local = self.policy == Policy::Oracle || self.nodes[origin].engine == Some(e);
-                    let lease = self.cfg.cells.routing.placement_lease_ms;
                     let placed = self.nodes[origin].placed.get_mut(&e).map(|p| p.live(now_ms, lease)).unwrap_or(0);
+                    let local = oracle || own == Some(e);
+                    let load = if local { None } else { self.engines[e].load.visible(self.now).copied() };
+                    let summary = if local { None } else { self.nodes[node_of].summary.visible(self.now).cloned() };
+                    seen.push((load, summary, placed));
+                }
+                let mut facts = Vec::with_capacity(pool.len());
+                for (&e, (load, summary, placed)) in pool.iter().zip(&seen) {
+                    let engine = &self.engines[e];
                     let in_flight = self.nodes[origin].in_flight.get(&e).copied().unwrap_or(0) + placed;
-                    let (load, matched, usable) = if self.policy == Policy::Oracle {
-                        let c = &self.engines[e].core;
-                        let load = Load {
-                            running: c.num_running() as f64,
-                            waiting: c.num_waiting() as f64,
-                            kv_usage: c.kv_usage(),
-                        };
-                        (load, self.engines[e].index.matched_blocks(keys), true)
-                    } else if local {
-                        (self.engines[e].polled, self.engines[e].index.matched_blocks(keys), true)
+                    let history = self.nodes[origin].routed.get(&e);
+                    let f = if oracle {
+                        // The oracle reads every engine's true queue and exact cache, as a
+                        // router in front of its engines with a central index would.
+                        let c = &engine.core;
+                        EngineFacts {
+                            usable: true,
+                            rtt_ms: self.rtt_ms(origin, engine.node),
+                            load: candidates::Load {
+                                running: c.num_running() as f64,
+                                waiting: c.num_waiting() as f64,
+                                kv_usage: c.kv_usage(),
+                            },
+                            in_flight: None,
+                            cache: Cache::Index(&engine.index),
+                            history: None,
+                            block_size: bs,
+                            role: Role::Both,
+                        }
+                    } else if own == Some(e) {
+                        EngineFacts {
+                            usable: true,
+                            rtt_ms: 0.0,
+                            load: engine.polled.into(),
+                            in_flight: Some(in_flight),
+                            cache: Cache::Index(&engine.index),
+                            history,
+                            block_size: bs,
+                            role: Role::Both,
+                        }
                     } else {
-                        let now = self.now;
-                        let load = self.engines[e].load.visible(now).copied();
-                        let from_summary = self.nodes[node_of]
-                            .summary
-                            .visible(now)
-                            .map(|s| summary::matched_blocks(s, keys, self.g.summary_stride))
-                            .unwrap_or(0);
-                        let routed =
-                            self.nodes[origin].routed.get(&e).map(|h| h.matched_blocks(keys, now_ms)).unwrap_or(0);
-                        (load.unwrap_or_default(), from_summary.max(routed), load.is_some())
+                        let shards: &[Option<Arc<BloomShard>>] = summary.as_deref().map(Vec::as_slice).unwrap_or(&[]);
+                        EngineFacts {
+                            usable: load.is_some(),
+                            rtt_ms: self.rtt_ms(origin, engine.node),
+                            load: load.unwrap_or_default().into(),
+                            in_flight: Some(in_flight),
+                            cache: Cache::Summary { shards, stride: self.g.summary_stride },
+                            history,
+                            block_size: bs,
+                            role: Role::Both,
+                        }
                     };
-                    let waiting = if self.policy == Policy::Oracle {
-                        load.waiting
-                    } else {
-                        load.waiting + route::unreported(in_flight, load.running)
-                    };
-                    cands.push(Estimate {
-                        usable,
-                        rtt_ms: if local && self.policy != Policy::Oracle { 0.0 } else { self.rtt_ms(origin, node_of) },
-                        running: load.running,
-                        waiting,
-                        kv_usage: load.kv_usage,
-                        matched_blocks: matched,
-                        block_size: bs,
-                    });
+                    facts.push(f);
                 }
                 let mode = match self.policy {
                     Policy::Route(m) => m,
                     _ => Mode::Kvmesh,
                 };
-                let roles = vec![Role::Both; pool.len()];
-                let rng = &mut self.rng;
-                let rules = route::Rules { mode, weights: &self.cfg.weights, pd: &self.cfg.pd };
+                let rules = candidates::Rules { mode, weights: &self.cfg.weights, pd: &self.cfg.pd };
                 // A relayed request reached its home node, which prefers its own engine.
-                let prefer = if relayed {
-                    self.nodes[origin].engine.and_then(|e| pool.iter().position(|&p| p == e))
-                } else {
-                    None
-                };
+                let prefer = if relayed { own.and_then(|e| pool.iter().position(|&p| p == e)) } else { None };
+                let mut prompt = PromptKeys::from_keys(prompt_tokens, bs, keys.to_vec());
+                let rng = &mut self.rng;
                 let picked =
-                    route::pick(rules, prompt_tokens, &mut cands, &roles, false, prefer, |k| rng.random_range(0..k));
+                    candidates::decide(rules, &mut prompt, &facts, now_ms, false, prefer, |k| rng.random_range(0..k));
                 match picked {
-                    Some(p) => pool[p.choice.index],
+                    Some(p) => pool[p.index],
                     // Nothing visible yet (the first gossip rounds): the node's own engine, else
                     // any.
                     None => self.nodes[origin]

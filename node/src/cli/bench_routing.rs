@@ -27,9 +27,9 @@ use serde_json::json;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, EngineEntry, RoutingPolicy};
-use crate::error::NodeError;
-use crate::node::{Node, RunningNode};
+use kvmesh_node::config::{Config, EngineEntry, RoutingPolicy};
+use kvmesh_node::NodeError;
+use kvmesh_node::{Node, RunningNode};
 use kvmesh_policy::tokenize::ModelTokenizer;
 use kvmesh_sim::workload::{LongPrompt, MultiTurn, SharedPrefix, Slo, Workload};
 use kvmesh_sim::{EngineConfig, EngineSim, RunningEngine};
@@ -245,7 +245,7 @@ async fn setup(policy: &str, n: usize, cancel: &CancellationToken) -> Result<Set
     let t = Instant::now();
     while !nodes
         .iter()
-        .all(|x| x.mesh.as_ref().is_some_and(|m| m.peers().len() == n && m.remote_engines().len() == n - 1))
+        .all(|x| x.mesh.as_ref().is_some_and(|m| m.peers().len() == n && m.view().engines.len() == n - 1))
     {
         if t.elapsed() > Duration::from_secs(30) {
             return Err(err("mesh did not form in 30 s"));
@@ -556,7 +556,7 @@ pub async fn run(a: RoutingArgs) -> Result<(), NodeError> {
             Some(named) => (named, ""),
             None => (section, title),
         };
-        crate::bench::write_section(p, section, title, &md)?;
+        crate::cli::bench::write_section(p, section, title, &md)?;
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use kvmesh_policy::tokenize::TokenizerFiles;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::error::NodeError;
+use kvmesh_node::NodeError;
 
 /// A DeepSeek-style template, for tokenizers that ship none (the shared production tokenizer):
 /// special tokens between messages, as every real template has.
@@ -306,7 +306,7 @@ fn run_blocking(a: TokenizeArgs) -> Result<(), NodeError> {
     ));
     println!("{md}");
     if let Some(path) = &a.out {
-        crate::bench::write_section(path, "tokenize", "Tokenizing a prompt", &md)?;
+        crate::cli::bench::write_section(path, "tokenize", "Tokenizing a prompt", &md)?;
         println!("written to {}", path.display());
     }
     Ok(())

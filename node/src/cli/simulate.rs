@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use kvmesh_sim::cluster::{self, ClusterConfig, Row};
 
-use crate::error::NodeError;
+use kvmesh_node::NodeError;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SimulateArgs {
@@ -103,7 +103,7 @@ pub fn run(a: SimulateArgs) -> Result<(), NodeError> {
         std::fs::write(p, csv(&rows)).map_err(err)?;
     }
     if let Some(p) = &a.out {
-        crate::bench::write_section(p, &a.section, "", &md)?;
+        crate::cli::bench::write_section(p, &a.section, "", &md)?;
     }
     Ok(())
 }

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::error::NodeError;
-use crate::node::{Node, RunningNode};
+use kvmesh_node::config::Config;
+use kvmesh_node::NodeError;
+use kvmesh_node::{Node, RunningNode};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {

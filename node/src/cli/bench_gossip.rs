@@ -20,7 +20,7 @@ use kvmesh_transport::{certs, MeshEndpoint, TlsIdentity};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::error::NodeError;
+use kvmesh_node::NodeError;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GossipArgs {
@@ -125,7 +125,7 @@ pub async fn run(a: GossipArgs) -> Result<(), NodeError> {
     }
     println!("{md}");
     if let Some(path) = &a.out {
-        crate::bench::write_section(path, "gossip", "Gossip convergence and bandwidth", &md)?;
+        crate::cli::bench::write_section(path, "gossip", "Gossip convergence and bandwidth", &md)?;
         println!("written to {}", path.display());
     }
     Ok(())
@@ -182,7 +182,13 @@ async fn measure(n: usize, cell_size: usize, a: &GossipArgs) -> Result<Row, Node
             let backbone = Membership::start(b, endpoint.clone(), inbox, &meta, &cancel, &tasks).await.map_err(err)?;
             backbone_seed.get_or_insert(addr.to_string());
             let every = Duration::from_millis(a.backbone_interval_ms);
-            tasks.spawn(crate::cells::gateway(format!("c{cell}"), membership.clone(), backbone, every, cancel.clone()));
+            tasks.spawn(kvmesh_node::cells::gateway(
+                format!("c{cell}"),
+                membership.clone(),
+                backbone,
+                every,
+                cancel.clone(),
+            ));
         }
         nodes.push(BenchNode { endpoint, membership, cell, gateway });
     }
@@ -190,7 +196,7 @@ async fn measure(n: usize, cell_size: usize, a: &GossipArgs) -> Result<Row, Node
     let t = Instant::now();
     while !nodes.iter().all(|x| {
         let peers = x.membership.peers();
-        peers.len() == cell_members(x.cell) && (cell_size == 0 || crate::cells::table(&peers).len() == cells)
+        peers.len() == cell_members(x.cell) && (cell_size == 0 || kvmesh_node::cells::table(&peers).len() == cells)
     }) {
         if t.elapsed() > Duration::from_secs(120) {
             return Err(err(format!("{n} nodes did not converge in 120 s")));

@@ -17,22 +17,25 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::StatusCode;
 use axum::response::Response;
-use kvmesh_policy::blocks;
+use kvmesh_policy::candidates::PromptKeys;
 use kvmesh_policy::cells::{self, CellLoad};
 use kvmesh_policy::openai::ApiError;
-use kvmesh_policy::request::{Endpoint, InferenceRequest};
+use kvmesh_policy::request::InferenceRequest;
+use kvmesh_policy::route::{RouteDecision, RouteReason};
 use kvmesh_transport::endpoint::respond;
 use kvmesh_transport::frame::MAX_PLACEMENT;
-use kvmesh_transport::{IncomingRequest, PlaceQuery, Placement, PromptDigest, RequestHead, ResponseHead};
+use kvmesh_transport::{IncomingRequest, PeerRequest, PlaceQuery, Placement, PromptDigest, RequestHead, ResponseHead};
 
-use super::{quic_body, read_limited, PromptKeys, Retry, Route, Scope, Target};
-use crate::mesh::{Mesh, RemoteEngine};
-use crate::proxy::Pipeline;
+use super::relay::{quic_body, read_limited};
+use super::{Retry, Router, Scope, Target};
+use crate::ctx::RequestCtx;
+use crate::mesh::view::PeerEngine;
+use crate::mesh::Mesh;
 
 /// Longest wait for a placement's answer once the query is sent. A home node answers from
 /// memory, without waiting on an engine, so a slower answer means it is overloaded or gone:
@@ -47,21 +50,17 @@ enum Unplaced {
     Failed(String),
 }
 
-impl Pipeline {
-    /// With cells, serves a client's request whose prompt has its home in another cell through
-    /// the prompt's home node there. `None`: route it in this cell (no cells, no cells table
-    /// yet, a prompt without tokens, home here, or the home cell failed before any engine took
-    /// the request); the keys it computed stay in `prompt` for that.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn send_to_home_cell(
+impl Router {
+    /// The `place` stage: with cells, serves a client's request whose prompt has its home in
+    /// another cell through the prompt's home node there. `None`: route it in this cell (no
+    /// cells, no cells table yet, a prompt without tokens, home here, or the home cell failed
+    /// before any engine took the request); the keys it computed stay in `prompt` for that.
+    pub(crate) async fn place_in_home_cell(
         self: &Arc<Self>,
-        endpoint: Endpoint,
-        request_id: &str,
+        ctx: &RequestCtx,
         req: &InferenceRequest,
         body: &Bytes,
         prompt: &mut PromptKeys,
-        seed: u64,
-        started: Instant,
     ) -> Option<Response> {
         let mesh = self.mesh()?.clone();
         let own = mesh.cell.as_deref()?;
@@ -73,17 +72,15 @@ impl Pipeline {
             return None;
         }
         // Every node must derive the same affinity key: the mesh-wide default block size.
-        let bs = self.default_block_size;
-        if prompt.given.as_ref().is_none_or(|(b, _)| *b != bs) {
-            prompt.given = Some((bs, prompt.keys(seed, bs)));
-        }
-        let keys = prompt.given.as_ref().map(|(_, k)| k.as_slice()).unwrap_or_default();
-        let key = cells::affinity_key(keys, &self.cells)?;
+        let bs = self.s.default_block_size;
+        let tokens = prompt.tokens as u32;
+        let keys = prompt.pin(bs);
+        let key = cells::affinity_key(keys, &self.s.cells)?;
         let loads: Vec<CellLoad<'_>> = table
             .iter()
             .map(|c| CellLoad { name: &c.report.name, engines: c.report.engines, load: c.report.load })
             .collect();
-        let home = &table[cells::home(key, &loads, &self.cells, rand::random::<f64>)?];
+        let home = &table[cells::home(key, &loads, &self.s.cells, rand::random::<f64>)?];
         if home.report.name == own {
             return None;
         }
@@ -93,34 +90,27 @@ impl Pipeline {
         // drops it from the table if it is dead.
         let members = home.members.iter().filter(|(n, _)| !mesh.is_suspect(n));
         let (name, addr) = cells::member(key, members.map(|(n, a)| ((n, *a), n.as_str())))?;
-        let digest = PromptDigest::new(prompt.tokens as u32, bs, keys)?;
-        let span = tracing::Span::current();
-        span.record("peer", name.as_str());
-        span.record("reason", "cell_home");
-        self.metrics.route_decisions.with_label_values(&["cell_home"]).inc();
-        let head = RequestHead {
-            path: endpoint.path().to_owned(),
-            request_id: request_id.to_owned(),
-            origin: self.node_name.clone(),
-            stream: req.stream,
-            prompt: Some(digest),
-            ..Default::default()
-        };
-        let unplaced = match self.ask_placement(&mesh, name, addr, &head, &req.model).await {
+        let digest = PromptDigest::new(tokens, bs, keys)?;
+        let reason = RouteReason::CellHome;
+        ctx.span.record("peer", name.as_str());
+        ctx.span.record("reason", reason.as_str());
+        self.metrics.route_decisions.with_label_values(&[reason.as_str()]).inc();
+        let query = PeerRequest::Place(PlaceQuery { model: req.model.clone() });
+        let mut ask = RequestHead::new(query, ctx.endpoint.path(), &ctx.id, &self.node_name, req.stream);
+        ask.prompt = Some(digest);
+        let unplaced = match self.ask_placement(&mesh, name, addr, &ask).await {
             Ok(Placement::Engine { node, addr: at, engine, route }) => {
-                let target = placed_engine(node, at.unwrap_or(addr), engine, &req.model, bs);
+                let target = PeerEngine::named(&node, at.unwrap_or(addr), &engine, &req.model, bs);
                 // The home node's own reason stays, renamed: this request's reason is its home cell.
-                let route = route.replacen("reason=", "home_reason=", 1);
-                let route = Route {
-                    header: format!("cell={cell}; home={name}; {route}; reason=cell_home"),
-                    reason: "cell_home",
-                };
-                span.record("route", route.header.as_str());
-                let head = RequestHead { engine: target.engine.name.clone(), prompt: None, ..head.clone() };
-                match self.forward_remote(endpoint, &req.model, head, body, &target, &route, started).await {
+                let decision = RouteDecision::CellPlaced { cell: cell.to_owned(), home: name.clone(), placed: route };
+                let header = decision.to_string();
+                ctx.span.record("route", header.as_str());
+                let ask = PeerRequest::Engine(engine.clone());
+                let head = RequestHead::new(ask, ctx.endpoint.path(), &ctx.id, &self.node_name, req.stream);
+                match self.forward_remote(ctx, head, body, &target, &header).await {
                     Ok(resp) => return Some(resp),
                     Err(Retry { error, reason }) => {
-                        Unplaced::Failed(format!("{} ({reason}): {}", target.key(), error.message))
+                        Unplaced::Failed(format!("{} ({reason}): {}", target.id, error.message))
                     }
                 }
             }
@@ -130,12 +120,13 @@ impl Pipeline {
         let why = match unplaced {
             Unplaced::Failed(why) => why,
             Unplaced::Relay => {
-                let route =
-                    Route { header: format!("cell={cell}; node={name}; reason=cell_home"), reason: "cell_home" };
-                span.record("route", route.header.as_str());
-                let remote = placed_engine(name.clone(), addr, String::new(), &req.model, bs);
-                let head = RequestHead { relay: true, ..head };
-                match self.forward_remote(endpoint, &req.model, head, body, &remote, &route, started).await {
+                let decision = RouteDecision::CellRelayed { cell: cell.to_owned(), home: name.clone() };
+                let header = decision.to_string();
+                ctx.span.record("route", header.as_str());
+                let home_node = PeerEngine::named(name, addr, "", &req.model, bs);
+                let head =
+                    RequestHead::new(PeerRequest::Relay, ctx.endpoint.path(), &ctx.id, &self.node_name, req.stream);
+                match self.forward_remote(ctx, head, body, &home_node, &header).await {
                     Ok(resp) => return Some(resp),
                     Err(Retry { error, reason }) => format!("relay ({reason}): {}", error.message),
                 }
@@ -152,12 +143,10 @@ impl Pipeline {
         mesh: &Mesh,
         name: &str,
         addr: SocketAddr,
-        head: &RequestHead,
-        model: &str,
+        query: &RequestHead,
     ) -> Result<Placement, Unplaced> {
-        let query = RequestHead { place: Some(PlaceQuery { model: model.to_owned() }), ..head.clone() };
         let io = mesh.endpoint.io_timeout();
-        let (rhead, recv) = match mesh.endpoint.request(addr, &query, &[], PLACEMENT_TIMEOUT.min(io)).await {
+        let (rhead, recv) = match mesh.endpoint.request(addr, query, &[], PLACEMENT_TIMEOUT.min(io)).await {
             Ok(r) => r,
             Err(e) => {
                 mesh.suspect(name);
@@ -207,7 +196,7 @@ impl Pipeline {
             served_by: self.node_name.clone(),
             retryable: status != StatusCode::OK,
         };
-        let io = self.mesh().map(|m| m.endpoint.io_timeout()).unwrap_or(std::time::Duration::from_secs(5));
+        let io = self.mesh().map(|m| m.endpoint.io_timeout()).unwrap_or(Duration::from_secs(5));
         if let Err(e) = respond(req.respond, &head, Body::from(body).into_data_stream(), io).await {
             tracing::debug!(peer = %req.peer, error = %e, "peer stopped reading the placement");
         }
@@ -219,66 +208,26 @@ impl Pipeline {
         let digest =
             digest.ok_or_else(|| ApiError::invalid("A placement query needs the prompt's block keys.", None))?;
         let keys = digest.keys().map_err(|e| ApiError::invalid(e.to_string(), None))?;
-        let prompt =
-            PromptKeys { tokens: digest.tokens as usize, given: Some((digest.block_size, keys)), ..Default::default() };
-        // Keys only need the seed to be recomputed at another block size, which given keys
-        // cannot be: engines of another block size see no prefix, as for a relayed digest.
-        let seed = blocks::chain_seed(model, None, None);
-        let (target, route, split) = self.pick(model, &prompt, seed, Scope::Cell, &[], true)?;
-        self.metrics.route_decisions.with_label_values(&["cell_place"]).inc();
-        if split.is_some() {
+        // Given keys cannot be recut at another block size: engines of another block size see
+        // no prefix, as for a relayed digest.
+        let mut prompt = PromptKeys::from_keys(digest.tokens as usize, digest.block_size, keys);
+        let picked = self.pick(model, &mut prompt, Scope::Cell, &[], true)?;
+        self.metrics.route_decisions.with_label_values(&[RouteReason::CellPlace.as_str()]).inc();
+        if picked.split.is_some() {
             return Ok(Placement::Relay);
         }
-        self.remember_route(&target, &prompt, seed);
-        Ok(match target {
-            Target::Local(e) => Placement::Engine {
-                node: self.node_name.clone(),
-                addr: None,
-                engine: e.name.clone(),
-                route: route.header,
-            },
+        self.remember_route(&picked.target, &mut prompt);
+        let route = picked.decision.to_string();
+        Ok(match picked.target {
+            Target::Local(e) => {
+                Placement::Engine { node: self.node_name.clone(), addr: None, engine: e.name.clone(), route }
+            }
             Target::Remote(r) => {
-                let now = self.engines.now_ms();
-                if let Ok(mut m) = self.placements.lock() {
-                    m.entry(r.key()).or_default().record(now);
-                    // Peers that left would keep their (empty) entries: sweep now and then.
-                    if m.len() > 64 && rand::random::<u8>() < 4 {
-                        let lease = self.cells.placement_lease_ms;
-                        m.retain(|_, p| p.live(now, lease) > 0);
-                    }
+                if let Some(mesh) = self.mesh() {
+                    mesh.table.record(&r.id, &[], true);
                 }
-                Placement::Engine { node: r.node_id, addr: Some(r.addr), engine: r.engine.name, route: route.header }
+                Placement::Engine { node: r.id.node.to_string(), addr: Some(r.addr), engine: r.load.name, route }
             }
         })
-    }
-
-    /// Requests this node placed on a peer's engine (`RemoteEngine::key`) within the lease.
-    pub(super) fn placed_now(&self, key: &str) -> u32 {
-        let now = self.engines.now_ms();
-        let lease = self.cells.placement_lease_ms;
-        self.placements.lock().ok().and_then(|mut m| m.get_mut(key).map(|p| p.live(now, lease))).unwrap_or(0)
-    }
-}
-
-/// A peer's engine known only by name and address, from a placement or a cells table.
-fn placed_engine(node: String, addr: SocketAddr, engine: String, model: &str, block_size: u32) -> RemoteEngine {
-    RemoteEngine {
-        node_id: node,
-        generation: 0,
-        addr,
-        engine: kvmesh_gossip::EngineLoad {
-            name: engine,
-            models: vec![model.to_owned()],
-            healthy: true,
-            role: Default::default(),
-            running: 0,
-            waiting: 0,
-            kv_usage: 0.0,
-            tokens_per_s: 0.0,
-            block_size: Some(block_size),
-        },
-        node_engines: 1,
-        summary: Vec::new(),
-        summary_stride: 1,
     }
 }

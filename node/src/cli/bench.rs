@@ -15,9 +15,9 @@ use hdrhistogram::Histogram;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, EngineEntry};
-use crate::error::NodeError;
-use crate::node::Node;
+use kvmesh_node::config::{Config, EngineEntry};
+use kvmesh_node::Node;
+use kvmesh_node::NodeError;
 use kvmesh_sim::{EngineConfig, EngineSim};
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -25,11 +25,11 @@ pub enum BenchCmd {
     /// The node's added latency over calling its engine directly, and its request throughput.
     Overhead(OverheadArgs),
     /// Gossip convergence time and bandwidth for meshes of several sizes.
-    Gossip(crate::bench_gossip::GossipArgs),
+    Gossip(crate::cli::bench_gossip::GossipArgs),
     /// KV-aware routing against round-robin, least-load and a central oracle.
-    Routing(crate::bench_routing::RoutingArgs),
+    Routing(crate::cli::bench_routing::RoutingArgs),
     /// Prompt tokenizing: reference encoder, segment cache and fast encoder, cold and warm.
-    Tokenize(crate::bench_tokenize::TokenizeArgs),
+    Tokenize(crate::cli::bench_tokenize::TokenizeArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -70,9 +70,9 @@ pub struct OverheadArgs {
 pub async fn run(cmd: BenchCmd) -> Result<(), NodeError> {
     match cmd {
         BenchCmd::Overhead(a) => overhead(a).await,
-        BenchCmd::Gossip(a) => crate::bench_gossip::run(a).await,
-        BenchCmd::Routing(a) => crate::bench_routing::run(a).await,
-        BenchCmd::Tokenize(a) => crate::bench_tokenize::run(a).await,
+        BenchCmd::Gossip(a) => crate::cli::bench_gossip::run(a).await,
+        BenchCmd::Routing(a) => crate::cli::bench_routing::run(a).await,
+        BenchCmd::Tokenize(a) => crate::cli::bench_tokenize::run(a).await,
     }
 }
 
@@ -157,11 +157,11 @@ async fn overhead(a: OverheadArgs) -> Result<(), NodeError> {
         let chat_template = if has_template {
             None
         } else {
-            std::fs::write(template_file.path(), crate::bench_tokenize::DEEPSEEK_STYLE_TEMPLATE)
+            std::fs::write(template_file.path(), crate::cli::bench_tokenize::DEEPSEEK_STYLE_TEMPLATE)
                 .map_err(|e| NodeError::Bench(e.to_string()))?;
             Some(template_file.path().to_path_buf())
         };
-        node_cfg.models.push(crate::config::ModelEntry {
+        node_cfg.models.push(kvmesh_node::config::ModelEntry {
             name: "kvmesh-sim".into(),
             tokenizer: dir.clone(),
             chat_template,
@@ -176,8 +176,11 @@ async fn overhead(a: OverheadArgs) -> Result<(), NodeError> {
         .no_proxy()
         .build()
         .map_err(|e| NodeError::Client(e.to_string()))?;
-    let history =
-        if a.history_tokens > 0 { crate::bench_tokenize::conversation(7, a.history_tokens, 7) } else { Vec::new() };
+    let history = if a.history_tokens > 0 {
+        crate::cli::bench_tokenize::conversation(7, a.history_tokens, 7)
+    } else {
+        Vec::new()
+    };
     let body = |i: usize, stream: bool| {
         let mut messages: Vec<serde_json::Value> =
             history.iter().map(|m| json!({"role": m.role, "content": m.content})).collect();

@@ -1,0 +1,167 @@
+//! Admin and mesh-debug routes (`/admin/*`, `/v1/mesh/*`), behind one layer that checks the
+//! admin key (when keys are configured) before any handler runs.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use kvmesh_policy::openai::ApiError;
+use serde_json::json;
+
+use super::mesh_models;
+use crate::reply::error_response;
+use crate::request::Pipeline;
+
+pub(super) fn router(p: Arc<Pipeline>) -> Router<Arc<Pipeline>> {
+    Router::new()
+        .route("/v1/mesh/peers", get(peers))
+        .route("/v1/mesh/status", get(status))
+        .route("/admin/keys/reload", post(reload_keys))
+        .route("/admin/reload", post(reload))
+        .route("/admin/drain", post(drain))
+        .route_layer(middleware::from_fn_with_state(p, require_admin))
+}
+
+/// The one authorization check for every route here: the admin key when keys are configured.
+async fn require_admin(State(p): State<Arc<Pipeline>>, req: Request, next: Next) -> Response {
+    if let Some(Err(denied)) = p.guard.as_ref().map(|g| g.check_admin(req.headers())) {
+        return error_response(&denied);
+    }
+    next.run(req).await
+}
+
+/// The live members of the mesh as this node sees them, itself included.
+async fn peers(State(p): State<Arc<Pipeline>>) -> Response {
+    let p = &p.router;
+    let Some(mesh) = p.mesh() else {
+        return Json(json!({"node": p.node_name, "mesh": false, "peers": []})).into_response();
+    };
+    let peers: Vec<_> = mesh
+        .peers()
+        .iter()
+        .map(|peer| {
+            json!({
+                "node": peer.node_id,
+                "self": peer.is_self,
+                "generation": peer.generation,
+                "role": peer.meta.role,
+                "http_addr": peer.meta.http_addr,
+                "quic_addr": peer.addr.to_string(),
+                "engines": peer.load.engines,
+                "kv_summary": peer.kv,
+            })
+        })
+        .collect();
+    Json(json!({"node": p.node_name, "mesh": true, "peers": peers})).into_response()
+}
+
+/// Re-reads the API keys (inline and the keys file) now.
+async fn reload_keys(State(p): State<Arc<Pipeline>>) -> Response {
+    let Some(g) = &p.guard else {
+        return error_response(&ApiError::not_found("API keys are not configured on this node."));
+    };
+    match g.reload_keys() {
+        Ok(n) => Json(json!({"keys": n})).into_response(),
+        Err(e) => error_response(&ApiError::invalid(e.to_string(), None)),
+    }
+}
+
+/// Re-reads the API keys (with keys configured) and the guardrails file (when there is one),
+/// as SIGHUP does. What cannot be used keeps its old state; the answer is then 400 with every
+/// error (file, and line or entry).
+async fn reload(State(p): State<Arc<Pipeline>>) -> Response {
+    let Some(g) = &p.guard else {
+        return error_response(&ApiError::not_found(
+            "Nothing to reload: no API keys or guardrails are configured on this node.",
+        ));
+    };
+    let r = g.reload_all();
+    if r.errors.is_empty() {
+        Json(json!({"keys": r.keys, "guardrails": r.guardrails})).into_response()
+    } else {
+        error_response(&ApiError::invalid(r.errors.join("; "), None))
+    }
+}
+
+/// This node's view of itself: engines with their index sizes, and how each model's prompts
+/// are matched: `exact` (token blocks, with a tokenizer) or `approximate` (text chunks against
+/// what this node routed where, without one).
+async fn status(State(pipeline): State<Arc<Pipeline>>) -> Response {
+    let p = &pipeline.router;
+    let engines: Vec<_> = p
+        .engines
+        .engines
+        .iter()
+        .map(|e| {
+            let v = e.snapshot();
+            json!({
+                "name": e.name,
+                "healthy": v.healthy,
+                "models": v.models,
+                "running": v.load.running,
+                "waiting": v.load.waiting,
+                "kv_usage": v.load.kv_usage,
+                "kv_events": e.kv.batches.load(std::sync::atomic::Ordering::Relaxed) > 0,
+                "indexed_blocks": e.kv.cached_blocks(),
+                "routed_keys": e.routed.lock().map(|r| r.len()).unwrap_or(0),
+                "index_resets": e.kv.resync_dropped.load(std::sync::atomic::Ordering::Relaxed),
+                "index_replays": e.kv.resync_replayed.load(std::sync::atomic::Ordering::Relaxed),
+            })
+        })
+        .collect();
+    let mut models = mesh_models(&pipeline, false);
+    models.sort();
+    let routing: Vec<_> = models
+        .iter()
+        .map(|m| json!({"model": m, "prefix_matching": if p.tokenizers().has(m) { "exact" } else { "approximate" }}))
+        .collect();
+    // With cells: this node's cell, whether it is a gateway now (set or elected), and the
+    // cells table it routes with.
+    let cells = p.mesh().filter(|m| m.cell.is_some()).map(|m| {
+        let table: Vec<_> = m
+            .cells()
+            .iter()
+            .map(|c| {
+                let members: Vec<&str> = c.members.iter().map(|(n, _)| n.as_str()).collect();
+                json!({"name": c.report.name, "engines": c.report.engines, "load": c.report.load, "members": members})
+            })
+            .collect();
+        json!({"cell": m.cell, "gateway": m.is_gateway(), "table": table})
+    });
+    Json(json!({
+        "node": p.node_name,
+        "draining": p.is_draining(),
+        "open_requests": p.open_requests(),
+        "mesh": p.mesh().is_some(),
+        "peers": p.mesh().map(|m| m.peers().len()).unwrap_or(0),
+        "cells": cells,
+        "engines": engines,
+        "models": routing,
+        "tokenizers": p.tokenizers().status(),
+    }))
+    .into_response()
+}
+
+/// Drains this node: new requests (clients' and peers') get a retryable 503 `draining`,
+/// `/health` turns 503, the node leaves gossip (answered once peers have had a few rounds to
+/// hear it), and open requests run to their end. The process keeps running until stopped
+/// (SIGTERM then exits at once if nothing is open); there is no undrain short of a restart.
+///
+async fn drain(State(p): State<Arc<Pipeline>>) -> Response {
+    let p = &p.router;
+    let first = p.start_draining();
+    if let Some(m) = p.mesh() {
+        m.leave().await;
+    }
+    Json(json!({
+        "node": p.node_name,
+        "draining": true,
+        "already_draining": !first,
+        "left_mesh": p.mesh().is_some(),
+        "open_requests": p.open_requests(),
+    }))
+    .into_response()
+}

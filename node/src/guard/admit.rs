@@ -1,0 +1,145 @@
+//! The `admit` stage: audit slot, API key, parse, the key's model list, the `max_tokens` cap
+//! and the prompt hooks (which may rewrite the prompt: the one case where an engine does not
+//! get the client's bytes).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::http::HeaderMap;
+use kvmesh_policy::guardrails::{Context, Stage};
+use kvmesh_policy::limits;
+use kvmesh_policy::openai::ApiError;
+use kvmesh_policy::request::{self, Endpoint, InferenceRequest, Prompt};
+use serde_json::Value;
+
+use super::{Flow, Guard, Refusal};
+use crate::audit::{unix_ms, AuditRecord, Outcome};
+use crate::ctx::RequestCtx;
+
+impl Guard {
+    /// Opens the request's audit flow: its slot in the audit queue (a 503 refusal when the log
+    /// is behind, in reject mode) and its record.
+    pub fn open(self: &Arc<Self>, ctx: &RequestCtx) -> Result<Flow, Refusal> {
+        let slot = match &self.audit {
+            Some(log) => match log.reserve() {
+                Some(s) => Some(s),
+                None => return Err(ApiError::unavailable("The audit log is behind; retry shortly.").into()),
+            },
+            None => None,
+        };
+        let rec = AuditRecord {
+            time_ms: unix_ms(),
+            request_id: ctx.id.clone(),
+            node: self.node.clone(),
+            endpoint: ctx.endpoint.path().to_owned(),
+            outcome: Outcome::Ok,
+            ..Default::default()
+        };
+        Ok(Flow::new(self.clone(), slot, rec, ctx))
+    }
+
+    /// Admits a client's request: its tenant (401 without a valid key), the parsed request
+    /// (400), the model the key may use (404), its `max_tokens` (400) and the prompt hooks (400
+    /// `content_filter`, or the body rewritten). Returns the request and the body to forward.
+    pub async fn admit(
+        &self,
+        flow: &mut Flow,
+        ctx: &mut RequestCtx,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<(InferenceRequest, Bytes), Refusal> {
+        let tenant = self.check_client(headers)?;
+        if let Some(t) = &tenant {
+            ctx.tenant = t.name.clone();
+            flow.tenant = t.name.clone();
+            flow.rec.tenant = Some(t.name.clone());
+        }
+        let endpoint = ctx.endpoint;
+        let mut req = request::parse(endpoint, &body)?;
+        let mut body = body;
+        ctx.set_model(&req.model);
+        flow.rec.model = Some(req.model.clone());
+        flow.rec.stream = req.stream;
+        if tenant.as_ref().is_some_and(|t| !t.may_use(&req.model)) {
+            return Err(ApiError::model_not_found(&req.model).into());
+        }
+        let spec = self.limits.for_tenant(&flow.tenant);
+        limits::check_request(&spec, req.max_tokens, 0)?;
+
+        let mut texts = prompt_texts(&req.prompt);
+        flow.prompt_chars = texts.iter().map(|t| t.chars().count()).sum();
+        let hook_ctx =
+            Context { stage: Stage::Prompt, model: &req.model, tenant: &flow.tenant, prompt_chars: flow.prompt_chars };
+        let changed = match self.run_hooks(&hook_ctx, &flow.rec.request_id, &mut texts, &mut flow.rec.guardrails).await
+        {
+            Ok(changed) => changed,
+            Err((rule, _)) => {
+                return Err(ApiError::content_filter(format!("The request was blocked by guardrail `{rule}`.")).into())
+            }
+        };
+        if changed {
+            body = rewrite_prompt(endpoint, &body, &texts)
+                .ok_or_else(|| ApiError::internal("a guardrail rewrite could not be applied"))?;
+            req = request::parse(endpoint, &body)?;
+        }
+        if self.audit.as_ref().is_some_and(|a| a.record_text) {
+            flow.rec.prompt = Some(self.redact_for_audit(Stage::Prompt, &texts.join("\n")));
+        }
+        Ok((req, body))
+    }
+
+    /// Records a refusal (from any stage before routing) as the request's outcome.
+    pub async fn refuse(&self, mut flow: Flow, refusal: &Refusal) {
+        flow.rec.status = refusal.error.status.as_u16();
+        flow.rec.outcome = Outcome::Rejected;
+        flow.rec.error = Some(refusal.error.message.clone());
+        flow.finish().await;
+    }
+}
+
+/// The prompt's texts, one per chat message (or the completion prompt).
+fn prompt_texts(p: &Prompt) -> Vec<String> {
+    match p {
+        Prompt::Chat(msgs) => msgs.iter().map(|m| m.content.clone()).collect(),
+        Prompt::Text(t) => vec![t.clone()],
+        Prompt::TokenIds(_) => Vec::new(),
+    }
+}
+
+/// The body with the prompt's texts replaced (a message's content parts become one string).
+fn rewrite_prompt(endpoint: Endpoint, body: &[u8], texts: &[String]) -> Option<Bytes> {
+    let mut v: Value = serde_json::from_slice(body).ok()?;
+    match endpoint {
+        Endpoint::Chat => {
+            let msgs = v.get_mut("messages")?.as_array_mut()?;
+            if msgs.len() != texts.len() {
+                return None;
+            }
+            for (m, t) in msgs.iter_mut().zip(texts) {
+                m.as_object_mut()?.insert("content".into(), Value::String(t.clone()));
+            }
+        }
+        Endpoint::Completions => {
+            v.as_object_mut()?.insert("prompt".into(), Value::String(texts.first()?.clone()));
+        }
+    }
+    serde_json::to_vec(&v).ok().map(Bytes::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_rewrite_replaces_each_message_and_the_completion_prompt() {
+        let body = br#"{"model":"m","messages":[{"role":"system","content":"a"},{"role":"user","content":[{"type":"text","text":"b"}]}],"max_tokens":3}"#;
+        let out = rewrite_prompt(Endpoint::Chat, body, &["A".into(), "B".into()]).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["messages"][0]["content"], "A");
+        assert_eq!(v["messages"][1]["content"], "B");
+        assert_eq!(v["max_tokens"], 3);
+        let out = rewrite_prompt(Endpoint::Completions, br#"{"model":"m","prompt":["x"]}"#, &["y".into()]).unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap()["prompt"], "y");
+        assert!(rewrite_prompt(Endpoint::Chat, body, &["only one".into()]).is_none());
+    }
+}

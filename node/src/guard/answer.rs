@@ -1,0 +1,165 @@
+//! The `relay` stage's guard half: answer hooks on a whole answer, and the request's audit
+//! flow, which ends with its record written before the client sees the end of the answer.
+//! (Streamed answers are checked as they flow: `stream`.)
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, HeaderMap};
+use axum::response::Response;
+use kvmesh_policy::guardrails::{Context, Stage};
+use kvmesh_policy::openai::ApiError;
+use kvmesh_policy::request::{Endpoint, InferenceRequest};
+use serde_json::Value;
+
+use super::{Guard, AUDIT_ACK_TIMEOUT, MAX_CHECKED_BODY};
+use crate::audit::{AuditRecord, Outcome, Slot};
+use crate::ctx::RequestCtx;
+use crate::reply::error_response;
+
+impl Guard {
+    /// The `relay` stage's guard half: the routed answer checked (streamed or whole),
+    /// recorded, then handed to the client.
+    pub async fn answer(self: &Arc<Self>, mut flow: Flow, req: &InferenceRequest, resp: Response) -> Response {
+        let status = resp.status();
+        flow.rec.status = status.as_u16();
+        flow.rec.served_by = header_string(resp.headers(), "x-kvmesh-served-by");
+        flow.rec.route = header_string(resp.headers(), "x-kvmesh-route");
+        let sse = header_string(resp.headers(), header::CONTENT_TYPE.as_str())
+            .is_some_and(|c| c.starts_with("text/event-stream"));
+        if status.is_success() && req.stream && sse {
+            return self.clone().stream_answer(flow, req, resp);
+        }
+        let (mut parts, body) = resp.into_parts();
+        let bytes = match axum::body::to_bytes(body, MAX_CHECKED_BODY).await {
+            Ok(b) => b,
+            Err(e) => {
+                let err = ApiError::bad_gateway(format!("The answer could not be read: {e}"));
+                flow.rec.status = err.status.as_u16();
+                flow.rec.outcome = Outcome::StreamError;
+                flow.rec.error = Some(err.message.clone());
+                flow.finish().await;
+                return error_response(&err);
+            }
+        };
+        if !status.is_success() {
+            flow.rec.outcome = Outcome::Rejected;
+            flow.rec.error = serde_json::from_slice::<Value>(&bytes)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_owned));
+            flow.finish().await;
+            return Response::from_parts(parts, Body::from(bytes));
+        }
+        let mut out = bytes;
+        if let Ok(mut v) = serde_json::from_slice::<Value>(&out) {
+            flow.rec.completion_tokens = v["usage"]["completion_tokens"].as_u64();
+            let field = if req.endpoint == Endpoint::Chat { "/message/content" } else { "/text" };
+            let n = v["choices"].as_array().map(Vec::len).unwrap_or(0);
+            let mut texts: Vec<String> = (0..n)
+                .map(|i| v["choices"][i].pointer(field).and_then(Value::as_str).unwrap_or("").to_owned())
+                .collect();
+            let ctx = Context { stage: Stage::Response, model: &req.model, tenant: &flow.tenant, prompt_chars: 0 };
+            match self.run_hooks(&ctx, &flow.rec.request_id, &mut texts, &mut flow.rec.guardrails).await {
+                Err((rule, _)) => {
+                    let err = ApiError::content_filter(format!("The answer was blocked by guardrail `{rule}`."));
+                    flow.rec.status = err.status.as_u16();
+                    flow.rec.outcome = Outcome::Rejected;
+                    flow.rec.error = Some(err.message.clone());
+                    flow.finish().await;
+                    let mut r = error_response(&err);
+                    copy_kvmesh_headers(&parts.headers, r.headers_mut());
+                    return r;
+                }
+                Ok(changed) => {
+                    if changed {
+                        for (i, t) in texts.iter().enumerate() {
+                            if let Some(slot) = v["choices"][i].pointer_mut(field) {
+                                *slot = Value::String(t.clone());
+                            }
+                        }
+                        out = Bytes::from(v.to_string());
+                        parts.headers.remove(header::CONTENT_LENGTH);
+                    }
+                }
+            }
+            flow.text = texts.join("\n");
+        }
+        flow.finish().await;
+        Response::from_parts(parts, Body::from(out))
+    }
+}
+
+/// One request's audit record on its way to the writer. Dropped unfinished (the client left
+/// mid-stream), it is still recorded, as `client_gone`.
+pub struct Flow {
+    guard: Arc<Guard>,
+    slot: Option<Slot>,
+    pub(super) rec: AuditRecord,
+    started: Instant,
+    pub(super) tenant: String,
+    /// The answer's text as released to the client (for webhooks and `record_text`).
+    pub(super) text: String,
+    /// Characters of the prompt's texts (a length estimate for models without a tokenizer).
+    pub(super) prompt_chars: usize,
+}
+
+impl Flow {
+    pub(super) fn new(guard: Arc<Guard>, slot: Option<Slot>, rec: AuditRecord, ctx: &RequestCtx) -> Self {
+        Self {
+            guard,
+            slot,
+            rec,
+            started: ctx.started,
+            tenant: ctx.tenant.clone(),
+            text: String::new(),
+            prompt_chars: 0,
+        }
+    }
+
+    fn close(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        self.rec.latency_ms = (self.started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
+        if let (Some(n), true) = (self.rec.completion_tokens, self.guard.limits_enabled) {
+            let now = self.guard.now_ms();
+            if let Ok(mut l) = self.guard.limiter.lock() {
+                l.charge_tokens(&self.tenant, n, now);
+            }
+        }
+        let slot = self.slot.take()?;
+        if self.guard.audit.as_ref().is_some_and(|a| a.record_text) && !self.text.is_empty() {
+            self.rec.response = Some(self.guard.redact_for_audit(Stage::Response, &self.text));
+        }
+        slot.submit(std::mem::take(&mut self.rec))
+    }
+
+    /// Queues the record and waits until it is written, so an answered request is on disk
+    /// (in the OS) before the client sees the end of its answer.
+    pub(super) async fn finish(&mut self) {
+        if let Some(ack) = self.close() {
+            if tokio::time::timeout(AUDIT_ACK_TIMEOUT, ack).await.is_err() {
+                tracing::warn!("audit writer did not confirm a record in time; answering anyway");
+            }
+        }
+    }
+}
+
+impl Drop for Flow {
+    fn drop(&mut self) {
+        if self.slot.is_some() {
+            self.rec.outcome = Outcome::ClientGone;
+            let _ = self.close();
+        }
+    }
+}
+
+pub(super) fn header_string(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+fn copy_kvmesh_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    for name in ["x-kvmesh-served-by", "x-kvmesh-route", "x-request-id"] {
+        if let Some(v) = from.get(name) {
+            to.insert(name, v.clone());
+        }
+    }
+}

@@ -1,0 +1,348 @@
+//! Answer guardrails on a streamed answer, as it flows: the built-in rules scan each choice's
+//! text with a held-back window (`policy::guardrails::StreamScanner`), webhooks run once on the
+//! whole answer at its end (where a deny replaces the final `[DONE]` with an error event), and
+//! the audit record is written before the stream's last bytes go out.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::http::header;
+use axum::response::Response;
+use futures::{Stream, StreamExt};
+use kvmesh_policy::guardrails::{self, Context, Stage, StreamScanner};
+use kvmesh_policy::openai::ApiError;
+use kvmesh_policy::request::{Endpoint, InferenceRequest};
+use serde_json::{json, Value};
+
+use super::hooks::{Hook, Rules, WebhookVerdict};
+use super::{Flow, Guard, MAX_CHECKED_BODY};
+use crate::audit::{HookVerdict, Outcome, Verdict};
+
+impl Guard {
+    pub(super) fn stream_answer(self: Arc<Self>, flow: Flow, req: &InferenceRequest, resp: Response) -> Response {
+        let (mut parts, body) = resp.into_parts();
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let state = StreamState {
+            rules: self.rules(),
+            upstream: body.into_data_stream().boxed(),
+            buf: Vec::new(),
+            scanners: BTreeMap::new(),
+            chat: req.endpoint == Endpoint::Chat,
+            model: req.model.clone(),
+            template: None,
+            saw_done: false,
+            finished: false,
+            flow: Some(flow),
+            guard: self,
+        };
+        Response::from_parts(parts, Body::from_stream(guarded_stream(state)))
+    }
+}
+
+type DataStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, axum::Error>> + Send>>;
+
+struct StreamState {
+    guard: Arc<Guard>,
+    /// The hooks in force when the answer started; a reload mid-stream does not change them.
+    rules: Arc<Rules>,
+    upstream: DataStream,
+    /// Bytes of an SSE event not complete yet.
+    buf: Vec<u8>,
+    /// Per choice index: its scanner, and whether that choice has finished.
+    scanners: BTreeMap<u64, (StreamScanner, bool)>,
+    chat: bool,
+    model: String,
+    /// The last data event with choices, to shape events that flush held-back text.
+    template: Option<Value>,
+    saw_done: bool,
+    finished: bool,
+    flow: Option<Flow>,
+}
+
+impl StreamState {
+    fn ctx(&self) -> (String, String) {
+        (self.model.clone(), self.flow.as_ref().map(|f| f.tenant.clone()).unwrap_or_default())
+    }
+
+    fn push_text(&mut self, released: &str) {
+        if let Some(f) = &mut self.flow {
+            if f.text.len() < MAX_CHECKED_BODY {
+                f.text.push_str(released);
+            }
+        }
+    }
+
+    /// Handles one complete event (without its blank line); appends what to send to `out`.
+    fn on_event(&mut self, ev: &str, out: &mut Vec<u8>) -> Result<(), guardrails::Denied> {
+        let data = ev.lines().find_map(|l| l.strip_prefix("data:")).map(str::trim_start);
+        let Some(data) = data else {
+            out.extend_from_slice(ev.as_bytes());
+            out.extend_from_slice(b"\n\n");
+            return Ok(());
+        };
+        if data == "[DONE]" {
+            self.flush(out)?;
+            self.saw_done = true;
+            return Ok(());
+        }
+        let Ok(mut v) = serde_json::from_str::<Value>(data) else {
+            out.extend_from_slice(ev.as_bytes());
+            out.extend_from_slice(b"\n\n");
+            return Ok(());
+        };
+        if v.get("error").is_some() {
+            if let Some(f) = &mut self.flow {
+                f.rec.outcome = Outcome::StreamError;
+                f.rec.error = v["error"]["message"].as_str().map(str::to_owned);
+            }
+        }
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            if let Some(f) = &mut self.flow {
+                f.rec.completion_tokens = Some(n);
+            }
+        }
+        let (model, tenant) = self.ctx();
+        let ctx = Context { stage: Stage::Response, model: &model, tenant: &tenant, prompt_chars: 0 };
+        let field = if self.chat { "/delta/content" } else { "/text" };
+        let mut changed = false;
+        let mut released_all = String::new();
+        if let Some(choices) = v.get_mut("choices").and_then(Value::as_array_mut) {
+            for c in choices.iter_mut() {
+                let idx = c["index"].as_u64().unwrap_or(0);
+                let text = c.pointer(field).and_then(Value::as_str).map(str::to_owned);
+                let finishing = !c["finish_reason"].is_null();
+                if text.is_none() && !finishing {
+                    continue;
+                }
+                let (scanner, done) = self
+                    .scanners
+                    .entry(idx)
+                    .or_insert_with(|| (StreamScanner::new(&self.rules.stream_rules, self.guard.window), false));
+                let mut released = scanner.push(&ctx, text.as_deref().unwrap_or(""))?;
+                if finishing {
+                    released.push_str(&scanner.finish(&ctx)?);
+                    *done = true;
+                }
+                if text.as_deref() != Some(released.as_str()) && !(text.is_none() && released.is_empty()) {
+                    set_text(c, self.chat, released.clone());
+                    changed = true;
+                }
+                released_all.push_str(&released);
+            }
+            self.template = Some(v.clone());
+        }
+        self.push_text(&released_all);
+        if changed {
+            out.extend_from_slice(format!("data: {v}\n\n").as_bytes());
+        } else {
+            out.extend_from_slice(ev.as_bytes());
+            out.extend_from_slice(b"\n\n");
+        }
+        Ok(())
+    }
+
+    /// Releases what unfinished choices still hold back, as events of their own.
+    fn flush(&mut self, out: &mut Vec<u8>) -> Result<(), guardrails::Denied> {
+        let (model, tenant) = self.ctx();
+        let ctx = Context { stage: Stage::Response, model: &model, tenant: &tenant, prompt_chars: 0 };
+        let mut texts = Vec::new();
+        for (idx, (scanner, done)) in self.scanners.iter_mut() {
+            if *done {
+                continue;
+            }
+            *done = true;
+            let rest = scanner.finish(&ctx)?;
+            if !rest.is_empty() {
+                texts.push((*idx, rest));
+            }
+        }
+        for (idx, rest) in texts {
+            let mut ev = self.template.clone().unwrap_or_else(|| json!({"object": "chat.completion.chunk"}));
+            if let Some(o) = ev.as_object_mut() {
+                o.remove("usage");
+            }
+            let mut choice = json!({"index": idx, "finish_reason": null});
+            set_text(&mut choice, self.chat, rest.clone());
+            ev["choices"] = json!([choice]);
+            out.extend_from_slice(format!("data: {ev}\n\n").as_bytes());
+            self.push_text(&rest);
+        }
+        Ok(())
+    }
+
+    fn record_stream_verdicts(&mut self, denied: Option<&guardrails::Denied>) {
+        let mut by_rule: BTreeMap<String, Verdict> = BTreeMap::new();
+        for (scanner, _) in self.scanners.values() {
+            for (name, v) in scanner.verdicts() {
+                let e = by_rule.entry(name).or_insert(Verdict::Allow);
+                if v == "rewrite" {
+                    *e = Verdict::Rewrite;
+                }
+            }
+        }
+        if self.scanners.is_empty() {
+            for r in self.rules.stream_rules.iter() {
+                by_rule.insert(r.name().to_owned(), Verdict::Allow);
+            }
+        }
+        let mut ordered = Vec::new();
+        for r in &self.rules.stream_rules {
+            if let Some(d) = denied.filter(|d| d.rule == r.name()) {
+                ordered.push((r.name().to_owned(), Verdict::Deny, Some(d.reason.clone())));
+                break;
+            }
+            if let Some(v) = by_rule.get(r.name()) {
+                ordered.push((r.name().to_owned(), *v, None));
+            }
+        }
+        for (name, verdict, reason) in ordered {
+            self.guard.count(&name, Stage::Response, verdict);
+            if let Some(f) = &mut self.flow {
+                f.rec.guardrails.push(HookVerdict { hook: name, stage: "response".into(), verdict, reason });
+            }
+        }
+    }
+
+    /// The end of a stream stopped by a rule: the error event, `[DONE]`, the record.
+    async fn stop(&mut self, denied: &guardrails::Denied, out: &mut Vec<u8>) {
+        self.record_stream_verdicts(Some(denied));
+        let err = ApiError::content_filter(format!("The answer was stopped by guardrail `{}`.", denied.rule));
+        out.extend_from_slice(err.to_sse_event().as_bytes());
+        out.extend_from_slice(b"data: [DONE]\n\n");
+        if let Some(mut f) = self.flow.take() {
+            f.rec.outcome = Outcome::GuardrailStopped;
+            f.rec.error = Some(err.message.clone());
+            f.finish().await;
+        }
+        self.finished = true;
+    }
+
+    /// The upstream ended: flush, run response webhooks on the whole answer, record, close.
+    async fn end(&mut self, out: &mut Vec<u8>) {
+        if !self.buf.is_empty() {
+            let rest = String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned();
+            let rest = rest.trim_end_matches('\n').to_owned();
+            if let Err(d) = self.on_event(&rest, out) {
+                return self.stop(&d, out).await;
+            }
+        }
+        if let Err(d) = self.flush(out) {
+            return self.stop(&d, out).await;
+        }
+        self.record_stream_verdicts(None);
+        let mut denied_by_webhook = None;
+        if let Some(mut f) = self.flow.take() {
+            let guard = self.guard.clone();
+            let rules = self.rules.clone();
+            let has_webhooks =
+                rules.hooks.iter().any(|h| matches!(h, Hook::Webhook(w) if w.on.contains(&Stage::Response)));
+            if has_webhooks {
+                let ctx = Context { stage: Stage::Response, model: &self.model, tenant: &f.tenant, prompt_chars: 0 };
+                let mut texts = vec![f.text.clone()];
+                let mut verdicts = Vec::new();
+                // Built-in rules already ran on the stream: only the webhooks run here.
+                for h in rules.hooks.iter() {
+                    if let Hook::Webhook(w) = h {
+                        if !w.on.contains(&Stage::Response) {
+                            continue;
+                        }
+                        let outcome = guard.call_webhook(w, &ctx, &f.rec.request_id, &texts).await;
+                        if let Ok(WebhookVerdict::Rewrite(new)) = &outcome {
+                            texts = new.clone();
+                        }
+                        // The text is out already: a rewrite can only be recorded.
+                        let verdict = w.verdict(outcome, true);
+                        guard.count(&w.name, Stage::Response, verdict.0);
+                        verdicts.push(HookVerdict {
+                            hook: w.name.clone(),
+                            stage: "response".into(),
+                            verdict: verdict.0,
+                            reason: verdict.1.clone(),
+                        });
+                        if verdict.0.blocks() {
+                            denied_by_webhook = Some(w.name.clone());
+                            break;
+                        }
+                    }
+                }
+                f.rec.guardrails.extend(verdicts);
+            }
+            if let Some(rule) = &denied_by_webhook {
+                let err = ApiError::content_filter(format!("The answer was stopped by guardrail `{rule}`."));
+                out.extend_from_slice(err.to_sse_event().as_bytes());
+                f.rec.outcome = Outcome::GuardrailStopped;
+                f.rec.error = Some(err.message.clone());
+            }
+            if self.saw_done || denied_by_webhook.is_some() {
+                out.extend_from_slice(b"data: [DONE]\n\n");
+            }
+            f.finish().await;
+        } else if self.saw_done {
+            out.extend_from_slice(b"data: [DONE]\n\n");
+        }
+        self.finished = true;
+    }
+}
+
+fn set_text(choice: &mut Value, chat: bool, text: String) {
+    if chat {
+        if !choice["delta"].is_object() {
+            choice["delta"] = json!({});
+        }
+        choice["delta"]["content"] = Value::String(text);
+    } else {
+        choice["text"] = Value::String(text);
+    }
+}
+
+fn guarded_stream(state: StreamState) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
+    futures::stream::unfold(state, |mut s| async move {
+        let mut out = Vec::new();
+        while out.is_empty() && !s.finished {
+            match s.upstream.next().await {
+                Some(Ok(chunk)) => {
+                    s.buf.extend_from_slice(&chunk);
+                    while let Some(pos) = find_event_end(&s.buf) {
+                        let ev_bytes: Vec<u8> = s.buf.drain(..pos + 2).collect();
+                        let ev = String::from_utf8_lossy(&ev_bytes[..pos]).into_owned();
+                        if let Err(d) = s.on_event(&ev, &mut out) {
+                            s.stop(&d, &mut out).await;
+                            break;
+                        }
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "answer stream failed inside the guard");
+                    if let Some(f) = &mut s.flow {
+                        f.rec.outcome = Outcome::StreamError;
+                        f.rec.error = Some(e.to_string());
+                    }
+                    s.end(&mut out).await;
+                }
+                None => s.end(&mut out).await,
+            }
+        }
+        if out.is_empty() {
+            None
+        } else {
+            Some((Ok(Bytes::from(out)), s))
+        }
+    })
+}
+
+/// Index of the `\n\n` that ends the first complete event in `buf`.
+fn find_event_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\n\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_end_at_a_blank_line() {
+        assert_eq!(find_event_end(b"data: x\n\ndata: y"), Some(7));
+        assert_eq!(find_event_end(b"data: x\n"), None);
+    }
+}

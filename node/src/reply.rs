@@ -1,0 +1,39 @@
+//! Errors turned into answers, in one place: the OpenAI error body, counted in
+//! `kvmesh_requests_total` and logged like every other answer, and marked when no engine
+//! accepted the request (so a peer's origin may send it elsewhere).
+
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use kvmesh_policy::openai::ApiError;
+
+use crate::ctx::RequestCtx;
+use crate::metrics::NodeMetrics;
+
+/// The OpenAI error body with its status.
+pub fn error_response(e: &ApiError) -> Response {
+    (e.status, [(header::CONTENT_TYPE, "application/json")], e.to_json()).into_response()
+}
+
+/// Answers `ctx` with an OpenAI error, counted and logged like every other answer.
+pub fn reply_error(metrics: &NodeMetrics, ctx: &RequestCtx, e: &ApiError) -> Response {
+    tracing::info!(status = e.status.as_u16(), error = %e.message, "request rejected");
+    // A model nobody serves is the client's free text: keep it out of metric labels.
+    let model = if e.code.as_deref() == Some("model_not_found") { "unknown" } else { ctx.model.as_str() };
+    let ep = ctx.endpoint.path();
+    metrics.requests.with_label_values(&[ep, model, e.status.as_str()]).inc();
+    metrics.duration.with_label_values(&[ep, "false"]).observe(ctx.started.elapsed().as_secs_f64());
+    error_response(e)
+}
+
+/// Marks an error answered before any engine accepted the request (safe to send elsewhere).
+#[derive(Clone, Copy)]
+pub struct NotAccepted;
+
+pub fn not_accepted(mut r: Response) -> Response {
+    r.extensions_mut().insert(NotAccepted);
+    r
+}
+
+pub fn is_not_accepted(r: &Response) -> bool {
+    r.extensions().get::<NotAccepted>().is_some()
+}

@@ -1,0 +1,132 @@
+//! The request path of a client's request, top to bottom, as named stages. Read
+//! [`Pipeline::stages`] to follow a request from the HTTP handler to the engine and back:
+//!
+//! 1. **admit** (`guard::admit`): audit slot, API key, parse, the key's models, `max_tokens`,
+//!    prompt guardrails;
+//! 2. **tokenize** (`tokens`): the prompt's token ids (or approximate keys of its text), once
+//!    per request, here;
+//! 3. **limit** (`guard::limits`): prompt length, token and request rates, mesh-wide;
+//! 4. **place** (`router::cells`): with cells, a prompt homed in another cell goes where its
+//!    home node there places it;
+//! 5. **pick** (`router::pick`, `policy::candidates`, `policy::route`): the engine predicted to
+//!    start it soonest, or a prefill/decode split;
+//! 6. **forward** (`router::forward`, `router::split`): the client's bytes to that engine, this
+//!    node's or a peer's; a failure before the client saw anything goes back to pick;
+//! 7. **relay** (`router::relay`, `guard::answer`, `guard::stream`): the answer streamed back
+//!    through the answer guardrails; the audit record written before it ends.
+//!
+//! Errors become answers in one place (`reply`), in OpenAI's shape. Requests a peer forwards
+//! here take the router's own path (`router::peer`): parse, keys, pick, forward.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::Response;
+use kvmesh_policy::request::{self, InferenceRequest};
+use tracing::Instrument;
+
+use crate::ctx::RequestCtx;
+use crate::guard::{Flow, Guard, Refusal};
+use crate::metrics::NodeMetrics;
+use crate::reply::reply_error;
+use crate::router::{Router, Scope};
+
+pub struct Pipeline {
+    pub router: Arc<Router>,
+    /// Auth, limits, guardrails and audit; `None` when none is configured.
+    pub guard: Option<Arc<Guard>>,
+    metrics: Arc<NodeMetrics>,
+    max_body_bytes: usize,
+}
+
+impl Pipeline {
+    pub fn new(router: Arc<Router>, guard: Option<Arc<Guard>>, max_body_bytes: usize) -> Self {
+        let metrics = router.metrics.clone();
+        Self { router, guard, metrics, max_body_bytes }
+    }
+
+    pub fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes
+    }
+
+    pub fn metrics(&self) -> &NodeMetrics {
+        &self.metrics
+    }
+
+    /// A client's request, from its first byte to the end of its answer.
+    pub async fn serve(&self, ctx: RequestCtx, headers: &HeaderMap, body: Bytes) -> Response {
+        if self.router.is_draining() {
+            // Before the guard: refused like a closed port, so it leaves no audit record.
+            return self.router.refuse_draining(&ctx);
+        }
+        let span = ctx.span.clone();
+        self.stages(ctx, headers, body).instrument(span).await
+    }
+
+    /// The stages, in order.
+    async fn stages(&self, mut ctx: RequestCtx, headers: &HeaderMap, body: Bytes) -> Response {
+        // 1. admit
+        let (mut flow, req, body) = match self.admit(&mut ctx, headers, body).await {
+            Ok(admitted) => admitted,
+            Err((flow, refusal)) => return self.refuse(&ctx, flow, refusal).await,
+        };
+        // 2. tokenize
+        let mut prompt = match self.router.tokenizers().prompt_keys(&req).await {
+            Ok(prompt) => prompt,
+            Err(e) => return self.refuse(&ctx, flow, e.into()).await,
+        };
+        // 3. limit
+        if let (Some(guard), Some(f)) = (&self.guard, flow.as_mut()) {
+            let peers = self.router.mesh().map(|m| m.peers()).unwrap_or_default();
+            if let Err(refusal) = guard.limit(f, &req, prompt.known().then_some(prompt.tokens), &peers) {
+                return self.refuse(&ctx, flow, refusal).await;
+            }
+        }
+        // 4. place
+        let answer = match self.router.place_in_home_cell(&ctx, &req, &body, &mut prompt).await {
+            Some(answer) => answer,
+            // 5. pick → 6. forward (retried while the client has seen nothing)
+            None => self.router.pick_and_forward(&ctx, &req, &body, &mut prompt, Scope::Mesh).await,
+        };
+        // 7. relay
+        match (&self.guard, flow) {
+            (Some(guard), Some(flow)) => guard.answer(flow, &req, answer).await,
+            _ => answer,
+        }
+    }
+
+    /// The admit stage: the guard's checks when there is a guard, else the parse alone.
+    async fn admit(
+        &self,
+        ctx: &mut RequestCtx,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<(Option<Flow>, InferenceRequest, Bytes), (Option<Flow>, Refusal)> {
+        let Some(guard) = &self.guard else {
+            let req = request::parse(ctx.endpoint, &body).map_err(|e| (None, e.into()))?;
+            ctx.set_model(&req.model);
+            return Ok((None, req, body));
+        };
+        let mut flow = guard.open(ctx).map_err(|r| (None, r))?;
+        match guard.admit(&mut flow, ctx, headers, body).await {
+            Ok((req, body)) => Ok((Some(flow), req, body)),
+            Err(refusal) => Err((Some(flow), refusal)),
+        }
+    }
+
+    /// A refusal from a stage before routing: answered (with `retry-after` for a 429) and
+    /// recorded.
+    async fn refuse(&self, ctx: &RequestCtx, flow: Option<Flow>, refusal: Refusal) -> Response {
+        let mut resp = reply_error(&self.metrics, ctx, &refusal.error);
+        if let Some(s) = refusal.retry_after_s {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        if let (Some(guard), Some(flow)) = (&self.guard, flow) {
+            guard.refuse(flow, &refusal).await;
+        }
+        resp
+    }
+}

@@ -1,0 +1,154 @@
+//! The `forward` stage: the client's bytes to one engine, this node's over HTTP or a peer's
+//! over QUIC, and the answer's head judged: a failure before any engine accepted the request is
+//! a [`Retry`]; anything else goes on to `relay`.
+
+use axum::body::Bytes;
+use axum::http::{header, StatusCode};
+use axum::response::Response;
+use futures::StreamExt;
+use kvmesh_policy::openai::ApiError;
+use kvmesh_transport::{PeerRequest, RequestHead, TransportError};
+use std::sync::Arc;
+
+use super::relay::{quic_body, read_small, Answer, ByteStream};
+use super::{Router, Target};
+use crate::ctx::RequestCtx;
+use crate::engine::{Engine, InFlight};
+use crate::mesh::view::PeerEngine;
+use crate::reply::reply_error;
+
+/// A failure before the client saw anything: the pipeline may try another engine.
+pub struct Retry {
+    pub error: ApiError,
+    pub reason: &'static str,
+}
+
+fn is_retryable(status: StatusCode) -> bool {
+    matches!(status, StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT)
+}
+
+impl Router {
+    /// One engine, local or a peer's, named explicitly (the hops of a split).
+    pub(super) async fn forward_to(
+        self: &Arc<Self>,
+        ctx: &RequestCtx,
+        target: &Target,
+        stream: bool,
+        body: &Bytes,
+        route: &str,
+    ) -> Result<Response, Retry> {
+        match target {
+            Target::Local(e) => self.forward_local(ctx, stream, body, e.clone(), route).await,
+            Target::Remote(r) => {
+                let ask = PeerRequest::Engine(r.load.name.clone());
+                let head = RequestHead::new(ask, ctx.endpoint.path(), &ctx.id, &self.node_name, stream);
+                self.forward_remote(ctx, head, body, r, route).await
+            }
+        }
+    }
+
+    pub(super) async fn forward_local(
+        self: &Arc<Self>,
+        ctx: &RequestCtx,
+        stream: bool,
+        body: &Bytes,
+        engine: Arc<Engine>,
+        route: &str,
+    ) -> Result<Response, Retry> {
+        let in_flight = InFlight::new(engine.in_flight.clone());
+        let mut rb = self
+            .client
+            .post(format!("{}{}", engine.url, ctx.endpoint.path()))
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("x-request-id", &ctx.id)
+            .body(body.clone());
+        if let Some(k) = &engine.api_key {
+            rb = rb.bearer_auth(k);
+        }
+        let resp = match tokio::time::timeout(self.s.first_byte_timeout, rb.send()).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                engine.mark_down(&e.to_string());
+                return Err(Retry {
+                    error: ApiError::bad_gateway(format!("Engine {} could not be reached.", engine.name)),
+                    reason: if e.is_connect() { "connect" } else { "send" },
+                });
+            }
+            Err(_) => return Ok(self.first_byte_timed_out(ctx, &engine.name)),
+        };
+        let status = resp.status();
+        let content_type = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let upstream: ByteStream = resp.bytes_stream().map(|r| r.map_err(|e| e.to_string())).boxed();
+        if is_retryable(status) {
+            let text = read_small(upstream, self.s.idle_timeout).await;
+            return Err(Retry {
+                error: ApiError::unavailable(format!("Engine {} answered {status}: {}", engine.name, text.trim())),
+                reason: "engine_unavailable",
+            });
+        }
+        let served_by = format!("{}/{}", self.node_name, engine.name);
+        let answer = Answer { status, content_type, served_by, stream, route };
+        self.relay_answer(ctx, answer, upstream, in_flight).await
+    }
+
+    pub(super) async fn forward_remote(
+        self: &Arc<Self>,
+        ctx: &RequestCtx,
+        head: RequestHead,
+        body: &Bytes,
+        remote: &PeerEngine,
+        route: &str,
+    ) -> Result<Response, Retry> {
+        let Some(mesh) = self.mesh() else {
+            return Err(Retry { error: ApiError::unavailable("This node is not in a mesh."), reason: "no_mesh" });
+        };
+        let in_flight = InFlight::new(remote.in_flight.clone());
+        let node = &remote.id.node;
+        let (rhead, recv) = match mesh.endpoint.request(remote.addr, &head, body, self.s.first_byte_timeout).await {
+            Ok(r) => r,
+            Err(TransportError::Timeout { what: "response head", .. }) => {
+                return Ok(self.first_byte_timed_out(ctx, &remote.id.to_string()));
+            }
+            Err(e) => {
+                mesh.suspect(node);
+                return Err(Retry {
+                    error: ApiError::bad_gateway(format!("Peer {node} could not be reached: {e}")),
+                    reason: "peer",
+                });
+            }
+        };
+        let status = StatusCode::from_u16(rhead.status).unwrap_or(StatusCode::BAD_GATEWAY);
+        let upstream = quic_body(recv);
+        // Only failures from before any engine accepted the request: anything later might
+        // have run (or still run) there, and must not run twice.
+        if rhead.retryable {
+            let text = read_small(upstream, self.s.idle_timeout).await;
+            return Err(Retry {
+                error: ApiError::unavailable(format!("Peer {node} answered {status}: {}", text.trim())),
+                reason: "peer_unavailable",
+            });
+        }
+        let answer = Answer {
+            status,
+            content_type: Some(rhead.content_type),
+            served_by: rhead.served_by,
+            stream: head.stream,
+            route,
+        };
+        let relayed = self.relay_answer(ctx, answer, upstream, in_flight).await;
+        if relayed.is_err() {
+            mesh.suspect(node);
+        }
+        relayed
+    }
+
+    /// The engine may still be working on it; another engine would double the work, and the
+    /// client has waited long enough already.
+    pub(super) fn first_byte_timed_out(&self, ctx: &RequestCtx, target: &str) -> Response {
+        let e = ApiError::gateway_timeout(format!(
+            "{target} did not answer within {} ms.",
+            self.s.first_byte_timeout.as_millis()
+        ));
+        reply_error(&self.metrics, ctx, &e)
+    }
+}

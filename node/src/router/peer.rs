@@ -1,0 +1,126 @@
+//! What a peer asks of this node (`transport::PeerRequest`), answered on its QUIC stream:
+//! serve a request on a named engine or the best of this node's, route a relayed request in
+//! this node's cell, or answer a placement query (`cells`). A peer's request was admitted and
+//! is audited at its origin; here it is parsed, keyed, picked and forwarded.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::{header, HeaderMap};
+use axum::response::Response;
+use kvmesh_policy::candidates::PromptKeys;
+use kvmesh_policy::openai::ApiError;
+use kvmesh_policy::request::{self, Endpoint};
+use kvmesh_transport::endpoint::respond;
+use kvmesh_transport::{IncomingRequest, PeerRequest, PromptDigest, ResponseHead};
+use tracing::Instrument;
+
+use super::{Router, Scope};
+use crate::ctx::RequestCtx;
+use crate::reply::{error_response, is_not_accepted, not_accepted, reply_error};
+
+struct DecrementOnDrop<'a>(&'a AtomicU32);
+
+impl Drop for DecrementOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Router {
+    /// A request a peer sent: served by this node's engines (or its cell's, for a relay),
+    /// answered on the QUIC stream.
+    pub async fn serve_peer(self: Arc<Self>, req: IncomingRequest) {
+        let ask = req.head.ask();
+        if let PeerRequest::Place(query) = ask {
+            return self.serve_placement(req, query).await;
+        }
+        self.peer_requests.fetch_add(1, Ordering::Relaxed);
+        let _done = DecrementOnDrop(&self.peer_requests);
+        let endpoint = match req.head.path.as_str() {
+            "/v1/chat/completions" => Some(Endpoint::Chat),
+            "/v1/completions" => Some(Endpoint::Completions),
+            _ => None,
+        };
+        let mut ctx = RequestCtx::peer(&req.head.request_id, &req.head.origin, endpoint.unwrap_or(Endpoint::Chat));
+        let send = req.respond;
+        let resp = match endpoint {
+            Some(_) if self.is_draining() => self.refuse_draining(&ctx),
+            Some(_) => {
+                let scope = match &ask {
+                    PeerRequest::Relay => Scope::Cell,
+                    PeerRequest::Engine(name) => Scope::Local(Some(name.as_str())),
+                    PeerRequest::AnyEngine | PeerRequest::Place(_) => Scope::Local(None),
+                };
+                let span = ctx.span.clone();
+                // The origin may give up (its client left, its timeout fired) before the engine
+                // answers: stop then, so the engine is not kept working for nobody.
+                let work = self.serve_forwarded(&mut ctx, req.body, scope, req.head.prompt.as_ref());
+                tokio::select! {
+                    r = work.instrument(span) => r,
+                    _ = send.stopped() => {
+                        tracing::debug!(peer = %req.peer, "origin stopped waiting; request dropped");
+                        return;
+                    }
+                }
+            }
+            None => error_response(&ApiError::not_found(format!("No route {}", req.head.path))),
+        };
+        let head = ResponseHead {
+            status: resp.status().as_u16(),
+            content_type: header_str(resp.headers(), header::CONTENT_TYPE.as_str())
+                .unwrap_or("application/json")
+                .to_owned(),
+            served_by: header_str(resp.headers(), "x-kvmesh-served-by").unwrap_or(&self.node_name).to_owned(),
+            retryable: is_not_accepted(&resp),
+        };
+        let io = self.mesh().map(|m| m.endpoint.io_timeout()).unwrap_or(Duration::from_secs(5));
+        let body = resp.into_body().into_data_stream();
+        // An error here means the origin stopped reading (its client left): dropping the body
+        // closes the engine connection, and the engine aborts the request.
+        if let Err(e) = respond(send, &head, body, io).await {
+            tracing::debug!(peer = %req.peer, error = %e, "peer stopped reading the response");
+        }
+    }
+
+    /// parse → keys (the origin's digest, or tokenized here when this node chooses and none
+    /// came) → pick and forward.
+    async fn serve_forwarded(
+        self: &Arc<Self>,
+        ctx: &mut RequestCtx,
+        body: axum::body::Bytes,
+        scope: Scope<'_>,
+        digest: Option<&PromptDigest>,
+    ) -> Response {
+        let req = match request::parse(ctx.endpoint, &body) {
+            Ok(r) => r,
+            Err(e) => return reply_error(&self.metrics, ctx, &e),
+        };
+        ctx.set_model(&req.model);
+        // Token ids only matter when there is a choice to make, and are made once per request:
+        // a peer that leaves the choice to this node sends the block keys it computed.
+        let mut prompt = match (scope.chooses(), digest.map(|d| (d, d.keys()))) {
+            (true, Some((d, Ok(keys)))) => {
+                let label = if self.tokenizers.has(&req.model) { req.model.as_str() } else { "other" };
+                self.metrics.tokenize_requests.with_label_values(&[label, "from_peer"]).inc();
+                PromptKeys::from_keys(d.tokens as usize, d.block_size, keys)
+            }
+            (true, _) => match self.tokenizers.prompt_keys(&req).await {
+                Ok(p) => p,
+                Err(e) => {
+                    let resp = reply_error(&self.metrics, ctx, &e);
+                    // An overloaded tokenizer refused before any engine saw it: the origin may
+                    // try elsewhere.
+                    return if e.status.as_u16() == 503 { not_accepted(resp) } else { resp };
+                }
+            },
+            (false, _) => PromptKeys::default(),
+        };
+        self.pick_and_forward(ctx, &req, &body, &mut prompt, scope).await
+    }
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
