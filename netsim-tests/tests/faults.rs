@@ -357,10 +357,11 @@ async fn a_third_cut_off_serves_on_its_side_and_rejoins_after_heal() {
     // in the view: the nodes that failed over right after the cut may still be waiting that out.
     let holder = first.server_node().to_owned();
     let t = Instant::now();
-    while !sides[0]
-        .iter()
-        .all(|n| by_name(&c, n).mesh.as_ref().expect("mesh").remote_engines().iter().any(|e| e.node_id == holder))
-    {
+    let candidate = |n: &str| {
+        let mesh = by_name(&c, n).mesh.as_ref().expect("mesh");
+        mesh.view().engines.iter().any(|e| *e.id.node == *holder && !mesh.table.suspected(e))
+    };
+    while !sides[0].iter().all(|n| candidate(n)) {
         assert!(t.elapsed() < HEAL + SUSPECT, "{holder} is still not a candidate on the big side");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -8,11 +8,10 @@
 //!
 //! Must not: know anything about kvmesh's mesh, routing or gossip. Whatever talks to this crate's
 //! server must work unchanged against a real vLLM, so nothing here may offer a kvmesh-only
-//! shortcut on the product path. The cluster simulator (later) reuses `engine` and `timing`
-//! in virtual time.
+//! shortcut on the product path. The cluster simulator (`kvmesh-clustersim`, its own crate)
+//! reuses `engine` and `timing` in virtual time.
 
 pub mod api;
-pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -1,9 +1,9 @@
-//! `kvmesh simulate`: the cluster simulator (`kvmesh_sim::cluster`) from the command line, with
+//! `kvmesh simulate`: the cluster simulator (`kvmesh_clustersim`) from the command line, with
 //! its results as a table (and optionally a `BENCHMARKS.md` section and a CSV for plotting).
 
 use std::path::PathBuf;
 
-use kvmesh_sim::cluster::{self, ClusterConfig, Row};
+use kvmesh_clustersim::{self as cluster, ClusterConfig, Row};
 
 use kvmesh_node::NodeError;
 

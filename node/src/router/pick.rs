@@ -44,6 +44,55 @@ struct LocalSnapshot<'a> {
     history: Option<std::sync::MutexGuard<'a, RoutedKeys>>,
 }
 
+/// What this node knows of one of its own engines: its poller's view, its exact index (when it
+/// publishes KV events, and not mid-resync), what this node sent there, its in-flight count.
+fn local_facts<'a>(s: &'a LocalSnapshot<'a>, usable: bool, default_bs: u32) -> EngineFacts<'a> {
+    let (cache, block_size) = match &s.index {
+        Some(index) if s.resyncing => (Cache::Resyncing, index.block_size()),
+        Some(index) => (Cache::Index(index), index.block_size()),
+        // KV events, but the index could not be read: count on no cached prefix.
+        None if s.engine.kv_events.is_some() => (Cache::Resyncing, None),
+        None => (Cache::Unobserved, None),
+    };
+    EngineFacts {
+        usable,
+        rtt_ms: 0.0,
+        load: Load { running: s.view.load.running, waiting: s.view.load.waiting, kv_usage: s.view.load.kv_usage },
+        in_flight: Some(s.engine.in_flight.load(Ordering::Relaxed)),
+        cache,
+        history: s.history.as_deref(),
+        block_size: block_size.or(s.view.load.block_size).unwrap_or(default_bs),
+        role: s.engine.role,
+    }
+}
+
+/// What this node knows of a peer's engine: its gossiped load and its node's summary (a union
+/// over the node's engines: the match is the node's, and the node itself picks among its
+/// engines when it has several), plus what this node sent and placed there.
+pub(crate) fn peer_facts<'a>(
+    r: &'a PeerEngine,
+    usable: bool,
+    rtt_ms: f64,
+    placed: u32,
+    history: Option<&'a RoutedKeys>,
+    default_bs: u32,
+) -> EngineFacts<'a> {
+    EngineFacts {
+        usable,
+        rtt_ms,
+        load: Load {
+            running: f64::from(r.load.running),
+            waiting: f64::from(r.load.waiting),
+            kv_usage: f64::from(r.load.kv_usage),
+        },
+        in_flight: Some(r.in_flight.load(Ordering::Relaxed) + placed),
+        cache: Cache::Summary { shards: &r.summary, stride: r.summary_stride },
+        history,
+        block_size: r.load.block_size.unwrap_or(default_bs),
+        role: r.load.role,
+    }
+}
+
 impl Router {
     /// The engine with the lowest predicted time to first token for this request, among those
     /// not `tried` yet: cached prefix (exact index for this node's engines), queue, KV pressure
@@ -111,26 +160,8 @@ impl Router {
             let serves = s.view.models.iter().any(|m| m == model);
             known |= serves;
             let t = Target::Local(s.engine.clone());
-            let (cache, block_size) = match &s.index {
-                Some(_) if s.resyncing => (Cache::Resyncing, s.index.as_ref().and_then(|i| i.block_size())),
-                Some(index) => (Cache::Index(index), index.block_size()),
-                None if s.engine.kv_events.is_some() => (Cache::Resyncing, None),
-                None => (Cache::Unobserved, None),
-            };
-            facts.push(EngineFacts {
-                usable: s.view.healthy && serves && !tried.contains(&t.key()),
-                rtt_ms: 0.0,
-                load: Load {
-                    running: s.view.load.running,
-                    waiting: s.view.load.waiting,
-                    kv_usage: s.view.load.kv_usage,
-                },
-                in_flight: Some(s.engine.in_flight.load(Ordering::Relaxed)),
-                cache,
-                history: s.history.as_deref(),
-                block_size: block_size.or(s.view.load.block_size).unwrap_or(default_bs),
-                role: s.engine.role,
-            });
+            let usable = s.view.healthy && serves && !tried.contains(&t.key());
+            facts.push(local_facts(s, usable, default_bs));
             targets.push(t);
         }
         for r in &remote {
@@ -141,23 +172,10 @@ impl Router {
                 .map(|d| d.as_secs_f64() * 1000.0)
                 .unwrap_or(UNMEASURED_PEER_RTT_MS);
             let t = Target::Remote((*r).clone());
-            let in_flight = r.in_flight.load(Ordering::Relaxed) + placed.get(&r.id).copied().unwrap_or(0);
-            facts.push(EngineFacts {
-                usable: r.load.healthy && serves && !tried.contains(&t.key()),
-                rtt_ms: rtt,
-                load: Load {
-                    running: f64::from(r.load.running),
-                    waiting: f64::from(r.load.waiting),
-                    kv_usage: f64::from(r.load.kv_usage),
-                },
-                in_flight: Some(in_flight),
-                // The peer's summary covers all its engines (a union): the match is the node's,
-                // and the node itself picks the engine when it has several.
-                cache: Cache::Summary { shards: &r.summary, stride: r.summary_stride },
-                history: ledger_of(&r.id).map(|l| &l.routed),
-                block_size: r.load.block_size.unwrap_or(default_bs),
-                role: r.load.role,
-            });
+            let usable = r.load.healthy && serves && !tried.contains(&t.key());
+            let placed = placed.get(&r.id).copied().unwrap_or(0);
+            let history = ledger_of(&r.id).map(|l| &l.routed);
+            facts.push(peer_facts(r, usable, rtt, placed, history, default_bs));
             targets.push(t);
         }
         if !known {
@@ -235,6 +253,106 @@ impl Router {
                     mesh.table.record(&r.id, &keys, false);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use kvmesh_clustersim::{engine_facts, Seen};
+    use kvmesh_policy::blocks;
+    use kvmesh_policy::candidates::{self, PromptKeys, Rules};
+    use kvmesh_policy::pd::PdSettings;
+    use kvmesh_policy::route::Mode;
+    use kvmesh_policy::route_history::RoutedKeys;
+    use kvmesh_policy::score::ScoreWeights;
+    use kvmesh_policy::summary::{self, BloomShard};
+
+    use super::peer_facts;
+    use crate::mesh::view::PeerEngine;
+
+    const BS: u32 = 16;
+
+    /// A peer's engine as the node's routing view holds it.
+    fn peer(name: &str, running: u32, waiting: u32, kv_usage: f32, held: &[u64], in_flight: u32) -> PeerEngine {
+        let mut e = PeerEngine::named(name, "127.0.0.1:7000".parse().expect("addr"), "e0", "m", BS);
+        e.load.running = running;
+        e.load.waiting = waiting;
+        e.load.kv_usage = kv_usage;
+        e.summary =
+            Arc::new(summary::build(held.iter().copied(), 1_000, 1).into_iter().map(|s| Some(Arc::new(s))).collect());
+        e.in_flight.store(in_flight, std::sync::atomic::Ordering::Relaxed);
+        e
+    }
+
+    /// The node's router and the cluster simulator, fed the same per-engine facts (gossiped
+    /// load, node summary, route history, in-flight and placed counts, RTT), build the same
+    /// candidates and make the same choice, for several mixes of cache and load.
+    #[test]
+    fn node_and_simulator_agree() {
+        let ids: Vec<u32> = (0..(40 * BS)).collect();
+        let seed = blocks::chain_seed("m", None, None);
+        let keys = blocks::block_keys(seed, &ids, BS as usize);
+        let mut history = RoutedKeys::new(60_000, 1_000);
+        history.record(&keys[..30], 0);
+        let (w, pd) = (ScoreWeights::default(), PdSettings::default());
+        // (engines: running, waiting, kv usage, blocks held, in flight; placed; rtt; history)
+        type Engine = (u32, u32, f32, usize, u32, u32, f64, bool);
+        let scenarios: Vec<Vec<Engine>> = vec![
+            vec![(2, 0, 0.3, 40, 0, 0, 1.0, false), (0, 0, 0.1, 0, 0, 0, 1.0, false)],
+            vec![
+                (2, 3, 0.3, 10, 4, 1, 0.5, false),
+                (1, 0, 0.2, 0, 0, 0, 2.0, true),
+                (0, 1, 0.95, 40, 0, 0, 9.0, false),
+            ],
+            vec![
+                (8, 6, 0.5, 40, 2, 2, 1.0, false),
+                (0, 0, 0.1, 0, 0, 0, 30.0, false),
+                (1, 1, 0.4, 20, 1, 0, 1.0, true),
+            ],
+        ];
+        for (n, engines) in scenarios.into_iter().enumerate() {
+            let peers: Vec<PeerEngine> = engines
+                .iter()
+                .enumerate()
+                .map(|(i, (r, q, kv, held, inf, _, _, _))| peer(&format!("n{i}"), *r, *q, *kv, &keys[..*held], *inf))
+                .collect();
+            let node: Vec<_> = peers
+                .iter()
+                .zip(&engines)
+                .map(|(p, (.., placed, rtt, h))| peer_facts(p, true, *rtt, *placed, h.then_some(&history), BS))
+                .collect();
+            let shards: Vec<Vec<Option<Arc<BloomShard>>>> = peers.iter().map(|p| (*p.summary).clone()).collect();
+            let sim: Vec<_> = engines
+                .iter()
+                .zip(&shards)
+                .map(|((r, q, kv, _, inf, placed, rtt, h), shards)| {
+                    let load = candidates::Load { running: *r as f64, waiting: *q as f64, kv_usage: f64::from(*kv) };
+                    let seen = Seen::Peer {
+                        load: Some(load),
+                        shards,
+                        stride: 1,
+                        rtt_ms: *rtt,
+                        in_flight: inf + placed,
+                        history: h.then_some(&history),
+                    };
+                    engine_facts(seen, BS)
+                })
+                .collect();
+            let prompt = || PromptKeys::from_ids(seed, ids.clone());
+            let est = |facts: &[candidates::EngineFacts<'_>]| -> Vec<_> {
+                let mut p = prompt();
+                facts.iter().map(|f| candidates::estimate(&mut p, f, 1)).collect()
+            };
+            assert_eq!(est(&node), est(&sim), "scenario {n}: candidates differ");
+            let rules = Rules { mode: Mode::Kvmesh, weights: &w, pd: &pd };
+            let pick = |facts: &[candidates::EngineFacts<'_>]| {
+                candidates::decide(rules, &mut prompt(), facts, 1, false, None, |_| 0).map(|d| (d.index, d.reason))
+            };
+            assert!(pick(&node).is_some(), "scenario {n}");
+            assert_eq!(pick(&node), pick(&sim), "scenario {n}: choices differ");
         }
     }
 }

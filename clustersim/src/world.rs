@@ -10,12 +10,8 @@ use hdrhistogram::Histogram;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use super::gossip::GossipModel;
-use super::{ClusterConfig, EdgeStats, Row};
-use crate::engine::{CoreConfig, EngineCore, NewSequence, ScheduledStep};
-use crate::kv_cache::KvEvent;
-use crate::workload::Workload;
-use crate::SimError;
+use crate::gossip::GossipModel;
+use crate::{ClusterConfig, EdgeStats, Row};
 use kvmesh_policy::blocks;
 use kvmesh_policy::candidates::{self, Cache, EngineFacts, PromptKeys};
 use kvmesh_policy::cells::{self, CellLoad, Placements};
@@ -25,6 +21,10 @@ use kvmesh_policy::route::Mode;
 use kvmesh_policy::route_history::RoutedKeys;
 use kvmesh_policy::score::{self, Estimate};
 use kvmesh_policy::summary::{self, BloomShard};
+use kvmesh_sim::engine::{CoreConfig, EngineCore, NewSequence, ScheduledStep};
+use kvmesh_sim::kv_cache::KvEvent;
+use kvmesh_sim::workload::Workload;
+use kvmesh_sim::SimError;
 
 type Us = u64;
 
@@ -208,6 +208,53 @@ struct Stats {
     edge: Vec<(EdgeStats, u64)>,
 }
 
+/// What a simulated node sees of one engine, before it becomes `policy::candidates` facts.
+pub enum Seen<'a> {
+    /// A central oracle: the engine's true queue and exact index, no unreported load.
+    Oracle { load: candidates::Load, index: &'a EngineIndex, rtt_ms: f64 },
+    /// The node's own engine: its polled load and exact index (from its KV events).
+    Own { polled: candidates::Load, index: &'a EngineIndex, in_flight: u32, history: Option<&'a RoutedKeys> },
+    /// A peer's engine: load and node summary as gossip delivered them (`None`: nothing yet,
+    /// so not usable), and what this node sent and placed there.
+    Peer {
+        load: Option<candidates::Load>,
+        shards: &'a [Option<Arc<BloomShard>>],
+        stride: u32,
+        rtt_ms: f64,
+        in_flight: u32,
+        history: Option<&'a RoutedKeys>,
+    },
+}
+
+/// The facts a simulated node routes on, as the node's router builds them
+/// (`node::router::pick`): the test `node_and_simulator_agree` feeds both the same engines.
+pub fn engine_facts(seen: Seen<'_>, block_size: u32) -> EngineFacts<'_> {
+    let base = |usable, rtt_ms, load, in_flight, cache, history| EngineFacts {
+        usable,
+        rtt_ms,
+        load,
+        in_flight,
+        cache,
+        history,
+        block_size,
+        role: Role::Both,
+    };
+    match seen {
+        Seen::Oracle { load, index, rtt_ms } => base(true, rtt_ms, load, None, Cache::Index(index), None),
+        Seen::Own { polled, index, in_flight, history } => {
+            base(true, 0.0, polled, Some(in_flight), Cache::Index(index), history)
+        }
+        Seen::Peer { load, shards, stride, rtt_ms, in_flight, history } => base(
+            load.is_some(),
+            rtt_ms,
+            load.unwrap_or_default(),
+            Some(in_flight),
+            Cache::Summary { shards, stride },
+            history,
+        ),
+    }
+}
+
 fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| Histogram::new(3).expect("valid sigfig"))
 }
@@ -259,7 +306,7 @@ struct World<'a> {
     warmup: Us,
     gossip: GossipModel,
     /// Gossip settings in force (the configured ones, or fitted to `gossip_budget_kb_s`).
-    g: super::Gossip,
+    g: crate::Gossip,
     chain_seed: u64,
     stats: Stats,
     /// Prompts and output lengths of requests on their way to an engine.
@@ -400,7 +447,7 @@ impl<'a> World<'a> {
             Some(budget) => {
                 let stride = cfg.gossip.summary_stride.max(1) as usize;
                 let shard = BloomShard::with_capacity(e.num_gpu_blocks as usize / stride).encode().len() + 16;
-                super::gossip::budgeted(&cfg.gossip, members, budget, (shard * summary::SHARDS) as f64)
+                crate::gossip::budgeted(&cfg.gossip, members, budget, (shard * summary::SHARDS) as f64)
             }
             None => cfg.gossip.clone(),
         };
@@ -556,7 +603,7 @@ impl<'a> World<'a> {
                     if self.engines[e].load_counted_at.is_none_or(|t| self.now >= t + round) {
                         self.engines[e].load_counted_at = Some(self.now);
                         if self.now >= self.warmup {
-                            self.stats.load_bytes += super::gossip::LOAD_BYTES as u64;
+                            self.stats.load_bytes += crate::gossip::LOAD_BYTES as u64;
                         }
                     }
                 }
@@ -795,48 +842,27 @@ impl<'a> World<'a> {
                     let engine = &self.engines[e];
                     let in_flight = self.nodes[origin].in_flight.get(&e).copied().unwrap_or(0) + placed;
                     let history = self.nodes[origin].routed.get(&e);
-                    let f = if oracle {
-                        // The oracle reads every engine's true queue and exact cache, as a
-                        // router in front of its engines with a central index would.
+                    let seen = if oracle {
                         let c = &engine.core;
-                        EngineFacts {
-                            usable: true,
-                            rtt_ms: self.rtt_ms(origin, engine.node),
-                            load: candidates::Load {
-                                running: c.num_running() as f64,
-                                waiting: c.num_waiting() as f64,
-                                kv_usage: c.kv_usage(),
-                            },
-                            in_flight: None,
-                            cache: Cache::Index(&engine.index),
-                            history: None,
-                            block_size: bs,
-                            role: Role::Both,
-                        }
+                        let load = candidates::Load {
+                            running: c.num_running() as f64,
+                            waiting: c.num_waiting() as f64,
+                            kv_usage: c.kv_usage(),
+                        };
+                        Seen::Oracle { load, index: &engine.index, rtt_ms: self.rtt_ms(origin, engine.node) }
                     } else if own == Some(e) {
-                        EngineFacts {
-                            usable: true,
-                            rtt_ms: 0.0,
-                            load: engine.polled.into(),
-                            in_flight: Some(in_flight),
-                            cache: Cache::Index(&engine.index),
-                            history,
-                            block_size: bs,
-                            role: Role::Both,
-                        }
+                        Seen::Own { polled: engine.polled.into(), index: &engine.index, in_flight, history }
                     } else {
-                        let shards: &[Option<Arc<BloomShard>>] = summary.as_deref().map(Vec::as_slice).unwrap_or(&[]);
-                        EngineFacts {
-                            usable: load.is_some(),
+                        Seen::Peer {
+                            load: load.map(Into::into),
+                            shards: summary.as_deref().map(Vec::as_slice).unwrap_or(&[]),
+                            stride: self.g.summary_stride,
                             rtt_ms: self.rtt_ms(origin, engine.node),
-                            load: load.unwrap_or_default().into(),
-                            in_flight: Some(in_flight),
-                            cache: Cache::Summary { shards, stride: self.g.summary_stride },
+                            in_flight,
                             history,
-                            block_size: bs,
-                            role: Role::Both,
                         }
                     };
+                    let f = engine_facts(seen, bs);
                     facts.push(f);
                 }
                 let mode = match self.policy {

@@ -1,13 +1,18 @@
 //! The cluster simulator: a discrete-event model of a kvmesh cluster in virtual time, to show
 //! how routing behaves at sizes and loads that cannot run on one machine.
 //!
+//! Owns: the virtual-time world (engines, nodes, gossip delay and bytes, cells) and the
+//! figures `kvmesh simulate` prints. Must not: route by rules of its own; every routing
+//! decision goes through `policy` as the node's does, so the two cannot drift.
+//!
 //! What is real and what is modelled:
 //! - Engines: the engine simulator's own scheduler, KV cache and step-time formula
 //!   (`engine::EngineCore`, `timing`), driven by an event queue instead of a clock.
 //! - Routing: the product's code. Each node keeps the exact index of its engine from that
 //!   engine's KV events (`policy::prefix_index`), publishes its Bloom summary
-//!   (`policy::summary`), remembers what it routed where (`policy::route_history`), and picks an
-//!   engine with `policy::route::pick` from the same `Estimate`s the proxy builds.
+//!   (`policy::summary`), remembers what it routed where (`policy::route_history`), and turns
+//!   what it sees into candidates and a choice with `policy::candidates::decide`, the same call
+//!   the node's router makes (`node::router::pick`).
 //! - Staleness: each node reads its engine's load every `engine_poll_interval_ms` (as the node
 //!   polls `/metrics`), publishes load every `load_publish_interval_ms` and its summary every
 //!   `summary_interval_ms`; other nodes see a publication after the gossip delay of `gossip`.
@@ -18,23 +23,25 @@
 //!   contention are not modelled.
 //! - Gossip bytes: modelled (`gossip`), from the sizes the product would publish.
 //!
-//! Policies: `round-robin`, `least-load` and `kvmesh` run on every node as the proxy does;
+//! Policies: `round-robin`, `least-load` and `kvmesh` run on every node as the router does;
 //! `oracle` is one central router that sees every engine's exact index and load with no delay
 //! (what llm-d's precise-prefix scheduler knows).
 
 pub mod gossip;
 mod world;
 
+pub use world::{engine_facts, Seen};
+
 use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::timing::TimingModel;
-use crate::workload::Workload;
-use crate::SimError;
 use kvmesh_policy::cells::CellSettings;
 use kvmesh_policy::pd::PdSettings;
 use kvmesh_policy::score::ScoreWeights;
+use kvmesh_sim::timing::TimingModel;
+use kvmesh_sim::workload::Workload;
+use kvmesh_sim::SimError;
 
 pub use world::simulate;
 

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use kvmesh_sim::cluster::{simulate, ClusterConfig, EdgeSite, Row};
+use kvmesh_clustersim::{simulate, ClusterConfig, EdgeSite, Row};
 use kvmesh_sim::workload::Workload;
 
 fn shared_prefix() -> (ClusterConfig, Workload) {

@@ -31,7 +31,7 @@ pub const DIGEST_BYTES_PER_MEMBER: f64 = 222.0;
 /// node publishes reaches every other node, so each publisher's share is the budget over the
 /// number of peers: the cost of flat gossip grows with the mesh, and only slower publication
 /// (staler load and summaries) keeps it bounded.
-pub fn budgeted(base: &super::Gossip, nodes: usize, budget_kb_s: f64, summary_bytes: f64) -> super::Gossip {
+pub fn budgeted(base: &crate::Gossip, nodes: usize, budget_kb_s: f64, summary_bytes: f64) -> super::Gossip {
     let budget = budget_kb_s * 1000.0;
     let peers = nodes.saturating_sub(1).max(1) as f64;
     let gossip_interval_ms =
@@ -40,7 +40,7 @@ pub fn budgeted(base: &super::Gossip, nodes: usize, budget_kb_s: f64, summary_by
     let load_publish_interval_ms =
         base.load_publish_interval_ms.max(LOAD_BYTES * peers / (0.15 * budget) * 1000.0).max(gossip_interval_ms);
     let summary_interval_ms = base.summary_interval_ms.max(summary_bytes * peers / (0.35 * budget) * 1000.0);
-    super::Gossip { gossip_interval_ms, load_publish_interval_ms, summary_interval_ms, ..base.clone() }
+    crate::Gossip { gossip_interval_ms, load_publish_interval_ms, summary_interval_ms, ..base.clone() }
 }
 
 /// Bytes of one node's gossiped `load` value with one engine (its JSON, as the node writes it).
