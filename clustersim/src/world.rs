@@ -1,5 +1,8 @@
 //! The event loop of one cluster-simulator run: engines, nodes, gossip and clients in virtual
 //! time (microseconds).
+//!
+//! Why one long file: it is one event loop, and every handler advances the same world; split,
+//! the simulated timeline would be scattered over modules that all need all of its state.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};

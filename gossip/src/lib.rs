@@ -1,6 +1,7 @@
 //! Membership and cluster state: which nodes are in the mesh, which are alive, and what each one
-//! publishes about itself. That is its role, models, addresses, engine load, and (as a
-//! versioned slot) a KV-prefix summary.
+//! publishes about itself. That is its role, models, addresses, engine load, per-tenant usage
+//! of the rate-limit window, a KV-prefix summary (as a versioned slot), and with cells the cells
+//! table a gateway republishes.
 //!
 //! Gossip is chitchat 0.11 (scuttlebutt anti-entropy, phi-accrual failure detection). Its
 //! messages travel on the node's QUIC endpoint from `transport` (`quic`), never on chitchat's

@@ -4,8 +4,9 @@
 //! What runs: real nodes in one process, each with a real QUIC endpoint, mutual TLS and gossip,
 //! and an embedded engine simulator. Their QUIC runs on loopback UDP, or on a simulated network
 //! (`simnet`: delay, loss, partitions, hosts down) for the fault tests; and, in [`netns`], real
-//! `kvmesh` processes in network namespaces with kernel-made faults (root only). Fault timing is
-//! real time, not virtual time (`simnet` explains why).
+//! `kvmesh` processes in network namespaces with kernel-made faults (root only). Membership and
+//! gossip faults also run in virtual time (`tests/virtual_time.rs`); request-level faults run in
+//! real time (`simnet` explains why).
 //!
 //! Must not: be a dependency of any shipped crate.
 

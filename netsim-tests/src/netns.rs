@@ -11,6 +11,9 @@
 //! `kvmPIDxSEQ` (10.A.B.1/24) on the bridge too, so the test talks to every node's HTTP API
 //! directly and can run relays. Dropping the lab kills its processes and deletes its namespaces,
 //! which destroys every veth with them, also when a test panics.
+//!
+//! Why one long file: the namespace harness (hosts, links, nftables faults, process control)
+//! is one fixture; every part of it is needed by each kernel test.
 
 use std::collections::HashMap;
 use std::fs::File;

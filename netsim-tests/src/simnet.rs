@@ -4,9 +4,10 @@
 //! or two-way partitions, and nodes taken off the network. Everything above the socket is the
 //! product code unchanged: quinn, TLS, the pooled endpoint, chitchat, routing.
 //!
-//! Why not turmoil or tokio's paused clock: a node talks to its engine over real loopback HTTP
-//! and ZeroMQ, and the engine simulator runs on the real clock, so virtual time cannot drive a
-//! whole node. The fabric therefore runs in real time too.
+//! The fabric runs on whatever clock tokio has: `tests/virtual_time.rs` drives membership and
+//! gossip (quinn, TLS, chitchat on `SimSocket`) on tokio's paused clock. Whole nodes run in real
+//! time (`tests/faults.rs`): a node talks to its engine over real loopback HTTP and ZeroMQ, and
+//! the engine simulator runs on the real clock, which a paused clock cannot drive.
 //!
 //! Determinism: a drop (and a jitter) is a pure function of the net's seed, the link
 //! (source, destination) and the datagram's index on that link, so a link's k-th datagram meets

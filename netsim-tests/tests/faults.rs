@@ -21,6 +21,9 @@
 //!
 //! The scenarios run one at a time (`SERIAL`): on a 2-core machine, two meshes at once would
 //! measure the scheduler, not the bounds.
+//!
+//! Why one long file: the request-level fault scenarios share one harness and its helpers; each
+//! scenario is a test function of its own.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;

@@ -32,6 +32,9 @@
 //!
 //! **Rotation.** When the file passes `max_bytes` it is renamed `FILE.1`, `FILE.2`, … (higher is
 //! newer) and a new `FILE` continues the same chain. Rotated files are never deleted here.
+//!
+//! Why one long file: the writer, the chain and `verify` must agree byte for byte on the line
+//! format, so they live together; the last ~130 lines are its tests.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -188,7 +191,8 @@ pub struct AuditRecord {
     /// `node/engine` that answered, and the routing decision (`x-kvmesh-route`).
     pub served_by: Option<String>,
     pub route: Option<String>,
-    /// Prefill/decode split, when the request was disaggregated (not built yet: always null).
+    /// Prefill/decode split, when the request was disaggregated. P/D serving is built, but this
+    /// field is not filled yet: always null.
     pub pd: Option<String>,
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,

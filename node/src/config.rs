@@ -1,5 +1,8 @@
 //! One typed configuration: defaults, then a TOML file (`--config`), then environment variables
 //! (`KVMESH_*`), then flags. Validated once at start with messages that say what to fix.
+//!
+//! Why one long file: every key, with its doc, default, variable and flag, sits in one place,
+//! validation beside it (`tests/config_reference.rs` checks docs/configuration.md against it).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -21,7 +24,7 @@ use kvmesh_sim::EngineConfig;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// This node's name in logs, headers and (later) the mesh. Defaults to the host name.
+    /// This node's name in logs, headers and the mesh (its gossip id). Defaults to the host name.
     pub node_name: String,
     /// Address of the OpenAI API, `/health` and `/metrics`.
     pub http_addr: String,
@@ -108,7 +111,7 @@ pub struct Config {
     /// Cells for large meshes (`policy::cells`, ARCHITECTURE.md *Cells*). Off unless `name`
     /// is set.
     pub cells: CellsConfig,
-    /// API keys. With none configured, the API is open (as before).
+    /// API keys. With none configured, the whole API is open, admin and mesh routes included.
     pub auth: AuthConfig,
     /// Per-tenant rate and budget limits (tenants come from `[auth]`; without keys every
     /// request is tenant `anonymous`).

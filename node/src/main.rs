@@ -1,5 +1,7 @@
 //! `kvmesh`: one binary per node. `serve` runs a node; `engine-sim` runs a stand-alone vLLM
-//! simulator; `bench` runs the benchmarks.
+//! simulator; `cert` and `keys` make certificates and API keys; `audit` verifies an audit log;
+//! `peers`, `status` and `drain` talk to a running node; `demo`, `simulate` and `bench` (the
+//! binary's private `cli` module) run the local demo, the cluster simulator and benchmarks.
 
 mod cli;
 

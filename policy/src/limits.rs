@@ -6,9 +6,9 @@
 //! gossips [`Limiter::snapshot`] and passes the sum of peers' figures in as `remote`). So limits
 //! hold across nodes without a central counter, with this accuracy bound: a peer's figure is
 //! late by at most its publish interval plus gossip propagation (`D`, about 0.5-1 s with the
-//! defaults). Over `D`, nodes admit without seeing each other's last admissions, so a tenant can
-//! exceed its limit by at most what it sends in `D` (its request rate × `D`), and never
-//! multiply its quota by the number of nodes. A node that dies takes its part of the window
+//! defaults). Over `D`, nodes admit without seeing each other's last admissions: each admits
+//! against its own count and its peers' stale figures, so a burst spread over N nodes within
+//! `D` can be admitted up to N times the limit (no per-node share of the quota is reserved yet). A node that dies takes its part of the window
 //! with it, which errs toward admitting.
 //!
 //! Tokens per minute counts prompt tokens at admission (from the model's tokenizer) and

@@ -1,4 +1,7 @@
 //! vLLM's OpenAI-compatible HTTP surface over the simulated engine.
+//!
+//! Why one long file: every endpoint shape the simulator serves is here, in one place, so it
+//! can be read against vLLM's `entrypoints/openai` side by side.
 
 use std::convert::Infallible;
 use std::sync::Arc;
