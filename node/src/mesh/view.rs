@@ -125,7 +125,9 @@ type CachedShard = (u64, Option<Arc<BloomShard>>);
 /// What rebuilding needs to keep between snapshots.
 #[derive(Default)]
 struct Carried {
-    nodes: HashMap<(String, u64), NodeState>,
+    /// By node name, whatever its generation: a suspicion outlives a restart or a flap out of
+    /// the view until it runs out, as it would for a node never seen (another cell's).
+    nodes: HashMap<String, NodeState>,
     in_flight: HashMap<EngineId, Arc<AtomicU32>>,
     shards: HashMap<(String, u64, usize), CachedShard>,
 }
@@ -195,10 +197,9 @@ impl PeerTable {
         let mut shards = HashMap::new();
         let mut engines = Vec::new();
         for p in peers.iter().filter(|p| !p.is_self) {
-            let node_key = (p.node_id.clone(), p.generation);
-            let state = carried.nodes.remove(&node_key).unwrap_or_default();
+            let state = carried.nodes.remove(&p.node_id).unwrap_or_default();
             let suspect_until = state.suspect_until.clone();
-            nodes.insert(node_key, state);
+            nodes.insert(p.node_id.clone(), state);
             let summary = Arc::new(decode_summary(p, &mut carried.shards, &mut shards));
             let node: Arc<str> = p.node_id.as_str().into();
             for e in &p.load.engines {
@@ -217,12 +218,12 @@ impl PeerTable {
                 });
             }
         }
-        // Suspicions of nodes outside this cell's view (home nodes in other cells) run out on
-        // their own.
+        // Suspicions of nodes outside the view (home nodes in other cells, a node that flapped
+        // out) run out on their own.
         let now = self.now_ms();
-        for (key, state) in carried.nodes.drain() {
-            if key.1 == 0 && state.suspect_until.load(Ordering::Relaxed) > now {
-                nodes.insert(key, state);
+        for (name, state) in carried.nodes.drain() {
+            if state.suspect_until.load(Ordering::Relaxed) > now {
+                nodes.insert(name, state);
             }
         }
         // Requests still open on an engine that left keep their counter until they end.
@@ -271,24 +272,14 @@ impl PeerTable {
         }
     }
 
-    /// A peer failed before answering: its engines are skipped for `suspect_for`.
+    /// A peer failed before answering: its engines are skipped for `suspect_for`. A node not
+    /// in the view (another cell's home node, or one not heard of yet) is remembered by name,
+    /// and its engines are skipped when it appears.
     pub fn suspect(&self, node: &str) {
         let until = self.now_ms() + self.suspect_for.as_millis() as u64;
-        let view = self.current.read().map(|v| v.clone()).unwrap_or_default();
-        for e in view.engines.iter().filter(|e| &*e.id.node == node) {
-            e.suspect_until.store(until, Ordering::Relaxed);
-        }
         if let Ok(mut carried) = self.carried.lock() {
-            for ((n, _), state) in carried.nodes.iter_mut() {
-                if n == node {
-                    state.suspect_until.store(until, Ordering::Relaxed);
-                }
-            }
-            // A node not in the view yet (a home node known from the cells table) is
-            // remembered under generation 0 until it appears.
-            if !carried.nodes.keys().any(|(n, _)| n == node) {
-                carried.nodes.entry((node.to_owned(), 0)).or_default().suspect_until.store(until, Ordering::Relaxed);
-            }
+            // The view's engines share their node's deadline.
+            carried.nodes.entry(node.to_owned()).or_default().suspect_until.store(until, Ordering::Relaxed);
         }
     }
 
@@ -297,8 +288,21 @@ impl PeerTable {
         let now = self.now_ms();
         self.carried
             .lock()
-            .map(|c| c.nodes.iter().any(|((n, _), s)| n == node && s.suspect_until.load(Ordering::Relaxed) > now))
+            .ok()
+            .and_then(|c| c.nodes.get(node).map(|s| s.suspect_until.load(Ordering::Relaxed) > now))
             .unwrap_or(false)
+    }
+
+    /// A peer engine known only by name and address (a placement's answer, a home node), with
+    /// an in-flight counter the table keeps while requests are open on it, so that they count
+    /// in [`in_flight_total`](Self::in_flight_total) (drain and shutdown wait for them).
+    pub fn named(&self, node: &str, addr: SocketAddr, engine: &str, model: &str, block_size: u32) -> PeerEngine {
+        let mut e = PeerEngine::named(node, addr, engine, model, block_size);
+        if let Ok(mut carried) = self.carried.lock() {
+            e.in_flight = carried.in_flight.entry(e.id.clone()).or_default().clone();
+            e.suspect_until = carried.nodes.entry(node.to_owned()).or_default().suspect_until.clone();
+        }
+        e
     }
 
     /// Whether this engine's node is suspected now.
@@ -431,5 +435,23 @@ mod tests {
         assert!(t.is_suspect("c"), "a node not in the view (another cell's)");
         let _ = t.view(&Arc::new(vec![peer("b", 1, &["e0"])]));
         assert!(t.is_suspect("c"), "kept across rebuilds until it runs out");
+        let v = t.view(&Arc::new(vec![peer("b", 1, &["e0"]), peer("c", 7, &["e0"])]));
+        assert!(t.suspected(&v.engines[1]), "applied when the node appears, at any generation");
+        assert!(t.is_suspect("a"), "a suspected node that flapped out stays suspected");
+        let v = t.view(&Arc::new(vec![peer("a", 2, &["e0"])]));
+        assert!(t.suspected(&v.engines[0]), "and when it comes back");
+    }
+
+    #[test]
+    fn requests_on_a_named_engine_count_as_open() {
+        let t = table();
+        let e = t.named("far", "127.0.0.1:7100".parse().expect("addr"), "e0", "m", 16);
+        e.in_flight.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(t.in_flight_total(), 1);
+        let _ = t.view(&Arc::new(vec![peer("b", 1, &["e0"])]));
+        assert_eq!(t.in_flight_total(), 1, "kept while open");
+        e.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let _ = t.view(&Arc::new(vec![peer("b", 2, &["e0"])]));
+        assert_eq!(t.in_flight_total(), 0);
     }
 }

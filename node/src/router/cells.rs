@@ -34,7 +34,6 @@ use kvmesh_transport::{IncomingRequest, PeerRequest, PlaceQuery, Placement, Prom
 use super::relay::{quic_body, read_limited};
 use super::{Retry, Router, Scope, Target};
 use crate::ctx::RequestCtx;
-use crate::mesh::view::PeerEngine;
 use crate::mesh::Mesh;
 
 /// Longest wait for a placement's answer once the query is sent. A home node answers from
@@ -100,7 +99,7 @@ impl Router {
         ask.prompt = Some(digest);
         let unplaced = match self.ask_placement(&mesh, name, addr, &ask).await {
             Ok(Placement::Engine { node, addr: at, engine, route }) => {
-                let target = PeerEngine::named(&node, at.unwrap_or(addr), &engine, &req.model, bs);
+                let target = mesh.table.named(&node, at.unwrap_or(addr), &engine, &req.model, bs);
                 // The home node's own reason stays, renamed: this request's reason is its home cell.
                 let decision = RouteDecision::CellPlaced { cell: cell.to_owned(), home: name.clone(), placed: route };
                 let header = decision.to_string();
@@ -123,7 +122,7 @@ impl Router {
                 let decision = RouteDecision::CellRelayed { cell: cell.to_owned(), home: name.clone() };
                 let header = decision.to_string();
                 ctx.span.record("route", header.as_str());
-                let home_node = PeerEngine::named(name, addr, "", &req.model, bs);
+                let home_node = mesh.table.named(name, addr, "", &req.model, bs);
                 let head =
                     RequestHead::new(PeerRequest::Relay, ctx.endpoint.path(), &ctx.id, &self.node_name, req.stream);
                 match self.forward_remote(ctx, head, body, &home_node, &header).await {
