@@ -28,22 +28,25 @@
 //! - `audit`, `metrics`, `telemetry`, `reply` (errors as answers), `config`, `node` (start
 //!   and stop).
 
-pub mod api;
+// What other crates use (the binary, its tools, tests) is public; the request path is the
+// node's own.
 pub mod audit;
 pub mod cells;
 pub mod config;
-pub mod ctx;
 pub mod engine;
 pub mod error;
-pub mod guard;
 pub mod mesh;
-pub mod metrics;
 pub mod node;
-pub mod reply;
-pub mod request;
-pub mod router;
 pub mod telemetry;
-pub mod tokens;
+
+pub(crate) mod api;
+pub(crate) mod ctx;
+pub(crate) mod guard;
+pub(crate) mod metrics;
+pub(crate) mod reply;
+pub(crate) mod request;
+pub(crate) mod router;
+pub(crate) mod tokens;
 
 pub use config::Config;
 pub use error::NodeError;

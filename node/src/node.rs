@@ -46,8 +46,9 @@ impl RunningNode {
         format!("http://{}", self.http_addr)
     }
 
-    /// Dies without telling peers (tests of failure detection): the endpoint closes, tasks stop,
-    /// the embedded engine goes away.
+    /// Dies without telling peers (tests of failure detection; feature `testsuite`): the
+    /// endpoint closes, tasks stop, the embedded engine goes away.
+    #[cfg(feature = "testsuite")]
     pub async fn kill(self) {
         if let Some(m) = &self.mesh {
             m.endpoint.close().await;
@@ -111,10 +112,20 @@ pub struct StartOptions {
 
 impl Node {
     pub async fn start(cfg: Config, cancel: &CancellationToken) -> Result<RunningNode, NodeError> {
-        Self::start_with(cfg, cancel, StartOptions::default()).await
+        Self::start_inner(cfg, cancel, StartOptions::default()).await
     }
 
+    /// A node started with test hooks (feature `testsuite`).
+    #[cfg(feature = "testsuite")]
     pub async fn start_with(
+        cfg: Config,
+        cancel: &CancellationToken,
+        opts: StartOptions,
+    ) -> Result<RunningNode, NodeError> {
+        Self::start_inner(cfg, cancel, opts).await
+    }
+
+    async fn start_inner(
         mut cfg: Config,
         cancel: &CancellationToken,
         opts: StartOptions,

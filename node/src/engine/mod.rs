@@ -49,9 +49,9 @@ pub struct KvEventStats {
     /// Set while missed batches are being fetched: the index lacks them, so routing must not
     /// count on it until the resync ends (at most `kv_events_replay_timeout_ms`).
     pub resyncing: AtomicBool,
-    /// Test hook: the subscriber discards this many incoming batches, as if ZeroMQ had lost
-    /// them in transit, so tests can make real gaps. Always 0 outside tests.
-    #[doc(hidden)]
+    /// Test hook (feature `testsuite`): the subscriber discards this many incoming batches, as
+    /// if ZeroMQ had lost them in transit, so tests can make real gaps.
+    #[cfg(feature = "testsuite")]
     pub drop_incoming: AtomicU64,
     /// The blocks the engine holds, under kvmesh's block keys (emptied on gaps, restarts and
     /// engine outages unless the missed batches could be replayed: a view that may have missed
@@ -70,6 +70,7 @@ impl KvEventStats {
             resync_replayed: AtomicU64::new(0),
             resync_dropped: AtomicU64::new(0),
             resyncing: AtomicBool::new(false),
+            #[cfg(feature = "testsuite")]
             drop_incoming: AtomicU64::new(0),
             // Seeded for real once the engine's model is known (subscriber).
             index: RwLock::new(EngineIndex::new(0)),
