@@ -166,6 +166,7 @@ impl Tokenizers {
         let Some(jobs) = &self.jobs else { return Ok(None) };
         let encoder = t.encoder.clone();
         let prompt = req.prompt.clone();
+        let chat = req.chat.clone();
         let add_generation_prompt = req.add_generation_prompt;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let queued = self.queued.clone();
@@ -173,7 +174,10 @@ impl Tokenizers {
             queued.fetch_sub(1, Ordering::Relaxed);
             let started = Instant::now();
             let out = match &prompt {
-                Prompt::Chat(messages) => encoder.encode_chat(messages, add_generation_prompt),
+                Prompt::Chat(messages) => match &chat {
+                    Some(inputs) => encoder.encode_inputs(inputs),
+                    None => encoder.encode_chat(messages, add_generation_prompt),
+                },
                 Prompt::Text(text) => encoder.encode(text, true),
                 Prompt::TokenIds(ids) => {
                     Ok(kvmesh_policy::prompt_encoder::Encoded { ids: ids.clone(), ..Default::default() })

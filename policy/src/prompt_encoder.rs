@@ -215,6 +215,13 @@ impl PromptEncoder {
         self.encode(&text, false)
     }
 
+    /// A chat request's ids: its template inputs rendered as vLLM renders them, then encoded
+    /// without special tokens (the template wrote them).
+    pub fn encode_inputs(&self, inputs: &crate::chat::ChatInputs) -> Result<Encoded, PolicyError> {
+        let text = self.tokenizer.render(inputs)?;
+        self.encode(&text, false)
+    }
+
     /// `text`'s ids; `add_special_tokens` applies the post-processor (vLLM does for
     /// `/v1/completions`).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Encoded, PolicyError> {

@@ -6,6 +6,7 @@
 
 use serde_json::{Map, Value};
 
+use crate::chat::{self, ChatInputs};
 use crate::openai::ApiError;
 
 /// Which OpenAI endpoint a request was sent to.
@@ -58,6 +59,9 @@ pub struct InferenceRequest {
     pub add_generation_prompt: bool,
     pub echo: bool,
     pub kv_transfer_params: Option<Value>,
+    /// For `/v1/chat/completions`: everything the chat template is given, as vLLM gives it
+    /// (`chat::ChatInputs`).
+    pub chat: Option<ChatInputs>,
 }
 
 /// Parses and validates a request body. Errors name the offending parameter.
@@ -153,6 +157,11 @@ pub fn from_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<Infer
             }
         }
     }
+    let add_generation_prompt = opt_bool(obj, "add_generation_prompt")?.unwrap_or(true);
+    let chat = match endpoint {
+        Endpoint::Chat => Some(chat_inputs(obj, add_generation_prompt)?),
+        Endpoint::Completions => None,
+    };
     Ok(InferenceRequest {
         endpoint,
         model,
@@ -166,9 +175,48 @@ pub fn from_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<Infer
         seed,
         n,
         cache_salt,
-        add_generation_prompt: opt_bool(obj, "add_generation_prompt")?.unwrap_or(true),
+        add_generation_prompt,
         echo: opt_bool(obj, "echo")?.unwrap_or(false),
         kv_transfer_params: obj.get("kv_transfer_params").filter(|v| !v.is_null()).cloned(),
+        chat,
+    })
+}
+
+/// The chat template's inputs from a chat request (messages already validated by
+/// `parse_messages`): tools as vLLM dumps them, documents, `chat_template_kwargs` (with
+/// `reasoning_effort`), and how the prompt ends.
+fn chat_inputs(obj: &Map<String, Value>, add_generation_prompt: bool) -> Result<ChatInputs, ApiError> {
+    let messages = match obj.get("messages") {
+        Some(Value::Array(items)) => items.clone(),
+        _ => Vec::new(),
+    };
+    let tools = match obj.get("tools") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(tools)) => Some(tools.iter().map(chat::tool_dump).collect()),
+        Some(_) => return Err(type_error("tools", "an array of tools")),
+    };
+    let mut kwargs = match obj.get("chat_template_kwargs") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(k)) => k.clone(),
+        Some(_) => return Err(type_error("chat_template_kwargs", "an object")),
+    };
+    if let Some(effort) = obj.get("reasoning_effort").filter(|v| !v.is_null()) {
+        kwargs.entry("reasoning_effort").or_insert_with(|| effort.clone());
+    }
+    let continue_final_message = opt_bool(obj, "continue_final_message")?.unwrap_or(false);
+    if continue_final_message && add_generation_prompt {
+        return Err(ApiError::invalid(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
+            Some("continue_final_message"),
+        ));
+    }
+    Ok(ChatInputs {
+        messages,
+        tools,
+        documents: obj.get("documents").filter(|v| !v.is_null()).cloned(),
+        kwargs,
+        add_generation_prompt,
+        continue_final_message,
     })
 }
 

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
+use crate::chat::{self, ChatInputs, ContentFormat};
 use crate::error::PolicyError;
+use crate::pyjson;
 use crate::request::ChatMessage;
 
 /// The small byte-level BPE tokenizer compiled into the binary (`scripts/make-tiny-tokenizer.py`)
@@ -86,8 +88,12 @@ struct Inner {
 
 struct ChatTemplate {
     env: minijinja::Environment<'static>,
-    bos_token: String,
-    eos_token: String,
+    /// Special tokens transformers passes to every render (`bos_token`, `eos_token`,
+    /// `unk_token`, `pad_token`, ... from the tokenizer config).
+    special: serde_json::Map<String, Value>,
+    format: ContentFormat,
+    /// The template's text (`continue_final_message` needs it to read `content`).
+    source: String,
 }
 
 impl ModelTokenizer {
@@ -117,9 +123,25 @@ impl ModelTokenizer {
                 .map_err(|e| PolicyError::TokenizerConfig { path: source.clone(), message: e.to_string() })?,
             None => Value::Null,
         };
-        let bos_token = special_token(&config, "bos_token");
         let eos_token = special_token(&config, "eos_token");
         let eos_token_id = eos_token.as_deref().and_then(|t| tokenizer.token_to_id(t));
+        let mut special = serde_json::Map::new();
+        for key in ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"] {
+            if let Some(t) = special_token(&config, key) {
+                special.insert(key.into(), Value::String(t));
+            }
+        }
+        if let Some(Value::Array(extra)) = config.get("additional_special_tokens") {
+            let names: Vec<Value> = extra
+                .iter()
+                .filter_map(|t| match t {
+                    Value::String(s) => Some(Value::String(s.clone())),
+                    Value::Object(o) => o.get("content").cloned(),
+                    _ => None,
+                })
+                .collect();
+            special.insert("additional_special_tokens".into(), Value::Array(names));
+        }
         let declared_max_model_len = config
             .get("model_max_length")
             .and_then(Value::as_u64)
@@ -127,7 +149,7 @@ impl ModelTokenizer {
             .map(|n| n as u32);
         let source_text = files.chat_template.clone().or_else(|| template_from_config(&config));
         let template = match source_text {
-            Some(text) => Some(ChatTemplate::new(text, bos_token.unwrap_or_default(), eos_token.unwrap_or_default())?),
+            Some(text) => Some(ChatTemplate::new(text, special)?),
             None => None,
         };
         Ok(Self { inner: Arc::new(Inner { tokenizer, template, eos_token_id, declared_max_model_len, source }) })
@@ -163,15 +185,26 @@ impl ModelTokenizer {
         self.inner.template.is_some()
     }
 
-    /// The prompt text a chat request turns into, exactly as the engine renders it.
+    /// The prompt text of plain messages (role and text only).
     pub fn render_chat(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, PolicyError> {
+        let inputs = ChatInputs {
+            messages: messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect(),
+            add_generation_prompt,
+            ..ChatInputs::default()
+        };
+        self.render(&inputs)
+    }
+
+    /// The prompt text a chat request turns into, exactly as the engine renders it: the
+    /// template given what vLLM gives it (`chat`).
+    pub fn render(&self, inputs: &ChatInputs) -> Result<String, PolicyError> {
         let Some(t) = &self.inner.template else {
             return Err(PolicyError::Template(format!(
                 "{} has no chat template; give the model's tokenizer_config.json or chat_template.jinja",
                 self.inner.source
             )));
         };
-        t.render(messages, add_generation_prompt)
+        t.render(inputs)
     }
 
     /// Token ids of `text`. `add_special_tokens` adds what the tokenizer's post-processor adds
@@ -298,8 +331,47 @@ fn strftime_utc(fmt: &str, at: std::time::SystemTime) -> String {
     out
 }
 
+/// transformers' `tojson`: `json.dumps` with `ensure_ascii=False` and Python's spacing
+/// (`pyjson`), taking `indent`, `ensure_ascii`, `separators` and `sort_keys` as keywords.
+fn py_tojson(value: &minijinja::Value, kwargs: minijinja::value::Kwargs) -> Result<minijinja::Value, minijinja::Error> {
+    let json = serde_json::to_value(value)
+        .map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string()))?;
+    let mut opts = pyjson::Options::default();
+    if let Some(indent) = kwargs.get::<Option<minijinja::Value>>("indent")? {
+        opts.indent = match indent.as_i64() {
+            Some(n) => Some(" ".repeat(n.max(0) as usize)),
+            None => indent.as_str().map(str::to_owned),
+        };
+    }
+    if let Some(ascii) = kwargs.get::<Option<bool>>("ensure_ascii")? {
+        opts.ensure_ascii = ascii;
+    }
+    if let Some(sort) = kwargs.get::<Option<bool>>("sort_keys")? {
+        opts.sort_keys = sort;
+    }
+    if let Some(seps) = kwargs.get::<Option<Vec<String>>>("separators")? {
+        if let [item, key] = seps.as_slice() {
+            opts.separators = Some((item.clone(), key.clone()));
+        }
+    }
+    kwargs.assert_all_used()?;
+    Ok(minijinja::Value::from_safe_string(pyjson::dumps(&json, &opts)))
+}
+
+/// A template value as Python's `str()` prints it (`pyjson::py_str`).
+fn py_str(v: &minijinja::Value) -> String {
+    if let Some(s) = v.as_str() {
+        return s.to_owned();
+    }
+    match serde_json::to_value(v) {
+        Ok(json) => pyjson::py_str(&json),
+        Err(_) => v.to_string(),
+    }
+}
+
 impl ChatTemplate {
-    fn new(source: String, bos_token: String, eos_token: String) -> Result<Self, PolicyError> {
+    fn new(source: String, special: serde_json::Map<String, Value>) -> Result<Self, PolicyError> {
+        let format = chat::detect_content_format(&source);
         let mut env = minijinja::Environment::new();
         // HF renders with trim_blocks and lstrip_blocks on.
         env.set_trim_blocks(true);
@@ -311,19 +383,65 @@ impl ChatTemplate {
         // Templates (Llama 3.x, Mistral, Granite) write today's date into the system header;
         // the engine renders it with the real date, so must we, or no block key would match.
         env.add_function("strftime_now", |fmt: String| -> String { strftime_utc(&fmt, std::time::SystemTime::now()) });
-        env.add_template_owned("chat", source).map_err(|e| PolicyError::Template(e.to_string()))?;
-        Ok(Self { env, bos_token, eos_token })
+        env.add_filter("tojson", py_tojson);
+        // Jinja2's tests, by Python's types: `None` is neither iterable nor a sequence (minijinja
+        // would iterate it as empty), a dict is a sequence (it has a length and items).
+        env.add_test("iterable", |v: &minijinja::Value| {
+            use minijinja::value::ValueKind;
+            matches!(v.kind(), ValueKind::Seq | ValueKind::Map | ValueKind::String | ValueKind::Iterable)
+        });
+        env.add_test("sequence", |v: &minijinja::Value| {
+            use minijinja::value::ValueKind;
+            matches!(v.kind(), ValueKind::Seq | ValueKind::Map | ValueKind::String)
+        });
+        env.add_filter("string", |v: &minijinja::Value| -> Result<String, minijinja::Error> { Ok(py_str(v)) });
+        // Jinja2 prints a value with Python's `str()`: `True`, `None`, `{'a': 1}`.
+        env.set_formatter(|out, _state, value| {
+            if value.is_undefined() {
+                return Ok(());
+            }
+            out.write_str(&py_str(value))
+                .map_err(|e| minijinja::Error::new(minijinja::ErrorKind::WriteFailure, e.to_string()))
+        });
+        env.add_template_owned("chat", source.clone()).map_err(|e| PolicyError::Template(e.to_string()))?;
+        Ok(Self { env, special, format, source })
     }
 
-    fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String, PolicyError> {
+    /// As transformers' `apply_chat_template` renders for vLLM: the special tokens, then
+    /// `chat_template_kwargs` (which may override them), then `messages`, `tools`,
+    /// `documents` and `add_generation_prompt`; `continue_final_message` cuts the text after
+    /// the last message's content.
+    fn render(&self, inputs: &ChatInputs) -> Result<String, PolicyError> {
         let tmpl = self.env.get_template("chat").map_err(|e| PolicyError::Template(e.to_string()))?;
-        tmpl.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token,
-            eos_token => self.eos_token,
+        let mut conversation = chat::alias_reasoning(chat::conversation(&inputs.messages, self.format));
+        let final_text = if inputs.continue_final_message {
+            if !self.source.contains("content") {
+                return Err(PolicyError::Template(
+                    "continue_final_message is set but the chat template never reads `content`".into(),
+                ));
+            }
+            Some(chat::tag_final_message(&mut conversation).ok_or_else(|| {
+                PolicyError::Template("continue_final_message is set but the final message has no text".into())
+            })?)
+        } else {
+            None
+        };
+        let mut ctx = self.special.clone();
+        for (k, v) in &inputs.kwargs {
+            ctx.insert(k.clone(), v.clone());
+        }
+        ctx.insert("messages".into(), Value::Array(conversation));
+        ctx.insert("tools".into(), inputs.tools.clone().map(Value::Array).unwrap_or(Value::Null));
+        ctx.insert("documents".into(), inputs.documents.clone().unwrap_or(Value::Null));
+        ctx.insert("add_generation_prompt".into(), Value::Bool(inputs.add_generation_prompt));
+        let text =
+            tmpl.render(minijinja::Value::from_serialize(&ctx)).map_err(|e| PolicyError::Template(e.to_string()))?;
+        let Some(final_text) = final_text else { return Ok(text) };
+        chat::cut_at_tag(&text, &final_text).ok_or_else(|| {
+            PolicyError::Template(
+                "continue_final_message is set but the final message does not appear in the rendered chat".into(),
+            )
         })
-        .map_err(|e| PolicyError::Template(e.to_string()))
     }
 }
 
@@ -353,9 +471,10 @@ mod tests {
 
     #[test]
     fn template_errors_are_reported() {
-        let t =
-            ChatTemplate::new("{{ raise_exception('no system role') }}".into(), String::new(), String::new()).unwrap();
-        let err = t.render(&[msg("user", "x")], true).unwrap_err();
+        let t = ChatTemplate::new("{{ raise_exception('no system role') }}".into(), serde_json::Map::new()).unwrap();
+        let inputs =
+            ChatInputs { messages: vec![serde_json::json!({"role": "user", "content": "x"})], ..ChatInputs::default() };
+        let err = t.render(&inputs).unwrap_err();
         assert!(err.to_string().contains("no system role"), "{err}");
     }
 
