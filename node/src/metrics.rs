@@ -46,6 +46,15 @@ pub struct NodeMetrics {
     /// Prompts through the tokenizer service by model and outcome: `tokenized`, `token_ids`
     /// (none needed), `no_tokenizer`, `shed` (queue full), `failed`.
     pub tokenize_requests: IntCounterVec,
+    /// Answers whose `usage.prompt_tokens` was compared with this node's prompt length, and
+    /// those that differed (`router::check`), by model.
+    pub prompt_length_checks: IntCounterVec,
+    pub prompt_length_mismatches: IntCounterVec,
+    /// Cached prompt tokens this node predicted for the engines it chose, and what they reported.
+    pub cached_predicted: IntCounterVec,
+    pub cached_reported: IntCounterVec,
+    /// |predicted - reported| cached tokens per answer.
+    pub cached_error: HistogramVec,
     /// Prompt tokens by where their ids came from: `encoded` now or the segment `cache`.
     pub tokenize_tokens: IntCounterVec,
     pub tokenize_seconds: HistogramVec,
@@ -215,6 +224,42 @@ impl NodeMetrics {
                     "Failed audit writes, fsyncs or rotations.",
                 )?,
             },
+            prompt_length_checks: IntCounterVec::new(
+                Opts::new(
+                    "kvmesh_prompt_length_checks_total",
+                    "Answers whose usage.prompt_tokens was compared with this node's prompt length, by model.",
+                ),
+                &["model_name"],
+            )?,
+            prompt_length_mismatches: IntCounterVec::new(
+                Opts::new(
+                    "kvmesh_prompt_length_mismatches_total",
+                    "Answers whose usage.prompt_tokens differed from this node's prompt length: its block keys are not the engine's, by model.",
+                ),
+                &["model_name"],
+            )?,
+            cached_predicted: IntCounterVec::new(
+                Opts::new(
+                    "kvmesh_cached_tokens_predicted_total",
+                    "Cached prompt tokens this node predicted for the engines it chose, by model.",
+                ),
+                &["model_name"],
+            )?,
+            cached_reported: IntCounterVec::new(
+                Opts::new(
+                    "kvmesh_cached_tokens_reported_total",
+                    "Cached prompt tokens the engines reported (usage.prompt_tokens_details.cached_tokens) for checked answers, by model.",
+                ),
+                &["model_name"],
+            )?,
+            cached_error: HistogramVec::new(
+                HistogramOpts::new(
+                    "kvmesh_cached_tokens_prediction_error_tokens",
+                    "Absolute difference between predicted and reported cached prompt tokens per checked answer, by model.",
+                )
+                .buckets(vec![0.0, 16.0, 64.0, 256.0, 1024.0, 4096.0, 16384.0, 65536.0]),
+                &["model_name"],
+            )?,
             tokenize_requests: IntCounterVec::new(
                 Opts::new("kvmesh_tokenize_requests_total", "Prompts through the tokenizer service, by outcome."),
                 &["model", "outcome"],
@@ -338,6 +383,11 @@ impl NodeMetrics {
             Box::new(m.audit.dropped.clone()),
             Box::new(m.audit.write_errors.clone()),
             Box::new(m.tokenize_requests.clone()),
+            Box::new(m.prompt_length_checks.clone()),
+            Box::new(m.prompt_length_mismatches.clone()),
+            Box::new(m.cached_predicted.clone()),
+            Box::new(m.cached_reported.clone()),
+            Box::new(m.cached_error.clone()),
             Box::new(m.tokenize_tokens.clone()),
             Box::new(m.tokenize_seconds.clone()),
             Box::new(m.tokenize_queue.clone()),

@@ -190,8 +190,9 @@ pub struct Decision {
     pub reason: RouteReason,
     pub predicted_ms: f64,
     pub runner_up: Option<(usize, f64)>,
-    /// Leading prompt blocks the chosen engine is believed to hold.
+    /// Leading prompt blocks the chosen engine is believed to hold, counted in `block_size`.
     pub matched_blocks: usize,
+    pub block_size: u32,
     /// Prefill elsewhere, decode on `index`, when splitting is predicted faster.
     pub split: Option<Split>,
 }
@@ -222,6 +223,7 @@ pub fn decide(
     let may_split = may_split && prompt.known();
     let picked = route::pick(rules, prompt.tokens, &mut cands, &roles, may_split, prefer, draw)?;
     let matched = cands[picked.choice.index].matched_blocks;
+    let block_size = cands[picked.choice.index].block_size;
     let reason = RouteReason::of_match(matched, prompt.is_approximate(), prompt.known());
     Some(Decision {
         index: picked.choice.index,
@@ -229,8 +231,18 @@ pub fn decide(
         predicted_ms: picked.choice.predicted_ms,
         runner_up: picked.choice.runner_up,
         matched_blocks: matched,
+        block_size,
         split: picked.split,
     })
+}
+
+/// The cached prompt tokens an engine reports (`usage.prompt_tokens_details.cached_tokens`)
+/// when it holds `matched_blocks` leading blocks of a `prompt_tokens`-token prompt: whole blocks,
+/// and never the last token (vLLM recomputes it, so a fully cached prompt reports one block
+/// less when its length is a multiple of the block size).
+pub fn expected_cached_tokens(prompt_tokens: usize, matched_blocks: usize, block_size: u32) -> usize {
+    let bs = block_size.max(1) as usize;
+    matched_blocks.min(prompt_tokens.saturating_sub(1) / bs) * bs
 }
 
 /// The round-robin baseline: among usable candidates ordered by `labels`, the `ticket`-th
@@ -400,6 +412,14 @@ mod tests {
         let d = decide(rules(Mode::Kvmesh, &w, &pd), &mut prompt(2), &[near, near], 0, false, Some(1), |_| 0)
             .expect("usable");
         assert_eq!(d.index, 1);
+    }
+
+    #[test]
+    fn cached_tokens_are_whole_blocks_short_of_the_last_token() {
+        assert_eq!(expected_cached_tokens(100, 3, 16), 48);
+        assert_eq!(expected_cached_tokens(64, 4, 16), 48, "a full hit recomputes the last block");
+        assert_eq!(expected_cached_tokens(65, 4, 16), 64);
+        assert_eq!(expected_cached_tokens(0, 2, 16), 0);
     }
 
     #[test]

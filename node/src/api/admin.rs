@@ -114,9 +114,20 @@ async fn status(State(pipeline): State<Arc<Pipeline>>) -> Response {
         .collect();
     let mut models = mesh_models(&pipeline, false);
     models.sort();
+    // Exact matching is only as good as the keys: the engines' reported prompt lengths say
+    // whether this node's tokenizer and template agree with theirs (`router::check`).
+    let agreement: std::collections::HashMap<String, _> = p.agreement.snapshot().into_iter().collect();
     let routing: Vec<_> = models
         .iter()
-        .map(|m| json!({"model": m, "prefix_matching": if p.tokenizers().has(m) { "exact" } else { "approximate" }}))
+        .map(|m| {
+            let a = agreement.get(m).copied().unwrap_or_default();
+            let matching = match (p.tokenizers().has(m), a.length_mismatches) {
+                (false, _) => "approximate",
+                (true, 0) => "exact",
+                (true, _) => "exact_disagreeing",
+            };
+            json!({"model": m, "prefix_matching": matching, "engine_agreement": a})
+        })
         .collect();
     // With cells: this node's cell, whether it is a gateway now (set or elected), and the
     // cells table it routes with.

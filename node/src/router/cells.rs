@@ -106,7 +106,7 @@ impl Router {
                 ctx.span.record("route", header.as_str());
                 let ask = PeerRequest::Engine(engine.clone());
                 let head = RequestHead::new(ask, ctx.endpoint.path(), &ctx.id, &self.node_name, req.stream);
-                match self.forward_remote(ctx, head, body, &target, &header).await {
+                match self.forward_remote(ctx, head, body, &target, &header, None).await {
                     Ok(resp) => return Some(resp),
                     Err(Retry { error, reason }) => {
                         Unplaced::Failed(format!("{} ({reason}): {}", target.id, error.message))
@@ -125,7 +125,7 @@ impl Router {
                 let home_node = mesh.table.named(name, addr, "", &req.model, bs);
                 let head =
                     RequestHead::new(PeerRequest::Relay, ctx.endpoint.path(), &ctx.id, &self.node_name, req.stream);
-                match self.forward_remote(ctx, head, body, &home_node, &header).await {
+                match self.forward_remote(ctx, head, body, &home_node, &header, None).await {
                     Ok(resp) => return Some(resp),
                     Err(Retry { error, reason }) => format!("relay ({reason}): {}", error.message),
                 }

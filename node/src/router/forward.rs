@@ -10,6 +10,7 @@ use kvmesh_policy::openai::ApiError;
 use kvmesh_transport::{PeerRequest, RequestHead, TransportError};
 use std::sync::Arc;
 
+use super::check::Expected;
 use super::relay::{quic_body, read_small, Answer, ByteStream};
 use super::{Router, Target};
 use crate::ctx::RequestCtx;
@@ -38,11 +39,11 @@ impl Router {
         route: &str,
     ) -> Result<Response, Retry> {
         match target {
-            Target::Local(e) => self.forward_local(ctx, stream, body, e.clone(), route).await,
+            Target::Local(e) => self.forward_local(ctx, stream, body, e.clone(), route, None).await,
             Target::Remote(r) => {
                 let ask = PeerRequest::Engine(r.load.name.clone());
                 let head = RequestHead::new(ask, ctx.endpoint.path(), &ctx.id, &self.node_name, stream);
-                self.forward_remote(ctx, head, body, r, route).await
+                self.forward_remote(ctx, head, body, r, route, None).await
             }
         }
     }
@@ -54,6 +55,7 @@ impl Router {
         body: &Bytes,
         engine: Arc<Engine>,
         route: &str,
+        expect: Option<Expected>,
     ) -> Result<Response, Retry> {
         let in_flight = InFlight::new(engine.in_flight.clone());
         let mut rb = self
@@ -87,7 +89,7 @@ impl Router {
             });
         }
         let served_by = format!("{}/{}", self.node_name, engine.name);
-        let answer = Answer { status, content_type, served_by, stream, route };
+        let answer = Answer { status, content_type, served_by, stream, route, expect };
         self.relay_answer(ctx, answer, upstream, in_flight).await
     }
 
@@ -98,6 +100,7 @@ impl Router {
         body: &Bytes,
         remote: &PeerEngine,
         route: &str,
+        expect: Option<Expected>,
     ) -> Result<Response, Retry> {
         let Some(mesh) = self.mesh() else {
             return Err(Retry { error: ApiError::unavailable("This node is not in a mesh."), reason: "no_mesh" });
@@ -134,6 +137,7 @@ impl Router {
             served_by: rhead.served_by,
             stream: head.stream,
             route,
+            expect,
         };
         let relayed = self.relay_answer(ctx, answer, upstream, in_flight).await;
         if relayed.is_err() {

@@ -19,6 +19,7 @@
 //! home node splits between prefill and decode is relayed to it whole and routed there again.
 
 mod cells;
+pub mod check;
 mod forward;
 mod peer;
 mod pick;
@@ -94,6 +95,8 @@ pub struct Router {
     peer_requests: AtomicU32,
     /// Set by a drain or a shutdown: new requests, clients' and peers', get a retryable 503.
     draining: AtomicBool,
+    /// Whether engines' reported prompt lengths agree with this node's (`check`).
+    pub agreement: check::KeyAgreement,
 }
 
 /// Where a request may go.
@@ -161,6 +164,7 @@ impl Router {
             rr_next: AtomicU32::new(rand::random()),
             peer_requests: AtomicU32::new(0),
             draining: AtomicBool::new(false),
+            agreement: check::KeyAgreement::default(),
         }
     }
 
@@ -255,14 +259,15 @@ impl Router {
             ctx.span.record("reason", reason.as_str());
             ctx.span.record("route", header.as_str());
             self.metrics.route_decisions.with_label_values(&[reason.as_str()]).inc();
+            let expect = expectation(&req.model, prompt, &picked.decision, picked.block_size);
             let outcome = match &target {
-                Target::Local(e) => self.forward_local(ctx, req.stream, body, e.clone(), &header).await,
+                Target::Local(e) => self.forward_local(ctx, req.stream, body, e.clone(), &header, expect).await,
                 Target::Remote(r) => {
                     let chooses = peer_chooses(r, &picked.decision);
                     let ask = if chooses { PeerRequest::AnyEngine } else { PeerRequest::Engine(r.load.name.clone()) };
                     let mut head = RequestHead::new(ask, ctx.endpoint.path(), &ctx.id, &self.node_name, req.stream);
                     head.prompt = chooses.then(|| self.digest(r, prompt)).flatten();
-                    self.forward_remote(ctx, head, body, r, &header).await
+                    self.forward_remote(ctx, head, body, r, &header, expect).await
                 }
             };
             match outcome {
@@ -289,6 +294,23 @@ impl Router {
         let tokens = prompt.tokens as u32;
         kvmesh_transport::PromptDigest::new(tokens, bs, prompt.keys(bs))
     }
+}
+
+/// What the chosen engine should report of a prompt this node tokenized exactly (`check`).
+fn expectation(model: &str, prompt: &PromptKeys, decision: &RouteDecision, block_size: u32) -> Option<check::Expected> {
+    if !prompt.known() {
+        return None;
+    }
+    let matched = match decision {
+        RouteDecision::Whole { matched_blocks, .. } => *matched_blocks,
+        RouteDecision::RoundRobin { .. } => 0,
+        _ => return None,
+    };
+    Some(check::Expected {
+        model: model.to_owned(),
+        prompt_tokens: prompt.tokens,
+        cached_tokens: kvmesh_policy::candidates::expected_cached_tokens(prompt.tokens, matched, block_size),
+    })
 }
 
 /// With several engines on the peer, its exact indexes know better which one holds the prefix

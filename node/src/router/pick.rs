@@ -26,6 +26,8 @@ pub(crate) struct Picked {
     pub target: Target,
     pub decision: RouteDecision,
     pub split: Option<SplitTargets>,
+    /// The block size the decision's matched blocks are counted in.
+    pub block_size: u32,
 }
 
 /// A request split between a prefill and a decode engine (`policy::pd`).
@@ -193,7 +195,8 @@ impl Router {
                 let i = candidates::round_robin(&usable, &labels, self.rr_next.fetch_add(1, Ordering::Relaxed))
                     .ok_or_else(none_healthy)?;
                 let decision = RouteDecision::RoundRobin { engine: labels[i].clone() };
-                return Ok(Picked { target: targets.swap_remove(i), decision, split: None });
+                let block_size = facts[i].block_size;
+                return Ok(Picked { target: targets.swap_remove(i), decision, split: None, block_size });
             }
         };
         // The home node of a relayed prompt keeps it on its own engine when no other is
@@ -224,7 +227,7 @@ impl Router {
             runner_up: d.runner_up.map(|(i, ms)| (label(i), ms)),
             reason: d.reason,
         };
-        Ok(Picked { target: targets.swap_remove(d.index), decision, split })
+        Ok(Picked { target: targets.swap_remove(d.index), decision, split, block_size: d.block_size })
     }
 
     /// Records where a served prompt went, for engines and peers whose caches this node cannot

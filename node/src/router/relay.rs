@@ -15,6 +15,7 @@ use axum::response::Response;
 use futures::{Stream, StreamExt};
 use kvmesh_policy::openai::ApiError;
 
+use super::check::{self, Expected};
 use super::{Retry, Router};
 use crate::ctx::RequestCtx;
 use crate::engine::InFlight;
@@ -34,6 +35,8 @@ pub(super) struct Answer<'a> {
     pub stream: bool,
     /// `x-kvmesh-route`: the decision and what explains it (empty for peer-served requests).
     pub route: &'a str,
+    /// What the engine should report in `usage` (`check`).
+    pub expect: Option<Expected>,
 }
 
 impl Router {
@@ -83,7 +86,8 @@ impl Router {
             self.metrics.ttfb.with_label_values(&[ep, "true"]).observe(ttft);
             self.metrics.recent_ttft.record(ttft);
             let upstream = futures::stream::iter([Ok(first)]).chain(upstream).boxed();
-            let relay = relay(self.metrics.clone(), upstream, in_flight, ctx.started, ep, self.s.idle_timeout);
+            let checked = a.expect.map(|e| (self.clone(), e));
+            let relay = relay(self.metrics.clone(), upstream, in_flight, ctx.started, ep, self.s.idle_timeout, checked);
             return Ok(builder
                 .header(header::CACHE_CONTROL, "no-cache")
                 .body(Body::from_stream(relay))
@@ -99,6 +103,11 @@ impl Router {
             }
         };
         drop(in_flight);
+        if let Some(expected) = &a.expect {
+            if let Some(reported) = serde_json::from_slice(&body).ok().as_ref().and_then(check::usage_of) {
+                self.agreement.check(&self.metrics, expected, reported);
+            }
+        }
         let label = if a.stream { "true" } else { "false" };
         let took = ctx.started.elapsed().as_secs_f64();
         self.metrics.ttfb.with_label_values(&[ep, label]).observe(took);
@@ -149,6 +158,9 @@ pub(super) async fn read_limited(mut s: ByteStream, idle: Duration, limit: usize
 
 struct RelayState {
     metrics: Arc<NodeMetrics>,
+    /// The router (for its agreement table) and what the engine should report, until a chunk
+    /// with `usage` arrives.
+    checked: Option<(Arc<Router>, Expected)>,
     upstream: ByteStream,
     _in_flight: InFlight,
     started: Instant,
@@ -170,9 +182,11 @@ fn relay(
     started: Instant,
     endpoint: &'static str,
     idle: Duration,
+    checked: Option<(Arc<Router>, Expected)>,
 ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
     let state = RelayState {
         metrics,
+        checked,
         upstream,
         _in_flight: in_flight,
         started,
@@ -196,6 +210,13 @@ fn relay(
                     s.metrics.recent_itl.record(gap);
                 }
                 s.last_chunk = Some(now);
+                if s.checked.is_some() {
+                    if let Some(reported) = check::usage_in_chunk(&chunk) {
+                        if let Some((router, expected)) = s.checked.take() {
+                            router.agreement.check(&s.metrics, &expected, reported);
+                        }
+                    }
+                }
                 chunk
             }
             Ok(None) => {
