@@ -454,6 +454,13 @@ pub struct ServeArgs {
     /// Gateways of other cells to join the backbone through (`[cells] backbone_seeds`).
     #[arg(long, env = "KVMESH_BACKBONE_SEEDS", value_delimiter = ',')]
     pub backbone_seeds: Vec<String>,
+    /// A model's tokenizer, as MODEL=DIR (the directory holding tokenizer.json and
+    /// tokenizer_config.json), for exact prefix matching; repeat for several models (in the
+    /// variable, separate them with `;`). Models without one are looked up in the local Hugging
+    /// Face cache (HF_HUB_CACHE, HF_HOME/hub, ~/.cache/huggingface/hub), else routed
+    /// approximately.
+    #[arg(long = "tokenizer", env = "KVMESH_TOKENIZERS", value_delimiter = ';')]
+    pub tokenizers: Vec<String>,
 }
 
 impl Config {
@@ -503,6 +510,25 @@ impl Config {
             cfg.cells.name = Some(c.trim().to_owned());
         }
         cfg.cells.gateway |= args.cell_gateway;
+        for spec in args.tokenizers.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+            let Some((model, dir)) = spec.split_once('=').filter(|(m, d)| !m.trim().is_empty() && !d.trim().is_empty())
+            else {
+                return Err(NodeError::Config(format!(
+                    "--tokenizer `{spec}` must be MODEL=DIR, e.g. --tokenizer meta-llama/Llama-3.1-8B-Instruct=/models/llama/"
+                )));
+            };
+            let (model, dir) = (model.trim().to_owned(), PathBuf::from(dir.trim()));
+            match cfg.models.iter_mut().find(|m| m.name == model) {
+                Some(m) => m.tokenizer = dir,
+                None => cfg.models.push(ModelEntry {
+                    name: model,
+                    tokenizer: dir,
+                    chat_template: None,
+                    encoder: Default::default(),
+                    max_model_len: None,
+                }),
+            }
+        }
         if !args.backbone_seeds.is_empty() {
             cfg.cells.backbone_seeds =
                 args.backbone_seeds.iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
@@ -865,6 +891,12 @@ mod tests {
             toml::from_str("[cells]\nname = \"a\"\nelected_gateways = 2\nbackbone_seeds = [\"10.0.1.1:7946\"]\n")
                 .expect("toml");
         elected.validate().expect("elected gateways with seeds");
+        let args = ServeArgs { tokenizers: vec!["org/m=/models/m".into(), " ".into()], ..Default::default() };
+        let cfg = Config::load(&args).unwrap();
+        assert_eq!(cfg.models.len(), 1);
+        assert_eq!((cfg.models[0].name.as_str(), cfg.models[0].tokenizer.to_str()), ("org/m", Some("/models/m")));
+        let bad = ServeArgs { tokenizers: vec!["no-equals-sign".into()], ..Default::default() };
+        assert!(Config::load(&bad).unwrap_err().to_string().contains("MODEL=DIR"));
         let args = ServeArgs { cell: Some("z".into()), cell_gateway: true, ..Default::default() };
         let cfg = Config::load(&args).unwrap();
         assert_eq!((cfg.cells.name.as_deref(), cfg.cells.gateway), (Some("z"), true));

@@ -66,7 +66,9 @@ impl Tokenizers {
     /// about a second with its start-up checks) and starts the encoding threads.
     pub async fn load(cfg: &Config, metrics: Arc<NodeMetrics>, engines: Arc<EngineSet>) -> Result<Self, NodeError> {
         let cfg2 = cfg.clone();
-        let by_model = tokio::task::spawn_blocking(move || load_all(&cfg2))
+        // Models the engines serve (their first `/v1/models`), for the Hugging Face cache lookup.
+        let served = engines.models();
+        let by_model = tokio::task::spawn_blocking(move || load_all(&cfg2, &served))
             .await
             .map_err(|e| NodeError::Config(format!("loading tokenizers: {e}")))??;
         for (model, t) in &by_model {
@@ -265,7 +267,7 @@ impl Drop for Tokenizers {
     }
 }
 
-fn load_all(cfg: &Config) -> Result<HashMap<String, ModelTokenizer>, NodeError> {
+fn load_all(cfg: &Config, served: &[String]) -> Result<HashMap<String, ModelTokenizer>, NodeError> {
     let opts = |m: Option<&crate::config::ModelEntry>| EncoderOptions {
         encoder: m.map(|m| m.encoder).unwrap_or_default(),
         segment_cache_bytes: cfg.tokenize.segment_cache_mb << 20,
@@ -298,7 +300,71 @@ fn load_all(cfg: &Config) -> Result<HashMap<String, ModelTokenizer>, NodeError> 
         tracing::info!(model = %m.name, fast = r.fast_encoder, segment_cache = r.segment_cache, loaded_mb = loaded_bytes >> 20, "tokenizer ready");
         by_model.insert(m.name.clone(), ModelTokenizer { encoder: Arc::new(encoder), max_model_len, loaded_bytes });
     }
+    // Served models with no tokenizer configured: a local Hugging Face cache may hold theirs
+    // (never downloaded here). One that does not load stays approximate, with a warning.
+    let unconfigured: Vec<&String> = served.iter().filter(|m| !by_model.contains_key(*m)).collect();
+    for model in unconfigured {
+        let Some(dir) = hf_cached_tokenizer(model, &hf_hub_dirs()) else { continue };
+        let loaded = TokenizerFiles::read(&dir, None).and_then(|files| PromptEncoder::new(&files, &opts(None)));
+        match loaded {
+            Ok(encoder) => {
+                tracing::info!(model = %model, dir = %dir.display(), "tokenizer found in the Hugging Face cache");
+                by_model.insert(
+                    model.clone(),
+                    ModelTokenizer { encoder: Arc::new(encoder), max_model_len: None, loaded_bytes: 0 },
+                );
+            }
+            Err(e) => {
+                tracing::warn!(model = %model, dir = %dir.display(), error = %e, "a cached tokenizer did not load; routing this model approximately")
+            }
+        }
+    }
     Ok(by_model)
+}
+
+/// Where a local Hugging Face hub cache may be, in the order the `huggingface_hub` library
+/// looks: `HF_HUB_CACHE`, `HF_HOME/hub`, `~/.cache/huggingface/hub`.
+fn hf_hub_dirs() -> Vec<std::path::PathBuf> {
+    let mut dirs = Vec::new();
+    if let Some(d) = std::env::var_os("HF_HUB_CACHE") {
+        dirs.push(d.into());
+    }
+    if let Some(d) = std::env::var_os("HF_HOME") {
+        dirs.push(std::path::PathBuf::from(d).join("hub"));
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(std::path::PathBuf::from(home).join(".cache/huggingface/hub"));
+    }
+    dirs
+}
+
+/// A model's tokenizer directory in a hub cache: `models--ORG--NAME/snapshots/REV/` holding
+/// `tokenizer.json`, the revision `refs/main` names when there is one, else any snapshot with it.
+/// Model names that are not a repository id find nothing.
+pub fn hf_cached_tokenizer(model: &str, hub_dirs: &[std::path::PathBuf]) -> Option<std::path::PathBuf> {
+    if model.is_empty() || model.contains("..") || model.starts_with('/') {
+        return None;
+    }
+    let repo = format!("models--{}", model.replace('/', "--"));
+    for hub in hub_dirs {
+        let root = hub.join(&repo);
+        let snapshots = root.join("snapshots");
+        let main = std::fs::read_to_string(root.join("refs/main")).ok().map(|r| r.trim().to_owned());
+        if let Some(rev) = main.filter(|r| !r.is_empty() && !r.contains('/')) {
+            let dir = snapshots.join(rev);
+            if dir.join("tokenizer.json").is_file() {
+                return Some(dir);
+            }
+        }
+        let Ok(entries) = std::fs::read_dir(&snapshots) else { continue };
+        let mut found: Vec<std::path::PathBuf> =
+            entries.flatten().map(|e| e.path()).filter(|p| p.join("tokenizer.json").is_file()).collect();
+        found.sort();
+        if let Some(dir) = found.pop() {
+            return Some(dir);
+        }
+    }
+    None
 }
 
 /// This process's resident memory, from `/proc/self/statm` (0 where there is none).
@@ -320,6 +386,29 @@ fn approximate(req: &InferenceRequest, seed: u64) -> PromptKeys {
     };
     let bytes: usize = parts.iter().map(|p| p.len()).sum();
     PromptKeys::approximate(bytes / 4, blocks::text_chunk_keys(seed, &parts))
+}
+
+#[cfg(test)]
+mod hf_cache_tests {
+    use super::hf_cached_tokenizer;
+
+    #[test]
+    fn a_cached_snapshot_is_found_by_repository_id() {
+        let hub = tempfile::tempdir().unwrap();
+        let root = hub.path().join("models--org--model-7b");
+        for rev in ["aaa", "bbb"] {
+            std::fs::create_dir_all(root.join("snapshots").join(rev)).unwrap();
+            std::fs::write(root.join("snapshots").join(rev).join("tokenizer.json"), "{}").unwrap();
+        }
+        std::fs::create_dir_all(root.join("refs")).unwrap();
+        std::fs::write(root.join("refs/main"), "aaa\n").unwrap();
+        let dirs = vec![hub.path().to_path_buf()];
+        assert_eq!(hf_cached_tokenizer("org/model-7b", &dirs), Some(root.join("snapshots/aaa")), "refs/main wins");
+        std::fs::remove_file(root.join("refs/main")).unwrap();
+        assert_eq!(hf_cached_tokenizer("org/model-7b", &dirs), Some(root.join("snapshots/bbb")));
+        assert_eq!(hf_cached_tokenizer("org/other", &dirs), None);
+        assert_eq!(hf_cached_tokenizer("../etc", &dirs), None);
+    }
 }
 
 #[cfg(test)]
