@@ -185,11 +185,12 @@ async fn prepare(
     }
     let tokenizer = st.tokenizer.clone();
     let prompt = req.prompt.clone();
+    let chat = req.chat.clone();
     let add_generation_prompt = req.add_generation_prompt;
     let vocab = tokenizer.vocab_size();
     // Tokenizing is CPU work of milliseconds for long prompts: keep it off the async workers.
     let (ids, echo_prefix) =
-        tokio::task::spawn_blocking(move || tokenize(&tokenizer, &prompt, add_generation_prompt, vocab))
+        tokio::task::spawn_blocking(move || tokenize(&tokenizer, &prompt, chat.as_ref(), add_generation_prompt, vocab))
             .await
             .map_err(|e| ApiError::internal(format!("tokenizer task failed: {e}")))??;
     let (output_len, length_reason) = output_plan(st, &req, &ids)?;
@@ -284,17 +285,22 @@ async fn prepare(
     Ok((job, rx, guard))
 }
 
+/// A prompt's ids as vLLM computes them: a chat request rendered with everything vLLM gives
+/// its chat template (`policy::chat`: tools, tool calls, `chat_template_kwargs`, ...).
 fn tokenize(
     t: &ModelTokenizer,
     prompt: &Prompt,
+    chat: Option<&kvmesh_policy::chat::ChatInputs>,
     add_generation_prompt: bool,
     vocab: u32,
 ) -> Result<(Vec<u32>, String), ApiError> {
     let (ids, text) = match prompt {
         Prompt::Chat(messages) => {
-            let text = t
-                .render_chat(messages, add_generation_prompt)
-                .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+            let rendered = match chat {
+                Some(inputs) => t.render(inputs),
+                None => t.render_chat(messages, add_generation_prompt),
+            };
+            let text = rendered.map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
             (t.encode(&text, false).map_err(|e| ApiError::internal(e.to_string()))?, text)
         }
         Prompt::Text(text) => (t.encode(text, true).map_err(|e| ApiError::internal(e.to_string()))?, text.clone()),
