@@ -41,6 +41,7 @@ fn event_value(e: &KvEvent) -> Value {
             Value::from(*block_size),
             Value::Nil,         // lora_id
             Value::from("GPU"), // medium
+            Value::Nil,         // lora_name (no adapter); extra_keys and group_idx default, omitted
         ]),
         KvEvent::BlockRemoved { block_hashes } => {
             Value::Array(vec![Value::from("BlockRemoved"), hashes(block_hashes), Value::from("GPU")])

@@ -5,6 +5,10 @@
 
 use rmpv::Value;
 
+/// Field order of vLLM's events (`vllm/distributed/kv_events.py`, msgspec array-like, trailing
+/// defaults omitted): `BlockStored [tag, block_hashes, parent_block_hash, token_ids, block_size,
+/// lora_id, medium, lora_name, extra_keys, group_idx, kv_cache_spec_kind,
+/// kv_cache_spec_sliding_window]`, `BlockRemoved [tag, block_hashes, medium, group_idx]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EngineKvEvent {
     BlockStored {
@@ -13,9 +17,18 @@ pub enum EngineKvEvent {
         token_ids: Vec<u32>,
         block_size: u32,
         lora_id: Option<i64>,
+        /// Where the blocks live: `GPU` (or unset) for the engine's own KV cache; `CPU` and
+        /// others for blocks an offloading connector moved.
+        medium: Option<String>,
+        /// The LoRA adapter the blocks were computed for.
+        lora_name: Option<String>,
+        /// The KV-cache group (hybrid models keep one per attention kind).
+        group_idx: Option<i64>,
     },
     BlockRemoved {
         block_hashes: Vec<u64>,
+        medium: Option<String>,
+        group_idx: Option<i64>,
     },
     AllBlocksCleared,
     Unknown(String),
@@ -92,8 +105,15 @@ fn decode_event(v: &Value) -> Result<EngineKvEvent, DecodeError> {
                 .filter(|&b| b > 0)
                 .ok_or(DecodeError::Shape("BlockStored block_size missing"))?,
             lora_id: f.get(5).and_then(Value::as_i64),
+            medium: f.get(6).and_then(Value::as_str).map(str::to_owned),
+            lora_name: f.get(7).and_then(Value::as_str).map(str::to_owned),
+            group_idx: f.get(9).and_then(Value::as_i64),
         },
-        "BlockRemoved" => EngineKvEvent::BlockRemoved { block_hashes: hashes(f.get(1))? },
+        "BlockRemoved" => EngineKvEvent::BlockRemoved {
+            block_hashes: hashes(f.get(1))?,
+            medium: f.get(2).and_then(Value::as_str).map(str::to_owned),
+            group_idx: f.get(3).and_then(Value::as_i64),
+        },
         "AllBlocksCleared" => EngineKvEvent::AllBlocksCleared,
         other => EngineKvEvent::Unknown(other.to_owned()),
     })
@@ -147,8 +167,10 @@ mod tests {
                     "GPU".into(),
                     "lora-name".into(),
                     Value::Nil,
+                    Value::from(1),
+                    "full_attention".into(),
                 ]),
-                Value::Array(vec!["BlockRemoved".into(), Value::Array(vec![Value::from(7u64)]), "GPU".into()]),
+                Value::Array(vec!["BlockRemoved".into(), Value::Array(vec![Value::from(7u64)]), "CPU".into()]),
                 Value::Array(vec!["AllBlocksCleared".into()]),
                 Value::Array(vec!["SomethingNew".into(), Value::from(1)]),
             ]),
@@ -164,9 +186,12 @@ mod tests {
                     parent_block_hash: None,
                     token_ids: vec![0, 1, 2, 3],
                     block_size: 4,
-                    lora_id: None
+                    lora_id: None,
+                    medium: Some("GPU".into()),
+                    lora_name: Some("lora-name".into()),
+                    group_idx: Some(1),
                 },
-                EngineKvEvent::BlockRemoved { block_hashes: vec![7] },
+                EngineKvEvent::BlockRemoved { block_hashes: vec![7], medium: Some("CPU".into()), group_idx: None },
                 EngineKvEvent::AllBlocksCleared,
                 EngineKvEvent::Unknown("SomethingNew".into()),
             ]

@@ -292,6 +292,37 @@ fn apply_batch(engine: &Engine, seq: u64, batch: EventBatch) {
     }
 }
 
+/// What the exact index takes from an engine's event: the blocks in its own GPU KV cache, of
+/// the base model, in the first KV-cache group. Blocks an offloading connector reports on
+/// another medium (`CPU`) are not GPU hits, and their removal must not release a GPU block of
+/// the same hash; blocks of a LoRA adapter are keyed by the adapter in vLLM, not by the base
+/// model's tokens; a hybrid model's other groups (sliding window, mamba) hold the same prefix
+/// under other hashes. Those are left out: the index may under-count them, never over-count.
+fn index_event(ev: EngineKvEvent) -> Option<IndexEvent> {
+    let on_gpu = |m: &Option<String>| m.as_deref().is_none_or(|m| m.eq_ignore_ascii_case("gpu"));
+    let first_group = |g: &Option<i64>| g.is_none_or(|g| g == 0);
+    match ev {
+        EngineKvEvent::BlockStored {
+            block_hashes,
+            parent_block_hash,
+            token_ids,
+            block_size,
+            medium,
+            lora_name,
+            group_idx,
+            ..
+        } if on_gpu(&medium) && lora_name.is_none() && first_group(&group_idx) => {
+            Some(IndexEvent::Stored { block_hashes, parent: parent_block_hash, token_ids, block_size })
+        }
+        EngineKvEvent::BlockRemoved { block_hashes, medium, group_idx } if on_gpu(&medium) && first_group(&group_idx) => {
+            Some(IndexEvent::Removed { block_hashes })
+        }
+        EngineKvEvent::BlockStored { .. } | EngineKvEvent::BlockRemoved { .. } => None,
+        EngineKvEvent::AllBlocksCleared => Some(IndexEvent::Cleared),
+        EngineKvEvent::Unknown(_) => None,
+    }
+}
+
 /// A batch after a resync decision: whatever its outcome, it was already counted.
 fn apply_replayed(engine: &Engine, seq: u64, batch: EventBatch) {
     let _ = apply_decoded(engine, seq, batch);
@@ -301,14 +332,7 @@ fn apply_decoded(engine: &Engine, seq: u64, batch: EventBatch) -> BatchOutcome {
     engine.kv.last_seq.store(seq, Ordering::Relaxed);
     engine.kv.batches.fetch_add(1, Ordering::Relaxed);
     engine.kv.events.fetch_add(batch.events.len() as u64, Ordering::Relaxed);
-    let events = batch.events.into_iter().filter_map(|ev| match ev {
-        EngineKvEvent::BlockStored { block_hashes, parent_block_hash, token_ids, block_size, .. } => {
-            Some(IndexEvent::Stored { block_hashes, parent: parent_block_hash, token_ids, block_size })
-        }
-        EngineKvEvent::BlockRemoved { block_hashes } => Some(IndexEvent::Removed { block_hashes }),
-        EngineKvEvent::AllBlocksCleared => Some(IndexEvent::Cleared),
-        EngineKvEvent::Unknown(_) => None,
-    });
+    let events = batch.events.into_iter().filter_map(index_event);
     let Ok(mut index) = engine.kv.index.write() else { return BatchOutcome::InOrder };
     index.apply_batch(seq, events)
 }
@@ -322,6 +346,41 @@ async fn wait_for_seed(engine: &Engine, cancel: &CancellationToken) -> Option<u6
         tokio::select! {
             _ = cancel.cancelled() => return None,
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(medium: Option<&str>, lora: Option<&str>, group: Option<i64>) -> EngineKvEvent {
+        EngineKvEvent::BlockStored {
+            block_hashes: vec![1],
+            parent_block_hash: None,
+            token_ids: vec![0; 16],
+            block_size: 16,
+            lora_id: None,
+            medium: medium.map(str::to_owned),
+            lora_name: lora.map(str::to_owned),
+            group_idx: group,
+        }
+    }
+
+    #[test]
+    fn only_gpu_blocks_of_the_base_model_in_the_first_group_are_indexed() {
+        let table = [
+            (stored(Some("GPU"), None, None), true),
+            (stored(None, None, Some(0)), true),
+            (stored(Some("CPU"), None, None), false),
+            (stored(Some("GPU"), Some("sql-adapter"), None), false),
+            (stored(Some("GPU"), None, Some(1)), false),
+            (EngineKvEvent::BlockRemoved { block_hashes: vec![1], medium: Some("CPU".into()), group_idx: None }, false),
+            (EngineKvEvent::BlockRemoved { block_hashes: vec![1], medium: Some("gpu".into()), group_idx: Some(0) }, true),
+            (EngineKvEvent::AllBlocksCleared, true),
+        ];
+        for (i, (ev, indexed)) in table.into_iter().enumerate() {
+            assert_eq!(index_event(ev).is_some(), indexed, "row {i}");
         }
     }
 }
