@@ -267,9 +267,18 @@ async fn print_status(node: &NodeArgs) -> anyhow::Result<()> {
         );
     }
     println!();
-    println!("{:<32} prefix matching", "model");
+    println!("{:<32} {:<18} {:>8} {:>18}", "model", "prefix matching", "checked", "length mismatches");
     for m in v["models"].as_array().unwrap_or(&empty) {
-        println!("{:<32} {}", m["model"].as_str().unwrap_or("?"), m["prefix_matching"].as_str().unwrap_or("?"));
+        println!(
+            "{:<32} {:<18} {:>8} {:>18}",
+            m["model"].as_str().unwrap_or("?"),
+            m["prefix_matching"].as_str().unwrap_or("?"),
+            m["engine_agreement"]["checked"].as_u64().unwrap_or(0),
+            m["engine_agreement"]["length_mismatches"].as_u64().unwrap_or(0)
+        );
+        if m["prefix_matching"] == "exact_disagreeing" {
+            println!("  ^ this node's prompt lengths differ from the engines': check the model's tokenizer and chat template");
+        }
     }
     let tokenizers = v["tokenizers"].as_array().unwrap_or(&empty);
     if !tokenizers.is_empty() {
