@@ -84,7 +84,9 @@ def content_format(template: str) -> str:
     while queue:
         current = queue.pop(0)
         for assign in ast.find_all(jinja2.nodes.Assign):
-            if elems(assign.node, current) and isinstance(assign.target, jinja2.nodes.Name):
+            if elems(assign.node, current):
+                if not isinstance(assign.target, jinja2.nodes.Name):
+                    return "string"  # vLLM asserts a plain name here; its handler then says "string"
                 names.append(assign.target.name)
                 if assign.target.name != current:
                     queue.append(assign.target.name)
@@ -173,7 +175,8 @@ def render(request: dict, template: str, special: dict) -> str:
     kwargs.update(request.get("chat_template_kwargs") or {})
     if request.get("reasoning_effort") is not None:
         kwargs.setdefault("reasoning_effort", request["reasoning_effort"])
-    conv = conversation(messages, content_format(template))
+    # What apply_chat_template does before rendering: drop keys whose value is None.
+    conv = hf._normalize_chat_messages(conversation(messages, content_format(template)))
     rendered, _ = hf.render_jinja_template(
         conversations=[conv],
         tools=tool_dicts,

@@ -169,9 +169,19 @@ fn tool_call(call: &Value) -> Value {
     Value::Object(out)
 }
 
-/// The conversation vLLM renders, from the messages as sent.
+/// The conversation vLLM renders, from the messages as sent, with what transformers'
+/// `apply_chat_template` then does first: keys whose value is null are dropped, so a template's
+/// `is defined` sees them as absent.
 pub fn conversation(messages: &[Value], format: ContentFormat) -> Vec<Value> {
-    messages.iter().filter_map(Value::as_object).map(|m| Value::Object(conversation_message(m, format))).collect()
+    messages
+        .iter()
+        .filter_map(Value::as_object)
+        .map(|m| {
+            let mut out = conversation_message(m, format);
+            out.retain(|_, v| !v.is_null());
+            Value::Object(out)
+        })
+        .collect()
 }
 
 /// A request tool as vLLM's request model dumps it: `type` (default `function`), then
@@ -206,8 +216,15 @@ pub fn tool_dump(tool: &Value) -> Value {
 /// filters), where `message` is a loop variable over `messages` (or over a variable assigned
 /// from it); else `String`.
 pub fn detect_content_format(template: &str) -> ContentFormat {
-    let Ok(assign) = regex::Regex::new(r"\{%-?\s*set\s+(\w+)\s*=\s*(\w+)") else { return ContentFormat::String };
-    let Ok(for_in) = regex::Regex::new(r"\{%-?\s*for\s+(\w+)\s+in\s+(\w+)(?:\s*\[\s*'?(\w+)'?\s*\]|\.(\w+))?") else {
+    // An alias is the list itself, a slice of it, or it through filters (as vLLM's AST rule):
+    // `set m = messages[1:]`, `set m = messages | selectattr(...)`; not `messages[0]`.
+    let Ok(assign) =
+        regex::Regex::new(r#"\{%-?\s*set\s+(\w+)\s*=\s*(\w+)\s*(?:\[[^\]]*:[^\]]*\]\s*)?(?:\|[^%]*)?-?%\}"#)
+    else {
+        return ContentFormat::String;
+    };
+    let Ok(for_in) = regex::Regex::new(r#"\{%-?\s*for\s+(\w+)\s+in\s+(\w+)(?:\s*\[\s*['"]?(\w+)['"]?\s*\]|\.(\w+))?"#)
+    else {
         return ContentFormat::String;
     };
     let mut lists = vec!["messages".to_owned()];
@@ -330,6 +347,9 @@ mod tests {
             r#"{"role":"assistant","content":"ok"}"#,
             "empty tool_calls dropped"
         );
+        let nulls =
+            conversation(&[json!({"role": "tool", "tool_call_id": null, "content": "r"})], ContentFormat::String);
+        assert_eq!(serde_json::to_string(&nulls[0]).unwrap(), r#"{"role":"tool","content":"r"}"#, "null keys dropped");
         let o = conversation(&messages[..1], ContentFormat::OpenAi);
         assert_eq!(o[0]["content"], json!([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]));
     }
@@ -354,6 +374,10 @@ mod tests {
         assert_eq!(detect_content_format(aliased), ContentFormat::OpenAi);
         let other = "{% for m in messages %}{% for t in tools %}{% endfor %}{% endfor %}";
         assert_eq!(detect_content_format(other), ContentFormat::String);
+        let double = r#"{% for m in messages %}{% for c in m["content"] %}{% endfor %}{% endfor %}"#;
+        assert_eq!(detect_content_format(double), ContentFormat::OpenAi);
+        let first = "{% set first = messages[0] %}{% for c in first['content'] %}{% endfor %}";
+        assert_eq!(detect_content_format(first), ContentFormat::String, "an element is not an alias of the list");
     }
 
     #[test]

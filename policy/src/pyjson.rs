@@ -115,7 +115,7 @@ fn write_str(out: &mut String, s: &str, ensure_ascii: bool) {
             '\u{8}' => out.push_str("\\b"),
             '\u{c}' => out.push_str("\\f"),
             c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c if ensure_ascii && !c.is_ascii() => {
+            c if ensure_ascii && (c as u32) > 0x7e => {
                 let mut units = [0u16; 2];
                 for u in c.encode_utf16(&mut units) {
                     out.push_str(&format!("\\u{u:04x}"));
@@ -194,11 +194,34 @@ fn repr_str(out: &mut String, s: &str) {
                 out.push('\\');
                 out.push(c);
             }
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if !py_printable(c) => match c as u32 {
+                n if n < 0x100 => out.push_str(&format!("\\x{n:02x}")),
+                n if n < 0x10000 => out.push_str(&format!("\\u{n:04x}")),
+                n => out.push_str(&format!("\\U{n:08x}")),
+            },
             c => out.push(c),
         }
     }
     out.push(quote);
+}
+
+/// Python's `str.isprintable` for the characters prompts carry: not control characters (Cc),
+/// not whitespace other than the space (Zs, Zl, Zp), not the common format characters (Cf: soft
+/// hyphen, zero-width and direction marks, word joiners, BOM), not surrogates or private use.
+/// Unassigned code points (Cn) are taken as printable: this module carries no Unicode tables.
+fn py_printable(c: char) -> bool {
+    let n = c as u32;
+    !(c.is_control()
+        || (c.is_whitespace() && c != ' ')
+        || n == 0xad
+        || (0x600..=0x605).contains(&n)
+        || (0x200b..=0x200f).contains(&n)
+        || (0x202a..=0x202e).contains(&n)
+        || (0x2060..=0x2064).contains(&n)
+        || (0x2066..=0x206f).contains(&n)
+        || n == 0xfeff
+        || (0xe000..=0xf8ff).contains(&n)
+        || (0xf0000..=0x10ffff).contains(&n))
 }
 
 /// `repr` of a float inside a container (Python prints `inf`/`nan` there, not JSON's names).
@@ -282,6 +305,10 @@ mod tests {
         assert_eq!(py_str(&json!("plain")), "plain");
         assert_eq!(py_str(&json!(false)), "False");
         assert_eq!(py_repr(&json!("a\nb\\'\"")), r#"'a\nb\\\'"'"#);
+        // Python: repr('\xa0\u200b\u3000é') == "'\\xa0\\u200b\\u3000é'"
+        assert_eq!(py_repr(&json!("\u{a0}\u{200b}\u{3000}é")), r"'\xa0\u200b\u3000é'");
+        let ascii = Options { ensure_ascii: true, ..Options::default() };
+        assert_eq!(dumps(&json!("\u{7f}"), &ascii), r#""\u007f""#);
     }
 
     #[test]

@@ -334,6 +334,10 @@ fn strftime_utc(fmt: &str, at: std::time::SystemTime) -> String {
 /// transformers' `tojson`: `json.dumps` with `ensure_ascii=False` and Python's spacing
 /// (`pyjson`), taking `indent`, `ensure_ascii`, `separators` and `sort_keys` as keywords.
 fn py_tojson(value: &minijinja::Value, kwargs: minijinja::value::Kwargs) -> Result<minijinja::Value, minijinja::Error> {
+    if value.is_undefined() {
+        // json.dumps of Jinja2's Undefined raises.
+        return Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, "tojson of an undefined value"));
+    }
     let json = serde_json::to_value(value)
         .map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string()))?;
     let mut opts = pyjson::Options::default();
@@ -358,8 +362,34 @@ fn py_tojson(value: &minijinja::Value, kwargs: minijinja::value::Kwargs) -> Resu
     Ok(minijinja::Value::from_safe_string(pyjson::dumps(&json, &opts)))
 }
 
-/// A template value as Python's `str()` prints it (`pyjson::py_str`).
+/// Jinja2's `join`: items printed with `str()` (`True`, `1e+16`), optionally an attribute of each.
+fn py_join(
+    value: &minijinja::Value,
+    sep: Option<String>,
+    kwargs: minijinja::value::Kwargs,
+) -> Result<String, minijinja::Error> {
+    let attribute: Option<String> = kwargs.get("attribute")?;
+    let sep = sep.or(kwargs.get::<Option<String>>("d")?).unwrap_or_default();
+    kwargs.assert_all_used()?;
+    if let Some(s) = value.as_str() {
+        // A string joins its characters.
+        return Ok(s.chars().map(String::from).collect::<Vec<_>>().join(&sep));
+    }
+    let items: Vec<String> = value
+        .try_iter()?
+        .map(|item| match &attribute {
+            Some(a) => item.get_attr(a).map(|v| py_str(&v)),
+            None => Ok(py_str(&item)),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(items.join(&sep))
+}
+
+/// A template value as Python's `str()` prints it (`pyjson::py_str`); undefined prints nothing.
 fn py_str(v: &minijinja::Value) -> String {
+    if v.is_undefined() {
+        return String::new();
+    }
     if let Some(s) = v.as_str() {
         return s.to_owned();
     }
@@ -386,14 +416,19 @@ impl ChatTemplate {
         env.add_filter("tojson", py_tojson);
         // Jinja2's tests, by Python's types: `None` is neither iterable nor a sequence (minijinja
         // would iterate it as empty), a dict is a sequence (it has a length and items).
+        // Jinja2's Undefined is iterable and a sequence (it iterates as empty).
         env.add_test("iterable", |v: &minijinja::Value| {
             use minijinja::value::ValueKind;
-            matches!(v.kind(), ValueKind::Seq | ValueKind::Map | ValueKind::String | ValueKind::Iterable)
+            matches!(
+                v.kind(),
+                ValueKind::Seq | ValueKind::Map | ValueKind::String | ValueKind::Iterable | ValueKind::Undefined
+            )
         });
         env.add_test("sequence", |v: &minijinja::Value| {
             use minijinja::value::ValueKind;
-            matches!(v.kind(), ValueKind::Seq | ValueKind::Map | ValueKind::String)
+            matches!(v.kind(), ValueKind::Seq | ValueKind::Map | ValueKind::String | ValueKind::Undefined)
         });
+        env.add_filter("join", py_join);
         env.add_filter("string", |v: &minijinja::Value| -> Result<String, minijinja::Error> { Ok(py_str(v)) });
         // Jinja2 prints a value with Python's `str()`: `True`, `None`, `{'a': 1}`.
         env.set_formatter(|out, _state, value| {

@@ -308,13 +308,15 @@ fn index_event(ev: EngineKvEvent) -> Option<IndexEvent> {
             token_ids,
             block_size,
             medium,
+            lora_id,
             lora_name,
             group_idx,
-            ..
-        } if on_gpu(&medium) && lora_name.is_none() && first_group(&group_idx) => {
+        } if on_gpu(&medium) && lora_name.is_none() && lora_id.is_none() && first_group(&group_idx) => {
             Some(IndexEvent::Stored { block_hashes, parent: parent_block_hash, token_ids, block_size })
         }
-        EngineKvEvent::BlockRemoved { block_hashes, medium, group_idx } if on_gpu(&medium) && first_group(&group_idx) => {
+        EngineKvEvent::BlockRemoved { block_hashes, medium, group_idx }
+            if on_gpu(&medium) && first_group(&group_idx) =>
+        {
             Some(IndexEvent::Removed { block_hashes })
         }
         EngineKvEvent::BlockStored { .. } | EngineKvEvent::BlockRemoved { .. } => None,
@@ -376,7 +378,10 @@ mod tests {
             (stored(Some("GPU"), Some("sql-adapter"), None), false),
             (stored(Some("GPU"), None, Some(1)), false),
             (EngineKvEvent::BlockRemoved { block_hashes: vec![1], medium: Some("CPU".into()), group_idx: None }, false),
-            (EngineKvEvent::BlockRemoved { block_hashes: vec![1], medium: Some("gpu".into()), group_idx: Some(0) }, true),
+            (
+                EngineKvEvent::BlockRemoved { block_hashes: vec![1], medium: Some("gpu".into()), group_idx: Some(0) },
+                true,
+            ),
             (EngineKvEvent::AllBlocksCleared, true),
         ];
         for (i, (ev, indexed)) in table.into_iter().enumerate() {

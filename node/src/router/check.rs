@@ -12,8 +12,12 @@
 //! shown per model in `/v1/mesh/status` (`key_agreement`), and a model whose lengths disagree is
 //! named in a warning (its first mismatch, then every 1,000th).
 //!
-//! Only prompts this node tokenized exactly are checked, and only answers that carry usage
-//! (every non-streamed answer; a stream when the client asked for `include_usage`).
+//! Only prompts this node tokenized exactly and chose the engine for are checked (not a prompt a
+//! peer will place among its engines: the peer checks it), never one with media parts (their
+//! placeholders expand in the engine), and only answers that carry usage (every non-streamed
+//! answer; a stream when the client asked for `include_usage`, and only when the usage event
+//! arrives within one chunk). Cached tokens are compared only when the engine reports them
+//! (vLLM's `--enable-prompt-tokens-details`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -46,16 +50,17 @@ pub struct KeyAgreement {
     by_model: Mutex<HashMap<String, Agreement>>,
 }
 
-/// `prompt_tokens` and `cached_tokens` from an answer's `usage` (vLLM's shape).
-pub fn usage_of(v: &Value) -> Option<(u64, u64)> {
+/// `prompt_tokens` and, when the engine reports it, `cached_tokens` from an answer's `usage`
+/// (vLLM's shape; vLLM reports cached tokens only with `--enable-prompt-tokens-details`).
+pub fn usage_of(v: &Value) -> Option<(u64, Option<u64>)> {
     let usage = v.get("usage")?;
     let prompt = usage.get("prompt_tokens")?.as_u64()?;
-    let cached = usage.pointer("/prompt_tokens_details/cached_tokens").and_then(Value::as_u64).unwrap_or(0);
+    let cached = usage.pointer("/prompt_tokens_details/cached_tokens").and_then(Value::as_u64);
     Some((prompt, cached))
 }
 
 /// The usage in one SSE chunk (the last data event that carries one), if any.
-pub fn usage_in_chunk(chunk: &[u8]) -> Option<(u64, u64)> {
+pub fn usage_in_chunk(chunk: &[u8]) -> Option<(u64, Option<u64>)> {
     if !chunk.windows(8).any(|w| w == b"\"usage\":") {
         return None;
     }
@@ -64,12 +69,12 @@ pub fn usage_in_chunk(chunk: &[u8]) -> Option<(u64, u64)> {
         .filter_map(|l| l.strip_prefix("data:").map(str::trim))
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
         .filter_map(|v| usage_of(&v))
-        .last()
+        .next_back()
 }
 
 impl KeyAgreement {
     /// Compares what the engine reported with what was expected, and counts it.
-    pub fn check(&self, metrics: &NodeMetrics, expected: &Expected, reported: (u64, u64)) {
+    pub fn check(&self, metrics: &NodeMetrics, expected: &Expected, reported: (u64, Option<u64>)) {
         let (prompt, cached) = reported;
         let model = expected.model.as_str();
         let mismatch = prompt != expected.prompt_tokens as u64;
@@ -77,9 +82,12 @@ impl KeyAgreement {
         if mismatch {
             metrics.prompt_length_mismatches.with_label_values(&[model]).inc();
         }
-        metrics.cached_predicted.with_label_values(&[model]).inc_by(expected.cached_tokens as u64);
-        metrics.cached_reported.with_label_values(&[model]).inc_by(cached);
-        metrics.cached_error.with_label_values(&[model]).observe((expected.cached_tokens as f64 - cached as f64).abs());
+        if let Some(cached) = cached {
+            metrics.cached_predicted.with_label_values(&[model]).inc_by(expected.cached_tokens as u64);
+            metrics.cached_reported.with_label_values(&[model]).inc_by(cached);
+            let error = (expected.cached_tokens as f64 - cached as f64).abs();
+            metrics.cached_error.with_label_values(&[model]).observe(error);
+        }
         let Ok(mut m) = self.by_model.lock() else { return };
         if !m.contains_key(model) && m.len() >= MAX_MODELS {
             return;
@@ -117,11 +125,11 @@ mod tests {
     #[test]
     fn usage_is_read_from_answers_and_stream_chunks() {
         let v = serde_json::json!({"usage": {"prompt_tokens": 40, "prompt_tokens_details": {"cached_tokens": 32}}});
-        assert_eq!(usage_of(&v), Some((40, 32)));
-        assert_eq!(usage_of(&serde_json::json!({"usage": {"prompt_tokens": 7}})), Some((7, 0)));
+        assert_eq!(usage_of(&v), Some((40, Some(32))));
+        assert_eq!(usage_of(&serde_json::json!({"usage": {"prompt_tokens": 7}})), Some((7, None)));
         assert_eq!(usage_of(&serde_json::json!({"choices": []})), None);
         let chunk = b"data: {\"choices\":[]}\n\ndata: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"prompt_tokens_details\":{\"cached_tokens\":0}}}\n\n";
-        assert_eq!(usage_in_chunk(chunk), Some((9, 0)));
+        assert_eq!(usage_in_chunk(chunk), Some((9, Some(0))));
         assert_eq!(usage_in_chunk(b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n"), None);
     }
 }

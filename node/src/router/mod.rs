@@ -259,7 +259,7 @@ impl Router {
             ctx.span.record("reason", reason.as_str());
             ctx.span.record("route", header.as_str());
             self.metrics.route_decisions.with_label_values(&[reason.as_str()]).inc();
-            let expect = expectation(&req.model, prompt, &picked.decision, picked.block_size);
+            let expect = expectation(req, prompt, &picked.decision, picked.block_size);
             let outcome = match &target {
                 Target::Local(e) => self.forward_local(ctx, req.stream, body, e.clone(), &header, expect).await,
                 Target::Remote(r) => {
@@ -267,6 +267,8 @@ impl Router {
                     let ask = if chooses { PeerRequest::AnyEngine } else { PeerRequest::Engine(r.load.name.clone()) };
                     let mut head = RequestHead::new(ask, ctx.endpoint.path(), &ctx.id, &self.node_name, req.stream);
                     head.prompt = chooses.then(|| self.digest(r, prompt)).flatten();
+                    // A peer that places the prompt among its engines checks the answer itself.
+                    let expect = if chooses { None } else { expect };
                     self.forward_remote(ctx, head, body, r, &header, expect).await
                 }
             };
@@ -297,8 +299,13 @@ impl Router {
 }
 
 /// What the chosen engine should report of a prompt this node tokenized exactly (`check`).
-fn expectation(model: &str, prompt: &PromptKeys, decision: &RouteDecision, block_size: u32) -> Option<check::Expected> {
-    if !prompt.known() {
+fn expectation(
+    req: &InferenceRequest,
+    prompt: &PromptKeys,
+    decision: &RouteDecision,
+    block_size: u32,
+) -> Option<check::Expected> {
+    if !prompt.known() || has_media(req) {
         return None;
     }
     let matched = match decision {
@@ -307,9 +314,21 @@ fn expectation(model: &str, prompt: &PromptKeys, decision: &RouteDecision, block
         _ => return None,
     };
     Some(check::Expected {
-        model: model.to_owned(),
+        model: req.model.clone(),
         prompt_tokens: prompt.tokens,
         cached_tokens: kvmesh_policy::candidates::expected_cached_tokens(prompt.tokens, matched, block_size),
+    })
+}
+
+/// Whether a chat request carries content parts other than text (their placeholders expand in
+/// the engine, so its prompt length is not this node's).
+fn has_media(req: &InferenceRequest) -> bool {
+    req.chat.as_ref().is_some_and(|c| {
+        c.messages.iter().any(|m| {
+            m.get("content").and_then(serde_json::Value::as_array).is_some_and(|parts| {
+                parts.iter().any(|p| p.get("type").and_then(serde_json::Value::as_str).is_some_and(|t| t != "text"))
+            })
+        })
     })
 }
 
