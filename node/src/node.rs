@@ -162,6 +162,7 @@ impl Node {
             .map_err(|e| NodeError::Client(e.to_string()))?;
         let engines = Arc::new(EngineSet::new(&cfg.engines, &cfg, client.clone()));
         engines.probe_all().await;
+        check_engines_against_config(&cfg, &engines);
         let tasks = TaskTracker::new();
         engines.spawn_watchers(&tasks, &cancel);
         let metrics = Arc::new(NodeMetrics::new(&cfg.node_name)?);
@@ -234,6 +235,31 @@ impl Node {
             cancel,
             tasks,
         })
+    }
+}
+
+/// What the engines report at start against what the config assumes, said at once: block keys
+/// computed at another block size than an engine's match nothing there, and a tokenizer for a
+/// model no engine here serves is only used for peers' engines. (`/v1/mesh/status` shows each
+/// engine's block size, and whether it is the mesh-wide `default_block_size`.)
+fn check_engines_against_config(cfg: &Config, engines: &EngineSet) {
+    for e in &engines.engines {
+        let v = e.snapshot();
+        if let Some(bs) = v.load.block_size.filter(|&bs| bs != cfg.default_block_size) {
+            tracing::warn!(
+                engine = %e.name,
+                engine_block_size = bs,
+                default_block_size = cfg.default_block_size,
+                "this engine's KV block size is not default_block_size: this node keys its prompts at the engine's size, but peers and cells key at default_block_size, so their matches for it miss (set default_block_size = {bs} on every node, or run the engines with --block-size {})",
+                cfg.default_block_size
+            );
+        }
+    }
+    let served = engines.models();
+    for m in cfg.models.iter().filter(|m| !served.contains(&m.name)) {
+        if !engines.engines.is_empty() {
+            tracing::warn!(model = %m.name, served = ?served, "a tokenizer is configured for a model this node's engines do not serve (yet): check [[models]] name against the engines' --served-model-name");
+        }
     }
 }
 

@@ -104,6 +104,8 @@ async fn status(State(pipeline): State<Arc<Pipeline>>) -> Response {
                 "running": v.load.running,
                 "waiting": v.load.waiting,
                 "kv_usage": v.load.kv_usage,
+                "block_size": v.load.block_size,
+                "block_size_is_default": v.load.block_size.is_none_or(|bs| bs == p.default_block_size()),
                 "kv_events": e.kv.batches.load(std::sync::atomic::Ordering::Relaxed) > 0,
                 "indexed_blocks": e.kv.cached_blocks(),
                 "routed_keys": e.routed.lock().map(|r| r.len()).unwrap_or(0),

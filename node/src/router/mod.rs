@@ -176,6 +176,11 @@ impl Router {
         &self.tokenizers
     }
 
+    /// The mesh-wide block size peers and cells key prompts at.
+    pub fn default_block_size(&self) -> u32 {
+        self.s.default_block_size
+    }
+
     /// Stops taking new requests; open ones finish. False when it was draining already.
     pub fn start_draining(&self) -> bool {
         let first = !self.draining.swap(true, Ordering::SeqCst);
