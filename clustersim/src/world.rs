@@ -993,6 +993,7 @@ impl<'a> World<'a> {
             output_len,
             output_seed: r as u64,
             external_kv_tokens: 0,
+            cache_salt: None,
         });
         if self.engines[e].step.is_none() {
             self.start_step(e);
@@ -1039,8 +1040,14 @@ impl<'a> World<'a> {
             let engine = &mut self.engines[e];
             engine.kv_seq += 1;
             let batch = events.into_iter().map(|ev| match ev {
-                KvEvent::BlockStored { block_hashes, parent_block_hash, token_ids, block_size } => {
-                    IndexEvent::Stored { block_hashes, parent: parent_block_hash, token_ids, block_size }
+                KvEvent::BlockStored { block_hashes, parent_block_hash, token_ids, block_size, cache_salt } => {
+                    IndexEvent::Stored {
+                        block_hashes,
+                        parent: parent_block_hash,
+                        token_ids,
+                        block_size,
+                        salt: cache_salt,
+                    }
                 }
                 KvEvent::BlockRemoved { block_hashes } => IndexEvent::Removed { block_hashes },
                 KvEvent::AllBlocksCleared => IndexEvent::Cleared,

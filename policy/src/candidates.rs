@@ -286,7 +286,7 @@ mod tests {
         let mut index = EngineIndex::new(seed);
         let ids: Vec<u32> = (0..(keys.len() as u32 * BS)).collect();
         let block_hashes = (0..keys.len() as u64).collect();
-        index.apply(IndexEvent::Stored { block_hashes, parent: None, token_ids: ids, block_size: BS });
+        index.apply(IndexEvent::Stored { block_hashes, parent: None, token_ids: ids, block_size: BS, salt: None });
         index
     }
 

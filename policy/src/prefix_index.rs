@@ -16,8 +16,18 @@ use crate::blocks;
 /// One event, as decoded from the engine's wire format.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IndexEvent {
-    Stored { block_hashes: Vec<u64>, parent: Option<u64>, token_ids: Vec<u32>, block_size: u32 },
-    Removed { block_hashes: Vec<u64> },
+    /// `salt`: the request's `cache_salt`, which vLLM mixes into the first block's hash (the
+    /// event's `extra_keys`); a root block with one chains from the salted seed.
+    Stored {
+        block_hashes: Vec<u64>,
+        parent: Option<u64>,
+        token_ids: Vec<u32>,
+        block_size: u32,
+        salt: Option<String>,
+    },
+    Removed {
+        block_hashes: Vec<u64>,
+    },
     Cleared,
 }
 
@@ -40,6 +50,8 @@ pub enum BatchOutcome {
 #[derive(Debug, Clone)]
 pub struct EngineIndex {
     seed: u64,
+    /// The model the seed is of, to seed salted chains (`blocks::chain_seed`).
+    model: Option<String>,
     block_size: Option<u32>,
     /// kvmesh key -> how many engine hashes map to it (the same block stored twice counts
     /// twice); a key is held while its count is above zero.
@@ -56,6 +68,7 @@ impl EngineIndex {
     pub fn new(seed: u64) -> Self {
         Self {
             seed,
+            model: None,
             block_size: None,
             keys: HashMap::new(),
             by_engine_hash: HashMap::new(),
@@ -63,6 +76,12 @@ impl EngineIndex {
             unresolved: 0,
             resets: 0,
         }
+    }
+
+    /// The index of an engine serving `model`: chains seeded as `blocks::chain_seed(model, None,
+    /// salt)`, so salted requests' keys match the blocks stored for them.
+    pub fn for_model(model: &str) -> Self {
+        Self { model: Some(model.to_owned()), ..Self::new(blocks::chain_seed(model, None, None)) }
     }
 
     pub fn len(&self) -> usize {
@@ -149,7 +168,7 @@ impl EngineIndex {
 
     pub fn apply(&mut self, e: IndexEvent) {
         match e {
-            IndexEvent::Stored { block_hashes, parent, token_ids, block_size } => {
+            IndexEvent::Stored { block_hashes, parent, token_ids, block_size, salt } => {
                 let bs = block_size as usize;
                 if bs == 0 || token_ids.len() < block_hashes.len() * bs {
                     self.unresolved += block_hashes.len() as u64;
@@ -157,7 +176,15 @@ impl EngineIndex {
                 }
                 self.block_size = Some(block_size);
                 let mut parent_key = match parent {
-                    None => self.seed,
+                    None => match (&salt, &self.model) {
+                        (Some(salt), Some(model)) => blocks::chain_seed(model, None, Some(salt)),
+                        // A salted block of an engine whose model is unknown cannot be keyed.
+                        (Some(_), None) => {
+                            self.unresolved += block_hashes.len() as u64;
+                            return;
+                        }
+                        (None, _) => self.seed,
+                    },
                     Some(h) => match self.by_engine_hash.get(&h) {
                         Some(&k) => k,
                         None => {
@@ -197,6 +224,27 @@ impl EngineIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn salted_blocks_chain_from_the_salted_seed() {
+        let mut idx = EngineIndex::for_model("m");
+        let tokens: Vec<u32> = (0..4).collect();
+        let stored = |salt: Option<&str>, hashes: Vec<u64>| IndexEvent::Stored {
+            block_hashes: hashes,
+            parent: None,
+            token_ids: tokens.clone(),
+            block_size: 2,
+            salt: salt.map(str::to_owned),
+        };
+        idx.apply(stored(Some("tenant-a"), vec![1, 2]));
+        let keys = |salt| blocks::block_keys(blocks::chain_seed("m", None, salt), &tokens, 2);
+        assert_eq!(idx.matched_blocks(&keys(Some("tenant-a"))), 2);
+        assert_eq!(idx.matched_blocks(&keys(Some("tenant-b"))), 0, "another salt shares nothing");
+        assert_eq!(idx.matched_blocks(&keys(None)), 0, "nor does an unsalted request");
+        let mut unknown = EngineIndex::new(7);
+        unknown.apply(stored(Some("tenant-a"), vec![3, 4]));
+        assert!(unknown.is_empty(), "a salted block of an unknown model is not keyed");
+    }
     use proptest::prelude::*;
     use std::collections::HashSet;
 
@@ -222,6 +270,7 @@ mod tests {
                 parent: None,
                 token_ids: tokens[..keys.len() * self.bs].to_vec(),
                 block_size: self.bs as u32,
+                salt: None,
             }
         }
 
@@ -290,6 +339,7 @@ mod tests {
                                     parent: Some(parent_hash),
                                     token_ids: whole[full..all_hashes.len() * bs].to_vec(),
                                     block_size: bs as u32,
+                                    salt: None,
                                 }]
                             }
                         }
@@ -324,7 +374,13 @@ mod tests {
     #[test]
     fn gap_and_restart_empty_the_index() {
         let mut idx = EngineIndex::new(1);
-        let stored = IndexEvent::Stored { block_hashes: vec![9], parent: None, token_ids: vec![1, 2], block_size: 2 };
+        let stored = IndexEvent::Stored {
+            block_hashes: vec![9],
+            parent: None,
+            token_ids: vec![1, 2],
+            block_size: 2,
+            salt: None,
+        };
         assert_eq!(idx.apply_batch(1, [stored.clone()]), BatchOutcome::InOrder);
         assert_eq!(idx.len(), 1);
         assert_eq!(idx.apply_batch(5, []), BatchOutcome::Gap { expected: 2, got: 5 });
@@ -338,7 +394,13 @@ mod tests {
     #[test]
     fn unknown_parent_is_not_guessed() {
         let mut idx = EngineIndex::new(1);
-        idx.apply(IndexEvent::Stored { block_hashes: vec![9], parent: Some(77), token_ids: vec![1, 2], block_size: 2 });
+        idx.apply(IndexEvent::Stored {
+            block_hashes: vec![9],
+            parent: Some(77),
+            token_ids: vec![1, 2],
+            block_size: 2,
+            salt: None,
+        });
         assert!(idx.is_empty());
         assert_eq!(idx.unresolved, 1);
     }
@@ -353,6 +415,7 @@ mod tests {
             parent: None,
             token_ids: tokens.clone(),
             block_size: 2,
+            salt: None,
         });
         assert_eq!(idx.matched_blocks(&keys), 4);
         idx.apply(IndexEvent::Removed { block_hashes: vec![2] });

@@ -260,6 +260,7 @@ async fn prepare(
         prompt: ids,
         output_len,
         external_kv_tokens,
+        cache_salt: req.cache_salt.clone(),
     };
     let (rx, guard) = st.engine.submit(seq).map_err(|e| match e {
         SubmitError::QueueFull => ApiError::unavailable("The engine's request queue is full; retry later."),

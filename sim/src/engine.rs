@@ -42,6 +42,9 @@ pub struct NewSequence {
     /// Leading prompt tokens whose KV arrived from another engine (P/D): admitted as computed,
     /// with no prefill cost (`nixl`).
     pub external_kv_tokens: usize,
+    /// The request's `cache_salt`: mixed into the first block's hash, as vLLM does, so
+    /// requests share cached blocks only under the same salt.
+    pub cache_salt: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +105,9 @@ struct Sequence {
     cached_prompt_tokens: Option<usize>,
     /// See `NewSequence::external_kv_tokens`; dropped on preemption (the KV is gone then).
     external_kv_tokens: usize,
+    cache_salt: Option<String>,
+    /// The chain seed of this sequence's block hashes: the engine's, salted by `cache_salt`.
+    hash_seed: u64,
 }
 
 impl Sequence {
@@ -165,6 +171,11 @@ impl EngineCore {
             num_cached_blocks: 0,
             cached_prompt_tokens: None,
             external_kv_tokens: s.external_kv_tokens,
+            hash_seed: match &s.cache_salt {
+                Some(salt) => xxhash_rust::xxh3::xxh3_64_with_seed(salt.as_bytes(), self.cfg.hash_seed),
+                None => self.cfg.hash_seed,
+            },
+            cache_salt: s.cache_salt,
         };
         self.waiting.push_back(seq.id);
         self.seqs.insert(seq.id, seq);
@@ -294,10 +305,9 @@ impl EngineCore {
     /// chunk size, or `None` if its blocks do not fit now.
     fn admit(&mut self, id: SeqId, budget: usize) -> Option<usize> {
         let bs = self.cfg.block_size as usize;
-        let seed = self.cfg.hash_seed;
         let caching = self.cfg.enable_prefix_caching;
         let s = self.seqs.get_mut(&id)?;
-        blocks::extend_block_keys(&mut s.block_hashes, seed, &s.tokens, bs);
+        blocks::extend_block_keys(&mut s.block_hashes, s.hash_seed, &s.tokens, bs);
         // The hit is capped so at least one token is computed: the engine needs its logits.
         let max_hit_blocks = (s.tokens.len() - 1) / bs;
         let hits: Vec<BlockId> = if caching {
@@ -363,7 +373,7 @@ impl EngineCore {
             if self.cfg.enable_prefix_caching {
                 let full = s.num_computed / bs;
                 if full > s.num_cached_blocks {
-                    blocks::extend_block_keys(&mut s.block_hashes, self.cfg.hash_seed, &s.tokens[..full * bs], bs);
+                    blocks::extend_block_keys(&mut s.block_hashes, s.hash_seed, &s.tokens[..full * bs], bs);
                     let first = s.num_cached_blocks;
                     let mut stored = Vec::new();
                     for i in first..full {
@@ -379,6 +389,7 @@ impl EngineCore {
                                 parent_block_hash: lo.checked_sub(1).map(|p| s.block_hashes[p]),
                                 token_ids: s.tokens[lo * bs..(hi + 1) * bs].to_vec(),
                                 block_size: bs as u32,
+                                cache_salt: s.cache_salt.clone().filter(|_| lo == 0),
                             });
                         } else {
                             for &b in &stored {
@@ -387,6 +398,7 @@ impl EngineCore {
                                     parent_block_hash: b.checked_sub(1).map(|p| s.block_hashes[p]),
                                     token_ids: s.tokens[b * bs..(b + 1) * bs].to_vec(),
                                     block_size: bs as u32,
+                                    cache_salt: s.cache_salt.clone().filter(|_| b == 0),
                                 });
                             }
                         }
@@ -456,7 +468,14 @@ mod tests {
     #[test]
     fn generates_exactly_output_len_and_frees_blocks() {
         let mut c = core(64);
-        c.add(NewSequence { id: 1, prompt: (0..10).collect(), output_len: 5, output_seed: 0, external_kv_tokens: 0 });
+        c.add(NewSequence {
+            id: 1,
+            prompt: (0..10).collect(),
+            output_len: 5,
+            output_seed: 0,
+            external_kv_tokens: 0,
+            cache_salt: None,
+        });
         let (toks, evs, _) = run_to_end(&mut c);
         assert_eq!(toks.len(), 5);
         assert!(toks.last().unwrap().finished);
@@ -479,9 +498,16 @@ mod tests {
     fn repeated_prompt_hits_prefix_cache() {
         let mut c = core(64);
         let prompt: Vec<u32> = (0..30).collect();
-        c.add(NewSequence { id: 1, prompt: prompt.clone(), output_len: 1, output_seed: 0, external_kv_tokens: 0 });
+        c.add(NewSequence {
+            id: 1,
+            prompt: prompt.clone(),
+            output_len: 1,
+            output_seed: 0,
+            external_kv_tokens: 0,
+            cache_salt: None,
+        });
         let (_, _, cold) = run_to_end(&mut c);
-        c.add(NewSequence { id: 2, prompt, output_len: 1, output_seed: 0, external_kv_tokens: 0 });
+        c.add(NewSequence { id: 2, prompt, output_len: 1, output_seed: 0, external_kv_tokens: 0, cache_salt: None });
         let (toks, _, warm) = run_to_end(&mut c);
         assert_eq!(toks[0].cached_prompt_tokens, 28, "7 full blocks of 4 hit; the last token is recomputed");
         assert!(warm < cold, "warm {warm} cold {cold}");
@@ -491,7 +517,14 @@ mod tests {
     #[test]
     fn chunked_prefill_respects_budget() {
         let mut c = core(64);
-        c.add(NewSequence { id: 1, prompt: (0..100).collect(), output_len: 1, output_seed: 0, external_kv_tokens: 0 });
+        c.add(NewSequence {
+            id: 1,
+            prompt: (0..100).collect(),
+            output_len: 1,
+            output_seed: 0,
+            external_kv_tokens: 0,
+            cache_salt: None,
+        });
         let s = c.schedule();
         assert_eq!(s.shape.scheduled_tokens, 32);
     }
@@ -499,13 +532,21 @@ mod tests {
     #[test]
     fn preemption_under_memory_pressure_still_finishes_all() {
         let mut c = core(12); // 48 tokens of KV for two 20-token prompts growing to 40 each
-        c.add(NewSequence { id: 1, prompt: (0..20).collect(), output_len: 20, output_seed: 1, external_kv_tokens: 0 });
+        c.add(NewSequence {
+            id: 1,
+            prompt: (0..20).collect(),
+            output_len: 20,
+            output_seed: 1,
+            external_kv_tokens: 0,
+            cache_salt: None,
+        });
         c.add(NewSequence {
             id: 2,
             prompt: (100..120).collect(),
             output_len: 20,
             output_seed: 2,
             external_kv_tokens: 0,
+            cache_salt: None,
         });
         let (toks, _, _) = run_to_end(&mut c);
         for id in [1, 2] {
@@ -520,9 +561,23 @@ mod tests {
     #[test]
     fn eviction_publishes_removed_blocks() {
         let mut c = core(4);
-        c.add(NewSequence { id: 1, prompt: (0..9).collect(), output_len: 1, output_seed: 0, external_kv_tokens: 0 });
+        c.add(NewSequence {
+            id: 1,
+            prompt: (0..9).collect(),
+            output_len: 1,
+            output_seed: 0,
+            external_kv_tokens: 0,
+            cache_salt: None,
+        });
         run_to_end(&mut c);
-        c.add(NewSequence { id: 2, prompt: (50..66).collect(), output_len: 1, output_seed: 0, external_kv_tokens: 0 });
+        c.add(NewSequence {
+            id: 2,
+            prompt: (50..66).collect(),
+            output_len: 1,
+            output_seed: 0,
+            external_kv_tokens: 0,
+            cache_salt: None,
+        });
         let (_, evs, _) = run_to_end(&mut c);
         assert!(evs.iter().any(|e| matches!(e, KvEvent::BlockRemoved { .. })), "{evs:?}");
     }
@@ -530,7 +585,14 @@ mod tests {
     #[test]
     fn abort_frees_everything() {
         let mut c = core(16);
-        c.add(NewSequence { id: 1, prompt: (0..20).collect(), output_len: 50, output_seed: 0, external_kv_tokens: 0 });
+        c.add(NewSequence {
+            id: 1,
+            prompt: (0..20).collect(),
+            output_len: 50,
+            output_seed: 0,
+            external_kv_tokens: 0,
+            cache_salt: None,
+        });
         let s = c.schedule();
         c.complete(s);
         assert!(c.kv_usage() > 0.0);

@@ -11,8 +11,17 @@ use std::collections::{BTreeMap, HashMap};
 /// What an engine publishes about its cache (vLLM's `kv_cache_events`), with engine hashes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KvEvent {
-    BlockStored { block_hashes: Vec<u64>, parent_block_hash: Option<u64>, token_ids: Vec<u32>, block_size: u32 },
-    BlockRemoved { block_hashes: Vec<u64> },
+    /// `cache_salt`: on the event that starts a salted chain (vLLM's first-block `extra_keys`).
+    BlockStored {
+        block_hashes: Vec<u64>,
+        parent_block_hash: Option<u64>,
+        token_ids: Vec<u32>,
+        block_size: u32,
+        cache_salt: Option<String>,
+    },
+    BlockRemoved {
+        block_hashes: Vec<u64>,
+    },
     AllBlocksCleared,
 }
 

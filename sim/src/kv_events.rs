@@ -33,16 +33,26 @@ pub struct EventBatch {
 fn event_value(e: &KvEvent) -> Value {
     let hashes = |hs: &[u64]| Value::Array(hs.iter().map(|&h| Value::from(h)).collect());
     match e {
-        KvEvent::BlockStored { block_hashes, parent_block_hash, token_ids, block_size } => Value::Array(vec![
-            Value::from("BlockStored"),
-            hashes(block_hashes),
-            parent_block_hash.map(Value::from).unwrap_or(Value::Nil),
-            Value::Array(token_ids.iter().map(|&t| Value::from(t)).collect()),
-            Value::from(*block_size),
-            Value::Nil,         // lora_id
-            Value::from("GPU"), // medium
-            Value::Nil,         // lora_name (no adapter); extra_keys and group_idx default, omitted
-        ]),
+        KvEvent::BlockStored { block_hashes, parent_block_hash, token_ids, block_size, cache_salt } => {
+            let mut fields = vec![
+                Value::from("BlockStored"),
+                hashes(block_hashes),
+                parent_block_hash.map(Value::from).unwrap_or(Value::Nil),
+                Value::Array(token_ids.iter().map(|&t| Value::from(t)).collect()),
+                Value::from(*block_size),
+                Value::Nil,         // lora_id
+                Value::from("GPU"), // medium
+                Value::Nil,         // lora_name (no adapter)
+            ];
+            // extra_keys, one entry per block: the salt in the first block's; default (omitted)
+            // without one, as are group_idx and the cache-spec fields.
+            if let Some(salt) = cache_salt {
+                let mut per_block = vec![Value::Array(vec![Value::from(salt.as_str())])];
+                per_block.resize(block_hashes.len().max(1), Value::Nil);
+                fields.push(Value::Array(per_block));
+            }
+            Value::Array(fields)
+        }
         KvEvent::BlockRemoved { block_hashes } => {
             Value::Array(vec![Value::from("BlockRemoved"), hashes(block_hashes), Value::from("GPU")])
         }

@@ -24,6 +24,12 @@ pub enum EngineKvEvent {
         lora_name: Option<String>,
         /// The KV-cache group (hybrid models keep one per attention kind).
         group_idx: Option<i64>,
+        /// The request's `cache_salt`, read from the first block's `extra_keys` when the event
+        /// starts a chain: its last string that is not the adapter's name. (vLLM puts media
+        /// hashes first, then the adapter, then the salt; a media prompt without a salt would
+        /// be read as salted, and its blocks keyed under a salt no request uses: a miss, never a
+        /// false hit.)
+        cache_salt: Option<String>,
     },
     BlockRemoved {
         block_hashes: Vec<u64>,
@@ -84,31 +90,47 @@ fn decode_event(v: &Value) -> Result<EngineKvEvent, DecodeError> {
     };
     let tag = f.first().and_then(Value::as_str).ok_or(DecodeError::Shape("event tag missing"))?;
     Ok(match tag {
-        "BlockStored" => EngineKvEvent::BlockStored {
-            block_hashes: hashes(f.get(1))?,
-            parent_block_hash: match f.get(2) {
+        "BlockStored" => {
+            let parent_block_hash = match f.get(2) {
                 None | Some(Value::Nil) => None,
                 Some(v) => Some(hash(v)?),
-            },
-            token_ids: match f.get(3) {
-                Some(Value::Array(ts)) => ts
-                    .iter()
-                    .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
-                    .collect::<Option<_>>()
-                    .ok_or(DecodeError::Shape("token id is not a u32"))?,
-                _ => return Err(DecodeError::Shape("BlockStored token_ids missing")),
-            },
-            block_size: f
-                .get(4)
-                .and_then(Value::as_u64)
-                .and_then(|b| u32::try_from(b).ok())
-                .filter(|&b| b > 0)
-                .ok_or(DecodeError::Shape("BlockStored block_size missing"))?,
-            lora_id: f.get(5).and_then(Value::as_i64),
-            medium: f.get(6).and_then(Value::as_str).map(str::to_owned),
-            lora_name: f.get(7).and_then(Value::as_str).map(str::to_owned),
-            group_idx: f.get(9).and_then(Value::as_i64),
-        },
+            };
+            let lora_name = f.get(7).and_then(Value::as_str).map(str::to_owned);
+            let cache_salt = match (parent_block_hash, f.get(8)) {
+                (None, Some(Value::Array(per_block))) => match per_block.first() {
+                    Some(Value::Array(keys)) => keys
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .rfind(|k| Some(*k) != lora_name.as_deref())
+                        .map(str::to_owned),
+                    _ => None,
+                },
+                _ => None,
+            };
+            EngineKvEvent::BlockStored {
+                block_hashes: hashes(f.get(1))?,
+                parent_block_hash,
+                token_ids: match f.get(3) {
+                    Some(Value::Array(ts)) => ts
+                        .iter()
+                        .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+                        .collect::<Option<_>>()
+                        .ok_or(DecodeError::Shape("token id is not a u32"))?,
+                    _ => return Err(DecodeError::Shape("BlockStored token_ids missing")),
+                },
+                block_size: f
+                    .get(4)
+                    .and_then(Value::as_u64)
+                    .and_then(|b| u32::try_from(b).ok())
+                    .filter(|&b| b > 0)
+                    .ok_or(DecodeError::Shape("BlockStored block_size missing"))?,
+                lora_id: f.get(5).and_then(Value::as_i64),
+                medium: f.get(6).and_then(Value::as_str).map(str::to_owned),
+                lora_name,
+                group_idx: f.get(9).and_then(Value::as_i64),
+                cache_salt,
+            }
+        }
         "BlockRemoved" => EngineKvEvent::BlockRemoved {
             block_hashes: hashes(f.get(1))?,
             medium: f.get(2).and_then(Value::as_str).map(str::to_owned),
@@ -166,7 +188,7 @@ mod tests {
                     Value::Nil,
                     "GPU".into(),
                     "lora-name".into(),
-                    Value::Nil,
+                    Value::Array(vec![Value::Array(vec!["lora-name".into(), "salt-1".into()])]),
                     Value::from(1),
                     "full_attention".into(),
                 ]),
@@ -190,6 +212,7 @@ mod tests {
                     medium: Some("GPU".into()),
                     lora_name: Some("lora-name".into()),
                     group_idx: Some(1),
+                    cache_salt: Some("salt-1".into()),
                 },
                 EngineKvEvent::BlockRemoved { block_hashes: vec![7], medium: Some("CPU".into()), group_idx: None },
                 EngineKvEvent::AllBlocksCleared,

@@ -72,9 +72,9 @@ impl std::fmt::Display for ReplayMiss {
 
 pub async fn run(engine: Arc<Engine>, endpoint: String, replay: Option<ReplaySource>, cancel: CancellationToken) {
     // Index keys chain from the model's seed, so the model must be known first.
-    let Some(seed) = wait_for_seed(&engine, &cancel).await else { return };
+    let Some(model) = wait_for_model(&engine, &cancel).await else { return };
     if let Ok(mut index) = engine.kv.index.write() {
-        *index = EngineIndex::new(seed);
+        *index = EngineIndex::for_model(&model);
     }
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -311,8 +311,15 @@ fn index_event(ev: EngineKvEvent) -> Option<IndexEvent> {
             lora_id,
             lora_name,
             group_idx,
+            cache_salt,
         } if on_gpu(&medium) && lora_name.is_none() && lora_id.is_none() && first_group(&group_idx) => {
-            Some(IndexEvent::Stored { block_hashes, parent: parent_block_hash, token_ids, block_size })
+            Some(IndexEvent::Stored {
+                block_hashes,
+                parent: parent_block_hash,
+                token_ids,
+                block_size,
+                salt: cache_salt,
+            })
         }
         EngineKvEvent::BlockRemoved { block_hashes, medium, group_idx }
             if on_gpu(&medium) && first_group(&group_idx) =>
@@ -339,11 +346,12 @@ fn apply_decoded(engine: &Engine, seq: u64, batch: EventBatch) -> BatchOutcome {
     index.apply_batch(seq, events)
 }
 
-/// The chain seed of the engine's first model, once the poller has read its models.
-async fn wait_for_seed(engine: &Engine, cancel: &CancellationToken) -> Option<u64> {
+/// The engine's first model (its index's chains are seeded by it), once the poller has read
+/// its models.
+async fn wait_for_model(engine: &Engine, cancel: &CancellationToken) -> Option<String> {
     loop {
         if let Some(m) = engine.snapshot().models.first() {
-            return Some(kvmesh_policy::blocks::chain_seed(m, None, None));
+            return Some(m.clone());
         }
         tokio::select! {
             _ = cancel.cancelled() => return None,
@@ -366,6 +374,7 @@ mod tests {
             medium: medium.map(str::to_owned),
             lora_name: lora.map(str::to_owned),
             group_idx: group,
+            cache_salt: None,
         }
     }
 
