@@ -9,7 +9,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use kvmesh_node::config::EngineEntry;
 use serde_json::{json, Value};
 
 fn matched(h: &reqwest::header::HeaderMap) -> u64 {
@@ -20,15 +19,7 @@ fn matched(h: &reqwest::header::HeaderMap) -> u64 {
 #[tokio::test]
 async fn a_cache_salt_keys_blocks_apart_in_the_engine_and_in_the_index() {
     let e = engine(fast_engine(), true).await;
-    let n = node(node_config(vec![EngineEntry {
-        url: e.url(),
-        name: Some("gpu0".into()),
-        kv_events: e.kv_events_endpoint.clone(),
-        kv_events_replay: None,
-        api_key: None,
-        role: Default::default(),
-    }]))
-    .await;
+    let n = node(node_config(vec![kv_entry("gpu0", &e)])).await;
     tokio::time::sleep(Duration::from_millis(300)).await; // the subscription lands
     let doc = "a tenant's private document, long enough for many blocks ".repeat(20);
     let salted = |salt: Option<&str>| {

@@ -6,7 +6,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use kvmesh_node::config::EngineEntry;
 use serde_json::{json, Value};
 
 #[tokio::test]
@@ -169,15 +168,7 @@ async fn client_disconnect_mid_stream_cancels_on_the_engine() {
 #[tokio::test]
 async fn node_follows_engine_load_and_kv_events() {
     let e = engine(fast_engine(), true).await;
-    let n = node(node_config(vec![EngineEntry {
-        url: e.url(),
-        name: Some("gpu0".into()),
-        kv_events: e.kv_events_endpoint.clone(),
-        kv_events_replay: None,
-        api_key: None,
-        role: Default::default(),
-    }]))
-    .await;
+    let n = node(node_config(vec![kv_entry("gpu0", &e)])).await;
     tokio::time::sleep(Duration::from_millis(300)).await; // let the subscription land
     let doc = "a long shared document ".repeat(50);
     let (s, _, v) = post(&n.url(), &chat(&doc, json!({"max_tokens": 2}))).await;
@@ -214,18 +205,7 @@ async fn node_follows_engine_load_and_kv_events() {
 #[tokio::test]
 async fn repeated_prompts_follow_their_cached_prefix() {
     let (a, b) = (engine(fast_engine(), true).await, engine(fast_engine(), true).await);
-    let entries = [&a, &b]
-        .iter()
-        .enumerate()
-        .map(|(i, e)| EngineEntry {
-            url: e.url(),
-            name: Some(format!("gpu{i}")),
-            kv_events: e.kv_events_endpoint.clone(),
-            kv_events_replay: None,
-            api_key: None,
-            role: Default::default(),
-        })
-        .collect();
+    let entries = [&a, &b].iter().enumerate().map(|(i, e)| kv_entry(&format!("gpu{i}"), e)).collect();
     let n = node(node_config(entries)).await;
     tokio::time::sleep(Duration::from_millis(300)).await; // subscriptions land
     for doc in 0..4 {

@@ -39,6 +39,12 @@ pub fn entry(url: String) -> EngineEntry {
     EngineEntry { url, name: None, kv_events: None, kv_events_replay: None, api_key: None, role: Default::default() }
 }
 
+/// An engine simulator as a named engine with its KV events.
+#[allow(dead_code)] // not every test binary that includes `common` uses it
+pub fn kv_entry(name: &str, e: &RunningEngine) -> EngineEntry {
+    EngineEntry { name: Some(name.into()), kv_events: e.kv_events_endpoint.clone(), ..entry(e.url()) }
+}
+
 pub async fn node(cfg: Config) -> RunningNode {
     Node::start(cfg, &CancellationToken::new()).await.unwrap()
 }
