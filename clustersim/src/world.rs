@@ -19,13 +19,13 @@ use kvmesh_policy::blocks;
 use kvmesh_policy::candidates::{self, Cache, EngineFacts, PromptKeys};
 use kvmesh_policy::cells::{self, CellLoad, Placements};
 use kvmesh_policy::pd::Role;
-use kvmesh_policy::prefix_index::{EngineIndex, IndexEvent};
+use kvmesh_policy::prefix_index::{EngineIndex, IndexEvent, Tier};
 use kvmesh_policy::route::Mode;
 use kvmesh_policy::route_history::RoutedKeys;
 use kvmesh_policy::score::{self, Estimate};
 use kvmesh_policy::summary::{self, BloomShard};
 use kvmesh_sim::engine::{CoreConfig, EngineCore, NewSequence, ScheduledStep};
-use kvmesh_sim::kv_cache::KvEvent;
+use kvmesh_sim::kv_cache::{KvEvent, Medium};
 use kvmesh_sim::workload::Workload;
 use kvmesh_sim::SimError;
 
@@ -399,6 +399,9 @@ impl<'a> World<'a> {
                         enable_prefix_caching: true,
                         hash_seed: rng.random(),
                         timing: e.timing.clone(),
+                        // The cluster simulator's engines have no offloading tier.
+                        num_cpu_blocks: 0,
+                        cpu_load_ms_per_token: 0.0,
                     },
                     // Output ids: a seeded stream per request, like the engine simulator's filler.
                     |seed, i| tokens(seed ^ 0x5EED, i + 1).last().unwrap_or(100),
@@ -953,6 +956,7 @@ impl<'a> World<'a> {
                 waiting: c.num_waiting() as f64,
                 kv_usage: c.kv_usage(),
                 matched_blocks: self.engines[e].index.matched_blocks(keys),
+                offloaded_blocks: 0,
                 block_size: self.cfg.engine.block_size,
             };
             score::predicted_ttft_ms(prompt_tokens, &est, w)
@@ -994,6 +998,7 @@ impl<'a> World<'a> {
             output_seed: r as u64,
             external_kv_tokens: 0,
             cache_salt: None,
+            lora: None,
         });
         if self.engines[e].step.is_none() {
             self.start_step(e);
@@ -1040,16 +1045,26 @@ impl<'a> World<'a> {
             let engine = &mut self.engines[e];
             engine.kv_seq += 1;
             let batch = events.into_iter().map(|ev| match ev {
-                KvEvent::BlockStored { block_hashes, parent_block_hash, token_ids, block_size, cache_salt } => {
-                    IndexEvent::Stored {
-                        block_hashes,
-                        parent: parent_block_hash,
-                        token_ids,
-                        block_size,
-                        salt: cache_salt,
-                    }
+                KvEvent::BlockStored {
+                    block_hashes,
+                    parent_block_hash,
+                    token_ids,
+                    block_size,
+                    cache_salt,
+                    lora,
+                    medium,
+                } => IndexEvent::Stored {
+                    block_hashes,
+                    parent: parent_block_hash,
+                    token_ids,
+                    block_size,
+                    salt: cache_salt,
+                    adapter: lora,
+                    tier: tier(medium),
+                },
+                KvEvent::BlockRemoved { block_hashes, medium } => {
+                    IndexEvent::Removed { block_hashes, tier: tier(medium) }
                 }
-                KvEvent::BlockRemoved { block_hashes } => IndexEvent::Removed { block_hashes },
                 KvEvent::AllBlocksCleared => IndexEvent::Cleared,
             });
             engine.index.apply_batch(engine.kv_seq, batch);
@@ -1182,5 +1197,13 @@ impl<'a> World<'a> {
             wall_s,
             gossip: self.g.clone(),
         }
+    }
+}
+
+/// The index tier of a simulated engine's medium.
+fn tier(m: Medium) -> Tier {
+    match m {
+        Medium::Gpu => Tier::Gpu,
+        Medium::Cpu => Tier::Offloaded,
     }
 }

@@ -76,6 +76,8 @@ pub enum NodeRole {
 /// with it, gossip carries it (`"prefill"`, `"decode"` or `"both"`).
 pub use kvmesh_policy::pd::Role as EngineRole;
 
+pub use kvmesh_policy::models::ModelCard;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeMeta {
     pub role: NodeRole,
@@ -100,6 +102,11 @@ pub struct EngineLoad {
     /// Output tokens per second over the last report interval.
     pub tokens_per_s: f32,
     pub block_size: Option<u32>,
+    /// The engine's `/v1/models` cards (id, root, parent), so that every node keys a request
+    /// for an alias or a LoRA adapter as the engine does (`policy::models`). Absent from nodes
+    /// that predate it: their models are then keyed under their own names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cards: Vec<ModelCard>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

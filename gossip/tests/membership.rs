@@ -75,6 +75,7 @@ async fn three_nodes_join_share_load_and_drop_the_dead() {
             kv_usage: 0.5,
             tokens_per_s: 100.0,
             block_size: Some(16),
+            cards: Vec::new(),
         }],
     };
     b.membership.set_load(&load).await.unwrap();

@@ -160,6 +160,7 @@ fn load(running: u32) -> LoadReport {
             kv_usage: 0.0,
             tokens_per_s: 0.0,
             block_size: Some(16),
+            cards: Vec::new(),
         }],
     }
 }

@@ -159,6 +159,7 @@ mod tests {
                         kv_usage: 0.1,
                         tokens_per_s: 0.0,
                         block_size: Some(16),
+                        cards: Vec::new(),
                     })
                     .collect(),
             },

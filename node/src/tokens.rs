@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use kvmesh_policy::blocks;
 use kvmesh_policy::candidates::PromptKeys;
+use kvmesh_policy::models::KeySpace;
 use kvmesh_policy::openai::ApiError;
 use kvmesh_policy::prompt_encoder::{EncoderOptions, EncoderReport, PromptEncoder};
 use kvmesh_policy::request::{Endpoint, InferenceRequest, Prompt};
@@ -142,16 +143,25 @@ impl Tokenizers {
     /// model's tokenizer (or the client sent ids); otherwise approximate keys of its text
     /// (`blocks::text_chunk_keys`), about four bytes a token. `Err` is the answer to give (the
     /// prompt is too long for the model, or the tokenizer is overloaded: 503, retryable).
-    pub async fn prompt_keys(&self, req: &InferenceRequest) -> Result<PromptKeys, ApiError> {
-        let seed = blocks::chain_seed(&req.model, None, req.cache_salt.as_deref());
-        Ok(match self.prompt_ids(req).await? {
+    /// `space`: how the engines serving the model key its blocks (aliases share the base
+    /// model's, an adapter has its own, and is tokenized with its base model's tokenizer).
+    pub async fn prompt_keys(&self, req: &InferenceRequest, space: &KeySpace) -> Result<PromptKeys, ApiError> {
+        let seed = space.seed(req.cache_salt.as_deref());
+        Ok(match self.prompt_ids_with(req, &space.base_name).await? {
             Some(ids) => PromptKeys::from_ids(seed, ids),
             None => approximate(req, seed),
         })
     }
 
+    #[cfg(test)]
     pub async fn prompt_ids(&self, req: &InferenceRequest) -> Result<Option<Vec<u32>>, ApiError> {
-        let model = req.model.as_str();
+        self.prompt_ids_with(req, &req.model).await
+    }
+
+    /// As `prompt_ids`, falling back to `base_name`'s tokenizer when the requested name has
+    /// none here (a LoRA adapter, an alias).
+    async fn prompt_ids_with(&self, req: &InferenceRequest, base_name: &str) -> Result<Option<Vec<u32>>, ApiError> {
+        let model = if self.by_model.contains_key(req.model.as_str()) { req.model.as_str() } else { base_name };
         // Only models with a tokenizer here name a label: a client's arbitrary model names
         // must not create metric series.
         let label = if self.by_model.contains_key(model) { model } else { "other" };

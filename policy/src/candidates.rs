@@ -141,33 +141,53 @@ impl PromptKeys {
     }
 }
 
+/// What an engine is believed to hold of a prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Match {
+    /// Leading blocks in its GPU KV cache.
+    pub blocks: usize,
+    /// Blocks after those held offloaded (only an exact index knows).
+    pub offloaded: usize,
+    /// The block size both are counted in.
+    pub block_size: u32,
+}
+
 /// Leading blocks of the prompt the engine is believed to hold, and the block size they are
 /// counted in.
 pub fn matched_blocks(prompt: &mut PromptKeys, f: &EngineFacts<'_>, now_ms: u64) -> (usize, u32) {
+    let m = prompt_match(prompt, f, now_ms);
+    (m.blocks, m.block_size)
+}
+
+/// What the engine is believed to hold of the prompt, on its GPU and offloaded.
+pub fn prompt_match(prompt: &mut PromptKeys, f: &EngineFacts<'_>, now_ms: u64) -> Match {
     let history = |keys: &[u64]| f.history.map_or(0, |h| h.matched_blocks(keys, now_ms));
     if let Some(approx) = &prompt.approx {
         let matched = match f.cache {
             Cache::Summary { shards, stride } => summary::matched_blocks(shards, approx, stride).max(history(approx)),
             _ => history(approx),
         };
-        return (matched, blocks::APPROX_CHUNK_TOKENS);
+        return Match { blocks: matched, offloaded: 0, block_size: blocks::APPROX_CHUNK_TOKENS };
     }
     if !prompt.known() {
-        return (0, f.block_size);
+        return Match { blocks: 0, offloaded: 0, block_size: f.block_size };
     }
     let keys = prompt.keys(f.block_size);
-    let matched = match f.cache {
-        Cache::Index(index) => index.matched_blocks(keys),
-        Cache::Resyncing => 0,
-        Cache::Summary { shards, stride } => summary::matched_blocks(shards, keys, stride).max(history(keys)),
-        Cache::Unobserved => history(keys),
+    let (matched, offloaded) = match f.cache {
+        Cache::Index(index) => {
+            let on_gpu = index.matched_blocks(keys);
+            (on_gpu, index.offloaded_after(keys, on_gpu))
+        }
+        Cache::Resyncing => (0, 0),
+        Cache::Summary { shards, stride } => (summary::matched_blocks(shards, keys, stride).max(history(keys)), 0),
+        Cache::Unobserved => (history(keys), 0),
     };
-    (matched, f.block_size)
+    Match { blocks: matched, offloaded, block_size: f.block_size }
 }
 
 /// One engine's candidate for `prompt`.
 pub fn estimate(prompt: &mut PromptKeys, f: &EngineFacts<'_>, now_ms: u64) -> Estimate {
-    let (matched, block_size) = matched_blocks(prompt, f, now_ms);
+    let m = prompt_match(prompt, f, now_ms);
     let waiting = match f.in_flight {
         Some(n) => f.load.waiting + route::unreported(n, f.load.running),
         None => f.load.waiting,
@@ -178,8 +198,9 @@ pub fn estimate(prompt: &mut PromptKeys, f: &EngineFacts<'_>, now_ms: u64) -> Es
         running: f.load.running,
         waiting,
         kv_usage: f.load.kv_usage,
-        matched_blocks: matched,
-        block_size,
+        matched_blocks: m.blocks,
+        offloaded_blocks: m.offloaded,
+        block_size: m.block_size,
     }
 }
 
@@ -192,6 +213,8 @@ pub struct Decision {
     pub runner_up: Option<(usize, f64)>,
     /// Leading prompt blocks the chosen engine is believed to hold, counted in `block_size`.
     pub matched_blocks: usize,
+    /// Blocks after those it holds offloaded (its engine reports them as cached too).
+    pub offloaded_blocks: usize,
     pub block_size: u32,
     /// Prefill elsewhere, decode on `index`, when splitting is predicted faster.
     pub split: Option<Split>,
@@ -223,6 +246,7 @@ pub fn decide(
     let may_split = may_split && prompt.known();
     let picked = route::pick(rules, prompt.tokens, &mut cands, &roles, may_split, prefer, draw)?;
     let matched = cands[picked.choice.index].matched_blocks;
+    let offloaded_blocks = cands[picked.choice.index].offloaded_blocks;
     let block_size = cands[picked.choice.index].block_size;
     let reason = RouteReason::of_match(matched, prompt.is_approximate(), prompt.known());
     Some(Decision {
@@ -231,6 +255,7 @@ pub fn decide(
         predicted_ms: picked.choice.predicted_ms,
         runner_up: picked.choice.runner_up,
         matched_blocks: matched,
+        offloaded_blocks,
         block_size,
         split: picked.split,
     })
@@ -286,7 +311,15 @@ mod tests {
         let mut index = EngineIndex::new(seed);
         let ids: Vec<u32> = (0..(keys.len() as u32 * BS)).collect();
         let block_hashes = (0..keys.len() as u64).collect();
-        index.apply(IndexEvent::Stored { block_hashes, parent: None, token_ids: ids, block_size: BS, salt: None });
+        index.apply(IndexEvent::Stored {
+            block_hashes,
+            parent: None,
+            token_ids: ids,
+            block_size: BS,
+            salt: None,
+            adapter: None,
+            tier: crate::prefix_index::Tier::Gpu,
+        });
         index
     }
 

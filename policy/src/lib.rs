@@ -17,6 +17,7 @@ pub mod error;
 pub mod fast_encode;
 pub mod guardrails;
 pub mod limits;
+pub mod models;
 pub mod openai;
 pub mod pd;
 pub mod prefix_index;

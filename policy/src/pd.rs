@@ -108,7 +108,16 @@ mod tests {
     use super::*;
 
     fn est(running: f64, waiting: f64, matched_blocks: usize) -> Estimate {
-        Estimate { usable: true, rtt_ms: 0.0, running, waiting, kv_usage: 0.2, matched_blocks, block_size: 16 }
+        Estimate {
+            usable: true,
+            rtt_ms: 0.0,
+            running,
+            waiting,
+            kv_usage: 0.2,
+            matched_blocks,
+            offloaded_blocks: 0,
+            block_size: 16,
+        }
     }
 
     #[test]

@@ -198,7 +198,16 @@ mod tests {
     use super::*;
 
     fn est(waiting: f64, matched_blocks: usize) -> Estimate {
-        Estimate { usable: true, rtt_ms: 0.0, running: 0.0, waiting, kv_usage: 0.2, matched_blocks, block_size: 16 }
+        Estimate {
+            usable: true,
+            rtt_ms: 0.0,
+            running: 0.0,
+            waiting,
+            kv_usage: 0.2,
+            matched_blocks,
+            offloaded_blocks: 0,
+            block_size: 16,
+        }
     }
 
     #[test]

@@ -36,6 +36,10 @@ pub struct ScoreWeights {
     /// Penalty per unit of KV usage above `kv_pressure_knee`, in ms.
     pub kv_pressure_ms: f64,
     pub kv_pressure_knee: f64,
+    /// Cost per prompt token found offloaded (vLLM's offloading connector, `medium` `CPU`):
+    /// loaded back over PCIe instead of computed. 8B model: 128 KiB of KV per token at ~25 GB/s
+    /// is ~5 µs, counted twice as prefill is (the load holds the step too).
+    pub offload_ms_per_token: f64,
     /// Candidates within this fraction of the best predicted TTFT count as equal; the choice
     /// among them is randomized (power of two choices) so that nodes acting on the same
     /// gossip do not all pick the same engine.
@@ -51,6 +55,7 @@ impl Default for ScoreWeights {
             queue_ms_per_running: 0.5,
             kv_pressure_ms: 200.0,
             kv_pressure_knee: 0.85,
+            offload_ms_per_token: 0.010,
             tolerance: 0.10,
         }
     }
@@ -69,19 +74,24 @@ pub struct Estimate {
     pub kv_usage: f64,
     /// Leading prompt blocks the engine holds.
     pub matched_blocks: usize,
+    /// Blocks after those the engine holds offloaded: loaded, not computed.
+    pub offloaded_blocks: usize,
     pub block_size: u32,
 }
 
 /// Predicted TTFT of a `prompt_tokens`-token prompt on this candidate, in ms.
 pub fn predicted_ttft_ms(prompt_tokens: usize, e: &Estimate, w: &ScoreWeights) -> f64 {
-    let cached = (e.matched_blocks * e.block_size as usize).min(prompt_tokens.saturating_sub(1));
-    let uncached = (prompt_tokens - cached) as f64;
+    let cap = prompt_tokens.saturating_sub(1);
+    let cached = (e.matched_blocks * e.block_size as usize).min(cap);
+    let offloaded = (e.offloaded_blocks * e.block_size as usize).min(cap - cached);
+    let uncached = (prompt_tokens - cached - offloaded) as f64;
     let pressure = (e.kv_usage - w.kv_pressure_knee).max(0.0) / (1.0 - w.kv_pressure_knee).max(1e-6);
     e.rtt_ms
         + e.waiting * w.queue_ms_per_waiting
         + e.running * w.queue_ms_per_running
         + w.first_step_ms
         + uncached * w.prefill_ms_per_token
+        + offloaded as f64 * w.offload_ms_per_token
         + pressure * w.kv_pressure_ms
 }
 
@@ -142,8 +152,20 @@ mod tests {
             waiting,
             kv_usage: 0.3,
             matched_blocks: matched,
+            offloaded_blocks: 0,
             block_size: 16,
         }
+    }
+
+    #[test]
+    fn an_offloaded_hit_costs_between_a_gpu_hit_and_a_miss() {
+        let w = ScoreWeights::default();
+        let gpu = predicted_ttft_ms(4096, &e(0.0, 256), &w);
+        let cpu = predicted_ttft_ms(4096, &Estimate { offloaded_blocks: 256, ..e(0.0, 0) }, &w);
+        let miss = predicted_ttft_ms(4096, &e(0.0, 0), &w);
+        assert!(gpu < cpu && cpu < miss, "gpu {gpu} < offloaded {cpu} < miss {miss}");
+        let both = predicted_ttft_ms(4096, &Estimate { offloaded_blocks: 1000, ..e(0.0, 200) }, &w);
+        assert!(both >= gpu, "offloaded blocks never count beyond the prompt");
     }
 
     #[test]

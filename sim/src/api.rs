@@ -71,20 +71,25 @@ fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// vLLM's `OpenAIServingModels.show_available_models`: one card per served name (same `root`,
+/// no `parent`), then one per LoRA adapter (`root` its path, `parent` the model's first name).
 async fn models(State(st): State<Arc<AppState>>) -> Response {
-    axum::Json(json!({
-        "object": "list",
-        "data": [{
-            "id": st.cfg.model,
+    let card = |id: &str, root: &str, parent: Option<&str>| {
+        json!({
+            "id": id,
             "object": "model",
             "created": st.created,
             "owned_by": "vllm",
-            "root": st.cfg.model,
-            "parent": null,
+            "root": root,
+            "parent": parent,
             "max_model_len": st.max_model_len,
-        }]
-    }))
-    .into_response()
+            "permission": [],
+        })
+    };
+    let names = std::iter::once(&st.cfg.model).chain(&st.cfg.model_aliases);
+    let mut data: Vec<Value> = names.map(|n| card(n, &st.cfg.model, None)).collect();
+    data.extend(st.cfg.adapters().map(|(name, path)| card(name, path, Some(&st.cfg.model))));
+    axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
@@ -177,7 +182,8 @@ async fn prepare(
     started: Instant,
 ) -> Result<(Job, mpsc::UnboundedReceiver<TokenOut>, AbortOnDrop), ApiError> {
     let req = request::parse(endpoint, body)?;
-    if req.model != st.cfg.model {
+    let lora = st.cfg.adapters().find(|(name, _)| *name == req.model).map(|(name, _)| name.to_owned());
+    if req.model != st.cfg.model && !st.cfg.model_aliases.contains(&req.model) && lora.is_none() {
         return Err(ApiError::model_not_found(&req.model));
     }
     if req.n != 1 {
@@ -261,6 +267,7 @@ async fn prepare(
         output_len,
         external_kv_tokens,
         cache_salt: req.cache_salt.clone(),
+        lora,
     };
     let (rx, guard) = st.engine.submit(seq).map_err(|e| match e {
         SubmitError::QueueFull => ApiError::unavailable("The engine's request queue is full; retry later."),

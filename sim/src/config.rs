@@ -72,6 +72,23 @@ pub struct EngineConfig {
     /// How long offered blocks wait for a decode engine (vLLM's VLLM_NIXL_ABORT_REQUEST_TIMEOUT).
     #[arg(long = "kv-transfer-ttl-s", default_value_t = 480)]
     pub kv_transfer_ttl_s: u64,
+    /// More names for the model (vLLM's `--served-model-name` after the first): listed in
+    /// `/v1/models` with the same `root`, and sharing its cached blocks.
+    #[arg(long = "model-alias")]
+    pub model_aliases: Vec<String>,
+    /// LoRA adapters served beside the model, `NAME=PATH` (vLLM's `--lora-modules`): listed in
+    /// `/v1/models` with `parent` the model; a request naming one runs with it, and its blocks
+    /// are hashed with the adapter's name, as in vLLM.
+    #[arg(long = "lora-modules")]
+    pub lora_modules: Vec<String>,
+    /// Blocks of a CPU offloading tier (vLLM's `--kv-offloading-size`, counted in blocks);
+    /// 0: none. Every cached block is also stored there, and a prefix the GPU evicted is loaded
+    /// back instead of recomputed; its events carry `medium` `CPU`.
+    #[arg(long = "cpu-offload-blocks", default_value_t = 0)]
+    pub cpu_offload_blocks: u32,
+    /// Bandwidth of loads from the offloading tier, GB/s (PCIe 5 x16 in practice: ~25).
+    #[arg(long = "cpu-load-gb-per-s", default_value_t = 25.0)]
+    pub cpu_load_gb_per_s: f64,
     /// Step-time constants (TOML: an `[embedded.timing]` table).
     #[command(flatten)]
     pub timing: TimingModel,
@@ -99,6 +116,10 @@ impl Default for EngineConfig {
             kv_link_gb_per_s: 40.0,
             kv_transfer_overhead_ms: 2.0,
             kv_transfer_ttl_s: 480,
+            model_aliases: Vec::new(),
+            lora_modules: Vec::new(),
+            cpu_offload_blocks: 0,
+            cpu_load_gb_per_s: 25.0,
             timing: TimingModel::default(),
         }
     }
@@ -126,9 +147,37 @@ impl EngineConfig {
                 self.max_num_batched_tokens, self.block_size
             ));
         }
+        let mut names = vec![self.model.as_str()];
+        for a in &self.model_aliases {
+            if a.trim().is_empty() || names.contains(&a.as_str()) {
+                return bad(format!("--model-alias `{a}` must be a new, non-empty name"));
+            }
+            names.push(a);
+        }
+        for m in &self.lora_modules {
+            match m.split_once('=') {
+                Some((name, path)) if !name.trim().is_empty() && !path.trim().is_empty() && !names.contains(&name) => {
+                    names.push(name)
+                }
+                _ => return bad(format!("--lora-modules `{m}`: expected NAME=PATH with a new, non-empty NAME")),
+            }
+        }
+        if !(self.cpu_load_gb_per_s.is_finite() && self.cpu_load_gb_per_s > 0.0) {
+            return bad(format!("--cpu-load-gb-per-s must be a positive number, got {}", self.cpu_load_gb_per_s));
+        }
         if !(self.time_scale.is_finite() && self.time_scale >= 0.0) {
             return bad(format!("--time-scale must be a finite number >= 0, got {}", self.time_scale));
         }
         self.timing.validate().map_err(SimError::Config)
+    }
+
+    /// The LoRA adapters, `(name, path)`.
+    pub fn adapters(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.lora_modules.iter().filter_map(|m| m.split_once('='))
+    }
+
+    /// Time to load one token's KV from the offloading tier, ms.
+    pub fn cpu_load_ms_per_token(&self) -> f64 {
+        self.kv_bytes_per_token as f64 / (self.cpu_load_gb_per_s * 1e9) * 1e3
     }
 }

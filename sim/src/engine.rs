@@ -14,7 +14,8 @@ use std::collections::{HashMap, VecDeque};
 
 use kvmesh_policy::blocks;
 
-use crate::kv_cache::{BlockId, BlockPool, KvEvent};
+use crate::kv_cache::{BlockId, BlockPool, KvEvent, Medium};
+use crate::offload::OffloadTier;
 use crate::timing::{StepShape, TimingModel};
 
 pub type SeqId = u64;
@@ -28,6 +29,10 @@ pub struct CoreConfig {
     pub enable_prefix_caching: bool,
     pub hash_seed: u64,
     pub timing: TimingModel,
+    /// Blocks of the offloading tier (vLLM's CPU offloading connector); 0: none.
+    pub num_cpu_blocks: u32,
+    /// Time to load one token's KV from the offloading tier, ms.
+    pub cpu_load_ms_per_token: f64,
 }
 
 /// A request as the core sees it: token ids in, a number of tokens out.
@@ -45,6 +50,9 @@ pub struct NewSequence {
     /// The request's `cache_salt`: mixed into the first block's hash, as vLLM does, so
     /// requests share cached blocks only under the same salt.
     pub cache_salt: Option<String>,
+    /// The LoRA adapter the request runs with: mixed into every block's hash, as vLLM does, so
+    /// an adapter's blocks are its own.
+    pub lora: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +114,9 @@ struct Sequence {
     /// See `NewSequence::external_kv_tokens`; dropped on preemption (the KV is gone then).
     external_kv_tokens: usize,
     cache_salt: Option<String>,
-    /// The chain seed of this sequence's block hashes: the engine's, salted by `cache_salt`.
+    lora: Option<String>,
+    /// The chain seed of this sequence's block hashes: the engine's, mixed with the adapter's
+    /// name and `cache_salt`.
     hash_seed: u64,
 }
 
@@ -134,11 +144,15 @@ pub struct EngineCore {
     running: Vec<SeqId>,
     counters: CoreCounters,
     output_token: Box<dyn Fn(u64, usize) -> u32 + Send>,
+    offload: Option<OffloadTier>,
+    /// Tokens loaded from the offloading tier by the step being scheduled.
+    loading_tokens: usize,
 }
 
 impl EngineCore {
     pub fn new(cfg: CoreConfig, output_token: impl Fn(u64, usize) -> u32 + Send + 'static) -> Self {
         Self {
+            offload: (cfg.num_cpu_blocks > 0).then(|| OffloadTier::new(cfg.num_cpu_blocks)),
             pool: BlockPool::new(cfg.num_gpu_blocks),
             cfg,
             seqs: HashMap::new(),
@@ -146,6 +160,7 @@ impl EngineCore {
             running: Vec::new(),
             counters: CoreCounters::default(),
             output_token: Box::new(output_token),
+            loading_tokens: 0,
         }
     }
 
@@ -171,11 +186,12 @@ impl EngineCore {
             num_cached_blocks: 0,
             cached_prompt_tokens: None,
             external_kv_tokens: s.external_kv_tokens,
-            hash_seed: match &s.cache_salt {
-                Some(salt) => xxhash_rust::xxh3::xxh3_64_with_seed(salt.as_bytes(), self.cfg.hash_seed),
-                None => self.cfg.hash_seed,
-            },
+            hash_seed: [s.lora.as_deref(), s.cache_salt.as_deref()]
+                .into_iter()
+                .flatten()
+                .fold(self.cfg.hash_seed, |seed, key| xxhash_rust::xxh3::xxh3_64_with_seed(key.as_bytes(), seed ^ 1)),
             cache_salt: s.cache_salt,
+            lora: s.lora,
         };
         self.waiting.push_back(seq.id);
         self.seqs.insert(seq.id, seq);
@@ -224,6 +240,11 @@ impl EngineCore {
     /// vLLM's `/reset_prefix_cache`: refused while any sequence holds blocks.
     pub fn reset_prefix_cache(&mut self) -> bool {
         self.pool.reset()
+    }
+
+    /// Blocks held in the offloading tier.
+    pub fn num_offloaded_blocks(&self) -> usize {
+        self.offload.as_ref().map_or(0, OffloadTier::len)
     }
 
     pub fn take_kv_events(&mut self) -> Vec<KvEvent> {
@@ -297,7 +318,9 @@ impl EngineCore {
                 step.shape.add_prefill(q as u64, s.num_computed as u64);
             }
         }
-        step.duration_ms = self.cfg.timing.step_ms(&step.shape);
+        // Blocks found offloaded are loaded before the step computes past them.
+        step.duration_ms = self.cfg.timing.step_ms(&step.shape)
+            + std::mem::take(&mut self.loading_tokens) as f64 * self.cfg.cpu_load_ms_per_token;
         step
     }
 
@@ -315,8 +338,17 @@ impl EngineCore {
         } else {
             Vec::new()
         };
+        // Then the offloading tier, from the first block the GPU lacks: those blocks are loaded
+        // into new GPU blocks, and count as cached (vLLM reports connector hits in
+        // `cached_tokens` too).
+        let offloaded = match &self.offload {
+            Some(tier) if caching => {
+                s.block_hashes.iter().take(max_hit_blocks).skip(hits.len()).take_while(|h| tier.contains(**h)).count()
+            }
+            _ => 0,
+        };
         // Transferred KV counts as computed; its blocks are new here, like any miss.
-        let cache_hit_tokens = hits.len() * bs;
+        let cache_hit_tokens = (hits.len() + offloaded) * bs;
         let hit_tokens = cache_hit_tokens.max(s.external_kv_tokens.min(s.tokens.len() - 1));
         let num_new = (s.tokens.len() - hit_tokens).min(budget);
         let need = (hit_tokens + num_new).div_ceil(bs) - hits.len();
@@ -326,6 +358,12 @@ impl EngineCore {
         }
         for &b in &hits {
             self.pool.touch(b);
+        }
+        if let Some(tier) = self.offload.as_mut().filter(|_| offloaded > 0) {
+            for &h in &s.block_hashes[hits.len()..hits.len() + offloaded] {
+                tier.touch(h);
+            }
+            self.loading_tokens += offloaded * bs;
         }
         let mut new_blocks = Vec::with_capacity(need);
         for _ in 0..need {
@@ -390,6 +428,8 @@ impl EngineCore {
                                 token_ids: s.tokens[lo * bs..(hi + 1) * bs].to_vec(),
                                 block_size: bs as u32,
                                 cache_salt: s.cache_salt.clone().filter(|_| lo == 0),
+                                lora: s.lora.clone(),
+                                medium: Medium::Gpu,
                             });
                         } else {
                             for &b in &stored {
@@ -399,8 +439,30 @@ impl EngineCore {
                                     token_ids: s.tokens[b * bs..(b + 1) * bs].to_vec(),
                                     block_size: bs as u32,
                                     cache_salt: s.cache_salt.clone().filter(|_| b == 0),
+                                    lora: s.lora.clone(),
+                                    medium: Medium::Gpu,
                                 });
                             }
+                        }
+                    }
+                    // Write-through to the offloading tier, reported by hash alone.
+                    if let Some(tier) = self.offload.as_mut().filter(|_| !stored.is_empty()) {
+                        let hashes: Vec<u64> = stored.iter().map(|&b| s.block_hashes[b]).collect();
+                        let done = tier.store(&hashes);
+                        if !done.evicted.is_empty() {
+                            self.pool
+                                .publish(KvEvent::BlockRemoved { block_hashes: done.evicted, medium: Medium::Cpu });
+                        }
+                        if !done.stored.is_empty() {
+                            self.pool.publish(KvEvent::BlockStored {
+                                block_hashes: done.stored,
+                                parent_block_hash: None,
+                                token_ids: Vec::new(),
+                                block_size: bs as u32,
+                                cache_salt: None,
+                                lora: None,
+                                medium: Medium::Cpu,
+                            });
                         }
                     }
                     s.num_cached_blocks = full;
@@ -436,6 +498,10 @@ mod tests {
     use super::*;
 
     fn core(blocks: u32) -> EngineCore {
+        core_with_offload(blocks, 0)
+    }
+
+    fn core_with_offload(blocks: u32, cpu_blocks: u32) -> EngineCore {
         EngineCore::new(
             CoreConfig {
                 block_size: 4,
@@ -445,9 +511,66 @@ mod tests {
                 enable_prefix_caching: true,
                 hash_seed: 1,
                 timing: TimingModel::default(),
+                num_cpu_blocks: cpu_blocks,
+                cpu_load_ms_per_token: 0.01,
             },
             |seed, i| (seed as u32).wrapping_add(i as u32) % 100 + 1000,
         )
+    }
+
+    fn seq(id: SeqId, prompt: Vec<u32>, lora: Option<&str>) -> NewSequence {
+        NewSequence {
+            id,
+            prompt,
+            output_len: 1,
+            output_seed: 0,
+            external_kv_tokens: 0,
+            cache_salt: None,
+            lora: lora.map(str::to_owned),
+        }
+    }
+
+    /// A prefix the GPU evicted is loaded back from the offloading tier: reported cached, and
+    /// its CPU copy announced by hash alone.
+    #[test]
+    fn offloaded_prefix_is_loaded_not_recomputed() {
+        let mut c = core_with_offload(6, 64);
+        let a: Vec<u32> = (0..17).collect();
+        c.add(seq(1, a.clone(), None));
+        let (_, evs, _) = run_to_end(&mut c);
+        assert!(evs
+            .iter()
+            .any(|e| matches!(e, KvEvent::BlockStored { medium: Medium::Cpu, token_ids, .. } if token_ids.is_empty())));
+        // Other prompts push A's blocks off the 6-block GPU.
+        for i in 0..3 {
+            c.add(seq(10 + i, (100 * (i as u32 + 1)..100 * (i as u32 + 1) + 17).collect(), None));
+            run_to_end(&mut c);
+        }
+        c.add(seq(2, a.clone(), None));
+        let (toks, _, _) = run_to_end(&mut c);
+        assert_eq!(toks[0].cached_prompt_tokens, 16, "four blocks loaded from the offloading tier");
+        let mut no_tier = core(6);
+        no_tier.add(seq(1, a.clone(), None));
+        run_to_end(&mut no_tier);
+        for i in 0..3 {
+            no_tier.add(seq(10 + i, (100 * (i as u32 + 1)..100 * (i as u32 + 1) + 17).collect(), None));
+            run_to_end(&mut no_tier);
+        }
+        no_tier.add(seq(2, a, None));
+        assert_eq!(run_to_end(&mut no_tier).0[0].cached_prompt_tokens, 0, "without the tier it is recomputed");
+    }
+
+    #[test]
+    fn an_adapters_blocks_are_its_own() {
+        let mut c = core(64);
+        let p: Vec<u32> = (0..17).collect();
+        c.add(seq(1, p.clone(), Some("sql")));
+        let (_, evs, _) = run_to_end(&mut c);
+        assert!(evs.iter().all(|e| matches!(e, KvEvent::BlockStored { lora: Some(l), .. } if l == "sql")));
+        c.add(seq(2, p.clone(), None));
+        assert_eq!(run_to_end(&mut c).0[0].cached_prompt_tokens, 0, "the base model shares none");
+        c.add(seq(3, p, Some("sql")));
+        assert_eq!(run_to_end(&mut c).0[0].cached_prompt_tokens, 16);
     }
 
     fn run_to_end(c: &mut EngineCore) -> (Vec<TokenOut>, Vec<KvEvent>, f64) {
@@ -475,6 +598,7 @@ mod tests {
             output_seed: 0,
             external_kv_tokens: 0,
             cache_salt: None,
+            lora: None,
         });
         let (toks, evs, _) = run_to_end(&mut c);
         assert_eq!(toks.len(), 5);
@@ -505,9 +629,18 @@ mod tests {
             output_seed: 0,
             external_kv_tokens: 0,
             cache_salt: None,
+            lora: None,
         });
         let (_, _, cold) = run_to_end(&mut c);
-        c.add(NewSequence { id: 2, prompt, output_len: 1, output_seed: 0, external_kv_tokens: 0, cache_salt: None });
+        c.add(NewSequence {
+            id: 2,
+            prompt,
+            output_len: 1,
+            output_seed: 0,
+            external_kv_tokens: 0,
+            cache_salt: None,
+            lora: None,
+        });
         let (toks, _, warm) = run_to_end(&mut c);
         assert_eq!(toks[0].cached_prompt_tokens, 28, "7 full blocks of 4 hit; the last token is recomputed");
         assert!(warm < cold, "warm {warm} cold {cold}");
@@ -524,6 +657,7 @@ mod tests {
             output_seed: 0,
             external_kv_tokens: 0,
             cache_salt: None,
+            lora: None,
         });
         let s = c.schedule();
         assert_eq!(s.shape.scheduled_tokens, 32);
@@ -539,6 +673,7 @@ mod tests {
             output_seed: 1,
             external_kv_tokens: 0,
             cache_salt: None,
+            lora: None,
         });
         c.add(NewSequence {
             id: 2,
@@ -547,6 +682,7 @@ mod tests {
             output_seed: 2,
             external_kv_tokens: 0,
             cache_salt: None,
+            lora: None,
         });
         let (toks, _, _) = run_to_end(&mut c);
         for id in [1, 2] {
@@ -568,6 +704,7 @@ mod tests {
             output_seed: 0,
             external_kv_tokens: 0,
             cache_salt: None,
+            lora: None,
         });
         run_to_end(&mut c);
         c.add(NewSequence {
@@ -577,6 +714,7 @@ mod tests {
             output_seed: 0,
             external_kv_tokens: 0,
             cache_salt: None,
+            lora: None,
         });
         let (_, evs, _) = run_to_end(&mut c);
         assert!(evs.iter().any(|e| matches!(e, KvEvent::BlockRemoved { .. })), "{evs:?}");
@@ -592,6 +730,7 @@ mod tests {
             output_seed: 0,
             external_kv_tokens: 0,
             cache_salt: None,
+            lora: None,
         });
         let s = c.schedule();
         c.complete(s);

@@ -8,19 +8,42 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+/// Where a block is held (vLLM's `medium`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Medium {
+    #[default]
+    Gpu,
+    /// The offloading tier (`offload`).
+    Cpu,
+}
+
+impl Medium {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Gpu => "GPU",
+            Self::Cpu => "CPU",
+        }
+    }
+}
+
 /// What an engine publishes about its cache (vLLM's `kv_cache_events`), with engine hashes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KvEvent {
     /// `cache_salt`: on the event that starts a salted chain (vLLM's first-block `extra_keys`).
+    /// `lora`: the adapter the blocks were computed for (`lora_name`, and in every block's
+    /// `extra_keys`). Offloaded blocks carry their hashes alone, as vLLM's connector sends them.
     BlockStored {
         block_hashes: Vec<u64>,
         parent_block_hash: Option<u64>,
         token_ids: Vec<u32>,
         block_size: u32,
         cache_salt: Option<String>,
+        lora: Option<String>,
+        medium: Medium,
     },
     BlockRemoved {
         block_hashes: Vec<u64>,
+        medium: Medium,
     },
     AllBlocksCleared,
 }
@@ -104,7 +127,7 @@ impl BlockPool {
         let b = &mut self.blocks[id as usize];
         if let Some(h) = b.hash.take() {
             self.cached.remove(&h);
-            self.events.push(KvEvent::BlockRemoved { block_hashes: vec![h] });
+            self.events.push(KvEvent::BlockRemoved { block_hashes: vec![h], medium: Medium::Gpu });
         }
         b.ref_cnt = 1;
         Some(id)
@@ -180,7 +203,7 @@ mod tests {
         let c = p.allocate().unwrap();
         assert_eq!(c, b, "the tail block is evicted first");
         assert_eq!(p.lookup(20), None);
-        assert_eq!(p.take_events(), vec![KvEvent::BlockRemoved { block_hashes: vec![20] }]);
+        assert_eq!(p.take_events(), vec![KvEvent::BlockRemoved { block_hashes: vec![20], medium: Medium::Gpu }]);
         // A hit on a free block takes it off the free list.
         p.touch(a);
         assert_eq!(p.num_free(), 0);

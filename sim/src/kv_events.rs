@@ -33,28 +33,43 @@ pub struct EventBatch {
 fn event_value(e: &KvEvent) -> Value {
     let hashes = |hs: &[u64]| Value::Array(hs.iter().map(|&h| Value::from(h)).collect());
     match e {
-        KvEvent::BlockStored { block_hashes, parent_block_hash, token_ids, block_size, cache_salt } => {
+        KvEvent::BlockStored { block_hashes, parent_block_hash, token_ids, block_size, cache_salt, lora, medium } => {
             let mut fields = vec![
                 Value::from("BlockStored"),
                 hashes(block_hashes),
                 parent_block_hash.map(Value::from).unwrap_or(Value::Nil),
                 Value::Array(token_ids.iter().map(|&t| Value::from(t)).collect()),
                 Value::from(*block_size),
-                Value::Nil,         // lora_id
-                Value::from("GPU"), // medium
-                Value::Nil,         // lora_name (no adapter)
+                // lora_id: vLLM's adapter number, which a router cannot map to a name.
+                lora.as_ref().map(|_| Value::from(1)).unwrap_or(Value::Nil),
+                Value::from(medium.as_str()),
+                lora.as_deref().map(Value::from).unwrap_or(Value::Nil),
             ];
-            // extra_keys, one entry per block: the salt in the first block's; default (omitted)
-            // without one, as are group_idx and the cache-spec fields.
-            if let Some(salt) = cache_salt {
-                let mut per_block = vec![Value::Array(vec![Value::from(salt.as_str())])];
-                per_block.resize(block_hashes.len().max(1), Value::Nil);
+            // extra_keys, one tuple per block as vLLM's `generate_block_hash_extra_keys` makes
+            // them: the adapter's name in every block's, then the salt in the first block's;
+            // `None` for a block with neither. Omitted (the default) when no block has any, as
+            // are group_idx and the cache-spec fields.
+            if cache_salt.is_some() || lora.is_some() {
+                let per_block = (0..block_hashes.len().max(1))
+                    .map(|i| {
+                        let keys: Vec<Value> = lora
+                            .iter()
+                            .chain(cache_salt.iter().filter(|_| i == 0))
+                            .map(|k| Value::from(k.as_str()))
+                            .collect();
+                        if keys.is_empty() {
+                            Value::Nil
+                        } else {
+                            Value::Array(keys)
+                        }
+                    })
+                    .collect();
                 fields.push(Value::Array(per_block));
             }
             Value::Array(fields)
         }
-        KvEvent::BlockRemoved { block_hashes } => {
-            Value::Array(vec![Value::from("BlockRemoved"), hashes(block_hashes), Value::from("GPU")])
+        KvEvent::BlockRemoved { block_hashes, medium } => {
+            Value::Array(vec![Value::from("BlockRemoved"), hashes(block_hashes), Value::from(medium.as_str())])
         }
         KvEvent::AllBlocksCleared => Value::Array(vec![Value::from("AllBlocksCleared")]),
     }

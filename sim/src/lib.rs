@@ -20,6 +20,7 @@ pub mod kv_cache;
 pub mod kv_events;
 pub mod metrics;
 pub mod nixl;
+pub mod offload;
 pub mod runner;
 pub mod server;
 pub mod timing;

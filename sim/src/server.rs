@@ -133,6 +133,8 @@ impl EngineSim {
                 enable_prefix_caching: cfg.enable_prefix_caching,
                 hash_seed: cfg.hash_seed.unwrap_or_else(rand::random),
                 timing: cfg.timing.clone(),
+                num_cpu_blocks: cfg.cpu_offload_blocks,
+                cpu_load_ms_per_token: cfg.cpu_load_ms_per_token(),
             },
             move |seed, i| output_filler.token(seed, i),
         );

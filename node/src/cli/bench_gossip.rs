@@ -69,6 +69,7 @@ fn load(tag: u32) -> LoadReport {
             kv_usage: 0.42,
             tokens_per_s: 1200.0,
             block_size: Some(16),
+            cards: Vec::new(),
         }],
     }
 }

@@ -118,11 +118,13 @@ fn decode_event(v: &Value) -> Result<EngineKvEvent, DecodeError> {
                         .ok_or(DecodeError::Shape("token id is not a u32"))?,
                     _ => return Err(DecodeError::Shape("BlockStored token_ids missing")),
                 },
+                // vLLM's offloading connector reports blocks by hash alone (no tokens), some
+                // versions with `block_size` 0; blocks with tokens need a real size.
                 block_size: f
                     .get(4)
                     .and_then(Value::as_u64)
                     .and_then(|b| u32::try_from(b).ok())
-                    .filter(|&b| b > 0)
+                    .filter(|&b| b > 0 || matches!(f.get(3), Some(Value::Array(t)) if t.is_empty()))
                     .ok_or(DecodeError::Shape("BlockStored block_size missing"))?,
                 lora_id: f.get(5).and_then(Value::as_i64),
                 medium: f.get(6).and_then(Value::as_str).map(str::to_owned),
@@ -219,6 +221,41 @@ mod tests {
                 EngineKvEvent::Unknown("SomethingNew".into()),
             ]
         );
+    }
+
+    /// vLLM's `OffloadingConnector.take_events`: `BlockStored(block_hashes, parent_block_hash=None,
+    /// token_ids=[], lora_id=None, block_size=0, medium="CPU", lora_name=None)`.
+    #[test]
+    fn decodes_offloaded_blocks_reported_by_hash_alone() {
+        let payload = enc(Value::Array(vec![
+            Value::F64(1.0),
+            Value::Array(vec![Value::Array(vec![
+                "BlockStored".into(),
+                Value::Array(vec![Value::from(5u64)]),
+                Value::Nil,
+                Value::Array(vec![]),
+                Value::from(0),
+                Value::Nil,
+                "CPU".into(),
+                Value::Nil,
+            ])]),
+            Value::Nil,
+        ]));
+        let b = decode_payload(&payload).unwrap();
+        assert!(
+            matches!(&b.events[0], EngineKvEvent::BlockStored { block_size: 0, medium: Some(m), token_ids, .. } if m == "CPU" && token_ids.is_empty())
+        );
+        let with_tokens = enc(Value::Array(vec![
+            Value::F64(1.0),
+            Value::Array(vec![Value::Array(vec![
+                "BlockStored".into(),
+                Value::Array(vec![Value::from(5u64)]),
+                Value::Nil,
+                Value::Array(vec![Value::from(1)]),
+                Value::from(0),
+            ])]),
+        ]));
+        assert!(decode_payload(&with_tokens).is_err(), "tokens with no block size cannot be keyed");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, EngineEntry};
+use kvmesh_policy::models::{self as model_cards, EngineModels};
 use kvmesh_policy::prefix_index::EngineIndex;
 use kvmesh_policy::route_history::RoutedKeys;
 use metrics_text::EngineLoad;
@@ -25,6 +26,8 @@ pub struct EngineView {
     /// Models the engine listed at its last successful `/v1/models`; kept while it is down so a
     /// request for a known model gets 503 (retry later), not 404.
     pub models: Vec<String>,
+    /// The same answer's cards (aliases, LoRA adapters): how each name's blocks are keyed.
+    pub cards: EngineModels,
     /// Context length the engine reports in `/v1/models` (vLLM's `max_model_len`).
     pub max_model_len: Option<u32>,
     pub load: EngineLoad,
@@ -219,6 +222,11 @@ impl EngineSet {
         }
     }
 
+    /// How this node's engines key `model`'s blocks, if one of them serves it.
+    pub fn key_space(&self, model: &str) -> Option<kvmesh_policy::models::KeySpace> {
+        self.engines.iter().find_map(|e| e.view.read().ok().and_then(|v| v.cards.key_space(model)))
+    }
+
     /// Union of the models healthy engines serve (all known ones if none is healthy).
     pub fn models(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
@@ -260,9 +268,11 @@ async fn poll_once(client: &reqwest::Client, e: &Engine, timeout: Duration) {
     let need_models = e.view.read().map(|v| v.models.is_empty()).unwrap_or(true) || rand::random::<u8>() < 26;
     let models = if result.is_ok() && need_models {
         match get("/v1/models").await {
-            Ok(r) if r.status().is_success() => {
-                r.json::<serde_json::Value>().await.ok().map(|v| (model_ids(&v), max_model_len(&v)))
-            }
+            Ok(r) if r.status().is_success() => r
+                .json::<serde_json::Value>()
+                .await
+                .ok()
+                .map(|v| (EngineModels::new(model_cards::cards_from_models_answer(&v)), max_model_len(&v))),
             _ => None,
         }
     } else {
@@ -283,8 +293,9 @@ async fn poll_once(client: &reqwest::Client, e: &Engine, timeout: Duration) {
             v.consecutive_failures = 0;
             v.last_ok = Some(Instant::now());
             v.last_error = None;
-            if let Some((m, max_len)) = models {
-                v.models = m;
+            if let Some((cards, max_len)) = models {
+                v.models = cards.names();
+                v.cards = cards;
                 v.max_model_len = max_len;
             }
         }
@@ -307,14 +318,6 @@ fn max_model_len(v: &serde_json::Value) -> Option<u32> {
         .filter_map(|m| m.get("max_model_len")?.as_u64())
         .filter_map(|n| u32::try_from(n).ok())
         .max()
-}
-
-/// Model ids of an OpenAI `/v1/models` answer.
-fn model_ids(v: &serde_json::Value) -> Vec<String> {
-    v.get("data")
-        .and_then(serde_json::Value::as_array)
-        .map(|d| d.iter().filter_map(|m| m.get("id").and_then(serde_json::Value::as_str).map(str::to_owned)).collect())
-        .unwrap_or_default()
 }
 
 /// In-flight accounting that cannot leak: the count drops when the guard does, however the

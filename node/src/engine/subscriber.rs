@@ -17,7 +17,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
-use kvmesh_policy::prefix_index::{BatchOutcome, EngineIndex, IndexEvent};
+use kvmesh_policy::prefix_index::{BatchOutcome, EngineIndex, IndexEvent, Tier};
 
 use super::kv_events::{decode_payload, decode_seq, DecodeError, EngineKvEvent, EventBatch};
 use super::Engine;
@@ -292,14 +292,19 @@ fn apply_batch(engine: &Engine, seq: u64, batch: EventBatch) {
     }
 }
 
-/// What the exact index takes from an engine's event: the blocks in its own GPU KV cache, of
-/// the base model, in the first KV-cache group. Blocks an offloading connector reports on
-/// another medium (`CPU`) are not GPU hits, and their removal must not release a GPU block of
-/// the same hash; blocks of a LoRA adapter are keyed by the adapter in vLLM, not by the base
-/// model's tokens; a hybrid model's other groups (sliding window, mamba) hold the same prefix
-/// under other hashes. Those are left out: the index may under-count them, never over-count.
+/// What the exact index takes from an engine's event: the blocks of the first KV-cache group,
+/// in their tier (`medium` unset or `GPU`: the engine's own cache; any other, such as `CPU`:
+/// offloaded, a load rather than a free hit, and whose removal leaves a GPU copy alone), keyed
+/// under their LoRA adapter when they have one (`lora_name`; an adapter known only by its
+/// numeric `lora_id` cannot be keyed and is left out). A hybrid model's other groups (sliding
+/// window, mamba) hold the same prefix under other hashes and are left out too: the index may
+/// under-count, never over-count.
 fn index_event(ev: EngineKvEvent) -> Option<IndexEvent> {
-    let on_gpu = |m: &Option<String>| m.as_deref().is_none_or(|m| m.eq_ignore_ascii_case("gpu"));
+    let tier = |m: &Option<String>| match m.as_deref() {
+        None => Tier::Gpu,
+        Some(m) if m.eq_ignore_ascii_case("gpu") => Tier::Gpu,
+        Some(_) => Tier::Offloaded,
+    };
     let first_group = |g: &Option<i64>| g.is_none_or(|g| g == 0);
     match ev {
         EngineKvEvent::BlockStored {
@@ -312,19 +317,17 @@ fn index_event(ev: EngineKvEvent) -> Option<IndexEvent> {
             lora_name,
             group_idx,
             cache_salt,
-        } if on_gpu(&medium) && lora_name.is_none() && lora_id.is_none() && first_group(&group_idx) => {
-            Some(IndexEvent::Stored {
-                block_hashes,
-                parent: parent_block_hash,
-                token_ids,
-                block_size,
-                salt: cache_salt,
-            })
-        }
-        EngineKvEvent::BlockRemoved { block_hashes, medium, group_idx }
-            if on_gpu(&medium) && first_group(&group_idx) =>
-        {
-            Some(IndexEvent::Removed { block_hashes })
+        } if first_group(&group_idx) && (lora_name.is_some() || lora_id.is_none()) => Some(IndexEvent::Stored {
+            block_hashes,
+            parent: parent_block_hash,
+            token_ids,
+            block_size,
+            salt: cache_salt,
+            adapter: lora_name,
+            tier: tier(&medium),
+        }),
+        EngineKvEvent::BlockRemoved { block_hashes, medium, group_idx } if first_group(&group_idx) => {
+            Some(IndexEvent::Removed { block_hashes, tier: tier(&medium) })
         }
         EngineKvEvent::BlockStored { .. } | EngineKvEvent::BlockRemoved { .. } => None,
         EngineKvEvent::AllBlocksCleared => Some(IndexEvent::Cleared),
@@ -346,12 +349,12 @@ fn apply_decoded(engine: &Engine, seq: u64, batch: EventBatch) -> BatchOutcome {
     index.apply_batch(seq, events)
 }
 
-/// The engine's first model (its index's chains are seeded by it), once the poller has read
-/// its models.
+/// The identity of the engine's base model (its index's chains are seeded by it:
+/// `policy::models`), once the poller has read its models.
 async fn wait_for_model(engine: &Engine, cancel: &CancellationToken) -> Option<String> {
     loop {
-        if let Some(m) = engine.snapshot().models.first() {
-            return Some(m.clone());
+        if let Some(m) = engine.snapshot().cards.base_identity() {
+            return Some(m);
         }
         tokio::select! {
             _ = cancel.cancelled() => return None,
@@ -379,22 +382,35 @@ mod tests {
     }
 
     #[test]
-    fn only_gpu_blocks_of_the_base_model_in_the_first_group_are_indexed() {
+    fn blocks_of_the_first_group_are_indexed_in_their_tier_and_key_space() {
+        let tier_of = |ev| match index_event(ev) {
+            Some(IndexEvent::Stored { tier, .. } | IndexEvent::Removed { tier, .. }) => Some(tier),
+            Some(IndexEvent::Cleared) => Some(Tier::Gpu),
+            None => None,
+        };
         let table = [
-            (stored(Some("GPU"), None, None), true),
-            (stored(None, None, Some(0)), true),
-            (stored(Some("CPU"), None, None), false),
-            (stored(Some("GPU"), Some("sql-adapter"), None), false),
-            (stored(Some("GPU"), None, Some(1)), false),
-            (EngineKvEvent::BlockRemoved { block_hashes: vec![1], medium: Some("CPU".into()), group_idx: None }, false),
+            (stored(Some("GPU"), None, None), Some(Tier::Gpu)),
+            (stored(None, None, Some(0)), Some(Tier::Gpu)),
+            (stored(Some("CPU"), None, None), Some(Tier::Offloaded)),
+            (stored(Some("GPU"), Some("sql-adapter"), None), Some(Tier::Gpu)),
+            (stored(Some("GPU"), None, Some(1)), None),
+            (
+                EngineKvEvent::BlockRemoved { block_hashes: vec![1], medium: Some("CPU".into()), group_idx: None },
+                Some(Tier::Offloaded),
+            ),
             (
                 EngineKvEvent::BlockRemoved { block_hashes: vec![1], medium: Some("gpu".into()), group_idx: Some(0) },
-                true,
+                Some(Tier::Gpu),
             ),
-            (EngineKvEvent::AllBlocksCleared, true),
+            (EngineKvEvent::BlockRemoved { block_hashes: vec![1], medium: None, group_idx: Some(2) }, None),
+            (EngineKvEvent::AllBlocksCleared, Some(Tier::Gpu)),
         ];
-        for (i, (ev, indexed)) in table.into_iter().enumerate() {
-            assert_eq!(index_event(ev).is_some(), indexed, "row {i}");
+        for (i, (ev, want)) in table.into_iter().enumerate() {
+            assert_eq!(tier_of(ev), want, "row {i}");
         }
+        let adapter = index_event(stored(None, Some("sql-adapter"), None));
+        assert!(matches!(adapter, Some(IndexEvent::Stored { adapter: Some(a), .. }) if a == "sql-adapter"));
+        let numeric_only = EngineKvEvent::BlockStored { lora_id: Some(3), ..stored(None, None, None) };
+        assert!(index_event(numeric_only).is_none(), "an adapter known only by number cannot be keyed");
     }
 }

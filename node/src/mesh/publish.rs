@@ -41,6 +41,7 @@ pub(super) async fn publish_load(mesh: Arc<Mesh>, engines: Arc<EngineSet>, every
                         // Rounded so that noise does not re-gossip an unchanged engine.
                         tokens_per_s: (tps / 10.0).round() * 10.0,
                         block_size: v.load.block_size,
+                        cards: v.cards.gossip_cards(),
                     }
                 })
                 .collect(),

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use kvmesh_gossip::{EngineLoad, Peer};
 use kvmesh_policy::cells::Placements;
+use kvmesh_policy::models::{Catalog, EngineModels};
 use kvmesh_policy::route_history::RoutedKeys;
 use kvmesh_policy::summary::{self, BloomShard};
 
@@ -77,6 +78,7 @@ impl PeerEngine {
                 kv_usage: 0.0,
                 tokens_per_s: 0.0,
                 block_size: Some(block_size),
+                cards: Vec::new(),
             },
             node_engines: 1,
             summary: Arc::default(),
@@ -100,6 +102,8 @@ pub struct RoutingView {
     pub engines: Vec<PeerEngine>,
     /// With cells: the cells table from the same view.
     pub cells: Arc<Vec<CellView>>,
+    /// How the peers' engines key each model name they serve (aliases, LoRA adapters).
+    pub catalog: Catalog,
 }
 
 /// What this node recorded about one peer engine: evidence of what it holds and of load the
@@ -239,7 +243,15 @@ impl PeerTable {
             ledgers.retain(|id, _| carried.in_flight.contains_key(id));
         }
         let cells = if self.with_cells { Arc::new(cells::table(&peers)) } else { Arc::default() };
-        let view = Arc::new(RoutingView { peers, engines, cells });
+        let models: Vec<EngineModels> = engines
+            .iter()
+            .map(|e| match e.load.cards.is_empty() {
+                true => EngineModels::from_names(&e.load.models),
+                false => EngineModels::new(e.load.cards.clone()),
+            })
+            .collect();
+        let catalog = Catalog::build(&models);
+        let view = Arc::new(RoutingView { peers, engines, cells, catalog });
         if let Ok(mut current) = self.current.write() {
             *current = view.clone();
         }
@@ -366,6 +378,7 @@ mod tests {
                         kv_usage: 0.1,
                         tokens_per_s: 0.0,
                         block_size: Some(16),
+                        cards: Vec::new(),
                     })
                     .collect(),
             },

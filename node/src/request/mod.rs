@@ -72,7 +72,7 @@ impl Pipeline {
             Err((flow, refusal)) => return self.refuse(&ctx, flow, refusal).await,
         };
         // 2. tokenize
-        let mut prompt = match self.router.tokenizers().prompt_keys(&req).await {
+        let mut prompt = match self.router.prompt_keys(&req).await {
             Ok(prompt) => prompt,
             Err(e) => return self.refuse(&ctx, flow, e.into()).await,
         };

@@ -35,6 +35,7 @@ use axum::http::{header, HeaderValue};
 use axum::response::Response;
 use kvmesh_policy::candidates::PromptKeys;
 use kvmesh_policy::cells::CellSettings;
+use kvmesh_policy::models::KeySpace;
 use kvmesh_policy::openai::ApiError;
 use kvmesh_policy::pd::PdSettings;
 use kvmesh_policy::request::InferenceRequest;
@@ -176,6 +177,24 @@ impl Router {
         &self.tokenizers
     }
 
+    /// How the engines serving `model` key its blocks: as this node's own engines do when one
+    /// serves it, else as the peers' do (`policy::models`).
+    pub fn key_space(&self, model: &str) -> KeySpace {
+        if let Some(space) = self.engines.key_space(model) {
+            return space;
+        }
+        match &self.mesh {
+            Some(mesh) => mesh.view().catalog.resolve(model),
+            None => KeySpace::unknown(model),
+        }
+    }
+
+    /// The tokenize stage: the prompt's keys in the model's key space (`Tokenizers::prompt_keys`).
+    pub async fn prompt_keys(&self, req: &InferenceRequest) -> Result<PromptKeys, ApiError> {
+        let space = self.key_space(&req.model);
+        self.tokenizers.prompt_keys(req, &space).await
+    }
+
     /// The mesh-wide block size peers and cells key prompts at.
     pub fn default_block_size(&self) -> u32 {
         self.s.default_block_size
@@ -256,6 +275,7 @@ impl Router {
                     }
                 }
             }
+            let expect = expectation(req, prompt, &picked);
             let target = picked.target;
             tried.push(target.key());
             let reason = if attempt > 0 { RouteReason::Retry } else { picked.decision.reason() };
@@ -264,7 +284,6 @@ impl Router {
             ctx.span.record("reason", reason.as_str());
             ctx.span.record("route", header.as_str());
             self.metrics.route_decisions.with_label_values(&[reason.as_str()]).inc();
-            let expect = expectation(req, prompt, &picked.decision, picked.block_size);
             let outcome = match &target {
                 Target::Local(e) => self.forward_local(ctx, req.stream, body, e.clone(), &header, expect).await,
                 Target::Remote(r) => {
@@ -304,17 +323,14 @@ impl Router {
 }
 
 /// What the chosen engine should report of a prompt this node tokenized exactly (`check`).
-fn expectation(
-    req: &InferenceRequest,
-    prompt: &PromptKeys,
-    decision: &RouteDecision,
-    block_size: u32,
-) -> Option<check::Expected> {
+fn expectation(req: &InferenceRequest, prompt: &PromptKeys, picked: &pick::Picked) -> Option<check::Expected> {
     if !prompt.known() || has_media(req) {
         return None;
     }
-    let matched = match decision {
-        RouteDecision::Whole { matched_blocks, .. } => *matched_blocks,
+    let block_size = picked.block_size;
+    let matched = match &picked.decision {
+        // Offloaded blocks the engine loads count as cached in its usage, as GPU hits do.
+        RouteDecision::Whole { matched_blocks, .. } => *matched_blocks + picked.offloaded_blocks,
         RouteDecision::RoundRobin { .. } => 0,
         _ => return None,
     };

@@ -106,7 +106,7 @@ impl Router {
                 self.metrics.tokenize_requests.with_label_values(&[label, "from_peer"]).inc();
                 PromptKeys::from_keys(d.tokens as usize, d.block_size, keys)
             }
-            (true, _) => match self.tokenizers.prompt_keys(&req).await {
+            (true, _) => match self.prompt_keys(&req).await {
                 Ok(p) => p,
                 Err(e) => {
                     let resp = reply_error(&self.metrics, ctx, &e);

@@ -28,6 +28,9 @@ pub(crate) struct Picked {
     pub split: Option<SplitTargets>,
     /// The block size the decision's matched blocks are counted in.
     pub block_size: u32,
+    /// Blocks after the matched ones the engine holds offloaded (it loads them, and reports
+    /// them as cached).
+    pub offloaded_blocks: usize,
 }
 
 /// A request split between a prefill and a decode engine (`policy::pd`).
@@ -196,7 +199,13 @@ impl Router {
                     .ok_or_else(none_healthy)?;
                 let decision = RouteDecision::RoundRobin { engine: labels[i].clone() };
                 let block_size = facts[i].block_size;
-                return Ok(Picked { target: targets.swap_remove(i), decision, split: None, block_size });
+                return Ok(Picked {
+                    target: targets.swap_remove(i),
+                    decision,
+                    split: None,
+                    block_size,
+                    offloaded_blocks: 0,
+                });
             }
         };
         // The home node of a relayed prompt keeps it on its own engine when no other is
@@ -227,7 +236,13 @@ impl Router {
             runner_up: d.runner_up.map(|(i, ms)| (label(i), ms)),
             reason: d.reason,
         };
-        Ok(Picked { target: targets.swap_remove(d.index), decision, split, block_size: d.block_size })
+        Ok(Picked {
+            target: targets.swap_remove(d.index),
+            decision,
+            split,
+            block_size: d.block_size,
+            offloaded_blocks: d.offloaded_blocks,
+        })
     }
 
     /// Records where a served prompt went, for engines and peers whose caches this node cannot
