@@ -279,6 +279,7 @@ async fn a_forwarded_prompt_is_not_tokenized_again() {
             kv_events_replay: None,
             api_key: None,
             role: Default::default(),
+            data_parallel_size: 1,
         });
         engines.push(e);
     }

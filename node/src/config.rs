@@ -331,6 +331,16 @@ pub struct EngineEntry {
     /// Sent as `Authorization: Bearer` to engines started with `--api-key`.
     #[serde(default)]
     pub api_key: Option<String>,
+    /// The engine's `--data-parallel-size`: its ranks are routed to as engines of their own
+    /// (`{name}-dp{rank}`), each with its rank's KV events (the endpoints' ports plus the rank,
+    /// as vLLM offsets them), its rank's metrics (`engine="{rank}"`), and requests pinned to it
+    /// with vLLM's `X-data-parallel-rank` header. Default 1.
+    #[serde(default = "one_rank")]
+    pub data_parallel_size: u32,
+}
+
+fn one_rank() -> u32 {
+    1
 }
 
 impl Default for Config {
@@ -560,6 +570,19 @@ impl Config {
                     return bad(format!(
                         "engines[{i}].kv_events `{kv}` must be a ZeroMQ endpoint like tcp://127.0.0.1:5557"
                     ));
+                }
+            }
+            if !(1..=64).contains(&e.data_parallel_size) {
+                return bad(format!("engines[{i}].data_parallel_size must be in 1..=64, got {}", e.data_parallel_size));
+            }
+            for (what, endpoint) in [("kv_events", &e.kv_events), ("kv_events_replay", &e.kv_events_replay)] {
+                if let Some(ep) = endpoint {
+                    if kvmesh_sim::kv_events::offset_endpoint_port(ep, e.data_parallel_size - 1).is_none() {
+                        return bad(format!(
+                            "engines[{i}].{what} `{ep}` has no port for data-parallel rank {} (the port plus the rank)",
+                            e.data_parallel_size - 1
+                        ));
+                    }
                 }
             }
             if let Some(r) = &e.kv_events_replay {
@@ -810,6 +833,7 @@ pub fn parse_engine_flag(s: &str) -> Result<EngineEntry, NodeError> {
         kv_events_replay: None,
         api_key: None,
         role: Default::default(),
+        data_parallel_size: 1,
     };
     for p in parts {
         match p.split_once('=') {
@@ -817,6 +841,11 @@ pub fn parse_engine_flag(s: &str) -> Result<EngineEntry, NodeError> {
             Some(("kv-events-replay", v)) => e.kv_events_replay = Some(v.to_owned()),
             Some(("name", v)) => e.name = Some(v.to_owned()),
             Some(("api-key", v)) => e.api_key = Some(v.to_owned()),
+            Some(("dp-size", v)) => {
+                e.data_parallel_size = v.parse().map_err(|_| {
+                    NodeError::Config(format!("--engine `{s}`: dp-size `{v}` is not a number of ranks"))
+                })?
+            }
             Some(("role", v)) => {
                 e.role = match v {
                     "prefill" => kvmesh_policy::pd::Role::Prefill,
@@ -831,7 +860,7 @@ pub fn parse_engine_flag(s: &str) -> Result<EngineEntry, NodeError> {
             }
             _ => {
                 return Err(NodeError::Config(format!(
-                    "--engine `{s}`: unknown part `{p}`; expected URL[,kv-events=tcp://HOST:PORT][,kv-events-replay=tcp://HOST:PORT][,name=NAME][,api-key=KEY][,role=prefill|decode|both]"
+                    "--engine `{s}`: unknown part `{p}`; expected URL[,kv-events=tcp://HOST:PORT][,kv-events-replay=tcp://HOST:PORT][,name=NAME][,api-key=KEY][,role=prefill|decode|both][,dp-size=N]"
                 )))
             }
         }

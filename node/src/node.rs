@@ -147,6 +147,7 @@ impl Node {
                 kv_events_replay: e.kv_events_replay_endpoint.clone(),
                 api_key: None,
                 role: cfg.embedded_role,
+                data_parallel_size: 1,
             });
             Some(e)
         } else {

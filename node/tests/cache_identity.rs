@@ -1,8 +1,15 @@
-//! Block keys carry what vLLM's block hashes carry (issue 19): a request's `cache_salt` keys its
-//! blocks apart, in the engine's cache (the simulator salts the first block's hash and reports
-//! the salt in the event's `extra_keys`, as vLLM does) and in the node's index, so a salted
-//! repeat matches its blocks, another salt or none matches nothing, and the engine's reported
-//! cached tokens agree with the node's prediction each time.
+//! Block keys carry what vLLM's block hashes carry (issue 19), end to end through a node and
+//! the engine simulator's KV events (their fields as vLLM's `kv_events.py` sends them):
+//! - a request's `cache_salt` keys its blocks apart (the salt in the first block's
+//!   `extra_keys`);
+//! - a LoRA adapter's blocks are its own (`lora_name`), and an alias shares the base model's
+//!   (`/v1/models` `root`/`parent`);
+//! - blocks the GPU evicted but a CPU offloading tier holds (`medium` `CPU`, hashes only) are
+//!   predicted as cached, as the engine reports them;
+//! - each data-parallel rank's events (the port plus the rank) index that rank, and a repeat is
+//!   sent back to its rank with `X-data-parallel-rank`.
+//!
+//! In each, the engine's reported cached tokens equal the node's prediction.
 
 mod common;
 
@@ -49,10 +56,123 @@ async fn a_cache_salt_keys_blocks_apart_in_the_engine_and_in_the_index() {
         assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{other:?}: {v}");
     }
     // Every prediction matched what the engine reported.
+    let reported = predictions_held(&n).await;
+    assert!(reported >= cached as f64);
+    n.shutdown().await;
+    e.shutdown().await;
+}
+
+/// Every request's predicted cached tokens equalled what the engine reported.
+async fn predictions_held(n: &kvmesh_node::RunningNode) -> f64 {
     let predicted = scrape(&n.url(), "kvmesh_cached_tokens_predicted_total").await;
     let reported = scrape(&n.url(), "kvmesh_cached_tokens_reported_total").await;
-    assert_eq!(predicted, reported);
-    assert!(reported >= cached as f64);
+    assert_eq!(predicted, reported, "the node's predictions and the engine's reports");
+    reported
+}
+
+fn cached(v: &Value) -> u64 {
+    v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_lora_adapter_keys_its_own_blocks_and_an_alias_shares_the_base_models() {
+    let cfg = kvmesh_sim::EngineConfig {
+        lora_modules: vec!["sql=/adapters/sql".into()],
+        model_aliases: vec!["sim-alias".into()],
+        ..fast_engine()
+    };
+    let e = engine(cfg, true).await;
+    let n = node(node_config(vec![kv_entry("gpu0", &e)])).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let doc = "a schema and its documentation, long enough for many blocks ".repeat(20);
+    let ask = |model: &str| {
+        let mut b = chat(&doc, json!({"max_tokens": 1}));
+        b["model"] = Value::String(model.into());
+        b
+    };
+    let (s, _, v) = post(&n.url(), &ask("sql")).await;
+    assert_eq!((s, cached(&v)), (200, 0), "{v}");
+    eventually("the adapter's blocks are indexed", Duration::from_secs(3), async || {
+        n.engines.engines[0].kv.cached_blocks() > 0
+    })
+    .await;
+    let (s, h, v) = post(&n.url(), &ask("sql")).await;
+    assert_eq!(s, 200);
+    assert!(matched(&h) > 0 && cached(&v) > 0, "the adapter's repeat: {:?} {v}", h.get("x-kvmesh-route"));
+    // The base model shares none of the adapter's blocks, on either side.
+    let (s, h, v) = post(&n.url(), &ask("kvmesh-sim")).await;
+    assert_eq!((s, matched(&h), cached(&v)), (200, 0, 0), "{v}");
+    eventually("the base model's blocks are indexed", Duration::from_secs(3), async || {
+        let (_, h, _) = post(&n.url(), &ask("sim-alias")).await;
+        matched(&h) > 0
+    })
+    .await;
+    // An alias of the base model meets the base model's blocks.
+    let (s, h, v) = post(&n.url(), &ask("sim-alias")).await;
+    assert!(s == 200 && matched(&h) > 0 && cached(&v) > 0, "{:?} {v}", h.get("x-kvmesh-route"));
+    predictions_held(&n).await;
+    n.shutdown().await;
+    e.shutdown().await;
+}
+
+#[tokio::test]
+async fn blocks_offloaded_to_cpu_are_predicted_cached_as_the_engine_reports_them() {
+    // A GPU cache of 64 blocks, a CPU tier of 4096: a few other prompts push the first one out
+    // of the GPU, never out of the CPU tier.
+    let cfg = kvmesh_sim::EngineConfig { num_gpu_blocks: 64, cpu_offload_blocks: 4096, ..fast_engine() };
+    let e = engine(cfg, true).await;
+    let n = node(node_config(vec![kv_entry("gpu0", &e)])).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let doc = |i: usize| format!("document {i}: ") + &"words that fill blocks of the KV cache ".repeat(40);
+    let (s, _, _) = post(&n.url(), &chat(&doc(0), json!({"max_tokens": 1}))).await;
+    assert_eq!(s, 200);
+    for i in 1..4 {
+        let (s, _, _) = post(&n.url(), &chat(&doc(i), json!({"max_tokens": 1}))).await;
+        assert_eq!(s, 200);
+    }
+    eventually("the first prompt is offloaded and off the GPU", Duration::from_secs(3), async || {
+        let idx = n.engines.engines[0].kv.index.read().unwrap();
+        idx.offloaded_len() > 0 && idx.len() <= 64
+    })
+    .await;
+    let (s, _, v) = post(&n.url(), &chat(&doc(0), json!({"max_tokens": 1}))).await;
+    assert_eq!(s, 200);
+    assert!(cached(&v) > 0, "loaded from the CPU tier: {v}");
+    let reported = predictions_held(&n).await;
+    assert!(reported >= cached(&v) as f64);
+    n.shutdown().await;
+    e.shutdown().await;
+}
+
+#[tokio::test]
+async fn each_data_parallel_rank_is_indexed_from_its_own_events_and_served_by_name() {
+    let cfg = kvmesh_sim::EngineConfig { data_parallel_size: 2, ..fast_engine() };
+    let e = engine(cfg, true).await;
+    let entry = kvmesh_node::config::EngineEntry { data_parallel_size: 2, ..kv_entry("gpu0", &e) };
+    let n = node(node_config(vec![entry])).await;
+    let names: Vec<String> = n.engines.engines.iter().map(|e| e.name.clone()).collect();
+    assert_eq!(names, ["gpu0-dp0", "gpu0-dp1"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let doc = |i: usize| format!("conversation {i}: ") + &"a long shared system prompt ".repeat(30);
+    // Prompts land on both ranks; each rank's index holds only what that rank cached.
+    let mut served = std::collections::HashMap::new();
+    for i in 0..6 {
+        let (s, h, _) = post(&n.url(), &chat(&doc(i), json!({"max_tokens": 1}))).await;
+        assert_eq!(s, 200);
+        served.insert(i, h["x-kvmesh-served-by"].to_str().unwrap().to_owned());
+    }
+    eventually("both ranks' events are indexed", Duration::from_secs(3), async || {
+        n.engines.engines.iter().all(|e| e.kv.cached_blocks() > 0)
+    })
+    .await;
+    // Each repeat goes back to the rank that holds it, and that rank reports the hit.
+    for i in 0..6 {
+        let (s, h, v) = post(&n.url(), &chat(&doc(i), json!({"max_tokens": 1}))).await;
+        assert_eq!(s, 200);
+        assert_eq!(h["x-kvmesh-served-by"].to_str().unwrap(), served[&i], "prompt {i}");
+        assert!(matched(&h) > 0 && cached(&v) > 0, "prompt {i}: {:?} {v}", h.get("x-kvmesh-route"));
+    }
+    predictions_held(&n).await;
     n.shutdown().await;
     e.shutdown().await;
 }

@@ -52,6 +52,7 @@ fn key_paths() -> BTreeMap<String, Value> {
         kv_events_replay: Some("tcp://e:2".into()),
         api_key: Some("k".into()),
         role: Default::default(),
+        data_parallel_size: 1,
     }];
     cfg.models = vec![ModelEntry {
         name: "m".into(),

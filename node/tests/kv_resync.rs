@@ -37,6 +37,7 @@ async fn node_for(e: &RunningEngine) -> RunningNode {
         kv_events_replay: e.kv_events_replay_endpoint.clone(),
         api_key: None,
         role: Default::default(),
+        data_parallel_size: 1,
     }]))
     .await
 }
@@ -168,6 +169,7 @@ async fn an_unanswered_replay_times_out_and_drops_the_index() {
         kv_events_replay: Some(silent_ep),
         api_key: None,
         role: Default::default(),
+        data_parallel_size: 1,
     }]);
     cfg.kv_events_replay_timeout_ms = 200;
     let n = node(cfg).await;

@@ -65,7 +65,15 @@ fn nixl_engine(kv_transfer: bool) -> EngineConfig {
 }
 
 fn entry_with(url: String, name: &str, role: Role) -> EngineEntry {
-    EngineEntry { url, name: Some(name.into()), kv_events: None, kv_events_replay: None, api_key: None, role }
+    EngineEntry {
+        url,
+        name: Some(name.into()),
+        kv_events: None,
+        kv_events_replay: None,
+        api_key: None,
+        role,
+        data_parallel_size: 1,
+    }
 }
 
 fn long_chat(doc: usize, stream: bool) -> Value {

@@ -22,6 +22,7 @@ async fn two_engines_without_kv_events(model: &str) -> (kvmesh_node::RunningNode
             kv_events_replay: None,
             api_key: None,
             role: Default::default(),
+            data_parallel_size: 1,
         })
         .collect();
     (node(node_config(entries)).await, engines)

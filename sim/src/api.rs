@@ -26,12 +26,20 @@ use crate::metrics::EngineMetrics;
 use crate::runner::{AbortOnDrop, EngineHandle, SubmitError};
 use crate::EngineConfig;
 
+/// One data-parallel rank: its scheduler and its metrics.
+pub struct Rank {
+    pub engine: EngineHandle,
+    pub metrics: Arc<EngineMetrics>,
+}
+
 pub struct AppState {
     pub cfg: EngineConfig,
     pub tokenizer: ModelTokenizer,
     pub filler: Filler,
-    pub engine: EngineHandle,
-    pub metrics: Arc<EngineMetrics>,
+    /// One per data-parallel rank (one without data parallelism).
+    pub ranks: Vec<Rank>,
+    /// The rank a request without `X-data-parallel-rank` goes to next.
+    pub next_rank: std::sync::atomic::AtomicUsize,
     pub max_model_len: u32,
     pub kv_capacity_tokens: u64,
     pub created: u64,
@@ -93,7 +101,7 @@ async fn models(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.metrics.render()).into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], st.ranks[0].metrics.render()).into_response()
 }
 
 /// The side channel a decode engine pulls offered KV through (NIXL's, simulated).
@@ -108,7 +116,14 @@ async fn nixl_pull(State(st): State<Arc<AppState>>, body: Bytes) -> Response {
 }
 
 async fn reset_prefix_cache(State(st): State<Arc<AppState>>) -> Response {
-    match st.engine.reset_prefix_cache().await {
+    let mut all = Ok(true);
+    for r in &st.ranks {
+        match r.engine.reset_prefix_cache().await {
+            Ok(true) => {}
+            other => all = other,
+        }
+    }
+    match all {
         Ok(true) => StatusCode::OK.into_response(),
         Ok(false) => error_response(ApiError::new(
             StatusCode::CONFLICT,
@@ -131,6 +146,21 @@ async fn completions(
     serve(st, Endpoint::Completions, headers, body).await
 }
 
+/// The rank a request runs on: the one its `X-data-parallel-rank` header names (vLLM's
+/// `_get_data_parallel_rank`; not an integer, or not a rank of this engine: 400), else the
+/// next in turn.
+fn data_parallel_rank(st: &AppState, headers: &HeaderMap) -> Result<usize, ApiError> {
+    let Some(v) = headers.get("x-data-parallel-rank") else {
+        return Ok(st.next_rank.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % st.ranks.len());
+    };
+    v.to_str().ok().and_then(|s| s.trim().parse::<usize>().ok()).filter(|&r| r < st.ranks.len()).ok_or_else(|| {
+        ApiError::invalid(
+            format!("Invalid X-data-parallel-rank header: this engine has ranks 0..{}.", st.ranks.len()),
+            None,
+        )
+    })
+}
+
 /// Everything a response needs besides the tokens.
 struct Job {
     endpoint: Endpoint,
@@ -146,6 +176,8 @@ struct Job {
     length_reason: &'static str,
     echo_prefix: String,
     started: Instant,
+    /// The data-parallel rank serving it.
+    rank: usize,
 }
 
 async fn serve(
@@ -186,6 +218,7 @@ async fn prepare(
     if req.model != st.cfg.model && !st.cfg.model_aliases.contains(&req.model) && lora.is_none() {
         return Err(ApiError::model_not_found(&req.model));
     }
+    let rank = data_parallel_rank(st, headers)?;
     if req.n != 1 {
         return Err(ApiError::invalid("The engine simulator supports only n=1.", Some("n")));
     }
@@ -261,7 +294,7 @@ async fn prepare(
         }
     }
     let seq = NewSequence {
-        id: st.engine.next_id(),
+        id: st.ranks[rank].engine.next_id(),
         output_seed: st.filler.sequence_seed(&ids, req.seed),
         prompt: ids,
         output_len,
@@ -269,7 +302,7 @@ async fn prepare(
         cache_salt: req.cache_salt.clone(),
         lora,
     };
-    let (rx, guard) = st.engine.submit(seq).map_err(|e| match e {
+    let (rx, guard) = st.ranks[rank].engine.submit(seq).map_err(|e| match e {
         SubmitError::QueueFull => ApiError::unavailable("The engine's request queue is full; retry later."),
         SubmitError::Closed => ApiError::unavailable("The engine is shutting down."),
     })?;
@@ -289,6 +322,7 @@ async fn prepare(
         length_reason,
         echo_prefix: if req.echo { echo_prefix } else { String::new() },
         started,
+        rank,
     };
     Ok((job, rx, guard))
 }
@@ -413,8 +447,10 @@ impl Generation {
         };
         let now = Instant::now();
         match self.last_token_at {
-            None => self.st.metrics.ttft.observe(now.duration_since(self.job.started).as_secs_f64()),
-            Some(prev) => self.st.metrics.itl.observe(now.duration_since(prev).as_secs_f64()),
+            None => {
+                self.st.ranks[self.job.rank].metrics.ttft.observe(now.duration_since(self.job.started).as_secs_f64())
+            }
+            Some(prev) => self.st.ranks[self.job.rank].metrics.itl.observe(now.duration_since(prev).as_secs_f64()),
         }
         self.last_token_at = Some(now);
         self.prompt_tokens = t.prompt_tokens;
@@ -439,8 +475,8 @@ impl Generation {
         let piece = self.text[self.text_len..end].to_owned();
         self.text_len = end;
         if let Some((reason, _)) = &self.finish {
-            self.st.metrics.e2e.observe(self.job.started.elapsed().as_secs_f64());
-            self.st.metrics.request_success.with_label_values(&[reason]).inc();
+            self.st.ranks[self.job.rank].metrics.e2e.observe(self.job.started.elapsed().as_secs_f64());
+            self.st.ranks[self.job.rank].metrics.request_success.with_label_values(&[reason]).inc();
         }
         Piece::Text(piece)
     }

@@ -86,6 +86,12 @@ pub struct EngineConfig {
     /// back instead of recomputed; its events carry `medium` `CPU`.
     #[arg(long = "cpu-offload-blocks", default_value_t = 0)]
     pub cpu_offload_blocks: u32,
+    /// Data-parallel ranks behind the one HTTP server (vLLM's `--data-parallel-size`): each rank
+    /// has its own scheduler and KV cache, publishes KV events on the endpoint's port plus its
+    /// rank, and labels its metrics `engine="{rank}"`. A request's `X-data-parallel-rank`
+    /// header picks its rank; without one, ranks take requests in turn.
+    #[arg(long = "data-parallel-size", default_value_t = 1)]
+    pub data_parallel_size: u32,
     /// Bandwidth of loads from the offloading tier, GB/s (PCIe 5 x16 in practice: ~25).
     #[arg(long = "cpu-load-gb-per-s", default_value_t = 25.0)]
     pub cpu_load_gb_per_s: f64,
@@ -119,6 +125,7 @@ impl Default for EngineConfig {
             model_aliases: Vec::new(),
             lora_modules: Vec::new(),
             cpu_offload_blocks: 0,
+            data_parallel_size: 1,
             cpu_load_gb_per_s: 25.0,
             timing: TimingModel::default(),
         }
@@ -161,6 +168,9 @@ impl EngineConfig {
                 }
                 _ => return bad(format!("--lora-modules `{m}`: expected NAME=PATH with a new, non-empty NAME")),
             }
+        }
+        if !(1..=64).contains(&self.data_parallel_size) {
+            return bad(format!("--data-parallel-size must be in 1..=64, got {}", self.data_parallel_size));
         }
         if !(self.cpu_load_gb_per_s.is_finite() && self.cpu_load_gb_per_s > 0.0) {
             return bad(format!("--cpu-load-gb-per-s must be a positive number, got {}", self.cpu_load_gb_per_s));

@@ -76,16 +76,34 @@ fn event_value(e: &KvEvent) -> Value {
 }
 
 /// The msgpack payload frame of one batch.
-pub fn encode_payload(batch: &EventBatch) -> Vec<u8> {
+/// `rank`: the data-parallel rank of a multi-rank engine (`None` for a single-rank one).
+pub fn encode_payload(batch: &EventBatch, rank: Option<u32>) -> Vec<u8> {
     let v = Value::Array(vec![
         Value::F64(batch.timestamp),
         Value::Array(batch.events.iter().map(event_value).collect()),
-        Value::Nil, // data_parallel_rank: a single-rank engine
+        rank.map(Value::from).unwrap_or(Value::Nil),
     ]);
     let mut buf = Vec::with_capacity(64 + batch.events.len() * 64);
     // Writing to a Vec cannot fail.
     let _ = rmpv::encode::write_value(&mut buf, &v);
     buf
+}
+
+/// The endpoint data-parallel rank `rank` publishes on, by vLLM's convention
+/// (`ZmqEventPublisher.offset_endpoint_port`): a TCP endpoint's port plus the rank, an `ipc` or
+/// `inproc` endpoint with `_dp{rank}` appended; rank 0 keeps the endpoint. `None` for a TCP
+/// endpoint without a numeric port, or one past 65535.
+pub fn offset_endpoint_port(endpoint: &str, rank: u32) -> Option<String> {
+    if rank == 0 {
+        return Some(endpoint.to_owned());
+    }
+    if endpoint.starts_with("ipc://") || endpoint.starts_with("inproc://") {
+        return Some(format!("{endpoint}_dp{rank}"));
+    }
+    let (base, port) = endpoint.rsplit_once(':')?;
+    let port: u32 = port.parse().ok()?;
+    let port = port.checked_add(rank).filter(|&p| p <= 65_535)?;
+    Some(format!("{base}:{port}"))
 }
 
 /// vLLM's end-of-replay marker: sequence -1 as a signed 8-byte big-endian integer.
@@ -111,6 +129,7 @@ pub struct KvPublisher {
     /// The bound replay endpoint, when replay is on.
     pub replay_endpoint: Option<String>,
     replay: Option<Replay>,
+    rank: Option<u32>,
 }
 
 impl KvPublisher {
@@ -126,11 +145,18 @@ impl KvPublisher {
             topic: Bytes::copy_from_slice(topic.as_bytes()),
             endpoint: bound.to_string(),
             replay_endpoint: None,
+            rank: None,
             replay: None,
         })
     }
 
     /// Also binds a replay ROUTER socket on `endpoint`, keeping the last `buffer_steps` batches.
+    /// Names the data-parallel rank in every batch, when the engine has more than one.
+    pub fn with_rank(mut self, rank: u32, ranks: u32) -> Self {
+        self.rank = (ranks > 1).then_some(rank);
+        self
+    }
+
     pub async fn with_replay(mut self, endpoint: &str, buffer_steps: usize) -> Result<Self, SimError> {
         let mut socket = zeromq::RouterSocket::new();
         let bound = socket
@@ -144,12 +170,12 @@ impl KvPublisher {
     }
 
     pub async fn run(self, mut rx: mpsc::Receiver<EventBatch>, cancel: CancellationToken) {
-        let Self { mut socket, topic, mut replay, .. } = self;
+        let Self { mut socket, topic, mut replay, rank, .. } = self;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 b = rx.recv() => match b {
-                    Some(b) => publish(&mut socket, &topic, replay.as_mut(), b).await,
+                    Some(b) => publish(&mut socket, &topic, replay.as_mut(), rank, b).await,
                     None => break,
                 },
                 req = next_request(replay.as_mut()) => {
@@ -166,9 +192,15 @@ impl KvPublisher {
     }
 }
 
-async fn publish(socket: &mut zeromq::PubSocket, topic: &Bytes, replay: Option<&mut Replay>, batch: EventBatch) {
+async fn publish(
+    socket: &mut zeromq::PubSocket,
+    topic: &Bytes,
+    replay: Option<&mut Replay>,
+    rank: Option<u32>,
+    batch: EventBatch,
+) {
     let seq = Bytes::copy_from_slice(&batch.seq.to_be_bytes());
-    let payload = Bytes::from(encode_payload(&batch));
+    let payload = Bytes::from(encode_payload(&batch, rank));
     if let Some(r) = replay {
         if r.capacity > 0 {
             if r.buffer.len() == r.capacity {
@@ -231,5 +263,20 @@ async fn serve_replay(r: &mut Replay, req: ZmqMessage) {
         Ok(Ok(n)) => tracing::debug!(start, batches = n, "kv events: replay served"),
         Ok(Err(e)) => tracing::warn!(start, error = %e, "kv events: replay failed"),
         Err(_) => tracing::warn!(start, "kv events: replay timed out (client not reading)"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The examples of vLLM's `offset_endpoint_port` docstring.
+    #[test]
+    fn ranks_publish_on_vllms_offset_endpoints() {
+        assert_eq!(offset_endpoint_port("tcp://*:5557", 0).as_deref(), Some("tcp://*:5557"));
+        assert_eq!(offset_endpoint_port("tcp://*:5557", 2).as_deref(), Some("tcp://*:5559"));
+        assert_eq!(offset_endpoint_port("inproc://cache", 1).as_deref(), Some("inproc://cache_dp1"));
+        assert_eq!(offset_endpoint_port("tcp://h:65535", 1), None);
+        assert_eq!(offset_endpoint_port("tcp://h", 1), None);
     }
 }

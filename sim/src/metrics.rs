@@ -31,13 +31,25 @@ const E2E_BUCKETS: &[f64] = &[
 
 impl EngineMetrics {
     pub fn new(model: &str, block_size: u32, num_gpu_blocks: u32) -> Result<Self, prometheus::Error> {
+        Self::for_rank(&Registry::new(), 0, model, block_size, num_gpu_blocks)
+    }
+
+    /// One data-parallel rank's series in a registry the ranks share: vLLM labels each rank's
+    /// with `engine="{rank}"`.
+    pub fn for_rank(
+        registry: &Registry,
+        rank: u32,
+        model: &str,
+        block_size: u32,
+        num_gpu_blocks: u32,
+    ) -> Result<Self, prometheus::Error> {
         let labels = || {
             let mut m = std::collections::HashMap::new();
             m.insert("model_name".to_owned(), model.to_owned());
-            m.insert("engine".to_owned(), "0".to_owned());
+            m.insert("engine".to_owned(), rank.to_string());
             m
         };
-        let registry = Registry::new();
+        let registry = registry.clone();
         let gauge = |name: &str, help: &str| Gauge::with_opts(Opts::new(name, help).const_labels(labels()));
         let counter = |name: &str, help: &str| IntCounter::with_opts(Opts::new(name, help).const_labels(labels()));
         let hist = |name: &str, help: &str, b: &[f64]| {
@@ -77,7 +89,7 @@ impl EngineMetrics {
                 .const_label("block_size", block_size.to_string())
                 .const_label("num_gpu_blocks", num_gpu_blocks.to_string())
                 .const_label("enable_prefix_caching", "True")
-                .const_label("engine", "0"),
+                .const_label("engine", rank.to_string()),
         )?;
         info.set(1.0);
         m.registry.register(Box::new(info))?;

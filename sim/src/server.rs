@@ -12,7 +12,7 @@ use crate::api::{self, AppState};
 use crate::engine::{CoreConfig, EngineCore};
 use crate::error::SimError;
 use crate::filler::Filler;
-use crate::kv_events::KvPublisher;
+use crate::kv_events::{self, KvPublisher};
 use crate::metrics::EngineMetrics;
 use crate::runner::Runner;
 use crate::EngineConfig;
@@ -119,64 +119,85 @@ impl EngineSim {
         }
         let max_model_len = cfg.max_model_len.unwrap_or_else(|| tokenizer.max_model_len());
         let filler = Filler::new(&tokenizer, cfg.seed);
-        let metrics = Arc::new(
-            EngineMetrics::new(&cfg.model, cfg.block_size, cfg.num_gpu_blocks)
-                .map_err(|e| SimError::Config(format!("metrics: {e}")))?,
-        );
-        let output_filler = filler.clone();
-        let core = EngineCore::new(
-            CoreConfig {
-                block_size: cfg.block_size,
-                num_gpu_blocks: cfg.num_gpu_blocks,
-                max_num_seqs: cfg.max_num_seqs,
-                max_num_batched_tokens: cfg.max_num_batched_tokens,
-                enable_prefix_caching: cfg.enable_prefix_caching,
-                hash_seed: cfg.hash_seed.unwrap_or_else(rand::random),
-                timing: cfg.timing.clone(),
-                num_cpu_blocks: cfg.cpu_offload_blocks,
-                cpu_load_ms_per_token: cfg.cpu_load_ms_per_token(),
-            },
-            move |seed, i| output_filler.token(seed, i),
-        );
-        let publisher = match kv_events_addr {
-            Some(a) => {
-                let p = KvPublisher::bind(&zmq_endpoint(a), &cfg.kv_events_topic).await?;
-                match replay_addr {
-                    Some(r) => Some(p.with_replay(&zmq_endpoint(r), cfg.kv_events_buffer_steps).await?),
-                    None => Some(p),
+        let registry = prometheus::Registry::new();
+        let hash_seed = cfg.hash_seed.unwrap_or_else(rand::random);
+        let cancel = cancel.child_token();
+        let tasks = TaskTracker::new();
+        let mut ranks = Vec::new();
+        let (mut kv_events_endpoint, mut kv_events_replay_endpoint) = (None, None);
+        for rank in 0..cfg.data_parallel_size {
+            let metrics = Arc::new(
+                EngineMetrics::for_rank(&registry, rank, &cfg.model, cfg.block_size, cfg.num_gpu_blocks)
+                    .map_err(|e| SimError::Config(format!("metrics: {e}")))?,
+            );
+            let output_filler = filler.clone();
+            let core = EngineCore::new(
+                CoreConfig {
+                    block_size: cfg.block_size,
+                    num_gpu_blocks: cfg.num_gpu_blocks,
+                    max_num_seqs: cfg.max_num_seqs,
+                    max_num_batched_tokens: cfg.max_num_batched_tokens,
+                    enable_prefix_caching: cfg.enable_prefix_caching,
+                    hash_seed,
+                    timing: cfg.timing.clone(),
+                    num_cpu_blocks: cfg.cpu_offload_blocks,
+                    cpu_load_ms_per_token: cfg.cpu_load_ms_per_token(),
+                },
+                move |seed, i| output_filler.token(seed, i),
+            );
+            // Rank 0 binds what was asked (a port of 0 picks one); rank r the port after it by r,
+            // as vLLM's publisher offsets its endpoints.
+            let at = |asked: Option<&str>, bound: &Option<String>| -> Result<Option<String>, SimError> {
+                match (asked, bound) {
+                    (None, _) => Ok(None),
+                    (Some(a), None) => Ok(Some(zmq_endpoint(a))),
+                    (Some(_), Some(first)) => kv_events::offset_endpoint_port(first, rank).map(Some).ok_or_else(|| {
+                        SimError::Config(format!("no endpoint for data-parallel rank {rank} after {first}"))
+                    }),
                 }
+            };
+            let publisher = match at(kv_events_addr, &kv_events_endpoint)? {
+                Some(a) => {
+                    let p = KvPublisher::bind(&a, &cfg.kv_events_topic).await?.with_rank(rank, cfg.data_parallel_size);
+                    match at(replay_addr, &kv_events_replay_endpoint)? {
+                        Some(r) => Some(p.with_replay(&r, cfg.kv_events_buffer_steps).await?),
+                        None => Some(p),
+                    }
+                }
+                None => None,
+            };
+            if rank == 0 {
+                kv_events_endpoint = publisher.as_ref().map(|p| p.endpoint.clone());
+                kv_events_replay_endpoint = publisher.as_ref().and_then(|p| p.replay_endpoint.clone());
             }
-            None => None,
-        };
-        let kv_events_endpoint = publisher.as_ref().map(|p| p.endpoint.clone());
-        let kv_events_replay_endpoint = publisher.as_ref().and_then(|p| p.replay_endpoint.clone());
+            let (runner, handle, kv_rx) = Runner::new(core, metrics.clone(), cfg.time_scale, publisher.is_some());
+            tasks.spawn(runner.run(cancel.clone()));
+            if let (Some(p), Some(rx)) = (publisher, kv_rx) {
+                tasks.spawn(p.run(rx, cancel.clone()));
+            }
+            ranks.push(api::Rank { engine: handle, metrics });
+        }
         let listener = tokio::net::TcpListener::bind(http_addr)
             .await
             .map_err(|source| SimError::BindHttp { addr: http_addr.to_owned(), source })?;
         let local =
             listener.local_addr().map_err(|source| SimError::BindHttp { addr: http_addr.to_owned(), source })?;
 
-        let cancel = cancel.child_token();
-        let tasks = TaskTracker::new();
-        let (runner, handle, kv_rx) = Runner::new(core, metrics.clone(), cfg.time_scale, publisher.is_some());
-        tasks.spawn(runner.run(cancel.clone()));
-        if let (Some(p), Some(rx)) = (publisher, kv_rx) {
-            tasks.spawn(p.run(rx, cancel.clone()));
-        }
         let state = Arc::new(AppState {
             kv_capacity_tokens: cfg.num_gpu_blocks as u64 * cfg.block_size as u64,
             created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
             cfg: cfg.clone(),
             tokenizer,
             filler,
-            engine: handle.clone(),
-            metrics,
+            ranks,
+            next_rank: Default::default(),
             max_model_len,
             http_addr: local,
             engine_id: format!("kvmesh-sim-{:016x}", rand::random::<u64>()),
             offers: crate::nixl::Offers::default(),
             client: reqwest::Client::builder().no_proxy().build().unwrap_or_default(),
         });
+        let engine = state.ranks[0].engine.clone();
         let app = api::router(state);
         let shutdown = cancel.clone();
         tasks.spawn(async move {
@@ -202,7 +223,7 @@ impl EngineSim {
             kv_events_endpoint,
             kv_events_replay_endpoint,
             model: cfg.model,
-            engine: handle,
+            engine,
             cancel,
             tasks,
         })

@@ -144,6 +144,7 @@ async fn overhead(a: OverheadArgs) -> Result<(), NodeError> {
             kv_events_replay: None,
             api_key: None,
             role: Default::default(),
+            data_parallel_size: 1,
         }],
         ..Config::default()
     };

@@ -200,6 +200,7 @@ async fn setup(policy: &str, n: usize, cancel: &CancellationToken) -> Result<Set
                     kv_events_replay: None,
                     api_key: None,
                     role: Default::default(),
+                    data_parallel_size: 1,
                 })
                 .collect(),
             ..Config::default()

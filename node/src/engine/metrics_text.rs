@@ -19,6 +19,13 @@ pub struct EngineLoad {
 /// Parses Prometheus text exposition. Lines that do not parse are skipped: a scrape is best
 /// effort, and an engine adding metrics must not break routing.
 pub fn parse(text: &str) -> EngineLoad {
+    parse_rank(text, None)
+}
+
+/// As `parse`, keeping only data-parallel rank `rank`'s series (vLLM labels them
+/// `engine="{rank}"`); series without the label count for every rank.
+pub fn parse_rank(text: &str, rank: Option<u32>) -> EngineLoad {
+    let rank = rank.map(|r| r.to_string());
     let mut load = EngineLoad::default();
     let mut kv_usage_series = 0u32;
     for line in text.lines() {
@@ -29,6 +36,11 @@ pub fn parse(text: &str) -> EngineLoad {
         let Some((name, labels, value)) = split_sample(line) else {
             continue;
         };
+        if let (Some(want), Some(got)) = (&rank, label(labels, "engine")) {
+            if got != want {
+                continue;
+            }
+        }
         match name {
             "vllm:num_requests_running" => load.running += value,
             "vllm:num_requests_waiting" => load.waiting += value,
@@ -134,6 +146,11 @@ vllm:time_to_first_token_seconds_bucket{le="+Inf",model_name="m"} 7
     fn sums_ranks() {
         let l = parse("vllm:num_requests_running{engine=\"0\"} 1\nvllm:num_requests_running{engine=\"1\"} 2\n");
         assert_eq!(l.running, 3.0);
+        let text = "vllm:num_requests_running{engine=\"0\"} 1\nvllm:num_requests_running{engine=\"1\"} 2\n\
+                    vllm:cache_config_info{block_size=\"16\",engine=\"1\"} 1\n";
+        let r1 = parse_rank(text, Some(1));
+        assert_eq!((r1.running, r1.block_size), (2.0, Some(16)), "one rank's series only");
+        assert_eq!(parse_rank(text, Some(0)).running, 1.0);
     }
 
     proptest! {

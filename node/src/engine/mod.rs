@@ -103,6 +103,9 @@ pub struct Engine {
     pub kv_events_replay: Option<String>,
     pub api_key: Option<String>,
     pub role: kvmesh_policy::pd::Role,
+    /// The data-parallel rank this engine is, of an engine with several
+    /// (`EngineEntry::data_parallel_size`).
+    pub dp_rank: Option<u32>,
     /// Requests this node has open on the engine.
     pub in_flight: Arc<AtomicU32>,
     pub view: RwLock<EngineView>,
@@ -162,19 +165,33 @@ impl EngineSet {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// One engine per entry, and per data-parallel rank of an entry with several.
     pub fn new(entries: &[EngineEntry], cfg: &Config, client: reqwest::Client) -> Self {
-        let engines = entries
-            .iter()
+        let ranks = entries.iter().enumerate().flat_map(|(i, e)| {
+            let n = e.data_parallel_size.max(1);
+            (0..n).map(move |r| (i, e, (n > 1).then_some(r)))
+        });
+        let engines = ranks
             .enumerate()
-            .map(|(i, e)| {
+            .map(|(index, (i, e, dp_rank))| {
+                let name = e.name.clone().unwrap_or_else(|| format!("engine-{i}"));
+                let offset = |ep: &Option<String>| match dp_rank {
+                    // Validated at start: every rank has its endpoint.
+                    Some(r) => ep.as_deref().and_then(|ep| kvmesh_sim::kv_events::offset_endpoint_port(ep, r)),
+                    None => ep.clone(),
+                };
                 Arc::new(Engine {
-                    index: i,
-                    name: e.name.clone().unwrap_or_else(|| format!("engine-{i}")),
+                    index,
+                    name: match dp_rank {
+                        Some(r) => format!("{name}-dp{r}"),
+                        None => name,
+                    },
                     url: e.url.trim_end_matches('/').to_owned(),
-                    kv_events: e.kv_events.clone(),
-                    kv_events_replay: e.kv_events_replay.clone(),
+                    kv_events: offset(&e.kv_events),
+                    kv_events_replay: offset(&e.kv_events_replay),
                     api_key: e.api_key.clone(),
                     role: e.role,
+                    dp_rank,
                     in_flight: Arc::new(AtomicU32::new(0)),
                     view: RwLock::new(EngineView::default()),
                     kv: KvEventStats::new(),
@@ -261,7 +278,7 @@ async fn poll_once(client: &reqwest::Client, e: &Engine, timeout: Duration) {
         }
         let m = get("/metrics").await.map_err(|err| err.to_string())?;
         let text = m.text().await.map_err(|err| err.to_string())?;
-        Ok::<_, String>(metrics_text::parse(&text))
+        Ok::<_, String>(metrics_text::parse_rank(&text, e.dp_rank))
     };
     let result = health.await;
     // Models rarely change; read them until known, then on every tenth poll.

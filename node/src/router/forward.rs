@@ -67,6 +67,10 @@ impl Router {
         if let Some(k) = &engine.api_key {
             rb = rb.bearer_auth(k);
         }
+        if let Some(rank) = engine.dp_rank {
+            // vLLM serves the request on this rank, whose cache the pick was made against.
+            rb = rb.header("x-data-parallel-rank", rank.to_string());
+        }
         let resp = match tokio::time::timeout(self.s.first_byte_timeout, rb.send()).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {

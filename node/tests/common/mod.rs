@@ -36,7 +36,15 @@ pub fn node_config(engines: Vec<EngineEntry>) -> Config {
 }
 
 pub fn entry(url: String) -> EngineEntry {
-    EngineEntry { url, name: None, kv_events: None, kv_events_replay: None, api_key: None, role: Default::default() }
+    EngineEntry {
+        url,
+        name: None,
+        kv_events: None,
+        kv_events_replay: None,
+        api_key: None,
+        role: Default::default(),
+        data_parallel_size: 1,
+    }
 }
 
 /// An engine simulator as a named engine with its KV events.
