@@ -39,7 +39,21 @@ struct ModelTokenizer {
     max_model_len: Option<u32>,
     /// Resident memory the model's tokenizers added when loaded (Linux RSS delta).
     loaded_bytes: u64,
+    /// Prompts of this model whose chat template did not render here (the engine's own render
+    /// decides; they were routed by approximate keys), and the last reason, which names the
+    /// template construct.
+    render_failures: Arc<RenderFailures>,
 }
+
+/// Prompts a model's template failed to render, and the last error (bounded).
+#[derive(Debug, Default)]
+struct RenderFailures {
+    count: std::sync::atomic::AtomicU64,
+    last: Mutex<Option<String>>,
+}
+
+/// Longest render error kept for the status.
+const MAX_RENDER_ERROR_CHARS: usize = 300;
 
 pub struct Tokenizers {
     by_model: HashMap<String, ModelTokenizer>,
@@ -55,7 +69,12 @@ pub struct Tokenizers {
 #[derive(Debug, Serialize)]
 pub struct TokenizerStatus {
     pub model: String,
+    /// `exact`, or `exact_with_render_failures` when some prompts did not render here: those
+    /// were routed by approximate keys, never by wrong exact ones.
     pub mode: &'static str,
+    pub render_failures: u64,
+    /// The last render error, naming the template construct that failed.
+    pub last_render_error: Option<String>,
     pub encoder: EncoderReport,
     pub max_model_len: Option<u32>,
     pub loaded_bytes: u64,
@@ -114,7 +133,12 @@ impl Tokenizers {
             .iter()
             .map(|(model, t)| TokenizerStatus {
                 model: model.clone(),
-                mode: "exact",
+                mode: match t.render_failures.count.load(Ordering::Relaxed) {
+                    0 => "exact",
+                    _ => "exact_with_render_failures",
+                },
+                render_failures: t.render_failures.count.load(Ordering::Relaxed),
+                last_render_error: t.render_failures.last.lock().ok().and_then(|l| l.clone()),
                 encoder: t.encoder.report().clone(),
                 max_model_len: self.max_model_len(model),
                 loaded_bytes: t.loaded_bytes,
@@ -219,7 +243,15 @@ impl Tokenizers {
             }
             Err(e) => {
                 count("failed");
-                tracing::debug!(error = %e, "prompt did not tokenize; routing by load");
+                let failures = &t.render_failures;
+                let why: String = e.to_string().chars().take(MAX_RENDER_ERROR_CHARS).collect();
+                if failures.count.fetch_add(1, Ordering::Relaxed) == 0 {
+                    // Once per model: the status keeps the count and the latest reason.
+                    tracing::warn!(model, error = %why, "a prompt did not render with this node's chat template; such prompts are routed by approximate keys (see /v1/mesh/status tokenizers)");
+                }
+                if let Ok(mut last) = failures.last.lock() {
+                    *last = Some(why);
+                }
                 Ok(None)
             }
         }
@@ -293,7 +325,12 @@ fn load_all(cfg: &Config, served: &[String]) -> Result<HashMap<String, ModelToke
     let loaded_bytes = resident_bytes().saturating_sub(before);
     by_model.insert(
         cfg.embedded.model.clone(),
-        ModelTokenizer { encoder: Arc::new(builtin), max_model_len: None, loaded_bytes },
+        ModelTokenizer {
+            encoder: Arc::new(builtin),
+            max_model_len: None,
+            loaded_bytes,
+            render_failures: Arc::default(),
+        },
     );
     for m in &cfg.models {
         let before = resident_bytes();
@@ -308,7 +345,10 @@ fn load_all(cfg: &Config, served: &[String]) -> Result<HashMap<String, ModelToke
             tracing::warn!(model = %m.name, "{note}");
         }
         tracing::info!(model = %m.name, fast = r.fast_encoder, segment_cache = r.segment_cache, loaded_mb = loaded_bytes >> 20, "tokenizer ready");
-        by_model.insert(m.name.clone(), ModelTokenizer { encoder: Arc::new(encoder), max_model_len, loaded_bytes });
+        by_model.insert(
+            m.name.clone(),
+            ModelTokenizer { encoder: Arc::new(encoder), max_model_len, loaded_bytes, render_failures: Arc::default() },
+        );
     }
     // Served models with no tokenizer configured: a local Hugging Face cache may hold theirs
     // (never downloaded here). One that does not load stays approximate, with a warning.
@@ -321,7 +361,12 @@ fn load_all(cfg: &Config, served: &[String]) -> Result<HashMap<String, ModelToke
                 tracing::info!(model = %model, dir = %dir.display(), "tokenizer found in the Hugging Face cache");
                 by_model.insert(
                     model.clone(),
-                    ModelTokenizer { encoder: Arc::new(encoder), max_model_len: None, loaded_bytes: 0 },
+                    ModelTokenizer {
+                        encoder: Arc::new(encoder),
+                        max_model_len: None,
+                        loaded_bytes: 0,
+                        render_failures: Arc::default(),
+                    },
                 );
             }
             Err(e) => {

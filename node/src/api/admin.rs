@@ -123,7 +123,9 @@ async fn status(State(pipeline): State<Arc<Pipeline>>) -> Response {
         .iter()
         .map(|m| {
             let a = agreement.get(m).copied().unwrap_or_default();
-            let matching = match (p.tokenizers().has(m), a.length_mismatches) {
+            // An adapter or alias is tokenized with its base model's tokenizer.
+            let tokenized = p.tokenizers().has(m) || p.tokenizers().has(&p.key_space(m).base_name);
+            let matching = match (tokenized, a.length_mismatches) {
                 (false, _) => "approximate",
                 (true, 0) => "exact",
                 (true, _) => "exact_disagreeing",
