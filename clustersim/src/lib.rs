@@ -332,6 +332,13 @@ pub struct EdgeStats {
 pub fn run_all(cfg: &ClusterConfig, mut progress: impl FnMut(&Row)) -> Result<Vec<Row>, SimError> {
     cfg.validate()?;
     let workload = Workload::load(&cfg.workload)?;
+    if matches!(workload, Workload::Agentic(_)) {
+        return Err(SimError::Cluster(
+            "the cluster simulator does not model the agentic workload (its prompts are tools and messages rendered by \
+             a chat template); run it on real nodes with `kvmesh bench routing`"
+                .into(),
+        ));
+    }
     let mut rows = Vec::new();
     for &n in &cfg.nodes {
         for &r in &cfg.rates_per_engine {

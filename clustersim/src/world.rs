@@ -651,7 +651,8 @@ impl<'a> World<'a> {
                     .collect();
                 (p, w.output_tokens as usize)
             }
-            Workload::MultiTurn(_) => return,
+            // Refused by `run_all`: its prompts need a chat template's rendering.
+            Workload::MultiTurn(_) | Workload::Agentic(_) => return,
         };
         let origin = self.entry();
         self.submit(origin, prompt, output_len, None, self.now, None);

@@ -47,6 +47,34 @@ pub struct MultiTurn {
     pub slo: Slo,
 }
 
+/// Tool-using agents (coding agents, tool-calling chat): each run sends the agent's tool
+/// definitions (several KB of JSON schema, one of a few tool sets) with a system prompt and a
+/// task, then `steps` rounds of the model calling a tool (its reply becomes an assistant
+/// `tool_calls` message) and the tool's result coming back as a `tool` message, every round
+/// resending the whole history. Rendered by a real model's chat template, so the tools sit in
+/// the prompt where the template puts them.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Agentic {
+    /// Agent runs, started as a Poisson process at rate / steps (at most this many).
+    pub agents: usize,
+    /// Distinct tool sets; an agent uses one (agents of one product share theirs).
+    pub toolsets: usize,
+    /// Tools per set, and the size of each tool's description.
+    pub tools_per_set: usize,
+    pub tool_description_tokens: usize,
+    pub system_prompt_tokens: usize,
+    pub task_tokens: Dist,
+    /// Tool-call rounds per run.
+    pub steps: usize,
+    /// A tool's result (a file read, a search's hits).
+    pub tool_result_tokens: Dist,
+    /// The model's output per round (the call's arguments).
+    pub output_tokens: Dist,
+    /// Time the tool takes between the model's call and the next round.
+    pub tool_time_s: Dist,
+    pub slo: Slo,
+}
+
 /// A workload number: fixed, or normal with a mean and standard deviation.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -82,6 +110,7 @@ pub enum Workload {
     SharedPrefix(SharedPrefix),
     MultiTurn(MultiTurn),
     LongPrompt(LongPrompt),
+    Agentic(Agentic),
 }
 
 impl Workload {
@@ -104,9 +133,10 @@ impl Workload {
             "shared-prefix" => Workload::SharedPrefix(toml::from_str(text).map_err(e)?),
             "multi-turn-chat" => Workload::MultiTurn(toml::from_str(text).map_err(e)?),
             "long-prompt" => Workload::LongPrompt(toml::from_str(text).map_err(e)?),
+            "agentic" => Workload::Agentic(toml::from_str(text).map_err(e)?),
             other => {
                 return Err(format!(
-                    "`name = \"{other}\"`: known workloads are shared-prefix, multi-turn-chat and long-prompt"
+                    "`name = \"{other}\"`: known workloads are shared-prefix, multi-turn-chat, long-prompt and agentic"
                 ))
             }
         })
@@ -117,6 +147,7 @@ impl Workload {
             Workload::SharedPrefix(w) => &w.slo,
             Workload::MultiTurn(w) => &w.slo,
             Workload::LongPrompt(w) => &w.slo,
+            Workload::Agentic(w) => &w.slo,
         }
     }
 
@@ -144,6 +175,22 @@ impl Workload {
                 w.shared_prefix_tokens,
                 w.output_tokens
             ),
+            Workload::Agentic(w) => format!(
+                "`agentic`: agent runs of {} tool-call rounds; {} tool sets of {} tools with ~{}-token descriptions \
+                 (sent as `tools`), a {}-token system prompt, ~{:.0}-token tasks, ~{:.0}-token calls and ~{:.0}-token \
+                 tool results kept in the history, ~{:.1} s per tool; runs start at rate / {} (at most {})",
+                w.steps,
+                w.toolsets,
+                w.tools_per_set,
+                w.tool_description_tokens,
+                w.system_prompt_tokens,
+                w.task_tokens.mean(),
+                w.output_tokens.mean(),
+                w.tool_result_tokens.mean(),
+                w.tool_time_s.mean(),
+                w.steps,
+                w.agents
+            ),
         }
     }
 }
@@ -154,7 +201,7 @@ mod tests {
 
     #[test]
     fn the_repository_workloads_parse() {
-        for f in ["shared-prefix", "multi-turn-chat", "long-prompt"] {
+        for f in ["shared-prefix", "multi-turn-chat", "long-prompt", "agentic"] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/workloads/{f}.toml"));
             Workload::load(&path).unwrap_or_else(|e| panic!("{f}: {e}"));
         }

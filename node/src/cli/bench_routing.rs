@@ -14,7 +14,11 @@
 //! - `shared-prefix`: groups sharing a long prefix, each request a new question;
 //! - `multi-turn-chat`: conversations start as a Poisson process at rate / turns; each turn
 //!   resends the whole history (shared system prompt, earlier turns and the engine's actual
-//!   replies) after a think time, to a node picked at random each turn.
+//!   replies) after a think time, to a node picked at random each turn;
+//! - `agentic`: agent runs start at rate / steps; each round sends the agent's `tools` and the
+//!   run so far (assistant `tool_calls` carrying the engine's actual replies, `tool` results),
+//!   rendered on the nodes and the engines alike by a real model's chat template
+//!   (`--chat-template`, Qwen3-Coder's by default) over the built-in vocabulary.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,11 +31,11 @@ use serde_json::json;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use kvmesh_node::config::{Config, EngineEntry, RoutingPolicy};
+use kvmesh_node::config::{Config, EngineEntry, ModelEntry, RoutingPolicy};
 use kvmesh_node::NodeError;
 use kvmesh_node::{Node, RunningNode};
 use kvmesh_policy::tokenize::ModelTokenizer;
-use kvmesh_sim::workload::{LongPrompt, MultiTurn, SharedPrefix, Slo, Workload};
+use kvmesh_sim::workload::{Agentic, LongPrompt, MultiTurn, SharedPrefix, Slo, Workload};
 use kvmesh_sim::{EngineConfig, EngineSim, RunningEngine};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -62,6 +66,41 @@ pub struct RoutingArgs {
     /// BENCHMARKS.md section to write (default: by workload).
     #[arg(long)]
     pub section: Option<String>,
+    /// Chat template the nodes and engines render prompts with (a model's Jinja file), over
+    /// the built-in vocabulary. Default: the built-in template, except for the agentic workload,
+    /// which uses Qwen3-Coder's tool-calling template from the parity fixtures.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+}
+
+/// Qwen3-Coder's tool-calling chat template (the tools' schemas in the system turn, calls as
+/// `<tool_call>` blocks with each argument, results as `<tool_response>`), from the parity
+/// fixtures (`policy/tests/fixtures/templates/SOURCES.md` gives its source and license).
+const AGENTIC_TEMPLATE: &str = "policy/tests/fixtures/templates/qwen3-coder.jinja";
+
+/// A tokenizer directory: the built-in vocabulary with `template` as its chat template.
+fn tokenizer_with_template(template: &std::path::Path) -> Result<tempfile::TempDir, NodeError> {
+    let jinja = std::fs::read_to_string(template)
+        .map_err(|e| err(format!("chat template {}: {e} (run from the repository root)", template.display())))?;
+    let mut config: serde_json::Value =
+        serde_json::from_slice(kvmesh_policy::tokenize::BUILTIN_TOKENIZER_CONFIG).map_err(err)?;
+    config["chat_template"] = serde_json::Value::String(jinja);
+    let dir = tempfile::tempdir().map_err(err)?;
+    std::fs::write(dir.path().join("tokenizer.json"), kvmesh_policy::tokenize::BUILTIN_TOKENIZER_JSON).map_err(err)?;
+    std::fs::write(dir.path().join("tokenizer_config.json"), serde_json::to_vec(&config).map_err(err)?)
+        .map_err(err)?;
+    Ok(dir)
+}
+
+/// The node's model entry for a tokenizer directory, under the embedded engine's model name.
+fn model_entry(dir: &std::path::Path) -> ModelEntry {
+    ModelEntry {
+        name: EngineConfig::default().model,
+        tokenizer: dir.to_path_buf(),
+        chat_template: None,
+        encoder: Default::default(),
+        max_model_len: None,
+    }
 }
 
 fn err(e: impl std::fmt::Display) -> NodeError {
@@ -111,7 +150,9 @@ async fn one(client: &reqwest::Client, url: &str, body: &serde_json::Value) -> R
     let t0 = Instant::now();
     let r = client.post(format!("{url}/v1/chat/completions")).json(body).send().await.map_err(|e| e.to_string())?;
     if !r.status().is_success() {
-        return Err(format!("status {}", r.status()));
+        let status = r.status();
+        let body: String = r.text().await.unwrap_or_default().chars().take(300).collect();
+        return Err(format!("status {status}: {body}"));
     }
     let mut s = r.bytes_stream();
     let mut buf = Vec::new();
@@ -178,13 +219,19 @@ impl Setup {
     }
 }
 
-async fn setup(policy: &str, n: usize, cancel: &CancellationToken) -> Result<Setup, NodeError> {
+/// `tokenizer`: a tokenizer directory every node and engine uses instead of the built-in one.
+async fn setup(
+    policy: &str,
+    n: usize,
+    tokenizer: Option<&std::path::Path>,
+    cancel: &CancellationToken,
+) -> Result<Setup, NodeError> {
+    let engine_cfg = EngineConfig { tokenizer: tokenizer.map(|t| t.to_path_buf()), ..EngineConfig::default() };
+    let models: Vec<ModelEntry> = tokenizer.map(model_entry).into_iter().collect();
     if policy == "oracle" {
         let mut engines = Vec::new();
         for _ in 0..n {
-            engines.push(
-                EngineSim::start(EngineConfig::default(), "127.0.0.1:0", Some("tcp://127.0.0.1:0"), cancel).await?,
-            );
+            engines.push(EngineSim::start(engine_cfg.clone(), "127.0.0.1:0", Some("tcp://127.0.0.1:0"), cancel).await?);
         }
         let cfg = Config {
             node_name: "oracle".into(),
@@ -203,6 +250,7 @@ async fn setup(policy: &str, n: usize, cancel: &CancellationToken) -> Result<Set
                     data_parallel_size: 1,
                 })
                 .collect(),
+            models: models.clone(),
             ..Config::default()
         };
         let node = Node::start(cfg, cancel).await?;
@@ -237,6 +285,8 @@ async fn setup(policy: &str, n: usize, cancel: &CancellationToken) -> Result<Set
             cluster_id: "bench".into(),
             routing,
             embedded_role: role(i),
+            embedded: engine_cfg.clone(),
+            models: models.clone(),
             ..Config::default()
         };
         let node = Node::start(cfg, cancel).await?;
@@ -265,10 +315,17 @@ fn pct(h: &Histogram<u64>, q: f64) -> f64 {
     }
 }
 
-async fn run_one(policy: &str, rate: f64, a: &RoutingArgs, w: &Workload, tpw: f64) -> Result<Row, NodeError> {
+async fn run_one(
+    policy: &str,
+    rate: f64,
+    a: &RoutingArgs,
+    w: &Workload,
+    tpw: f64,
+    tokenizer: Option<&std::path::Path>,
+) -> Result<Row, NodeError> {
     let cancel = CancellationToken::new();
     let s = if a.entry_urls.is_empty() {
-        setup(policy, a.engines, &cancel).await?
+        setup(policy, a.engines, tokenizer, &cancel).await?
     } else {
         Setup { nodes: Vec::new(), engines: Vec::new(), entry_urls: a.entry_urls.clone(), _dir: None }
     };
@@ -280,6 +337,7 @@ async fn run_one(policy: &str, rate: f64, a: &RoutingArgs, w: &Workload, tpw: f6
         Workload::SharedPrefix(w) => shared_prefix(&s, &client, &samples, rate, a, w, tpw).await,
         Workload::MultiTurn(w) => multi_turn(&s, &client, &samples, rate, a, w, tpw).await,
         Workload::LongPrompt(w) => long_prompt(&s, &client, &samples, rate, a, w, tpw).await,
+        Workload::Agentic(w) => agentic(&s, &client, &samples, rate, a, w, tpw).await,
     }
     // Conversations run past the arrival window; throughput is over the time actually taken.
     let measured_s = start.elapsed().as_secs_f64() - warmup.as_secs_f64();
@@ -393,6 +451,84 @@ async fn multi_turn(
     futures::future::join_all(tasks).await;
 }
 
+/// One tool set: `tools_per_set` functions with descriptions of about
+/// `tool_description_tokens` tokens and a small JSON schema each.
+fn toolset(set: usize, w: &Agentic, tpw: f64) -> serde_json::Value {
+    let tools: Vec<serde_json::Value> = (0..w.tools_per_set)
+        .map(|t| {
+            let seed = 5_000_000 + (set * 100 + t) as u64;
+            json!({"type": "function", "function": {
+                "name": format!("tool_{set}_{t}"),
+                "description": text(seed, w.tool_description_tokens, tpw),
+                "parameters": {"type": "object",
+                               "properties": {"query": {"type": "string", "description": "What to look for."},
+                                              "path": {"type": "string", "description": "Where to look."}},
+                               "required": ["query"]},
+            }})
+        })
+        .collect();
+    serde_json::Value::Array(tools)
+}
+
+async fn agentic(
+    s: &Setup,
+    client: &reqwest::Client,
+    samples: &Arc<Mutex<Vec<Outcome>>>,
+    rate: f64,
+    a: &RoutingArgs,
+    w: &Agentic,
+    tpw: f64,
+) {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let system = Arc::new(text(997, w.system_prompt_tokens, tpw));
+    let toolsets: Arc<Vec<serde_json::Value>> = Arc::new((0..w.toolsets.max(1)).map(|k| toolset(k, w, tpw)).collect());
+    let start = Instant::now();
+    let mut next = Instant::now();
+    let mut tasks = Vec::new();
+    let run_rate = rate / w.steps.max(1) as f64;
+    for agent in 0..w.agents as u64 {
+        let gap = -(1.0 - rng.random::<f64>()).ln() / run_rate;
+        next += Duration::from_secs_f64(gap);
+        if next.duration_since(start).as_secs_f64() >= a.duration_s {
+            break;
+        }
+        tokio::time::sleep_until(next.into()).await;
+        let (client, samples, system, toolsets, w) =
+            (client.clone(), samples.clone(), system.clone(), toolsets.clone(), w.clone());
+        let urls = s.entry_urls.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::SmallRng::seed_from_u64(20_000 + agent);
+            let set = agent as usize % toolsets.len();
+            let task = text(3_000_000 + agent, w.task_tokens.sample(&mut rng, 1.0) as usize, tpw);
+            let mut history = vec![json!({"role": "system", "content": *system}), json!({"role": "user", "content": task})];
+            for step in 0..w.steps as u64 {
+                let body = json!({
+                    "model": "kvmesh-sim", "stream": true, "stream_options": {"include_usage": true},
+                    "max_tokens": w.output_tokens.sample(&mut rng, 1.0) as u32, "ignore_eos": true,
+                    "tools": toolsets[set], "messages": history,
+                });
+                let url = &urls[rng.random_range(0..urls.len())];
+                let sent = Instant::now();
+                let r = one(&client, url, &body).await;
+                let reply = r.as_ref().map(|x| x.reply.clone()).map_err(|_| ());
+                samples.lock().await.push((sent, r));
+                let Ok(reply) = reply else { break };
+                // The engine's reply stands in for the call's arguments; the tool answers.
+                let id = format!("call_{agent}_{step}");
+                let tool = rng.random_range(0..w.tools_per_set.max(1));
+                history.push(json!({"role": "assistant", "content": "", "tool_calls": [{
+                    "id": id, "type": "function",
+                    "function": {"name": format!("tool_{set}_{tool}"), "arguments": json!({"query": reply}).to_string()},
+                }]}));
+                let result = text(4_000_000 + agent * 100 + step, w.tool_result_tokens.sample(&mut rng, 1.0) as usize, tpw);
+                history.push(json!({"role": "tool", "tool_call_id": id, "name": format!("tool_{set}_{tool}"), "content": result}));
+                tokio::time::sleep(Duration::from_secs_f64(w.tool_time_s.sample(&mut rng, 0.0))).await;
+            }
+        }));
+    }
+    futures::future::join_all(tasks).await;
+}
+
 async fn long_prompt(
     s: &Setup,
     client: &reqwest::Client,
@@ -476,10 +612,16 @@ pub async fn run(a: RoutingArgs) -> Result<(), NodeError> {
     let tok = ModelTokenizer::builtin().map_err(err)?;
     let sample = text(1, 2000, 1.0);
     let tpw = tok.encode(&sample, false).map_err(err)?.len() as f64 / sample.split(' ').count() as f64;
+    let template = match (&a.chat_template, &w) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Workload::Agentic(_)) => Some(PathBuf::from(AGENTIC_TEMPLATE)),
+        (None, _) => None,
+    };
+    let tokenizer = template.as_deref().map(tokenizer_with_template).transpose()?;
     let mut rows = Vec::new();
     for rate in &a.rates {
         for p in &a.policies {
-            let r = run_one(p, *rate, &a, &w, tpw).await?;
+            let r = run_one(p, *rate, &a, &w, tpw, tokenizer.as_ref().map(|d| d.path())).await?;
             println!(
                 "{:>12} @ {:>5.1} req/s: TTFT p50/p90/p99 {:.0}/{:.0}/{:.0} ms, hit {:.0}%, goodput {:.1} req/s, {} done, {} failed",
                 r.policy, r.rate, r.ttft[0], r.ttft[1], r.ttft[2], r.hit_rate * 100.0, r.goodput, r.done, r.failed
@@ -499,6 +641,14 @@ pub async fn run(a: RoutingArgs) -> Result<(), NodeError> {
              and the load generator in another",
             a.entry_urls.len()
         )
+    };
+    let setup_note = match &template {
+        Some(t) => format!(
+            "{setup_note}; prompts rendered by nodes and engines alike with the chat template `{}` over the built-in \
+             vocabulary",
+            t.display()
+        ),
+        None => setup_note,
     };
     let itl_slo = w.slo().itl_p99_ms.map(|ms| format!(" and their own inter-token p99 ≤ {ms} ms")).unwrap_or_default();
     let mut md = format!(
@@ -551,6 +701,7 @@ pub async fn run(a: RoutingArgs) -> Result<(), NodeError> {
             }
             Workload::MultiTurn(_) => ("routing-multi-turn", "KV-aware routing on multi-turn chat"),
             Workload::LongPrompt(_) => ("pd", "Prefill/decode disaggregation on long prompts"),
+            Workload::Agentic(_) => ("routing-agentic", "KV-aware routing on tool-using agents"),
         };
         // A named section is one part of a heading written by hand (`scripts/bench-processes.sh`).
         let (section, title) = match a.section.as_deref() {
