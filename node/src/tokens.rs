@@ -471,6 +471,41 @@ mod tests {
     use super::*;
     use kvmesh_policy::request::{self, Endpoint};
 
+    /// A prompt the model's template refuses is routed by approximate keys, and the status says
+    /// so for that model, with the template's own reason.
+    #[tokio::test]
+    async fn a_prompt_that_does_not_render_is_counted_and_named_in_the_status() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer.json"), kvmesh_policy::tokenize::BUILTIN_TOKENIZER_JSON).unwrap();
+        let mut tc: serde_json::Value =
+            serde_json::from_slice(kvmesh_policy::tokenize::BUILTIN_TOKENIZER_CONFIG).unwrap();
+        tc["chat_template"] = serde_json::Value::String(
+            "{% if messages|length > 1 %}{{ raise_exception('one message only') }}{% endif %}{{ messages[0].content }}"
+                .into(),
+        );
+        std::fs::write(dir.path().join("tokenizer_config.json"), tc.to_string()).unwrap();
+        let mut cfg = Config::default();
+        cfg.models = vec![crate::config::ModelEntry {
+            name: "strict".into(),
+            tokenizer: dir.path().to_path_buf(),
+            chat_template: None,
+            encoder: Default::default(),
+            max_model_len: None,
+        }];
+        let metrics = Arc::new(NodeMetrics::new("t").unwrap());
+        let engines = Arc::new(EngineSet::new(&[], &cfg, reqwest::Client::new()));
+        let t = Tokenizers::load(&cfg, metrics, engines).await.unwrap();
+        let one = br#"{"model":"strict","messages":[{"role":"user","content":"hi"}]}"#;
+        let two = br#"{"model":"strict","messages":[{"role":"user","content":"hi"},{"role":"user","content":"again"}]}"#;
+        assert!(t.prompt_ids(&request::parse(Endpoint::Chat, one).unwrap()).await.unwrap().is_some());
+        let strict = |t: &Tokenizers| t.status().into_iter().find(|s| s.model == "strict").unwrap();
+        assert_eq!((strict(&t).mode, strict(&t).render_failures), ("exact", 0));
+        assert!(t.prompt_ids(&request::parse(Endpoint::Chat, two).unwrap()).await.unwrap().is_none());
+        let s = strict(&t);
+        assert_eq!((s.mode, s.render_failures), ("exact_with_render_failures", 1));
+        assert!(s.last_render_error.unwrap().contains("one message only"));
+    }
+
     #[tokio::test]
     async fn full_queue_sheds_with_503() {
         let mut cfg = Config::default();
