@@ -288,7 +288,8 @@ impl Lab {
         let config = format!(
             "gossip_interval_ms = {GOSSIP_INTERVAL_MS}\nphi_threshold = {PHI_THRESHOLD:.1}\n\
              engine_poll_interval_ms = 100\nload_publish_interval_ms = 200\nsummary_interval_ms = 500\n\
-             [embedded]\ntime_scale = 0.02\n"
+             [embedded]\ntime_scale = 0.02\n\
+             [auth]\nopen_admin = true\n"
         );
         std::fs::write(lab.dir.path().join("node.toml"), config).expect("write node.toml");
         lab

@@ -154,6 +154,9 @@ pub struct AuthConfig {
     pub reload_interval_ms: u64,
     /// `/metrics` also needs an admin key (off: Prometheus scrapes without one).
     pub protect_metrics: bool,
+    /// With no keys configured, admin and mesh-debug routes (`/admin/*`, `/v1/mesh/*`) answer
+    /// loopback clients only; this opens them to everyone (a lab or a trusted network).
+    pub open_admin: bool,
 }
 
 impl AuthConfig {

@@ -196,7 +196,8 @@ impl Node {
                 })
             }));
         }
-        let pipeline = Arc::new(Pipeline::new(router.clone(), guard.clone(), cfg.max_body_bytes));
+        let admin_access = crate::request::AdminAccess::of(&cfg.auth);
+        let pipeline = Arc::new(Pipeline::new(router.clone(), guard.clone(), admin_access, cfg.max_body_bytes));
         if let Some(g) = &guard {
             g.spawn_tasks(mesh.clone(), &tasks, &cancel);
         }
@@ -213,6 +214,8 @@ impl Node {
             let listener = listener.tap_io(|tcp| {
                 let _ = tcp.set_nodelay(true);
             });
+            // Each request knows its client's address: admin routes without keys answer loopback only.
+            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
             let served = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "HTTP server failed");

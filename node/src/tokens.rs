@@ -496,7 +496,8 @@ mod tests {
         let engines = Arc::new(EngineSet::new(&[], &cfg, reqwest::Client::new()));
         let t = Tokenizers::load(&cfg, metrics, engines).await.unwrap();
         let one = br#"{"model":"strict","messages":[{"role":"user","content":"hi"}]}"#;
-        let two = br#"{"model":"strict","messages":[{"role":"user","content":"hi"},{"role":"user","content":"again"}]}"#;
+        let two =
+            br#"{"model":"strict","messages":[{"role":"user","content":"hi"},{"role":"user","content":"again"}]}"#;
         assert!(t.prompt_ids(&request::parse(Endpoint::Chat, one).unwrap()).await.unwrap().is_some());
         let strict = |t: &Tokenizers| t.status().into_iter().find(|s| s.model == "strict").unwrap();
         assert_eq!((strict(&t).mode, strict(&t).render_failures), ("exact", 0));

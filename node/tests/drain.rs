@@ -78,7 +78,10 @@ async fn drain_refuses_new_requests_while_the_open_stream_completes() {
     }
     let health = reqwest::get(format!("{url}/health")).await.unwrap();
     assert_eq!(health.status(), 503);
-    assert_eq!(health.json::<Value>().await.unwrap()["status"], "draining");
+    let health: Value = health.json().await.unwrap();
+    assert_eq!(health["status"], "draining");
+    // Whoever probes learns health, not engine addresses or errors (those are in the status).
+    assert!(health["engines"][0].get("url").is_none() && health["engines"][0].get("error").is_none(), "{health}");
     let status: Value = reqwest::get(format!("{url}/v1/mesh/status")).await.unwrap().json().await.unwrap();
     assert_eq!(status["draining"], true);
     assert_eq!(scrape(&url, "kvmesh_draining").await, 1.0);
@@ -164,4 +167,51 @@ async fn a_drained_node_leaves_the_mesh_and_peers_serve_without_it() {
     }
     b.shutdown().await;
     a.shutdown().await;
+}
+
+/// Without keys, the admin routes answer loopback clients only (`[auth] open_admin` opens them);
+/// a drained node outside a mesh takes requests again after `DELETE /admin/drain`.
+#[tokio::test]
+async fn admin_routes_are_closed_to_remote_clients_and_a_drain_can_be_undone() {
+    let e = engine(fast_engine(), false).await;
+    // Listen on every address, so the node can be reached other than by loopback.
+    let mut cfg = node_config(vec![entry(e.url())]);
+    cfg.http_addr = "0.0.0.0:0".into();
+    let n = node(cfg).await;
+    let port = n.http_addr.port();
+    let client = reqwest::Client::new();
+    // The host's own non-loopback address, when it has one.
+    let far = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("10.255.255.1:9").map(|_| s))
+        .and_then(|s| s.local_addr())
+        .map(|a| a.ip())
+        .ok()
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified());
+    if let Some(ip) = far {
+        for (method, path) in [("POST", "/admin/drain"), ("GET", "/v1/mesh/status"), ("GET", "/v1/mesh/peers")] {
+            let r = client.request(method.parse().unwrap(), format!("http://{ip}:{port}{path}")).send().await.unwrap();
+            assert_eq!(r.status(), 403, "{method} {path} from {ip}");
+            let v: Value = r.json().await.unwrap();
+            assert_openai_error(&v);
+            assert_eq!(v["error"]["code"], "admin_disabled");
+        }
+        // Serving is unaffected: the remote client's request is answered.
+        let (s, _, _) = post(&format!("http://{ip}:{port}"), &chat("hi", json!({"max_tokens": 1}))).await;
+        assert_eq!(s, 200);
+    } else {
+        assert!(std::env::var_os("CI").is_none(), "CI runs this with a non-loopback address");
+        eprintln!("no non-loopback address on this host: the remote half of this test did not run");
+    }
+    let url = n.url();
+    let d: Value = client.post(format!("{url}/admin/drain")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(d["draining"], true);
+    let (s, _, _) = post(&url, &chat("hi", json!({"max_tokens": 1}))).await;
+    assert_eq!(s, 503);
+    let u: Value = client.delete(format!("{url}/admin/drain")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(u["was_draining"], true, "{u}");
+    let (s, _, _) = post(&url, &chat("hi", json!({"max_tokens": 1}))).await;
+    assert_eq!(s, 200);
+    assert_eq!(scrape(&url, "kvmesh_draining").await, 0.0);
+    n.shutdown().await;
+    e.shutdown().await;
 }

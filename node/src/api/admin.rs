@@ -3,7 +3,9 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,7 +15,7 @@ use serde_json::json;
 
 use super::mesh_models;
 use crate::reply::error_response;
-use crate::request::Pipeline;
+use crate::request::{AdminAccess, Pipeline};
 
 pub(super) fn router(p: Arc<Pipeline>) -> Router<Arc<Pipeline>> {
     Router::new()
@@ -21,16 +23,39 @@ pub(super) fn router(p: Arc<Pipeline>) -> Router<Arc<Pipeline>> {
         .route("/v1/mesh/status", get(status))
         .route("/admin/keys/reload", post(reload_keys))
         .route("/admin/reload", post(reload))
-        .route("/admin/drain", post(drain))
+        .route("/admin/drain", post(drain).delete(undrain))
         .route_layer(middleware::from_fn_with_state(p, require_admin))
 }
 
-/// The one authorization check for every route here: the admin key when keys are configured.
+/// The one authorization check for every route here: the admin key when keys are configured;
+/// without keys, the client's address (loopback only, unless `[auth] open_admin`).
 async fn require_admin(State(p): State<Arc<Pipeline>>, req: Request, next: Next) -> Response {
+    let client = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    if !admin_allowed(p.admin_access, client) {
+        return error_response(&admin_closed());
+    }
     if let Some(Err(denied)) = p.guard.as_ref().map(|g| g.check_admin(req.headers())) {
         return error_response(&denied);
     }
     next.run(req).await
+}
+
+/// Whether a client at `client` may pass the address check (the admin key is checked after).
+fn admin_allowed(access: AdminAccess, client: Option<IpAddr>) -> bool {
+    match access {
+        AdminAccess::AdminKey | AdminAccess::Open => true,
+        AdminAccess::Loopback => client.is_some_and(|ip| ip.is_loopback()),
+    }
+}
+
+fn admin_closed() -> ApiError {
+    ApiError::new(
+        axum::http::StatusCode::FORBIDDEN,
+        "permission_error",
+        "Admin routes answer only loopback clients while no API keys are configured: configure an admin key \
+         ([auth] keys with admin = true) or set [auth] open_admin = true.",
+    )
+    .with_code("admin_disabled")
 }
 
 /// The live members of the mesh as this node sees them, itself included.
@@ -99,7 +124,9 @@ async fn status(State(pipeline): State<Arc<Pipeline>>) -> Response {
             let v = e.snapshot();
             json!({
                 "name": e.name,
+                "url": e.url,
                 "healthy": v.healthy,
+                "error": v.last_error,
                 "models": v.models,
                 "running": v.load.running,
                 "waiting": v.load.waiting,
@@ -163,8 +190,8 @@ async fn status(State(pipeline): State<Arc<Pipeline>>) -> Response {
 /// Drains this node: new requests (clients' and peers') get a retryable 503 `draining`,
 /// `/health` turns 503, the node leaves gossip (answered once peers have had a few rounds to
 /// hear it), and open requests run to their end. The process keeps running until stopped
-/// (SIGTERM then exits at once if nothing is open); there is no undrain short of a restart.
-///
+/// (SIGTERM then exits at once if nothing is open). `DELETE /admin/drain` undoes it on a node
+/// outside a mesh; a meshed node left gossip and is restarted to rejoin.
 async fn drain(State(p): State<Arc<Pipeline>>) -> Response {
     let p = &p.router;
     let first = p.start_draining();
@@ -179,4 +206,38 @@ async fn drain(State(p): State<Arc<Pipeline>>) -> Response {
         "open_requests": p.open_requests(),
     }))
     .into_response()
+}
+
+/// Ends a drain: the node takes requests again. A node that left its mesh when it drained
+/// cannot rejoin gossip in place (409: restart it).
+async fn undrain(State(p): State<Arc<Pipeline>>) -> Response {
+    let p = &p.router;
+    if p.mesh().is_some() && p.is_draining() {
+        return error_response(
+            &ApiError::new(
+                axum::http::StatusCode::CONFLICT,
+                "invalid_request_error",
+                "This node left its mesh when it drained; restart it to rejoin.",
+            )
+            .with_code("left_mesh"),
+        );
+    }
+    let was = p.stop_draining();
+    Json(json!({"node": p.node_name, "draining": false, "was_draining": was})).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_keys_admin_routes_answer_loopback_only() {
+        let (lo, far) = (Some("127.0.0.1".parse().unwrap()), Some("10.0.0.1".parse().unwrap()));
+        assert!(admin_allowed(AdminAccess::Loopback, lo));
+        assert!(admin_allowed(AdminAccess::Loopback, Some("::1".parse().unwrap())));
+        assert!(!admin_allowed(AdminAccess::Loopback, far));
+        assert!(!admin_allowed(AdminAccess::Loopback, None), "an unknown client is not loopback");
+        assert!(admin_allowed(AdminAccess::Open, far));
+        assert!(admin_allowed(AdminAccess::AdminKey, far), "the admin key decides then");
+    }
 }

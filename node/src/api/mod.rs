@@ -117,7 +117,8 @@ async fn health(State(p): State<Arc<Pipeline>>) -> Response {
         .iter()
         .map(|e| {
             let v = e.snapshot();
-            json!({"name": e.name, "url": e.url, "healthy": v.healthy, "models": v.models, "error": v.last_error})
+            // Addresses and errors are for admins (`/v1/mesh/status`), not for whoever probes.
+            json!({"name": e.name, "healthy": v.healthy, "models": v.models})
         })
         .collect();
     let can_serve = p.engines.engines.iter().any(|e| e.is_healthy())

@@ -87,8 +87,7 @@ fn tokenizer_with_template(template: &std::path::Path) -> Result<tempfile::TempD
     config["chat_template"] = serde_json::Value::String(jinja);
     let dir = tempfile::tempdir().map_err(err)?;
     std::fs::write(dir.path().join("tokenizer.json"), kvmesh_policy::tokenize::BUILTIN_TOKENIZER_JSON).map_err(err)?;
-    std::fs::write(dir.path().join("tokenizer_config.json"), serde_json::to_vec(&config).map_err(err)?)
-        .map_err(err)?;
+    std::fs::write(dir.path().join("tokenizer_config.json"), serde_json::to_vec(&config).map_err(err)?).map_err(err)?;
     Ok(dir)
 }
 

@@ -32,18 +32,45 @@ use crate::metrics::NodeMetrics;
 use crate::reply::reply_error;
 use crate::router::{Router, Scope};
 
+/// Who may call the admin and mesh-debug routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminAccess {
+    /// Holders of an admin key (keys are configured).
+    AdminKey,
+    /// No keys: clients on loopback only.
+    Loopback,
+    /// No keys, and `[auth] open_admin`: everyone.
+    Open,
+}
+
+impl AdminAccess {
+    pub fn of(auth: &crate::config::AuthConfig) -> Self {
+        match (auth.enabled(), auth.open_admin) {
+            (true, _) => Self::AdminKey,
+            (false, false) => Self::Loopback,
+            (false, true) => Self::Open,
+        }
+    }
+}
+
 pub struct Pipeline {
     pub router: Arc<Router>,
     /// Auth, limits, guardrails and audit; `None` when none is configured.
     pub guard: Option<Arc<Guard>>,
+    pub admin_access: AdminAccess,
     metrics: Arc<NodeMetrics>,
     max_body_bytes: usize,
 }
 
 impl Pipeline {
-    pub fn new(router: Arc<Router>, guard: Option<Arc<Guard>>, max_body_bytes: usize) -> Self {
+    pub fn new(
+        router: Arc<Router>,
+        guard: Option<Arc<Guard>>,
+        admin_access: AdminAccess,
+        max_body_bytes: usize,
+    ) -> Self {
         let metrics = router.metrics.clone();
-        Self { router, guard, metrics, max_body_bytes }
+        Self { router, guard, admin_access, metrics, max_body_bytes }
     }
 
     pub fn max_body_bytes(&self) -> usize {

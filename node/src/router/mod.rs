@@ -213,6 +213,16 @@ impl Router {
         first
     }
 
+    /// Takes requests again after a drain; false when it was not draining.
+    pub fn stop_draining(&self) -> bool {
+        let was = self.draining.swap(false, Ordering::SeqCst);
+        self.metrics.draining.set(0);
+        if was {
+            tracing::info!("drain ended: taking requests again");
+        }
+        was
+    }
+
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
