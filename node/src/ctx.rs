@@ -25,21 +25,41 @@ pub struct RequestCtx {
     pub tenant: String,
 }
 
+/// A request id that may go into logs and HTTP headers: 1 to `MAX_REQUEST_ID` visible ASCII
+/// characters (no spaces, no control characters: a newline would forge a log line, and make the
+/// engine's `x-request-id` header invalid).
+pub fn valid_request_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+fn fresh_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
 impl RequestCtx {
     /// A client's request arriving at `node`: its `x-request-id` when it sent a usable one.
     pub fn client(node: &str, endpoint: Endpoint, headers: &HeaderMap) -> Self {
         let id = headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= MAX_REQUEST_ID)
+            .filter(|v| valid_request_id(v))
             .map(str::to_owned)
-            .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+            .unwrap_or_else(fresh_id);
         Self::new(id, node, endpoint)
     }
 
-    /// A request a peer forwarded, under the origin's id.
+    /// A request a peer forwarded, under the origin's id when it is a usable one (a peer is not
+    /// trusted with what reaches logs and engine headers: another id is made otherwise).
     pub fn peer(id: &str, origin: &str, endpoint: Endpoint) -> Self {
-        Self::new(id.to_owned(), origin, endpoint)
+        let origin = if valid_request_id(origin) { origin } else { "invalid-origin" };
+        match valid_request_id(id) {
+            true => Self::new(id.to_owned(), origin, endpoint),
+            false => {
+                let fresh = fresh_id();
+                tracing::warn!(peer_id = ?id, id = %fresh, "a peer sent an unusable request id; using a fresh one");
+                Self::new(fresh, origin, endpoint)
+            }
+        }
     }
 
     fn new(id: String, origin: &str, endpoint: Endpoint) -> Self {
@@ -60,5 +80,23 @@ impl RequestCtx {
     pub fn set_model(&mut self, model: &str) {
         self.model = model.to_owned();
         self.span.record("model", model);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unusable_ids_are_replaced() {
+        assert!(valid_request_id("abc-123_X.y"));
+        for bad in ["", "a\nFAKE", "a b", "é", &"x".repeat(MAX_REQUEST_ID + 1)] {
+            assert!(!valid_request_id(bad), "{bad:?}");
+        }
+        let ctx = RequestCtx::peer("x\nINFO forged", "n1", Endpoint::Chat);
+        assert!(valid_request_id(&ctx.id) && !ctx.id.contains("forged"));
+        let mut h = HeaderMap::new();
+        h.insert("x-request-id", "ok-id".parse().unwrap());
+        assert_eq!(RequestCtx::client("n", Endpoint::Chat, &h).id, "ok-id");
     }
 }

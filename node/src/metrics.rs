@@ -19,6 +19,9 @@ use crate::mesh::Mesh;
 
 pub struct NodeMetrics {
     registry: Registry,
+    /// Model names an engine has served (at most `MAX_MODEL_LABELS`): the only ones a `model`
+    /// label may carry. A client's free text never becomes a series.
+    served_models: Mutex<std::collections::HashSet<String>>,
     /// Requests answered, by endpoint, model and HTTP status.
     pub requests: IntCounterVec,
     /// Time from request arrival to the first response byte sent, by endpoint and stream mode.
@@ -159,7 +162,27 @@ const INTER_TOKEN_BUCKETS: &[f64] =
 const LATENCY_BUCKETS: &[f64] =
     &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 
+/// Most distinct model names kept as label values.
+pub const MAX_MODEL_LABELS: usize = 256;
+
 impl NodeMetrics {
+    /// Notes that an engine served `model` (its answer came back): the name may label series.
+    pub fn note_served_model(&self, model: &str) {
+        if let Ok(mut s) = self.served_models.lock() {
+            if s.len() < MAX_MODEL_LABELS && !s.contains(model) {
+                s.insert(model.to_owned());
+            }
+        }
+    }
+
+    /// The `model` label for a request's model: itself once an engine served it, else `other`.
+    pub fn model_label<'a>(&self, model: &'a str) -> &'a str {
+        match self.served_models.lock() {
+            Ok(s) if s.contains(model) => model,
+            _ => "other",
+        }
+    }
+
     pub fn new(node: &str) -> Result<Self, NodeError> {
         let registry = Registry::new_custom(None, Some([("node".to_owned(), node.to_owned())].into_iter().collect()))?;
         let engine = &["engine"];
@@ -365,6 +388,7 @@ impl NodeMetrics {
                 "The largest kvmesh_gossip_heartbeat_age_seconds: how stale this node's view of the mesh is.",
             )?,
             scrape: Mutex::new(()),
+            served_models: Mutex::default(),
             registry,
         };
         for c in [

@@ -17,8 +17,8 @@ pub fn error_response(e: &ApiError) -> Response {
 /// Answers `ctx` with an OpenAI error, counted and logged like every other answer.
 pub fn reply_error(metrics: &NodeMetrics, ctx: &RequestCtx, e: &ApiError) -> Response {
     tracing::info!(status = e.status.as_u16(), error = %e.message, "request rejected");
-    // A model nobody serves is the client's free text: keep it out of metric labels.
-    let model = if e.code.as_deref() == Some("model_not_found") { "unknown" } else { ctx.model.as_str() };
+    // A client's model name is free text until an engine has served it: `other` until then.
+    let model = metrics.model_label(&ctx.model);
     let ep = ctx.endpoint.path();
     metrics.requests.with_label_values(&[ep, model, e.status.as_str()]).inc();
     metrics.duration.with_label_values(&[ep, "false"]).observe(ctx.started.elapsed().as_secs_f64());

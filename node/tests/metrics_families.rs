@@ -188,3 +188,27 @@ async fn every_family_is_present_and_moves_under_load() {
     m1.shutdown().await;
     m0.shutdown().await;
 }
+
+/// A client's model names are free text: refused requests for made-up models, even ones a key's
+/// limits refuse before routing, create no series; a served model labels its own.
+#[tokio::test]
+async fn client_model_names_never_become_label_values() {
+    let e = engine(fast_engine(), false).await;
+    let n = node(node_config(vec![entry(e.url())])).await;
+    for i in 0..20 {
+        // Unknown models (404) and bad requests with a made-up model (400 before any routing).
+        let (s, _, _) =
+            post(&n.url(), &json!({"model": format!("made-up-{i}"), "messages": [{"role": "user", "content": "x"}]}))
+                .await;
+        assert_eq!(s, 404);
+        let (s, _, _) = post(&n.url(), &json!({"model": format!("junk-{i}"), "messages": [], "max_tokens": 1})).await;
+        assert_eq!(s, 400);
+    }
+    let (s, _, _) = post(&n.url(), &chat("hi", json!({"max_tokens": 1}))).await;
+    assert_eq!(s, 200);
+    let text = reqwest::get(format!("{}/metrics", n.url())).await.unwrap().text().await.unwrap();
+    assert!(!text.contains("made-up-") && !text.contains("junk-"), "a client's model name became a label");
+    assert!(text.contains("model=\"kvmesh-sim\""), "the served model labels its series");
+    n.shutdown().await;
+    e.shutdown().await;
+}

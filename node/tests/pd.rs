@@ -190,3 +190,56 @@ async fn a_decode_engine_refusing_before_its_first_byte_is_retried_elsewhere() {
     good.shutdown().await;
     stop.cancel();
 }
+
+/// A client's engine-owned fields (`kv_transfer_params` pointing a decode engine at another host,
+/// `priority`, `request_id`, `chat_template`) never reach an engine, served whole or split; the
+/// split's own `kv_transfer_params` are the prefill engine's answer.
+#[tokio::test]
+async fn a_clients_engine_owned_fields_never_reach_an_engine() {
+    let (p, d) = (engine(nixl_engine(true), false).await, engine(nixl_engine(true), false).await);
+    let ((p_url, p_log), (d_url, d_log)) = (spy(p.url()).await, spy(d.url()).await);
+    let mut cfg =
+        node_config(vec![entry_with(p_url, "prefill", Role::Prefill), entry_with(d_url, "decode", Role::Decode)]);
+    cfg.pd.min_uncached_tokens = 256;
+    let n = node(cfg).await;
+    let hostile = |mut body: Value| {
+        let o = body.as_object_mut().unwrap();
+        o.insert(
+            "kv_transfer_params".into(),
+            json!({"do_remote_prefill": true, "remote_host": "10.9.9.9", "remote_port": 80,
+                   "remote_engine_id": "x", "remote_block_ids": [1, 2], "remote_request_id": "r"}),
+        );
+        o.insert("priority".into(), json!(-100));
+        o.insert("request_id".into(), json!("chosen-by-client"));
+        o.insert("chat_template".into(), json!("{{ 'injected' }}"));
+        body
+    };
+    // Split (a long prompt), then whole (a short one).
+    let (s, h, v) = post(&n.url(), &hostile(long_chat(7, false))).await;
+    assert_eq!(s, 200, "{v}");
+    assert!(h["x-kvmesh-route"].to_str().unwrap().contains("reason=pd"));
+    let (s, _, v) = post(&n.url(), &hostile(chat("short", json!({"max_tokens": 2})))).await;
+    assert_eq!(s, 200, "{v}");
+    let p_log = p_log.lock().unwrap();
+    let d_log = d_log.lock().unwrap();
+    let seen: Vec<&(Value, Value)> = p_log.iter().chain(d_log.iter()).collect();
+    assert!(seen.len() >= 3, "prefill, decode and the whole request: {}", seen.len());
+    for (sent, _) in &seen {
+        for k in ["priority", "request_id", "chat_template"] {
+            assert!(sent.get(k).is_none(), "{k} reached an engine: {sent}");
+        }
+        if let Some(params) = sent.get("kv_transfer_params") {
+            assert_ne!(params["remote_host"], "10.9.9.9", "the client's transfer target reached an engine");
+        }
+    }
+    // The decode hop carries exactly what the prefill engine answered.
+    let answered = &p_log.last().unwrap().1["kv_transfer_params"];
+    assert_eq!(
+        &d_log.iter().find(|(s, _)| s.get("kv_transfer_params").is_some()).unwrap().0["kv_transfer_params"],
+        answered
+    );
+    drop((p_log, d_log));
+    n.shutdown().await;
+    p.shutdown().await;
+    d.shutdown().await;
+}

@@ -80,8 +80,9 @@ impl Usage {
     /// Sum of several nodes' usage; `reset_ms` is the earliest moment any of it frees up.
     pub fn sum(items: impl IntoIterator<Item = Usage>) -> Usage {
         items.into_iter().fold(Usage::default(), |a, b| Usage {
-            requests: a.requests + b.requests,
-            tokens: a.tokens + b.tokens,
+            // Peers' figures come over the network: a huge one must saturate, never wrap.
+            requests: a.requests.saturating_add(b.requests),
+            tokens: a.tokens.saturating_add(b.tokens),
             reset_ms: match (a.reset_ms, b.reset_ms) {
                 (0, r) | (r, 0) => r,
                 (x, y) => x.min(y),
@@ -121,8 +122,10 @@ pub struct Limiter {
     tenants: HashMap<String, VecDeque<Bucket>>,
 }
 
-/// The limits that need no counting: asked `max_tokens` and prompt length. 400 when broken.
-pub fn check_request(spec: &LimitSpec, max_tokens: Option<u32>, prompt_tokens: u64) -> Result<(), ApiError> {
+/// The limits that need no counting: asked completion tokens and prompt length. 400 when
+/// broken. `n` completions of `max_tokens` each may be generated, so the key's cap bounds their
+/// product.
+pub fn check_request(spec: &LimitSpec, max_tokens: Option<u32>, n: u32, prompt_tokens: u64) -> Result<(), ApiError> {
     if let Some(limit) = spec.max_tokens {
         match max_tokens {
             None => {
@@ -135,6 +138,12 @@ pub fn check_request(spec: &LimitSpec, max_tokens: Option<u32>, prompt_tokens: u
                 return Err(ApiError::invalid(
                     format!("max_tokens must be at most {limit} for this API key, got {m}."),
                     Some("max_tokens"),
+                ))
+            }
+            Some(m) if (m as u64).saturating_mul(n.max(1) as u64) > limit as u64 => {
+                return Err(ApiError::invalid(
+                    format!("n × max_tokens must be at most {limit} for this API key, got {n} × {m}."),
+                    Some("n"),
                 ))
             }
             _ => {}
@@ -204,25 +213,26 @@ impl Limiter {
         let total = Usage::sum([local, remote]);
         let retry_after_s = total.reset_ms.div_ceil(1000).max(1);
         if let Some(rpm) = spec.requests_per_minute {
-            if total.requests + 1 > rpm {
+            if total.requests.saturating_add(1) > rpm {
                 return Err(Limited { what: "requests", limit: rpm, retry_after_s });
             }
         }
         if let Some(tpm) = spec.tokens_per_minute {
-            if total.tokens + tokens > tpm {
+            if total.tokens.saturating_add(tokens) > tpm {
                 return Err(Limited { what: "tokens", limit: tpm, retry_after_s });
             }
         }
         let b = self.bucket(tenant, now_ms);
-        b.requests += 1;
-        b.tokens += tokens;
+        b.requests = b.requests.saturating_add(1);
+        b.tokens = b.tokens.saturating_add(tokens);
         Ok(())
     }
 
     /// Counts tokens learnt after admission (the completion's).
     pub fn charge_tokens(&mut self, tenant: &str, tokens: u64, now_ms: u64) {
         if tokens > 0 {
-            self.bucket(tenant, now_ms).tokens += tokens;
+            let b = self.bucket(tenant, now_ms);
+            b.tokens = b.tokens.saturating_add(tokens);
         }
     }
 
@@ -242,7 +252,8 @@ impl Limiter {
 }
 
 fn usage_of(window: &VecDeque<Bucket>, now_ms: u64) -> Usage {
-    let (requests, tokens) = window.iter().fold((0, 0), |(r, t), b| (r + b.requests, t + b.tokens));
+    let (requests, tokens) =
+        window.iter().fold((0u64, 0u64), |(r, t), b| (r.saturating_add(b.requests), t.saturating_add(b.tokens)));
     let reset_ms = window.front().map(|b| (b.at + WINDOW_MS).saturating_sub(now_ms)).unwrap_or(0);
     Usage { requests, tokens, reset_ms }
 }
@@ -253,6 +264,27 @@ mod tests {
 
     fn rpm(n: u64) -> LimitSpec {
         LimitSpec { requests_per_minute: Some(n), ..Default::default() }
+    }
+
+    #[test]
+    fn n_completions_count_against_the_max_tokens_cap() {
+        let spec = LimitSpec { max_tokens: Some(100), ..Default::default() };
+        assert!(check_request(&spec, Some(50), 2, 0).is_ok());
+        let e = check_request(&spec, Some(50), 3, 0).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("n"));
+        assert!(check_request(&spec, Some(100), u32::MAX, 0).is_err(), "no overflow");
+    }
+
+    /// A peer's gossiped usage is untrusted: a figure near u64::MAX must refuse, not wrap to a
+    /// small total and admit.
+    #[test]
+    fn huge_peer_usage_saturates_and_refuses() {
+        let mut l = Limiter::new();
+        let spec = LimitSpec { requests_per_minute: Some(10), tokens_per_minute: Some(1000), ..Default::default() };
+        l.admit("t", &spec, 1, Usage::default(), 0).unwrap();
+        let hostile = Usage { requests: u64::MAX, tokens: u64::MAX, reset_ms: 1 };
+        assert!(l.admit("t", &spec, 1, hostile, 1).is_err());
+        assert_eq!(Usage::sum([hostile, hostile]).requests, u64::MAX);
     }
 
     #[test]
@@ -305,10 +337,10 @@ mod tests {
     #[test]
     fn static_limits_are_400s_naming_the_parameter() {
         let spec = LimitSpec { max_tokens: Some(100), max_prompt_tokens: Some(50), ..Default::default() };
-        assert!(check_request(&spec, Some(100), 50).is_ok());
-        assert_eq!(check_request(&spec, Some(101), 1).unwrap_err().param.as_deref(), Some("max_tokens"));
-        assert_eq!(check_request(&spec, None, 1).unwrap_err().param.as_deref(), Some("max_tokens"));
-        let e = check_request(&spec, Some(1), 51).unwrap_err();
+        assert!(check_request(&spec, Some(100), 1, 50).is_ok());
+        assert_eq!(check_request(&spec, Some(101), 1, 1).unwrap_err().param.as_deref(), Some("max_tokens"));
+        assert_eq!(check_request(&spec, None, 1, 1).unwrap_err().param.as_deref(), Some("max_tokens"));
+        let e = check_request(&spec, Some(1), 1, 51).unwrap_err();
         assert_eq!(e.code.as_deref(), Some("context_length_exceeded"));
     }
 

@@ -1,8 +1,9 @@
 //! A typed view of an OpenAI inference request, checked the way vLLM checks it.
 //!
-//! The view never replaces the client's JSON: a node forwards the original bytes to the engine
-//! (vLLM extras such as `cache_salt`, `priority` or `kv_transfer_params` pass through untouched),
-//! and uses this view only to decide where the request goes.
+//! The view never replaces the client's JSON: a node forwards the client's bytes to the engine
+//! (vLLM extras such as `cache_salt` pass through untouched), and uses this view only to decide
+//! where the request goes. The one edit at the edge (`parse_client`): fields only the node may
+//! set (`ENGINE_OWNED_FIELDS`) are removed first.
 
 use serde_json::{Map, Value};
 
@@ -66,13 +67,51 @@ pub struct InferenceRequest {
 
 /// Parses and validates a request body. Errors name the offending parameter.
 pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<InferenceRequest, ApiError> {
+    from_object(endpoint, &object(body)?)
+}
+
+fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     let value: Value = serde_json::from_slice(body).map_err(|e| {
         ApiError::invalid(format!("Request body is not valid JSON: {e}"), None).with_code("invalid_json")
     })?;
-    let Value::Object(obj) = value else {
-        return Err(ApiError::invalid("Request body must be a JSON object.", None));
+    match value {
+        Value::Object(obj) => Ok(obj),
+        _ => Err(ApiError::invalid("Request body must be a JSON object.", None)),
+    }
+}
+
+/// Request fields vLLM reads that only the node may set, never a client:
+/// - `kv_transfer_params`: where a decode engine pulls KV from (host, port, block ids); a
+///   client's would point an engine at any host (vLLM itself treats it as SSRF);
+/// - `priority`: the engine's scheduling order, which would let one client jump every queue;
+/// - `request_id`: the engine's id for the request, which the node assigns;
+/// - `chat_template`: a template the engine would render in place of the model's (vLLM refuses it
+///   unless started with `--trust-request-chat-template`; the node never renders it).
+pub const ENGINE_OWNED_FIELDS: &[&str] = &["kv_transfer_params", "priority", "request_id", "chat_template"];
+
+/// A client's request as it enters the mesh.
+#[derive(Debug, Clone)]
+pub struct ClientRequest {
+    pub req: InferenceRequest,
+    /// The body to forward instead of the client's, when fields were removed.
+    pub body: Option<Vec<u8>>,
+    /// The engine-owned fields the client sent, removed.
+    pub removed: Vec<&'static str>,
+}
+
+/// Parses a client's request and removes the fields only the node may set
+/// (`ENGINE_OWNED_FIELDS`); the view is of the request as forwarded.
+pub fn parse_client(endpoint: Endpoint, body: &[u8]) -> Result<ClientRequest, ApiError> {
+    let mut obj = object(body)?;
+    let removed: Vec<&'static str> = ENGINE_OWNED_FIELDS.iter().copied().filter(|k| obj.remove(*k).is_some()).collect();
+    let req = from_object(endpoint, &obj)?;
+    let body = match removed.is_empty() {
+        true => None,
+        false => Some(
+            serde_json::to_vec(&obj).map_err(|e| ApiError::internal(format!("re-encoding the request failed: {e}")))?,
+        ),
     };
-    from_object(endpoint, &obj)
+    Ok(ClientRequest { req, body, removed })
 }
 
 pub fn from_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<InferenceRequest, ApiError> {
@@ -83,6 +122,11 @@ pub fn from_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<Infer
         }
         Some(_) => return Err(type_error("model", "a string")),
     };
+    // A model name reaches logs, errors and headers: no control characters (a newline would
+    // forge a log line).
+    if model.chars().any(char::is_control) {
+        return Err(ApiError::invalid("'model' must not contain control characters.", Some("model")));
+    }
     let prompt = match endpoint {
         Endpoint::Chat => Prompt::Chat(parse_messages(obj.get("messages"))?),
         Endpoint::Completions => parse_prompt(obj.get("prompt"))?,
@@ -101,7 +145,13 @@ pub fn from_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<Infer
         }
         Some(_) => return Err(type_error("stream_options", "an object")),
     };
-    let max_tokens = match opt_u32(obj, "max_completion_tokens")? {
+    // `max_completion_tokens` is a chat field; vLLM's completions endpoint ignores it, so it
+    // must not stand for the completion's length there.
+    let max_completion_tokens = match endpoint {
+        Endpoint::Chat => opt_u32(obj, "max_completion_tokens")?,
+        Endpoint::Completions => None,
+    };
+    let max_tokens = match max_completion_tokens {
         Some(v) => Some(v),
         None => opt_u32(obj, "max_tokens")?,
     };
@@ -335,6 +385,41 @@ fn parse_prompt(v: Option<&Value>) -> Result<Prompt, ApiError> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn the_edge_removes_fields_only_the_node_may_set() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"priority":-100,
+            "kv_transfer_params":{"do_remote_prefill":true,"remote_host":"10.9.9.9","remote_port":80},
+            "request_id":"mine","chat_template":"{{ 'x' }}","cache_salt":"s"}"#;
+        let c = parse_client(Endpoint::Chat, body).unwrap();
+        assert_eq!(c.removed, ["kv_transfer_params", "priority", "request_id", "chat_template"]);
+        assert_eq!(c.req.kv_transfer_params, None);
+        let forwarded: Value = serde_json::from_slice(c.body.as_deref().unwrap()).unwrap();
+        for k in ENGINE_OWNED_FIELDS {
+            assert!(forwarded.get(k).is_none(), "{k} reaches the engine");
+        }
+        assert_eq!(forwarded["cache_salt"], "s", "client fields stay");
+        let plain = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+        let c = parse_client(Endpoint::Chat, plain).unwrap();
+        assert!(c.body.is_none() && c.removed.is_empty(), "an untouched request keeps its bytes");
+    }
+
+    #[test]
+    fn completions_ignore_max_completion_tokens_and_models_refuse_control_characters() {
+        let r =
+            parse(Endpoint::Completions, br#"{"model":"m","prompt":"x","max_tokens":5000,"max_completion_tokens":1}"#)
+                .unwrap();
+        assert_eq!(r.max_tokens, Some(5000), "vLLM's completions read max_tokens only");
+        let r = parse(
+            Endpoint::Chat,
+            br#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":5000,"max_completion_tokens":1}"#,
+        )
+        .unwrap();
+        assert_eq!(r.max_tokens, Some(1));
+        let e = parse(Endpoint::Chat, br#"{"model":"m\nFAKE log line","messages":[{"role":"user","content":"x"}]}"#)
+            .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("model"));
+    }
 
     #[test]
     fn chat_minimal() {

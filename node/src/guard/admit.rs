@@ -55,8 +55,10 @@ impl Guard {
             flow.rec.tenant = Some(t.name.clone());
         }
         let endpoint = ctx.endpoint;
-        let mut req = request::parse(endpoint, &body)?;
-        let mut body = body;
+        // Fields only the node may set never reach an engine from a client.
+        let parsed = request::parse_client(endpoint, &body)?;
+        let mut req = parsed.req;
+        let mut body = parsed.body.map(Bytes::from).unwrap_or(body);
         ctx.set_model(&req.model);
         flow.rec.model = Some(req.model.clone());
         flow.rec.stream = req.stream;
@@ -64,7 +66,7 @@ impl Guard {
             return Err(ApiError::model_not_found(&req.model).into());
         }
         let spec = self.limits.for_tenant(&flow.tenant);
-        limits::check_request(&spec, req.max_tokens, 0)?;
+        limits::check_request(&spec, req.max_tokens, req.n, 0)?;
 
         let mut texts = prompt_texts(&req.prompt);
         flow.prompt_chars = texts.iter().map(|t| t.chars().count()).sum();

@@ -131,9 +131,11 @@ impl Pipeline {
         body: Bytes,
     ) -> Result<(Option<Flow>, InferenceRequest, Bytes), (Option<Flow>, Refusal)> {
         let Some(guard) = &self.guard else {
-            let req = request::parse(ctx.endpoint, &body).map_err(|e| (None, e.into()))?;
-            ctx.set_model(&req.model);
-            return Ok((None, req, body));
+            // Fields only the node may set never reach an engine from a client.
+            let parsed = request::parse_client(ctx.endpoint, &body).map_err(|e| (None, e.into()))?;
+            ctx.set_model(&parsed.req.model);
+            let body = parsed.body.map(Bytes::from).unwrap_or(body);
+            return Ok((None, parsed.req, body));
         };
         let mut flow = guard.open(ctx).map_err(|r| (None, r))?;
         match guard.admit(&mut flow, ctx, headers, body).await {

@@ -74,7 +74,10 @@ impl Router {
         let resp = match tokio::time::timeout(self.s.first_byte_timeout, rb.send()).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                engine.mark_down(&e.to_string());
+                // A request this node could not even build says nothing of the engine.
+                if !e.is_builder() {
+                    engine.mark_down(&e.to_string());
+                }
                 return Err(Retry {
                     error: ApiError::bad_gateway(format!("Engine {} could not be reached.", engine.name)),
                     reason: if e.is_connect() { "connect" } else { "send" },

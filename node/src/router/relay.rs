@@ -69,6 +69,8 @@ impl Router {
         } else {
             None
         };
+        // An engine answered for this model: it is a real one, and may label series.
+        self.metrics.note_served_model(&ctx.model);
         self.metrics.requests.with_label_values(&[ep, &ctx.model, a.status.as_str()]).inc();
         let served_by = HeaderValue::from_str(&a.served_by).unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         let content_type = a.content_type.unwrap_or_else(|| "application/json".into());
