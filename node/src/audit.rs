@@ -261,6 +261,10 @@ struct Shared {
     /// Dropped since the last gap record.
     dropped: AtomicU64,
     metrics: AuditMetrics,
+    /// Test hook (unit tests and the `testsuite` feature): the writer's next batches fail after
+    /// writing half their bytes, as a full disk would make them.
+    #[cfg(any(test, feature = "testsuite"))]
+    fail_writes: AtomicU64,
 }
 
 impl Shared {
@@ -282,6 +286,8 @@ pub struct AuditLog {
     shared: Arc<Shared>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     pub record_text: bool,
+    /// What a request whose record cannot be written gets: `Reject` withholds its answer.
+    pub on_full: OnFull,
 }
 
 /// A request's place in the audit queue.
@@ -342,6 +348,8 @@ impl AuditLog {
             capacity: cfg.queue,
             on_full: cfg.on_full,
             dropped: AtomicU64::new(0),
+            #[cfg(any(test, feature = "testsuite"))]
+            fail_writes: AtomicU64::new(0),
             metrics,
         });
         let writer = Writer {
@@ -360,10 +368,21 @@ impl AuditLog {
             .spawn(move || writer.run(rx))
             .map_err(|e| io("starting the writer thread", e))?;
         tracing::info!(path = %path.display(), next_seq = seq, "audit trail open");
-        Ok(Some(Arc::new(Self { shared, thread: Mutex::new(Some(thread)), record_text: cfg.record_text })))
+        Ok(Some(Arc::new(Self {
+            shared,
+            thread: Mutex::new(Some(thread)),
+            record_text: cfg.record_text,
+            on_full: cfg.on_full,
+        })))
     }
 
     /// A slot for a new request. In reject mode, `None` means the log is behind: refuse it.
+    /// Test hook: the next `n` batches fail to write (half their bytes reach the file).
+    #[cfg(any(test, feature = "testsuite"))]
+    pub fn fail_next_writes(&self, n: u64) {
+        self.shared.fail_writes.store(n, Ordering::Relaxed);
+    }
+
     pub fn reserve(&self) -> Option<Slot> {
         match self.shared.on_full {
             OnFull::Reject => self.shared.try_hold().then(|| Slot { shared: self.shared.clone(), held: true }),
@@ -512,6 +531,9 @@ impl Writer {
             }
             let mut out = String::new();
             let mut count = 0u64;
+            // The chain as it stands on disk: restored if this batch cannot be written, so the
+            // file never holds a record whose successor chains from a line that is not there.
+            let (seq_before, prev_before) = (self.seq, self.prev.clone());
             let dropped = self.shared.dropped.swap(0, Ordering::Relaxed);
             if dropped > 0 {
                 self.append(&mut out, Entry::Gap { dropped, time_ms: unix_ms() });
@@ -521,22 +543,34 @@ impl Writer {
                 self.append(&mut out, Entry::Request(r));
                 count += 1;
             }
+            let mut written = true;
             if !out.is_empty() {
-                match self.file.write_all(out.as_bytes()) {
+                match self.write_batch(out.as_bytes()) {
                     Ok(()) => {
                         self.size += out.len() as u64;
                         self.shared.metrics.written.inc_by(count);
+                        unsynced += count;
                     }
                     Err(e) => {
+                        written = false;
                         self.shared.metrics.write_errors.inc();
-                        tracing::error!(error = %e, path = %self.path.display(), records = count, "audit write failed");
+                        tracing::error!(error = %e, path = %self.path.display(), records = count, "audit write failed; the records are not acknowledged and a gap record will mark them");
+                        // Cut back any part of the batch that reached the file, and chain the
+                        // next batch from the last record that is there.
+                        if let Err(e) = self.file.set_len(self.size) {
+                            tracing::error!(error = %e, "audit file could not be cut back after a failed write");
+                        }
+                        (self.seq, self.prev) = (seq_before, prev_before);
+                        let lost = batch.len() as u64 + dropped;
+                        self.shared.dropped.fetch_add(lost, Ordering::Relaxed);
+                        self.shared.metrics.dropped.inc_by(batch.len() as u64);
                     }
                 }
-                unsynced += count;
             }
             for (_, ack) in batch {
                 self.shared.release();
-                if let Some(ack) = ack {
+                // No acknowledgement for a record that is not on file: its flow learns so.
+                if let (Some(ack), true) = (ack, written) {
                     let _ = ack.send(());
                 }
             }
@@ -557,6 +591,21 @@ impl Writer {
                 }
             }
         }
+    }
+
+    #[cfg(any(test, feature = "testsuite"))]
+    fn write_batch(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let fail = self.shared.fail_writes.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        if fail.is_ok() {
+            self.file.write_all(&bytes[..bytes.len() / 2])?;
+            return Err(std::io::Error::other("injected write failure"));
+        }
+        self.file.write_all(bytes)
+    }
+
+    #[cfg(not(any(test, feature = "testsuite")))]
+    fn write_batch(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.file.write_all(bytes)
     }
 
     fn append(&mut self, out: &mut String, entry: Entry<'_>) {
@@ -691,6 +740,11 @@ fn check_line(line: &str) -> Result<(u64, String, String, Kind), String> {
         return Err("not a chained record (no trailing hash)".into());
     }
     let cut = line.len() - HASH_SUFFIX_LEN;
+    // A line whose last characters are not ASCII cannot end in our suffix (and must not be
+    // split inside a character).
+    if !line.is_char_boundary(cut) {
+        return Err("not a chained record (no trailing hash)".into());
+    }
     let (body_open, suffix) = line.split_at(cut);
     let Some(hash) = suffix.strip_prefix(",\"hash\":\"").and_then(|s| s.strip_suffix("\"}")) else {
         return Err("not a chained record (no trailing hash)".into());
@@ -784,6 +838,36 @@ mod tests {
         let b = verify(std::slice::from_ref(&path)).unwrap_err();
         assert_eq!(b.line, 2);
         assert!(b.why.contains("deleted"), "{b}");
+    }
+
+    /// A failed write (half the batch reached the file, then an error) acknowledges nothing,
+    /// is cut back, and the chain goes on from the last good record with a gap record for it:
+    /// the file verifies, instead of failing as if edited.
+    #[tokio::test]
+    async fn a_failed_write_is_cut_back_unacknowledged_and_marked_by_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let cfg = AuditConfig { path: Some(path.clone()), ..Default::default() };
+        let log = write_n(&cfg, 2).await;
+        log.fail_next_writes(1);
+        let lost = log.reserve().unwrap().submit(rec(100)).unwrap().await;
+        assert!(lost.is_err(), "a record that is not on file is not acknowledged");
+        log.reserve().unwrap().submit(rec(101)).unwrap().await.expect("the next record is written");
+        log.close().await;
+        let rep = verify(std::slice::from_ref(&path)).unwrap();
+        assert_eq!((rep.requests, rep.gaps, rep.dropped), (3, 1, 1), "{rep:?}");
+        assert!(!rep.torn_tail);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(!text.contains("\"r100\""), "the failed record left nothing behind");
+    }
+
+    #[test]
+    fn verify_reports_a_non_ascii_tail_instead_of_panicking() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let line = format!("{{\"seq\":0,{}\"}}\n", "é".repeat(60));
+        std::fs::write(&path, line).unwrap();
+        assert!(verify(std::slice::from_ref(&path)).is_err());
     }
 
     #[tokio::test]

@@ -42,6 +42,14 @@ pub struct RunningNode {
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 impl RunningNode {
+    /// Test hook (`testsuite`): the audit writer's next `n` batches fail, as on a full disk.
+    #[cfg(feature = "testsuite")]
+    pub fn fail_audit_writes(&self, n: u64) {
+        if let Some(a) = self.guard.as_ref().and_then(|g| g.audit_log()) {
+            a.fail_next_writes(n);
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.http_addr)
     }

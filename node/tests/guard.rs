@@ -507,3 +507,37 @@ async fn audit_trail_records_every_request_and_verify_catches_edits_and_deletion
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("line 3") && out.contains("deleted"), "{out}");
 }
+
+/// An audit write that fails (a full disk, injected) withholds the answer it would have
+/// recorded, whole (503 `audit_unavailable`) or streamed (an error event, no `[DONE]`), and the
+/// file still verifies afterwards, a gap record marking what was lost; every answer a client
+/// received is on record.
+#[tokio::test]
+async fn a_failed_audit_write_withholds_the_answer_and_the_chain_still_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let a = audit.clone();
+    let (n, stop) = echo_node(4, move |cfg| {
+        cfg.audit = AuditConfig { path: Some(a), ..Default::default() };
+    })
+    .await;
+    let (s, _, _) = send(&n.url(), None, &chat("first", json!({}))).await;
+    assert_eq!(s, 200);
+    n.fail_audit_writes(1);
+    let (s, _, body) = send(&n.url(), None, &chat("lost", json!({}))).await;
+    assert_eq!(s, 503, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["error"]["code"], "audit_unavailable");
+    n.fail_audit_writes(1);
+    let (s, _, body) = send(&n.url(), None, &chat("lost stream", json!({"stream": true}))).await;
+    assert_eq!(s, 200);
+    assert!(body.contains("audit_unavailable") && !body.contains("[DONE]"), "{body}");
+    let (s, _, _) = send(&n.url(), None, &chat("last", json!({}))).await;
+    assert_eq!(s, 200);
+    stop.cancel();
+    n.shutdown().await;
+    let rep = kvmesh_node::audit::verify(std::slice::from_ref(&audit)).expect("the chain verifies");
+    assert_eq!((rep.requests, rep.dropped), (2, 2), "{rep:?}");
+    let ids: Vec<String> =
+        audit_lines(&audit).iter().filter_map(|r| r["request_id"].as_str().map(str::to_owned)).collect();
+    assert_eq!(ids.len(), 2, "the two answers clients received, and only those: {ids:?}");
+}

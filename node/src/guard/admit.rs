@@ -95,7 +95,8 @@ impl Guard {
         flow.rec.status = refusal.error.status.as_u16();
         flow.rec.outcome = Outcome::Rejected;
         flow.rec.error = Some(refusal.error.message.clone());
-        flow.finish().await;
+        // A refusal either way; an unrecorded one is logged by `finish`.
+        let _recorded = flow.finish().await;
     }
 }
 

@@ -39,7 +39,8 @@ impl Guard {
                 flow.rec.status = err.status.as_u16();
                 flow.rec.outcome = Outcome::StreamError;
                 flow.rec.error = Some(err.message.clone());
-                flow.finish().await;
+                // An error either way; an unrecorded one is logged by `finish`.
+                let _recorded = flow.finish().await;
                 return error_response(&err);
             }
         };
@@ -48,7 +49,9 @@ impl Guard {
             flow.rec.error = serde_json::from_slice::<Value>(&bytes)
                 .ok()
                 .and_then(|v| v["error"]["message"].as_str().map(str::to_owned));
-            flow.finish().await;
+            if !flow.finish().await {
+                return error_response(&audit_unavailable());
+            }
             return Response::from_parts(parts, Body::from(bytes));
         }
         let mut out = bytes;
@@ -66,7 +69,7 @@ impl Guard {
                     flow.rec.status = err.status.as_u16();
                     flow.rec.outcome = Outcome::Rejected;
                     flow.rec.error = Some(err.message.clone());
-                    flow.finish().await;
+                    let _recorded = flow.finish().await;
                     let mut r = error_response(&err);
                     copy_kvmesh_headers(&parts.headers, r.headers_mut());
                     return r;
@@ -85,9 +88,18 @@ impl Guard {
             }
             flow.text = texts.join("\n");
         }
-        flow.finish().await;
+        if !flow.finish().await {
+            return error_response(&audit_unavailable());
+        }
         Response::from_parts(parts, Body::from(out))
     }
+}
+
+/// The answer to a request whose audit record could not be written (`on_full = "reject"`):
+/// retryable, like a full audit queue.
+pub(super) fn audit_unavailable() -> ApiError {
+    ApiError::unavailable("The audit log could not record this request, so its answer is withheld; retry shortly.")
+        .with_code("audit_unavailable")
 }
 
 /// One request's audit record on its way to the writer. Dropped unfinished (the client left
@@ -133,11 +145,28 @@ impl Flow {
     }
 
     /// Queues the record and waits until it is written, so an answered request is on disk
-    /// (in the OS) before the client sees the end of its answer.
-    pub(super) async fn finish(&mut self) {
-        if let Some(ack) = self.close() {
-            if tokio::time::timeout(AUDIT_ACK_TIMEOUT, ack).await.is_err() {
-                tracing::warn!("audit writer did not confirm a record in time; answering anyway");
+    /// (in the OS) before the client sees the end of its answer. False when the record is not
+    /// on file (the write failed, or the writer did not confirm it in time) and the audit
+    /// refuses to serve unrecorded (`on_full = "reject"`): the caller then withholds the answer.
+    #[must_use]
+    pub(super) async fn finish(&mut self) -> bool {
+        let must_record = self.guard.audit.as_ref().is_some_and(|a| a.on_full == crate::audit::OnFull::Reject);
+        let Some(ack) = self.close() else { return true };
+        match tokio::time::timeout(AUDIT_ACK_TIMEOUT, ack).await {
+            Ok(Ok(())) => true,
+            Ok(Err(_)) => {
+                tracing::error!(
+                    "audit record not written; {}",
+                    if must_record { "answer withheld" } else { "answering anyway (on_full = drop)" }
+                );
+                !must_record
+            }
+            Err(_) => {
+                tracing::error!(
+                    "audit writer did not confirm a record in time; {}",
+                    if must_record { "answer withheld" } else { "answering anyway (on_full = drop)" }
+                );
+                !must_record
             }
         }
     }

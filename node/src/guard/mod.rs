@@ -108,6 +108,11 @@ impl From<ApiError> for Refusal {
 }
 
 impl Guard {
+    #[cfg(feature = "testsuite")]
+    pub fn audit_log(&self) -> Option<&Arc<crate::audit::AuditLog>> {
+        self.audit.as_ref()
+    }
+
     /// The guard for `cfg`, or `None` when nothing is configured (the node then serves exactly
     /// as without this module).
     pub fn new(cfg: &Config, metrics: Arc<NodeMetrics>) -> Result<Option<Arc<Self>>, NodeError> {

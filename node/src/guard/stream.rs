@@ -15,6 +15,7 @@ use kvmesh_policy::openai::ApiError;
 use kvmesh_policy::request::{Endpoint, InferenceRequest};
 use serde_json::{json, Value};
 
+use super::answer::audit_unavailable;
 use super::hooks::{Hook, Rules, WebhookVerdict};
 use super::{Flow, Guard, MAX_CHECKED_BODY};
 use crate::audit::{HookVerdict, Outcome, Verdict};
@@ -213,7 +214,8 @@ impl StreamState {
         if let Some(mut f) = self.flow.take() {
             f.rec.outcome = Outcome::GuardrailStopped;
             f.rec.error = Some(err.message.clone());
-            f.finish().await;
+            // Stopped either way; an unrecorded stop is logged by `finish`.
+            let _recorded = f.finish().await;
         }
         self.finished = true;
     }
@@ -274,10 +276,13 @@ impl StreamState {
                 f.rec.outcome = Outcome::GuardrailStopped;
                 f.rec.error = Some(err.message.clone());
             }
-            if self.saw_done || denied_by_webhook.is_some() {
+            // The end of the answer waits for its record: a stream whose record is not on file
+            // ends with an error, not `[DONE]`.
+            if !f.finish().await {
+                out.extend_from_slice(audit_unavailable().to_sse_event().as_bytes());
+            } else if self.saw_done || denied_by_webhook.is_some() {
                 out.extend_from_slice(b"data: [DONE]\n\n");
             }
-            f.finish().await;
         } else if self.saw_done {
             out.extend_from_slice(b"data: [DONE]\n\n");
         }
