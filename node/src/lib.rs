@@ -7,8 +7,8 @@
 //!
 //! Must not: decide policy itself (parsing, validation, candidate evidence and engine choice
 //! live in `policy`), or speak anything to an engine that a real vLLM would not understand:
-//! requests reach the engine as the client's original bytes (a guardrail rewrite and a
-//! prefill/decode split are the two stated exceptions).
+//! requests reach the engine as the client's bytes (the stated exceptions: the fields only the
+//! node may set are removed at the edge, a guardrail rewrite, and a prefill/decode split).
 //!
 //! Layout, in the order a request meets it:
 //! - `api`: the HTTP routes; makes each request's `ctx::RequestCtx`. `api::admin` holds the
