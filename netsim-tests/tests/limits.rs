@@ -14,8 +14,13 @@ async fn a_tenant_cannot_multiply_its_rate_by_spreading_over_nodes() {
     let mut cluster = Cluster::new("limits");
     for i in 0..3 {
         let mut cfg = cluster.config(&format!("n{i}"));
-        cfg.auth.keys =
-            vec![KeyEntry { tenant: "acme".into(), key_sha256: hash_key("sk-acme"), models: vec![], admin: false }];
+        cfg.auth.keys = vec![KeyEntry {
+            tenant: "acme".into(),
+            key_sha256: hash_key("sk-acme"),
+            models: vec![],
+            admin: false,
+            share_cache: false,
+        }];
         cfg.limits.default = LimitSpec { requests_per_minute: Some(6), ..Default::default() };
         cfg.usage_publish_interval_ms = 50;
         cluster.start(cfg).await;

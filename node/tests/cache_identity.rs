@@ -176,3 +176,51 @@ async fn each_data_parallel_rank_is_indexed_from_its_own_events_and_served_by_na
     n.shutdown().await;
     e.shutdown().await;
 }
+
+/// With API keys, each tenant's prompts are cached under its own salt: another tenant sending
+/// the same prompt hits nothing (and so cannot time or count another's cached prompts), a
+/// tenant's repeat hits its own blocks, and only an admin key sees `x-kvmesh-route`.
+#[tokio::test]
+async fn tenants_do_not_share_cached_prompts_nor_see_routing_details() {
+    use kvmesh_policy::auth::{hash_key, KeyEntry};
+    let e = engine(fast_engine(), true).await;
+    let mut cfg = node_config(vec![kv_entry("gpu0", &e)]);
+    let key = |tenant: &str, admin: bool| KeyEntry {
+        tenant: tenant.into(),
+        key_sha256: hash_key(&format!("sk-{tenant}")),
+        models: vec![],
+        admin,
+        share_cache: false,
+    };
+    cfg.auth.keys = vec![key("acme", false), key("globex", false), key("ops", true)];
+    let n = node(cfg).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let doc = "a confidential contract that one tenant keeps asking about ".repeat(20);
+    let send = async |tenant: &str| {
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/chat/completions", n.url()))
+            .bearer_auth(format!("sk-{tenant}"))
+            .json(&chat(&doc, json!({"max_tokens": 1})))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let route = r.headers().get("x-kvmesh-route").map(|v| v.to_str().unwrap().to_owned());
+        (route, r.json::<Value>().await.unwrap())
+    };
+    let (route, _) = send("acme").await;
+    assert_eq!(route, None, "a tenant's key sees no routing details");
+    eventually("acme's blocks are indexed", Duration::from_secs(3), async || {
+        n.engines.engines[0].kv.cached_blocks() > 0
+    })
+    .await;
+    let (_, v) = send("globex").await;
+    assert_eq!(cached(&v), 0, "another tenant hits none of acme's blocks: {v}");
+    let (_, v) = send("acme").await;
+    assert!(cached(&v) > 0, "acme's repeat hits its own blocks: {v}");
+    let (route, _) = send("ops").await;
+    assert!(route.is_some_and(|r| r.contains("matched_blocks=")), "an admin key sees the route");
+    predictions_held(&n).await;
+    n.shutdown().await;
+    e.shutdown().await;
+}

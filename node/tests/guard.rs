@@ -106,6 +106,7 @@ fn key(tenant: &str, secret: &str, models: &[&str], admin: bool) -> KeyEntry {
         key_sha256: hash_key(secret),
         models: models.iter().map(|m| m.to_string()).collect(),
         admin,
+        share_cache: false,
     }
 }
 

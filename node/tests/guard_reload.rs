@@ -34,7 +34,13 @@ fn write_atomically(path: &Path, text: &str) {
 async fn start(dir: &Path, reload_interval_ms: u64) -> (RunningNode, kvmesh_sim::RunningEngine) {
     let e = engine(fast_engine(), false).await;
     let mut cfg: Config = node_config(vec![entry(e.url())]);
-    cfg.auth.keys = vec![KeyEntry { tenant: "ops".into(), key_sha256: hash_key(ADMIN), models: vec![], admin: true }];
+    cfg.auth.keys = vec![KeyEntry {
+        tenant: "ops".into(),
+        key_sha256: hash_key(ADMIN),
+        models: vec![],
+        admin: true,
+        share_cache: false,
+    }];
     cfg.guardrails_file = Some(dir.join("rules.toml"));
     cfg.guardrails_reload_interval_ms = reload_interval_ms;
     (node(cfg).await, e)

@@ -30,6 +30,11 @@ pub struct KeyEntry {
     /// May call admin and mesh-debug endpoints.
     #[serde(default)]
     pub admin: bool,
+    /// The tenant's prompts share cached prefixes with other sharing tenants. Off (the default):
+    /// its requests are salted with its own `cache_salt`, so no other tenant can hit, or time,
+    /// its cached prompts.
+    #[serde(default)]
+    pub share_cache: bool,
 }
 
 /// The tenant a verified key maps to.
@@ -38,9 +43,24 @@ pub struct Tenant {
     pub name: String,
     pub models: Vec<String>,
     pub admin: bool,
+    pub share_cache: bool,
 }
 
 impl Tenant {
+    /// The `cache_salt` this tenant's request is sent with: its own prefix (a digest of its
+    /// name, which no client can choose), then the client's salt if any; `None` for a tenant
+    /// that shares its cache (the client's salt is kept as sent).
+    pub fn cache_salt(&self, client_salt: Option<&str>) -> Option<String> {
+        if self.share_cache {
+            return client_salt.map(str::to_owned);
+        }
+        let digest = hex::encode(&Sha256::digest(self.name.as_bytes())[..8]);
+        Some(match client_salt {
+            Some(s) => format!("kvmesh-tenant-{digest}:{s}"),
+            None => format!("kvmesh-tenant-{digest}"),
+        })
+    }
+
     pub fn may_use(&self, model: &str) -> bool {
         self.models.is_empty() || self.models.iter().any(|m| m == model)
     }
@@ -78,7 +98,8 @@ impl KeyStore {
                     e.tenant
                 )));
             }
-            let tenant = Tenant { name: e.tenant.clone(), models: e.models.clone(), admin: e.admin };
+            let tenant =
+                Tenant { name: e.tenant.clone(), models: e.models.clone(), admin: e.admin, share_cache: e.share_cache };
             keys.push((digest, Arc::new(tenant)));
         }
         Ok(Self { keys })
@@ -126,6 +147,19 @@ impl KeyStore {
 mod tests {
     use super::*;
 
+    #[test]
+    fn tenants_salt_their_cache_apart_unless_they_share() {
+        let t = |name: &str, share| Tenant { name: name.into(), models: vec![], admin: false, share_cache: share };
+        let a = t("acme", false).cache_salt(None).unwrap();
+        assert_ne!(Some(a.clone()), t("other", false).cache_salt(None));
+        assert_eq!(Some(a.clone()), t("acme", false).cache_salt(None), "stable for a tenant");
+        // A client cannot pick another tenant's salt: its own always comes after the prefix.
+        assert!(t("other", false).cache_salt(Some(&a)).unwrap().starts_with("kvmesh-tenant-"));
+        assert_ne!(t("other", false).cache_salt(Some(&a)).as_deref(), Some(a.as_str()));
+        assert_eq!(t("shared", true).cache_salt(None), None);
+        assert_eq!(t("shared", true).cache_salt(Some("s")).as_deref(), Some("s"));
+    }
+
     fn store() -> KeyStore {
         KeyStore::new(&[
             KeyEntry {
@@ -133,8 +167,15 @@ mod tests {
                 key_sha256: hash_key("sk-acme"),
                 models: vec!["m1".into()],
                 admin: false,
+                share_cache: false,
             },
-            KeyEntry { tenant: "ops".into(), key_sha256: hash_key("sk-ops"), models: vec![], admin: true },
+            KeyEntry {
+                tenant: "ops".into(),
+                key_sha256: hash_key("sk-ops"),
+                models: vec![],
+                admin: true,
+                share_cache: false,
+            },
         ])
         .unwrap()
     }
@@ -171,12 +212,23 @@ mod tests {
 
     #[test]
     fn bad_entries_say_what_to_fix() {
-        let e =
-            KeyStore::new(&[KeyEntry { tenant: "a".into(), key_sha256: "xyz".into(), models: vec![], admin: false }])
-                .unwrap_err()
-                .to_string();
+        let e = KeyStore::new(&[KeyEntry {
+            tenant: "a".into(),
+            key_sha256: "xyz".into(),
+            models: vec![],
+            admin: false,
+            share_cache: false,
+        }])
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("kvmesh keys hash"), "{e}");
-        let dup = KeyEntry { tenant: "a".into(), key_sha256: hash_key("k"), models: vec![], admin: false };
+        let dup = KeyEntry {
+            tenant: "a".into(),
+            key_sha256: hash_key("k"),
+            models: vec![],
+            admin: false,
+            share_cache: false,
+        };
         assert!(KeyStore::new(&[dup.clone(), dup]).unwrap_err().to_string().contains("twice"));
     }
 

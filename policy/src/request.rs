@@ -100,18 +100,42 @@ pub struct ClientRequest {
 }
 
 /// Parses a client's request and removes the fields only the node may set
-/// (`ENGINE_OWNED_FIELDS`); the view is of the request as forwarded.
-pub fn parse_client(endpoint: Endpoint, body: &[u8]) -> Result<ClientRequest, ApiError> {
+/// (`ENGINE_OWNED_FIELDS`); `salt` maps the client's `cache_salt` to the one the request is
+/// sent with (a tenant's own, `auth::Tenant::cache_salt`). The view is of the request as
+/// forwarded.
+pub fn parse_client(
+    endpoint: Endpoint,
+    body: &[u8],
+    salt: impl FnOnce(Option<&str>) -> Option<String>,
+) -> Result<ClientRequest, ApiError> {
     let mut obj = object(body)?;
     let removed: Vec<&'static str> = ENGINE_OWNED_FIELDS.iter().copied().filter(|k| obj.remove(*k).is_some()).collect();
+    let mut changed = !removed.is_empty();
+    // A salt of another type is left for `from_object` to refuse, as vLLM would.
+    if let None | Some(Value::Null) | Some(Value::String(_)) = obj.get("cache_salt") {
+        let client = obj.get("cache_salt").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
+        let sent = salt(client.as_deref());
+        if sent != client {
+            changed = true;
+            match sent {
+                Some(s) => obj.insert("cache_salt".into(), Value::String(s)),
+                None => obj.remove("cache_salt"),
+            };
+        }
+    }
     let req = from_object(endpoint, &obj)?;
-    let body = match removed.is_empty() {
-        true => None,
-        false => Some(
+    let body = match changed {
+        false => None,
+        true => Some(
             serde_json::to_vec(&obj).map_err(|e| ApiError::internal(format!("re-encoding the request failed: {e}")))?,
         ),
     };
     Ok(ClientRequest { req, body, removed })
+}
+
+/// The `salt` of [`parse_client`] that keeps the client's own.
+pub fn client_salt(s: Option<&str>) -> Option<String> {
+    s.map(str::to_owned)
 }
 
 pub fn from_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<InferenceRequest, ApiError> {
@@ -391,7 +415,7 @@ mod tests {
         let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"priority":-100,
             "kv_transfer_params":{"do_remote_prefill":true,"remote_host":"10.9.9.9","remote_port":80},
             "request_id":"mine","chat_template":"{{ 'x' }}","cache_salt":"s"}"#;
-        let c = parse_client(Endpoint::Chat, body).unwrap();
+        let c = parse_client(Endpoint::Chat, body, client_salt).unwrap();
         assert_eq!(c.removed, ["kv_transfer_params", "priority", "request_id", "chat_template"]);
         assert_eq!(c.req.kv_transfer_params, None);
         let forwarded: Value = serde_json::from_slice(c.body.as_deref().unwrap()).unwrap();
@@ -400,7 +424,7 @@ mod tests {
         }
         assert_eq!(forwarded["cache_salt"], "s", "client fields stay");
         let plain = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
-        let c = parse_client(Endpoint::Chat, plain).unwrap();
+        let c = parse_client(Endpoint::Chat, plain, client_salt).unwrap();
         assert!(c.body.is_none() && c.removed.is_empty(), "an untouched request keeps its bytes");
     }
 

@@ -52,11 +52,16 @@ impl Guard {
         if let Some(t) = &tenant {
             ctx.tenant = t.name.clone();
             flow.tenant = t.name.clone();
+            flow.hide_route = !t.admin;
             flow.rec.tenant = Some(t.name.clone());
         }
         let endpoint = ctx.endpoint;
         // Fields only the node may set never reach an engine from a client.
-        let parsed = request::parse_client(endpoint, &body)?;
+        // With keys, each tenant's prompts are cached under its own salt (unless it shares).
+        let parsed = request::parse_client(endpoint, &body, |client| match &tenant {
+            Some(t) => t.cache_salt(client),
+            None => client.map(str::to_owned),
+        })?;
         let mut req = parsed.req;
         let mut body = parsed.body.map(Bytes::from).unwrap_or(body);
         ctx.set_model(&req.model);

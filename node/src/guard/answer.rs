@@ -26,6 +26,11 @@ impl Guard {
         flow.rec.status = status.as_u16();
         flow.rec.served_by = header_string(resp.headers(), "x-kvmesh-served-by");
         flow.rec.route = header_string(resp.headers(), "x-kvmesh-route");
+        let mut resp = resp;
+        if flow.hide_route {
+            // Recorded for the audit; not shown to a tenant, who could probe others' prompts.
+            resp.headers_mut().remove("x-kvmesh-route");
+        }
         let sse = header_string(resp.headers(), header::CONTENT_TYPE.as_str())
             .is_some_and(|c| c.starts_with("text/event-stream"));
         if status.is_success() && req.stream && sse {
@@ -110,6 +115,9 @@ pub struct Flow {
     pub(super) rec: AuditRecord,
     started: Instant,
     pub(super) tenant: String,
+    /// The client's key is not an admin key: routing details (`x-kvmesh-route`, which tells
+    /// how much of a prompt was cached) are not for it.
+    pub(super) hide_route: bool,
     /// The answer's text as released to the client (for webhooks and `record_text`).
     pub(super) text: String,
     /// Characters of the prompt's texts (a length estimate for models without a tokenizer).
@@ -124,6 +132,7 @@ impl Flow {
             rec,
             started: ctx.started,
             tenant: ctx.tenant.clone(),
+            hide_route: false,
             text: String::new(),
             prompt_chars: 0,
         }

@@ -132,7 +132,8 @@ impl Pipeline {
     ) -> Result<(Option<Flow>, InferenceRequest, Bytes), (Option<Flow>, Refusal)> {
         let Some(guard) = &self.guard else {
             // Fields only the node may set never reach an engine from a client.
-            let parsed = request::parse_client(ctx.endpoint, &body).map_err(|e| (None, e.into()))?;
+            let parsed =
+                request::parse_client(ctx.endpoint, &body, request::client_salt).map_err(|e| (None, e.into()))?;
             ctx.set_model(&parsed.req.model);
             let body = parsed.body.map(Bytes::from).unwrap_or(body);
             return Ok((None, parsed.req, body));
