@@ -41,6 +41,13 @@ pub struct Config {
     pub pd: kvmesh_policy::pd::PdSettings,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    /// A client must send a request's headers within this long (the first request and every
+    /// later one on a kept-alive connection): slow or idle connections are closed.
+    pub http_header_timeout_ms: u64,
+    /// ... and its body within this long once the headers are in.
+    pub http_body_timeout_ms: u64,
+    /// Client connections open at once; beyond it new ones are closed at once.
+    pub http_max_connections: usize,
     /// How often each engine's `/health` and `/metrics` are read.
     pub engine_poll_interval_ms: u64,
     /// Connecting to an engine.
@@ -357,6 +364,9 @@ impl Default for Config {
             pd: Default::default(),
             embedded: EngineConfig::default(),
             max_body_bytes: 32 * 1024 * 1024,
+            http_header_timeout_ms: 30_000,
+            http_body_timeout_ms: 60_000,
+            http_max_connections: 10_000,
             engine_poll_interval_ms: 500,
             engine_connect_timeout_ms: 2_000,
             engine_first_byte_timeout_ms: 600_000,
@@ -643,6 +653,9 @@ impl Config {
             if !(self.phi_threshold.is_finite() && self.phi_threshold > 0.0) {
                 return bad(format!("phi_threshold must be > 0, got {}", self.phi_threshold));
             }
+        }
+        if self.http_header_timeout_ms == 0 || self.http_body_timeout_ms == 0 || self.http_max_connections == 0 {
+            return bad("http_header_timeout_ms, http_body_timeout_ms and http_max_connections must be above 0".into());
         }
         if self.max_body_bytes < 1024 {
             return bad(format!("max_body_bytes must be at least 1024, got {}", self.max_body_bytes));

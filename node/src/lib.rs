@@ -11,6 +11,7 @@
 //! node may set are removed at the edge, a guardrail rewrite, and a prefill/decode split).
 //!
 //! Layout, in the order a request meets it:
+//! - `http_server`: accepts connections (header deadline, connection cap, client address).
 //! - `api`: the HTTP routes; makes each request's `ctx::RequestCtx`. `api::admin` holds the
 //!   admin and mesh-debug routes behind one authorization layer.
 //! - `request`: the client request path as named stages, top to bottom
@@ -42,6 +43,7 @@ pub mod telemetry;
 pub(crate) mod api;
 pub(crate) mod ctx;
 pub(crate) mod guard;
+pub(crate) mod http_server;
 pub(crate) mod metrics;
 pub(crate) mod reply;
 pub(crate) mod request;

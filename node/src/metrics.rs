@@ -24,6 +24,8 @@ pub struct NodeMetrics {
     served_models: Mutex<std::collections::HashSet<String>>,
     /// Requests answered, by endpoint, model and HTTP status.
     pub requests: IntCounterVec,
+    /// Client connections closed at once because `http_max_connections` were open.
+    pub http_connections_refused: IntCounter,
     /// Time from request arrival to the first response byte sent, by endpoint and stream mode.
     pub ttfb: HistogramVec,
     /// Whole request, to the last byte.
@@ -187,6 +189,10 @@ impl NodeMetrics {
         let registry = Registry::new_custom(None, Some([("node".to_owned(), node.to_owned())].into_iter().collect()))?;
         let engine = &["engine"];
         let m = Self {
+            http_connections_refused: IntCounter::new(
+                "kvmesh_http_connections_refused_total",
+                "Client connections closed at once because http_max_connections were open.",
+            )?,
             requests: IntCounterVec::new(
                 Opts::new("kvmesh_requests_total", "Requests answered, by endpoint, model and HTTP status."),
                 &["endpoint", "model", "status"],
@@ -393,6 +399,7 @@ impl NodeMetrics {
         };
         for c in [
             Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.http_connections_refused.clone()),
             Box::new(m.ttfb.clone()),
             Box::new(m.duration.clone()),
             Box::new(m.retries.clone()),

@@ -1,6 +1,5 @@
 //! Starting a node: embedded engine (if needed), engine watchers, HTTP server; and stopping it.
 
-use axum::serve::ListenerExt as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -205,7 +204,13 @@ impl Node {
             }));
         }
         let admin_access = crate::request::AdminAccess::of(&cfg.auth);
-        let pipeline = Arc::new(Pipeline::new(router.clone(), guard.clone(), admin_access, cfg.max_body_bytes));
+        let pipeline = Arc::new(Pipeline::new(
+            router.clone(),
+            guard.clone(),
+            admin_access,
+            cfg.max_body_bytes,
+            Config::ms(cfg.http_body_timeout_ms),
+        ));
         if let Some(g) = &guard {
             g.spawn_tasks(mesh.clone(), &tasks, &cancel);
         }
@@ -216,19 +221,12 @@ impl Node {
         let stop = http_stop.clone();
         // Not on the tracker: shutdown awaits it first, on its own, to drain client streams
         // while the mesh endpoint is still up.
-        let http_server = tokio::spawn(async move {
-            // Streamed tokens are small writes: with Nagle's algorithm on, one could wait for the
-            // client's delayed ACK (40 ms on Linux) before leaving.
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            // Each request knows its client's address: admin routes without keys answer loopback only.
-            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
-            let served = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        });
+        let limits = crate::http_server::HttpLimits {
+            header_timeout: Config::ms(cfg.http_header_timeout_ms),
+            max_connections: cfg.http_max_connections,
+        };
+        let refused = router.metrics.http_connections_refused.clone();
+        let http_server = tokio::spawn(crate::http_server::serve(listener, app, limits, stop, refused));
         for e in &engines.engines {
             let v = e.snapshot();
             tracing::info!(engine = %e.name, url = %e.url, healthy = v.healthy, models = ?v.models, "engine configured");

@@ -484,14 +484,16 @@ mod tests {
                 .into(),
         );
         std::fs::write(dir.path().join("tokenizer_config.json"), tc.to_string()).unwrap();
-        let mut cfg = Config::default();
-        cfg.models = vec![crate::config::ModelEntry {
-            name: "strict".into(),
-            tokenizer: dir.path().to_path_buf(),
-            chat_template: None,
-            encoder: Default::default(),
-            max_model_len: None,
-        }];
+        let cfg = Config {
+            models: vec![crate::config::ModelEntry {
+                name: "strict".into(),
+                tokenizer: dir.path().to_path_buf(),
+                chat_template: None,
+                encoder: Default::default(),
+                max_model_len: None,
+            }],
+            ..Config::default()
+        };
         let metrics = Arc::new(NodeMetrics::new("t").unwrap());
         let engines = Arc::new(EngineSet::new(&[], &cfg, reqwest::Client::new()));
         let t = Tokenizers::load(&cfg, metrics, engines).await.unwrap();

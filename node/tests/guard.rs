@@ -542,3 +542,38 @@ async fn a_failed_audit_write_withholds_the_answer_and_the_chain_still_verifies(
         audit_lines(&audit).iter().filter_map(|r| r["request_id"].as_str().map(str::to_owned)).collect();
     assert_eq!(ids.len(), 2, "the two answers clients received, and only those: {ids:?}");
 }
+
+/// With keys, a request without a valid one is refused from its headers: the node answers 401
+/// without waiting for (or buffering) the 30 MB body it announced, and records the refusal.
+#[tokio::test]
+async fn an_unauthenticated_body_is_refused_before_it_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (n, stop) = echo_node(4, |cfg| {
+        cfg.auth.keys = vec![key("acme", "sk-acme", &[], false)];
+    })
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(n.http_addr).await.unwrap();
+    let head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                Content-Length: 31457280\r\n\r\n{\"model\":";
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            let k = tcp.read(&mut buf).await.unwrap_or(0);
+            answer.extend_from_slice(&buf[..k]);
+            if k == 0 || String::from_utf8_lossy(&answer).contains("invalid_api_key") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "answered without the body: {}", String::from_utf8_lossy(&answer));
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    // A keyed client is served as before.
+    let (s, _, _) = send(&n.url(), Some("sk-acme"), &chat("hello", json!({}))).await;
+    assert_eq!(s, 200);
+    stop.cancel();
+    n.shutdown().await;
+}

@@ -220,8 +220,7 @@ async fn a_clients_engine_owned_fields_never_reach_an_engine() {
     assert!(h["x-kvmesh-route"].to_str().unwrap().contains("reason=pd"));
     let (s, _, v) = post(&n.url(), &hostile(chat("short", json!({"max_tokens": 2})))).await;
     assert_eq!(s, 200, "{v}");
-    let p_log = p_log.lock().unwrap();
-    let d_log = d_log.lock().unwrap();
+    let (p_log, d_log) = (p_log.lock().unwrap().clone(), d_log.lock().unwrap().clone());
     let seen: Vec<&(Value, Value)> = p_log.iter().chain(d_log.iter()).collect();
     assert!(seen.len() >= 3, "prefill, decode and the whole request: {}", seen.len());
     for (sent, _) in &seen {
@@ -238,7 +237,6 @@ async fn a_clients_engine_owned_fields_never_reach_an_engine() {
         &d_log.iter().find(|(s, _)| s.get("kv_transfer_params").is_some()).unwrap().0["kv_transfer_params"],
         answered
     );
-    drop((p_log, d_log));
     n.shutdown().await;
     p.shutdown().await;
     d.shutdown().await;

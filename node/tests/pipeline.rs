@@ -230,3 +230,61 @@ async fn repeated_prompts_follow_their_cached_prefix() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A client that sends its headers slowly, or sends none after connecting, has its connection
+/// closed after `http_header_timeout_ms`; beyond `http_max_connections` a connection is closed at
+/// once; the node keeps serving others throughout.
+#[tokio::test]
+async fn slow_idle_and_excess_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let e = engine(fast_engine(), false).await;
+    let mut cfg = node_config(vec![entry(e.url())]);
+    cfg.http_header_timeout_ms = 300;
+    cfg.http_max_connections = 8;
+    let n = node(cfg).await;
+    let addr = n.http_addr;
+    // Half a request line, then nothing: closed once the header deadline passes.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 256];
+    for (what, s) in [("partial headers", &mut slow), ("nothing sent", &mut idle)] {
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(_)) | Ok(Err(_))), "{what}: the node closed the connection (or answered 408)");
+    }
+    assert!(started.elapsed() < Duration::from_secs(3), "closed near the deadline: {:?}", started.elapsed());
+    // A kept-alive connection that goes quiet after a request is closed the same way.
+    let mut kept = tokio::net::TcpStream::connect(addr).await.unwrap();
+    kept.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let k = kept.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..k]).starts_with("HTTP/1.1 200"));
+    let quiet = std::time::Instant::now();
+    let eof = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match kept.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(eof.is_ok() && quiet.elapsed() < Duration::from_secs(3), "an idle kept-alive connection is closed");
+    // Fill the connection limit with idle connections: the next one is closed at once...
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let read = tokio::time::timeout(Duration::from_millis(200), extra.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "a connection over the limit is closed: {read:?}");
+    drop(held);
+    // ... and once they are gone (or timed out) the node serves again.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (s, _, _) = post(&n.url(), &chat("hi", json!({"max_tokens": 1}))).await;
+    assert_eq!(s, 200);
+    assert!(scrape(&n.url(), "kvmesh_http_connections_refused_total").await >= 1.0);
+    n.shutdown().await;
+    e.shutdown().await;
+}

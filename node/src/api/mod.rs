@@ -6,9 +6,7 @@ mod admin;
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -42,36 +40,48 @@ pub fn router(p: Arc<Pipeline>) -> Router {
         .with_state(p)
 }
 
-/// A body over the size limit or unreadable is answered here; anything else goes down the pipeline.
-async fn serve(
-    p: Arc<Pipeline>,
-    endpoint: Endpoint,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let ctx = RequestCtx::client(&p.router.node_name, endpoint, &headers);
-    match body {
-        Ok(b) => p.serve(ctx, &headers, b).await,
-        Err(rejection) => {
-            let e = match rejection {
-                BytesRejection::FailedToBufferBody(_) => ApiError::too_large(p.max_body_bytes()),
-                other => ApiError::invalid(other.body_text(), None),
-            };
-            reply_error(p.metrics(), &ctx, &e)
-        }
+/// The API key is checked before the body is read (a client without one cannot make the node
+/// buffer `max_body_bytes`), the body is read within `http_body_timeout_ms` and the size limit,
+/// and the request goes down the pipeline.
+async fn serve(p: Arc<Pipeline>, endpoint: Endpoint, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let ctx = RequestCtx::client(&p.router.node_name, endpoint, &parts.headers);
+    if let Some(Err(e)) = p.guard.as_ref().map(|g| g.check_client(&parts.headers)) {
+        return p.refuse_unread(ctx, e).await;
     }
+    let limit = p.max_body_bytes();
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return reply_error(p.metrics(), &ctx, &ApiError::too_large(limit));
+    }
+    let body = match tokio::time::timeout(p.body_timeout(), axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            let e = match too_large {
+                true => ApiError::too_large(limit),
+                false => ApiError::invalid(format!("The request body could not be read: {e}"), None),
+            };
+            return reply_error(p.metrics(), &ctx, &e);
+        }
+        Err(_) => {
+            let e = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "The request body did not arrive in time.",
+            );
+            return reply_error(p.metrics(), &ctx, &e);
+        }
+    };
+    p.serve(ctx, &parts.headers, body).await
 }
 
-async fn chat(State(p): State<Arc<Pipeline>>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
-    serve(p, Endpoint::Chat, headers, body).await
+async fn chat(State(p): State<Arc<Pipeline>>, req: Request) -> Response {
+    serve(p, Endpoint::Chat, req).await
 }
 
-async fn completions(
-    State(p): State<Arc<Pipeline>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    serve(p, Endpoint::Completions, headers, body).await
+async fn completions(State(p): State<Arc<Pipeline>>, req: Request) -> Response {
+    serve(p, Endpoint::Completions, req).await
 }
 
 /// Models served anywhere this node can route: its engines' and its live peers'.

@@ -60,6 +60,7 @@ pub struct Pipeline {
     pub admin_access: AdminAccess,
     metrics: Arc<NodeMetrics>,
     max_body_bytes: usize,
+    body_timeout: std::time::Duration,
 }
 
 impl Pipeline {
@@ -68,9 +69,23 @@ impl Pipeline {
         guard: Option<Arc<Guard>>,
         admin_access: AdminAccess,
         max_body_bytes: usize,
+        body_timeout: std::time::Duration,
     ) -> Self {
         let metrics = router.metrics.clone();
-        Self { router, guard, admin_access, metrics, max_body_bytes }
+        Self { router, guard, admin_access, metrics, max_body_bytes, body_timeout }
+    }
+
+    /// How long a request's body may take to arrive once its headers are in.
+    pub fn body_timeout(&self) -> std::time::Duration {
+        self.body_timeout
+    }
+
+    /// A request refused before its body was read (no valid API key): answered and recorded
+    /// like any refusal.
+    pub async fn refuse_unread(&self, ctx: RequestCtx, e: kvmesh_policy::openai::ApiError) -> Response {
+        let flow = self.guard.as_ref().and_then(|g| g.open(&ctx).ok());
+        let span = ctx.span.clone();
+        self.refuse(&ctx, flow, e.into()).instrument(span).await
     }
 
     pub fn max_body_bytes(&self) -> usize {
