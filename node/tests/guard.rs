@@ -577,3 +577,26 @@ async fn an_unauthenticated_body_is_refused_before_it_is_read() {
     stop.cancel();
     n.shutdown().await;
 }
+
+/// A stream whose client did not ask for usage is still charged its completion tokens: the node
+/// asks the engine for the usage chunk and keeps it from the client.
+#[tokio::test]
+async fn streams_without_include_usage_are_charged_and_see_no_usage_chunk() {
+    let mut cfg = node_config(vec![]);
+    cfg.embedded = fast_engine();
+    cfg.limits.default = LimitSpec { tokens_per_minute: Some(400), ..Default::default() };
+    let n = node(cfg).await;
+    let url = n.url();
+    let body = chat("a short question", json!({"max_tokens": 200, "ignore_eos": true, "stream": true}));
+    // Each stream costs ~210 tokens (its prompt and 200 completion tokens): after two, the 400
+    // tokens a minute are spent and a third is refused. Counting prompts alone, it would pass.
+    for i in 0..2 {
+        let (s, _, text) = send(&url, None, &body).await;
+        assert_eq!(s, 200, "stream {i}: {text}");
+        assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+        assert!(!text.contains("\"usage\""), "the client did not ask for usage: {text}");
+    }
+    let (s, _, text) = send(&url, None, &body).await;
+    assert_eq!(s, 429, "{text}");
+    n.shutdown().await;
+}

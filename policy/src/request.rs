@@ -133,6 +133,26 @@ pub fn parse_client(
     Ok(ClientRequest { req, body, removed })
 }
 
+/// A streamed request's body asking the engine for its usage chunk (`stream_options.
+/// include_usage`), for a node that must charge completion tokens the client did not ask to
+/// see; `None` when it asks already or is not streamed.
+pub fn with_stream_usage(body: &[u8]) -> Option<Vec<u8>> {
+    let mut obj = object(body).ok()?;
+    if obj.get("stream") != Some(&Value::Bool(true)) {
+        return None;
+    }
+    let opts = obj.entry("stream_options").or_insert_with(|| Value::Object(Map::new()));
+    if opts.is_null() {
+        *opts = Value::Object(Map::new());
+    }
+    let opts = opts.as_object_mut()?;
+    if opts.get("include_usage") == Some(&Value::Bool(true)) {
+        return None;
+    }
+    opts.insert("include_usage".into(), Value::Bool(true));
+    serde_json::to_vec(&obj).ok()
+}
+
 /// The `salt` of [`parse_client`] that keeps the client's own.
 pub fn client_salt(s: Option<&str>) -> Option<String> {
     s.map(str::to_owned)
@@ -426,6 +446,20 @@ mod tests {
         let plain = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
         let c = parse_client(Endpoint::Chat, plain, client_salt).unwrap();
         assert!(c.body.is_none() && c.removed.is_empty(), "an untouched request keeps its bytes");
+    }
+
+    #[test]
+    fn a_stream_asks_for_usage_only_when_it_did_not() {
+        let b = with_stream_usage(br#"{"model":"m","prompt":"x","stream":true}"#).unwrap();
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert!(with_stream_usage(
+            br#"{"model":"m","prompt":"x","stream":true,"stream_options":{"include_usage":true}}"#
+        )
+        .is_none());
+        assert!(with_stream_usage(br#"{"model":"m","prompt":"x"}"#).is_none());
+        let b = with_stream_usage(br#"{"model":"m","prompt":"x","stream":true,"stream_options":null}"#).unwrap();
+        assert_eq!(serde_json::from_slice::<Value>(&b).unwrap()["stream_options"]["include_usage"], true);
     }
 
     #[test]

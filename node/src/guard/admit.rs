@@ -70,6 +70,14 @@ impl Guard {
         if tenant.as_ref().is_some_and(|t| !t.may_use(&req.model)) {
             return Err(ApiError::model_not_found(&req.model).into());
         }
+        // Completion tokens are charged from the engine's usage: a stream that did not ask for it
+        // asks now, and `stream` keeps the usage chunk from the client.
+        if self.limits_enabled && req.stream && !req.include_usage {
+            if let Some(b) = request::with_stream_usage(&body) {
+                body = Bytes::from(b);
+                flow.hidden_usage = true;
+            }
+        }
         let spec = self.limits.for_tenant(&flow.tenant);
         limits::check_request(&spec, req.max_tokens, req.n, 0)?;
 

@@ -122,6 +122,12 @@ pub struct Flow {
     pub(super) text: String,
     /// Characters of the prompt's texts (a length estimate for models without a tokenizer).
     pub(super) prompt_chars: usize,
+    /// The node asked the engine for a stream's usage chunk the client did not ask for: it is
+    /// read for limits and not passed on.
+    pub(super) hidden_usage: bool,
+    /// Streamed content chunks seen: the completion tokens charged when the engine's usage
+    /// never arrived (a stream cut short), about one token a chunk.
+    pub(super) streamed_chunks: u64,
 }
 
 impl Flow {
@@ -135,12 +141,15 @@ impl Flow {
             hide_route: false,
             text: String::new(),
             prompt_chars: 0,
+            hidden_usage: false,
+            streamed_chunks: 0,
         }
     }
 
     fn close(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
         self.rec.latency_ms = (self.started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
-        if let (Some(n), true) = (self.rec.completion_tokens, self.guard.limits_enabled) {
+        let charged = self.rec.completion_tokens.or((self.streamed_chunks > 0).then_some(self.streamed_chunks));
+        if let (Some(n), true) = (charged, self.guard.limits_enabled) {
             let now = self.guard.now_ms();
             if let Ok(mut l) = self.guard.limiter.lock() {
                 l.charge_tokens(&self.tenant, n, now);

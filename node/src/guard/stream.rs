@@ -99,8 +99,14 @@ impl StreamState {
             }
         }
         if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            let mut hidden = false;
             if let Some(f) = &mut self.flow {
                 f.rec.completion_tokens = Some(n);
+                hidden = f.hidden_usage;
+            }
+            // The usage chunk the node asked for on the client's behalf: read, not sent.
+            if hidden && v["choices"].as_array().is_none_or(Vec::is_empty) {
+                return Ok(());
             }
         }
         let (model, tenant) = self.ctx();
@@ -132,6 +138,12 @@ impl StreamState {
                 released_all.push_str(&released);
             }
             self.template = Some(v.clone());
+        }
+        if let Some(f) = &mut self.flow {
+            let chunks = v["choices"].as_array().map_or(0, |cs| {
+                cs.iter().filter(|c| c.pointer(field).and_then(Value::as_str).is_some_and(|t| !t.is_empty())).count()
+            });
+            f.streamed_chunks = f.streamed_chunks.saturating_add(chunks as u64);
         }
         self.push_text(&released_all);
         if changed {
