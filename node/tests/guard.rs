@@ -600,3 +600,80 @@ async fn streams_without_include_usage_are_charged_and_see_no_usage_chunk() {
     assert_eq!(s, 429, "{text}");
     n.shutdown().await;
 }
+
+/// Prompt rules read every string the engine renders (a message's `name`, a tool's
+/// description), a token-id prompt they cannot read is refused; answer rules read reasoning and
+/// tool-call arguments as well as content, and log-probabilities (which would spell out what
+/// they redact) are refused.
+#[tokio::test]
+async fn guardrails_read_every_rendered_and_returned_field() {
+    // An engine whose answer carries an email in its reasoning and in a tool call's arguments.
+    let app = Router::new()
+        .route("/health", get(|| async { "" }))
+        .route("/metrics", get(|| async { "" }))
+        .route("/v1/models", get(|| async { Json(json!({"object":"list","data":[{"id":"kvmesh-sim","object":"model"}]})) }))
+        .route(
+            "/v1/chat/completions",
+            post(|| async {
+                Json(json!({"id": "x", "object": "chat.completion", "model": "kvmesh-sim", "choices": [{"index": 0,
+                    "message": {"role": "assistant", "content": null, "reasoning_content": "mail bob@example.com",
+                                "tool_calls": [{"id": "c", "type": "function",
+                                                "function": {"name": "send", "arguments": "{\"to\": \"bob@example.com\"}"}}]},
+                    "finish_reason": "tool_calls"}],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}}))
+            }),
+        )
+        .route("/v1/completions", post(|| async { Json(json!({"choices": [{"index": 0, "text": "ok"}]})) }));
+    let (addr, stop) = serve_app(app).await;
+    let mut cfg = node_config(vec![entry(format!("http://{addr}"))]);
+    cfg.guardrails = vec![
+        GuardrailConfig::Deny {
+            name: "no-secrets".into(),
+            on: vec![Stage::Prompt],
+            patterns: vec![],
+            words: vec!["classified".into()],
+        },
+        GuardrailConfig::Pii {
+            name: "pii".into(),
+            on: vec![Stage::Response],
+            types: vec![PiiKind::Email],
+            action: PiiAction::Redact,
+        },
+    ];
+    let n = node(cfg).await;
+    let url = n.url();
+    for (where_, body) in [
+        (
+            "a message's name",
+            json!({"model": "kvmesh-sim", "messages": [{"role": "user", "name": "classified", "content": "hi"}]}),
+        ),
+        (
+            "a tool's description",
+            json!({"model": "kvmesh-sim", "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f", "description": "classified plans", "parameters": {}}}]}),
+        ),
+    ] {
+        let (s, _, t) = send(&url, None, &body).await;
+        assert_eq!(s, 400, "{where_}: {t}");
+        assert_eq!(serde_json::from_str::<Value>(&t).unwrap()["error"]["code"], "content_filter", "{where_}");
+    }
+    let (s, _, t) = post_raw(
+        &url,
+        "/v1/completions",
+        serde_json::to_vec(&json!({"model": "kvmesh-sim", "prompt": [1, 2, 3]})).unwrap(),
+    )
+    .await;
+    assert_eq!(s, 400, "a token-id prompt the rules cannot read: {t}");
+    let (s, _, t) = send(&url, None, &chat("hi", json!({"logprobs": true}))).await;
+    assert_eq!(s, 400, "{t}");
+    assert_eq!(serde_json::from_str::<Value>(&t).unwrap()["error"]["param"], "logprobs");
+    // The answer's reasoning and tool-call arguments are redacted like its content.
+    let (s, _, t) = send(&url, None, &chat("hi", json!({}))).await;
+    assert_eq!(s, 200, "{t}");
+    assert!(!t.contains("bob@example.com"), "{t}");
+    let v: Value = serde_json::from_str(&t).unwrap();
+    assert!(v["choices"][0]["message"]["reasoning_content"].as_str().unwrap().contains("[REDACTED"), "{v}");
+    assert!(v["choices"][0]["message"]["content"].is_null(), "a null content stays null: {v}");
+    stop.cancel();
+    n.shutdown().await;
+}

@@ -88,6 +88,11 @@ pub trait Guardrail: Send + Sync {
     fn name(&self) -> &str;
     fn applies(&self, stage: Stage) -> bool;
     fn scan(&self, ctx: &Context<'_>, text: &str) -> Vec<Finding>;
+    /// Whether the rule reads the text itself (a prompt given as token ids, or an answer's
+    /// log-probabilities, escape it), rather than facts about the request.
+    fn reads_text(&self) -> bool {
+        true
+    }
 }
 
 /// `[[guardrails]]` entries, in the order they run.
@@ -261,6 +266,9 @@ struct ModelsRule {
 }
 
 impl Guardrail for ModelsRule {
+    fn reads_text(&self) -> bool {
+        false
+    }
     fn name(&self) -> &str {
         &self.name
     }
@@ -282,6 +290,9 @@ struct MaxLengthRule {
 }
 
 impl Guardrail for MaxLengthRule {
+    fn reads_text(&self) -> bool {
+        false
+    }
     fn name(&self) -> &str {
         &self.name
     }

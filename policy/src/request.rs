@@ -133,6 +133,56 @@ pub fn parse_client(
     Ok(ClientRequest { req, body, removed })
 }
 
+/// Keys whose strings are not text the model reads: roles, part types, ids, media locations
+/// and encodings (a data URL is bytes, not words).
+const NOT_PROMPT_TEXT: &[&str] = &["role", "type", "id", "tool_call_id", "url", "data", "format", "detail"];
+
+/// Every string of a request the engine renders into the prompt, with its JSON pointer: every
+/// message's strings (content and its text parts, `name`, `reasoning_content`, tool calls'
+/// names and arguments), `tools`, `documents` and `chat_template_kwargs` for chat; `prompt`
+/// (strings) and `suffix` for completions. Guardrails scan all of them, not only message text.
+pub fn prompt_strings(endpoint: Endpoint, body: &Value) -> Vec<(String, String)> {
+    let roots: &[&str] = match endpoint {
+        Endpoint::Chat => &["messages", "tools", "documents", "chat_template_kwargs"],
+        Endpoint::Completions => &["prompt", "suffix"],
+    };
+    let mut out = Vec::new();
+    for root in roots {
+        if let Some(v) = body.get(*root) {
+            collect_strings(v, &mut format!("/{root}"), &mut out);
+        }
+    }
+    out
+}
+
+fn collect_strings(v: &Value, path: &mut String, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::String(s) => out.push((path.clone(), s.clone())),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let len = path.len();
+                path.push_str(&format!("/{i}"));
+                collect_strings(item, path, out);
+                path.truncate(len);
+            }
+        }
+        Value::Object(map) => {
+            for (k, item) in map {
+                if NOT_PROMPT_TEXT.contains(&k.as_str()) {
+                    continue;
+                }
+                let len = path.len();
+                // JSON pointer escaping (RFC 6901).
+                path.push('/');
+                path.push_str(&k.replace('~', "~0").replace('/', "~1"));
+                collect_strings(item, path, out);
+                path.truncate(len);
+            }
+        }
+        _ => {}
+    }
+}
+
 /// A streamed request's body asking the engine for its usage chunk (`stream_options.
 /// include_usage`), for a node that must charge completion tokens the client did not ask to
 /// see; `None` when it asks already or is not streamed.
@@ -446,6 +496,31 @@ mod tests {
         let plain = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
         let c = parse_client(Endpoint::Chat, plain, client_salt).unwrap();
         assert!(c.body.is_none() && c.removed.is_empty(), "an untouched request keeps its bytes");
+    }
+
+    #[test]
+    fn prompt_strings_cover_every_rendered_field() {
+        let body: Value = serde_json::from_str(
+            r#"{"model":"m","messages":[
+                {"role":"user","name":"alice","content":[{"type":"text","text":"hi"},{"type":"image_url","image_url":{"url":"data:x"}}]},
+                {"role":"assistant","content":null,"reasoning_content":"think","tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{\"q\":1}"}}]},
+                {"role":"tool","tool_call_id":"c1","content":"result"}],
+               "tools":[{"type":"function","function":{"name":"f","description":"desc","parameters":{"a/b":{"description":"p"}}}}],
+               "chat_template_kwargs":{"k":"v"},"temperature":1}"#,
+        )
+        .unwrap();
+        let got: Vec<(String, String)> = prompt_strings(Endpoint::Chat, &body);
+        let texts: Vec<&str> = got.iter().map(|(_, t)| t.as_str()).collect();
+        for want in ["alice", "hi", "think", "f", "{\"q\":1}", "result", "desc", "p", "v"] {
+            assert!(texts.contains(&want), "{want} missing from {texts:?}");
+        }
+        assert!(!texts.contains(&"data:x") && !texts.contains(&"user") && !texts.contains(&"c1"));
+        for (ptr, text) in &got {
+            assert_eq!(body.pointer(ptr).and_then(Value::as_str), Some(text.as_str()), "{ptr}");
+        }
+        let c: Value = serde_json::from_str(r#"{"prompt":["a",[1,2]],"suffix":"s"}"#).unwrap();
+        let texts: Vec<String> = prompt_strings(Endpoint::Completions, &c).into_iter().map(|(_, t)| t).collect();
+        assert_eq!(texts, ["a", "s"]);
     }
 
     #[test]

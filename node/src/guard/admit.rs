@@ -9,7 +9,7 @@ use axum::http::HeaderMap;
 use kvmesh_policy::guardrails::{Context, Stage};
 use kvmesh_policy::limits;
 use kvmesh_policy::openai::ApiError;
-use kvmesh_policy::request::{self, Endpoint, InferenceRequest, Prompt};
+use kvmesh_policy::request::{self, InferenceRequest, Prompt};
 use serde_json::Value;
 
 use super::{Flow, Guard, Refusal};
@@ -81,7 +81,30 @@ impl Guard {
         let spec = self.limits.for_tenant(&flow.tenant);
         limits::check_request(&spec, req.max_tokens, req.n, 0)?;
 
-        let mut texts = prompt_texts(&req.prompt);
+        // Every string the engine will render, not only message text (`request::prompt_strings`).
+        let mut doc: Value =
+            serde_json::from_slice(&body).map_err(|e| ApiError::internal(format!("re-reading the request: {e}")))?;
+        let (pointers, mut texts): (Vec<String>, Vec<String>) =
+            request::prompt_strings(endpoint, &doc).into_iter().unzip();
+        if matches!(req.prompt, Prompt::TokenIds(_)) && self.rules().read_text(Stage::Prompt) {
+            return Err(ApiError::invalid(
+                "This node's guardrails read prompt text: send the prompt as text, not token ids.",
+                Some("prompt"),
+            )
+            .into());
+        }
+        // Log-probabilities spell out the answer's tokens, which the answer rules could not
+        // redact consistently.
+        let wants_logprobs = ["logprobs", "top_logprobs"]
+            .iter()
+            .any(|k| doc.get(*k).is_some_and(|v| !v.is_null() && *v != Value::Bool(false)));
+        if wants_logprobs && self.rules().read_text(Stage::Response) {
+            return Err(ApiError::invalid(
+                "This node's guardrails read answers: log-probabilities cannot be returned.",
+                Some("logprobs"),
+            )
+            .into());
+        }
         flow.prompt_chars = texts.iter().map(|t| t.chars().count()).sum();
         let hook_ctx =
             Context { stage: Stage::Prompt, model: &req.model, tenant: &flow.tenant, prompt_chars: flow.prompt_chars };
@@ -93,8 +116,15 @@ impl Guard {
             }
         };
         if changed {
-            body = rewrite_prompt(endpoint, &body, &texts)
-                .ok_or_else(|| ApiError::internal("a guardrail rewrite could not be applied"))?;
+            if texts.len() != pointers.len() {
+                return Err(ApiError::internal("a guardrail rewrite changed the number of texts").into());
+            }
+            for (p, t) in pointers.iter().zip(&texts) {
+                if let Some(slot) = doc.pointer_mut(p) {
+                    *slot = Value::String(t.clone());
+                }
+            }
+            body = Bytes::from(serde_json::to_vec(&doc).map_err(|e| ApiError::internal(e.to_string()))?);
             req = request::parse(endpoint, &body)?;
         }
         if self.audit.as_ref().is_some_and(|a| a.record_text) {
@@ -110,52 +140,5 @@ impl Guard {
         flow.rec.error = Some(refusal.error.message.clone());
         // A refusal either way; an unrecorded one is logged by `finish`.
         let _recorded = flow.finish().await;
-    }
-}
-
-/// The prompt's texts, one per chat message (or the completion prompt).
-fn prompt_texts(p: &Prompt) -> Vec<String> {
-    match p {
-        Prompt::Chat(msgs) => msgs.iter().map(|m| m.content.clone()).collect(),
-        Prompt::Text(t) => vec![t.clone()],
-        Prompt::TokenIds(_) => Vec::new(),
-    }
-}
-
-/// The body with the prompt's texts replaced (a message's content parts become one string).
-fn rewrite_prompt(endpoint: Endpoint, body: &[u8], texts: &[String]) -> Option<Bytes> {
-    let mut v: Value = serde_json::from_slice(body).ok()?;
-    match endpoint {
-        Endpoint::Chat => {
-            let msgs = v.get_mut("messages")?.as_array_mut()?;
-            if msgs.len() != texts.len() {
-                return None;
-            }
-            for (m, t) in msgs.iter_mut().zip(texts) {
-                m.as_object_mut()?.insert("content".into(), Value::String(t.clone()));
-            }
-        }
-        Endpoint::Completions => {
-            v.as_object_mut()?.insert("prompt".into(), Value::String(texts.first()?.clone()));
-        }
-    }
-    serde_json::to_vec(&v).ok().map(Bytes::from)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn prompt_rewrite_replaces_each_message_and_the_completion_prompt() {
-        let body = br#"{"model":"m","messages":[{"role":"system","content":"a"},{"role":"user","content":[{"type":"text","text":"b"}]}],"max_tokens":3}"#;
-        let out = rewrite_prompt(Endpoint::Chat, body, &["A".into(), "B".into()]).unwrap();
-        let v: Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["messages"][0]["content"], "A");
-        assert_eq!(v["messages"][1]["content"], "B");
-        assert_eq!(v["max_tokens"], 3);
-        let out = rewrite_prompt(Endpoint::Completions, br#"{"model":"m","prompt":["x"]}"#, &["y".into()]).unwrap();
-        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap()["prompt"], "y");
-        assert!(rewrite_prompt(Endpoint::Chat, body, &["only one".into()]).is_none());
     }
 }

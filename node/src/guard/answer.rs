@@ -62,11 +62,11 @@ impl Guard {
         let mut out = bytes;
         if let Ok(mut v) = serde_json::from_slice::<Value>(&out) {
             flow.rec.completion_tokens = v["usage"]["completion_tokens"].as_u64();
-            let field = if req.endpoint == Endpoint::Chat { "/message/content" } else { "/text" };
-            let n = v["choices"].as_array().map(Vec::len).unwrap_or(0);
-            let mut texts: Vec<String> = (0..n)
-                .map(|i| v["choices"][i].pointer(field).and_then(Value::as_str).unwrap_or("").to_owned())
-                .collect();
+            // Every string the client reads of each choice: the text, the reasoning, and the
+            // tool calls' names and arguments.
+            let (pointers, mut texts): (Vec<String>, Vec<String>) =
+                answer_strings(req.endpoint, &v).into_iter().unzip();
+            let original = texts.clone();
             let ctx = Context { stage: Stage::Response, model: &req.model, tenant: &flow.tenant, prompt_chars: 0 };
             match self.run_hooks(&ctx, &flow.rec.request_id, &mut texts, &mut flow.rec.guardrails).await {
                 Err((rule, _)) => {
@@ -81,8 +81,11 @@ impl Guard {
                 }
                 Ok(changed) => {
                     if changed {
-                        for (i, t) in texts.iter().enumerate() {
-                            if let Some(slot) = v["choices"][i].pointer_mut(field) {
+                        for ((p, t), was) in pointers.iter().zip(&texts).zip(&original) {
+                            if t == was {
+                                continue;
+                            }
+                            if let Some(slot) = v.pointer_mut(p) {
                                 *slot = Value::String(t.clone());
                             }
                         }
@@ -98,6 +101,40 @@ impl Guard {
         }
         Response::from_parts(parts, Body::from(out))
     }
+}
+
+/// The strings of a whole answer a client reads, with their JSON pointers: each choice's text
+/// (`message.content` or `text`), `reasoning_content`/`reasoning`, and tool calls' names and
+/// arguments.
+fn answer_strings(endpoint: Endpoint, v: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let n = v["choices"].as_array().map(Vec::len).unwrap_or(0);
+    for i in 0..n {
+        let mut fields: Vec<String> = match endpoint {
+            Endpoint::Chat => ["content", "reasoning_content", "reasoning"]
+                .iter()
+                .map(|f| format!("/choices/{i}/message/{f}"))
+                .collect(),
+            Endpoint::Completions => vec![format!("/choices/{i}/text")],
+        };
+        let calls =
+            v.pointer(&format!("/choices/{i}/message/tool_calls")).and_then(Value::as_array).map_or(0, Vec::len);
+        for j in 0..calls {
+            for f in ["name", "arguments"] {
+                fields.push(format!("/choices/{i}/message/tool_calls/{j}/function/{f}"));
+            }
+        }
+        for p in fields {
+            match v.pointer(&p).and_then(Value::as_str) {
+                Some(t) => out.push((p, t.to_owned())),
+                // A choice without text still counts as one (rules that look at the answer's
+                // existence, and webhooks, see every choice).
+                None if p.ends_with("/content") || p.ends_with("/text") => out.push((p, String::new())),
+                None => {}
+            }
+        }
+    }
+    out
 }
 
 /// The answer to a request whose audit record could not be written (`on_full = "reject"`):

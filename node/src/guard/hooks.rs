@@ -78,6 +78,15 @@ impl Rules {
 }
 
 impl Rules {
+    /// Whether any hook reads the text at `stage` (a webhook, or a rule such as `deny` or
+    /// `pii`): then text it cannot see (token ids, log-probabilities) is refused.
+    pub fn read_text(&self, stage: Stage) -> bool {
+        self.hooks.iter().any(|h| match h {
+            Hook::Rule(r) => r.applies(stage) && r.reads_text(),
+            Hook::Webhook(w) => w.on.contains(&stage),
+        })
+    }
+
     /// The set that stands in for one lost to a poisoned lock: one rule that denies every
     /// prompt and every answer, so nothing passes unchecked.
     pub fn fail_closed() -> Self {
