@@ -191,9 +191,16 @@ pub struct AuditRecord {
     /// `node/engine` that answered, and the routing decision (`x-kvmesh-route`).
     pub served_by: Option<String>,
     pub route: Option<String>,
-    /// Prefill/decode split, when the request was disaggregated. P/D serving is built, but this
-    /// field is not filled yet: always null.
+    /// Prefill/decode split, when the request was disaggregated: `prefill=NODE/ENGINE;
+    /// decode=NODE/ENGINE`.
     pub pd: Option<String>,
+    /// SHA-256 (hex) of the request body as the client sent it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_sha256: Option<String>,
+    /// SHA-256 (hex) of the answer's bytes as sent to the client (a stream's up to its closing
+    /// `[DONE]` or error event, which wait for this record).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub response_sha256: Option<String>,
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
     pub latency_ms: f64,

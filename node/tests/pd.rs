@@ -241,3 +241,46 @@ async fn a_clients_engine_owned_fields_never_reach_an_engine() {
     p.shutdown().await;
     d.shutdown().await;
 }
+
+/// A split request's audit record names both hops, and every record carries the SHA-256 of the
+/// request as the client sent it and of the answer as the client received it.
+#[tokio::test]
+async fn audit_records_name_the_split_and_digest_request_and_answer() {
+    use sha2::Digest as _;
+    let (p, d) = (engine(nixl_engine(true), false).await, engine(nixl_engine(true), false).await);
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let mut cfg =
+        node_config(vec![entry_with(p.url(), "prefill", Role::Prefill), entry_with(d.url(), "decode", Role::Decode)]);
+    cfg.pd.min_uncached_tokens = 256;
+    cfg.audit = kvmesh_node::audit::AuditConfig { path: Some(audit.clone()), ..Default::default() };
+    let n = node(cfg).await;
+    let sent = serde_json::to_vec(&long_chat(9, false)).unwrap();
+    let (s, h, received) = post_raw(&n.url(), "/v1/chat/completions", sent.clone()).await;
+    assert_eq!(s, 200, "{received}");
+    assert!(h["x-kvmesh-route"].to_str().unwrap().contains("reason=pd"));
+    n.shutdown().await;
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let rec: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(rec["pd"], "prefill=test-node/prefill; decode=test-node/decode", "{rec}");
+    assert_eq!(rec["request_sha256"], hex::encode(sha2::Sha256::digest(&sent)), "{rec}");
+    assert_eq!(rec["response_sha256"], hex::encode(sha2::Sha256::digest(received.as_bytes())), "{rec}");
+    p.shutdown().await;
+    d.shutdown().await;
+    // A stream's digest covers what was sent before its closing `[DONE]`, which waits for the
+    // record.
+    let (p, d) = (engine(nixl_engine(true), false).await, engine(nixl_engine(true), false).await);
+    let mut cfg =
+        node_config(vec![entry_with(p.url(), "prefill", Role::Prefill), entry_with(d.url(), "decode", Role::Decode)]);
+    cfg.audit = kvmesh_node::audit::AuditConfig { path: Some(audit.clone()), ..Default::default() };
+    let n = node(cfg).await;
+    let (s, _, received) =
+        post_raw(&n.url(), "/v1/chat/completions", serde_json::to_vec(&long_chat(10, true)).unwrap()).await;
+    assert_eq!(s, 200);
+    n.shutdown().await;
+    let body = received.strip_suffix("data: [DONE]\n\n").expect("ends with [DONE]");
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let rec: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(rec["response_sha256"], hex::encode(sha2::Sha256::digest(body.as_bytes())), "{rec}");
+    d.shutdown().await;
+}

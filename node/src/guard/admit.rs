@@ -11,6 +11,7 @@ use kvmesh_policy::limits;
 use kvmesh_policy::openai::ApiError;
 use kvmesh_policy::request::{self, InferenceRequest, Prompt};
 use serde_json::Value;
+use sha2::Digest as _;
 
 use super::{Flow, Guard, Refusal};
 use crate::audit::{unix_ms, AuditRecord, Outcome};
@@ -48,6 +49,7 @@ impl Guard {
         headers: &HeaderMap,
         body: Bytes,
     ) -> Result<(InferenceRequest, Bytes), Refusal> {
+        flow.rec.request_sha256 = Some(hex::encode(sha2::Sha256::digest(&body)));
         let tenant = self.check_client(headers)?;
         if let Some(t) = &tenant {
             ctx.tenant = t.name.clone();

@@ -12,6 +12,7 @@ use kvmesh_policy::guardrails::{Context, Stage};
 use kvmesh_policy::openai::ApiError;
 use kvmesh_policy::request::{Endpoint, InferenceRequest};
 use serde_json::Value;
+use sha2::Digest as _;
 
 use super::{Guard, AUDIT_ACK_TIMEOUT, MAX_CHECKED_BODY};
 use crate::audit::{AuditRecord, Outcome, Slot};
@@ -26,6 +27,7 @@ impl Guard {
         flow.rec.status = status.as_u16();
         flow.rec.served_by = header_string(resp.headers(), "x-kvmesh-served-by");
         flow.rec.route = header_string(resp.headers(), "x-kvmesh-route");
+        flow.rec.pd = split_of(flow.rec.route.as_deref(), flow.rec.served_by.as_deref());
         let mut resp = resp;
         if flow.hide_route {
             // Recorded for the audit; not shown to a tenant, who could probe others' prompts.
@@ -50,6 +52,7 @@ impl Guard {
             }
         };
         if !status.is_success() {
+            flow.rec.response_sha256 = Some(hex::encode(sha2::Sha256::digest(&bytes)));
             flow.rec.outcome = Outcome::Rejected;
             flow.rec.error = serde_json::from_slice::<Value>(&bytes)
                 .ok()
@@ -96,11 +99,23 @@ impl Guard {
             }
             flow.text = texts.join("\n");
         }
+        flow.rec.response_sha256 = Some(hex::encode(sha2::Sha256::digest(&out)));
         if !flow.finish().await {
             return error_response(&audit_unavailable());
         }
         Response::from_parts(parts, Body::from(out))
     }
+}
+
+/// `prefill=...; decode=...` of a split request, from its route (`reason=pd; prefill=...`) and
+/// the engine that decoded it.
+fn split_of(route: Option<&str>, served_by: Option<&str>) -> Option<String> {
+    let route = route?;
+    if !route.split("; ").any(|kv| kv == "reason=pd") {
+        return None;
+    }
+    let prefill = route.split("; ").find_map(|kv| kv.strip_prefix("prefill="))?;
+    Some(format!("prefill={prefill}; decode={}", served_by.unwrap_or("unknown")))
 }
 
 /// The strings of a whole answer a client reads, with their JSON pointers: each choice's text

@@ -19,6 +19,7 @@ use super::answer::audit_unavailable;
 use super::hooks::{Hook, Rules, WebhookVerdict};
 use super::{Flow, Guard, MAX_CHECKED_BODY};
 use crate::audit::{HookVerdict, Outcome, Verdict};
+use sha2::{Digest, Sha256};
 
 impl Guard {
     pub(super) fn stream_answer(self: Arc<Self>, flow: Flow, req: &InferenceRequest, resp: Response) -> Response {
@@ -35,6 +36,7 @@ impl Guard {
             saw_done: false,
             finished: false,
             flow: Some(flow),
+            sent: Sha256::new(),
             guard: self,
         };
         Response::from_parts(parts, Body::from_stream(guarded_stream(state)))
@@ -59,9 +61,18 @@ struct StreamState {
     saw_done: bool,
     finished: bool,
     flow: Option<Flow>,
+    /// The bytes sent to the client so far, for the record's `response_sha256`.
+    sent: Sha256,
 }
 
 impl StreamState {
+    /// The digest of what was sent, followed by `pending` (not sent yet).
+    fn digest_with(&self, pending: &[u8]) -> String {
+        let mut h = self.sent.clone();
+        h.update(pending);
+        hex::encode(h.finalize())
+    }
+
     fn ctx(&self) -> (String, String) {
         (self.model.clone(), self.flow.as_ref().map(|f| f.tenant.clone()).unwrap_or_default())
     }
@@ -224,6 +235,7 @@ impl StreamState {
         out.extend_from_slice(err.to_sse_event().as_bytes());
         out.extend_from_slice(b"data: [DONE]\n\n");
         if let Some(mut f) = self.flow.take() {
+            f.rec.response_sha256 = Some(self.digest_with(out));
             f.rec.outcome = Outcome::GuardrailStopped;
             f.rec.error = Some(err.message.clone());
             // Stopped either way; an unrecorded stop is logged by `finish`.
@@ -288,6 +300,7 @@ impl StreamState {
                 f.rec.outcome = Outcome::GuardrailStopped;
                 f.rec.error = Some(err.message.clone());
             }
+            f.rec.response_sha256 = Some(self.digest_with(out));
             // The end of the answer waits for its record: a stream whose record is not on file
             // ends with an error, not `[DONE]`.
             if !f.finish().await {
@@ -343,6 +356,9 @@ fn guarded_stream(state: StreamState) -> impl Stream<Item = Result<Bytes, std::c
         if out.is_empty() {
             None
         } else {
+            if s.flow.is_some() {
+                s.sent.update(&out);
+            }
             Some((Ok(Bytes::from(out)), s))
         }
     })
