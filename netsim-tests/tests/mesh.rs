@@ -278,6 +278,7 @@ async fn a_forwarded_prompt_is_not_tokenized_again() {
             kv_events: e.kv_events_endpoint.clone(),
             kv_events_replay: None,
             api_key: None,
+            api_key_file: None,
             role: Default::default(),
             data_parallel_size: 1,
         });

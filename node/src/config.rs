@@ -341,6 +341,10 @@ pub struct EngineEntry {
     /// Sent as `Authorization: Bearer` to engines started with `--api-key`.
     #[serde(default)]
     pub api_key: Option<String>,
+    /// A file holding `api_key` (its first line), read at start: keeps the key out of the config
+    /// and off the command line (`--engine URL,api-key-file=PATH`).
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
     /// The engine's `--data-parallel-size`: its ranks are routed to as engines of their own
     /// (`{name}-dp{rank}`), each with its rank's KV events (the endpoints' ports plus the rank,
     /// as vLLM offsets them), its rank's metrics (`engine="{rank}"`), and requests pinned to it
@@ -430,8 +434,11 @@ pub struct ServeArgs {
     /// Address of the OpenAI API (default 0.0.0.0:8080).
     #[arg(long, env = "KVMESH_HTTP_ADDR")]
     pub http_addr: Option<String>,
-    /// An engine: `URL` or `URL,kv-events=tcp://HOST:PORT`. Repeatable; replaces the file's list.
-    #[arg(long = "engine", env = "KVMESH_ENGINES", value_delimiter = ';')]
+    /// An engine: `URL[,kv-events=tcp://HOST:PORT][,kv-events-replay=tcp://HOST:PORT][,name=NAME]
+    /// [,api-key-file=PATH][,role=prefill|decode|both][,dp-size=N]`. Repeatable; replaces the
+    /// file's list. (`api-key=KEY` works too, but puts the key where every user of the machine
+    /// can read it.)
+    #[arg(long = "engine", env = "KVMESH_ENGINES", value_delimiter = ';', hide_env_values = true)]
     pub engines: Vec<String>,
     /// This node's name.
     #[arg(long, env = "KVMESH_NODE_NAME")]
@@ -487,6 +494,24 @@ pub struct ServeArgs {
 }
 
 impl Config {
+    /// Reads each engine's `api_key_file` into its `api_key`.
+    pub fn read_secret_files(&mut self) -> Result<(), NodeError> {
+        for (i, e) in self.engines.iter_mut().enumerate() {
+            let Some(path) = &e.api_key_file else { continue };
+            if e.api_key.is_some() {
+                return Err(NodeError::Config(format!("engines[{i}]: set api_key or api_key_file, not both")));
+            }
+            let text = std::fs::read_to_string(path)
+                .map_err(|err| NodeError::Config(format!("engines[{i}].api_key_file {}: {err}", path.display())))?;
+            let key = text.lines().next().unwrap_or("").trim().to_owned();
+            if key.is_empty() {
+                return Err(NodeError::Config(format!("engines[{i}].api_key_file {} is empty", path.display())));
+            }
+            e.api_key = Some(key);
+        }
+        Ok(())
+    }
+
     pub fn load(args: &ServeArgs) -> Result<Self, NodeError> {
         let mut cfg = match &args.config {
             Some(path) => {
@@ -505,7 +530,11 @@ impl Config {
         }
         if !args.engines.is_empty() {
             cfg.engines = args.engines.iter().map(|s| parse_engine_flag(s)).collect::<Result<_, _>>()?;
+            if std::env::args().any(|a| a.contains("api-key=")) {
+                tracing::warn!("an engine API key on the command line (--engine ...,api-key=) is visible to every user of this machine; use api-key-file=PATH or KVMESH_ENGINES");
+            }
         }
+        cfg.read_secret_files()?;
         if args.no_embedded_engine {
             cfg.embedded_engine = false;
         }
@@ -838,8 +867,15 @@ fn parse_role(s: &str) -> Result<NodeRole, String> {
     }
 }
 
+/// `--engine SPEC` as shown in messages: the value of `api-key=` replaced by `***`.
+fn redact_api_key(s: &str) -> String {
+    s.split(',').map(|p| if p.starts_with("api-key=") { "api-key=***" } else { p }).collect::<Vec<_>>().join(",")
+}
+
 /// `URL` or `URL,kv-events=ENDPOINT,name=NAME,api-key=KEY`.
 pub fn parse_engine_flag(s: &str) -> Result<EngineEntry, NodeError> {
+    // Errors quote the flag with any key blanked out: they end up in logs.
+    let shown = redact_api_key(s);
     let mut parts = s.split(',');
     let url = parts.next().unwrap_or_default().trim().to_owned();
     let mut e = EngineEntry {
@@ -848,6 +884,7 @@ pub fn parse_engine_flag(s: &str) -> Result<EngineEntry, NodeError> {
         kv_events: None,
         kv_events_replay: None,
         api_key: None,
+        api_key_file: None,
         role: Default::default(),
         data_parallel_size: 1,
     };
@@ -857,9 +894,10 @@ pub fn parse_engine_flag(s: &str) -> Result<EngineEntry, NodeError> {
             Some(("kv-events-replay", v)) => e.kv_events_replay = Some(v.to_owned()),
             Some(("name", v)) => e.name = Some(v.to_owned()),
             Some(("api-key", v)) => e.api_key = Some(v.to_owned()),
+            Some(("api-key-file", v)) => e.api_key_file = Some(PathBuf::from(v)),
             Some(("dp-size", v)) => {
                 e.data_parallel_size = v.parse().map_err(|_| {
-                    NodeError::Config(format!("--engine `{s}`: dp-size `{v}` is not a number of ranks"))
+                    NodeError::Config(format!("--engine `{shown}`: dp-size `{v}` is not a number of ranks"))
                 })?
             }
             Some(("role", v)) => {
@@ -869,14 +907,14 @@ pub fn parse_engine_flag(s: &str) -> Result<EngineEntry, NodeError> {
                     "both" => kvmesh_policy::pd::Role::Both,
                     other => {
                         return Err(NodeError::Config(format!(
-                            "--engine `{s}`: role `{other}` is not prefill, decode or both"
+                            "--engine `{shown}`: role `{other}` is not prefill, decode or both"
                         )))
                     }
                 }
             }
             _ => {
                 return Err(NodeError::Config(format!(
-                    "--engine `{s}`: unknown part `{p}`; expected URL[,kv-events=tcp://HOST:PORT][,kv-events-replay=tcp://HOST:PORT][,name=NAME][,api-key=KEY][,role=prefill|decode|both][,dp-size=N]"
+                    "--engine `{shown}`: unknown part `{p}`; expected URL[,kv-events=tcp://HOST:PORT][,kv-events-replay=tcp://HOST:PORT][,name=NAME][,api-key-file=PATH][,role=prefill|decode|both][,dp-size=N]"
                 )))
             }
         }
@@ -887,6 +925,21 @@ pub fn parse_engine_flag(s: &str) -> Result<EngineEntry, NodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn engine_keys_come_from_files_and_never_show_in_messages() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("engine.key");
+        std::fs::write(&key, "sk-engine\n").unwrap();
+        let mut cfg = Config {
+            engines: vec![parse_engine_flag(&format!("http://h:1,api-key-file={}", key.display())).unwrap()],
+            ..Config::default()
+        };
+        cfg.read_secret_files().unwrap();
+        assert_eq!(cfg.engines[0].api_key.as_deref(), Some("sk-engine"));
+        let err = parse_engine_flag("http://h:1,api-key=sk-secret,role=nope").unwrap_err().to_string();
+        assert!(!err.contains("sk-secret") && err.contains("api-key=***"), "{err}");
+    }
 
     #[test]
     fn file_then_flags() {

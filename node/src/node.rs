@@ -153,6 +153,7 @@ impl Node {
                 kv_events: e.kv_events_endpoint.clone(),
                 kv_events_replay: e.kv_events_replay_endpoint.clone(),
                 api_key: None,
+                api_key_file: None,
                 role: cfg.embedded_role,
                 data_parallel_size: 1,
             });

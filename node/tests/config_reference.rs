@@ -51,6 +51,7 @@ fn key_paths() -> BTreeMap<String, Value> {
         kv_events: Some("tcp://e:1".into()),
         kv_events_replay: Some("tcp://e:2".into()),
         api_key: Some("k".into()),
+        api_key_file: None,
         role: Default::default(),
         data_parallel_size: 1,
     }];

@@ -36,6 +36,7 @@ async fn node_for(e: &RunningEngine) -> RunningNode {
         kv_events: e.kv_events_endpoint.clone(),
         kv_events_replay: e.kv_events_replay_endpoint.clone(),
         api_key: None,
+        api_key_file: None,
         role: Default::default(),
         data_parallel_size: 1,
     }]))
@@ -168,6 +169,7 @@ async fn an_unanswered_replay_times_out_and_drops_the_index() {
         kv_events: e.kv_events_endpoint.clone(),
         kv_events_replay: Some(silent_ep),
         api_key: None,
+        api_key_file: None,
         role: Default::default(),
         data_parallel_size: 1,
     }]);

@@ -71,6 +71,7 @@ fn entry_with(url: String, name: &str, role: Role) -> EngineEntry {
         kv_events: None,
         kv_events_replay: None,
         api_key: None,
+        api_key_file: None,
         role,
         data_parallel_size: 1,
     }

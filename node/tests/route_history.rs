@@ -21,6 +21,7 @@ async fn two_engines_without_kv_events(model: &str) -> (kvmesh_node::RunningNode
             kv_events: None,
             kv_events_replay: None,
             api_key: None,
+            api_key_file: None,
             role: Default::default(),
             data_parallel_size: 1,
         })

@@ -143,6 +143,7 @@ async fn overhead(a: OverheadArgs) -> Result<(), NodeError> {
             kv_events: None,
             kv_events_replay: None,
             api_key: None,
+            api_key_file: None,
             role: Default::default(),
             data_parallel_size: 1,
         }],

@@ -42,6 +42,7 @@ pub fn entry(url: String) -> EngineEntry {
         kv_events: None,
         kv_events_replay: None,
         api_key: None,
+        api_key_file: None,
         role: Default::default(),
         data_parallel_size: 1,
     }
