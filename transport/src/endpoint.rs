@@ -31,6 +31,10 @@ pub struct EndpointConfig {
     pub keep_alive: Duration,
     /// A connection with no traffic (keep-alives included) for this long is closed.
     pub idle_timeout: Duration,
+    /// The mesh's cluster id, negotiated in the TLS handshake (ALPN `kvmesh/1/{id}`): nodes of
+    /// another mesh under the same CA cannot connect, for requests or gossip. `None`: plain
+    /// `kvmesh/1` (tools and tests).
+    pub cluster_id: Option<String>,
 }
 
 impl EndpointConfig {
@@ -41,6 +45,7 @@ impl EndpointConfig {
             io_timeout: Duration::from_secs(5),
             keep_alive: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(3),
+            cluster_id: None,
         }
     }
 }
@@ -134,12 +139,12 @@ impl MeshEndpoint {
         transport.max_concurrent_bidi_streams(4096u32.into());
         transport.max_concurrent_uni_streams(4096u32.into());
         let transport = Arc::new(transport);
-        let server_crypto =
-            QuicServerConfig::try_from(identity.server_config()?).map_err(|e| TransportError::Tls(e.to_string()))?;
+        let server_crypto = QuicServerConfig::try_from(identity.server_config_for(cfg.cluster_id.as_deref())?)
+            .map_err(|e| TransportError::Tls(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
         server.transport_config(transport.clone());
-        let client_crypto =
-            QuicClientConfig::try_from(identity.client_config()?).map_err(|e| TransportError::Tls(e.to_string()))?;
+        let client_crypto = QuicClientConfig::try_from(identity.client_config_for(cfg.cluster_id.as_deref())?)
+            .map_err(|e| TransportError::Tls(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
         client.transport_config(transport);
         let endpoint = match socket {

@@ -68,6 +68,15 @@ impl TlsIdentity {
     }
 
     pub fn server_config(&self) -> Result<rustls::ServerConfig, TransportError> {
+        self.server_config_for(None)
+    }
+
+    pub fn client_config(&self) -> Result<rustls::ClientConfig, TransportError> {
+        self.client_config_for(None)
+    }
+
+    /// As `server_config`, speaking only the ALPN of `cluster_id` (`alpn`).
+    pub fn server_config_for(&self, cluster_id: Option<&str>) -> Result<rustls::ServerConfig, TransportError> {
         let provider = provider();
         let verifier = WebPkiClientVerifier::builder_with_provider(self.roots()?, provider.clone())
             .build()
@@ -78,11 +87,12 @@ impl TlsIdentity {
             .with_client_cert_verifier(verifier)
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TransportError::Tls(format!("node certificate/key: {e}")))?;
-        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        cfg.alpn_protocols = vec![alpn(cluster_id)];
         Ok(cfg)
     }
 
-    pub fn client_config(&self) -> Result<rustls::ClientConfig, TransportError> {
+    /// As `client_config`, offering only the ALPN of `cluster_id` (`alpn`).
+    pub fn client_config_for(&self, cluster_id: Option<&str>) -> Result<rustls::ClientConfig, TransportError> {
         let provider = provider();
         let inner = WebPkiServerVerifier::builder_with_provider(self.roots()?, provider.clone())
             .build()
@@ -94,8 +104,17 @@ impl TlsIdentity {
             .with_custom_certificate_verifier(Arc::new(ClusterCaVerifier { inner }))
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
             .map_err(|e| TransportError::Tls(format!("node certificate/key: {e}")))?;
-        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        cfg.alpn_protocols = vec![alpn(cluster_id)];
         Ok(cfg)
+    }
+}
+
+/// The ALPN protocol of a mesh: `kvmesh/1`, or `kvmesh/1/{cluster_id}`. Both sides must offer
+/// the same one, so a handshake between two meshes fails even under one CA.
+pub fn alpn(cluster_id: Option<&str>) -> Vec<u8> {
+    match cluster_id {
+        Some(id) => [ALPN, b"/", id.as_bytes()].concat(),
+        None => ALPN.to_vec(),
     }
 }
 

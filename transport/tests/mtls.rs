@@ -20,7 +20,14 @@ fn identity(dir: &std::path::Path, name: &str) -> TlsIdentity {
 }
 
 fn endpoint(id: &TlsIdentity) -> Arc<MeshEndpoint> {
-    let cfg = EndpointConfig::new("127.0.0.1:0".parse().unwrap());
+    endpoint_in(id, None)
+}
+
+fn endpoint_in(id: &TlsIdentity, cluster_id: Option<&str>) -> Arc<MeshEndpoint> {
+    let cfg = EndpointConfig {
+        cluster_id: cluster_id.map(str::to_owned),
+        ..EndpointConfig::new("127.0.0.1:0".parse().unwrap())
+    };
     let (ep, _inbox) = MeshEndpoint::bind(id, cfg, &CancellationToken::new(), &TaskTracker::new()).unwrap();
     ep
 }
@@ -86,6 +93,22 @@ async fn foreign_ca_is_refused_both_ways() {
     assert!(err.is_err(), "a member must not talk to a server of another CA");
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(member.stats.refused_connections.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+}
+
+/// Two meshes under one CA (the same certificates) but different cluster ids cannot reach each
+/// other: the ALPN each offers names its cluster.
+#[tokio::test]
+async fn another_cluster_under_the_same_ca_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = endpoint_in(&identity(dir.path(), "node-a"), Some("prod"));
+    let b = endpoint_in(&identity(dir.path(), "node-b"), Some("prod"));
+    let c = endpoint_in(&identity(dir.path(), "node-c"), Some("staging"));
+    echo_handler(&b);
+    echo_handler(&c);
+    let (h, _) = a.request(b.local_addr(), &head(), b"x", Duration::from_secs(2)).await.expect("same cluster");
+    assert_eq!(h.status, 200);
+    assert!(a.request(c.local_addr(), &head(), b"x", Duration::from_secs(2)).await.is_err(), "another cluster");
+    assert!(c.request(b.local_addr(), &head(), b"x", Duration::from_secs(2)).await.is_err(), "either way");
 }
 
 #[tokio::test]

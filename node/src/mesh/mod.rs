@@ -70,9 +70,12 @@ impl Mesh {
         })?;
         let bind: SocketAddr =
             cfg.quic_addr.parse().map_err(|_| NodeError::Config(format!("quic_addr `{}`", cfg.quic_addr)))?;
+        // The base cluster id (cells' gossip ids derive from it): another mesh under the same
+        // CA fails the handshake.
+        let ecfg = EndpointConfig { cluster_id: Some(cfg.cluster_id.clone()), ..EndpointConfig::new(bind) };
         let bound = match socket {
-            None => MeshEndpoint::bind(&identity, EndpointConfig::new(bind), cancel, tasks),
-            Some(s) => MeshEndpoint::with_socket(&identity, EndpointConfig::new(bind), s, cancel, tasks),
+            None => MeshEndpoint::bind(&identity, ecfg, cancel, tasks),
+            Some(s) => MeshEndpoint::with_socket(&identity, ecfg, s, cancel, tasks),
         };
         let (endpoint, inbox) = bound.map_err(|e| NodeError::Mesh(e.to_string()))?;
         let advertise = match &cfg.advertise_addr {
