@@ -187,6 +187,39 @@ async fn foreign_certificate_cannot_join_nor_send() {
     cluster.shutdown().await;
 }
 
+/// A member speaks only for itself: a forwarded request naming another origin than the node its
+/// certificate names is refused (403), and a node whose certificate is for another name does not
+/// start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cannot_speak_for_another_node() {
+    let cluster = Cluster::with_nodes("identity", 2).await;
+    cluster.converge(Duration::from_secs(3)).await;
+    let head = |origin: &str| kvmesh_transport::RequestHead {
+        path: "/v1/chat/completions".into(),
+        request_id: "x".into(),
+        origin: origin.into(),
+        engine: "embedded-sim".into(),
+        stream: false,
+        prompt: None,
+        ..Default::default()
+    };
+    let target = cluster.node(0).mesh.as_ref().unwrap().advertise;
+    let body = serde_json::to_vec(&chat(0, false, 2)).unwrap();
+    let n1 = &cluster.node(1).mesh.as_ref().unwrap().endpoint;
+    let (h, _) = n1.request(target, &head("n1"), &body, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(h.status, 200, "n1 speaking as itself");
+    let (h, _) = n1.request(target, &head("n0"), &body, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(h.status, 403, "n1 claiming to be another node");
+    // n1's certificate under another node name: refused at start, with what to do.
+    let mut cfg = cluster.config("n1");
+    let (ca, cert, key) = cfg.tls_paths().unwrap();
+    (cfg.ca, cfg.cert, cfg.key, cfg.tls_dir) = (Some(ca), Some(cert), Some(key), None);
+    cfg.node_name = "impostor".into();
+    let err = kvmesh_node::Node::start(cfg, &tokio_util::sync::CancellationToken::new()).await.err().expect("refused");
+    assert!(err.to_string().contains("is for node `n1`, but node_name is `impostor`"), "{err}");
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_node_rejoins_with_a_new_generation() {
     let mut cluster = Cluster::with_nodes("restart", 3).await;

@@ -56,6 +56,11 @@ impl TlsIdentity {
         Ok(Self { ca: ca_der, chain, key: key_der })
     }
 
+    /// The node name this identity's certificate was made for (its first DNS name).
+    pub fn name(&self) -> Option<String> {
+        cert_name(self.chain.first()?)
+    }
+
     /// `DIR/ca.crt`, `DIR/NAME.crt`, `DIR/NAME.key`, as `kvmesh cert node` writes them.
     pub fn paths_in(dir: &Path, node_name: &str) -> (PathBuf, PathBuf, PathBuf) {
         (dir.join(crate::certs::CA_CERT), dir.join(format!("{node_name}.crt")), dir.join(format!("{node_name}.key")))
@@ -171,7 +176,12 @@ impl ServerCertVerifier for ClusterCaVerifier {
 /// The first DNS name in a peer's end-entity certificate: its node name.
 pub fn peer_name(conn: &quinn::Connection) -> Option<String> {
     let chain = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    let (_, cert) = x509_parser::parse_x509_certificate(chain.first()?).ok()?;
+    cert_name(chain.first()?)
+}
+
+/// The first DNS name of a certificate: the node name `kvmesh cert node --name` gave it.
+fn cert_name(der: &CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let san = cert.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|n| match n {
         x509_parser::extensions::GeneralName::DNSName(d) => Some((*d).to_owned()),

@@ -68,6 +68,17 @@ impl Mesh {
                 cfg.node_name
             ))
         })?;
+        // Peers know a node by the name in its certificate: its requests and gossip must carry
+        // that same name.
+        if let Some(name) = identity.name().filter(|n| n != &cfg.node_name) {
+            return Err(NodeError::Config(format!(
+                "the certificate {} is for node `{name}`, but node_name is `{}`: set --node-name {name}, or make a \
+                 certificate for this name with `kvmesh cert node --name {}`",
+                cert.display(),
+                cfg.node_name,
+                cfg.node_name
+            )));
+        }
         let bind: SocketAddr =
             cfg.quic_addr.parse().map_err(|_| NodeError::Config(format!("quic_addr `{}`", cfg.quic_addr)))?;
         // The base cluster id (cells' gossip ids derive from it): another mesh under the same

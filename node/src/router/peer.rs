@@ -32,6 +32,24 @@ impl Router {
     /// A request a peer sent: served by this node's engines (or its cell's, for a relay),
     /// answered on the QUIC stream.
     pub async fn serve_peer(self: Arc<Self>, req: IncomingRequest) {
+        // A peer speaks for itself only: the origin it names is the name its certificate proves.
+        if req.peer_name.as_deref() != Some(req.head.origin.as_str()) {
+            tracing::warn!(peer = %req.peer, certificate = ?req.peer_name, claimed = ?req.head.origin, "a peer request names another origin than its certificate; refused");
+            let head = ResponseHead {
+                status: 403,
+                content_type: "application/json".into(),
+                served_by: self.node_name.clone(),
+                retryable: false,
+            };
+            let err = ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "permission_error",
+                "The request's origin is not the node its certificate names.",
+            );
+            let body = futures::stream::iter([Ok::<_, std::io::Error>(bytes::Bytes::from(err.to_json()))]);
+            let _ = respond(req.respond, &head, body, Duration::from_secs(2)).await;
+            return;
+        }
         let ask = req.head.ask();
         if let PeerRequest::Place(query) = ask {
             return self.serve_placement(req, query).await;
