@@ -68,6 +68,13 @@ pub type RequestHandler = Arc<dyn Fn(IncomingRequest) -> Pin<Box<dyn Future<Outp
 /// Largest forwarded request body and gossip message accepted from a peer.
 pub const MAX_REQUEST_BODY: usize = 64 * 1024 * 1024;
 pub const MAX_GOSSIP_MESSAGE: usize = 4 * 1024 * 1024;
+/// Forwarded request bodies held at once, from all peers together (KiB): a request that would
+/// pass it is reset (the origin retries elsewhere) instead of growing memory without bound.
+pub const PEER_BODY_BUDGET_KIB: usize = 512 * 1024;
+/// Concurrent request streams one peer may open (each a forwarded request in flight), and
+/// gossip streams.
+const MAX_BIDI_STREAMS: u32 = 1024;
+const MAX_UNI_STREAMS: u32 = 256;
 /// Gossip messages waiting for the gossip loop; beyond this they are dropped (gossip repeats).
 const GOSSIP_INBOX: usize = 4096;
 
@@ -92,6 +99,8 @@ pub struct MeshEndpoint {
     cfg: EndpointConfig,
     cancel: CancellationToken,
     tasks: TaskTracker,
+    /// `PEER_BODY_BUDGET_KIB`, taken as forwarded bodies are read, given back when served.
+    body_budget: Arc<tokio::sync::Semaphore>,
     pub stats: EndpointStats,
 }
 
@@ -136,8 +145,8 @@ impl MeshEndpoint {
         transport.max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(cfg.idle_timeout).map_err(|e| TransportError::Tls(e.to_string()))?,
         ));
-        transport.max_concurrent_bidi_streams(4096u32.into());
-        transport.max_concurrent_uni_streams(4096u32.into());
+        transport.max_concurrent_bidi_streams(MAX_BIDI_STREAMS.into());
+        transport.max_concurrent_uni_streams(MAX_UNI_STREAMS.into());
         let transport = Arc::new(transport);
         let server_crypto = QuicServerConfig::try_from(identity.server_config_for(cfg.cluster_id.as_deref())?)
             .map_err(|e| TransportError::Tls(e.to_string()))?;
@@ -173,6 +182,7 @@ impl MeshEndpoint {
             cancel: cancel.child_token(),
             tasks: tasks.clone(),
             stats: EndpointStats::default(),
+            body_budget: Arc::new(tokio::sync::Semaphore::new(PEER_BODY_BUDGET_KIB)),
         });
         let me = this.clone();
         tasks.spawn(async move { me.accept_loop().await });
@@ -292,12 +302,30 @@ impl MeshEndpoint {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
+        let budget = self.body_budget.clone();
         let read = async {
             let head: RequestHead = frame::read_head(&mut recv).await?;
-            let body = recv.read_to_end(MAX_REQUEST_BODY).await.map_err(|e| TransportError::Stream(e.to_string()))?;
-            Ok::<_, TransportError>((head, body))
+            let mut body = Vec::new();
+            let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
+            while let Some(chunk) =
+                recv.read_chunk(64 * 1024, true).await.map_err(|e| TransportError::Stream(e.to_string()))?
+            {
+                if body.len() + chunk.bytes.len() > MAX_REQUEST_BODY {
+                    return Err(TransportError::Stream(format!("request body over {MAX_REQUEST_BODY} bytes")));
+                }
+                let kib = chunk.bytes.len().div_ceil(1024) as u32;
+                let permit = budget.clone().try_acquire_many_owned(kib).map_err(|_| {
+                    TransportError::Stream("forwarded bodies are over this node's memory budget".into())
+                })?;
+                match &mut held {
+                    Some(h) => h.merge(permit),
+                    None => held = Some(permit),
+                }
+                body.extend_from_slice(&chunk.bytes);
+            }
+            Ok::<_, TransportError>((head, body, held))
         };
-        let (head, body) = match tokio::time::timeout(self.cfg.io_timeout, read).await {
+        let (head, body, _held) = match tokio::time::timeout(self.cfg.io_timeout, read).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 tracing::warn!(%peer, error = %e, "bad forwarded request");

@@ -176,3 +176,26 @@ fn cert_names_are_checked() {
     assert!(certs::create_ca(dir.path(), "t").is_err(), "never overwrite a CA");
     assert!(certs::create_node(dir.path(), dir.path(), "bad name!").is_err());
 }
+
+/// One peer cannot hold more than 1,024 request streams open on a node: the next one waits for
+/// a free slot instead of costing the node another buffer.
+#[tokio::test]
+async fn a_peer_cannot_open_unbounded_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = endpoint(&identity(dir.path(), "node-a"));
+    let b = endpoint(&identity(dir.path(), "node-b"));
+    echo_handler(&b);
+    let conn = a.connection(b.local_addr()).await.unwrap();
+    let mut held = Vec::new();
+    for i in 0..1024 {
+        let (mut send, recv) = tokio::time::timeout(Duration::from_secs(2), conn.open_bi())
+            .await
+            .unwrap_or_else(|_| panic!("stream {i} opens"))
+            .unwrap();
+        // A stream counts once the peer has seen it.
+        send.write_all(b"x").await.unwrap();
+        held.push((send, recv));
+    }
+    let next = tokio::time::timeout(Duration::from_millis(300), conn.open_bi()).await;
+    assert!(next.is_err(), "the 1,025th stream must wait for a slot");
+}
