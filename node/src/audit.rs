@@ -369,6 +369,7 @@ impl AuditLog {
             fsync_every: Duration::from_millis(cfg.fsync_interval_ms),
             fsync_records: cfg.fsync_records,
             max_bytes: cfg.max_bytes,
+            broken: false,
         };
         let thread = std::thread::Builder::new()
             .name("kvmesh-audit".into())
@@ -514,6 +515,8 @@ struct Writer {
     fsync_every: Duration,
     fsync_records: u64,
     max_bytes: u64,
+    /// A failed write could not be cut back: the file is left as it is.
+    broken: bool,
 }
 
 impl Writer {
@@ -552,7 +555,11 @@ impl Writer {
             }
             let mut written = true;
             if !out.is_empty() {
-                match self.write_batch(out.as_bytes()) {
+                let attempt = match self.broken {
+                    true => Err(std::io::Error::other("the audit file could not be cut back after a failed write")),
+                    false => self.write_batch(out.as_bytes()),
+                };
+                match attempt {
                     Ok(()) => {
                         self.size += out.len() as u64;
                         self.shared.metrics.written.inc_by(count);
@@ -565,7 +572,10 @@ impl Writer {
                         // Cut back any part of the batch that reached the file, and chain the
                         // next batch from the last record that is there.
                         if let Err(e) = self.file.set_len(self.size) {
-                            tracing::error!(error = %e, "audit file could not be cut back after a failed write");
+                            // The file may now end in part of a batch: nothing more is written
+                            // to it (or acknowledged) until a restart cuts the torn tail.
+                            tracing::error!(error = %e, "audit file could not be cut back after a failed write; no more records are written until restart");
+                            self.broken = true;
                         }
                         (self.seq, self.prev) = (seq_before, prev_before);
                         let lost = batch.len() as u64 + dropped;

@@ -674,6 +674,13 @@ impl Config {
             if self.cluster_id.trim().is_empty() {
                 return bad("cluster_id must not be empty".into());
             }
+            // It travels in the TLS handshake's ALPN (`kvmesh/1/{id}`), at most 255 bytes.
+            if self.cluster_id.len() > 200 || !self.cluster_id.bytes().all(|b| b.is_ascii_graphic()) {
+                return bad(format!(
+                    "cluster_id `{}` must be at most 200 visible ASCII characters (no spaces)",
+                    self.cluster_id
+                ));
+            }
             for s in &self.seeds {
                 if !s.contains(':') {
                     return bad(format!("seed `{s}` needs a port, e.g. {s}:7946"));

@@ -1,5 +1,5 @@
-//! The node's HTTP server: axum's router on hyper, with the bounds a server facing any client
-//! needs and `axum::serve` does not set: a deadline for each request's headers (hyper's
+//! The node's HTTP server: axum's router on hyper's HTTP/1.1 (what vLLM's server speaks), with
+//! the bounds a server facing any client needs and `axum::serve` does not set: a deadline for each request's headers (hyper's
 //! header-read timeout, which only runs with a timer), a cap on open connections, and the
 //! client's address on every request (`ConnectInfo`). Stops accepting when its token is
 //! cancelled and returns once every connection has finished (callers bound that wait).
@@ -11,8 +11,8 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -65,13 +65,11 @@ pub async fn serve(
             req.extensions_mut().insert(ConnectInfo::<SocketAddr>(addr));
             req.map(Body::new)
         });
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .keep_alive_interval(limits.header_timeout)
-            .keep_alive_timeout(limits.header_timeout);
+        // HTTP/1.1 only, as vLLM's own server speaks: its header deadline covers every request
+        // on a connection, where an HTTP/2 connection (or the bytes that would tell the two apart)
+        // could be held open without one.
+        let mut builder = http1::Builder::new();
+        builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
         let header_timeout = limits.header_timeout;
         let watcher = graceful.watcher();
         tokio::spawn(async move {
@@ -82,8 +80,8 @@ pub async fn serve(
                 tracing::trace!(client = %addr, "connection sent nothing in time: closed");
                 return;
             }
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), TowerToHyperService::new(service));
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
+            let conn = builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service));
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::trace!(client = %addr, error = %e, "connection ended with an error");
             }
             drop(permit);

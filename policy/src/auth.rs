@@ -46,18 +46,25 @@ pub struct Tenant {
     pub share_cache: bool,
 }
 
+/// The start of every tenant's own `cache_salt`.
+const TENANT_SALT_PREFIX: &str = "kvmesh-tenant-";
+
 impl Tenant {
     /// The `cache_salt` this tenant's request is sent with: its own prefix (a digest of its
     /// name, which no client can choose), then the client's salt if any; `None` for a tenant
     /// that shares its cache (the client's salt is kept as sent).
     pub fn cache_salt(&self, client_salt: Option<&str>) -> Option<String> {
         if self.share_cache {
-            return client_salt.map(str::to_owned);
+            // A sharing tenant keeps its client's salt, but can never claim another tenant's.
+            return client_salt.map(|s| match s.starts_with(TENANT_SALT_PREFIX) {
+                true => format!("kvmesh-shared:{s}"),
+                false => s.to_owned(),
+            });
         }
         let digest = hex::encode(&Sha256::digest(self.name.as_bytes())[..8]);
         Some(match client_salt {
-            Some(s) => format!("kvmesh-tenant-{digest}:{s}"),
-            None => format!("kvmesh-tenant-{digest}"),
+            Some(s) => format!("{TENANT_SALT_PREFIX}{digest}:{s}"),
+            None => format!("{TENANT_SALT_PREFIX}{digest}"),
         })
     }
 
@@ -158,6 +165,7 @@ mod tests {
         assert_ne!(t("other", false).cache_salt(Some(&a)).as_deref(), Some(a.as_str()));
         assert_eq!(t("shared", true).cache_salt(None), None);
         assert_eq!(t("shared", true).cache_salt(Some("s")).as_deref(), Some("s"));
+        assert_ne!(t("shared", true).cache_salt(Some(&a)), Some(a.clone()), "nor may a sharing tenant claim it");
     }
 
     fn store() -> KeyStore {

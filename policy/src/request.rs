@@ -111,6 +111,11 @@ pub fn parse_client(
     let mut obj = object(body)?;
     let removed: Vec<&'static str> = ENGINE_OWNED_FIELDS.iter().copied().filter(|k| obj.remove(*k).is_some()).collect();
     let mut changed = !removed.is_empty();
+    // The same template override, given through the template's keyword arguments (vLLM before
+    // 0.11 honoured it there).
+    if let Some(Value::Object(kwargs)) = obj.get_mut("chat_template_kwargs") {
+        changed |= kwargs.remove("chat_template").is_some();
+    }
     // A salt of another type is left for `from_object` to refuse, as vLLM would.
     if let None | Some(Value::Null) | Some(Value::String(_)) = obj.get("cache_salt") {
         let client = obj.get("cache_salt").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);

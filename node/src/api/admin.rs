@@ -44,7 +44,8 @@ async fn require_admin(State(p): State<Arc<Pipeline>>, req: Request, next: Next)
 fn admin_allowed(access: AdminAccess, client: Option<IpAddr>) -> bool {
     match access {
         AdminAccess::AdminKey | AdminAccess::Open => true,
-        AdminAccess::Loopback => client.is_some_and(|ip| ip.is_loopback()),
+        // `::ffff:127.0.0.1` (a dual-stack listener) is loopback too.
+        AdminAccess::Loopback => client.is_some_and(|ip| ip.to_canonical().is_loopback()),
     }
 }
 
@@ -235,6 +236,7 @@ mod tests {
         let (lo, far) = (Some("127.0.0.1".parse().unwrap()), Some("10.0.0.1".parse().unwrap()));
         assert!(admin_allowed(AdminAccess::Loopback, lo));
         assert!(admin_allowed(AdminAccess::Loopback, Some("::1".parse().unwrap())));
+        assert!(admin_allowed(AdminAccess::Loopback, Some("::ffff:127.0.0.1".parse().unwrap())));
         assert!(!admin_allowed(AdminAccess::Loopback, far));
         assert!(!admin_allowed(AdminAccess::Loopback, None), "an unknown client is not loopback");
         assert!(admin_allowed(AdminAccess::Open, far));

@@ -221,7 +221,12 @@ impl Flow {
     #[must_use]
     pub(super) async fn finish(&mut self) -> bool {
         let must_record = self.guard.audit.as_ref().is_some_and(|a| a.on_full == crate::audit::OnFull::Reject);
-        let Some(ack) = self.close() else { return true };
+        let had_slot = self.slot.is_some();
+        let Some(ack) = self.close() else {
+            // No audit trail, or (drop mode) a record dropped and marked by a gap; in reject mode
+            // a record that could not be queued (the writer is gone) withholds the answer.
+            return !(had_slot && must_record);
+        };
         match tokio::time::timeout(AUDIT_ACK_TIMEOUT, ack).await {
             Ok(Ok(())) => true,
             Ok(Err(_)) => {

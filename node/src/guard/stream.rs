@@ -151,8 +151,17 @@ impl StreamState {
             self.template = Some(v.clone());
         }
         if let Some(f) = &mut self.flow {
+            // A chunk of text, reasoning or a tool call's arguments is about one token.
             let chunks = v["choices"].as_array().map_or(0, |cs| {
-                cs.iter().filter(|c| c.pointer(field).and_then(Value::as_str).is_some_and(|t| !t.is_empty())).count()
+                cs.iter()
+                    .filter(|c| {
+                        let text = |p: &str| c.pointer(p).and_then(Value::as_str).is_some_and(|t| !t.is_empty());
+                        text(field)
+                            || text("/delta/reasoning_content")
+                            || text("/delta/reasoning")
+                            || c.pointer("/delta/tool_calls").is_some_and(|t| !t.is_null())
+                    })
+                    .count()
             });
             f.streamed_chunks = f.streamed_chunks.saturating_add(chunks as u64);
         }

@@ -70,7 +70,14 @@ impl Mesh {
         })?;
         // Peers know a node by the name in its certificate: its requests and gossip must carry
         // that same name.
-        if let Some(name) = identity.name().filter(|n| n != &cfg.node_name) {
+        let Some(cert_name) = identity.name() else {
+            return Err(NodeError::Config(format!(
+                "the certificate {} names no node (no DNS name): make one with `kvmesh cert node --name {}`",
+                cert.display(),
+                cfg.node_name
+            )));
+        };
+        if let Some(name) = Some(cert_name).filter(|n| n != &cfg.node_name) {
             return Err(NodeError::Config(format!(
                 "the certificate {} is for node `{name}`, but node_name is `{}`: set --node-name {name}, or make a \
                  certificate for this name with `kvmesh cert node --name {}`",
