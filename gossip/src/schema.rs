@@ -107,6 +107,10 @@ pub struct EngineLoad {
     /// that predate it: their models are then keyed under their own names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cards: Vec<ModelCard>,
+    /// The context length the engine reports (`/v1/models` `max_model_len`), shown in every
+    /// node's `/v1/models`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_model_len: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]

@@ -76,6 +76,7 @@ async fn three_nodes_join_share_load_and_drop_the_dead() {
             tokens_per_s: 100.0,
             block_size: Some(16),
             cards: Vec::new(),
+            max_model_len: None,
         }],
     };
     b.membership.set_load(&load).await.unwrap();

@@ -161,6 +161,7 @@ fn load(running: u32) -> LoadReport {
             tokens_per_s: 0.0,
             block_size: Some(16),
             cards: Vec::new(),
+            max_model_len: None,
         }],
     }
 }

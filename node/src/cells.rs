@@ -160,6 +160,7 @@ mod tests {
                         tokens_per_s: 0.0,
                         block_size: Some(16),
                         cards: Vec::new(),
+                        max_model_len: None,
                     })
                     .collect(),
             },

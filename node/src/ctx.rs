@@ -23,6 +23,12 @@ pub struct RequestCtx {
     pub model: String,
     /// The tenant its API key names ([`ANONYMOUS`] without keys).
     pub tenant: String,
+    /// For a stored response's routes (`/v1/responses/{id}`, `.../cancel`): the id in the path.
+    pub response_id: Option<String>,
+    /// The model a request naming none is for: the mesh's only model, when it has one.
+    pub default_model: Option<String>,
+    /// A stored response's retrieval query (`stream=true&starting_after=N`), checked.
+    pub query: Option<String>,
 }
 
 /// A request id that may go into logs and HTTP headers: 1 to `MAX_REQUEST_ID` visible ASCII
@@ -73,7 +79,48 @@ impl RequestCtx {
             reason = tracing::field::Empty,
             route = tracing::field::Empty,
         );
-        Self { id, endpoint, started: Instant::now(), span, model: String::new(), tenant: ANONYMOUS.to_owned() }
+        Self {
+            id,
+            endpoint,
+            started: Instant::now(),
+            span,
+            model: String::new(),
+            tenant: ANONYMOUS.to_owned(),
+            response_id: None,
+            default_model: None,
+            query: None,
+        }
+    }
+
+    /// The path the engine is called on: the endpoint's, with the response id in place.
+    pub fn upstream_path(&self) -> String {
+        let path = match &self.response_id {
+            Some(id) => self.endpoint.path().replace("{response_id}", id),
+            None => self.endpoint.path().to_owned(),
+        };
+        match &self.query {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        }
+    }
+
+    /// A retrieval that asks for the stored response's events.
+    pub fn stream_query(&self) -> bool {
+        self.query.as_deref().is_some_and(|q| q.split('&').any(|kv| kv == "stream=true"))
+    }
+
+    /// Keeps a retrieval's query when it is one vLLM reads (`stream`, `starting_after`, with
+    /// plain values); anything else is dropped.
+    pub fn set_query(&mut self, query: Option<&str>) {
+        self.query = query
+            .filter(|q| {
+                q.len() <= 64
+                    && q.split('&').all(|kv| {
+                        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                        matches!(k, "stream" | "starting_after") && v.bytes().all(|b| b.is_ascii_alphanumeric())
+                    })
+            })
+            .map(str::to_owned);
     }
 
     /// The parsed request's model, recorded on the span.

@@ -14,7 +14,17 @@ pub fn error_response(e: &ApiError) -> Response {
     (e.status, [(header::CONTENT_TYPE, "application/json")], e.to_json()).into_response()
 }
 
-/// Answers `ctx` with an OpenAI error, counted and logged like every other answer.
+/// The error in the shape of the API the request was sent to (Anthropic's for Messages).
+pub fn error_response_for(endpoint: kvmesh_policy::request::Endpoint, e: &ApiError) -> Response {
+    match endpoint.error_shape() {
+        kvmesh_policy::endpoint::ErrorShape::OpenAi => error_response(e),
+        kvmesh_policy::endpoint::ErrorShape::Anthropic => {
+            (e.status, [(header::CONTENT_TYPE, "application/json")], e.to_anthropic_json()).into_response()
+        }
+    }
+}
+
+/// Answers `ctx` with an error in its API's shape, counted and logged like every other answer.
 pub fn reply_error(metrics: &NodeMetrics, ctx: &RequestCtx, e: &ApiError) -> Response {
     tracing::info!(status = e.status.as_u16(), error = %e.message, "request rejected");
     // A client's model name is free text until an engine has served it: `other` until then.
@@ -22,7 +32,7 @@ pub fn reply_error(metrics: &NodeMetrics, ctx: &RequestCtx, e: &ApiError) -> Res
     let ep = ctx.endpoint.path();
     metrics.requests.with_label_values(&[ep, model, e.status.as_str()]).inc();
     metrics.duration.with_label_values(&[ep, "false"]).observe(ctx.started.elapsed().as_secs_f64());
-    error_response(e)
+    error_response_for(ctx.endpoint, e)
 }
 
 /// Marks an error answered before any engine accepted the request (safe to send elsewhere).

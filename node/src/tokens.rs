@@ -190,6 +190,10 @@ impl Tokenizers {
         // must not create metric series.
         let label = if self.by_model.contains_key(model) { model } else { "other" };
         let count = |outcome: &str| self.metrics.tokenize_requests.with_label_values(&[label, outcome]).inc();
+        if req.prompt == Prompt::Opaque {
+            count("opaque");
+            return Ok(None);
+        }
         if let Prompt::TokenIds(ids) = &req.prompt {
             count("token_ids");
             self.check_length(req, ids.len())?;
@@ -218,6 +222,7 @@ impl Tokenizers {
                 Prompt::TokenIds(ids) => {
                     Ok(kvmesh_policy::prompt_encoder::Encoded { ids: ids.clone(), ..Default::default() })
                 }
+                Prompt::Opaque => Ok(kvmesh_policy::prompt_encoder::Encoded::default()),
             };
             let _ = tx.send((out, started.elapsed()));
         });
@@ -437,7 +442,7 @@ fn approximate(req: &InferenceRequest, seed: u64) -> PromptKeys {
     let parts: Vec<&str> = match &req.prompt {
         Prompt::Chat(messages) => messages.iter().flat_map(|m| [m.role.as_str(), m.content.as_str()]).collect(),
         Prompt::Text(text) => vec![text.as_str()],
-        Prompt::TokenIds(_) => Vec::new(),
+        Prompt::TokenIds(_) | Prompt::Opaque => Vec::new(),
     };
     let bytes: usize = parts.iter().map(|p| p.len()).sum();
     PromptKeys::approximate(bytes / 4, blocks::text_chunk_keys(seed, &parts))

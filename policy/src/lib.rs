@@ -13,6 +13,8 @@ pub mod blocks;
 pub mod candidates;
 pub mod cells;
 pub mod chat;
+pub mod convert;
+pub mod endpoint;
 pub mod error;
 pub mod fast_encode;
 pub mod guardrails;

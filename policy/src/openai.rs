@@ -115,6 +115,22 @@ impl ApiError {
         })
     }
 
+    /// Anthropic's error body (`{"type":"error","error":{"type","message"}}`), for the Messages
+    /// API; the error type by status, as Anthropic names them.
+    pub fn to_anthropic_json(&self) -> String {
+        let kind = match self.status.as_u16() {
+            400 | 422 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            _ => "api_error",
+        };
+        serde_json::json!({"type": "error", "error": {"type": kind, "message": self.message}}).to_string()
+    }
+
     /// The same envelope as one Server-Sent Event, for failures after a stream has started.
     pub fn to_sse_event(&self) -> String {
         format!("data: {}\n\n", self.to_json())

@@ -10,21 +10,7 @@ use serde_json::{Map, Value};
 use crate::chat::{self, ChatInputs};
 use crate::openai::ApiError;
 
-/// Which OpenAI endpoint a request was sent to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    Chat,
-    Completions,
-}
-
-impl Endpoint {
-    pub fn path(self) -> &'static str {
-        match self {
-            Endpoint::Chat => "/v1/chat/completions",
-            Endpoint::Completions => "/v1/completions",
-        }
-    }
-}
+pub use crate::endpoint::Endpoint;
 
 /// One chat message with its content flattened to text (text parts joined by newlines, as vLLM
 /// does for templates that take a string).
@@ -40,6 +26,9 @@ pub enum Prompt {
     Text(String),
     /// `/v1/completions` with a token-id prompt: nothing to tokenize.
     TokenIds(Vec<u32>),
+    /// Nothing the router can key: `prompt_embeds`, a stored response's id, an audio file.
+    /// Routed by load.
+    Opaque,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -60,9 +49,50 @@ pub struct InferenceRequest {
     pub add_generation_prompt: bool,
     pub echo: bool,
     pub kv_transfer_params: Option<Value>,
-    /// For `/v1/chat/completions`: everything the chat template is given, as vLLM gives it
+    /// For `/v1/chat/completions` (and Responses and Messages, converted as vLLM converts
+    /// them, `convert`): everything the chat template is given, as vLLM gives it
     /// (`chat::ChatInputs`).
     pub chat: Option<ChatInputs>,
+    /// Responses: the stored response this one continues; only the engine that stored it can
+    /// serve the request.
+    pub previous_response_id: Option<String>,
+    /// The prompt has media parts (images, audio, video, files): the engine expands each into
+    /// tokens the router does not compute, so keys hold only up to the first one, and the
+    /// engine's reported prompt length is not compared with the router's.
+    pub media: bool,
+}
+
+impl InferenceRequest {
+    /// A request on a stored response (`/v1/responses/{id}` and its cancel): no body, no
+    /// prompt; `stream` when a retrieval asks for the stored events (`?stream=true`).
+    pub fn stored(endpoint: Endpoint, stream: bool) -> Self {
+        Self {
+            endpoint,
+            model: String::new(),
+            prompt: Prompt::Opaque,
+            stream,
+            include_usage: false,
+            max_tokens: None,
+            min_tokens: 0,
+            stop: Vec::new(),
+            ignore_eos: false,
+            seed: None,
+            n: 1,
+            cache_salt: None,
+            add_generation_prompt: false,
+            echo: false,
+            kv_transfer_params: None,
+            chat: None,
+            previous_response_id: None,
+            media: false,
+        }
+    }
+
+    /// The stored response this request must be served next to: the one it continues or
+    /// names.
+    pub fn pinned_to<'a>(&'a self, path_id: Option<&'a str>) -> Option<&'a str> {
+        path_id.or(self.previous_response_id.as_deref())
+    }
 }
 
 /// Parses and validates a request body. Errors name the offending parameter.
@@ -103,14 +133,23 @@ pub struct ClientRequest {
 /// (`ENGINE_OWNED_FIELDS`); `salt` maps the client's `cache_salt` to the one the request is
 /// sent with (a tenant's own, `auth::Tenant::cache_salt`). The view is of the request as
 /// forwarded.
+/// `default_model`: the model a request that names none is for (vLLM serves its one model
+/// then; a node does so when the mesh serves exactly one). Chat, completions and Messages
+/// always name theirs.
 pub fn parse_client(
     endpoint: Endpoint,
     body: &[u8],
     salt: impl FnOnce(Option<&str>) -> Option<String>,
+    default_model: Option<&str>,
 ) -> Result<ClientRequest, ApiError> {
     let mut obj = object(body)?;
     let removed: Vec<&'static str> = ENGINE_OWNED_FIELDS.iter().copied().filter(|k| obj.remove(*k).is_some()).collect();
     let mut changed = !removed.is_empty();
+    let may_omit_model = !matches!(endpoint, Endpoint::Chat | Endpoint::Completions | Endpoint::Messages);
+    if let (true, Some(m), None | Some(Value::Null)) = (may_omit_model, default_model, obj.get("model")) {
+        obj.insert("model".into(), Value::String(m.to_owned()));
+        changed = true;
+    }
     // The same template override, given through the template's keyword arguments (vLLM before
     // 0.11 honoured it there).
     if let Some(Value::Object(kwargs)) = obj.get_mut("chat_template_kwargs") {
@@ -150,6 +189,20 @@ pub fn prompt_strings(endpoint: Endpoint, body: &Value) -> Vec<(String, String)>
     let roots: &[&str] = match endpoint {
         Endpoint::Chat => &["messages", "tools", "documents", "chat_template_kwargs"],
         Endpoint::Completions => &["prompt", "suffix"],
+        Endpoint::Responses => &["instructions", "input", "tools"],
+        Endpoint::Messages | Endpoint::MessagesCountTokens => &["system", "messages", "tools"],
+        Endpoint::Embeddings | Endpoint::Classify => &["input"],
+        Endpoint::Pooling => &["input", "messages"],
+        Endpoint::Tokenize => &["prompt", "messages", "tools", "chat_template_kwargs"],
+        Endpoint::Score | Endpoint::ScoreV1 => {
+            &["text_1", "text_2", "queries", "documents", "data_1", "data_2", "items"]
+        }
+        Endpoint::Rerank | Endpoint::RerankV1 | Endpoint::RerankV2 => &["query", "documents"],
+        Endpoint::Detokenize
+        | Endpoint::ResponseRetrieve
+        | Endpoint::ResponseCancel
+        | Endpoint::Transcriptions
+        | Endpoint::Translations => &["prompt"],
     };
     let mut out = Vec::new();
     for root in roots {
@@ -226,9 +279,10 @@ pub fn from_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<Infer
     if model.chars().any(char::is_control) {
         return Err(ApiError::invalid("'model' must not contain control characters.", Some("model")));
     }
-    let prompt = match endpoint {
-        Endpoint::Chat => Prompt::Chat(parse_messages(obj.get("messages"))?),
-        Endpoint::Completions => parse_prompt(obj.get("prompt"))?,
+    let (prompt, converted) = endpoint_prompt(endpoint, obj)?;
+    let media = match endpoint {
+        Endpoint::Chat | Endpoint::Pooling | Endpoint::Tokenize => has_media(obj.get("messages")),
+        _ => converted.as_ref().is_some_and(|c| c.messages.iter().any(|m| has_media_parts(m.get("content")))),
     };
     let stream = opt_bool(obj, "stream")?.unwrap_or(false);
     let include_usage = match obj.get("stream_options") {
@@ -246,13 +300,19 @@ pub fn from_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<Infer
     };
     // `max_completion_tokens` is a chat field; vLLM's completions endpoint ignores it, so it
     // must not stand for the completion's length there.
-    let max_completion_tokens = match endpoint {
-        Endpoint::Chat => opt_u32(obj, "max_completion_tokens")?,
-        Endpoint::Completions => None,
-    };
-    let max_tokens = match max_completion_tokens {
-        Some(v) => Some(v),
-        None => opt_u32(obj, "max_tokens")?,
+    let max_tokens = match endpoint {
+        Endpoint::Chat => match opt_u32(obj, "max_completion_tokens")? {
+            Some(v) => Some(v),
+            None => opt_u32(obj, "max_tokens")?,
+        },
+        Endpoint::Completions | Endpoint::Transcriptions | Endpoint::Translations => opt_u32(obj, "max_tokens")?,
+        Endpoint::Responses => opt_u32(obj, "max_output_tokens")?,
+        Endpoint::Messages => match opt_u32(obj, "max_tokens")? {
+            Some(v) => Some(v),
+            None => return Err(ApiError::invalid("'max_tokens' is required.", Some("max_tokens"))),
+        },
+        // No tokens are generated.
+        _ => None,
     };
     if max_tokens == Some(0) {
         return Err(ApiError::invalid("max_tokens must be at least 1, got 0.", Some("max_tokens")));
@@ -296,7 +356,8 @@ pub fn from_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<Infer
         }
         Some(_) => return Err(type_error("cache_salt", "a string")),
     };
-    for (key, lo, hi) in [("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)] {
+    // vLLM's own bounds (`SamplingParams`): a temperature is only non-negative.
+    for (key, lo, hi) in [("temperature", 0.0, f64::INFINITY), ("top_p", 0.0, 1.0)] {
         if let Some(v) = obj.get(key) {
             if !v.is_null() {
                 let x = v.as_f64().ok_or_else(|| type_error(key, "a number"))?;
@@ -309,7 +370,19 @@ pub fn from_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<Infer
     let add_generation_prompt = opt_bool(obj, "add_generation_prompt")?.unwrap_or(true);
     let chat = match endpoint {
         Endpoint::Chat => Some(chat_inputs(obj, add_generation_prompt)?),
-        Endpoint::Completions => None,
+        Endpoint::Tokenize | Endpoint::Pooling if obj.get("messages").is_some_and(Value::is_array) => {
+            Some(chat_inputs(obj, add_generation_prompt)?)
+        }
+        _ => converted,
+    };
+    let previous_response_id = match obj.get("previous_response_id") {
+        _ if endpoint != Endpoint::Responses => None,
+        None | Some(Value::Null) => None,
+        Some(Value::String(id)) if crate::endpoint::is_response_id(id) => Some(id.clone()),
+        Some(Value::String(_)) => {
+            return Err(ApiError::invalid("'previous_response_id' is not a response id.", Some("previous_response_id")))
+        }
+        Some(_) => return Err(type_error("previous_response_id", "a string")),
     };
     Ok(InferenceRequest {
         endpoint,
@@ -328,6 +401,94 @@ pub fn from_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<Infer
         echo: opt_bool(obj, "echo")?.unwrap_or(false),
         kv_transfer_params: obj.get("kv_transfer_params").filter(|v| !v.is_null()).cloned(),
         chat,
+        previous_response_id,
+        media,
+    })
+}
+
+/// The prompt the router keys, per endpoint, and the chat template's inputs of the endpoints
+/// vLLM serves through chat (`convert`).
+fn endpoint_prompt(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<(Prompt, Option<ChatInputs>), ApiError> {
+    let chat_prompt = |c: &ChatInputs| {
+        Prompt::Chat(
+            c.messages
+                .iter()
+                .map(|m| ChatMessage {
+                    role: m["role"].as_str().unwrap_or_default().to_owned(),
+                    content: match &m["content"] {
+                        Value::String(s) => s.clone(),
+                        Value::Array(parts) => parts
+                            .iter()
+                            .filter_map(|p| p.get("text").and_then(Value::as_str))
+                            .collect::<Vec<_>>()
+                            .join("\n"),
+                        _ => String::new(),
+                    },
+                })
+                .collect(),
+        )
+    };
+    Ok(match endpoint {
+        Endpoint::Chat => (Prompt::Chat(parse_messages(obj.get("messages"))?), None),
+        Endpoint::Completions => match (obj.get("prompt"), obj.get("prompt_embeds")) {
+            (None | Some(Value::Null), Some(e)) if !e.is_null() => (Prompt::Opaque, None),
+            (p, _) => (parse_prompt(p, "prompt")?, None),
+        },
+        Endpoint::Responses => {
+            match obj.get("input") {
+                Some(Value::String(_) | Value::Array(_)) => {}
+                None | Some(Value::Null) => return Err(ApiError::invalid("'input' is required.", Some("input"))),
+                Some(_) => return Err(type_error("input", "a string or an array of input items")),
+            }
+            let c = crate::convert::responses(obj);
+            (chat_prompt(&c), Some(c))
+        }
+        Endpoint::Messages | Endpoint::MessagesCountTokens => {
+            match obj.get("messages") {
+                Some(Value::Array(_)) => {}
+                None | Some(Value::Null) => return Err(ApiError::invalid("'messages' is required.", Some("messages"))),
+                Some(_) => return Err(type_error("messages", "an array of messages")),
+            }
+            let c = crate::convert::messages(obj);
+            (chat_prompt(&c), Some(c))
+        }
+        Endpoint::Embeddings | Endpoint::Classify => (parse_prompt(obj.get("input"), "input")?, None),
+        Endpoint::Pooling | Endpoint::Tokenize => match obj.get("messages") {
+            Some(Value::Array(_)) => (Prompt::Chat(parse_messages(obj.get("messages"))?), None),
+            _ => {
+                let key = if endpoint == Endpoint::Tokenize { "prompt" } else { "input" };
+                (parse_prompt(obj.get(key), key)?, None)
+            }
+        },
+        Endpoint::Detokenize => (parse_prompt(obj.get("tokens"), "tokens")?, None),
+        // The query (or first text) leads the prompt vLLM builds for a pair.
+        Endpoint::Score | Endpoint::ScoreV1 | Endpoint::Rerank | Endpoint::RerankV1 | Endpoint::RerankV2 => {
+            let first = ["query", "queries", "text_1", "data_1"].iter().find_map(|k| match obj.get(*k) {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Array(items)) => items.first().and_then(Value::as_str).map(str::to_owned),
+                _ => None,
+            });
+            (first.map(Prompt::Text).unwrap_or(Prompt::Opaque), None)
+        }
+        Endpoint::ResponseRetrieve | Endpoint::ResponseCancel | Endpoint::Transcriptions | Endpoint::Translations => {
+            (Prompt::Opaque, None)
+        }
+    })
+}
+
+/// Whether any message has a media part.
+fn has_media(messages: Option<&Value>) -> bool {
+    messages.and_then(Value::as_array).is_some_and(|ms| ms.iter().any(|m| has_media_parts(m.get("content"))))
+}
+
+fn has_media_parts(content: Option<&Value>) -> bool {
+    content.and_then(Value::as_array).is_some_and(|parts| {
+        parts.iter().any(|p| {
+            !matches!(
+                p.get("type").and_then(Value::as_str),
+                Some("text" | "input_text" | "output_text" | "refusal" | "thinking")
+            )
+        })
     })
 }
 
@@ -432,12 +593,9 @@ fn flatten_content(v: Option<&Value>, param: &str) -> Result<String, ApiError> {
             for part in parts {
                 match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
                     (Some("text"), Some(t)) => texts.push(t),
-                    (Some(other), _) if other != "text" => {
-                        return Err(ApiError::invalid(
-                            format!("'{p}' has a part of type '{other}'; only text parts are supported."),
-                            Some(&p),
-                        ))
-                    }
+                    // Media (image_url, input_audio, video_url, file, ...) and other parts: the
+                    // engine judges them; they hold no text.
+                    (Some(other), _) if other != "text" => {}
                     _ => {
                         return Err(ApiError::invalid(
                             format!("'{p}' parts must be {{\"type\":\"text\",\"text\":...}}."),
@@ -452,31 +610,39 @@ fn flatten_content(v: Option<&Value>, param: &str) -> Result<String, ApiError> {
     }
 }
 
-fn parse_prompt(v: Option<&Value>) -> Result<Prompt, ApiError> {
+/// A prompt given as text, token ids, or a batch of either. A batch is keyed on its first
+/// prompt (each prompt of a batch is its own sequence on the engine; they usually share their
+/// start).
+fn parse_prompt(v: Option<&Value>, key: &str) -> Result<Prompt, ApiError> {
+    let ids = |items: &[Value]| {
+        items
+            .iter()
+            .map(|x| x.as_u64().filter(|&t| t <= u32::MAX as u64).map(|t| t as u32))
+            .collect::<Option<Vec<_>>>()
+            .map(Prompt::TokenIds)
+    };
+    let bad = || type_error(key, "a string, an array of strings, an array of token ids or an array of such arrays");
     match v {
-        None | Some(Value::Null) => Err(ApiError::invalid("'prompt' is required.", Some("prompt"))),
+        None | Some(Value::Null) => Err(ApiError::invalid(format!("'{key}' is required."), Some(key))),
         Some(Value::String(s)) => Ok(Prompt::Text(s.clone())),
         Some(Value::Array(items)) if items.is_empty() => {
-            Err(ApiError::invalid("'prompt' must not be empty.", Some("prompt")))
+            Err(ApiError::invalid(format!("'{key}' must not be empty."), Some(key)))
         }
         Some(Value::Array(items)) => {
             if items.iter().all(Value::is_u64) {
-                items
-                    .iter()
-                    .map(|x| x.as_u64().filter(|&t| t <= u32::MAX as u64).map(|t| t as u32))
-                    .collect::<Option<Vec<_>>>()
-                    .map(Prompt::TokenIds)
-                    .ok_or_else(|| type_error("prompt", "a string or an array of token ids"))
-            } else if items.len() == 1 && items[0].is_string() {
-                Ok(Prompt::Text(items[0].as_str().unwrap_or_default().to_owned()))
-            } else {
-                Err(ApiError::invalid(
-                    "Batched prompts are not supported; send one prompt per request.",
-                    Some("prompt"),
-                ))
+                return ids(items).ok_or_else(bad);
+            }
+            // A batch: every item of one kind, keyed on the first.
+            if items.iter().all(Value::is_string) {
+                return Ok(Prompt::Text(items[0].as_str().unwrap_or_default().to_owned()));
+            }
+            let batches: Option<Vec<&Vec<Value>>> = items.iter().map(Value::as_array).collect();
+            match batches {
+                Some(b) if b.iter().all(|x| !x.is_empty() && x.iter().all(Value::is_u64)) => ids(b[0]).ok_or_else(bad),
+                _ => Err(bad()),
             }
         }
-        Some(_) => Err(type_error("prompt", "a string or an array of token ids")),
+        Some(_) => Err(bad()),
     }
 }
 
@@ -490,7 +656,7 @@ mod tests {
         let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"priority":-100,
             "kv_transfer_params":{"do_remote_prefill":true,"remote_host":"10.9.9.9","remote_port":80},
             "request_id":"mine","chat_template":"{{ 'x' }}","cache_salt":"s"}"#;
-        let c = parse_client(Endpoint::Chat, body, client_salt).unwrap();
+        let c = parse_client(Endpoint::Chat, body, client_salt, None).unwrap();
         assert_eq!(c.removed, ["kv_transfer_params", "priority", "request_id", "chat_template"]);
         assert_eq!(c.req.kv_transfer_params, None);
         let forwarded: Value = serde_json::from_slice(c.body.as_deref().unwrap()).unwrap();
@@ -499,7 +665,7 @@ mod tests {
         }
         assert_eq!(forwarded["cache_salt"], "s", "client fields stay");
         let plain = br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
-        let c = parse_client(Endpoint::Chat, plain, client_salt).unwrap();
+        let c = parse_client(Endpoint::Chat, plain, client_salt, None).unwrap();
         assert!(c.body.is_none() && c.removed.is_empty(), "an untouched request keeps its bytes");
     }
 
@@ -585,7 +751,7 @@ mod tests {
                 br#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#,
                 Some("stream_options"),
             ),
-            (br#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":7}"#, Some("temperature")),
+            (br#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":-0.5}"#, Some("temperature")),
         ];
         for (body, param) in cases {
             let e = parse(Endpoint::Chat, body).unwrap_err();
@@ -600,8 +766,64 @@ mod tests {
         assert_eq!(r.prompt, Prompt::TokenIds(vec![1, 2, 3]));
         let r = parse(Endpoint::Completions, br#"{"model":"m","prompt":["abc"]}"#).unwrap();
         assert_eq!(r.prompt, Prompt::Text("abc".into()));
-        assert!(parse(Endpoint::Completions, br#"{"model":"m","prompt":["a","b"]}"#).is_err());
+        // Batches, as vLLM takes them: keyed on their first prompt.
+        let r = parse(Endpoint::Completions, br#"{"model":"m","prompt":["a","b"]}"#).unwrap();
+        assert_eq!(r.prompt, Prompt::Text("a".into()));
+        let r = parse(Endpoint::Completions, br#"{"model":"m","prompt":[[4,5],[6]]}"#).unwrap();
+        assert_eq!(r.prompt, Prompt::TokenIds(vec![4, 5]));
+        let r = parse(Endpoint::Completions, br#"{"model":"m","prompt_embeds":"AAAA"}"#).unwrap();
+        assert_eq!(r.prompt, Prompt::Opaque);
         assert!(parse(Endpoint::Completions, br#"{"model":"m","prompt":[-1]}"#).is_err());
+        assert!(parse(Endpoint::Completions, br#"{"model":"m","prompt":[[1],"a"]}"#).is_err());
+        assert!(parse(Endpoint::Completions, br#"{"model":"m","prompt":[[]]}"#).is_err());
+        // Sampling values vLLM allows.
+        assert!(parse(Endpoint::Completions, br#"{"model":"m","prompt":"a","temperature":3.5}"#).is_ok());
+    }
+
+    #[test]
+    fn every_endpoint_is_parsed_with_what_it_keys_on() {
+        let r = parse(
+            Endpoint::Responses,
+            br#"{"model":"m","instructions":"sys","input":"hi","max_output_tokens":9,"previous_response_id":"resp_1"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.max_tokens, Some(9));
+        assert_eq!(r.previous_response_id.as_deref(), Some("resp_1"));
+        assert!(matches!(&r.prompt, Prompt::Chat(m) if m.len() == 2 && m[1].content == "hi"));
+        assert!(r.chat.is_some(), "rendered with the chat template, as vLLM renders it");
+        let e = parse(Endpoint::Responses, br#"{"model":"m","input":"hi","previous_response_id":"../x"}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("previous_response_id"));
+        assert_eq!(parse(Endpoint::Responses, br#"{"model":"m"}"#).unwrap_err().param.as_deref(), Some("input"));
+
+        let m = br#"{"model":"m","max_tokens":5,"system":"s","messages":[{"role":"user","content":[{"type":"text","text":"yo"},{"type":"image","source":{"type":"url","url":"http://x"}}]}]}"#;
+        let r = parse(Endpoint::Messages, m).unwrap();
+        assert!(r.media && r.max_tokens == Some(5));
+        let e = parse(Endpoint::Messages, br#"{"model":"m","messages":[]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("max_tokens"), "Anthropic's max_tokens is required");
+
+        let r = parse(Endpoint::Embeddings, br#"{"model":"m","input":["first","second"]}"#).unwrap();
+        assert_eq!((r.prompt, r.max_tokens), (Prompt::Text("first".into()), None));
+        let r = parse(Endpoint::RerankV1, br#"{"model":"m","query":"q","documents":["a"]}"#).unwrap();
+        assert_eq!(r.prompt, Prompt::Text("q".into()));
+        let r = parse(Endpoint::Detokenize, br#"{"model":"m","tokens":[1,2]}"#).unwrap();
+        assert_eq!(r.prompt, Prompt::TokenIds(vec![1, 2]));
+        let r = parse(Endpoint::Tokenize, br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#).unwrap();
+        assert!(r.chat.is_some());
+
+        let r = parse(
+            Endpoint::Chat,
+            br#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:a"}},{"type":"text","text":"what"}]}]}"#,
+        )
+        .unwrap();
+        assert!(r.media, "media parts are the engine's to judge");
+
+        // A request naming no model goes to the mesh's only one, where vLLM would serve its own.
+        let c = parse_client(Endpoint::Embeddings, br#"{"input":"x"}"#, client_salt, Some("only")).unwrap();
+        assert_eq!(c.req.model, "only");
+        let sent: Value = serde_json::from_slice(c.body.as_deref().unwrap()).unwrap();
+        assert_eq!(sent["model"], "only");
+        let e = parse_client(Endpoint::Chat, br#"{"messages":[]}"#, client_salt, Some("only")).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("model"), "chat always names its model");
     }
 
     #[test]

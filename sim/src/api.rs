@@ -308,7 +308,7 @@ async fn prepare(
     })?;
     let prefix = match endpoint {
         Endpoint::Chat => "chatcmpl",
-        Endpoint::Completions => "cmpl",
+        _ => "cmpl",
     };
     let job = Job {
         endpoint,
@@ -354,6 +354,9 @@ fn tokenize(
                 ));
             }
             (ids.clone(), t.decode(ids).unwrap_or_default())
+        }
+        Prompt::Opaque => {
+            return Err(ApiError::invalid("The engine simulator needs a prompt (text or token ids).", Some("prompt")))
         }
     };
     if ids.is_empty() {
@@ -537,7 +540,7 @@ async fn full_response(
             }],
             "usage": g.usage(), "prompt_logprobs": null, "kv_transfer_params": g.job.transfer_params,
         }),
-        Endpoint::Completions => json!({
+        _ => json!({
             "id": g.job.id, "object": "text_completion", "created": g.job.created, "model": g.job.model,
             "choices": [{
                 "index": 0, "text": text, "logprobs": null,
@@ -579,7 +582,7 @@ fn chunk(g: &Generation, text: Option<&str>, role: bool, finish: bool) -> Value 
                              "stop_reason": if finish { g.stop_reason() } else { Value::Null }}],
             })
         }
-        Endpoint::Completions => json!({
+        _ => json!({
             "id": g.job.id, "object": "text_completion", "created": g.job.created, "model": g.job.model,
             "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish_reason,
                          "stop_reason": if finish { g.stop_reason() } else { Value::Null }}],
@@ -599,7 +602,7 @@ fn stream_response(st: Arc<AppState>, job: Job, rx: mpsc::UnboundedReceiver<Toke
                     Endpoint::Completions if !g.job.echo_prefix.is_empty() => {
                         sse(&chunk(&g, Some(&g.job.echo_prefix.clone()), false, false))
                     }
-                    Endpoint::Completions => return next_token(g).await,
+                    _ => return next_token(g).await,
                 };
                 Some((Ok::<_, Infallible>(first), SseState::Tokens(g)))
             }
@@ -607,7 +610,7 @@ fn stream_response(st: Arc<AppState>, job: Job, rx: mpsc::UnboundedReceiver<Toke
             SseState::Usage(g) => Some((
                 Ok(sse(&json!({
                     "id": g.job.id,
-                    "object": match g.job.endpoint { Endpoint::Chat => "chat.completion.chunk", Endpoint::Completions => "text_completion" },
+                    "object": match g.job.endpoint { Endpoint::Chat => "chat.completion.chunk", _ => "text_completion" },
                     "created": g.job.created, "model": g.job.model, "choices": [], "usage": g.usage(),
                 }))),
                 SseState::Done,

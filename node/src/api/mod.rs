@@ -11,6 +11,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use kvmesh_policy::endpoint::Work;
 use kvmesh_policy::openai::ApiError;
 use kvmesh_policy::request::Endpoint;
 use serde_json::json;
@@ -22,12 +23,14 @@ use crate::request::Pipeline;
 pub fn router(p: Arc<Pipeline>) -> Router {
     let limit = p.max_body_bytes();
     Router::new()
-        .route("/v1/chat/completions", post(chat))
-        .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
+        .route("/version", get(version))
+        .route(Endpoint::ResponseRetrieve.path(), get(stored))
+        .route(Endpoint::ResponseCancel.path(), post(stored))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .merge(admin::router(p.clone()))
+        .merge(inference_routes())
         .fallback(|| async { error_response(&ApiError::not_found("Not Found")) })
         .method_not_allowed_fallback(|| async {
             error_response(&ApiError::new(
@@ -44,8 +47,19 @@ pub fn router(p: Arc<Pipeline>) -> Router {
 /// buffer `max_body_bytes`), the body is read within `http_body_timeout_ms` and the size limit,
 /// and the request goes down the pipeline.
 async fn serve(p: Arc<Pipeline>, endpoint: Endpoint, req: Request) -> Response {
+    serve_with(p, endpoint, None, req).await
+}
+
+async fn serve_with(p: Arc<Pipeline>, endpoint: Endpoint, response_id: Option<String>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let ctx = RequestCtx::client(&p.router.node_name, endpoint, &parts.headers);
+    let mut ctx = RequestCtx::client(&p.router.node_name, endpoint, &parts.headers);
+    if response_id.is_some() {
+        ctx.set_query(parts.uri.query());
+    }
+    ctx.response_id = response_id;
+    if let [only] = mesh_models(&p, true).as_slice() {
+        ctx.default_model = Some(only.clone());
+    }
     if let Some(Err(e)) = p.guard.as_ref().map(|g| g.check_client(&parts.headers)) {
         return p.refuse_unread(ctx, e).await;
     }
@@ -76,25 +90,116 @@ async fn serve(p: Arc<Pipeline>, endpoint: Endpoint, req: Request) -> Response {
     p.serve(ctx, &parts.headers, body).await
 }
 
-async fn chat(State(p): State<Arc<Pipeline>>, req: Request) -> Response {
-    serve(p, Endpoint::Chat, req).await
+/// Every endpoint a request body is sent to (`policy::endpoint`), each down the same pipeline.
+fn inference_routes() -> Router<Arc<Pipeline>> {
+    Endpoint::ALL.into_iter().filter(|e| e.work() != Work::Stored).fold(Router::new(), |r, e| {
+        r.route(e.path(), post(move |State(p): State<Arc<Pipeline>>, req: Request| serve(p, e, req)))
+    })
 }
 
-async fn completions(State(p): State<Arc<Pipeline>>, req: Request) -> Response {
-    serve(p, Endpoint::Completions, req).await
+/// A stored response's routes: sent to the engine that stored it, whatever node receives them.
+async fn stored(
+    State(p): State<Arc<Pipeline>>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    req: Request,
+) -> Response {
+    let endpoint = match req.method() == axum::http::Method::GET {
+        true => Endpoint::ResponseRetrieve,
+        false => Endpoint::ResponseCancel,
+    };
+    if !kvmesh_policy::endpoint::is_response_id(&id) {
+        let e = ApiError::not_found(format!("Response with id '{}' not found.", id.escape_debug()));
+        return error_response(&e);
+    }
+    serve_with(p, endpoint, Some(id), req).await
 }
 
-/// Models served anywhere this node can route: its engines' and its live peers'.
+/// The node's version: `/version` as vLLM answers it, naming kvmesh's.
+async fn version() -> Response {
+    Json(json!({"version": env!("CARGO_PKG_VERSION"), "server": "kvmesh"})).into_response()
+}
+
+/// Models served anywhere this node can route (its healthy engines' and its live peers'), as
+/// vLLM lists them (`ModelCard`: `root`, `parent` for a LoRA adapter, `max_model_len`, a
+/// permission entry), merged across the mesh, each with the nodes that serve it
+/// (`kvmesh_nodes`). A key limited to some models sees only those.
 async fn models(State(p): State<Arc<Pipeline>>, headers: HeaderMap) -> Response {
     let tenant = match p.guard.as_ref().map(|g| g.check_client(&headers)) {
         Some(Err(denied)) => return error_response(&denied),
         Some(Ok(t)) => t,
         None => None,
     };
-    let mut ids = mesh_models(&p, true);
-    ids.retain(|m| tenant.as_ref().is_none_or(|t| t.may_use(m)));
-    let data: Vec<_> =
-        ids.into_iter().map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "kvmesh"})).collect();
+    // (card, max_model_len, node) of every healthy engine, this node's first.
+    let mut served: Vec<(kvmesh_policy::models::ModelCard, Option<u32>, String)> = Vec::new();
+    for e in &p.router.engines.engines {
+        let v = e.snapshot();
+        if !v.healthy {
+            continue;
+        }
+        let cards = match v.cards.cards().is_empty() {
+            true => v.models.iter().map(|m| kvmesh_policy::models::ModelCard::base(m)).collect(),
+            false => v.cards.cards().to_vec(),
+        };
+        served.extend(cards.into_iter().map(|c| (c, v.max_model_len, p.router.node_name.clone())));
+    }
+    let view = p.router.mesh().map(|m| m.view()).unwrap_or_default();
+    for r in view.engines.iter().filter(|r| r.load.healthy) {
+        let cards = match r.load.cards.is_empty() {
+            true => r.load.models.iter().map(|m| kvmesh_policy::models::ModelCard::base(m)).collect(),
+            false => r.load.cards.clone(),
+        };
+        served.extend(cards.into_iter().map(|c| (c, r.load.max_model_len, r.id.node.to_string())));
+    }
+    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut data: Vec<serde_json::Value> = Vec::new();
+    let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (card, max_len, node) in served {
+        if tenant.as_ref().is_some_and(|t| !t.may_use(&card.id)) {
+            continue;
+        }
+        match index.get(&card.id) {
+            Some(&i) => {
+                let entry = &mut data[i];
+                // The smallest context any engine serving it has: a request that fits is served
+                // wherever it goes.
+                if let (Some(new), Some(old)) = (max_len, entry["max_model_len"].as_u64()) {
+                    entry["max_model_len"] = json!(old.min(new as u64));
+                }
+                if let Some(nodes) = entry["kvmesh_nodes"].as_array_mut() {
+                    if !nodes.iter().any(|n| n == &node) {
+                        nodes.push(json!(node));
+                    }
+                }
+            }
+            None => {
+                index.insert(card.id.clone(), data.len());
+                data.push(json!({
+                    "id": card.id,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "vllm",
+                    "root": card.root.clone().unwrap_or_else(|| card.id.clone()),
+                    "parent": card.parent,
+                    "max_model_len": max_len,
+                    "permission": [{
+                        "id": format!("modelperm-{:016x}", rand::random::<u64>()),
+                        "object": "model_permission",
+                        "created": created,
+                        "allow_create_engine": false,
+                        "allow_sampling": true,
+                        "allow_logprobs": true,
+                        "allow_search_indices": false,
+                        "allow_view": true,
+                        "allow_fine_tuning": false,
+                        "organization": "*",
+                        "group": null,
+                        "is_blocking": false,
+                    }],
+                    "kvmesh_nodes": [node],
+                }));
+            }
+        }
+    }
     Json(json!({"object": "list", "data": data})).into_response()
 }
 

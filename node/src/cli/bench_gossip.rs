@@ -70,6 +70,7 @@ fn load(tag: u32) -> LoadReport {
             tokens_per_s: 1200.0,
             block_size: Some(16),
             cards: Vec::new(),
+            max_model_len: None,
         }],
     }
 }

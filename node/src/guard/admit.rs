@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::http::HeaderMap;
+use kvmesh_policy::endpoint::Work;
 use kvmesh_policy::guardrails::{Context, Stage};
 use kvmesh_policy::limits;
 use kvmesh_policy::openai::ApiError;
@@ -58,12 +59,30 @@ impl Guard {
             flow.rec.tenant = Some(t.name.clone());
         }
         let endpoint = ctx.endpoint;
+        if endpoint.work() == Work::Stored {
+            // No body: the id in the path names the engine (unguessable, and known only to whoever
+            // created the response).
+            let req = InferenceRequest::stored(endpoint, ctx.stream_query());
+            if req.stream && self.rules().read_text(Stage::Response) {
+                return Err(ApiError::invalid(
+                    "This node's guardrails read answers, which they cannot do in a stored response's event stream: retrieve it without stream=true.",
+                    Some("stream"),
+                )
+                .into());
+            }
+            return Ok((req, body));
+        }
         // Fields only the node may set never reach an engine from a client.
         // With keys, each tenant's prompts are cached under its own salt (unless it shares).
-        let parsed = request::parse_client(endpoint, &body, |client| match &tenant {
-            Some(t) => t.cache_salt(client),
-            None => client.map(str::to_owned),
-        })?;
+        let parsed = request::parse_client(
+            endpoint,
+            &body,
+            |client| match &tenant {
+                Some(t) => t.cache_salt(client),
+                None => client.map(str::to_owned),
+            },
+            ctx.default_model.as_deref(),
+        )?;
         let mut req = parsed.req;
         let mut body = parsed.body.map(Bytes::from).unwrap_or(body);
         ctx.set_model(&req.model);
@@ -74,14 +93,16 @@ impl Guard {
         }
         // Completion tokens are charged from the engine's usage: a stream that did not ask for it
         // asks now, and `stream` keeps the usage chunk from the client.
-        if self.limits_enabled && req.stream && !req.include_usage {
+        if self.limits_enabled && req.stream && !req.include_usage && endpoint.reports_usage_on_request() {
             if let Some(b) = request::with_stream_usage(&body) {
                 body = Bytes::from(b);
                 flow.hidden_usage = true;
             }
         }
         let spec = self.limits.for_tenant(&flow.tenant);
-        limits::check_request(&spec, req.max_tokens, req.n, 0)?;
+        // Endpoints that generate nothing have no completion to cap.
+        let max_tokens = if endpoint.work() == Work::Generate { req.max_tokens } else { Some(0) };
+        limits::check_request(&spec, max_tokens, req.n, 0)?;
 
         // Every string the engine will render, not only message text (`request::prompt_strings`).
         let mut doc: Value =
@@ -106,6 +127,15 @@ impl Guard {
             return Err(ApiError::invalid(
                 "This node's guardrails read answers: log-probabilities cannot be returned.",
                 Some("logprobs"),
+            )
+            .into());
+        }
+        // Streamed Responses and Messages events are relayed as they come, unscanned: with
+        // answer rules that read text, only their whole answers are served.
+        if req.stream && !endpoint.reports_usage_on_request() && self.rules().read_text(Stage::Response) {
+            return Err(ApiError::invalid(
+                "This node's guardrails read answers, which they cannot do in this endpoint's stream: send stream=false.",
+                Some("stream"),
             )
             .into());
         }

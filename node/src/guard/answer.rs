@@ -64,7 +64,8 @@ impl Guard {
         }
         let mut out = bytes;
         if let Ok(mut v) = serde_json::from_slice::<Value>(&out) {
-            flow.rec.completion_tokens = v["usage"]["completion_tokens"].as_u64();
+            flow.rec.completion_tokens =
+                v["usage"]["completion_tokens"].as_u64().or_else(|| v["usage"]["output_tokens"].as_u64());
             // Every string the client reads of each choice: the text, the reasoning, and the
             // tool calls' names and arguments.
             let (pointers, mut texts): (Vec<String>, Vec<String>) =
@@ -120,36 +121,91 @@ fn split_of(route: Option<&str>, served_by: Option<&str>) -> Option<String> {
 
 /// The strings of a whole answer a client reads, with their JSON pointers: each choice's text
 /// (`message.content` or `text`), `reasoning_content`/`reasoning`, and tool calls' names and
-/// arguments.
+/// arguments; a Responses answer's output texts, reasoning and function calls; a Messages
+/// answer's text, thinking and every string of its tool inputs; a detokenized prompt; a
+/// transcription's text. Embeddings and scores hold no text.
 fn answer_strings(endpoint: Endpoint, v: &Value) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    let n = v["choices"].as_array().map(Vec::len).unwrap_or(0);
-    for i in 0..n {
-        let mut fields: Vec<String> = match endpoint {
-            Endpoint::Chat => ["content", "reasoning_content", "reasoning"]
-                .iter()
-                .map(|f| format!("/choices/{i}/message/{f}"))
-                .collect(),
-            Endpoint::Completions => vec![format!("/choices/{i}/text")],
-        };
-        let calls =
-            v.pointer(&format!("/choices/{i}/message/tool_calls")).and_then(Value::as_array).map_or(0, Vec::len);
-        for j in 0..calls {
-            for f in ["name", "arguments"] {
-                fields.push(format!("/choices/{i}/message/tool_calls/{j}/function/{f}"));
+    let mut take = |p: String, always: bool| match v.pointer(&p) {
+        Some(Value::String(t)) => out.push((p, t.clone())),
+        // A choice without text still counts as one (rules that look at the answer's
+        // existence, and webhooks, see every choice).
+        _ if always => out.push((p, String::new())),
+        Some(other) => collect_leaves(other, &p, &mut out),
+        None => {}
+    };
+    let len = |p: &str| v.pointer(p).and_then(Value::as_array).map_or(0, Vec::len);
+    match endpoint {
+        Endpoint::Chat | Endpoint::Completions => {
+            for i in 0..len("/choices") {
+                if endpoint == Endpoint::Completions {
+                    take(format!("/choices/{i}/text"), true);
+                    continue;
+                }
+                take(format!("/choices/{i}/message/content"), true);
+                for f in ["reasoning_content", "reasoning"] {
+                    take(format!("/choices/{i}/message/{f}"), false);
+                }
+                for j in 0..len(&format!("/choices/{i}/message/tool_calls")) {
+                    for f in ["name", "arguments"] {
+                        take(format!("/choices/{i}/message/tool_calls/{j}/function/{f}"), false);
+                    }
+                }
             }
         }
-        for p in fields {
-            match v.pointer(&p).and_then(Value::as_str) {
-                Some(t) => out.push((p, t.to_owned())),
-                // A choice without text still counts as one (rules that look at the answer's
-                // existence, and webhooks, see every choice).
-                None if p.ends_with("/content") || p.ends_with("/text") => out.push((p, String::new())),
-                None => {}
+        Endpoint::Responses | Endpoint::ResponseRetrieve | Endpoint::ResponseCancel => {
+            for i in 0..len("/output") {
+                for f in ["name", "arguments"] {
+                    take(format!("/output/{i}/{f}"), false);
+                }
+                for part in ["content", "summary"] {
+                    for j in 0..len(&format!("/output/{i}/{part}")) {
+                        for f in ["text", "refusal"] {
+                            take(format!("/output/{i}/{part}/{j}/{f}"), false);
+                        }
+                    }
+                }
             }
         }
+        Endpoint::Messages => {
+            for i in 0..len("/content") {
+                for f in ["text", "thinking", "input"] {
+                    take(format!("/content/{i}/{f}"), false);
+                }
+            }
+        }
+        Endpoint::Detokenize => take("/prompt".into(), false),
+        Endpoint::Transcriptions | Endpoint::Translations => take("/text".into(), false),
+        Endpoint::MessagesCountTokens
+        | Endpoint::Embeddings
+        | Endpoint::Pooling
+        | Endpoint::Classify
+        | Endpoint::Score
+        | Endpoint::ScoreV1
+        | Endpoint::Rerank
+        | Endpoint::RerankV1
+        | Endpoint::RerankV2
+        | Endpoint::Tokenize => {}
     }
     out
+}
+
+/// Every string under `v` (a tool call's input object), with its pointer.
+fn collect_leaves(v: &Value, path: &str, out: &mut Vec<(String, String)>) {
+    match v {
+        Value::String(s) => out.push((path.to_owned(), s.clone())),
+        Value::Array(items) => {
+            for (i, x) in items.iter().enumerate() {
+                collect_leaves(x, &format!("{path}/{i}"), out);
+            }
+        }
+        Value::Object(map) => {
+            for (k, x) in map {
+                collect_leaves(x, &format!("{path}/{}", k.replace('~', "~0").replace('/', "~1")), out);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// The answer to a request whose audit record could not be written (`on_full = "reject"`):

@@ -43,6 +43,14 @@ impl Guard {
     }
 }
 
+/// The stream events of Responses and Messages that carry about one generated token each.
+const OTHER_API_DELTAS: &[&str] = &[
+    "response.output_text.delta",
+    "response.reasoning_text.delta",
+    "response.function_call_arguments.delta",
+    "content_block_delta",
+];
+
 type DataStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, axum::Error>> + Send>>;
 
 struct StreamState {
@@ -118,6 +126,19 @@ impl StreamState {
             // The usage chunk the node asked for on the client's behalf: read, not sent.
             if hidden && v["choices"].as_array().is_none_or(Vec::is_empty) {
                 return Ok(());
+            }
+        }
+        // Responses (`response.completed`) and Messages (`message_delta`) report usage in their
+        // own events; their text is not scanned here (admit refuses such streams when answer
+        // rules read text), but their deltas are counted for a stream cut before its usage.
+        if let Some(n) = v.pointer("/response/usage/output_tokens").or(v.pointer("/usage/output_tokens")) {
+            if let (Some(f), Some(n)) = (&mut self.flow, n.as_u64()) {
+                f.rec.completion_tokens = Some(n);
+            }
+        }
+        if let (Some(f), Some(kind)) = (&mut self.flow, v["type"].as_str()) {
+            if OTHER_API_DELTAS.contains(&kind) {
+                f.streamed_chunks = f.streamed_chunks.saturating_add(1);
             }
         }
         let (model, tenant) = self.ctx();

@@ -42,6 +42,7 @@ pub(super) async fn publish_load(mesh: Arc<Mesh>, engines: Arc<EngineSet>, every
                         tokens_per_s: (tps / 10.0).round() * 10.0,
                         block_size: v.load.block_size,
                         cards: v.cards.gossip_cards(),
+                        max_model_len: v.max_model_len,
                     }
                 })
                 .collect(),

@@ -79,6 +79,7 @@ impl PeerEngine {
                 tokens_per_s: 0.0,
                 block_size: Some(block_size),
                 cards: Vec::new(),
+                max_model_len: None,
             },
             node_engines: 1,
             summary: Arc::default(),
@@ -379,6 +380,7 @@ mod tests {
                         tokens_per_s: 0.0,
                         block_size: Some(16),
                         cards: Vec::new(),
+                        max_model_len: None,
                     })
                     .collect(),
             },

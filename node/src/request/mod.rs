@@ -7,7 +7,8 @@
 //!    per request, here;
 //! 3. **limit** (`guard::limits`): prompt length, token and request rates, mesh-wide;
 //! 4. **place** (`router::cells`): with cells, a prompt homed in another cell goes where its
-//!    home node there places it;
+//!    home node there places it; a request on a stored response (`router::stored`) goes to the
+//!    engine that stored it, and skips 4 and 5;
 //! 5. **pick** (`router::pick`, `policy::candidates`, `policy::route`): the engine predicted to
 //!    start it soonest, or a prefill/decode split;
 //! 6. **forward** (`router::forward`, `router::split`): the client's bytes to that engine, this
@@ -125,11 +126,15 @@ impl Pipeline {
                 return self.refuse(&ctx, flow, refusal).await;
             }
         }
-        // 4. place
-        let answer = match self.router.place_in_home_cell(&ctx, &req, &body, &mut prompt).await {
-            Some(answer) => answer,
-            // 5. pick → 6. forward (retried while the client has seen nothing)
-            None => self.router.pick_and_forward(&ctx, &req, &body, &mut prompt, Scope::Mesh).await,
+        let answer = match req.pinned_to(ctx.response_id.as_deref()) {
+            // 4-6. a stored response's follow-up, retrieval or cancel: to the engine that stored it
+            Some(id) => self.router.serve_stored(&ctx, &req, &body, id).await,
+            None => match self.router.place_in_home_cell(&ctx, &req, &body, &mut prompt).await {
+                // 4. place
+                Some(answer) => answer,
+                // 5. pick → 6. forward (retried while the client has seen nothing)
+                None => self.router.pick_and_forward(&ctx, &req, &body, &mut prompt, Scope::Mesh).await,
+            },
         };
         // 7. relay
         match (&self.guard, flow) {
@@ -147,8 +152,11 @@ impl Pipeline {
     ) -> Result<(Option<Flow>, InferenceRequest, Bytes), (Option<Flow>, Refusal)> {
         let Some(guard) = &self.guard else {
             // Fields only the node may set never reach an engine from a client.
-            let parsed =
-                request::parse_client(ctx.endpoint, &body, request::client_salt).map_err(|e| (None, e.into()))?;
+            if ctx.endpoint.work() == kvmesh_policy::endpoint::Work::Stored {
+                return Ok((None, InferenceRequest::stored(ctx.endpoint, ctx.stream_query()), body));
+            }
+            let parsed = request::parse_client(ctx.endpoint, &body, request::client_salt, ctx.default_model.as_deref())
+                .map_err(|e| (None, e.into()))?;
             ctx.set_model(&parsed.req.model);
             let body = parsed.body.map(Bytes::from).unwrap_or(body);
             return Ok((None, parsed.req, body));

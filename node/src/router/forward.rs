@@ -7,6 +7,7 @@ use axum::http::{header, StatusCode};
 use axum::response::Response;
 use futures::StreamExt;
 use kvmesh_policy::openai::ApiError;
+use kvmesh_policy::request::Endpoint;
 use kvmesh_transport::{PeerRequest, RequestHead, TransportError};
 use std::sync::Arc;
 
@@ -42,7 +43,7 @@ impl Router {
             Target::Local(e) => self.forward_local(ctx, stream, body, e.clone(), route, None).await,
             Target::Remote(r) => {
                 let ask = PeerRequest::Engine(r.load.name.clone());
-                let head = RequestHead::new(ask, ctx.endpoint.path(), &ctx.id, &self.node_name, stream);
+                let head = RequestHead::new(ask, &ctx.upstream_path(), &ctx.id, &self.node_name, stream);
                 self.forward_remote(ctx, head, body, r, route, None).await
             }
         }
@@ -58,12 +59,20 @@ impl Router {
         expect: Option<Expected>,
     ) -> Result<Response, Retry> {
         let in_flight = InFlight::new(engine.in_flight.clone());
-        let mut rb = self
-            .client
-            .post(format!("{}{}", engine.url, ctx.endpoint.path()))
-            .header(header::CONTENT_TYPE, "application/json")
-            .header("x-request-id", &ctx.id)
-            .body(body.clone());
+        let url = format!("{}{}", engine.url, ctx.upstream_path());
+        // A response made here is stored by this engine: its id says so (`stored`).
+        let body = match ctx.endpoint {
+            Endpoint::Responses => match super::stored::with_response_id(body, &self.node_name, &engine.name) {
+                Some(b) => Bytes::from(b),
+                None => body.clone(),
+            },
+            _ => body.clone(),
+        };
+        let rb = match ctx.endpoint.is_get() {
+            true => self.client.get(url),
+            false => self.client.post(url).header(header::CONTENT_TYPE, "application/json").body(body),
+        };
+        let mut rb = rb.header("x-request-id", &ctx.id);
         if let Some(k) = &engine.api_key {
             rb = rb.bearer_auth(k);
         }

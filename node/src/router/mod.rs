@@ -25,6 +25,7 @@ mod peer;
 mod pick;
 mod relay;
 mod split;
+mod stored;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -302,7 +303,7 @@ impl Router {
                 Target::Remote(r) => {
                     let chooses = peer_chooses(r, &picked.decision);
                     let ask = if chooses { PeerRequest::AnyEngine } else { PeerRequest::Engine(r.load.name.clone()) };
-                    let mut head = RequestHead::new(ask, ctx.endpoint.path(), &ctx.id, &self.node_name, req.stream);
+                    let mut head = RequestHead::new(ask, &ctx.upstream_path(), &ctx.id, &self.node_name, req.stream);
                     head.prompt = chooses.then(|| self.digest(r, prompt)).flatten();
                     // A peer that places the prompt among its engines checks the answer itself.
                     let expect = if chooses { None } else { expect };
@@ -337,7 +338,9 @@ impl Router {
 
 /// What the chosen engine should report of a prompt this node tokenized exactly (`check`).
 fn expectation(req: &InferenceRequest, prompt: &PromptKeys, picked: &pick::Picked) -> Option<check::Expected> {
-    if !prompt.known() || has_media(req) {
+    // Only chat and completions report `usage.prompt_tokens_details` as `check` reads it; and a
+    // prompt with media expands in the engine, so its length is not this node's.
+    if !prompt.known() || req.media || !req.endpoint.reports_usage_on_request() {
         return None;
     }
     let block_size = picked.block_size;
@@ -351,18 +354,6 @@ fn expectation(req: &InferenceRequest, prompt: &PromptKeys, picked: &pick::Picke
         model: req.model.clone(),
         prompt_tokens: prompt.tokens,
         cached_tokens: kvmesh_policy::candidates::expected_cached_tokens(prompt.tokens, matched, block_size),
-    })
-}
-
-/// Whether a chat request carries content parts other than text (their placeholders expand in
-/// the engine, so its prompt length is not this node's).
-fn has_media(req: &InferenceRequest) -> bool {
-    req.chat.as_ref().is_some_and(|c| {
-        c.messages.iter().any(|m| {
-            m.get("content").and_then(serde_json::Value::as_array).is_some_and(|parts| {
-                parts.iter().any(|p| p.get("type").and_then(serde_json::Value::as_str).is_some_and(|t| t != "text"))
-            })
-        })
     })
 }
 

@@ -10,8 +10,9 @@ use std::time::Duration;
 use axum::http::{header, HeaderMap};
 use axum::response::Response;
 use kvmesh_policy::candidates::PromptKeys;
+use kvmesh_policy::endpoint::Work;
 use kvmesh_policy::openai::ApiError;
-use kvmesh_policy::request::{self, Endpoint};
+use kvmesh_policy::request::{self, Endpoint, InferenceRequest};
 use kvmesh_transport::endpoint::respond;
 use kvmesh_transport::{IncomingRequest, PeerRequest, PromptDigest, ResponseHead};
 use tracing::Instrument;
@@ -56,12 +57,17 @@ impl Router {
         }
         self.peer_requests.fetch_add(1, Ordering::Relaxed);
         let _done = DecrementOnDrop(&self.peer_requests);
-        let endpoint = match req.head.path.as_str() {
-            "/v1/chat/completions" => Some(Endpoint::Chat),
-            "/v1/completions" => Some(Endpoint::Completions),
-            _ => None,
+        let (path, query) = match req.head.path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (req.head.path.as_str(), None),
         };
+        let parsed = Endpoint::from_path(path);
+        let endpoint = parsed.map(|(e, _)| e);
         let mut ctx = RequestCtx::peer(&req.head.request_id, &req.head.origin, endpoint.unwrap_or(Endpoint::Chat));
+        if let Some((_, Some(id))) = parsed {
+            ctx.response_id = Some(id.to_owned());
+            ctx.set_query(query);
+        }
         let send = req.respond;
         let resp = match endpoint {
             Some(_) if self.is_draining() => self.refuse_draining(&ctx),
@@ -111,7 +117,11 @@ impl Router {
         scope: Scope<'_>,
         digest: Option<&PromptDigest>,
     ) -> Response {
-        let req = match request::parse(ctx.endpoint, &body) {
+        let parsed = match ctx.endpoint.work() {
+            Work::Stored => Ok(InferenceRequest::stored(ctx.endpoint, ctx.stream_query())),
+            _ => request::parse(ctx.endpoint, &body),
+        };
+        let req = match parsed {
             Ok(r) => r,
             Err(e) => return reply_error(&self.metrics, ctx, &e),
         };
