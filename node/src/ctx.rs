@@ -29,6 +29,8 @@ pub struct RequestCtx {
     pub default_model: Option<String>,
     /// A stored response's retrieval query (`stream=true&starting_after=N`), checked.
     pub query: Option<String>,
+    /// The body's content type when it is not JSON (a multipart form, with its boundary).
+    pub content_type: Option<String>,
 }
 
 /// A request id that may go into logs and HTTP headers: 1 to `MAX_REQUEST_ID` visible ASCII
@@ -89,6 +91,7 @@ impl RequestCtx {
             response_id: None,
             default_model: None,
             query: None,
+            content_type: None,
         }
     }
 
@@ -102,6 +105,23 @@ impl RequestCtx {
             Some(q) => format!("{path}?{q}"),
             None => path,
         }
+    }
+
+    /// The head of this request sent to a peer (`ask`), from `node`.
+    pub fn peer_head(
+        &self,
+        ask: kvmesh_transport::PeerRequest,
+        node: &str,
+        stream: bool,
+    ) -> kvmesh_transport::RequestHead {
+        let mut head = kvmesh_transport::RequestHead::new(ask, &self.upstream_path(), &self.id, node, stream);
+        head.content_type = self.content_type.clone();
+        head
+    }
+
+    /// The content type the engine is sent the body with.
+    pub fn body_type(&self) -> &str {
+        self.content_type.as_deref().unwrap_or("application/json")
     }
 
     /// A retrieval that asks for the stored response's events.

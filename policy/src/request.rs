@@ -95,6 +95,31 @@ impl InferenceRequest {
     }
 }
 
+/// A multipart request (an audio transcription or translation) from its form's text fields:
+/// the routing view of `model` and `stream` (the rest, and the file, are the engine's to
+/// judge). `default_model` as in [`parse_client`].
+pub fn from_form(
+    endpoint: Endpoint,
+    fields: &std::collections::BTreeMap<String, String>,
+    has_file: bool,
+    default_model: Option<&str>,
+) -> Result<InferenceRequest, ApiError> {
+    if !has_file {
+        return Err(ApiError::invalid("'file' is required.", Some("file")));
+    }
+    let mut obj = Map::new();
+    if let Some(m) = fields.get("model").map(String::as_str).or(default_model) {
+        obj.insert("model".into(), Value::String(m.to_owned()));
+    }
+    match fields.get("stream").map(|s| s.to_ascii_lowercase()) {
+        None => {}
+        Some(s) if s == "true" => _ = obj.insert("stream".into(), Value::Bool(true)),
+        Some(s) if s == "false" => _ = obj.insert("stream".into(), Value::Bool(false)),
+        Some(_) => return Err(type_error("stream", "a boolean")),
+    }
+    from_object(endpoint, &obj)
+}
+
 /// Parses and validates a request body. Errors name the offending parameter.
 pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<InferenceRequest, ApiError> {
     from_object(endpoint, &object(body)?)

@@ -39,6 +39,9 @@ pub struct RequestHead {
     /// prompt crosses the mesh once, as in a flat mesh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub place: Option<PlaceQuery>,
+    /// The body's content type when it is not JSON (a multipart form with its boundary).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
 }
 
 /// What a peer asks of this node, decoded from a [`RequestHead`]'s fields (the wire format

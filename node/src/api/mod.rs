@@ -57,6 +57,14 @@ async fn serve_with(p: Arc<Pipeline>, endpoint: Endpoint, response_id: Option<St
         ctx.set_query(parts.uri.query());
     }
     ctx.response_id = response_id;
+    if endpoint.is_multipart() {
+        ctx.content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .filter(|ct| crate::request::form::forwardable(ct))
+            .map(str::to_owned);
+    }
     if let [only] = mesh_models(&p, true).as_slice() {
         ctx.default_model = Some(only.clone());
     }

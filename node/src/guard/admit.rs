@@ -72,6 +72,32 @@ impl Guard {
             }
             return Ok((req, body));
         }
+        if endpoint.is_multipart() {
+            // An audio file: no prompt text to scan (its transcript is scanned as the answer),
+            // no `max_tokens` (the audio bounds the transcript).
+            let req = crate::request::form::parse(
+                endpoint,
+                ctx.content_type.as_deref(),
+                body.clone(),
+                ctx.default_model.as_deref(),
+            )
+            .await?;
+            ctx.set_model(&req.model);
+            flow.rec.model = Some(req.model.clone());
+            flow.rec.stream = req.stream;
+            if tenant.as_ref().is_some_and(|t| !t.may_use(&req.model)) {
+                return Err(ApiError::model_not_found(&req.model).into());
+            }
+            if req.stream && self.rules().read_text(Stage::Response) {
+                return Err(ApiError::invalid(
+                    "This node's guardrails read answers, which they cannot do in this endpoint's stream: send stream=false.",
+                    Some("stream"),
+                )
+                .into());
+            }
+            limits::check_request(&self.limits.for_tenant(&flow.tenant), Some(0), 1, 0)?;
+            return Ok((req, body));
+        }
         // Fields only the node may set never reach an engine from a client.
         // With keys, each tenant's prompts are cached under its own salt (unless it shares).
         let parsed = request::parse_client(

@@ -19,6 +19,8 @@
 //! Errors become answers in one place (`reply`), in OpenAI's shape. Requests a peer forwards
 //! here take the router's own path (`router::peer`): parse, keys, pick, forward.
 
+pub(crate) mod form;
+
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -154,6 +156,14 @@ impl Pipeline {
             // Fields only the node may set never reach an engine from a client.
             if ctx.endpoint.work() == kvmesh_policy::endpoint::Work::Stored {
                 return Ok((None, InferenceRequest::stored(ctx.endpoint, ctx.stream_query()), body));
+            }
+            if ctx.endpoint.is_multipart() {
+                let parsed =
+                    form::parse(ctx.endpoint, ctx.content_type.as_deref(), body.clone(), ctx.default_model.as_deref())
+                        .await
+                        .map_err(|e| (None, e.into()))?;
+                ctx.set_model(&parsed.model);
+                return Ok((None, parsed, body));
             }
             let parsed = request::parse_client(ctx.endpoint, &body, request::client_salt, ctx.default_model.as_deref())
                 .map_err(|e| (None, e.into()))?;

@@ -95,7 +95,7 @@ impl Router {
         ctx.span.record("reason", reason.as_str());
         self.metrics.route_decisions.with_label_values(&[reason.as_str()]).inc();
         let query = PeerRequest::Place(PlaceQuery { model: req.model.clone() });
-        let mut ask = RequestHead::new(query, &ctx.upstream_path(), &ctx.id, &self.node_name, req.stream);
+        let mut ask = ctx.peer_head(query, &self.node_name, req.stream);
         ask.prompt = Some(digest);
         let unplaced = match self.ask_placement(&mesh, name, addr, &ask).await {
             Ok(Placement::Engine { node, addr: at, engine, route }) => {
@@ -105,7 +105,7 @@ impl Router {
                 let header = decision.to_string();
                 ctx.span.record("route", header.as_str());
                 let ask = PeerRequest::Engine(engine.clone());
-                let head = RequestHead::new(ask, &ctx.upstream_path(), &ctx.id, &self.node_name, req.stream);
+                let head = ctx.peer_head(ask, &self.node_name, req.stream);
                 match self.forward_remote(ctx, head, body, &target, &header, None).await {
                     Ok(resp) => return Some(resp),
                     Err(Retry { error, reason }) => {
@@ -123,8 +123,7 @@ impl Router {
                 let header = decision.to_string();
                 ctx.span.record("route", header.as_str());
                 let home_node = mesh.table.named(name, addr, "", &req.model, bs);
-                let head =
-                    RequestHead::new(PeerRequest::Relay, &ctx.upstream_path(), &ctx.id, &self.node_name, req.stream);
+                let head = ctx.peer_head(PeerRequest::Relay, &self.node_name, req.stream);
                 match self.forward_remote(ctx, head, body, &home_node, &header, None).await {
                     Ok(resp) => return Some(resp),
                     Err(Retry { error, reason }) => format!("relay ({reason}): {}", error.message),

@@ -43,7 +43,7 @@ impl Router {
             Target::Local(e) => self.forward_local(ctx, stream, body, e.clone(), route, None).await,
             Target::Remote(r) => {
                 let ask = PeerRequest::Engine(r.load.name.clone());
-                let head = RequestHead::new(ask, &ctx.upstream_path(), &ctx.id, &self.node_name, stream);
+                let head = ctx.peer_head(ask, &self.node_name, stream);
                 self.forward_remote(ctx, head, body, r, route, None).await
             }
         }
@@ -70,7 +70,7 @@ impl Router {
         };
         let rb = match ctx.endpoint.is_get() {
             true => self.client.get(url),
-            false => self.client.post(url).header(header::CONTENT_TYPE, "application/json").body(body),
+            false => self.client.post(url).header(header::CONTENT_TYPE, ctx.body_type()).body(body),
         };
         let mut rb = rb.header("x-request-id", &ctx.id);
         if let Some(k) = &engine.api_key {

@@ -42,7 +42,7 @@ use kvmesh_policy::pd::PdSettings;
 use kvmesh_policy::request::InferenceRequest;
 use kvmesh_policy::route::{RouteDecision, RouteReason};
 use kvmesh_policy::score::ScoreWeights;
-use kvmesh_transport::{PeerRequest, RequestHead};
+use kvmesh_transport::PeerRequest;
 
 use crate::config::{Config, RoutingPolicy};
 use crate::ctx::RequestCtx;
@@ -303,7 +303,7 @@ impl Router {
                 Target::Remote(r) => {
                     let chooses = peer_chooses(r, &picked.decision);
                     let ask = if chooses { PeerRequest::AnyEngine } else { PeerRequest::Engine(r.load.name.clone()) };
-                    let mut head = RequestHead::new(ask, &ctx.upstream_path(), &ctx.id, &self.node_name, req.stream);
+                    let mut head = ctx.peer_head(ask, &self.node_name, req.stream);
                     head.prompt = chooses.then(|| self.digest(r, prompt)).flatten();
                     // A peer that places the prompt among its engines checks the answer itself.
                     let expect = if chooses { None } else { expect };

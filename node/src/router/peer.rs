@@ -64,6 +64,7 @@ impl Router {
         let parsed = Endpoint::from_path(path);
         let endpoint = parsed.map(|(e, _)| e);
         let mut ctx = RequestCtx::peer(&req.head.request_id, &req.head.origin, endpoint.unwrap_or(Endpoint::Chat));
+        ctx.content_type = req.head.content_type.clone().filter(|ct| crate::request::form::forwardable(ct));
         if let Some((_, Some(id))) = parsed {
             ctx.response_id = Some(id.to_owned());
             ctx.set_query(query);
@@ -119,6 +120,9 @@ impl Router {
     ) -> Response {
         let parsed = match ctx.endpoint.work() {
             Work::Stored => Ok(InferenceRequest::stored(ctx.endpoint, ctx.stream_query())),
+            _ if ctx.endpoint.is_multipart() => {
+                crate::request::form::parse(ctx.endpoint, ctx.content_type.as_deref(), body.clone(), None).await
+            }
             _ => request::parse(ctx.endpoint, &body),
         };
         let req = match parsed {
