@@ -878,7 +878,10 @@ impl<'a> World<'a> {
                 };
                 let rules = candidates::Rules { mode, weights: &self.cfg.weights, pd: &self.cfg.pd };
                 // A relayed request reached its home node, which prefers its own engine.
-                let prefer = if relayed { own.and_then(|e| pool.iter().position(|&p| p == e)) } else { None };
+                let prefer = match relayed.then(|| own.and_then(|e| pool.iter().position(|&p| p == e))).flatten() {
+                    Some(i) => kvmesh_policy::score::Prefer::Candidate(i),
+                    None => kvmesh_policy::score::Prefer::Nothing,
+                };
                 let mut prompt = PromptKeys::from_keys(prompt_tokens, bs, keys.to_vec());
                 let rng = &mut self.rng;
                 let picked =

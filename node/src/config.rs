@@ -115,6 +115,10 @@ pub struct Config {
     /// How engines are chosen. `kvmesh` (the default) predicts TTFT from cached prefixes and
     /// load; `least_load` and `round_robin` are baselines for benchmarks.
     pub routing: RoutingPolicy,
+    /// A request header whose value names a client's session, besides `x-session-affinity`
+    /// (and OpenAI's `user`/`safety_identifier`, a Responses `conversation`, Anthropic's
+    /// `metadata.user_id`): a session prefers one engine among near-equals (`policy::affinity`).
+    pub session_header: Option<String>,
     /// Cells for large meshes (`policy::cells`, ARCHITECTURE.md *Cells*). Off unless `name`
     /// is set.
     pub cells: CellsConfig,
@@ -401,6 +405,7 @@ impl Default for Config {
             route_history_ttl_s: 120,
             route_history_max_keys: 32_768,
             routing: RoutingPolicy::Kvmesh,
+            session_header: None,
             cells: CellsConfig::default(),
             auth: AuthConfig { reload_interval_ms: 2_000, ..AuthConfig::default() },
             limits: LimitsConfig::default(),
@@ -475,6 +480,9 @@ pub struct ServeArgs {
     /// Routing policy: kvmesh (default), least-load or round-robin (baselines).
     #[arg(long, env = "KVMESH_ROUTING", value_enum)]
     pub routing: Option<RoutingPolicy>,
+    /// A header naming a client's session (besides x-session-affinity).
+    #[arg(long, env = "KVMESH_SESSION_HEADER")]
+    pub session_header: Option<String>,
     /// This node's cell (`[cells] name`): turns cells on.
     #[arg(long, env = "KVMESH_CELL")]
     pub cell: Option<String>,
@@ -555,6 +563,9 @@ impl Config {
             ($($f:ident),*) => { $(if args.$f.is_some() { cfg.$f = args.$f.clone(); })* };
         }
         take_opt!(advertise_addr, tls_dir, ca, cert, key);
+        if args.session_header.is_some() {
+            cfg.session_header = args.session_header.clone();
+        }
         if let Some(r) = args.routing {
             cfg.routing = r;
         }
@@ -591,6 +602,11 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), NodeError> {
         let bad = |m: String| Err(NodeError::Config(m));
+        if let Some(h) = &self.session_header {
+            if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return bad(format!("session_header `{h}` is not a valid HTTP header name"));
+            }
+        }
         if self.node_name.trim().is_empty() {
             return bad("node_name must not be empty (set --node-name)".into());
         }

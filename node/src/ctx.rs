@@ -31,6 +31,8 @@ pub struct RequestCtx {
     pub query: Option<String>,
     /// The body's content type when it is not JSON (a multipart form, with its boundary).
     pub content_type: Option<String>,
+    /// The session a header names (`policy::affinity`); the body's, if any, is the request's.
+    pub session: Option<String>,
 }
 
 /// A request id that may go into logs and HTTP headers: 1 to `MAX_REQUEST_ID` visible ASCII
@@ -92,6 +94,7 @@ impl RequestCtx {
             default_model: None,
             query: None,
             content_type: None,
+            session: None,
         }
     }
 

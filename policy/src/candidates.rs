@@ -237,7 +237,7 @@ pub fn decide(
     facts: &[EngineFacts<'_>],
     now_ms: u64,
     may_split: bool,
-    prefer: Option<usize>,
+    prefer: crate::score::Prefer<'_>,
     draw: impl FnMut(usize) -> usize,
 ) -> Option<Decision> {
     let mut cands: Vec<Estimate> = facts.iter().map(|f| estimate(prompt, f, now_ms)).collect();
@@ -412,17 +412,22 @@ mod tests {
         let table: [(Mode, RouteReason, usize); 2] =
             [(Mode::Kvmesh, RouteReason::Prefix, 0), (Mode::LeastLoad, RouteReason::Load, 1)];
         for (mode, reason, index) in table {
-            let d = decide(rules(mode, &w, &pd), &mut p, &[busy, idle], 0, false, None, |_| 0).expect("usable");
+            let d = decide(rules(mode, &w, &pd), &mut p, &[busy, idle], 0, false, crate::score::Prefer::Nothing, |_| 0)
+                .expect("usable");
             assert_eq!((d.reason, d.index), (reason, index), "{mode:?}");
         }
         let mut unknown = PromptKeys::default();
-        let d = decide(rules(Mode::Kvmesh, &w, &pd), &mut unknown, &[idle], 0, false, None, |_| 0).expect("usable");
+        let d =
+            decide(rules(Mode::Kvmesh, &w, &pd), &mut unknown, &[idle], 0, false, crate::score::Prefer::Nothing, |_| 0)
+                .expect("usable");
         assert_eq!(d.reason, RouteReason::LoadNoTokenizer);
         let mut approx = PromptKeys::approximate(100, vec![7, 8]);
         let mut history = RoutedKeys::new(60_000, 100);
         history.record(&[7, 8], 0);
         let held = facts(Cache::Unobserved, Some(&history));
-        let d = decide(rules(Mode::Kvmesh, &w, &pd), &mut approx, &[held], 0, false, None, |_| 0).expect("usable");
+        let d =
+            decide(rules(Mode::Kvmesh, &w, &pd), &mut approx, &[held], 0, false, crate::score::Prefer::Nothing, |_| 0)
+                .expect("usable");
         assert_eq!(d.reason, RouteReason::PrefixApprox);
     }
 
@@ -439,11 +444,27 @@ mod tests {
         let (w, pd) = (ScoreWeights::default(), PdSettings::default());
         let near = facts(Cache::Unobserved, None);
         let far = EngineFacts { rtt_ms: 30.0, ..near };
-        let d =
-            decide(rules(Mode::Kvmesh, &w, &pd), &mut prompt(2), &[far, near], 0, false, None, |_| 0).expect("usable");
+        let d = decide(
+            rules(Mode::Kvmesh, &w, &pd),
+            &mut prompt(2),
+            &[far, near],
+            0,
+            false,
+            crate::score::Prefer::Nothing,
+            |_| 0,
+        )
+        .expect("usable");
         assert_eq!(d.index, 1);
-        let d = decide(rules(Mode::Kvmesh, &w, &pd), &mut prompt(2), &[near, near], 0, false, Some(1), |_| 0)
-            .expect("usable");
+        let d = decide(
+            rules(Mode::Kvmesh, &w, &pd),
+            &mut prompt(2),
+            &[near, near],
+            0,
+            false,
+            crate::score::Prefer::Candidate(1),
+            |_| 0,
+        )
+        .expect("usable");
         assert_eq!(d.index, 1);
     }
 

@@ -8,6 +8,7 @@
 //! servers or gossip. Everything here is called by `node` (and by the cluster simulator in `sim`)
 //! with the facts it needs passed in, so the same code runs in production and in simulation.
 
+pub mod affinity;
 pub mod auth;
 pub mod blocks;
 pub mod candidates;

@@ -60,6 +60,9 @@ pub struct InferenceRequest {
     /// tokens the router does not compute, so keys hold only up to the first one, and the
     /// engine's reported prompt length is not compared with the router's.
     pub media: bool,
+    /// The session the body names (`affinity::session_of_body`): a stable engine preference
+    /// among near-equals.
+    pub session: Option<String>,
 }
 
 impl InferenceRequest {
@@ -85,6 +88,7 @@ impl InferenceRequest {
             chat: None,
             previous_response_id: None,
             media: false,
+            session: None,
         }
     }
 
@@ -428,6 +432,7 @@ pub fn from_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<Infer
         chat,
         previous_response_id,
         media,
+        session: crate::affinity::session_of_body(endpoint, obj),
     })
 }
 

@@ -7,7 +7,7 @@
 //! decides whether to split prefill from decode.
 
 use crate::pd::{self, PdSettings, Role, Split};
-use crate::score::{self, Choice, Estimate, ScoreWeights};
+use crate::score::{self, Choice, Estimate, Prefer, ScoreWeights};
 
 /// What a router takes into account.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,7 +173,7 @@ pub fn pick(
     cands: &mut [Estimate],
     roles: &[Role],
     may_split: bool,
-    prefer: Option<usize>,
+    prefer: Prefer<'_>,
     draw: impl FnMut(usize) -> usize,
 ) -> Option<Picked> {
     let Rules { mode, weights: w, pd: pd_settings } = rules;
@@ -216,9 +216,10 @@ mod tests {
         let rules = |mode| Rules { mode, weights: &w, pd: &pd };
         let roles = [Role::Both, Role::Both];
         let mut a = [est(0.0, 0), est(2.0, 400)];
-        let kv = pick(rules(Mode::Kvmesh), 7000, &mut a.clone(), &roles, false, None, |_| 0).expect("usable");
+        let kv =
+            pick(rules(Mode::Kvmesh), 7000, &mut a.clone(), &roles, false, Prefer::Nothing, |_| 0).expect("usable");
         assert_eq!(kv.choice.index, 1);
-        let ll = pick(rules(Mode::LeastLoad), 7000, &mut a, &roles, false, None, |_| 0).expect("usable");
+        let ll = pick(rules(Mode::LeastLoad), 7000, &mut a, &roles, false, Prefer::Nothing, |_| 0).expect("usable");
         assert_eq!(ll.choice.index, 0);
         assert_eq!(a[1].matched_blocks, 0, "least-load sees no cache");
     }
@@ -229,10 +230,10 @@ mod tests {
         let rules = Rules { mode: Mode::Kvmesh, weights: &w, pd: &pd };
         let roles = [Role::Prefill, Role::Both];
         let mut c = [est(0.0, 0), est(5.0, 0)];
-        let p = pick(rules, 100, &mut c, &roles, false, None, |_| 0).expect("usable");
+        let p = pick(rules, 100, &mut c, &roles, false, Prefer::Nothing, |_| 0).expect("usable");
         assert_eq!(p.choice.index, 1);
         let mut c = [est(0.0, 0), Estimate { usable: false, ..est(0.0, 0) }];
-        let p = pick(rules, 100, &mut c, &roles, false, None, |_| 0).expect("usable");
+        let p = pick(rules, 100, &mut c, &roles, false, Prefer::Nothing, |_| 0).expect("usable");
         assert_eq!(p.choice.index, 0);
     }
 

@@ -104,14 +104,26 @@ pub struct Choice {
     pub runner_up: Option<(usize, f64)>,
 }
 
+/// What wins among near-equal candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Prefer<'a> {
+    /// Two are drawn and the better one wins (spreading load).
+    #[default]
+    Nothing,
+    /// This candidate (a cell's home node keeping a prompt on its own engine).
+    Candidate(usize),
+    /// The highest-ranked (a session's rendezvous rank per candidate, `affinity::ranks`).
+    Ranked(&'a [u64]),
+}
+
 /// Picks among usable candidates: all within `tolerance` of the best prediction are
-/// near-equal; `prefer` wins when it is one of them, else two are drawn with `draw` and the
-/// better one wins.
+/// near-equal; `prefer` decides among them, else two are drawn with `draw` and the better one
+/// wins.
 pub fn choose(
     prompt_tokens: usize,
     cands: &[Estimate],
     w: &ScoreWeights,
-    prefer: Option<usize>,
+    prefer: Prefer<'_>,
     mut draw: impl FnMut(usize) -> usize,
 ) -> Option<Choice> {
     let mut scored: Vec<(usize, f64)> = cands
@@ -126,7 +138,11 @@ pub fn choose(
     scored.sort_by(|a, b| a.1.total_cmp(&b.1));
     let best = scored[0].1;
     let near = scored.iter().take_while(|(_, s)| *s <= best * (1.0 + w.tolerance)).count();
-    let preferred = prefer.and_then(|p| scored[..near].iter().position(|(i, _)| *i == p));
+    let preferred = match prefer {
+        Prefer::Nothing => None,
+        Prefer::Candidate(p) => scored[..near].iter().position(|(i, _)| *i == p),
+        Prefer::Ranked(ranks) => (0..near).max_by_key(|&pos| ranks.get(scored[pos].0).copied().unwrap_or(0)),
+    };
     let pick = if let Some(p) = preferred {
         p
     } else if near >= 2 {
@@ -172,7 +188,7 @@ mod tests {
     fn cached_prefix_beats_light_load_when_the_prompt_is_long() {
         let w = ScoreWeights::default();
         // 6,000 cached tokens on a busier engine vs an idle engine with nothing cached.
-        let c = choose(7_200, &[e(0.0, 0), e(3.0, 375)], &w, None, |_| 0).unwrap();
+        let c = choose(7_200, &[e(0.0, 0), e(3.0, 375)], &w, Prefer::Nothing, |_| 0).unwrap();
         assert_eq!(c.index, 1);
         assert!(c.runner_up.unwrap().1 > c.predicted_ms);
     }
@@ -180,7 +196,7 @@ mod tests {
     #[test]
     fn load_wins_when_nothing_is_cached() {
         let w = ScoreWeights::default();
-        assert_eq!(choose(500, &[e(8.0, 0), e(1.0, 0)], &w, None, |_| 0).unwrap().index, 1);
+        assert_eq!(choose(500, &[e(8.0, 0), e(1.0, 0)], &w, Prefer::Nothing, |_| 0).unwrap().index, 1);
     }
 
     #[test]
@@ -197,7 +213,7 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         let mut k = 0usize;
         for _ in 0..50 {
-            let c = choose(100, &cands, &w, None, |n| {
+            let c = choose(100, &cands, &w, Prefer::Nothing, |n| {
                 k = k.wrapping_mul(31).wrapping_add(7);
                 k % n
             })
@@ -212,14 +228,22 @@ mod tests {
     fn a_preferred_candidate_wins_only_among_near_equals() {
         let w = ScoreWeights::default();
         let cands = [e(1.0, 0), e(1.0, 0), e(9.0, 0)];
-        assert_eq!(choose(100, &cands, &w, Some(1), |_| 0).unwrap().index, 1);
-        assert_eq!(choose(100, &cands, &w, Some(2), |_| 0).unwrap().index, 0, "too slow to prefer");
+        assert_eq!(choose(100, &cands, &w, Prefer::Candidate(1), |_| 0).unwrap().index, 1);
+        assert_eq!(choose(100, &cands, &w, Prefer::Candidate(2), |_| 0).unwrap().index, 0, "too slow to prefer");
+    }
+
+    #[test]
+    fn a_session_ranks_only_near_equals() {
+        let w = ScoreWeights::default();
+        let cands = [e(1.0, 0), e(1.0, 0), e(9.0, 0)];
+        assert_eq!(choose(100, &cands, &w, Prefer::Ranked(&[1, 5, 0]), |_| 0).unwrap().index, 1);
+        assert_eq!(choose(100, &cands, &w, Prefer::Ranked(&[1, 0, 9]), |_| 0).unwrap().index, 0, "load is the limit");
     }
 
     #[test]
     fn kv_pressure_penalizes_a_full_cache() {
         let w = ScoreWeights::default();
         let full = Estimate { kv_usage: 0.99, ..e(0.0, 0) };
-        assert_eq!(choose(100, &[full, e(0.0, 0)], &w, None, |_| 0).unwrap().index, 1);
+        assert_eq!(choose(100, &[full, e(0.0, 0)], &w, Prefer::Nothing, |_| 0).unwrap().index, 1);
     }
 }

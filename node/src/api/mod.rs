@@ -57,6 +57,7 @@ async fn serve_with(p: Arc<Pipeline>, endpoint: Endpoint, response_id: Option<St
         ctx.set_query(parts.uri.query());
     }
     ctx.response_id = response_id;
+    ctx.session = p.router.session_of(&parts.headers);
     if endpoint.is_multipart() {
         ctx.content_type = parts
             .headers

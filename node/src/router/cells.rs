@@ -209,7 +209,7 @@ impl Router {
         // Given keys cannot be recut at another block size: engines of another block size see
         // no prefix, as for a relayed digest.
         let mut prompt = PromptKeys::from_keys(digest.tokens as usize, digest.block_size, keys);
-        let picked = self.pick(model, &mut prompt, Scope::Cell, &[], true)?;
+        let picked = self.pick(model, &mut prompt, Scope::Cell, &[], true, None)?;
         self.metrics.route_decisions.with_label_values(&[RouteReason::CellPlace.as_str()]).inc();
         if picked.split.is_some() {
             return Ok(Placement::Relay);

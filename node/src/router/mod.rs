@@ -67,6 +67,9 @@ pub struct RouterSettings {
     pub default_block_size: u32,
     pub pd: PdSettings,
     pub cells: CellSettings,
+    /// Headers whose value names a client's session (`x-session-affinity`, and the configured
+    /// one).
+    pub session_headers: Vec<axum::http::HeaderName>,
 }
 
 impl RouterSettings {
@@ -81,6 +84,10 @@ impl RouterSettings {
             default_block_size: cfg.default_block_size,
             pd: cfg.pd.clone(),
             cells: cfg.cells.routing.clone(),
+            session_headers: std::iter::once("x-session-affinity")
+                .chain(cfg.session_header.as_deref())
+                .filter_map(|h| axum::http::HeaderName::from_bytes(h.as_bytes()).ok())
+                .collect(),
         }
     }
 }
@@ -112,6 +119,16 @@ pub enum Scope<'a> {
     /// Any engine in this node's cell, preferring this node's: a request relayed from another
     /// cell to its home node (`policy::cells`). Never relayed again.
     Cell,
+}
+
+impl Router {
+    /// The session a request's headers name (`x-session-affinity`, or the configured header).
+    pub fn session_of(&self, headers: &axum::http::HeaderMap) -> Option<String> {
+        self.s.session_headers.iter().find_map(|h| {
+            let v = headers.get(h)?.to_str().ok().filter(|v| !v.is_empty())?;
+            Some(kvmesh_policy::affinity::bounded(v))
+        })
+    }
 }
 
 impl Scope<'_> {
@@ -267,7 +284,14 @@ impl Router {
         let mut tried: Vec<String> = Vec::new();
         let mut last_error: Option<ApiError> = None;
         for attempt in 0..self.s.max_attempts {
-            let picked = match self.pick(&req.model, prompt, scope, &tried, attempt == 0) {
+            let picked = match self.pick(
+                &req.model,
+                prompt,
+                scope,
+                &tried,
+                attempt == 0,
+                ctx.session.as_deref().or(req.session.as_deref()),
+            ) {
                 Ok(p) => p,
                 Err(e) => {
                     // After a failed attempt, the failure says more than "nothing left".

@@ -12,6 +12,7 @@ use kvmesh_policy::openai::ApiError;
 use kvmesh_policy::prefix_index::EngineIndex;
 use kvmesh_policy::route::{Mode, RouteDecision};
 use kvmesh_policy::route_history::RoutedKeys;
+use kvmesh_policy::score::Prefer;
 
 use super::{Router, Scope, Target};
 use crate::config::RoutingPolicy;
@@ -109,6 +110,7 @@ impl Router {
         scope: Scope<'_>,
         tried: &[String],
         may_split: bool,
+        session: Option<&str>,
     ) -> Result<Picked, ApiError> {
         let default_bs = self.s.default_block_size;
         let local: Vec<&Arc<Engine>> = match scope {
@@ -210,9 +212,19 @@ impl Router {
         };
         // The home node of a relayed prompt keeps it on its own engine when no other is
         // clearly better, so that the prefix settles where the prompt's next requests arrive.
-        let prefer = matches!(scope, Scope::Cell)
+        let home = matches!(scope, Scope::Cell)
             .then(|| (0..facts.len()).find(|&i| facts[i].usable && matches!(targets[i], Target::Local(_))))
             .flatten();
+        // A client's session prefers one engine among near-equals, the same from every node.
+        let ranks = session.map(|s| {
+            let labels: Vec<String> = targets.iter().map(|t| t.label(&self.node_name)).collect();
+            kvmesh_policy::affinity::ranks(s, &labels)
+        });
+        let prefer = match (&ranks, home) {
+            (Some(r), _) => Prefer::Ranked(r),
+            (None, Some(i)) => Prefer::Candidate(i),
+            (None, None) => Prefer::Nothing,
+        };
         let rules = Rules { mode, weights: &self.s.weights, pd: &self.s.pd };
         let d = candidates::decide(rules, prompt, &facts, now, may_split, prefer, |n| rand::random_range(0..n))
             .ok_or_else(none_healthy)?;
@@ -367,7 +379,8 @@ mod tests {
             assert_eq!(est(&node), est(&sim), "scenario {n}: candidates differ");
             let rules = Rules { mode: Mode::Kvmesh, weights: &w, pd: &pd };
             let pick = |facts: &[candidates::EngineFacts<'_>]| {
-                candidates::decide(rules, &mut prompt(), facts, 1, false, None, |_| 0).map(|d| (d.index, d.reason))
+                candidates::decide(rules, &mut prompt(), facts, 1, false, kvmesh_policy::score::Prefer::Nothing, |_| 0)
+                    .map(|d| (d.index, d.reason))
             };
             assert!(pick(&node).is_some(), "scenario {n}");
             assert_eq!(pick(&node), pick(&sim), "scenario {n}: choices differ");

@@ -1,0 +1,95 @@
+//! Session affinity: a client that names a session (`x-session-affinity`, as AIPerf sends it;
+//! a header the operator names; OpenAI's `user` or `safety_identifier`; a Responses
+//! `conversation`; Anthropic's `metadata.user_id`) gets a stable preference for one engine
+//! among those predicted near-equal for its request. The preference is a rendezvous hash of the
+//! session and each engine's name, so every node prefers the same engine without talking, and
+//! an engine leaving moves only its own sessions. It never outweighs load or cache: only engines
+//! within the scorer's tolerance of the best are ranked (`score::Prefer::Ranked`).
+
+use serde_json::{Map, Value};
+
+use crate::endpoint::Endpoint;
+
+/// Longest session key kept; a longer one is cut (it is hashed, never shown).
+pub const MAX_SESSION_KEY: usize = 256;
+
+/// The session a request's body names, if any.
+pub fn session_of_body(endpoint: Endpoint, obj: &Map<String, Value>) -> Option<String> {
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).filter(|s| !s.is_empty()).map(bounded);
+    match endpoint {
+        Endpoint::Messages | Endpoint::MessagesCountTokens => text(obj.get("metadata").and_then(|m| m.get("user_id"))),
+        Endpoint::Responses => {
+            // A conversation is a string id or `{"id": ...}`.
+            let conversation = obj.get("conversation").and_then(|c| c.get("id").or(Some(c)));
+            text(conversation).or_else(|| text(obj.get("safety_identifier"))).or_else(|| text(obj.get("user")))
+        }
+        _ => text(obj.get("safety_identifier")).or_else(|| text(obj.get("user"))),
+    }
+}
+
+/// A session key from a header value.
+pub fn bounded(s: &str) -> String {
+    let mut end = s.len().min(MAX_SESSION_KEY);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+/// The rank of each engine (by its `node/engine` label) for `session`: higher is preferred.
+pub fn ranks(session: &str, labels: &[String]) -> Vec<u64> {
+    labels
+        .iter()
+        .map(|l| {
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            h.update(session.as_bytes());
+            h.update(&[0]);
+            h.update(l.as_bytes());
+            h.digest()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_come_from_the_fields_each_api_has() {
+        let o = |s: &str| serde_json::from_str::<Map<String, Value>>(s).unwrap();
+        assert_eq!(session_of_body(Endpoint::Chat, &o(r#"{"user":"u1"}"#)).as_deref(), Some("u1"));
+        assert_eq!(
+            session_of_body(Endpoint::Chat, &o(r#"{"user":"u1","safety_identifier":"s"}"#)).as_deref(),
+            Some("s")
+        );
+        assert_eq!(session_of_body(Endpoint::Responses, &o(r#"{"conversation":{"id":"c"}}"#)).as_deref(), Some("c"));
+        assert_eq!(session_of_body(Endpoint::Responses, &o(r#"{"conversation":"c2"}"#)).as_deref(), Some("c2"));
+        assert_eq!(session_of_body(Endpoint::Messages, &o(r#"{"metadata":{"user_id":"a"}}"#)).as_deref(), Some("a"));
+        assert_eq!(session_of_body(Endpoint::Chat, &o(r#"{"user":""}"#)), None);
+        assert_eq!(bounded(&"é".repeat(200)).len(), 256);
+    }
+
+    #[test]
+    fn a_session_prefers_one_engine_and_moves_only_when_it_leaves() {
+        let labels: Vec<String> = (0..8).map(|i| format!("n{i}/e0")).collect();
+        let best = |s: &str, l: &[String]| {
+            let r = ranks(s, l);
+            l[(0..l.len()).max_by_key(|&i| r[i]).unwrap()].clone()
+        };
+        let mut moved = 0;
+        let mut spread = std::collections::HashSet::new();
+        for s in 0..400 {
+            let key = format!("session-{s}");
+            let before = best(&key, &labels);
+            spread.insert(before.clone());
+            let fewer: Vec<String> = labels.iter().filter(|l| *l != "n3/e0").cloned().collect();
+            let after = best(&key, &fewer);
+            if before != after {
+                assert_eq!(before, "n3/e0", "only the leaving engine's sessions move");
+                moved += 1;
+            }
+        }
+        assert_eq!(spread.len(), 8, "sessions spread over every engine");
+        assert!((20..=80).contains(&moved), "about 1/8 of the sessions moved: {moved}");
+    }
+}
