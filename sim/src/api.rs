@@ -1,7 +1,9 @@
 //! vLLM's OpenAI-compatible HTTP surface over the simulated engine.
 //!
 //! Why one long file: every endpoint shape the simulator serves is here, in one place, so it
-//! can be read against vLLM's `entrypoints/openai` side by side.
+//! can be read against vLLM's `entrypoints/openai` side by side. The APIs vLLM builds on top of
+//! chat (Responses, Anthropic Messages) and the pooling, tokenize and audio routes live in the
+//! submodules, which answer errors in vLLM's own envelope (`vllm::VllmError`: integer `code`).
 
 use std::convert::Infallible;
 use std::sync::Arc;

@@ -172,7 +172,7 @@ pub(crate) async fn embeddings(
             let dim = match obj.get("dimensions") {
                 None | Some(Value::Null) => EMBEDDING_DIM,
                 Some(v) => match v.as_u64() {
-                    Some(d) if d >= 1 && d <= 4096 => d as usize,
+                    Some(d) if (1..=4096).contains(&d) => d as usize,
                     _ => return Err(VllmError::bad_request("dimensions must be a positive integer up to 4096.", Some("dimensions"))),
                 },
             };

@@ -220,7 +220,7 @@ fn item_message(item: &Value) -> Result<Value, VllmError> {
                         let text = c.get(0).and_then(|p| p.get("text")).cloned().unwrap_or(json!(""));
                         return Ok(json!({"role": "assistant", "content": text}));
                     }
-                    Ok(json!({"role": role, "content": c}))
+                    Ok(json!({"role": role, "content": text_parts(c)}))
                 }
                 _ => Err(VllmError::validation(
                     "[{'loc': ('body', 'input', 'message'), 'msg': 'a message needs a role and a content'}]",
@@ -231,6 +231,24 @@ fn item_message(item: &Value) -> Result<Value, VllmError> {
             format!("Input items of type `{other}` are not supported by this engine."),
             Some("input"),
         )),
+    }
+}
+
+/// Content with `input_text`/`output_text` parts as `text` parts: vLLM's chat parsing reads all
+/// three the same way (`_parse_chat_message_content_part`), the chat request parser here only
+/// the last.
+fn text_parts(content: &Value) -> Value {
+    match content {
+        Value::Array(parts) => Value::Array(
+            parts
+                .iter()
+                .map(|p| match p.get("type").and_then(Value::as_str) {
+                    Some("input_text" | "output_text") => json!({"type": "text", "text": p["text"]}),
+                    _ => p.clone(),
+                })
+                .collect(),
+        ),
+        other => other.clone(),
     }
 }
 
