@@ -1,7 +1,9 @@
 //! vLLM's OpenAI-compatible HTTP surface over the simulated engine.
 //!
 //! Why one long file: every endpoint shape the simulator serves is here, in one place, so it
-//! can be read against vLLM's `entrypoints/openai` side by side.
+//! can be read against vLLM's `entrypoints/openai` side by side. The APIs vLLM builds on top of
+//! chat (Responses, Anthropic Messages) and the pooling, tokenize and audio routes live in the
+//! submodules, which answer errors in vLLM's own envelope (`vllm::VllmError`: integer `code`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -26,6 +28,15 @@ use crate::metrics::EngineMetrics;
 use crate::runner::{AbortOnDrop, EngineHandle, SubmitError};
 use crate::EngineConfig;
 
+mod audio;
+mod messages;
+mod pooling;
+mod responses;
+mod tokens;
+mod vllm;
+
+pub use responses::ResponseStore;
+
 /// One data-parallel rank: its scheduler and its metrics.
 pub struct Rank {
     pub engine: EngineHandle,
@@ -49,6 +60,8 @@ pub struct AppState {
     pub offers: crate::nixl::Offers,
     /// For pulling KV from prefill engines.
     pub client: reqwest::Client,
+    /// Responses API objects kept for `GET /v1/responses/{id}` and `previous_response_id`.
+    pub responses: ResponseStore,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -66,6 +79,23 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/reset_prefix_cache", post(reset_prefix_cache))
         .route("/kvmesh/nixl/pull", post(nixl_pull))
+        .route("/v1/responses", post(responses::create))
+        .route("/v1/responses/{response_id}", get(responses::retrieve))
+        .route("/v1/responses/{response_id}/cancel", post(responses::cancel))
+        .route("/v1/messages", post(messages::create))
+        .route("/v1/messages/count_tokens", post(messages::count_tokens))
+        .route("/v1/embeddings", post(pooling::embeddings))
+        .route("/pooling", post(pooling::pooling))
+        .route("/classify", post(pooling::classify))
+        .route("/score", post(pooling::score))
+        .route("/v1/score", post(pooling::score))
+        .route("/rerank", post(pooling::rerank))
+        .route("/v1/rerank", post(pooling::rerank))
+        .route("/v2/rerank", post(pooling::rerank))
+        .route("/tokenize", post(tokens::tokenize))
+        .route("/detokenize", post(tokens::detokenize))
+        .route("/v1/audio/transcriptions", post(audio::transcriptions))
+        .route("/v1/audio/translations", post(audio::translations))
         .fallback(|| async { error_response(ApiError::not_found("Not Found")) })
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -75,7 +105,7 @@ pub fn error_response(e: ApiError) -> Response {
     (e.status, [(header::CONTENT_TYPE, "application/json")], e.to_json()).into_response()
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -149,7 +179,7 @@ async fn completions(
 /// The rank a request runs on: the one its `X-data-parallel-rank` header names (vLLM's
 /// `_get_data_parallel_rank`; not an integer, or not a rank of this engine: 400), else the
 /// next in turn.
-fn data_parallel_rank(st: &AppState, headers: &HeaderMap) -> Result<usize, ApiError> {
+pub(crate) fn data_parallel_rank(st: &AppState, headers: &HeaderMap) -> Result<usize, ApiError> {
     let Some(v) = headers.get("x-data-parallel-rank") else {
         return Ok(st.next_rank.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % st.ranks.len());
     };
@@ -162,11 +192,11 @@ fn data_parallel_rank(st: &AppState, headers: &HeaderMap) -> Result<usize, ApiEr
 }
 
 /// Everything a response needs besides the tokens.
-struct Job {
+pub(crate) struct Job {
     endpoint: Endpoint,
-    id: String,
-    model: String,
-    created: u64,
+    pub(crate) id: String,
+    pub(crate) model: String,
+    pub(crate) created: u64,
     stream: bool,
     include_usage: bool,
     stop: Vec<String>,
@@ -206,7 +236,7 @@ async fn serve(
     }
 }
 
-async fn prepare(
+pub(crate) async fn prepare(
     st: &Arc<AppState>,
     endpoint: Endpoint,
     headers: &HeaderMap,
@@ -327,9 +357,71 @@ async fn prepare(
     Ok((job, rx, guard))
 }
 
+/// Whether `model` names what this engine serves: its name, an alias or a LoRA adapter.
+pub(crate) fn serves(st: &AppState, model: &str) -> bool {
+    model == st.cfg.model
+        || st.cfg.model_aliases.iter().any(|a| a == model)
+        || st.cfg.adapters().any(|(n, _)| n == model)
+}
+
+/// Starts a chat completion built by another endpoint (Responses, Messages) on the same path
+/// `/v1/chat/completions` takes, as vLLM runs those APIs through its chat serving.
+pub(crate) async fn start_chat(st: &Arc<AppState>, headers: &HeaderMap, body: &Value) -> Result<Generation, ApiError> {
+    let bytes = serde_json::to_vec(body).map_err(|e| ApiError::internal(e.to_string()))?;
+    let (job, rx, guard) = prepare(st, Endpoint::Chat, headers, &bytes, Instant::now()).await?;
+    Ok(Generation::new(st.clone(), job, rx, guard))
+}
+
+/// Token counts of one prompt run as prefill-only work.
+pub(crate) struct Prefilled {
+    pub prompt_tokens: usize,
+}
+
+/// Runs `ids` through the simulated scheduler as prefill work, as a pooling model's request
+/// is: the prompt is scheduled, takes KV blocks (so it loads the engine, shows in metrics and
+/// publishes KV events like any prompt), and the one token the scheduler produces is dropped.
+pub(crate) async fn prefill(
+    st: &Arc<AppState>,
+    headers: &HeaderMap,
+    ids: Vec<u32>,
+    cache_salt: Option<String>,
+) -> Result<Prefilled, ApiError> {
+    let rank = data_parallel_rank(st, headers)?;
+    if ids.len() as u64 + 1 > st.kv_capacity_tokens {
+        return Err(ApiError::invalid(
+            format!(
+                "The request needs {} tokens of KV cache but the engine holds only {}.",
+                ids.len() + 1,
+                st.kv_capacity_tokens
+            ),
+            None,
+        ));
+    }
+    let seq = NewSequence {
+        id: st.ranks[rank].engine.next_id(),
+        output_seed: st.filler.sequence_seed(&ids, None),
+        prompt: ids,
+        output_len: 1,
+        external_kv_tokens: 0,
+        cache_salt,
+        lora: None,
+    };
+    let (mut rx, mut guard) = st.ranks[rank].engine.submit(seq).map_err(|e| match e {
+        SubmitError::QueueFull => ApiError::unavailable("The engine's request queue is full; retry later."),
+        SubmitError::Closed => ApiError::unavailable("The engine is shutting down."),
+    })?;
+    while let Some(t) = rx.recv().await {
+        if t.finished {
+            guard.disarm();
+            return Ok(Prefilled { prompt_tokens: t.prompt_tokens });
+        }
+    }
+    Err(ApiError::unavailable("The engine stopped before the request finished."))
+}
+
 /// A prompt's ids as vLLM computes them: a chat request rendered with everything vLLM gives
 /// its chat template (`policy::chat`: tools, tool calls, `chat_template_kwargs`, ...).
-fn tokenize(
+pub(crate) fn tokenize(
     t: &ModelTokenizer,
     prompt: &Prompt,
     chat: Option<&kvmesh_policy::chat::ChatInputs>,
@@ -400,31 +492,31 @@ fn output_plan(st: &AppState, req: &InferenceRequest, ids: &[u32]) -> Result<(us
 }
 
 /// Turns the token stream into text with stop-string handling, and records latency metrics.
-struct Generation {
+pub(crate) struct Generation {
     st: Arc<AppState>,
-    job: Job,
+    pub(crate) job: Job,
     rx: mpsc::UnboundedReceiver<TokenOut>,
     guard: AbortOnDrop,
     /// Bytes of `text` already handed to the client.
     text_len: usize,
-    text: String,
+    pub(crate) text: String,
     hold: usize,
     last_token_at: Option<Instant>,
-    prompt_tokens: usize,
-    cached_tokens: usize,
-    completion_tokens: usize,
-    finish: Option<(&'static str, Option<String>)>,
+    pub(crate) prompt_tokens: usize,
+    pub(crate) cached_tokens: usize,
+    pub(crate) completion_tokens: usize,
+    pub(crate) finish: Option<(&'static str, Option<String>)>,
 }
 
 /// One step of a generation as the client will see it.
-enum Piece {
+pub(crate) enum Piece {
     Text(String),
     Finished,
     Failed(ApiError),
 }
 
 impl Generation {
-    fn new(st: Arc<AppState>, job: Job, rx: mpsc::UnboundedReceiver<TokenOut>, guard: AbortOnDrop) -> Self {
+    pub(crate) fn new(st: Arc<AppState>, job: Job, rx: mpsc::UnboundedReceiver<TokenOut>, guard: AbortOnDrop) -> Self {
         Self {
             hold: job.stop.iter().map(String::len).max().unwrap_or(1).saturating_sub(1),
             st,
@@ -441,7 +533,7 @@ impl Generation {
         }
     }
 
-    async fn next(&mut self) -> Piece {
+    pub(crate) async fn next(&mut self) -> Piece {
         if self.finish.is_some() {
             return Piece::Finished;
         }

@@ -1,7 +1,9 @@
 //! The engine simulator: a stand-in for one vLLM server that is faithful on the wire.
 //!
 //! Owns: vLLM's OpenAI HTTP surface (`/v1/chat/completions`, `/v1/completions`, `/v1/models`,
-//! `/health`, `/metrics` with vLLM's metric names, `/reset_prefix_cache`), its KV-cache events
+//! `/health`, `/metrics` with vLLM's metric names, `/reset_prefix_cache`; and, in `api`'s
+//! submodules, `/v1/responses`, Anthropic's `/v1/messages`, the pooling routes, `/tokenize`,
+//! `/detokenize` and the audio routes), its KV-cache events
 //! (ZeroMQ PUB, msgpack, vLLM's framing), a paged KV-cache model with prefix reuse and LRU
 //! eviction, and a continuous-batching scheduler whose step time follows the formula and sourced
 //! constants in `timing`.

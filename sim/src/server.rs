@@ -196,6 +196,7 @@ impl EngineSim {
             engine_id: format!("kvmesh-sim-{:016x}", rand::random::<u64>()),
             offers: crate::nixl::Offers::default(),
             client: reqwest::Client::builder().no_proxy().build().unwrap_or_default(),
+            responses: api::ResponseStore::default(),
         });
         let engine = state.ranks[0].engine.clone();
         let app = api::router(state);
