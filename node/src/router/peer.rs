@@ -130,6 +130,10 @@ impl Router {
             Err(e) => return reply_error(&self.metrics, ctx, &e),
         };
         ctx.set_model(&req.model);
+        // A stored response's request: to the engine of this node that stored it.
+        if let Some(id) = req.pinned_to(ctx.response_id.as_deref()) {
+            return self.serve_stored(ctx, &req, &body, id).await;
+        }
         // Token ids only matter when there is a choice to make, and are made once per request:
         // a peer that leaves the choice to this node sends the block keys it computed.
         let mut prompt = match (scope.chooses(), digest.map(|d| (d, d.keys()))) {
