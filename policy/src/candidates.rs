@@ -436,7 +436,16 @@ mod tests {
         let (w, pd) = (ScoreWeights::default(), PdSettings::default());
         let mut f = facts(Cache::Unobserved, None);
         f.usable = false;
-        assert!(decide(rules(Mode::Kvmesh, &w, &pd), &mut prompt(1), &[f], 0, true, None, |_| 0).is_none());
+        assert!(decide(
+            rules(Mode::Kvmesh, &w, &pd),
+            &mut prompt(1),
+            &[f],
+            0,
+            true,
+            crate::score::Prefer::Nothing,
+            |_| 0
+        )
+        .is_none());
     }
 
     #[test]
