@@ -384,3 +384,38 @@ async fn a_session_stays_on_one_engine_from_every_node() {
         n.shutdown().await;
     }
 }
+
+/// The official `openai` and `anthropic` Python clients, unchanged, against two nodes of a
+/// mesh (`tests/sdk_clients.py`): chat with tools, streaming, completions, a Responses
+/// conversation started on one node and continued and retrieved on another, embeddings,
+/// Messages (plain, streamed, with tools) and the errors the SDKs raise. Under `CI` the clients
+/// must be installed (`.ci/run` does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_openai_and_anthropic_clients_work_across_the_mesh() {
+    let has = std::process::Command::new("python3")
+        .args(["-c", "import openai, anthropic"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !has {
+        assert!(std::env::var_os("CI").is_none(), "CI must install the openai and anthropic Python clients");
+        eprintln!("SKIPPED: `pip install openai anthropic` to run the SDK checks");
+        return;
+    }
+    let (_dir, nodes, _engines) = mesh().await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk_clients.py");
+    let (a, b) = (nodes[0].url(), nodes[2].url());
+    let out = tokio::task::spawn_blocking(move || std::process::Command::new("python3").args([script, &a, &b]).output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "SDK checks failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
