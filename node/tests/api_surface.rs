@@ -405,10 +405,11 @@ async fn the_official_openai_and_anthropic_clients_work_across_the_mesh() {
     let (_dir, nodes, _engines) = mesh().await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk_clients.py");
     let (a, b) = (nodes[0].url(), nodes[2].url());
-    let out = tokio::task::spawn_blocking(move || std::process::Command::new("python3").args([script, &a, &b]).output())
-        .await
-        .unwrap()
-        .unwrap();
+    let out =
+        tokio::task::spawn_blocking(move || std::process::Command::new("python3").args([script, &a, &b]).output())
+            .await
+            .unwrap()
+            .unwrap();
     assert!(
         out.status.success(),
         "SDK checks failed:\n{}\n{}",

@@ -880,15 +880,23 @@ mod tests {
         // The parser sees raw client bytes: it must answer every input without panicking.
         #[test]
         fn never_panics_on_bytes(body in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let _ = parse(Endpoint::Chat, &body);
-            let _ = parse(Endpoint::Completions, &body);
+            for e in Endpoint::ALL {
+                let _ = parse(e, &body);
+            }
         }
 
         #[test]
         fn never_panics_on_json(v in arb_json()) {
             let body = serde_json::to_vec(&v).unwrap();
-            let _ = parse(Endpoint::Chat, &body);
-            let _ = parse(Endpoint::Completions, &body);
+            for e in Endpoint::ALL {
+                let _ = parse(e, &body);
+                let _ = parse_client(e, &body, client_salt, Some("m"));
+                let _ = prompt_strings(e, &v);
+            }
+            if let Value::Object(o) = &v {
+                let _ = crate::convert::responses(o);
+                let _ = crate::convert::messages(o);
+            }
         }
     }
 
@@ -899,6 +907,17 @@ mod tests {
             any::<i64>().prop_map(Value::from),
             any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Value::from),
             "[a-z_]{0,8}".prop_map(Value::String),
+            prop_oneof![
+                Just("text"),
+                Just("tool_use"),
+                Just("tool_result"),
+                Just("function_call"),
+                Just("function_call_output"),
+                Just("image"),
+                Just("user"),
+                Just("resp_abc"),
+            ]
+            .prop_map(|s| Value::String(s.into())),
         ];
         leaf.prop_recursive(4, 32, 6, |inner| {
             prop_oneof![
@@ -913,6 +932,18 @@ mod tests {
                         Just("stream".to_string()),
                         Just("max_tokens".to_string()),
                         Just("stop".to_string()),
+                        Just("input".to_string()),
+                        Just("instructions".to_string()),
+                        Just("system".to_string()),
+                        Just("tools".to_string()),
+                        Just("type".to_string()),
+                        Just("text".to_string()),
+                        Just("tool_use".to_string()),
+                        Just("tool_result".to_string()),
+                        Just("function_call".to_string()),
+                        Just("previous_response_id".to_string()),
+                        Just("query".to_string()),
+                        Just("tokens".to_string()),
                         "[a-z]{1,6}"
                     ],
                     inner,
