@@ -97,7 +97,7 @@ pub async fn run(a: DemoArgs, cancel: CancellationToken) -> Result<(), NodeError
     println!("\nTry it yourself (the x-kvmesh-served-by header names the serving node):");
     println!("  curl -si {target}/v1/chat/completions -H 'content-type: application/json' \\");
     println!("    -d '{{\"model\":\"kvmesh-sim\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}]}}'");
-    println!("  cargo run --release -- peers --node {target}");
+    println!("  cargo run --release -- peers --url {target}");
     if !a.once {
         println!("\nServing until Ctrl-C.");
         cancel.cancelled().await;
