@@ -677,3 +677,100 @@ async fn guardrails_read_every_rendered_and_returned_field() {
     stop.cancel();
     n.shutdown().await;
 }
+
+/// The other APIs a node serves have no side door: prompt rules read Responses `instructions`
+/// and `input`, Messages `system` and tool inputs, embedding inputs; answer rules redact a
+/// Responses answer's output text and function-call arguments and a Messages answer's text and
+/// tool inputs; streams of those APIs, which are relayed unscanned, are refused while answer
+/// rules read text, and so are Responses log-probabilities.
+#[tokio::test]
+async fn guardrails_cover_responses_messages_and_embeddings() {
+    let app = Router::new()
+        .route("/health", get(|| async { "" }))
+        .route("/metrics", get(|| async { "" }))
+        .route("/v1/models", get(|| async { Json(json!({"object":"list","data":[{"id":"kvmesh-sim","object":"model"}]})) }))
+        .route(
+            "/v1/responses",
+            post(|| async {
+                Json(json!({"id": "resp_x", "object": "response", "status": "completed", "output": [
+                    {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "write to bob@example.com", "annotations": []}]},
+                    {"type": "function_call", "name": "send", "call_id": "c", "arguments": "{\"to\": \"bob@example.com\"}"}],
+                    "usage": {"input_tokens": 5, "output_tokens": 7, "total_tokens": 12}}))
+            }),
+        )
+        .route(
+            "/v1/messages",
+            post(|| async {
+                Json(json!({"id": "m", "type": "message", "role": "assistant", "model": "kvmesh-sim", "content": [
+                    {"type": "text", "text": "bob@example.com it is"},
+                    {"type": "tool_use", "id": "t", "name": "send", "input": {"to": ["bob@example.com"]}}],
+                    "stop_reason": "end_turn", "usage": {"input_tokens": 5, "output_tokens": 7}}))
+            }),
+        )
+        .route("/v1/embeddings", post(|| async { Json(json!({"object": "list", "data": []})) }));
+    let (addr, stop) = serve_app(app).await;
+    let mut cfg = node_config(vec![entry(format!("http://{addr}"))]);
+    cfg.guardrails = vec![
+        GuardrailConfig::Deny {
+            name: "no-secrets".into(),
+            on: vec![Stage::Prompt],
+            patterns: vec![],
+            words: vec!["classified".into()],
+        },
+        GuardrailConfig::Pii {
+            name: "pii".into(),
+            on: vec![Stage::Response],
+            types: vec![PiiKind::Email],
+            action: PiiAction::Redact,
+        },
+    ];
+    let n = node(cfg).await;
+    let url = n.url();
+    let post_json = |path: &'static str, body: Value| {
+        let url = url.clone();
+        async move { post_raw(&url, path, serde_json::to_vec(&body).unwrap()).await }
+    };
+    for (path, body) in [
+        ("/v1/responses", json!({"model": "kvmesh-sim", "instructions": "classified", "input": "hi"})),
+        (
+            "/v1/responses",
+            json!({"model": "kvmesh-sim", "input": [{"role": "user", "content": [{"type": "input_text", "text": "a classified plan"}]}]}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "kvmesh-sim", "max_tokens": 4, "system": [{"type": "text", "text": "classified"}], "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "kvmesh-sim", "max_tokens": 4, "messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {"q": "classified"}}]}]}),
+        ),
+        ("/v1/embeddings", json!({"model": "kvmesh-sim", "input": ["fine", "classified"]})),
+    ] {
+        let (s, _, t) = post_json(path, body).await;
+        assert_eq!(s, 400, "{path}: {t}");
+        assert!(t.contains("no-secrets"), "{path}: {t}");
+    }
+    let (s, _, t) = post_json("/v1/responses", json!({"model": "kvmesh-sim", "input": "hi"})).await;
+    assert_eq!(s, 200, "{t}");
+    assert!(!t.contains("bob@example.com"), "Responses output and function arguments are redacted: {t}");
+    let (s, _, t) = post_json(
+        "/v1/messages",
+        json!({"model": "kvmesh-sim", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(s, 200, "{t}");
+    assert!(!t.contains("bob@example.com"), "Messages text and tool inputs are redacted: {t}");
+    for (path, body) in [
+        ("/v1/responses", json!({"model": "kvmesh-sim", "input": "hi", "stream": true})),
+        (
+            "/v1/messages",
+            json!({"model": "kvmesh-sim", "max_tokens": 4, "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+        ("/v1/responses", json!({"model": "kvmesh-sim", "input": "hi", "include": ["message.output_text.logprobs"]})),
+    ] {
+        let (s, _, t) = post_json(path, body).await;
+        assert_eq!(s, 400, "{path}: {t}");
+    }
+    stop.cancel();
+    n.shutdown().await;
+}

@@ -145,10 +145,11 @@ impl Guard {
         // Log-probabilities spell out the answer's tokens, which the answer rules could not
         // redact consistently.
         // The same holds for the answer's token ids, which spell it out as well.
-        let wants_logprobs =
-            ["logprobs", "top_logprobs", "prompt_logprobs", "return_token_ids", "return_tokens_as_token_ids"]
+        let wants_logprobs = ["logprobs", "top_logprobs", "prompt_logprobs", "return_token_ids", "return_tokens_as_token_ids"]
                 .iter()
-                .any(|k| doc.get(*k).is_some_and(|v| !v.is_null() && *v != Value::Bool(false)));
+                .any(|k| doc.get(*k).is_some_and(|v| !v.is_null() && *v != Value::Bool(false)))
+                // Responses asks for them through `include`.
+                || doc["include"].as_array().is_some_and(|i| i.iter().any(|x| x.as_str().is_some_and(|x| x.contains("logprobs"))));
         if wants_logprobs && self.rules().read_text(Stage::Response) {
             return Err(ApiError::invalid(
                 "This node's guardrails read answers: log-probabilities cannot be returned.",
