@@ -119,6 +119,7 @@ impl RequestCtx {
     ) -> kvmesh_transport::RequestHead {
         let mut head = kvmesh_transport::RequestHead::new(ask, &self.upstream_path(), &self.id, node, stream);
         head.content_type = self.content_type.clone();
+        head.tenant = Some(self.tenant.clone());
         head
     }
 
@@ -132,18 +133,25 @@ impl RequestCtx {
         self.query.as_deref().is_some_and(|q| q.split('&').any(|kv| kv == "stream=true"))
     }
 
-    /// Keeps a retrieval's query when it is one vLLM reads (`stream`, `starting_after`, with
-    /// plain values); anything else is dropped.
+    /// Keeps of a retrieval's query what vLLM reads, in one spelling each: `stream=true` or
+    /// `stream=false` (any other spelling, which vLLM might read as true where this node would
+    /// not, is refused by being dropped: the engine then answers whole, as the node expects) and
+    /// `starting_after` with a number. Anything else is dropped.
     pub fn set_query(&mut self, query: Option<&str>) {
-        self.query = query
-            .filter(|q| {
-                q.len() <= 64
-                    && q.split('&').all(|kv| {
-                        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-                        matches!(k, "stream" | "starting_after") && v.bytes().all(|b| b.is_ascii_alphanumeric())
-                    })
+        let kept: Vec<&str> = query
+            .unwrap_or_default()
+            .split('&')
+            .filter(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                match k {
+                    "stream" => v == "true" || v == "false",
+                    "starting_after" => !v.is_empty() && v.len() <= 12 && v.bytes().all(|b| b.is_ascii_digit()),
+                    _ => false,
+                }
             })
-            .map(str::to_owned);
+            .take(2)
+            .collect();
+        self.query = (!kept.is_empty()).then(|| kept.join("&"));
     }
 
     /// The parsed request's model, recorded on the span.
@@ -165,6 +173,11 @@ mod tests {
         }
         let ctx = RequestCtx::peer("x\nINFO forged", "n1", Endpoint::Chat);
         assert!(valid_request_id(&ctx.id) && !ctx.id.contains("forged"));
+        let mut q = RequestCtx::peer("a", "n1", Endpoint::ResponseRetrieve);
+        q.set_query(Some("stream=1&starting_after=3&x=%0a"));
+        assert_eq!(q.query.as_deref(), Some("starting_after=3"), "stream=1 is not forwarded");
+        q.set_query(Some("stream=true"));
+        assert!(q.stream_query());
         let mut h = HeaderMap::new();
         h.insert("x-request-id", "ok-id".parse().unwrap());
         assert_eq!(RequestCtx::client("n", Endpoint::Chat, &h).id, "ok-id");

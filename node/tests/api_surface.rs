@@ -267,6 +267,8 @@ async fn every_vllm_endpoint_answers_through_a_node_as_the_engine_does() {
     for (c, status) in bad_cases() {
         let via = send(&a, &c).await;
         assert_eq!(via.status, status, "{}: {}", c.name, via.text);
+        let eng = send(&direct, &c).await;
+        assert_eq!(via.status, eng.status, "{}: the engine's own status: {}", c.name, eng.text);
         let v: Value = serde_json::from_str(&via.text).unwrap_or_else(|_| panic!("{}: {}", c.name, via.text));
         if c.path.starts_with("/v1/messages") {
             assert_eq!(v["type"], "error", "{}: Anthropic's shape: {v}", c.name);
@@ -275,6 +277,9 @@ async fn every_vllm_endpoint_answers_through_a_node_as_the_engine_does() {
             assert_openai_error(&v);
         }
     }
+    // /version in vLLM's shape.
+    let version = Case { name: "version", path: "/version".into(), body: None };
+    same_shape(&version, &send(&a, &version).await, &send(&direct, &version).await);
     // Unknown paths: OpenAI's 404.
     let r = send(&a, &json_case("unknown", "/v1/nope", json!({}))).await;
     assert_eq!(r.status, 404);
@@ -343,6 +348,26 @@ async fn a_stored_response_is_reached_from_every_node() {
         )
         .await;
         assert_eq!(c.status, 400, "node {i}: {}", c.text);
+    }
+    // The same shapes as the engine's own retrieval and cancel of a response it stored.
+    let direct = _engines[0].url();
+    let made = send(
+        &direct,
+        &json_case("create", "/v1/responses", json!({"model": MODEL, "input": "Remember 7.", "max_output_tokens": 4})),
+    )
+    .await;
+    let made_id = serde_json::from_str::<Value>(&made.text).unwrap()["id"].as_str().unwrap().to_owned();
+    for (path, direct_path, body) in [
+        (format!("/v1/responses/{id}"), format!("/v1/responses/{made_id}"), None),
+        (
+            format!("/v1/responses/{id}/cancel"),
+            format!("/v1/responses/{made_id}/cancel"),
+            Some(Body::Json(Value::Null)),
+        ),
+    ] {
+        let c = Case { name: "stored", path, body: body.clone() };
+        let d = Case { name: "stored", path: direct_path, body };
+        same_shape(&c, &send(&nodes[1].url(), &c).await, &send(&direct, &d).await);
     }
     // An id no engine of this mesh made: a clear 404, from the node.
     for bad in ["resp_0123456789ab0123456789abcdef0123456789abcdef", "resp_short"] {

@@ -774,3 +774,126 @@ async fn guardrails_cover_responses_messages_and_embeddings() {
     stop.cancel();
     n.shutdown().await;
 }
+
+/// Answer rules read a streamed answer's reasoning and tool-call arguments as they flow, not only
+/// its content: an address split across chunks of either is redacted before the client sees
+/// it.
+#[tokio::test]
+async fn streamed_reasoning_and_tool_arguments_are_scanned() {
+    let app = Router::new()
+        .route("/health", get(|| async { "" }))
+        .route("/metrics", get(|| async { "" }))
+        .route("/v1/models", get(|| async { Json(json!({"object":"list","data":[{"id":"kvmesh-sim","object":"model"}]})) }))
+        .route(
+            "/v1/chat/completions",
+            post(|| async {
+                let mut events = vec![
+                    chunk_event(json!({"role": "assistant", "reasoning_content": "mail bob@exa"}), Value::Null),
+                    chunk_event(json!({"reasoning_content": "mple.com now"}), Value::Null),
+                    chunk_event(
+                        json!({"tool_calls": [{"index": 0, "id": "c", "type": "function", "function": {"name": "send", "arguments": "{\"to\": \"al"}}]}),
+                        Value::Null,
+                    ),
+                    chunk_event(json!({"tool_calls": [{"index": 0, "function": {"arguments": "ice@example.org\"}"}}]}), Value::Null),
+                    chunk_event(json!({}), json!("tool_calls")),
+                ];
+                events.push("data: [DONE]\n\n".into());
+                let s = futures::stream::iter(events).map(|e| Ok::<_, std::io::Error>(Bytes::from(e)));
+                Response::builder().header("content-type", "text/event-stream").body(Body::from_stream(s)).unwrap()
+            }),
+        );
+    let (addr, stop) = serve_app(app).await;
+    let mut cfg = node_config(vec![entry(format!("http://{addr}"))]);
+    cfg.guardrails = vec![GuardrailConfig::Pii {
+        name: "pii".into(),
+        on: vec![Stage::Response],
+        types: vec![PiiKind::Email],
+        action: PiiAction::Redact,
+    }];
+    let n = node(cfg).await;
+    let (s, _, body) = send(&n.url(), None, &chat("hi", json!({"stream": true}))).await;
+    assert_eq!(s, 200, "{body}");
+    assert!(!body.contains("example.com") && !body.contains("example.org"), "{body}");
+    // What the client reads, put back together, still says everything else.
+    let mut reasoning = String::new();
+    let mut args = String::new();
+    for ev in sse_data(&body) {
+        let Ok(v) = serde_json::from_str::<Value>(&ev) else { continue };
+        let d = &v["choices"][0]["delta"];
+        reasoning.push_str(d["reasoning_content"].as_str().unwrap_or(""));
+        args.push_str(d["tool_calls"][0]["function"]["arguments"].as_str().unwrap_or(""));
+    }
+    assert!(
+        reasoning.starts_with("mail ") && reasoning.ends_with(" now") && reasoning.contains("[REDACTED"),
+        "{reasoning}"
+    );
+    assert!(args.starts_with("{\"to\": \"") && args.contains("[REDACTED"), "{args}");
+    stop.cancel();
+    n.shutdown().await;
+}
+
+/// With keys: a stored response is its tenant's (another tenant's id is unknown to it), the
+/// Anthropic clients' `x-api-key` is a key like a bearer token, and a key's `max_tokens` cap
+/// does not shut it out of the endpoints that generate nothing.
+#[tokio::test]
+async fn stored_responses_are_their_tenants_and_every_api_takes_its_keys() {
+    let e = engine(fast_engine(), false).await;
+    let mut cfg = node_config(vec![entry(e.url())]);
+    cfg.auth.keys = vec![key("acme", "sk-acme", &[], false), key("other", "sk-other", &[], false)];
+    cfg.limits.default = LimitSpec { max_tokens: Some(64), ..Default::default() };
+    let n = node(cfg).await;
+    let http = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: String, key: &'static str, body: Option<Value>| {
+        let rb = http.request(method, format!("{}{path}", n.url())).bearer_auth(key);
+        let rb = match body {
+            Some(b) => rb.json(&b),
+            None => rb,
+        };
+        async move {
+            let r = rb.send().await.unwrap();
+            let s = r.status().as_u16();
+            (s, r.text().await.unwrap())
+        }
+    };
+    let (s, t) = call(
+        reqwest::Method::POST,
+        "/v1/responses".into(),
+        "sk-acme",
+        Some(json!({"model": "kvmesh-sim", "input": "hello", "max_output_tokens": 4})),
+    )
+    .await;
+    assert_eq!(s, 200, "{t}");
+    let id = serde_json::from_str::<Value>(&t).unwrap()["id"].as_str().unwrap().to_owned();
+    let (s, t) = call(reqwest::Method::GET, format!("/v1/responses/{id}"), "sk-acme", None).await;
+    assert_eq!(s, 200, "the owner retrieves it: {t}");
+    for (method, path, body) in [
+        (reqwest::Method::GET, format!("/v1/responses/{id}"), None),
+        (reqwest::Method::POST, format!("/v1/responses/{id}/cancel"), None),
+        (
+            reqwest::Method::POST,
+            "/v1/responses".into(),
+            Some(json!({"model": "kvmesh-sim", "input": "more", "previous_response_id": id, "max_output_tokens": 4})),
+        ),
+    ] {
+        let (s, t) = call(method, path.clone(), "sk-other", body).await;
+        assert_eq!(s, 404, "another tenant's response is unknown to it ({path}): {t}");
+    }
+    // Anthropic's clients send `x-api-key`.
+    let body = json!({"model": "kvmesh-sim", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]});
+    let r =
+        http.post(format!("{}/v1/messages", n.url())).header("x-api-key", "sk-acme").json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r =
+        http.post(format!("{}/v1/messages", n.url())).header("x-api-key", "sk-wrong").json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    // Endpoints that generate nothing need no max_tokens under a cap.
+    for (path, body) in [
+        ("/v1/embeddings", json!({"model": "kvmesh-sim", "input": "x"})),
+        ("/tokenize", json!({"model": "kvmesh-sim", "prompt": "x"})),
+        ("/v1/rerank", json!({"model": "kvmesh-sim", "query": "q", "documents": ["d"]})),
+    ] {
+        let (s, t) = call(reqwest::Method::POST, path.into(), "sk-acme", Some(body)).await;
+        assert_eq!(s, 200, "{path}: {t}");
+    }
+    n.shutdown().await;
+}

@@ -92,6 +92,28 @@ impl InferenceRequest {
         }
     }
 
+    /// The `max_tokens` a key's cap is checked against: the request's for endpoints that
+    /// generate from a body that says how much; 0 for those that generate nothing and for audio
+    /// forms (the audio bounds the transcript).
+    pub fn capped_max_tokens(&self) -> Option<u32> {
+        match self.endpoint.work() == crate::endpoint::Work::Generate && !self.endpoint.is_multipart() {
+            true => self.max_tokens,
+            false => Some(0),
+        }
+    }
+
+    /// Whether a prefill/decode split may serve it: chat and completions carry
+    /// `kv_transfer_params` in vLLM; other endpoints would run twice.
+    pub fn may_split(&self) -> bool {
+        matches!(self.endpoint, Endpoint::Chat | Endpoint::Completions)
+    }
+
+    /// Whether its prompt is cached on the engine (routing by prefix, and recording the route,
+    /// make sense): not for tokenizer work or a stored response's routes.
+    pub fn uses_kv_cache(&self) -> bool {
+        matches!(self.endpoint.work(), crate::endpoint::Work::Generate | crate::endpoint::Work::Pool)
+    }
+
     /// The stored response this request must be served next to: the one it continues or
     /// names.
     pub fn pinned_to<'a>(&'a self, path_id: Option<&'a str>) -> Option<&'a str> {
@@ -184,8 +206,11 @@ pub fn parse_client(
     if let Some(Value::Object(kwargs)) = obj.get_mut("chat_template_kwargs") {
         changed |= kwargs.remove("chat_template").is_some();
     }
-    // A salt of another type is left for `from_object` to refuse, as vLLM would.
-    if let None | Some(Value::Null) | Some(Value::String(_)) = obj.get("cache_salt") {
+    // A salt of another type is left for `from_object` to refuse, as vLLM would. vLLM's
+    // Messages endpoint has no `cache_salt` (it drops the field): a salt there would only make
+    // the router's keys differ from the engine's, so none is set (docs/security.md).
+    let salted = !matches!(endpoint, Endpoint::Messages | Endpoint::MessagesCountTokens);
+    if let (true, None | Some(Value::Null) | Some(Value::String(_))) = (salted, obj.get("cache_salt")) {
         let client = obj.get("cache_salt").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
         let sent = salt(client.as_deref());
         if sent != client {
@@ -214,7 +239,11 @@ const NOT_PROMPT_TEXT: &[&str] = &["role", "type", "id", "tool_call_id", "url", 
 /// message's strings (content and its text parts, `name`, `reasoning_content`, tool calls'
 /// names and arguments), `tools`, `documents` and `chat_template_kwargs` for chat; `prompt`
 /// (strings) and `suffix` for completions. Guardrails scan all of them, not only message text.
-pub fn prompt_strings(endpoint: Endpoint, body: &Value) -> Vec<(String, String)> {
+///
+/// Bounded: at most `MAX_PROMPT_STRINGS` strings and `MAX_POINTER_BYTES` bytes of pointers (a
+/// body of one long key over many empty strings would otherwise make pointers of gigabytes); a
+/// request past either is refused.
+pub fn prompt_strings(endpoint: Endpoint, body: &Value) -> Result<Vec<(String, String)>, ApiError> {
     let roots: &[&str] = match endpoint {
         Endpoint::Chat => &["messages", "tools", "documents", "chat_template_kwargs"],
         Endpoint::Completions => &["prompt", "suffix"],
@@ -234,22 +263,47 @@ pub fn prompt_strings(endpoint: Endpoint, body: &Value) -> Vec<(String, String)>
         | Endpoint::Translations => &["prompt"],
     };
     let mut out = Vec::new();
+    let mut budget = MAX_POINTER_BYTES;
     for root in roots {
         if let Some(v) = body.get(*root) {
-            collect_strings(v, &mut format!("/{root}"), &mut out);
+            collect_strings(v, &mut format!("/{root}"), &mut out, &mut budget).map_err(|()| {
+                ApiError::invalid(
+                    format!(
+                        "The request holds more text fields than this node's guardrails read (at most {MAX_PROMPT_STRINGS}, with {} MiB of paths).",
+                        MAX_POINTER_BYTES >> 20
+                    ),
+                    None,
+                )
+            })?;
         }
     }
-    out
+    Ok(out)
 }
 
-fn collect_strings(v: &Value, path: &mut String, out: &mut Vec<(String, String)>) {
+/// Most strings of one request the guardrails read.
+pub const MAX_PROMPT_STRINGS: usize = 65_536;
+/// Most bytes of JSON pointers to them.
+pub const MAX_POINTER_BYTES: usize = 8 << 20;
+
+fn collect_strings(
+    v: &Value,
+    path: &mut String,
+    out: &mut Vec<(String, String)>,
+    budget: &mut usize,
+) -> Result<(), ()> {
     match v {
-        Value::String(s) => out.push((path.clone(), s.clone())),
+        Value::String(s) => {
+            if out.len() >= MAX_PROMPT_STRINGS || path.len() > *budget {
+                return Err(());
+            }
+            *budget -= path.len();
+            out.push((path.clone(), s.clone()));
+        }
         Value::Array(items) => {
             for (i, item) in items.iter().enumerate() {
                 let len = path.len();
                 path.push_str(&format!("/{i}"));
-                collect_strings(item, path, out);
+                collect_strings(item, path, out, budget)?;
                 path.truncate(len);
             }
         }
@@ -262,12 +316,13 @@ fn collect_strings(v: &Value, path: &mut String, out: &mut Vec<(String, String)>
                 // JSON pointer escaping (RFC 6901).
                 path.push('/');
                 path.push_str(&k.replace('~', "~0").replace('/', "~1"));
-                collect_strings(item, path, out);
+                collect_strings(item, path, out, budget)?;
                 path.truncate(len);
             }
         }
         _ => {}
     }
+    Ok(())
 }
 
 /// A streamed request's body asking the engine for its usage chunk (`stream_options.
@@ -710,7 +765,7 @@ mod tests {
                "chat_template_kwargs":{"k":"v"},"temperature":1}"#,
         )
         .unwrap();
-        let got: Vec<(String, String)> = prompt_strings(Endpoint::Chat, &body);
+        let got: Vec<(String, String)> = prompt_strings(Endpoint::Chat, &body).unwrap();
         let texts: Vec<&str> = got.iter().map(|(_, t)| t.as_str()).collect();
         for want in ["alice", "hi", "think", "f", "{\"q\":1}", "result", "desc", "p", "v"] {
             assert!(texts.contains(&want), "{want} missing from {texts:?}");
@@ -720,7 +775,8 @@ mod tests {
             assert_eq!(body.pointer(ptr).and_then(Value::as_str), Some(text.as_str()), "{ptr}");
         }
         let c: Value = serde_json::from_str(r#"{"prompt":["a",[1,2]],"suffix":"s"}"#).unwrap();
-        let texts: Vec<String> = prompt_strings(Endpoint::Completions, &c).into_iter().map(|(_, t)| t).collect();
+        let texts: Vec<String> =
+            prompt_strings(Endpoint::Completions, &c).unwrap().into_iter().map(|(_, t)| t).collect();
         assert_eq!(texts, ["a", "s"]);
     }
 
@@ -808,6 +864,17 @@ mod tests {
         assert!(parse(Endpoint::Completions, br#"{"model":"m","prompt":[[]]}"#).is_err());
         // Sampling values vLLM allows.
         assert!(parse(Endpoint::Completions, br#"{"model":"m","prompt":"a","temperature":3.5}"#).is_ok());
+    }
+
+    #[test]
+    fn the_strings_guardrails_read_are_bounded() {
+        let key = "k".repeat(100_000);
+        let many = serde_json::json!({"input": [{key: vec![""; 200]}]});
+        assert!(prompt_strings(Endpoint::Embeddings, &many).is_err(), "200 pointers of 100 KB each");
+        let wide = serde_json::json!({"input": vec![""; MAX_PROMPT_STRINGS + 1]});
+        assert!(prompt_strings(Endpoint::Embeddings, &wide).is_err());
+        let fine = serde_json::json!({"input": vec!["x"; 1000]});
+        assert_eq!(prompt_strings(Endpoint::Embeddings, &fine).unwrap().len(), 1000);
     }
 
     #[test]

@@ -42,6 +42,10 @@ pub struct RequestHead {
     /// The body's content type when it is not JSON (a multipart form with its boundary).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content_type: Option<String>,
+    /// The tenant the origin admitted the request for (it owns the responses the request makes,
+    /// `node::router::stored`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 /// What a peer asks of this node, decoded from a [`RequestHead`]'s fields (the wire format

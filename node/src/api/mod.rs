@@ -123,9 +123,10 @@ async fn stored(
     serve_with(p, endpoint, Some(id), req).await
 }
 
-/// The node's version: `/version` as vLLM answers it, naming kvmesh's.
+/// `/version` in vLLM's shape (`{"version": ...}`), with kvmesh's version: the node answering is
+/// not one engine, and engines of several versions may serve behind it.
 async fn version() -> Response {
-    Json(json!({"version": env!("CARGO_PKG_VERSION"), "server": "kvmesh"})).into_response()
+    Json(json!({"version": concat!("kvmesh-", env!("CARGO_PKG_VERSION"))})).into_response()
 }
 
 /// Models served anywhere this node can route (its healthy engines' and its live peers'), as

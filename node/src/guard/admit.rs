@@ -63,6 +63,9 @@ impl Guard {
             // No body: the id in the path names the engine (unguessable, and known only to whoever
             // created the response).
             let req = InferenceRequest::stored(endpoint, ctx.stream_query());
+            if let Some(id) = ctx.response_id.as_deref() {
+                check_owner(id, tenant.as_ref(), "response_id")?;
+            }
             if req.stream && self.rules().read_text(Stage::Response) {
                 return Err(ApiError::invalid(
                     "This node's guardrails read answers, which they cannot do in a stored response's event stream: retrieve it without stream=true.",
@@ -95,7 +98,7 @@ impl Guard {
                 )
                 .into());
             }
-            limits::check_request(&self.limits.for_tenant(&flow.tenant), Some(0), 1, 0)?;
+            limits::check_request(&self.limits.for_tenant(&flow.tenant), req.capped_max_tokens(), 1, 0)?;
             return Ok((req, body));
         }
         // Fields only the node may set never reach an engine from a client.
@@ -117,6 +120,9 @@ impl Guard {
         if tenant.as_ref().is_some_and(|t| !t.may_use(&req.model)) {
             return Err(ApiError::model_not_found(&req.model).into());
         }
+        if let Some(id) = req.previous_response_id.as_deref() {
+            check_owner(id, tenant.as_ref(), "previous_response_id")?;
+        }
         // Completion tokens are charged from the engine's usage: a stream that did not ask for it
         // asks now, and `stream` keeps the usage chunk from the client.
         if self.limits_enabled && req.stream && !req.include_usage && endpoint.reports_usage_on_request() {
@@ -126,15 +132,13 @@ impl Guard {
             }
         }
         let spec = self.limits.for_tenant(&flow.tenant);
-        // Endpoints that generate nothing have no completion to cap.
-        let max_tokens = if endpoint.work() == Work::Generate { req.max_tokens } else { Some(0) };
-        limits::check_request(&spec, max_tokens, req.n, 0)?;
+        limits::check_request(&spec, req.capped_max_tokens(), req.n, 0)?;
 
         // Every string the engine will render, not only message text (`request::prompt_strings`).
         let mut doc: Value =
             serde_json::from_slice(&body).map_err(|e| ApiError::internal(format!("re-reading the request: {e}")))?;
         let (pointers, mut texts): (Vec<String>, Vec<String>) =
-            request::prompt_strings(endpoint, &doc).into_iter().unzip();
+            request::prompt_strings(endpoint, &doc)?.into_iter().unzip();
         if matches!(req.prompt, Prompt::TokenIds(_)) && self.rules().read_text(Stage::Prompt) {
             return Err(ApiError::invalid(
                 "This node's guardrails read prompt text: send the prompt as text, not token ids.",
@@ -201,5 +205,18 @@ impl Guard {
         flow.rec.error = Some(refusal.error.message.clone());
         // A refusal either way; an unrecorded one is logged by `finish`.
         let _recorded = flow.finish().await;
+    }
+}
+
+/// With API keys, a stored response is the tenant's that made it: another tenant's id is
+/// answered as unknown (vLLM's 404), so it learns nothing of it.
+fn check_owner(id: &str, tenant: Option<&Arc<kvmesh_policy::auth::Tenant>>, param: &str) -> Result<(), Refusal> {
+    match tenant {
+        Some(t) if !crate::router::stored::belongs_to(id, &t.name) => {
+            let mut e = ApiError::not_found(format!("Response with id '{id}' not found."));
+            e.param = Some(param.to_owned());
+            Err(e.into())
+        }
+        _ => Ok(()),
     }
 }

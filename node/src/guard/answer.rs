@@ -10,7 +10,7 @@ use axum::http::{header, HeaderMap};
 use axum::response::Response;
 use kvmesh_policy::guardrails::{Context, Stage};
 use kvmesh_policy::openai::ApiError;
-use kvmesh_policy::request::{Endpoint, InferenceRequest};
+use kvmesh_policy::request::{self, Endpoint, InferenceRequest};
 use serde_json::Value;
 use sha2::Digest as _;
 
@@ -63,9 +63,30 @@ impl Guard {
             return Response::from_parts(parts, Body::from(bytes));
         }
         let mut out = bytes;
-        if let Ok(mut v) = serde_json::from_slice::<Value>(&out) {
-            flow.rec.completion_tokens =
-                v["usage"]["completion_tokens"].as_u64().or_else(|| v["usage"]["output_tokens"].as_u64());
+        let parsed = serde_json::from_slice::<Value>(&out);
+        let unreadable = match &parsed {
+            Err(_) => true,
+            Ok(v) => answer_strings(req.endpoint, v).iter().any(|(p, _)| p == UNREADABLE),
+        };
+        if unreadable && self.rules().read_text(Stage::Response) {
+            // Answer rules must read what the client reads: an answer they cannot read (not
+            // JSON, or past their bounds) is withheld, not passed unread.
+            let err = ApiError::bad_gateway(
+                "The answer could not be read by this node's answer guardrails (not JSON, or too many fields), so it is withheld.",
+            );
+            flow.rec.status = err.status.as_u16();
+            flow.rec.outcome = Outcome::Rejected;
+            flow.rec.error = Some(err.message.clone());
+            let _recorded = flow.finish().await;
+            return error_response(&err);
+        }
+        if let Ok(mut v) = parsed {
+            // A stored response's retrieval or cancel generates nothing: its usage was charged
+            // when it was made.
+            if req.endpoint.work() != kvmesh_policy::endpoint::Work::Stored {
+                flow.rec.completion_tokens =
+                    v["usage"]["completion_tokens"].as_u64().or_else(|| v["usage"]["output_tokens"].as_u64());
+            }
             // Every string the client reads of each choice: the text, the reasoning, and the
             // tool calls' names and arguments.
             let (pointers, mut texts): (Vec<String>, Vec<String>) =
@@ -190,23 +211,40 @@ fn answer_strings(endpoint: Endpoint, v: &Value) -> Vec<(String, String)> {
     out
 }
 
-/// Every string under `v` (a tool call's input object), with its pointer.
+/// Every string under `v` (a tool call's input object), with its pointer; bounded as the
+/// prompt's strings are (`policy::request::MAX_PROMPT_STRINGS`, `MAX_POINTER_BYTES`): past
+/// either, a string that cannot be read is pushed as `None`-marked (`UNREADABLE`) so that the
+/// answer is withheld rather than passed unread.
 fn collect_leaves(v: &Value, path: &str, out: &mut Vec<(String, String)>) {
+    let used: usize = out.iter().map(|(p, _)| p.len()).sum();
+    if out.len() >= request::MAX_PROMPT_STRINGS || used + path.len() > request::MAX_POINTER_BYTES {
+        out.push((UNREADABLE.to_owned(), String::new()));
+        return;
+    }
     match v {
         Value::String(s) => out.push((path.to_owned(), s.clone())),
         Value::Array(items) => {
             for (i, x) in items.iter().enumerate() {
                 collect_leaves(x, &format!("{path}/{i}"), out);
+                if out.last().is_some_and(|(p, _)| p == UNREADABLE) {
+                    return;
+                }
             }
         }
         Value::Object(map) => {
             for (k, x) in map {
                 collect_leaves(x, &format!("{path}/{}", k.replace('~', "~0").replace('/', "~1")), out);
+                if out.last().is_some_and(|(p, _)| p == UNREADABLE) {
+                    return;
+                }
             }
         }
         _ => {}
     }
 }
+
+/// The pointer marking an answer with more strings than the guardrails read.
+const UNREADABLE: &str = "\u{0}unreadable";
 
 /// The answer to a request whose audit record could not be written (`on_full = "reject"`):
 /// retryable, like a full audit queue.

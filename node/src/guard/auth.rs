@@ -40,7 +40,13 @@ impl Guard {
         if !self.auth_enabled {
             return Ok(None);
         }
-        self.keys().verify(Self::authorization(headers)).map(Some).inspect_err(|_| {
+        // Anthropic's clients send their key as `x-api-key`.
+        let anthropic = match Self::authorization(headers) {
+            None => headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(|k| format!("Bearer {k}")),
+            Some(_) => None,
+        };
+        let presented = Self::authorization(headers).or(anthropic.as_deref());
+        self.keys().verify(presented).map(Some).inspect_err(|_| {
             self.metrics.auth_failures.inc();
         })
     }

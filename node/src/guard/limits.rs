@@ -29,7 +29,7 @@ impl Guard {
         };
         flow.rec.prompt_tokens = Some(n);
         let spec = self.limits.for_tenant(&flow.tenant);
-        limits::check_request(&spec, req.max_tokens, req.n, n)?;
+        limits::check_request(&spec, req.capped_max_tokens(), req.n, n)?;
         let remote = remote_usage(peers, &flow.tenant);
         let now = self.now_ms();
         let admitted = self.limiter.lock().map(|mut l| l.admit(&flow.tenant, &spec, n, remote, now));

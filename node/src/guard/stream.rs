@@ -31,6 +31,7 @@ impl Guard {
             buf: Vec::new(),
             scanners: BTreeMap::new(),
             chat: req.endpoint == Endpoint::Chat,
+            endpoint: req.endpoint,
             model: req.model.clone(),
             template: None,
             saw_done: false,
@@ -60,9 +61,10 @@ struct StreamState {
     upstream: DataStream,
     /// Bytes of an SSE event not complete yet.
     buf: Vec<u8>,
-    /// Per choice index: its scanner, and whether that choice has finished.
-    scanners: BTreeMap<u64, (StreamScanner, bool)>,
+    /// Per choice index and field: its scanner, and whether it has finished.
+    scanners: BTreeMap<(u64, Field), (StreamScanner, bool)>,
     chat: bool,
+    endpoint: Endpoint,
     model: String,
     /// The last data event with choices, to shape events that flush held-back text.
     template: Option<Value>,
@@ -131,7 +133,10 @@ impl StreamState {
         // Responses (`response.completed`) and Messages (`message_delta`) report usage in their
         // own events; their text is not scanned here (admit refuses such streams when answer
         // rules read text), but their deltas are counted for a stream cut before its usage.
-        if let Some(n) = v.pointer("/response/usage/output_tokens").or(v.pointer("/usage/output_tokens")) {
+        let stored = self.endpoint.work() == kvmesh_policy::endpoint::Work::Stored;
+        if let Some(n) =
+            v.pointer("/response/usage/output_tokens").or(v.pointer("/usage/output_tokens")).filter(|_| !stored)
+        {
             if let (Some(f), Some(n)) = (&mut self.flow, n.as_u64()) {
                 f.rec.completion_tokens = Some(n);
             }
@@ -143,36 +148,58 @@ impl StreamState {
         }
         let (model, tenant) = self.ctx();
         let ctx = Context { stage: Stage::Response, model: &model, tenant: &tenant, prompt_chars: 0 };
-        let field = if self.chat { "/delta/content" } else { "/text" };
         let mut changed = false;
         let mut released_all = String::new();
         if let Some(choices) = v.get_mut("choices").and_then(Value::as_array_mut) {
             for c in choices.iter_mut() {
                 let idx = c["index"].as_u64().unwrap_or(0);
-                let text = c.pointer(field).and_then(Value::as_str).map(str::to_owned);
                 let finishing = !c["finish_reason"].is_null();
-                if text.is_none() && !finishing {
-                    continue;
+                // Every string the client reads of this chunk: the text, the reasoning, each
+                // tool call's arguments; and, as the choice finishes, whatever its scanners
+                // still hold.
+                let mut fields = match self.chat {
+                    true => vec![Field::Content, Field::ReasoningContent, Field::Reasoning],
+                    false => vec![Field::Text],
+                };
+                if let Some(calls) = c.pointer("/delta/tool_calls").and_then(Value::as_array) {
+                    fields.extend(calls.iter().filter_map(|t| t["index"].as_u64()).map(Field::ToolArguments));
                 }
-                let (scanner, done) = self
-                    .scanners
-                    .entry(idx)
-                    .or_insert_with(|| (StreamScanner::new(&self.rules.stream_rules, self.guard.window), false));
-                let mut released = scanner.push(&ctx, text.as_deref().unwrap_or(""))?;
                 if finishing {
-                    released.push_str(&scanner.finish(&ctx)?);
-                    *done = true;
+                    let held =
+                        self.scanners.iter().filter(|((i, _), (_, done))| *i == idx && !done).map(|((_, f), _)| *f);
+                    let held: Vec<Field> = held.filter(|f| !fields.contains(f)).collect();
+                    fields.extend(held);
                 }
-                if text.as_deref() != Some(released.as_str()) && !(text.is_none() && released.is_empty()) {
-                    set_text(c, self.chat, released.clone());
-                    changed = true;
+                for field in fields {
+                    let text = field.get(c).map(str::to_owned);
+                    let main = matches!(field, Field::Content | Field::Text);
+                    if text.is_none() && !(finishing && (main || self.scanners.contains_key(&(idx, field)))) {
+                        continue;
+                    }
+                    let (scanner, done) = self
+                        .scanners
+                        .entry((idx, field))
+                        .or_insert_with(|| (StreamScanner::new(&self.rules.stream_rules, self.guard.window), false));
+                    if *done {
+                        continue;
+                    }
+                    let mut released = scanner.push(&ctx, text.as_deref().unwrap_or(""))?;
+                    if finishing {
+                        released.push_str(&scanner.finish(&ctx)?);
+                        *done = true;
+                    }
+                    if text.as_deref() != Some(released.as_str()) && !(text.is_none() && released.is_empty()) {
+                        field.set(c, released.clone());
+                        changed = true;
+                    }
+                    released_all.push_str(&released);
                 }
-                released_all.push_str(&released);
             }
             self.template = Some(v.clone());
         }
         if let Some(f) = &mut self.flow {
             // A chunk of text, reasoning or a tool call's arguments is about one token.
+            let field = if self.chat { "/delta/content" } else { "/text" };
             let chunks = v["choices"].as_array().map_or(0, |cs| {
                 cs.iter()
                     .filter(|c| {
@@ -201,23 +228,23 @@ impl StreamState {
         let (model, tenant) = self.ctx();
         let ctx = Context { stage: Stage::Response, model: &model, tenant: &tenant, prompt_chars: 0 };
         let mut texts = Vec::new();
-        for (idx, (scanner, done)) in self.scanners.iter_mut() {
+        for (key, (scanner, done)) in self.scanners.iter_mut() {
             if *done {
                 continue;
             }
             *done = true;
             let rest = scanner.finish(&ctx)?;
             if !rest.is_empty() {
-                texts.push((*idx, rest));
+                texts.push((*key, rest));
             }
         }
-        for (idx, rest) in texts {
+        for ((idx, field), rest) in texts {
             let mut ev = self.template.clone().unwrap_or_else(|| json!({"object": "chat.completion.chunk"}));
             if let Some(o) = ev.as_object_mut() {
                 o.remove("usage");
             }
             let mut choice = json!({"index": idx, "finish_reason": null});
-            set_text(&mut choice, self.chat, rest.clone());
+            field.set(&mut choice, rest.clone());
             ev["choices"] = json!([choice]);
             out.extend_from_slice(format!("data: {ev}\n\n").as_bytes());
             self.push_text(&rest);
@@ -345,14 +372,68 @@ impl StreamState {
     }
 }
 
-fn set_text(choice: &mut Value, chat: bool, text: String) {
-    if chat {
+/// A string of a streamed choice that answer rules read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Field {
+    /// A chat delta's `content`.
+    Content,
+    /// A completion's `text`.
+    Text,
+    ReasoningContent,
+    Reasoning,
+    /// The arguments of the tool call with this `index`.
+    ToolArguments(u64),
+}
+
+impl Field {
+    fn get(self, choice: &Value) -> Option<&str> {
+        match self {
+            Field::Content => choice.pointer("/delta/content"),
+            Field::Text => choice.get("text"),
+            Field::ReasoningContent => choice.pointer("/delta/reasoning_content"),
+            Field::Reasoning => choice.pointer("/delta/reasoning"),
+            Field::ToolArguments(j) => choice
+                .pointer("/delta/tool_calls")?
+                .as_array()?
+                .iter()
+                .find(|t| t["index"].as_u64() == Some(j))?
+                .pointer("/function/arguments"),
+        }
+        .and_then(Value::as_str)
+    }
+
+    fn set(self, choice: &mut Value, text: String) {
+        if self == Field::Text {
+            choice["text"] = Value::String(text);
+            return;
+        }
         if !choice["delta"].is_object() {
             choice["delta"] = json!({});
         }
-        choice["delta"]["content"] = Value::String(text);
-    } else {
-        choice["text"] = Value::String(text);
+        let delta = &mut choice["delta"];
+        let key = match self {
+            Field::Content | Field::Text => "content",
+            Field::ReasoningContent => "reasoning_content",
+            Field::Reasoning => "reasoning",
+            Field::ToolArguments(j) => {
+                if !delta["tool_calls"].is_array() {
+                    delta["tool_calls"] = json!([]);
+                }
+                if let Some(calls) = delta["tool_calls"].as_array_mut() {
+                    match calls.iter_mut().find(|t| t["index"].as_u64() == Some(j)) {
+                        Some(call) => {
+                            if !call["function"].is_object() {
+                                call["function"] = json!({});
+                            }
+                            call["function"]["arguments"] = Value::String(text);
+                        }
+                        None => calls.push(json!({"index": j, "function": {"arguments": text}})),
+                    }
+                }
+                return;
+            }
+        };
+        delta[key] = Value::String(text);
     }
 }
 

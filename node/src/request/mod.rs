@@ -116,10 +116,14 @@ impl Pipeline {
             Ok(admitted) => admitted,
             Err((flow, refusal)) => return self.refuse(&ctx, flow, refusal).await,
         };
-        // 2. tokenize
-        let mut prompt = match self.router.prompt_keys(&req).await {
-            Ok(prompt) => prompt,
-            Err(e) => return self.refuse(&ctx, flow, e.into()).await,
+        // 2. tokenize (only what touches an engine's KV cache is keyed: tokenizer work and a
+        //    stored response's routes go by load, and leave no route history)
+        let mut prompt = match req.uses_kv_cache() {
+            true => match self.router.prompt_keys(&req).await {
+                Ok(prompt) => prompt,
+                Err(e) => return self.refuse(&ctx, flow, e.into()).await,
+            },
+            false => kvmesh_policy::candidates::PromptKeys::default(),
         };
         // 3. limit
         if let (Some(guard), Some(f)) = (&self.guard, flow.as_mut()) {
@@ -130,7 +134,7 @@ impl Pipeline {
         }
         let answer = match req.pinned_to(ctx.response_id.as_deref()) {
             // 4-6. a stored response's follow-up, retrieval or cancel: to the engine that stored it
-            Some(id) => self.router.serve_stored(&ctx, &req, &body, id).await,
+            Some(id) => self.router.serve_stored(&ctx, &req, &body, id, false).await,
             None => match self.router.place_in_home_cell(&ctx, &req, &body, &mut prompt).await {
                 // 4. place
                 Some(answer) => answer,

@@ -62,10 +62,14 @@ impl Router {
         let url = format!("{}{}", engine.url, ctx.upstream_path());
         // A response made here is stored by this engine: its id says so (`stored`).
         let body = match ctx.endpoint {
-            Endpoint::Responses => match super::stored::with_response_id(body, &self.node_name, &engine.name) {
-                Some(b) => Bytes::from(b),
-                None => body.clone(),
-            },
+            Endpoint::Responses => {
+                match super::stored::with_response_id(body, &self.node_name, &engine.name, &ctx.tenant) {
+                    Some(b) => Bytes::from(b),
+                    None => body.clone(),
+                }
+            }
+            // A cancel has no body.
+            Endpoint::ResponseCancel => Bytes::new(),
             _ => body.clone(),
         };
         let rb = match ctx.endpoint.is_get() {

@@ -25,7 +25,7 @@ mod peer;
 mod pick;
 mod relay;
 mod split;
-mod stored;
+pub(crate) mod stored;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -283,15 +283,9 @@ impl Router {
     ) -> Response {
         let mut tried: Vec<String> = Vec::new();
         let mut last_error: Option<ApiError> = None;
+        let session = ctx.session.as_deref().or(req.session.as_deref());
         for attempt in 0..self.s.max_attempts {
-            let picked = match self.pick(
-                &req.model,
-                prompt,
-                scope,
-                &tried,
-                attempt == 0,
-                ctx.session.as_deref().or(req.session.as_deref()),
-            ) {
+            let picked = match self.pick(&req.model, prompt, scope, &tried, attempt == 0 && req.may_split(), session) {
                 Ok(p) => p,
                 Err(e) => {
                     // After a failed attempt, the failure says more than "nothing left".
@@ -325,7 +319,8 @@ impl Router {
             let outcome = match &target {
                 Target::Local(e) => self.forward_local(ctx, req.stream, body, e.clone(), &header, expect).await,
                 Target::Remote(r) => {
-                    let chooses = peer_chooses(r, &picked.decision);
+                    // A session's engine was chosen here, by name; the peer must not re-choose.
+                    let chooses = peer_chooses(r, &picked.decision) && session.is_none();
                     let ask = if chooses { PeerRequest::AnyEngine } else { PeerRequest::Engine(r.load.name.clone()) };
                     let mut head = ctx.peer_head(ask, &self.node_name, req.stream);
                     head.prompt = chooses.then(|| self.digest(r, prompt)).flatten();

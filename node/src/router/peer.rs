@@ -65,6 +65,10 @@ impl Router {
         let endpoint = parsed.map(|(e, _)| e);
         let mut ctx = RequestCtx::peer(&req.head.request_id, &req.head.origin, endpoint.unwrap_or(Endpoint::Chat));
         ctx.content_type = req.head.content_type.clone().filter(|ct| crate::request::form::forwardable(ct));
+        // The tenant the origin admitted it for: it owns the responses this request makes.
+        if let Some(t) = req.head.tenant.as_deref().filter(|t| crate::ctx::valid_request_id(t)) {
+            ctx.tenant = t.to_owned();
+        }
         if let Some((_, Some(id))) = parsed {
             ctx.response_id = Some(id.to_owned());
             ctx.set_query(query);
@@ -121,7 +125,14 @@ impl Router {
         let parsed = match ctx.endpoint.work() {
             Work::Stored => Ok(InferenceRequest::stored(ctx.endpoint, ctx.stream_query())),
             _ if ctx.endpoint.is_multipart() => {
-                crate::request::form::parse(ctx.endpoint, ctx.content_type.as_deref(), body.clone(), None).await
+                // A form naming no model was admitted for the mesh's only model; it is this
+                // node's only one too.
+                let models = self.engines.models();
+                let only = match models.as_slice() {
+                    [m] => Some(m.as_str()),
+                    _ => None,
+                };
+                crate::request::form::parse(ctx.endpoint, ctx.content_type.as_deref(), body.clone(), only).await
             }
             _ => request::parse(ctx.endpoint, &body),
         };
@@ -132,11 +143,11 @@ impl Router {
         ctx.set_model(&req.model);
         // A stored response's request: to the engine of this node that stored it.
         if let Some(id) = req.pinned_to(ctx.response_id.as_deref()) {
-            return self.serve_stored(ctx, &req, &body, id).await;
+            return self.serve_stored(ctx, &req, &body, id, true).await;
         }
         // Token ids only matter when there is a choice to make, and are made once per request:
         // a peer that leaves the choice to this node sends the block keys it computed.
-        let mut prompt = match (scope.chooses(), digest.map(|d| (d, d.keys()))) {
+        let mut prompt = match (scope.chooses() && req.uses_kv_cache(), digest.map(|d| (d, d.keys()))) {
             (true, Some((d, Ok(keys)))) => {
                 let label = if self.tokenizers.has(&req.model) { req.model.as_str() } else { "other" };
                 self.metrics.tokenize_requests.with_label_values(&[label, "from_peer"]).inc();
