@@ -24,6 +24,9 @@ use serde::{Deserialize, Serialize};
 use crate::openai::ApiError;
 
 pub const WINDOW_MS: u64 = 60_000;
+/// How long this node's admissions may go unseen by its peers: usage is published every 250 ms
+/// and gossip spreads it in a few rounds of 300 ms.
+pub const UNSEEN_MS: u64 = 2_000;
 const BUCKET_MS: u64 = 1_000;
 
 /// The limits of one tenant. `None` means unlimited.
@@ -192,6 +195,17 @@ impl Limiter {
         &mut window[len - 1]
     }
 
+    /// This node's use by `tenant` in the last `UNSEEN_MS` (whole buckets that overlap it).
+    fn recent(&mut self, tenant: &str, now_ms: u64) -> Usage {
+        let Some(window) = self.tenants.get(tenant) else { return Usage::default() };
+        let since = now_ms.saturating_sub(UNSEEN_MS);
+        let (requests, tokens) = window
+            .iter()
+            .filter(|b| b.at + BUCKET_MS > since)
+            .fold((0u64, 0u64), |(r, t), b| (r.saturating_add(b.requests), t.saturating_add(b.tokens)));
+        Usage { requests, tokens, reset_ms: 0 }
+    }
+
     /// This node's use of the window by `tenant`.
     pub fn usage(&mut self, tenant: &str, now_ms: u64) -> Usage {
         let Some(window) = self.tenants.get_mut(tenant) else { return Usage::default() };
@@ -201,17 +215,44 @@ impl Limiter {
 
     /// Admits a request of `tokens` prompt tokens if the tenant's use here plus `remote` (the
     /// peers' published use) stays within its limits, and counts it.
+    ///
+    /// In a mesh of `nodes` nodes admitting for the same tenant, a burst reaches every node
+    /// before any hears of the others' admissions. So what this node admitted in the last
+    /// `UNSEEN_MS` (not yet seen by its peers) is held to its share of what remains of the limit
+    /// as everyone sees it: `ceil(remaining / nodes)`. All nodes together then admit at most the
+    /// limit plus `nodes - 1` within a burst, as long as usage reports reach peers within
+    /// `UNSEEN_MS`. The cost: a burst sent to one node gets its share of the remainder per
+    /// `UNSEEN_MS` (the rest of the limit over the following seconds), with a 429 and
+    /// `retry-after` meanwhile.
     pub fn admit(
         &mut self,
         tenant: &str,
         spec: &LimitSpec,
         tokens: u64,
         remote: Usage,
+        nodes: u64,
         now_ms: u64,
     ) -> Result<(), Limited> {
         let local = self.usage(tenant, now_ms);
         let total = Usage::sum([local, remote]);
         let retry_after_s = total.reset_ms.div_ceil(1000).max(1);
+        let nodes = nodes.max(1);
+        if nodes > 1 {
+            let recent = self.recent(tenant, now_ms);
+            let share_retry = UNSEEN_MS.div_ceil(1000);
+            let checks = [
+                (spec.requests_per_minute, total.requests, recent.requests, 1, "requests"),
+                (spec.tokens_per_minute, total.tokens, recent.tokens, tokens, "tokens"),
+            ];
+            for (limit, used, unseen, add, what) in checks {
+                let Some(limit) = limit else { continue };
+                let seen = used.saturating_sub(unseen);
+                let share = limit.saturating_sub(seen).div_ceil(nodes);
+                if unseen.saturating_add(add) > share {
+                    return Err(Limited { what, limit, retry_after_s: share_retry });
+                }
+            }
+        }
         if let Some(rpm) = spec.requests_per_minute {
             if total.requests.saturating_add(1) > rpm {
                 return Err(Limited { what: "requests", limit: rpm, retry_after_s });
@@ -267,6 +308,39 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_over_a_mesh_admits_at_most_the_limit_plus_nodes_less_one() {
+        // 4 nodes, 60 a minute, 400 requests at once spread over them; none has heard of the
+        // others' admissions.
+        let spec = LimitSpec { requests_per_minute: Some(60), ..Default::default() };
+        let mut nodes: Vec<Limiter> = (0..4).map(|_| Limiter::new()).collect();
+        let mut admitted = 0;
+        for i in 0..400 {
+            if nodes[i % 4].admit("t", &spec, 0, Usage::default(), 4, 10).is_ok() {
+                admitted += 1;
+            }
+        }
+        assert!(admitted <= 60 + 3, "{admitted}");
+        assert_eq!(admitted, 60, "ceil(60 / 4) each");
+        // Once its admissions are seen (reported), a node alone gets its share of the rest.
+        let one = &mut nodes[0];
+        let later = 10 + UNSEEN_MS + 1_000;
+        let remote = Usage { requests: 45, tokens: 0, reset_ms: 50_000 };
+        assert!(one.admit("t", &spec, 0, remote, 4, later).is_err(), "the limit is spent");
+        let quiet = Usage::default();
+        let mut alone = Limiter::new();
+        let mut got = 0;
+        for t in 0..60u64 {
+            // A burst at one node of four: its share per UNSEEN_MS, until the limit is reached.
+            for _ in 0..60 {
+                if alone.admit("t", &spec, 0, quiet, 4, t * 1_000).is_ok() {
+                    got += 1;
+                }
+            }
+        }
+        assert!(got <= 60 && got >= 50, "a lone node reaches most of the limit within the minute: {got}");
+    }
+
+    #[test]
     fn n_completions_count_against_the_max_tokens_cap() {
         let spec = LimitSpec { max_tokens: Some(100), ..Default::default() };
         assert!(check_request(&spec, Some(50), 2, 0).is_ok());
@@ -281,9 +355,9 @@ mod tests {
     fn huge_peer_usage_saturates_and_refuses() {
         let mut l = Limiter::new();
         let spec = LimitSpec { requests_per_minute: Some(10), tokens_per_minute: Some(1000), ..Default::default() };
-        l.admit("t", &spec, 1, Usage::default(), 0).unwrap();
+        l.admit("t", &spec, 1, Usage::default(), 1, 0).unwrap();
         let hostile = Usage { requests: u64::MAX, tokens: u64::MAX, reset_ms: 1 };
-        assert!(l.admit("t", &spec, 1, hostile, 1).is_err());
+        assert!(l.admit("t", &spec, 1, hostile, 1, 1).is_err());
         assert_eq!(Usage::sum([hostile, hostile]).requests, u64::MAX);
     }
 
@@ -292,16 +366,16 @@ mod tests {
         let mut l = Limiter::new();
         let spec = rpm(3);
         for t in [0, 10_000, 20_000] {
-            l.admit("a", &spec, 0, Usage::default(), t).unwrap();
+            l.admit("a", &spec, 0, Usage::default(), 1, t).unwrap();
         }
-        let e = l.admit("a", &spec, 0, Usage::default(), 30_000).unwrap_err();
+        let e = l.admit("a", &spec, 0, Usage::default(), 1, 30_000).unwrap_err();
         assert_eq!(e.what, "requests");
         // The first request leaves the window at 60 s: 30 s from now.
         assert_eq!(e.retry_after_s, 30);
         // Another tenant is not affected.
-        l.admit("b", &spec, 0, Usage::default(), 30_000).unwrap();
-        l.admit("a", &spec, 0, Usage::default(), 60_000).unwrap();
-        assert!(l.admit("a", &spec, 0, Usage::default(), 60_001).is_err());
+        l.admit("b", &spec, 0, Usage::default(), 1, 30_000).unwrap();
+        l.admit("a", &spec, 0, Usage::default(), 1, 60_000).unwrap();
+        assert!(l.admit("a", &spec, 0, Usage::default(), 1, 60_001).is_err());
     }
 
     #[test]
@@ -313,8 +387,8 @@ mod tests {
             Usage { requests: 2, tokens: 0, reset_ms: 5_000 },
         ]);
         assert_eq!(remote.requests, 4);
-        l.admit("a", &spec, 0, remote, 0).unwrap();
-        let e = l.admit("a", &spec, 0, remote, 100).unwrap_err();
+        l.admit("a", &spec, 0, remote, 1, 0).unwrap();
+        let e = l.admit("a", &spec, 0, remote, 1, 100).unwrap_err();
         // The earliest release anywhere: a peer's bucket in 5 s.
         assert_eq!(e.retry_after_s, 5);
     }
@@ -323,12 +397,12 @@ mod tests {
     fn tokens_per_minute_include_completion_tokens() {
         let mut l = Limiter::new();
         let spec = LimitSpec { tokens_per_minute: Some(100), ..Default::default() };
-        l.admit("a", &spec, 40, Usage::default(), 0).unwrap();
+        l.admit("a", &spec, 40, Usage::default(), 1, 0).unwrap();
         l.charge_tokens("a", 50, 500);
         assert_eq!(l.usage("a", 600).tokens, 90);
-        let e = l.admit("a", &spec, 20, Usage::default(), 1_000).unwrap_err();
+        let e = l.admit("a", &spec, 20, Usage::default(), 1, 1_000).unwrap_err();
         assert_eq!(e.what, "tokens");
-        l.admit("a", &spec, 10, Usage::default(), 1_000).unwrap();
+        l.admit("a", &spec, 10, Usage::default(), 1, 1_000).unwrap();
         let err = e.to_api_error();
         assert_eq!(err.status.as_u16(), 429);
         assert_eq!(err.code.as_deref(), Some("rate_limit_exceeded"));
@@ -347,7 +421,7 @@ mod tests {
     #[test]
     fn snapshot_forgets_idle_tenants_and_tenant_overrides_merge() {
         let mut l = Limiter::new();
-        l.admit("a", &rpm(9), 7, Usage::default(), 1_500).unwrap();
+        l.admit("a", &rpm(9), 7, Usage::default(), 1, 1_500).unwrap();
         let s = l.snapshot(2_000);
         assert_eq!(s["a"], Usage { requests: 1, tokens: 7, reset_ms: 59_000 });
         assert!(l.snapshot(61_000).is_empty());

@@ -32,7 +32,9 @@ impl Guard {
         limits::check_request(&spec, req.capped_max_tokens(), req.n, n)?;
         let remote = remote_usage(peers, &flow.tenant);
         let now = self.now_ms();
-        let admitted = self.limiter.lock().map(|mut l| l.admit(&flow.tenant, &spec, n, remote, now));
+        // Every live node of the mesh (this one included) admits for the tenant.
+        let nodes = peers.len().max(1) as u64;
+        let admitted = self.limiter.lock().map(|mut l| l.admit(&flow.tenant, &spec, n, remote, nodes, now));
         match admitted {
             Ok(Ok(())) => Ok(()),
             Ok(Err(limited)) => {
