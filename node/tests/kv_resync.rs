@@ -189,3 +189,53 @@ async fn an_unanswered_replay_times_out_and_drops_the_index() {
     e.shutdown().await;
     drop(silent);
 }
+
+/// A KV-event publisher that announces a frame of 2^61 bytes, again on every reconnect: the
+/// node does not allocate it (the frame bound cuts the connection first), keeps serving, and
+/// counts no events from it.
+#[tokio::test]
+async fn a_hostile_kv_event_publisher_cannot_abort_the_node() {
+    let hostile = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = hostile.local_addr().unwrap();
+    let publisher = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = hostile.accept().await else { return };
+            // A well-formed ZMTP 3.0 PUB peer (greeting, NULL mechanism, READY), then the frame.
+            let mut bytes = vec![0xFFu8, 0, 0, 0, 0, 0, 0, 0, 0, 0x7F, 3, 0];
+            let mut mechanism = b"NULL".to_vec();
+            mechanism.resize(20, 0);
+            bytes.extend_from_slice(&mechanism);
+            bytes.push(0);
+            bytes.extend_from_slice(&[0u8; 31]);
+            let mut ready = b"\x05READY".to_vec();
+            ready.push(11);
+            ready.extend_from_slice(b"Socket-Type");
+            ready.extend_from_slice(&3u32.to_be_bytes());
+            ready.extend_from_slice(b"PUB");
+            bytes.push(0x04);
+            bytes.push(ready.len() as u8);
+            bytes.extend_from_slice(&ready);
+            bytes.push(0x02);
+            bytes.extend_from_slice(&(1u64 << 61).to_be_bytes());
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut s, &bytes).await;
+            // Hold the connection: the client reads what it was sent.
+            tokio::spawn(async move {
+                let mut sink = Vec::new();
+                let _ = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut sink).await;
+            });
+        }
+    });
+    let e = engine(fast_engine(), false).await;
+    let mut entry = entry(e.url());
+    entry.name = Some("e0".into());
+    entry.kv_events = Some(format!("tcp://{addr}"));
+    let n = node(node_config(vec![entry])).await;
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    for i in 0..3 {
+        let (s, _, v) =
+            post(&n.url(), &chat(&format!("still serving {i}"), serde_json::json!({"max_tokens": 2}))).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    publisher.abort();
+    n.shutdown().await;
+}

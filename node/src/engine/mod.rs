@@ -5,6 +5,7 @@
 pub mod kv_events;
 pub mod metrics_text;
 pub mod subscriber;
+pub mod zmtp_guard;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};

@@ -79,9 +79,19 @@ pub async fn run(engine: Arc<Engine>, endpoint: String, replay: Option<ReplaySou
     let mut backoff = Duration::from_millis(100);
     loop {
         let mut socket = zeromq::SubSocket::new();
+        // Through the frame bound (`zmtp_guard`), which lives as long as this connection.
+        let guard = match super::zmtp_guard::relay(&endpoint, Duration::from_secs(5)).await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::warn!(engine = %engine.name, error = %e, "kv events: no loopback port for the frame bound");
+                wait(&cancel, &mut backoff).await;
+                continue;
+            }
+        };
+        let target = guard.as_ref().map_or(endpoint.as_str(), |g| g.endpoint.as_str()).to_owned();
         let connected = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = tokio::time::timeout(Duration::from_secs(5), socket.connect(&endpoint)) => r,
+            r = tokio::time::timeout(Duration::from_secs(5), socket.connect(&target)) => r,
         };
         match connected {
             Ok(Ok(())) => {}
@@ -224,7 +234,11 @@ async fn fetch_replay(endpoint: &str, from: u64, to: u64) -> Result<Vec<(u64, Ev
     // A socket per resync: gaps are rare, and a fresh socket cannot hold a late answer to an
     // earlier request that timed out.
     let mut socket = zeromq::DealerSocket::new();
-    socket.connect(endpoint).await.map_err(|e| ReplayMiss::Connect(e.to_string()))?;
+    let guard = super::zmtp_guard::relay(endpoint, Duration::from_secs(5))
+        .await
+        .map_err(|e| ReplayMiss::Connect(e.to_string()))?;
+    let target = guard.as_ref().map_or(endpoint, |g| g.endpoint.as_str());
+    socket.connect(target).await.map_err(|e| ReplayMiss::Connect(e.to_string()))?;
     let mut req = ZmqMessage::from(Bytes::new());
     req.push_back(Bytes::copy_from_slice(&from.to_be_bytes()));
     socket.send(req).await.map_err(|e| ReplayMiss::Transport(e.to_string()))?;
