@@ -182,6 +182,10 @@ pub struct AuditRecord {
     pub time_ms: u64,
     pub request_id: String,
     pub node: String,
+    /// For a request a peer forwarded: the node that admitted it from its client (which holds
+    /// the record the client's answer waited for).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
     pub tenant: Option<String>,
     pub model: Option<String>,
     pub endpoint: String,

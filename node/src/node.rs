@@ -204,6 +204,9 @@ impl Node {
                 })
             }));
         }
+        if let Some(log) = guard.as_ref().and_then(|g| g.audit_log().cloned()) {
+            router.record_peer_requests_in(log);
+        }
         let admin_access = crate::request::AdminAccess::of(&cfg.auth);
         let pipeline = Arc::new(Pipeline::new(
             router.clone(),

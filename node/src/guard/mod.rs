@@ -108,7 +108,7 @@ impl From<ApiError> for Refusal {
 }
 
 impl Guard {
-    #[cfg(feature = "testsuite")]
+    /// The audit log, when one is configured (the router records forwarded requests in it).
     pub fn audit_log(&self) -> Option<&Arc<crate::audit::AuditLog>> {
         self.audit.as_ref()
     }

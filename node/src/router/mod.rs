@@ -106,6 +106,8 @@ pub struct Router {
     draining: AtomicBool,
     /// Whether engines' reported prompt lengths agree with this node's (`check`).
     pub agreement: check::KeyAgreement,
+    /// The node's audit log, where requests peers forward are recorded too (`peer`).
+    audit: std::sync::OnceLock<Arc<crate::audit::AuditLog>>,
 }
 
 /// Where a request may go.
@@ -122,6 +124,12 @@ pub enum Scope<'a> {
 }
 
 impl Router {
+    /// Records the requests peers forward here in `log` as well (their origin records them for
+    /// its client).
+    pub fn record_peer_requests_in(&self, log: Arc<crate::audit::AuditLog>) {
+        let _ = self.audit.set(log);
+    }
+
     /// The session a request's headers name (`x-session-affinity`, or the configured header).
     pub fn session_of(&self, headers: &axum::http::HeaderMap) -> Option<String> {
         self.s.session_headers.iter().find_map(|h| {
@@ -187,6 +195,7 @@ impl Router {
             peer_requests: AtomicU32::new(0),
             draining: AtomicBool::new(false),
             agreement: check::KeyAgreement::default(),
+            audit: std::sync::OnceLock::new(),
         }
     }
 

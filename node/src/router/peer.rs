@@ -74,6 +74,23 @@ impl Router {
             ctx.set_query(query);
         }
         let send = req.respond;
+        // This node's record of the request (the origin holds the one its client's answer
+        // waited for): reserved now, written when the answer has been sent.
+        let record = self.audit.get().and_then(|log| log.reserve()).map(|slot| {
+            use sha2::Digest as _;
+            let rec = crate::audit::AuditRecord {
+                time_ms: crate::audit::unix_ms(),
+                request_id: ctx.id.clone(),
+                node: self.node_name.clone(),
+                origin: Some(req.head.origin.clone()),
+                tenant: req.head.tenant.clone().filter(|t| crate::ctx::valid_request_id(t)),
+                endpoint: ctx.endpoint.path().to_owned(),
+                stream: req.head.stream,
+                request_sha256: Some(hex::encode(sha2::Sha256::digest(&req.body))),
+                ..Default::default()
+            };
+            (slot, rec)
+        });
         let resp = match endpoint {
             Some(_) if self.is_draining() => self.refuse_draining(&ctx),
             Some(_) => {
@@ -106,10 +123,26 @@ impl Router {
         };
         let io = self.mesh().map(|m| m.endpoint.io_timeout()).unwrap_or(Duration::from_secs(5));
         let body = resp.into_body().into_data_stream();
+        let (status, served_by) = (head.status, head.served_by.clone());
         // An error here means the origin stopped reading (its client left): dropping the body
         // closes the engine connection, and the engine aborts the request.
-        if let Err(e) = respond(send, &head, body, io).await {
+        let sent = respond(send, &head, body, io).await;
+        if let Err(e) = &sent {
             tracing::debug!(peer = %req.peer, error = %e, "peer stopped reading the response");
+        }
+        if let Some((slot, mut rec)) = record {
+            rec.model = (!ctx.model.is_empty()).then(|| ctx.model.clone());
+            rec.status = status;
+            rec.served_by = Some(served_by);
+            rec.outcome = match (&sent, status) {
+                (Err(_), _) => crate::audit::Outcome::StreamError,
+                (Ok(()), 200..=299) => crate::audit::Outcome::Ok,
+                (Ok(()), _) => crate::audit::Outcome::Rejected,
+            };
+            rec.error = sent.err().map(|e| e.to_string());
+            rec.latency_ms = ctx.started.elapsed().as_secs_f64() * 1000.0;
+            // Not waited for: the origin's record is the one the answer depended on.
+            let _ = slot.submit(rec);
         }
     }
 
