@@ -4,11 +4,18 @@
 //! among those predicted near-equal for its request. The preference is a rendezvous hash of the
 //! session and each engine's name, so every node prefers the same engine without talking, and
 //! an engine leaving moves only its own sessions. It never outweighs load or cache: only engines
-//! within the scorer's tolerance of the best are ranked (`score::Prefer::Ranked`).
+//! within the scorer's tolerance of the best, plus `SESSION_SLACK_MS`, are ranked
+//! (`score::Prefer::Ranked`).
 
 use serde_json::{Map, Value};
 
 use crate::endpoint::Endpoint;
+
+/// How much slower than the best candidate a session's engine may be predicted and still be
+/// preferred (beyond the scorer's relative tolerance): about a network hop and a short queue.
+/// For short prompts predictions are a few ms, where a relative tolerance alone would let a
+/// peer's round trip decide.
+pub const SESSION_SLACK_MS: f64 = 20.0;
 
 /// Longest session key kept; a longer one is cut (it is hashed, never shown).
 pub const MAX_SESSION_KEY: usize = 256;

@@ -141,7 +141,13 @@ pub fn choose(
     let preferred = match prefer {
         Prefer::Nothing => None,
         Prefer::Candidate(p) => scored[..near].iter().position(|(i, _)| *i == p),
-        Prefer::Ranked(ranks) => (0..near).max_by_key(|&pos| ranks.get(scored[pos].0).copied().unwrap_or(0)),
+        Prefer::Ranked(ranks) => {
+            // A session's engine may also be up to `SESSION_SLACK_MS` slower than the best: a
+            // network hop or a short queue costs less than the cache the session keeps there.
+            let slack = best * (1.0 + w.tolerance) + crate::affinity::SESSION_SLACK_MS;
+            let near = scored.iter().take_while(|(_, s)| *s <= slack).count();
+            (0..near).max_by_key(|&pos| ranks.get(scored[pos].0).copied().unwrap_or(0))
+        }
     };
     let pick = if let Some(p) = preferred {
         p
@@ -238,6 +244,9 @@ mod tests {
         let cands = [e(1.0, 0), e(1.0, 0), e(9.0, 0)];
         assert_eq!(choose(100, &cands, &w, Prefer::Ranked(&[1, 5, 0]), |_| 0).unwrap().index, 1);
         assert_eq!(choose(100, &cands, &w, Prefer::Ranked(&[1, 0, 9]), |_| 0).unwrap().index, 0, "load is the limit");
+        // Within the slack (a network hop), the session's engine still wins.
+        let near = [Estimate { rtt_ms: 0.0, ..e(0.0, 0) }, Estimate { rtt_ms: 2.0, ..e(0.0, 0) }];
+        assert_eq!(choose(100, &near, &w, Prefer::Ranked(&[0, 1]), |_| 0).unwrap().index, 1);
     }
 
     #[test]
