@@ -46,6 +46,9 @@ pub struct Config {
     pub http_header_timeout_ms: u64,
     /// ... and its body within this long once the headers are in.
     pub http_body_timeout_ms: u64,
+    /// A client that accepts none of an answer's bytes for this long (a stream it stopped
+    /// reading) is disconnected, which cancels its request on the engine.
+    pub http_write_timeout_ms: u64,
     /// Client connections open at once; beyond it new ones are closed at once.
     pub http_max_connections: usize,
     /// How often each engine's `/health` and `/metrics` are read.
@@ -374,6 +377,7 @@ impl Default for Config {
             max_body_bytes: 32 * 1024 * 1024,
             http_header_timeout_ms: 30_000,
             http_body_timeout_ms: 60_000,
+            http_write_timeout_ms: 60_000,
             http_max_connections: 10_000,
             engine_poll_interval_ms: 500,
             engine_connect_timeout_ms: 2_000,
@@ -706,8 +710,12 @@ impl Config {
                 return bad(format!("phi_threshold must be > 0, got {}", self.phi_threshold));
             }
         }
-        if self.http_header_timeout_ms == 0 || self.http_body_timeout_ms == 0 || self.http_max_connections == 0 {
-            return bad("http_header_timeout_ms, http_body_timeout_ms and http_max_connections must be above 0".into());
+        if self.http_header_timeout_ms == 0
+            || self.http_body_timeout_ms == 0
+            || self.http_write_timeout_ms == 0
+            || self.http_max_connections == 0
+        {
+            return bad("http_header_timeout_ms, http_body_timeout_ms, http_write_timeout_ms and http_max_connections must be above 0".into());
         }
         if self.max_body_bytes < 1024 {
             return bad(format!("max_body_bytes must be at least 1024, got {}", self.max_body_bytes));

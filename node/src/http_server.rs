@@ -25,6 +25,8 @@ use tower::ServiceExt;
 pub struct HttpLimits {
     /// A request's headers must arrive within this (idle kept-alive connections included).
     pub header_timeout: Duration,
+    /// A write the client accepts no byte of for this long ends the connection.
+    pub write_timeout: Duration,
     /// Connections open at once.
     pub max_connections: usize,
 }
@@ -70,7 +72,7 @@ pub async fn serve(
         // could be held open without one.
         let mut builder = http1::Builder::new();
         builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
-        let header_timeout = limits.header_timeout;
+        let (header_timeout, write_timeout) = (limits.header_timeout, limits.write_timeout);
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             // The protocol is read from the first bytes, which hyper would wait for without a
@@ -80,7 +82,8 @@ pub async fn serve(
                 tracing::trace!(client = %addr, "connection sent nothing in time: closed");
                 return;
             }
-            let conn = builder.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service));
+            let io = TokioIo::new(WriteDeadline::new(tcp, write_timeout));
+            let conn = builder.serve_connection(io, TowerToHyperService::new(service));
             if let Err(e) = watcher.watch(conn).await {
                 tracing::trace!(client = %addr, error = %e, "connection ended with an error");
             }
@@ -89,4 +92,90 @@ pub async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// A connection whose writes fail when the client accepts nothing for `deadline`: a client that
+/// stops reading a stream would otherwise hold the connection, and the engine's work for it,
+/// for as long as it likes. Reads pass through (their deadlines are hyper's and the body's).
+struct WriteDeadline {
+    tcp: tokio::net::TcpStream,
+    deadline: Duration,
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteDeadline {
+    fn new(tcp: tokio::net::TcpStream, deadline: Duration) -> Self {
+        Self { tcp, deadline, stalled: None }
+    }
+
+    /// `Pending` from the socket starts (or continues) the clock; past the deadline, an error.
+    fn stall(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        let deadline = self.deadline;
+        let sleep = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(deadline)));
+        match sleep.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client accepted nothing within the write deadline",
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+use std::future::Future as _;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+impl tokio::io::AsyncRead for WriteDeadline {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WriteDeadline {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.tcp).poll_write(cx, buf) {
+            Poll::Ready(r) => {
+                self.stalled = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.stall(cx).map(|r| r.map(|()| 0)),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match Pin::new(&mut self.tcp).poll_flush(cx) {
+            Poll::Ready(r) => {
+                self.stalled = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.stall(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs) {
+            Poll::Ready(r) => {
+                self.stalled = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => self.stall(cx).map(|r| r.map(|()| 0)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
 }

@@ -227,6 +227,7 @@ impl Node {
         // while the mesh endpoint is still up.
         let limits = crate::http_server::HttpLimits {
             header_timeout: Config::ms(cfg.http_header_timeout_ms),
+            write_timeout: Config::ms(cfg.http_write_timeout_ms),
             max_connections: cfg.http_max_connections,
         };
         let refused = router.metrics.http_connections_refused.clone();

@@ -6,6 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use futures::StreamExt;
 use serde_json::{json, Value};
 
 #[tokio::test]
@@ -287,4 +288,70 @@ async fn slow_idle_and_excess_connections_are_closed() {
     assert!(scrape(&n.url(), "kvmesh_http_connections_refused_total").await >= 1.0);
     n.shutdown().await;
     e.shutdown().await;
+}
+
+/// A client that stops reading a stream is disconnected once it has accepted nothing for the
+/// write deadline, and its request is cancelled on the engine (the engine sees its stream
+/// dropped), instead of holding both for as long as it likes.
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_at_the_write_deadline() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tokio::io::AsyncWriteExt;
+    struct Dropped(Arc<AtomicBool>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let dropped = Arc::new(AtomicBool::new(false));
+    let flag = dropped.clone();
+    // An engine that streams as fast as it is read, without end.
+    let app = axum::Router::new()
+        .route("/health", axum::routing::get(|| async { "" }))
+        .route("/metrics", axum::routing::get(|| async { "" }))
+        .route(
+            "/v1/models",
+            axum::routing::get(|| async { axum::Json(json!({"object": "list", "data": [{"id": "kvmesh-sim", "object": "model"}]})) }),
+        )
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(move || {
+                let guard = Dropped(flag.clone());
+                async move {
+                    let piece = format!(
+                        "data: {}\n\n",
+                        json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "x".repeat(16_000)}, "finish_reason": null}]})
+                    );
+                    let s = futures::stream::repeat(piece).map(move |p| {
+                        let _keep = &guard;
+                        Ok::<_, std::io::Error>(axum::body::Bytes::from(p))
+                    });
+                    axum::response::Response::builder()
+                        .header("content-type", "text/event-stream")
+                        .body(axum::body::Body::from_stream(s))
+                        .unwrap()
+                }
+            }),
+        );
+    let (addr, stop) = serve_app(app).await;
+    let mut cfg = node_config(vec![entry(format!("http://{addr}"))]);
+    cfg.http_write_timeout_ms = 500;
+    let n = node(cfg).await;
+    let mut client = tokio::net::TcpStream::connect(n.http_addr).await.unwrap();
+    let body = serde_json::to_vec(&chat("go", json!({"stream": true}))).unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    client.write_all(&body).await.unwrap();
+    // Never read. The buffers fill, the node's writes stall, and the deadline cuts it.
+    let started = std::time::Instant::now();
+    eventually("the engine's stream is dropped", Duration::from_secs(20), async || dropped.load(Ordering::SeqCst))
+        .await;
+    println!("cut after {:?}", started.elapsed());
+    drop(client);
+    stop.cancel();
+    n.shutdown().await;
 }
