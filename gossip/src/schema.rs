@@ -158,3 +158,78 @@ pub struct TenantUsage {
 pub struct UsageReport {
     pub tenants: std::collections::BTreeMap<String, TenantUsage>,
 }
+
+/// Bounds on what a peer's gossiped state may hold once decoded: a member (or a bug) must not
+/// make every node keep, or score on each request, unbounded lists (the message itself is at
+/// most 4 MiB). Past a bound the rest is dropped.
+pub const MAX_ENGINES_PER_NODE: usize = 256;
+pub const MAX_MODELS: usize = 256;
+pub const MAX_NAME_BYTES: usize = 512;
+pub const MAX_TENANTS: usize = 4096;
+/// Cell keys (`cell.*`) read from one node: a gateway republishes one per cell.
+pub const MAX_CELL_KEYS: usize = 4096;
+
+fn short(s: &str) -> bool {
+    s.len() <= MAX_NAME_BYTES
+}
+
+impl NodeMeta {
+    pub fn bounded(mut self) -> Self {
+        self.models.retain(|m| short(m));
+        self.models.truncate(MAX_MODELS);
+        self
+    }
+}
+
+impl LoadReport {
+    pub fn bounded(mut self) -> Self {
+        self.engines.retain(|e| short(&e.name));
+        self.engines.truncate(MAX_ENGINES_PER_NODE);
+        for e in &mut self.engines {
+            e.models.retain(|m| short(m));
+            e.models.truncate(MAX_MODELS);
+            e.cards.truncate(kvmesh_policy::models::MAX_CARDS_PER_ENGINE);
+        }
+        self
+    }
+}
+
+impl UsageReport {
+    pub fn bounded(mut self) -> Self {
+        self.tenants.retain(|t, _| short(t));
+        while self.tenants.len() > MAX_TENANTS {
+            self.tenants.pop_last();
+        }
+        self
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::*;
+
+    #[test]
+    fn a_peers_state_is_bounded_once_decoded() {
+        let engine = |i: usize| EngineLoad {
+            name: format!("e{i}"),
+            models: (0..1000).map(|m| format!("m{m}")).collect(),
+            healthy: true,
+            role: Default::default(),
+            running: 0,
+            waiting: 0,
+            kv_usage: 0.0,
+            tokens_per_s: 0.0,
+            block_size: None,
+            cards: Vec::new(),
+            max_model_len: None,
+        };
+        let mut load = LoadReport { engines: (0..1000).map(engine).collect() };
+        load.engines.insert(0, EngineLoad { name: "x".repeat(10_000), ..engine(0) });
+        let load = load.bounded();
+        assert_eq!(load.engines.len(), MAX_ENGINES_PER_NODE);
+        assert!(load.engines.iter().all(|e| e.models.len() == MAX_MODELS && e.name.len() < 10));
+        let usage =
+            UsageReport { tenants: (0..10_000).map(|i| (format!("t{i}"), TenantUsage::default())).collect() }.bounded();
+        assert_eq!(usage.tenants.len(), MAX_TENANTS);
+    }
+}
