@@ -600,6 +600,14 @@ impl Config {
             cfg.cells.backbone_seeds =
                 args.backbone_seeds.iter().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
         }
+        // OpenTelemetry's own variables, where the config names no collector.
+        if cfg.observability.otlp_endpoint.is_none() {
+            let traces = std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+                .ok()
+                .map(|u| u.trim_end_matches('/').trim_end_matches("/v1/traces").to_owned());
+            cfg.observability.otlp_endpoint =
+                traces.or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok()).filter(|u| !u.is_empty());
+        }
         cfg.validate()?;
         Ok(cfg)
     }

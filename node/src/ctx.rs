@@ -33,6 +33,9 @@ pub struct RequestCtx {
     pub content_type: Option<String>,
     /// The session a header names (`policy::affinity`); the body's, if any, is the request's.
     pub session: Option<String>,
+    /// The W3C trace context the request arrived with (`traceparent`, `tracestate`), checked:
+    /// the request span's parent, and passed on to engines and peers.
+    pub trace: Option<(String, Option<String>)>,
 }
 
 /// A request id that may go into logs and HTTP headers: 1 to `MAX_REQUEST_ID` visible ASCII
@@ -95,6 +98,7 @@ impl RequestCtx {
             query: None,
             content_type: None,
             session: None,
+            trace: None,
         }
     }
 
@@ -120,6 +124,12 @@ impl RequestCtx {
         let mut head = kvmesh_transport::RequestHead::new(ask, &self.upstream_path(), &self.id, node, stream);
         head.content_type = self.content_type.clone();
         head.tenant = Some(self.tenant.clone());
+        for (k, v) in self.trace_headers() {
+            match k {
+                "traceparent" => head.traceparent = Some(v),
+                _ => head.tracestate = Some(v),
+            }
+        }
         head
     }
 
@@ -152,6 +162,47 @@ impl RequestCtx {
             .take(2)
             .collect();
         self.query = (!kept.is_empty()).then(|| kept.join("&"));
+    }
+
+    /// Takes the caller's W3C trace context (`traceparent`, `tracestate` headers, or a peer's
+    /// head): when valid, the request span continues that trace.
+    pub fn continue_trace(&mut self, headers: &HeaderMap) {
+        use opentelemetry::propagation::TextMapPropagator as _;
+        use opentelemetry::trace::TraceContextExt as _;
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        let cx = opentelemetry_sdk::propagation::TraceContextPropagator::new()
+            .extract(&opentelemetry_http::HeaderExtractor(headers));
+        if !cx.span().span_context().is_valid() {
+            return;
+        }
+        let text = |h: &str| headers.get(h).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let Some(parent) = text("traceparent") else { return };
+        let state = text("tracestate").filter(|s| s.len() <= 512);
+        let _ = self.span.set_parent(cx);
+        self.trace = Some((parent, state));
+    }
+
+    /// The trace context to send to an engine or a peer: this node's request span (a child of
+    /// the caller's) when spans are exported, else the caller's own, unchanged.
+    pub fn trace_headers(&self) -> Vec<(&'static str, String)> {
+        use opentelemetry::propagation::TextMapPropagator as _;
+        use opentelemetry::trace::TraceContextExt as _;
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+        let cx = self.span.context();
+        if cx.span().span_context().is_valid() {
+            let mut carrier = std::collections::HashMap::new();
+            opentelemetry_sdk::propagation::TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+            return ["traceparent", "tracestate"]
+                .into_iter()
+                .filter_map(|k| carrier.remove(k).filter(|v| !v.is_empty()).map(|v| (k, v)))
+                .collect();
+        }
+        match &self.trace {
+            Some((parent, state)) => std::iter::once(("traceparent", parent.clone()))
+                .chain(state.clone().map(|s| ("tracestate", s)))
+                .collect(),
+            None => Vec::new(),
+        }
     }
 
     /// The parsed request's model, recorded on the span.

@@ -77,7 +77,9 @@ impl OtlpExport {
             .build()
             .map_err(|e| NodeError::Config(format!("observability.otlp_endpoint `{endpoint}`: {e}")))?;
         let resource = Resource::builder()
-            .with_service_name("kvmesh")
+            .with_service_name(
+                std::env::var("OTEL_SERVICE_NAME").ok().filter(|n| !n.is_empty()).unwrap_or_else(|| "kvmesh".into()),
+            )
             .with_attribute(opentelemetry::KeyValue::new("service.instance.id", node_name.to_owned()))
             .build();
         let provider = SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build();

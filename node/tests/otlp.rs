@@ -80,5 +80,73 @@ async fn request_spans_reach_the_collector_as_otlp_protobuf() {
     assert!(contains(body, b"kvmesh") && contains(body, b"otlp-test-node"), "resource");
     assert!(contains(body, b"request_id"), "span attribute");
     n.shutdown().await;
+
+    // One trace across two nodes to an engine: the client's trace id is in both nodes' spans
+    // and in the `traceparent` the engine receives (whose parent is the serving node's span).
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let keep = seen.clone();
+    let app = Router::new()
+        .route("/health", axum::routing::get(|| async { "" }))
+        .route("/metrics", axum::routing::get(|| async { "" }))
+        .route(
+            "/v1/models",
+            axum::routing::get(|| async { axum::Json(json!({"object": "list", "data": [{"id": "kvmesh-sim", "object": "model"}]})) }),
+        )
+        .route(
+            "/v1/chat/completions",
+            post(move |headers: HeaderMap| {
+                let keep = keep.clone();
+                async move {
+                    if let Some(t) = headers.get("traceparent").and_then(|v| v.to_str().ok()) {
+                        keep.lock().unwrap().push(t.to_owned());
+                    }
+                    axum::Json(json!({"id": "x", "object": "chat.completion", "model": "kvmesh-sim",
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}}))
+                }
+            }),
+        );
+    let (engine_addr, engine_stop) = serve_app(app).await;
+    let dir = tempfile::tempdir().unwrap();
+    kvmesh_transport::certs::create_ca(dir.path(), "trace").unwrap();
+    let mut wcfg = mesh_config(dir.path(), "trace", "worker", None);
+    wcfg.engines = vec![entry(format!("http://{engine_addr}"))];
+    let worker = node(wcfg).await;
+    let mut ecfg = mesh_config(dir.path(), "trace", "edge", worker.mesh.as_ref().map(|m| m.advertise.to_string()));
+    ecfg.role = kvmesh_node::config::NodeRole::Edge;
+    let edge = node(ecfg).await;
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client_span = "00f067aa0ba902b7";
+    eventually("the edge routes to the worker's engine", Duration::from_secs(10), async || {
+        let r = reqwest::Client::new()
+            .post(format!("{}/v1/chat/completions", edge.url()))
+            .header("traceparent", format!("00-{trace_id}-{client_span}-01"))
+            .json(&chat("trace me", json!({"max_tokens": 1})))
+            .send()
+            .await
+            .unwrap();
+        r.status() == 200
+    })
+    .await;
+    let got_parent = seen.lock().unwrap().last().cloned().expect("the engine got a traceparent");
+    let parts: Vec<&str> = got_parent.split('-').collect();
+    assert_eq!(parts.len(), 4, "{got_parent}");
+    assert_eq!(parts[1], trace_id, "the engine continues the client's trace");
+    assert_ne!(parts[2], client_span, "its parent is the serving node's span, not the client's");
+    let id_bytes = hex::decode(trace_id).unwrap();
+    let flush = otlp.clone();
+    eventually("both nodes' spans carry the trace id", Duration::from_secs(10), async || {
+        let f = flush.clone();
+        tokio::task::spawn_blocking(move || f.flush()).await.unwrap();
+        // Each node's `request` span (the edge's and the worker's) in the client's trace.
+        let posts = got.lock().unwrap().clone();
+        let with_trace: usize =
+            posts.iter().map(|(_, b)| b.windows(16).filter(|w| *w == id_bytes.as_slice()).count()).sum();
+        with_trace >= 2
+    })
+    .await;
+    edge.shutdown().await;
+    worker.shutdown().await;
+    engine_stop.cancel();
     stop.cancel();
 }

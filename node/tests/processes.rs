@@ -223,3 +223,56 @@ async fn status_and_drain_commands() {
     let status = sigterm_and_wait(&mut node);
     assert!(status.success(), "exit status {status}");
 }
+
+/// Every answered request leaves one access log line (JSON with `--log-format json`): its id,
+/// endpoint, model, route, status, time to first byte; never the prompt's text.
+#[tokio::test]
+async fn each_answered_request_leaves_an_access_log_line() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+        .args(["serve", "--http-addr", "127.0.0.1:0", "--node-name", "logs", "--log-format", "json"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kvmesh starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("kvmesh exited early").unwrap();
+        if let Some(u) = line.split_whitespace().find(|w| w.starts_with("http://")) {
+            break u.trim_end_matches("/v1").to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let stderr = child.stderr.take().unwrap();
+    let logged =
+        std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<String>>());
+    let http = reqwest::Client::new();
+    for (i, stream) in [(0, false), (1, true)] {
+        let body = json!({"model": "kvmesh-sim", "max_tokens": 3, "stream": stream,
+                          "messages": [{"role": "user", "content": "secret prompt text"}]});
+        let r = http
+            .post(format!("{url}/v1/chat/completions"))
+            .header("x-request-id", format!("access-{i}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.text().await.unwrap();
+    }
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let _ = child.wait();
+    let lines = logged.join().unwrap();
+    for i in 0..2 {
+        let id = format!("access-{i}");
+        let line = lines
+            .iter()
+            .find(|l| l.contains("request served") && l.contains(&id))
+            .unwrap_or_else(|| panic!("no access log line for {id} in {lines:#?}"));
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["fields"]["status"], 200, "{v}");
+        assert!(v["fields"]["ttft_ms"].is_number(), "{v}");
+        assert!(line.contains("kvmesh-sim") && line.contains("/v1/chat/completions"), "{line}");
+    }
+    assert!(!lines.iter().any(|l| l.contains("secret prompt text")), "no prompt text in the log");
+}

@@ -46,6 +46,11 @@ pub struct RequestHead {
     /// `node::router::stored`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// The W3C trace context to continue (`traceparent`, `tracestate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 /// What a peer asks of this node, decoded from a [`RequestHead`]'s fields (the wire format

@@ -53,6 +53,7 @@ async fn serve(p: Arc<Pipeline>, endpoint: Endpoint, req: Request) -> Response {
 async fn serve_with(p: Arc<Pipeline>, endpoint: Endpoint, response_id: Option<String>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let mut ctx = RequestCtx::client(&p.router.node_name, endpoint, &parts.headers);
+    ctx.continue_trace(&parts.headers);
     if response_id.is_some() {
         ctx.set_query(parts.uri.query());
     }

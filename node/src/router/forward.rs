@@ -77,6 +77,9 @@ impl Router {
             false => self.client.post(url).header(header::CONTENT_TYPE, ctx.body_type()).body(body),
         };
         let mut rb = rb.header("x-request-id", &ctx.id);
+        for (k, v) in ctx.trace_headers() {
+            rb = rb.header(k, v);
+        }
         if let Some(k) = &engine.api_key {
             rb = rb.bearer_auth(k);
         }

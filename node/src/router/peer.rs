@@ -65,6 +65,14 @@ impl Router {
         let endpoint = parsed.map(|(e, _)| e);
         let mut ctx = RequestCtx::peer(&req.head.request_id, &req.head.origin, endpoint.unwrap_or(Endpoint::Chat));
         ctx.content_type = req.head.content_type.clone().filter(|ct| crate::request::form::forwardable(ct));
+        // The origin's trace goes on here.
+        let mut trace = HeaderMap::new();
+        for (k, v) in [("traceparent", &req.head.traceparent), ("tracestate", &req.head.tracestate)] {
+            if let Some(v) = v.as_deref().and_then(|v| axum::http::HeaderValue::from_str(v).ok()) {
+                trace.insert(k, v);
+            }
+        }
+        ctx.continue_trace(&trace);
         // The tenant the origin admitted it for: it owns the responses this request makes.
         if let Some(t) = req.head.tenant.as_deref().filter(|t| crate::ctx::valid_request_id(t)) {
             ctx.tenant = t.to_owned();

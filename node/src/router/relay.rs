@@ -89,7 +89,20 @@ impl Router {
             self.metrics.recent_ttft.record(ttft);
             let upstream = futures::stream::iter([Ok(first)]).chain(upstream).boxed();
             let checked = a.expect.map(|e| (self.clone(), e));
-            let relay = relay(self.metrics.clone(), upstream, in_flight, ctx.started, ep, self.s.idle_timeout, checked);
+            let relay = relay(RelayState {
+                metrics: self.metrics.clone(),
+                checked,
+                upstream,
+                _in_flight: in_flight,
+                started: ctx.started,
+                endpoint: ep,
+                idle: self.s.idle_timeout,
+                finished: false,
+                clean: true,
+                last_chunk: None,
+                span: ctx.span.clone(),
+                ttft,
+            });
             return Ok(builder
                 .header(header::CACHE_CONTROL, "no-cache")
                 .body(Body::from_stream(relay))
@@ -115,6 +128,7 @@ impl Router {
         self.metrics.ttfb.with_label_values(&[ep, label]).observe(took);
         self.metrics.duration.with_label_values(&[ep, label]).observe(took);
         self.metrics.recent_e2e.record(took);
+        access_log(&ctx.span, a.status.as_u16(), false, took, took);
         Ok(builder
             .body(Body::from(body))
             .unwrap_or_else(|_| error_response(&ApiError::internal("failed to build response"))))
@@ -173,31 +187,14 @@ struct RelayState {
     clean: bool,
     /// When the previous chunk went out: the gap to the next one is an inter-token latency.
     last_chunk: Option<Instant>,
+    /// The request's span, for the access log line at the end.
+    span: tracing::Span,
+    ttft: f64,
 }
 
 /// Relays an SSE stream chunk by chunk. Dropping it (client gone) drops the upstream, which
 /// makes the engine (or the peer, then its engine) abort the request.
-fn relay(
-    metrics: Arc<NodeMetrics>,
-    upstream: ByteStream,
-    in_flight: InFlight,
-    started: Instant,
-    endpoint: &'static str,
-    idle: Duration,
-    checked: Option<(Arc<Router>, Expected)>,
-) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
-    let state = RelayState {
-        metrics,
-        checked,
-        upstream,
-        _in_flight: in_flight,
-        started,
-        endpoint,
-        idle,
-        finished: false,
-        clean: true,
-        last_chunk: None,
-    };
+fn relay(state: RelayState) -> impl Stream<Item = Result<Bytes, Infallible>> + Send {
     futures::stream::unfold(state, |mut s| async move {
         if s.finished {
             return None;
@@ -225,6 +222,7 @@ fn relay(
                 let e2e = s.started.elapsed().as_secs_f64();
                 s.metrics.duration.with_label_values(&[s.endpoint, "true"]).observe(e2e);
                 s.metrics.recent_e2e.record(e2e);
+                access_log(&s.span, 200, true, s.ttft, e2e);
                 return None;
             }
             Ok(Some(Err(e))) => {
@@ -242,6 +240,13 @@ fn relay(
         s.clean = item.ends_with(b"\n\n");
         Some((Ok(item), s))
     })
+}
+
+/// The access log line of an answered request: in its span (so with its id, origin, endpoint,
+/// model, route and reason), its status, whether streamed, time to first byte and in all. No
+/// prompt or answer text. (Tokens and the tenant are in the audit record.)
+fn access_log(span: &tracing::Span, status: u16, stream: bool, ttft_s: f64, e2e_s: f64) {
+    tracing::info!(parent: span, status, stream, ttft_ms = (ttft_s * 1000.0).round(), e2e_ms = (e2e_s * 1000.0).round(), "request served");
 }
 
 /// The end of a stream that failed after it started: an error event, then `[DONE]`.
