@@ -445,6 +445,16 @@ impl NodeMetrics {
         ] {
             m.registry.register(c)?;
         }
+        // Which build is running, as Prometheus exporters conventionally say it.
+        let build = prometheus::IntGaugeVec::new(
+            Opts::new("kvmesh_build_info", "The running build: always 1, labelled with its version."),
+            &["version"],
+        )?;
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m.registry.register(Box::new(build))?;
+        // The process's CPU, memory and file descriptors (`process_*`, Linux only).
+        #[cfg(target_os = "linux")]
+        m.registry.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(m)
     }
 

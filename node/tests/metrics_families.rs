@@ -84,6 +84,9 @@ const PRESENT: &[&str] = &[
     "kvmesh_gossip_max_heartbeat_age_seconds",
     "kvmesh_mesh_refused_connections_total",
     "kvmesh_tokenize_queue",
+    "kvmesh_build_info",
+    "process_resident_memory_bytes",
+    "process_open_fds",
 ];
 
 #[tokio::test]
