@@ -70,6 +70,23 @@ enum Cmd {
     /// Make API keys and the hashes that config stores.
     #[command(subcommand)]
     Keys(KeysCmd),
+    /// Check a configuration without starting a node.
+    #[command(subcommand)]
+    Config(ConfigCmd),
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Read FILE as `serve --config FILE` would (with the `KVMESH_*` variables set here), check
+    /// it, and say what it configures; exits 1 with what to fix when it is not valid.
+    Check { file: PathBuf },
+}
+
+/// `serve`'s arguments as a command line of their own, for `config check`.
+#[derive(Parser)]
+struct ServeLine {
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 /// Which node an operator command talks to, and with what key.
@@ -454,6 +471,31 @@ async fn main() -> anyhow::Result<()> {
             init_tracing_filter("warn");
             cancel_on_signal(cancel.clone());
             cli::demo::run(args, cancel).await?;
+        }
+        Cmd::Config(ConfigCmd::Check { file }) => {
+            let line =
+                ServeLine::try_parse_from([std::ffi::OsString::from("kvmesh"), "--config".into(), file.clone().into()])
+                    .context("reading the variables")?;
+            match Config::load(&line.serve) {
+                Ok(cfg) => {
+                    let mesh = if cfg.tls_dir.is_some() || cfg.cert.is_some() { "on" } else { "off" };
+                    println!(
+                        "{}: valid. Node `{}`, HTTP {}, {} engine(s){}, mesh {mesh}, {} API key(s), {} guardrail(s), audit {}.",
+                        file.display(),
+                        cfg.node_name,
+                        cfg.http_addr,
+                        cfg.engines.len(),
+                        if cfg.engines.is_empty() && cfg.role == kvmesh_node::config::NodeRole::Worker { " (the embedded simulator)" } else { "" },
+                        cfg.auth.keys.len(),
+                        cfg.guardrails.len(),
+                        if cfg.audit.path.is_some() { "on" } else { "off" },
+                    );
+                }
+                Err(e) => {
+                    eprintln!("{}: not valid: {e}", file.display());
+                    std::process::exit(1);
+                }
+            }
         }
         Cmd::Audit(AuditCmd::Verify { files }) => {
             if !audit_verify(files)? {

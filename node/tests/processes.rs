@@ -276,3 +276,24 @@ async fn each_answered_request_leaves_an_access_log_line() {
     }
     assert!(!lines.iter().any(|l| l.contains("secret prompt text")), "no prompt text in the log");
 }
+
+/// `kvmesh config check FILE` says what a valid config sets up, and what to fix in a bad one
+/// (exit 1), without starting anything.
+#[test]
+fn config_check_validates_without_starting() {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
+    let ok = Command::new(env!("CARGO_BIN_EXE_kvmesh"))
+        .args(["config", "check", &format!("{examples}/guard.toml")])
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let said = String::from_utf8_lossy(&ok.stdout);
+    assert!(said.contains("valid") && said.contains("guardrail"), "{said}");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "http_addr = \"nope\"\n").unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_kvmesh")).args(["config", "check", bad.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("http_addr"), "{}", String::from_utf8_lossy(&out.stderr));
+}
