@@ -71,8 +71,8 @@ pub struct NodeMetrics {
     engine_running: GaugeVec,
     engine_waiting: GaugeVec,
     engine_kv_usage: GaugeVec,
-    kv_batches: IntGaugeVec,
-    kv_gaps: IntGaugeVec,
+    kv_batches: IntCounterVec,
+    kv_gaps: IntCounterVec,
     kv_resync: IntCounterVec,
     kv_cached_blocks: IntGaugeVec,
     route_history_keys: IntGaugeVec,
@@ -186,7 +186,8 @@ impl NodeMetrics {
     }
 
     pub fn new(node: &str) -> Result<Self, NodeError> {
-        let registry = Registry::new_custom(None, Some([("node".to_owned(), node.to_owned())].into_iter().collect()))?;
+        let registry =
+            Registry::new_custom(None, Some([("kvmesh_node".to_owned(), node.to_owned())].into_iter().collect()))?;
         let engine = &["engine"];
         let m = Self {
             http_connections_refused: IntCounter::new(
@@ -195,7 +196,7 @@ impl NodeMetrics {
             )?,
             requests: IntCounterVec::new(
                 Opts::new("kvmesh_requests_total", "Requests answered, by endpoint, model and HTTP status."),
-                &["endpoint", "model", "status"],
+                &["endpoint", "model_name", "status"],
             )?,
             ttfb: HistogramVec::new(
                 HistogramOpts::new("kvmesh_time_to_first_byte_seconds", "Request arrival to first response byte.")
@@ -291,16 +292,16 @@ impl NodeMetrics {
             )?,
             tokenize_requests: IntCounterVec::new(
                 Opts::new("kvmesh_tokenize_requests_total", "Prompts through the tokenizer service, by outcome."),
-                &["model", "outcome"],
+                &["model_name", "outcome"],
             )?,
             tokenize_tokens: IntCounterVec::new(
                 Opts::new("kvmesh_tokenize_tokens_total", "Prompt tokens by source of their ids (encoded, cache)."),
-                &["model", "source"],
+                &["model_name", "source"],
             )?,
             tokenize_seconds: HistogramVec::new(
                 HistogramOpts::new("kvmesh_tokenize_seconds", "Time to tokenize a prompt on a tokenizer thread.")
                     .buckets(vec![0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1]),
-                &["model"],
+                &["model_name"],
             )?,
             tokenize_queue: prometheus::IntGauge::new(
                 "kvmesh_tokenize_queue",
@@ -308,7 +309,7 @@ impl NodeMetrics {
             )?,
             tokenizer_memory: IntGaugeVec::new(
                 Opts::new("kvmesh_tokenizer_memory_bytes", "Tokenizer memory per model (loaded, segment_cache)."),
-                &["model", "part"],
+                &["model_name", "part"],
             )?,
             engine_up: IntGaugeVec::new(Opts::new("kvmesh_engine_up", "1 if the engine is healthy."), engine)?,
             engine_in_flight: IntGaugeVec::new(
@@ -327,10 +328,13 @@ impl NodeMetrics {
                 Opts::new("kvmesh_engine_kv_usage", "Engine's KV-cache usage 0..1 (scraped)."),
                 engine,
             )?,
-            kv_batches: IntGaugeVec::new(Opts::new("kvmesh_kv_event_batches", "KV-event batches received."), engine)?,
-            kv_gaps: IntGaugeVec::new(
+            kv_batches: IntCounterVec::new(
+                Opts::new("kvmesh_kv_event_batches_total", "KV-event batches received."),
+                engine,
+            )?,
+            kv_gaps: IntCounterVec::new(
                 Opts::new(
-                    "kvmesh_kv_event_gaps",
+                    "kvmesh_kv_event_gaps_total",
                     "Sequence gaps or restarts seen in KV events (replayed, or view dropped).",
                 ),
                 engine,
@@ -469,8 +473,11 @@ impl NodeMetrics {
             self.engine_running.with_label_values(&l).set(v.load.running);
             self.engine_waiting.with_label_values(&l).set(v.load.waiting);
             self.engine_kv_usage.with_label_values(&l).set(v.load.kv_usage);
-            self.kv_batches.with_label_values(&l).set(e.kv.batches.load(Ordering::Relaxed) as i64);
-            self.kv_gaps.with_label_values(&l).set(e.kv.gaps.load(Ordering::Relaxed) as i64);
+            // The engine's own counts only rise: each counter catches up with its count.
+            for (counter, count) in [(&self.kv_batches, &e.kv.batches), (&self.kv_gaps, &e.kv.gaps)] {
+                let c = counter.with_label_values(&l);
+                c.inc_by(count.load(Ordering::Relaxed).saturating_sub(c.get()));
+            }
             // The subscriber counts in atomics; the counter catches up at scrape time.
             for (outcome, n) in [("replayed", &e.kv.resync_replayed), ("dropped", &e.kv.resync_dropped)] {
                 let c = self.kv_resync.with_label_values(&[e.name.as_str(), outcome]);

@@ -278,7 +278,7 @@ async fn prompt_rules_deny_redact_and_check_models() {
     let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
     assert!(
         text.contains(
-            r#"kvmesh_guardrail_verdicts_total{hook="pii",stage="prompt",verdict="rewrite",node="test-node"} 1"#
+            r#"kvmesh_guardrail_verdicts_total{hook="pii",stage="prompt",verdict="rewrite",kvmesh_node="test-node"} 1"#
         ),
         "{text}"
     );
@@ -332,7 +332,7 @@ async fn streamed_pii_split_across_chunks_is_redacted_and_a_denied_word_stops_th
     assert!(!text.contains("classified") && !body.contains("Go on"), "{body}");
     assert!(body.ends_with("data: [DONE]\n\n"));
     let m = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
-    assert!(m.contains(r#"hook="words",stage="response",verdict="deny",node="test-node"} 1"#), "{m}");
+    assert!(m.contains(r#"hook="words",stage="response",verdict="deny",kvmesh_node="test-node"} 1"#), "{m}");
     stop.cancel();
     n.shutdown().await;
 }

@@ -129,7 +129,7 @@ async fn lost_batches_are_replayed_and_the_index_stays_exact() {
     .await;
     assert_eq!(resync_metric(&n, "replayed").await, 1.0);
     assert_eq!(resync_metric(&n, "dropped").await, 0.0);
-    assert_eq!(scrape(&n.url(), "kvmesh_kv_event_gaps").await, 1.0);
+    assert_eq!(scrape(&n.url(), "kvmesh_kv_event_gaps_total").await, 1.0);
     n.shutdown().await;
     e.shutdown().await;
 }

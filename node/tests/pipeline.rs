@@ -190,7 +190,7 @@ async fn node_follows_engine_load_and_kv_events() {
         n.engines.engines[0].kv.index.read().unwrap().matched_blocks(&keys) == keys.len()
     })
     .await;
-    let gaps = scrape(&n.url(), "kvmesh_kv_event_gaps").await;
+    let gaps = scrape(&n.url(), "kvmesh_kv_event_gaps_total").await;
     assert_eq!(gaps, 0.0);
     assert_eq!(scrape(&n.url(), "kvmesh_engine_up").await, 1.0);
     // Clearing the engine's cache empties the node's view of it.

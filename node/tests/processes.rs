@@ -123,7 +123,7 @@ async fn engine_sim_and_node_as_separate_processes() {
         let m = reqwest::get(format!("{}/metrics", node.url)).await.unwrap().text().await.unwrap();
         let batches: f64 = m
             .lines()
-            .filter(|l| l.starts_with("kvmesh_kv_event_batches{"))
+            .filter(|l| l.starts_with("kvmesh_kv_event_batches_total{"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum();
         if batches > 0.0 {
