@@ -455,6 +455,7 @@ pub struct ServeArgs {
     /// Never start the embedded engine simulator.
     #[arg(long, env = "KVMESH_NO_EMBEDDED_ENGINE")]
     pub no_embedded_engine: bool,
+    /// Log lines as text (default) or JSON objects (one per line, with the request's fields).
     #[arg(long, env = "KVMESH_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
     /// `worker` (runs engines) or `edge` (routes only).
@@ -475,10 +476,13 @@ pub struct ServeArgs {
     /// Directory with ca.crt, NODE.crt, NODE.key (from `kvmesh cert`). Turns the mesh on.
     #[arg(long, env = "KVMESH_TLS_DIR")]
     pub tls_dir: Option<PathBuf>,
+    /// The cluster CA's certificate (PEM), when not `TLS_DIR/ca.crt`.
     #[arg(long, env = "KVMESH_CA")]
     pub ca: Option<PathBuf>,
+    /// This node's certificate (PEM), when not `TLS_DIR/NODE.crt`; it must name the node.
     #[arg(long, env = "KVMESH_CERT")]
     pub cert: Option<PathBuf>,
+    /// This node's private key (PEM), when not `TLS_DIR/NODE.key`. A path, never the key.
     #[arg(long, env = "KVMESH_KEY")]
     pub key: Option<PathBuf>,
     /// Routing policy: kvmesh (default), least-load or round-robin (baselines).

@@ -297,3 +297,22 @@ fn config_check_validates_without_starting() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("http_addr"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Every flag of `kvmesh serve --help` says what it does (not only its variable).
+#[test]
+fn every_serve_flag_is_explained() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kvmesh")).args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = help.lines().collect();
+    let mut flags = 0;
+    for (i, l) in lines.iter().enumerate() {
+        let t = l.trim_start();
+        if !t.starts_with("--") || t.starts_with("--help") {
+            continue;
+        }
+        flags += 1;
+        let next = lines.get(i + 1).map(|n| n.trim()).unwrap_or_default();
+        assert!(!next.is_empty() && !next.starts_with('[') && !next.starts_with("--"), "`{t}` has no explanation");
+    }
+    assert!(flags > 15, "{help}");
+}
