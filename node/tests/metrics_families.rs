@@ -142,6 +142,13 @@ async fn every_family_is_present_and_moves_under_load() {
     let during = during.unwrap();
     // Gossip keeps flowing on its own clock; give the counters one more round to show it.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    // A few whole answers too: their usage is checked against the router's prediction.
+    for i in 0..3 {
+        let body = json!({"model": "kvmesh-sim", "max_tokens": 2,
+                          "messages": [{"role": "system", "content": system}, {"role": "user", "content": format!("whole {i}")}]});
+        let (s, _, v) = post(&url, &body).await;
+        assert_eq!(s, 200, "{v}");
+    }
     let after = metrics(&url).await;
 
     for family in MOVING.iter().chain(PRESENT) {
@@ -175,8 +182,13 @@ async fn every_family_is_present_and_moves_under_load() {
     assert!(undocumented.is_empty(), "served but not in docs/operations.md's metrics table: {undocumented:?}");
     // Labelled families show up with their first event (a retry, a 429, a failed stream),
     // which this load has none of; `kvmesh_node` is the label every series carries.
-    const ON_EVENT: &[&str] =
-        &["kvmesh_engine_retries_total", "kvmesh_rate_limited_total", "kvmesh_stream_errors_total", "kvmesh_node"];
+    const ON_EVENT: &[&str] = &[
+        "kvmesh_engine_retries_total",
+        "kvmesh_rate_limited_total",
+        "kvmesh_stream_errors_total",
+        "kvmesh_prompt_length_mismatches_total",
+        "kvmesh_node",
+    ];
     let unserved: Vec<_> = documented.difference(&served).filter(|n| !ON_EVENT.contains(&n.as_str())).collect();
     assert!(unserved.is_empty(), "documented but not served: {unserved:?}");
     // Each direction of gossip, not just their sum.
