@@ -190,6 +190,25 @@ async fn every_family_is_present_and_moves_under_load() {
         "kvmesh_node",
     ];
     let unserved: Vec<_> = documented.difference(&served).filter(|n| !ON_EVENT.contains(&n.as_str())).collect();
+    // The Grafana dashboard and the alert rules query only metrics a node serves.
+    for file in ["deploy/grafana/kvmesh-dashboard.json", "deploy/prometheus/kvmesh-alerts.yml"] {
+        let text = std::fs::read_to_string(format!("{}/../{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let mut queried = std::collections::BTreeSet::new();
+        for (i, _) in text.match_indices("kvmesh_") {
+            let name: String =
+                text[i..].chars().take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit()).collect();
+            // Labels (`kvmesh_node`) and histogram series name their family.
+            if name == "kvmesh_node" || text[..i].ends_with(|c: char| c.is_ascii_alphanumeric()) {
+                continue;
+            }
+            let family = ["_bucket", "_sum", "_count"].iter().find_map(|x| name.strip_suffix(x)).unwrap_or(&name);
+            queried.insert(family.to_owned());
+        }
+        assert!(queried.len() >= 5, "{file}: {queried:?}");
+        for q in &queried {
+            assert!(served.contains(q) || ON_EVENT.contains(&q.as_str()), "{file} queries {q}, which no node serves");
+        }
+    }
     assert!(unserved.is_empty(), "documented but not served: {unserved:?}");
     // Each direction of gossip, not just their sum.
     for dir in ["sent", "received"] {
