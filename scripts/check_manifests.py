@@ -22,7 +22,38 @@ import kubernetes_validate
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEPLOY = os.path.join(ROOT, "deploy")
+DEPLOY = os.path.join(ROOT, "deploy", "kubernetes")
+ALERTS = os.path.join(ROOT, "deploy", "prometheus", "kvmesh-alerts.yml")
+DASHBOARD = os.path.join(ROOT, "deploy", "grafana", "kvmesh-dashboard.json")
+
+
+def check_monitoring():
+    """The alert rules are Prometheus rule groups and the dashboard is Grafana JSON, each with
+    what Prometheus and Grafana require (their metric names are checked against a live node by
+    node/tests/metrics_families.rs)."""
+    import json
+
+    with open(ALERTS) as f:
+        rules = yaml.safe_load(f)
+    for g in rules.get("groups", []):
+        if not g.get("name") or not g.get("rules"):
+            fail(f"{ALERTS}: a group needs a name and rules")
+        for r in g["rules"]:
+            if not r.get("alert") or not r.get("expr") or not isinstance(r.get("expr"), str):
+                fail(f"{ALERTS}: rule {r!r} needs `alert` and `expr`")
+            if r.get("expr", "").count("(") != r.get("expr", "").count(")"):
+                fail(f"{ALERTS}: unbalanced parentheses in {r.get('alert')}")
+    if not rules.get("groups"):
+        fail(f"{ALERTS}: no rule groups")
+    with open(DASHBOARD) as f:
+        dash = json.load(f)
+    for p in dash.get("panels", []):
+        if not p.get("title") or not p.get("targets") or not p.get("gridPos"):
+            fail(f"{DASHBOARD}: panel {p.get('id')} needs a title, targets and gridPos")
+        for t in p.get("targets", []):
+            if t.get("expr", "").count("(") != t.get("expr", "").count(")"):
+                fail(f"{DASHBOARD}: unbalanced parentheses in panel {p.get('title')}")
+    print(f"monitoring: {sum(len(g['rules']) for g in rules['groups'])} alert rules, {len(dash['panels'])} dashboard panels: ok")
 K8S_VERSION = os.environ.get("KVMESH_K8S_VERSION", "1.30.0")
 # Secrets the operator creates (deploy/kubernetes/README.md); `optional` ones may be missing.
 OPERATOR_SECRETS = {"kvmesh-certs", "hf-token"}
@@ -177,6 +208,7 @@ def compare_with_kubectl(kdir, objs, where):
 
 
 def main():
+    check_monitoring()
     kdirs, files = [], []
     for d, _, names in os.walk(DEPLOY):
         for n in sorted(names):
