@@ -174,6 +174,7 @@ impl Node {
         check_engines_against_config(&cfg, &engines);
         let tasks = TaskTracker::new();
         engines.spawn_watchers(&tasks, &cancel);
+        engines.wait_for_subscriptions(Duration::from_secs(2)).await;
         let metrics = Arc::new(NodeMetrics::new(&cfg.node_name)?);
         let tokenizers = crate::tokens::Tokenizers::load(&cfg, metrics.clone(), engines.clone()).await?;
         let guard = Guard::new(&cfg, metrics.clone())?;

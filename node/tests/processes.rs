@@ -129,7 +129,7 @@ async fn engine_sim_and_node_as_separate_processes() {
         if batches > 0.0 {
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(5), "no KV events reached the node");
+        assert!(t.elapsed() < Duration::from_secs(5), "no KV events reached the node:\n{m}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

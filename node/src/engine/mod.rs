@@ -53,6 +53,9 @@ pub struct KvEventStats {
     /// Set while missed batches are being fetched: the index lacks them, so routing must not
     /// count on it until the resync ends (at most `kv_events_replay_timeout_ms`).
     pub resyncing: AtomicBool,
+    /// Whether the subscriber holds a live subscription (ZeroMQ drops what a publisher sends
+    /// before a subscription arrives, so a node waits a moment for it at start).
+    pub subscribed: AtomicBool,
     /// Test hook (feature `testsuite`): the subscriber discards this many incoming batches, as
     /// if ZeroMQ had lost them in transit, so tests can make real gaps.
     #[cfg(feature = "testsuite")]
@@ -74,6 +77,7 @@ impl KvEventStats {
             resync_replayed: AtomicU64::new(0),
             resync_dropped: AtomicU64::new(0),
             resyncing: AtomicBool::new(false),
+            subscribed: AtomicBool::new(false),
             #[cfg(feature = "testsuite")]
             drop_incoming: AtomicU64::new(0),
             // Seeded for real once the engine's model is known (subscriber).
@@ -155,6 +159,23 @@ pub struct EngineSet {
 const DOWN_AFTER_FAILURES: u32 = 2;
 
 impl EngineSet {
+    /// Waits, at most `limit`, until every healthy engine with KV events has a live
+    /// subscription: events the engine publishes before it would be lost to the index.
+    pub async fn wait_for_subscriptions(&self, limit: Duration) {
+        let pending = || {
+            self.engines.iter().any(|e| {
+                e.kv_events.is_some() && e.is_healthy() && !e.kv.subscribed.load(std::sync::atomic::Ordering::Relaxed)
+            })
+        };
+        let started = tokio::time::Instant::now();
+        while pending() && started.elapsed() < limit {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if pending() {
+            tracing::warn!("KV-event subscriptions not up within {} ms; serving anyway", limit.as_millis());
+        }
+    }
+
     /// Milliseconds since the node started, the clock of route histories.
     /// The start of this node's millisecond clock, shared with the peer table so that every
     /// route history reads one clock.

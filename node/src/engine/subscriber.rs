@@ -111,6 +111,9 @@ pub async fn run(engine: Arc<Engine>, endpoint: String, replay: Option<ReplaySou
             continue;
         }
         tracing::info!(engine = %engine.name, %endpoint, replay = ?replay.as_ref().map(|r| &r.endpoint), "kv events: subscribed");
+        // The subscription travels to the publisher behind the handshake: a moment's grace.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        engine.kv.subscribed.store(true, Ordering::Relaxed);
         backoff = Duration::from_millis(100);
         loop {
             let msg = tokio::select! {
@@ -133,6 +136,7 @@ pub async fn run(engine: Arc<Engine>, endpoint: String, replay: Option<ReplaySou
                     }
                 }
                 Err(e) => {
+                    engine.kv.subscribed.store(false, Ordering::Relaxed);
                     tracing::warn!(engine = %engine.name, error = %e, "kv events: receive failed; reconnecting");
                     reset(&engine);
                     break;
