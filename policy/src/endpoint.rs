@@ -156,6 +156,12 @@ impl Endpoint {
         matches!(self, Endpoint::Chat | Endpoint::Completions)
     }
 
+    /// A request may leave `model` out (vLLM serves its one model then); chat, completions and
+    /// Messages must name it.
+    pub fn may_omit_model(self) -> bool {
+        !matches!(self, Endpoint::Chat | Endpoint::Completions | Endpoint::Messages)
+    }
+
     /// The body is a multipart form rather than JSON.
     pub fn is_multipart(self) -> bool {
         matches!(self, Endpoint::Transcriptions | Endpoint::Translations)

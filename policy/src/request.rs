@@ -196,8 +196,7 @@ pub fn parse_client(
     let mut obj = object(body)?;
     let removed: Vec<&'static str> = ENGINE_OWNED_FIELDS.iter().copied().filter(|k| obj.remove(*k).is_some()).collect();
     let mut changed = !removed.is_empty();
-    let may_omit_model = !matches!(endpoint, Endpoint::Chat | Endpoint::Completions | Endpoint::Messages);
-    if let (true, Some(m), None | Some(Value::Null)) = (may_omit_model, default_model, obj.get("model")) {
+    if let (true, Some(m), None | Some(Value::Null)) = (endpoint.may_omit_model(), default_model, obj.get("model")) {
         obj.insert("model".into(), Value::String(m.to_owned()));
         changed = true;
     }

@@ -67,8 +67,11 @@ async fn serve_with(p: Arc<Pipeline>, endpoint: Endpoint, response_id: Option<St
             .filter(|ct| crate::request::form::forwardable(ct))
             .map(str::to_owned);
     }
-    if let [only] = mesh_models(&p, true).as_slice() {
-        ctx.default_model = Some(only.clone());
+    // Only for endpoints that may name no model: chat and completions skip the scan.
+    if endpoint.may_omit_model() {
+        if let [only] = mesh_models(&p, true).as_slice() {
+            ctx.default_model = Some(only.clone());
+        }
     }
     if let Some(Err(e)) = p.guard.as_ref().map(|g| g.check_client(&parts.headers)) {
         return p.refuse_unread(ctx, e).await;

@@ -64,10 +64,10 @@ impl Guard {
         }
         let mut out = bytes;
         let parsed = serde_json::from_slice::<Value>(&out);
-        let unreadable = match &parsed {
-            Err(_) => true,
-            Ok(v) => answer_strings(req.endpoint, v).iter().any(|(p, _)| p == UNREADABLE),
-        };
+        // Every string the client reads of each choice: the text, the reasoning, and the tool
+        // calls' names and arguments (collected once, for the check and for the rules).
+        let strings = parsed.as_ref().ok().map(|v| answer_strings(req.endpoint, v));
+        let unreadable = strings.as_ref().is_none_or(|s| s.iter().any(|(p, _)| p == UNREADABLE));
         if unreadable && self.rules().read_text(Stage::Response) {
             // Answer rules must read what the client reads: an answer they cannot read (not
             // JSON, or past their bounds) is withheld, not passed unread.
@@ -80,17 +80,14 @@ impl Guard {
             let _recorded = flow.finish().await;
             return error_response(&err);
         }
-        if let Ok(mut v) = parsed {
+        if let (Ok(mut v), Some(strings)) = (parsed, strings) {
             // A stored response's retrieval or cancel generates nothing: its usage was charged
             // when it was made.
             if req.endpoint.work() != kvmesh_policy::endpoint::Work::Stored {
                 flow.rec.completion_tokens =
                     v["usage"]["completion_tokens"].as_u64().or_else(|| v["usage"]["output_tokens"].as_u64());
             }
-            // Every string the client reads of each choice: the text, the reasoning, and the
-            // tool calls' names and arguments.
-            let (pointers, mut texts): (Vec<String>, Vec<String>) =
-                answer_strings(req.endpoint, &v).into_iter().unzip();
+            let (pointers, mut texts): (Vec<String>, Vec<String>) = strings.into_iter().unzip();
             let original = texts.clone();
             let ctx = Context { stage: Stage::Response, model: &req.model, tenant: &flow.tenant, prompt_chars: 0 };
             match self.run_hooks(&ctx, &flow.rec.request_id, &mut texts, &mut flow.rec.guardrails).await {
@@ -213,34 +210,35 @@ fn answer_strings(endpoint: Endpoint, v: &Value) -> Vec<(String, String)> {
 
 /// Every string under `v` (a tool call's input object), with its pointer; bounded as the
 /// prompt's strings are (`policy::request::MAX_PROMPT_STRINGS`, `MAX_POINTER_BYTES`): past
-/// either, a string that cannot be read is pushed as `None`-marked (`UNREADABLE`) so that the
+/// either, the `UNREADABLE` marker is pushed so that the
 /// answer is withheld rather than passed unread.
 fn collect_leaves(v: &Value, path: &str, out: &mut Vec<(String, String)>) {
-    let used: usize = out.iter().map(|(p, _)| p.len()).sum();
-    if out.len() >= request::MAX_PROMPT_STRINGS || used + path.len() > request::MAX_POINTER_BYTES {
+    let mut budget = request::MAX_POINTER_BYTES;
+    if leaves(v, path, out, &mut budget).is_err() {
         out.push((UNREADABLE.to_owned(), String::new()));
-        return;
     }
+}
+
+fn leaves(v: &Value, path: &str, out: &mut Vec<(String, String)>, budget: &mut usize) -> Result<(), ()> {
+    if out.len() >= request::MAX_PROMPT_STRINGS || path.len() > *budget {
+        return Err(());
+    }
+    *budget -= path.len();
     match v {
         Value::String(s) => out.push((path.to_owned(), s.clone())),
         Value::Array(items) => {
             for (i, x) in items.iter().enumerate() {
-                collect_leaves(x, &format!("{path}/{i}"), out);
-                if out.last().is_some_and(|(p, _)| p == UNREADABLE) {
-                    return;
-                }
+                leaves(x, &format!("{path}/{i}"), out, budget)?;
             }
         }
         Value::Object(map) => {
             for (k, x) in map {
-                collect_leaves(x, &format!("{path}/{}", k.replace('~', "~0").replace('/', "~1")), out);
-                if out.last().is_some_and(|(p, _)| p == UNREADABLE) {
-                    return;
-                }
+                leaves(x, &format!("{path}/{}", k.replace('~', "~0").replace('/', "~1")), out, budget)?;
             }
         }
         _ => {}
     }
+    Ok(())
 }
 
 /// The pointer marking an answer with more strings than the guardrails read.

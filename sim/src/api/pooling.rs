@@ -176,20 +176,17 @@ pub(crate) async fn embeddings(
                     _ => return Err(VllmError::bad_request("dimensions must be a positive integer up to 4096.", Some("dimensions"))),
                 },
             };
-            let mut data = Vec::new();
-            let mut total = 0;
-            for (index, input) in inputs(obj.get("input"), "input")?.into_iter().enumerate() {
-                let ids = ids_of(&st, input, "embedding generation").await?;
-                let e = embed(&ids, dim);
-                total += run(&st, &headers, ids, salt(&obj)).await?;
+            let (data, total) = per_input(&st, &headers, &obj, "embedding generation", |index, ids| {
+                let e = embed(ids, dim);
                 let embedding = if format == "base64" {
                     let bytes: Vec<u8> = e.iter().flat_map(|x| x.to_le_bytes()).collect();
                     json!(vllm::base64(&bytes))
                 } else {
                     json!(e)
                 };
-                data.push(json!({"index": index, "object": "embedding", "embedding": embedding}));
-            }
+                json!({"index": index, "object": "embedding", "embedding": embedding})
+            })
+            .await?;
             Ok(json!({
                 "id": format!("embd-{}", vllm::random_uuid()), "object": "list", "created": super::now_secs(),
                 "model": model, "data": data, "usage": usage(total),
@@ -209,14 +206,14 @@ pub(crate) async fn pooling(
         async {
             let obj = vllm::body_object(&st, body)?;
             let model = vllm::check_model(&st, &obj)?;
-            let mut data = Vec::new();
-            let mut total = 0;
-            for (index, input) in inputs(obj.get("input"), "input")?.into_iter().enumerate() {
-                let ids = ids_of(&st, input, "embedding generation").await?;
-                let e = embed(&ids, EMBEDDING_DIM);
-                total += run(&st, &headers, ids, salt(&obj)).await?;
-                data.push(json!({"index": index, "object": "pooling", "data": e}));
-            }
+            let (data, total) = per_input(
+                &st,
+                &headers,
+                &obj,
+                "embedding generation",
+                |index, ids| json!({"index": index, "object": "pooling", "data": embed(ids, EMBEDDING_DIM)}),
+            )
+            .await?;
             Ok(json!({
                 "id": format!("pool-{}", vllm::random_uuid()), "object": "list", "created": super::now_secs(),
                 "model": model, "data": data, "usage": usage(total),
@@ -237,17 +234,14 @@ pub(crate) async fn classify(
         async {
             let obj = vllm::body_object(&st, body)?;
             let model = vllm::check_model(&st, &obj)?;
-            let mut data = Vec::new();
-            let mut total = 0;
-            for (index, input) in inputs(obj.get("input"), "input")?.into_iter().enumerate() {
-                let ids = ids_of(&st, input, "classification").await?;
-                let e = embed(&ids, 2);
-                total += run(&st, &headers, ids, salt(&obj)).await?;
+            let (data, total) = per_input(&st, &headers, &obj, "classification", |index, ids| {
+                let e = embed(ids, 2);
                 let (a, b) = ((e[0] as f64).exp(), (e[1] as f64).exp());
                 let probs = [a / (a + b), b / (a + b)];
                 let label = if probs[1] > probs[0] { "LABEL_1" } else { "LABEL_0" };
-                data.push(json!({"index": index, "label": label, "probs": probs, "num_classes": 2}));
-            }
+                json!({"index": index, "label": label, "probs": probs, "num_classes": 2})
+            })
+            .await?;
             Ok(json!({
                 "id": format!("classify-{}", vllm::random_uuid()), "object": "list", "created": super::now_secs(),
                 "model": model, "data": data, "usage": usage(total),
@@ -255,6 +249,25 @@ pub(crate) async fn classify(
         }
         .await,
     )
+}
+
+/// Each of a request's `input` prompts, tokenized and scheduled as prefill work: the answer's
+/// `data` (one `item(index, ids)` per input) and the prompt tokens in all.
+async fn per_input(
+    st: &Arc<AppState>,
+    headers: &HeaderMap,
+    obj: &serde_json::Map<String, Value>,
+    task: &str,
+    item: impl Fn(usize, &[u32]) -> Value,
+) -> Result<(Vec<Value>, usize), VllmError> {
+    let mut data = Vec::new();
+    let mut total = 0;
+    for (index, input) in inputs(obj.get("input"), "input")?.into_iter().enumerate() {
+        let ids = ids_of(st, input, task).await?;
+        data.push(item(index, &ids));
+        total += run(st, headers, ids, salt(obj)).await?;
+    }
+    Ok((data, total))
 }
 
 /// Token overlap of two prompts: |A ∩ B| / |A ∪ B| over their token-id sets.
