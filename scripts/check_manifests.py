@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "deploy", "kubernetes")
 ALERTS = os.path.join(ROOT, "deploy", "prometheus", "kvmesh-alerts.yml")
 DASHBOARD = os.path.join(ROOT, "deploy", "grafana", "kvmesh-dashboard.json")
+SCALER = os.path.join(ROOT, "deploy", "keda", "kvmesh-scaledobject.yaml")
 
 
 def check_monitoring():
@@ -32,6 +33,18 @@ def check_monitoring():
     what Prometheus and Grafana require (their metric names are checked against a live node by
     node/tests/metrics_families.rs)."""
     import json
+
+    with open(SCALER) as f:
+        so = yaml.safe_load(f)
+    if so.get("apiVersion") != "keda.sh/v1alpha1" or so.get("kind") != "ScaledObject":
+        fail(f"{SCALER}: not a KEDA ScaledObject")
+    target = so["spec"]["scaleTargetRef"]
+    if target.get("kind") != "StatefulSet" or target.get("name") != "kvmesh":
+        fail(f"{SCALER}: must scale the StatefulSet `kvmesh` of deploy/kubernetes/vllm")
+    for t in so["spec"]["triggers"]:
+        if t.get("type") != "prometheus" or not t["metadata"].get("query") or not t["metadata"].get("threshold"):
+            fail(f"{SCALER}: a trigger needs type prometheus, a query and a threshold")
+        float(t["metadata"]["threshold"])
 
     with open(ALERTS) as f:
         rules = yaml.safe_load(f)

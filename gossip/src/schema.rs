@@ -116,6 +116,18 @@ pub struct EngineLoad {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct LoadReport {
     pub engines: Vec<EngineLoad>,
+    /// Client requests the node holds in its flow-control queue: peers count their share of
+    /// free engine places in proportion (`policy::flow::remote_share`). Absent from nodes that
+    /// predate it: they hold none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub held: u32,
+}
+
+/// Held requests a peer may claim (a node holds at most its queue capacity; more is noise).
+pub const MAX_HELD: u32 = 1 << 20;
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Describes the KV-prefix summary a node publishes in the `kv.{0..15}` keys: `format` is
@@ -185,6 +197,7 @@ impl LoadReport {
     pub fn bounded(mut self) -> Self {
         self.engines.retain(|e| short(&e.name));
         self.engines.truncate(MAX_ENGINES_PER_NODE);
+        self.held = self.held.min(MAX_HELD);
         for e in &mut self.engines {
             e.models.retain(|m| short(m));
             e.models.truncate(MAX_MODELS);
@@ -223,7 +236,7 @@ mod bound_tests {
             cards: Vec::new(),
             max_model_len: None,
         };
-        let mut load = LoadReport { engines: (0..1000).map(engine).collect() };
+        let mut load = LoadReport { engines: (0..1000).map(engine).collect(), ..Default::default() };
         load.engines.insert(0, EngineLoad { name: "x".repeat(10_000), ..engine(0) });
         let load = load.bounded();
         assert_eq!(load.engines.len(), MAX_ENGINES_PER_NODE);

@@ -78,6 +78,7 @@ async fn three_nodes_join_share_load_and_drop_the_dead() {
             cards: Vec::new(),
             max_model_len: None,
         }],
+        ..Default::default()
     };
     b.membership.set_load(&load).await.unwrap();
     wait_for("load reaches a and c", Duration::from_secs(3), || {

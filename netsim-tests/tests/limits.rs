@@ -20,6 +20,7 @@ async fn a_tenant_cannot_multiply_its_rate_by_spreading_over_nodes() {
             models: vec![],
             admin: false,
             share_cache: false,
+            ..Default::default()
         }];
         cfg.limits.default = LimitSpec { requests_per_minute: Some(6), ..Default::default() };
         cfg.usage_publish_interval_ms = 50;

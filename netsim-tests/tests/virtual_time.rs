@@ -163,6 +163,7 @@ fn load(running: u32) -> LoadReport {
             cards: Vec::new(),
             max_model_len: None,
         }],
+        ..Default::default()
     }
 }
 

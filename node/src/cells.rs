@@ -163,6 +163,7 @@ mod tests {
                         max_model_len: None,
                     })
                     .collect(),
+                ..Default::default()
             },
             kv: KvSummarySlot::default(),
             kv_shards: vec![],

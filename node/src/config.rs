@@ -132,6 +132,9 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// How often this node gossips its per-tenant usage, so limits hold mesh-wide.
     pub usage_publish_interval_ms: u64,
+    /// Flow control: requests held at this node while engines are saturated, priority bands,
+    /// fair sharing between tenants, deadlines (`policy::flow`, docs/configuration.md).
+    pub flow: kvmesh_policy::flow::FlowSettings,
     /// Guardrail hooks, run in this order on prompts and on answers.
     pub guardrails: Vec<GuardrailConfig>,
     /// More guardrail hooks (`[[guardrails]]` entries), run after the inline ones; re-read when
@@ -414,6 +417,7 @@ impl Default for Config {
             auth: AuthConfig { reload_interval_ms: 2_000, ..AuthConfig::default() },
             limits: LimitsConfig::default(),
             usage_publish_interval_ms: 250,
+            flow: kvmesh_policy::flow::FlowSettings::default(),
             guardrails: Vec::new(),
             guardrails_file: None,
             guardrails_reload_interval_ms: 2_000,
@@ -850,6 +854,7 @@ impl Config {
         if self.usage_publish_interval_ms == 0 {
             return bad("usage_publish_interval_ms must be greater than 0".into());
         }
+        self.flow.check().map_err(|e| NodeError::Config(format!("[flow] {e}")))?;
         let mut names = std::collections::HashSet::new();
         for g in &self.guardrails {
             g.build().map_err(|e| NodeError::Config(e.to_string()))?;

@@ -2,6 +2,10 @@
 //! opened) and passed down every stage: its id, endpoint, start instant, span, and, once known,
 //! model and tenant. Every latency histogram measures from `started`, whatever stages ran.
 
+/// The header a client names its priority band in (`critical`, `standard`, `sheddable`).
+pub const PRIORITY_HEADER: &str = "x-kvmesh-priority";
+
+use kvmesh_policy::flow::Priority;
 use std::time::Instant;
 
 use axum::http::HeaderMap;
@@ -36,6 +40,12 @@ pub struct RequestCtx {
     /// The W3C trace context the request arrived with (`traceparent`, `tracestate`), checked:
     /// the request span's parent, and passed on to engines and peers.
     pub trace: Option<(String, Option<String>)>,
+    /// The band the client asked for (`x-kvmesh-priority`), unbounded.
+    pub asked_priority: Option<Priority>,
+    /// The band it is held in: what it asked for, bounded by its key (`policy::flow`).
+    pub priority: Priority,
+    /// Its tenant's weight in the fair queue.
+    pub weight: u32,
 }
 
 /// A request id that may go into logs and HTTP headers: 1 to `MAX_REQUEST_ID` visible ASCII
@@ -58,7 +68,16 @@ impl RequestCtx {
             .filter(|v| valid_request_id(v))
             .map(str::to_owned)
             .unwrap_or_else(fresh_id);
-        Self::new(id, node, endpoint)
+        let mut ctx = Self::new(id, node, endpoint);
+        ctx.asked_priority = headers.get(PRIORITY_HEADER).and_then(|v| v.to_str().ok()).and_then(Priority::parse);
+        ctx
+    }
+
+    /// Bounds the band asked for by what the caller may have (its key's, or the node's for
+    /// clients without keys), with its default band when it asked for none.
+    pub fn set_priority(&mut self, default: Priority, max: Priority, weight: u32) {
+        self.priority = Priority::bounded(self.asked_priority, default, max);
+        self.weight = weight.max(1);
     }
 
     /// A request a peer forwarded, under the origin's id when it is a usable one (a peer is not
@@ -98,6 +117,9 @@ impl RequestCtx {
             query: None,
             content_type: None,
             session: None,
+            asked_priority: None,
+            priority: Priority::Standard,
+            weight: 1,
             trace: None,
         }
     }

@@ -86,6 +86,18 @@ pub struct NodeMetrics {
     latency_summary: GaugeVec,
     /// 1 while the node refuses new requests (drain or shutdown).
     pub draining: IntGauge,
+    /// Flow control: requests held now, by model and band.
+    pub flow_queued: IntGaugeVec,
+    /// Requests that were held (not sent at once), by band.
+    pub flow_held: IntCounterVec,
+    /// Requests flow control answered without serving, by reason.
+    pub flow_shed: IntCounterVec,
+    /// How long held requests waited, by band.
+    pub flow_wait: HistogramVec,
+    /// Saturation per model (autoscaling signal; above 1 requests are held).
+    pub flow_saturation: GaugeVec,
+    /// Free waiting places per model on engines this node sees.
+    pub flow_free: GaugeVec,
     gossip_peers: IntGauge,
     gossip_bytes: IntCounterVec,
     gossip_dropped: IntCounter,
@@ -373,6 +385,34 @@ impl NodeMetrics {
                 &["measure", "quantile"],
             )?,
             draining: IntGauge::new("kvmesh_draining", "1 while the node refuses new requests (drain or shutdown).")?,
+            flow_queued: IntGaugeVec::new(
+                Opts::new("kvmesh_flow_queued_requests", "Requests held by flow control now, by model and priority band."),
+                &["model_name", "priority"],
+            )?,
+            flow_held: IntCounterVec::new(
+                Opts::new("kvmesh_flow_held_total", "Requests held by flow control (not sent to an engine at once), by band."),
+                &["priority"],
+            )?,
+            flow_shed: IntCounterVec::new(
+                Opts::new("kvmesh_flow_shed_total", "Requests flow control answered 429 or 503 without serving, by reason."),
+                &["reason"],
+            )?,
+            flow_wait: HistogramVec::new(
+                HistogramOpts::new("kvmesh_flow_wait_seconds", "Time requests were held by flow control, by band.")
+                    .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+                &["priority"],
+            )?,
+            flow_saturation: GaugeVec::new(
+                Opts::new(
+                    "kvmesh_flow_saturation",
+                    "Requests waiting at engines and held across the mesh over the waiting places of usable engines, per model (1: saturated; autoscale on it).",
+                ),
+                &["model_name"],
+            )?,
+            flow_free: GaugeVec::new(
+                Opts::new("kvmesh_flow_free_slots", "Waiting places free on the engines that serve a model, as this node sees them."),
+                &["model_name"],
+            )?,
             gossip_peers: IntGauge::new("kvmesh_gossip_peers", "Live peers in this node's view (itself not counted).")?,
             gossip_bytes: IntCounterVec::new(
                 Opts::new("kvmesh_gossip_bytes_total", "Gossip payload bytes on QUIC, by direction (sent, received)."),
@@ -440,6 +480,12 @@ impl NodeMetrics {
             Box::new(m.inter_token.clone()),
             Box::new(m.latency_summary.clone()),
             Box::new(m.draining.clone()),
+            Box::new(m.flow_queued.clone()),
+            Box::new(m.flow_held.clone()),
+            Box::new(m.flow_shed.clone()),
+            Box::new(m.flow_wait.clone()),
+            Box::new(m.flow_saturation.clone()),
+            Box::new(m.flow_free.clone()),
             Box::new(m.gossip_peers.clone()),
             Box::new(m.gossip_bytes.clone()),
             Box::new(m.gossip_dropped.clone()),

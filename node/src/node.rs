@@ -205,6 +205,8 @@ impl Node {
                 })
             }));
         }
+        // Flow control's dispatcher: lets held requests go as engines free up.
+        tasks.spawn(crate::router::flow::run(Arc::downgrade(&router), cancel.clone()));
         if let Some(log) = guard.as_ref().and_then(|g| g.audit_log().cloned()) {
             router.record_peer_requests_in(log);
         }

@@ -197,6 +197,7 @@ async fn tenants_do_not_share_cached_prompts_nor_see_routing_details() {
         models: vec![],
         admin,
         share_cache: false,
+        ..Default::default()
     };
     cfg.auth.keys = vec![key("acme", false), key("globex", false), key("ops", true)];
     let n = node(cfg).await;

@@ -107,6 +107,7 @@ fn key(tenant: &str, secret: &str, models: &[&str], admin: bool) -> KeyEntry {
         models: models.iter().map(|m| m.to_string()).collect(),
         admin,
         share_cache: false,
+        ..Default::default()
     }
 }
 

@@ -40,6 +40,7 @@ async fn start(dir: &Path, reload_interval_ms: u64) -> (RunningNode, kvmesh_sim:
         models: vec![],
         admin: true,
         share_cache: false,
+        ..Default::default()
     }];
     cfg.guardrails_file = Some(dir.join("rules.toml"));
     cfg.guardrails_reload_interval_ms = reload_interval_ms;

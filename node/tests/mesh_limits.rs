@@ -26,6 +26,7 @@ async fn a_burst_over_four_nodes_admits_at_most_the_limit_plus_three() {
             models: vec![],
             admin: false,
             share_cache: false,
+            ..Default::default()
         }];
         cfg.limits.default = LimitSpec { requests_per_minute: Some(60), ..Default::default() };
         nodes.push(node(cfg).await);

@@ -190,8 +190,10 @@ async fn every_family_is_present_and_moves_under_load() {
         "kvmesh_node",
     ];
     let unserved: Vec<_> = documented.difference(&served).filter(|n| !ON_EVENT.contains(&n.as_str())).collect();
-    // The Grafana dashboard and the alert rules query only metrics a node serves.
-    for file in ["deploy/grafana/kvmesh-dashboard.json", "deploy/prometheus/kvmesh-alerts.yml"] {
+    // The Grafana dashboard, the alert rules and the KEDA trigger query only metrics a node serves.
+    for file in
+        ["deploy/grafana/kvmesh-dashboard.json", "deploy/prometheus/kvmesh-alerts.yml", "deploy/keda/kvmesh-scaledobject.yaml"]
+    {
         let text = std::fs::read_to_string(format!("{}/../{file}", env!("CARGO_MANIFEST_DIR"))).unwrap();
         let mut queried = std::collections::BTreeSet::new();
         for (i, _) in text.match_indices("kvmesh_") {

@@ -35,6 +35,34 @@ pub struct KeyEntry {
     /// its cached prompts.
     #[serde(default)]
     pub share_cache: bool,
+    /// The band its requests are in unless they ask (`x-kvmesh-priority`) for another.
+    #[serde(default)]
+    pub priority: crate::flow::Priority,
+    /// The highest band its requests may ask for; its `priority` when left out.
+    #[serde(default)]
+    pub max_priority: Option<crate::flow::Priority>,
+    /// Its weight in the fair queue against other tenants of the same band (at least 1).
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for KeyEntry {
+    fn default() -> Self {
+        Self {
+            tenant: String::new(),
+            key_sha256: String::new(),
+            models: Vec::new(),
+            admin: false,
+            share_cache: false,
+            priority: Default::default(),
+            max_priority: None,
+            weight: one(),
+        }
+    }
 }
 
 /// The tenant a verified key maps to.
@@ -44,6 +72,9 @@ pub struct Tenant {
     pub models: Vec<String>,
     pub admin: bool,
     pub share_cache: bool,
+    pub priority: crate::flow::Priority,
+    pub max_priority: crate::flow::Priority,
+    pub weight: u32,
 }
 
 /// The start of every tenant's own `cache_salt`.
@@ -105,8 +136,16 @@ impl KeyStore {
                     e.tenant
                 )));
             }
-            let tenant =
-                Tenant { name: e.tenant.clone(), models: e.models.clone(), admin: e.admin, share_cache: e.share_cache };
+            let tenant = Tenant {
+                name: e.tenant.clone(),
+                models: e.models.clone(),
+                admin: e.admin,
+                share_cache: e.share_cache,
+                priority: e.priority,
+                // A key may always ask for its own band.
+                max_priority: e.max_priority.unwrap_or(e.priority).max(e.priority),
+                weight: e.weight.max(1),
+            };
             keys.push((digest, Arc::new(tenant)));
         }
         Ok(Self { keys })
@@ -156,7 +195,15 @@ mod tests {
 
     #[test]
     fn tenants_salt_their_cache_apart_unless_they_share() {
-        let t = |name: &str, share| Tenant { name: name.into(), models: vec![], admin: false, share_cache: share };
+        let t = |name: &str, share| Tenant {
+            name: name.into(),
+            models: vec![],
+            admin: false,
+            share_cache: share,
+            priority: Default::default(),
+            max_priority: Default::default(),
+            weight: 1,
+        };
         let a = t("acme", false).cache_salt(None).unwrap();
         assert_ne!(Some(a.clone()), t("other", false).cache_salt(None));
         assert_eq!(Some(a.clone()), t("acme", false).cache_salt(None), "stable for a tenant");
@@ -176,6 +223,7 @@ mod tests {
                 models: vec!["m1".into()],
                 admin: false,
                 share_cache: false,
+                ..Default::default()
             },
             KeyEntry {
                 tenant: "ops".into(),
@@ -183,6 +231,7 @@ mod tests {
                 models: vec![],
                 admin: true,
                 share_cache: false,
+                ..Default::default()
             },
         ])
         .unwrap()
@@ -226,6 +275,7 @@ mod tests {
             models: vec![],
             admin: false,
             share_cache: false,
+            ..Default::default()
         }])
         .unwrap_err()
         .to_string();
@@ -236,6 +286,7 @@ mod tests {
             models: vec![],
             admin: false,
             share_cache: false,
+            ..Default::default()
         };
         assert!(KeyStore::new(&[dup.clone(), dup]).unwrap_err().to_string().contains("twice"));
     }

@@ -18,6 +18,7 @@ pub mod convert;
 pub mod endpoint;
 pub mod error;
 pub mod fast_encode;
+pub mod flow;
 pub mod guardrails;
 pub mod limits;
 pub mod models;

@@ -4,6 +4,7 @@
 
 mod admin;
 
+use kvmesh_policy::flow::Priority;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -54,6 +55,8 @@ async fn serve_with(p: Arc<Pipeline>, endpoint: Endpoint, response_id: Option<St
     let (parts, body) = req.into_parts();
     let mut ctx = RequestCtx::client(&p.router.node_name, endpoint, &parts.headers);
     ctx.continue_trace(&parts.headers);
+    // Bounded again by the client's key, once it is checked.
+    ctx.set_priority(Priority::Standard, p.router.flow_settings().unkeyed_max_priority, 1);
     if response_id.is_some() {
         ctx.set_query(parts.uri.query());
     }

@@ -72,6 +72,7 @@ fn load(tag: u32) -> LoadReport {
             cards: Vec::new(),
             max_model_len: None,
         }],
+        held: 0,
     }
 }
 

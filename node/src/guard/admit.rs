@@ -54,6 +54,7 @@ impl Guard {
         let tenant = self.check_client(headers)?;
         if let Some(t) = &tenant {
             ctx.tenant = t.name.clone();
+            ctx.set_priority(t.priority, t.max_priority, t.weight);
             flow.tenant = t.name.clone();
             flow.hide_route = !t.admin;
             flow.rec.tenant = Some(t.name.clone());

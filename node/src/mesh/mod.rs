@@ -33,6 +33,8 @@ pub struct Mesh {
     pub advertise: SocketAddr,
     /// The peers' engines as the request path sees them, rebuilt on every gossip change.
     pub table: PeerTable,
+    /// Client requests this node holds (flow control), gossiped with its load.
+    pub held: Arc<std::sync::atomic::AtomicU32>,
 }
 
 /// This node's seat on the cells backbone: the membership, and the token that stops it and
@@ -152,6 +154,7 @@ impl Mesh {
                 history_ttl_ms: cfg.route_history_ttl_s * 1000,
                 history_max_keys: cfg.route_history_max_keys,
             }),
+            held: Arc::default(),
         });
         tasks.spawn(rebuild_view(mesh.clone(), cancel.clone()));
         tasks.spawn(publish::publish_load(

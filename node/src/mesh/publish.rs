@@ -46,6 +46,7 @@ pub(super) async fn publish_load(mesh: Arc<Mesh>, engines: Arc<EngineSet>, every
                     }
                 })
                 .collect(),
+            held: mesh.held.load(std::sync::atomic::Ordering::Relaxed),
         };
         if let Err(e) = mesh.membership.set_load(&report).await {
             tracing::warn!(error = %e, "publishing load failed");

@@ -383,6 +383,7 @@ mod tests {
                         max_model_len: None,
                     })
                     .collect(),
+                ..Default::default()
             },
             kv: KvSummarySlot::default(),
             kv_shards: vec![],

@@ -6,14 +6,18 @@
 //! 2. **tokenize** (`tokens`): the prompt's token ids (or approximate keys of its text), once
 //!    per request, here;
 //! 3. **limit** (`guard::limits`): prompt length, token and request rates, mesh-wide;
-//! 4. **place** (`router::cells`): with cells, a prompt homed in another cell goes where its
+//! 4. **hold** (`router::flow`, `policy::flow`): while every engine serving the model is
+//!    saturated, the request waits here, and leaves in priority and fair-share order; one that
+//!    cannot leave before its deadline is answered 503 (429 when its tenant's share of the
+//!    queue is used);
+//! 5. **place** (`router::cells`): with cells, a prompt homed in another cell goes where its
 //!    home node there places it; a request on a stored response (`router::stored`) goes to the
-//!    engine that stored it, and skips 4 and 5;
-//! 5. **pick** (`router::pick`, `policy::candidates`, `policy::route`): the engine predicted to
+//!    engine that stored it, and skips 5 and 6;
+//! 6. **pick** (`router::pick`, `policy::candidates`, `policy::route`): the engine predicted to
 //!    start it soonest, or a prefill/decode split;
-//! 6. **forward** (`router::forward`, `router::split`): the client's bytes to that engine, this
+//! 7. **forward** (`router::forward`, `router::split`): the client's bytes to that engine, this
 //!    node's or a peer's; a failure before the client saw anything goes back to pick;
-//! 7. **relay** (`router::relay`, `guard::answer`, `guard::stream`): the answer streamed back
+//! 8. **relay** (`router::relay`, `guard::answer`, `guard::stream`): the answer streamed back
 //!    through the answer guardrails; the audit record written before it ends.
 //!
 //! Errors become answers in one place (`reply`), in OpenAI's shape. Requests a peer forwards
@@ -33,6 +37,7 @@ use crate::ctx::RequestCtx;
 use crate::guard::{Flow, Guard, Refusal};
 use crate::metrics::NodeMetrics;
 use crate::reply::reply_error;
+use crate::router::flow::Asking;
 use crate::router::{Router, Scope};
 
 /// Who may call the admin and mesh-debug routes.
@@ -132,17 +137,31 @@ impl Pipeline {
                 return self.refuse(&ctx, flow, refusal).await;
             }
         }
+        // 4. hold (work that takes engine time; a stored response's retrieval or cancel does not)
+        if req.uses_kv_cache() {
+            let asking = Asking {
+                model: &req.model,
+                tenant: &ctx.tenant,
+                weight: ctx.weight,
+                priority: ctx.priority,
+                tokens: prompt.tokens,
+                arrived: ctx.started,
+            };
+            if let Err(refusal) = self.router.hold(asking).await {
+                return self.refuse(&ctx, flow, refusal).await;
+            }
+        }
         let answer = match req.pinned_to(ctx.response_id.as_deref()) {
-            // 4-6. a stored response's follow-up, retrieval or cancel: to the engine that stored it
+            // 5-7. a stored response's follow-up, retrieval or cancel: to the engine that stored it
             Some(id) => self.router.serve_stored(&ctx, &req, &body, id, false).await,
             None => match self.router.place_in_home_cell(&ctx, &req, &body, &mut prompt).await {
-                // 4. place
+                // 5. place
                 Some(answer) => answer,
-                // 5. pick → 6. forward (retried while the client has seen nothing)
+                // 6. pick → 7. forward (retried while the client has seen nothing)
                 None => self.router.pick_and_forward(&ctx, &req, &body, &mut prompt, Scope::Mesh).await,
             },
         };
-        // 7. relay
+        // 8. relay
         match (&self.guard, flow) {
             (Some(guard), Some(flow)) => guard.answer(flow, &req, answer).await,
             _ => answer,

@@ -20,6 +20,7 @@
 
 mod cells;
 pub mod check;
+pub(crate) mod flow;
 mod forward;
 mod peer;
 mod pick;
@@ -70,6 +71,8 @@ pub struct RouterSettings {
     /// Headers whose value names a client's session (`x-session-affinity`, and the configured
     /// one).
     pub session_headers: Vec<axum::http::HeaderName>,
+    /// Flow control (the hold stage).
+    pub flow: kvmesh_policy::flow::FlowSettings,
 }
 
 impl RouterSettings {
@@ -88,6 +91,7 @@ impl RouterSettings {
                 .chain(cfg.session_header.as_deref())
                 .filter_map(|h| axum::http::HeaderName::from_bytes(h.as_bytes()).ok())
                 .collect(),
+            flow: cfg.flow.clone(),
         }
     }
 }
@@ -108,6 +112,8 @@ pub struct Router {
     pub agreement: check::KeyAgreement,
     /// The node's audit log, where requests peers forward are recorded too (`peer`).
     audit: std::sync::OnceLock<Arc<crate::audit::AuditLog>>,
+    /// Requests held while engines are saturated (`flow`).
+    pub(crate) flow: flow::FlowControl,
 }
 
 /// Where a request may go.
@@ -183,7 +189,11 @@ impl Router {
         client: reqwest::Client,
         tokenizers: Tokenizers,
     ) -> Self {
+        // Peers read how many requests this node holds from its gossiped load.
+        let held = mesh.as_ref().map(|m| m.held.clone()).unwrap_or_default();
+        let flow = flow::FlowControl::new(s.flow.clone(), held, metrics.clone());
         Self {
+            flow,
             node_name: s.node_name.clone(),
             engines,
             metrics,

@@ -100,6 +100,65 @@ pub(crate) fn peer_facts<'a>(
 }
 
 impl Router {
+    /// Flow control's view of the engines that serve `model`: this node's, and its peers'
+    /// not suspected (`policy::flow::free_slots`).
+    pub(crate) fn flow_loads(&self, model: &str) -> Vec<kvmesh_policy::flow::EngineLoad> {
+        let mut out = Vec::new();
+        for e in self.engines.engines.iter() {
+            let v = e.snapshot();
+            if !v.models.iter().any(|m| m == model) {
+                continue;
+            }
+            out.push(kvmesh_policy::flow::EngineLoad {
+                usable: v.healthy && e.role != kvmesh_policy::pd::Role::Prefill,
+                local: true,
+                running: v.load.running,
+                waiting: v.load.waiting,
+                in_flight: e.in_flight.load(Ordering::Relaxed),
+                kv_usage: v.load.kv_usage,
+            });
+        }
+        if let Some(mesh) = self.mesh() {
+            let view = mesh.view();
+            let now = self.engines.now_ms();
+            let lease = self.s.cells.placement_lease_ms;
+            let mut ledgers = mesh.table.ledgers();
+            for r in view.engines.iter().filter(|r| r.serves(model) && !mesh.table.suspected(r)) {
+                let placed = ledgers.as_mut().and_then(|l| l.get_mut(&r.id)).map_or(0, |l| l.placed.live(now, lease));
+                out.push(kvmesh_policy::flow::EngineLoad {
+                    usable: r.load.healthy && r.load.role != kvmesh_policy::pd::Role::Prefill,
+                    local: false,
+                    running: f64::from(r.load.running),
+                    waiting: f64::from(r.load.waiting),
+                    in_flight: r.in_flight.load(Ordering::Relaxed) + placed,
+                    kv_usage: f64::from(r.load.kv_usage),
+                });
+            }
+        }
+        out
+    }
+
+    /// The models this node's engines and its peers' serve (the saturation gauges' labels).
+    pub(crate) fn models_served(&self) -> Vec<String> {
+        let mut models = self.engines.models();
+        if let Some(mesh) = self.mesh() {
+            for r in mesh.view().engines.iter() {
+                for m in &r.load.models {
+                    if !models.contains(m) {
+                        models.push(m.clone());
+                    }
+                }
+            }
+        }
+        models
+    }
+
+    pub(crate) fn flow_settings(&self) -> &kvmesh_policy::flow::FlowSettings {
+        self.flow.settings()
+    }
+}
+
+impl Router {
     /// The engine with the lowest predicted time to first token for this request, among those
     /// not `tried` yet: cached prefix (exact index for this node's engines), queue, KV pressure
     /// and network distance (`policy::score`).

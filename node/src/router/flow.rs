@@ -1,0 +1,406 @@
+//! The `hold` stage: a client's request waits at this node while every engine that serves its
+//! model is saturated, and leaves in priority and fair-share order as places free up
+//! (`policy::flow`). Engines' queues stay short enough that the order is still this node's to
+//! choose; a request that cannot leave in time is answered 503 with `retry-after` here, never
+//! left to time out inside an engine.
+//!
+//! Capacity is read from what the node already knows: its engines' polled load and in-flight
+//! counts, and its peers' gossiped load, of which it counts the share that matches the requests
+//! it holds against what peers gossip holding (`LoadReport::held`).
+//!
+//! One dispatcher task per node ([`run`]) lets requests go: woken when a request is held, then
+//! every [`TICK`] while any is held (in-flight counts fall as answers end, and gossip updates
+//! arrive, without a signal of their own).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use kvmesh_policy::flow::{self, FairQueue, FlowSettings, Priority, Rejected};
+use kvmesh_policy::openai::ApiError;
+use tokio::sync::{oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+use super::Router;
+use crate::guard::Refusal;
+use crate::metrics::NodeMetrics;
+
+/// How often the dispatcher looks for free places while requests are held.
+const TICK: Duration = Duration::from_millis(5);
+/// How often the saturation gauges are refreshed when nothing is held.
+const GAUGE_EVERY: Duration = Duration::from_secs(1);
+/// Recent dispatches kept per model to estimate the dispatch rate.
+const RATE_WINDOW: usize = 64;
+/// Models with a queue, at most (a queue is made only for a model some engine serves).
+const MAX_QUEUES: usize = 256;
+
+/// Why a held request was answered without being served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Shed {
+    /// Its tenant holds its whole share of the queue (429).
+    TenantShare,
+    /// The queue is full of requests of its band or higher (503).
+    Full,
+    /// A request of a higher band took its place (503).
+    Displaced,
+    /// Its deadline passed while held (503).
+    Deadline,
+    /// It could not have left before its deadline at the current dispatch rate (503, at once).
+    CannotMeet,
+    /// The node began draining (503; other nodes take it).
+    Draining,
+}
+
+impl Shed {
+    const ALL: [Shed; 6] =
+        [Shed::TenantShare, Shed::Full, Shed::Displaced, Shed::Deadline, Shed::CannotMeet, Shed::Draining];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Shed::TenantShare => "tenant_share",
+            Shed::Full => "queue_full",
+            Shed::Displaced => "displaced",
+            Shed::Deadline => "deadline",
+            Shed::CannotMeet => "cannot_meet_deadline",
+            Shed::Draining => "draining",
+        }
+    }
+
+    fn refusal(self, node: &str, model: &str, retry_after_s: u64) -> Refusal {
+        let error = match self {
+            Shed::TenantShare => ApiError::rate_limited(format!(
+                "This key's share of node {node}'s queue for `{model}` is used; retry after {retry_after_s} s."
+            ))
+            .with_code("flow_tenant_share"),
+            Shed::Draining => {
+                ApiError::unavailable(format!("Node {node} is draining; send the request to another node."))
+                    .with_code("draining")
+            }
+            other => ApiError::unavailable(format!(
+                "No capacity for `{model}` within the request's deadline ({}); retry after {retry_after_s} s.",
+                other.as_str()
+            ))
+            .with_code("flow_no_capacity"),
+        };
+        Refusal { error, retry_after_s: Some(retry_after_s) }
+    }
+}
+
+/// Who a held request is, for the queue.
+pub(crate) struct Asking<'a> {
+    pub model: &'a str,
+    pub tenant: &'a str,
+    pub weight: u32,
+    pub priority: Priority,
+    /// Prompt tokens (the fair queue's cost), 0 when unknown.
+    pub tokens: usize,
+    /// When the request arrived at this node.
+    pub arrived: Instant,
+}
+
+/// What the dispatcher tells a held request.
+enum Verdict {
+    Go,
+    Shed(Shed),
+}
+
+struct Waiter {
+    tx: oneshot::Sender<Verdict>,
+    model: Arc<str>,
+    tenant: Arc<str>,
+    priority: Priority,
+}
+
+#[derive(Default)]
+struct State {
+    queues: HashMap<Arc<str>, FairQueue>,
+    waiters: HashMap<u64, Waiter>,
+    /// When each model's recent requests left (at most `RATE_WINDOW`).
+    dispatched: HashMap<Arc<str>, VecDeque<Instant>>,
+}
+
+impl State {
+    fn rate_per_s(&self, model: &str, now: Instant) -> f64 {
+        let Some(times) = self.dispatched.get(model) else { return 0.0 };
+        match times.front() {
+            Some(first) if times.len() >= 2 => {
+                let span = now.duration_since(*first).as_secs_f64();
+                if span > 0.0 {
+                    times.len() as f64 / span
+                } else {
+                    0.0
+                }
+            }
+            _ => 0.0,
+        }
+    }
+
+    fn record_dispatch(&mut self, model: &Arc<str>, now: Instant) {
+        if !self.dispatched.contains_key(model) && self.dispatched.len() >= MAX_QUEUES {
+            return;
+        }
+        let times = self.dispatched.entry(model.clone()).or_default();
+        if times.len() >= RATE_WINDOW {
+            times.pop_front();
+        }
+        times.push_back(now);
+    }
+
+    /// Takes `id` out of its queue and the waiters; its sender, if it was still held.
+    fn take(&mut self, id: u64) -> Option<Waiter> {
+        let w = self.waiters.remove(&id)?;
+        if let Some(q) = self.queues.get_mut(&w.model) {
+            q.remove(id, &w.tenant, w.priority);
+        }
+        Some(w)
+    }
+}
+
+/// This node's flow control: the held requests and the counter peers read.
+pub(crate) struct FlowControl {
+    s: FlowSettings,
+    state: Mutex<State>,
+    wake: Arc<Notify>,
+    /// Requests held now (gossiped as `LoadReport::held`).
+    held: Arc<AtomicU32>,
+    next_id: AtomicU64,
+    metrics: Arc<NodeMetrics>,
+}
+
+/// A held request's place; leaving the queue any other way (its client went away) frees it.
+struct Ticket<'a> {
+    flow: &'a FlowControl,
+    id: u64,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.flow.state.lock() {
+            if let Some(w) = st.take(self.id) {
+                self.flow.left(&w.model, w.priority);
+            }
+        }
+    }
+}
+
+impl FlowControl {
+    pub(crate) fn new(s: FlowSettings, held: Arc<AtomicU32>, metrics: Arc<NodeMetrics>) -> Self {
+        // Every series exists from the start, at 0, so that rates and alerts see the first one.
+        for shed in Shed::ALL {
+            metrics.flow_shed.with_label_values(&[shed.as_str()]);
+        }
+        for p in Priority::ALL {
+            metrics.flow_held.with_label_values(&[p.as_str()]);
+        }
+        Self { s, state: Mutex::default(), wake: Arc::new(Notify::new()), held, next_id: AtomicU64::new(1), metrics }
+    }
+
+    pub(crate) fn settings(&self) -> &FlowSettings {
+        &self.s
+    }
+
+    /// Requests held now.
+    pub(crate) fn held(&self) -> u32 {
+        self.held.load(Ordering::Relaxed)
+    }
+
+    fn left(&self, model: &str, p: Priority) {
+        self.held.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.flow_queued.with_label_values(&[model, p.as_str()]).dec();
+    }
+
+    fn retry_after_s(&self) -> u64 {
+        // A second or two is when places free up again on a busy engine; the TTL bounds it.
+        (self.s.max_wait_ms / 1000).clamp(1, 5)
+    }
+}
+
+impl Router {
+    /// The hold stage: returns when the request may go to pick (at once when an engine has a
+    /// free place and nothing is held ahead), or the refusal to answer it with.
+    pub(crate) async fn hold(&self, a: Asking<'_>) -> Result<(), Refusal> {
+        let f = &self.flow;
+        if !f.s.enabled {
+            return Ok(());
+        }
+        let loads = self.flow_loads(a.model);
+        if !loads.iter().any(|e| e.usable) {
+            // No engine can serve it: pick answers 404 or 503 now rather than after a wait.
+            return Ok(());
+        }
+        let free = flow::free_slots(&loads, &f.s, self.remote_share());
+        let now = Instant::now();
+        let (id, rx) = {
+            let Ok(mut st) = f.state.lock() else { return Ok(()) };
+            let queued = st.queues.get(a.model).map_or(0, FairQueue::len);
+            if queued == 0 && free > 0.0 {
+                let model: Arc<str> = a.model.into();
+                st.record_dispatch(&model, now);
+                return Ok(());
+            }
+            let deadline = f.s.deadline_ms(0, a.priority);
+            let waited = now.duration_since(a.arrived).as_millis() as u64;
+            let remaining = deadline.saturating_sub(waited);
+            let ahead = st.queues.get(a.model).map_or(0, |q| q.ahead_of(a.priority));
+            if remaining == 0 || !flow::can_meet(ahead, st.rate_per_s(a.model, now), remaining) {
+                drop(st);
+                return Err(self.shed(Shed::CannotMeet, a.model));
+            }
+            if !st.queues.contains_key(a.model) && st.queues.len() >= MAX_QUEUES {
+                drop(st);
+                return Err(self.shed(Shed::Full, a.model));
+            }
+            let id = f.next_id.fetch_add(1, Ordering::Relaxed);
+            let model: Arc<str> = a.model.into();
+            let q = st.queues.entry(model.clone()).or_insert_with(|| FairQueue::new(&f.s));
+            let displaced = match q.push(id, a.tenant, a.weight, a.priority, a.tokens as u64) {
+                Ok(d) => d,
+                Err(r) => {
+                    drop(st);
+                    let shed = match r {
+                        Rejected::TenantShare => Shed::TenantShare,
+                        Rejected::Full => Shed::Full,
+                    };
+                    return Err(self.shed(shed, a.model));
+                }
+            };
+            let (tx, rx) = oneshot::channel();
+            st.waiters.insert(id, Waiter { tx, model, tenant: a.tenant.into(), priority: a.priority });
+            f.held.fetch_add(1, Ordering::Relaxed);
+            f.metrics.flow_queued.with_label_values(&[a.model, a.priority.as_str()]).inc();
+            f.metrics.flow_held.with_label_values(&[a.priority.as_str()]).inc();
+            if let Some(d) = displaced {
+                // Already out of the queue: only its waiter is left.
+                if let Some(w) = st.waiters.remove(&d) {
+                    f.left(&w.model, w.priority);
+                    let _ = w.tx.send(Verdict::Shed(Shed::Displaced));
+                }
+            }
+            (id, rx)
+        };
+        f.wake.notify_one();
+        let ticket = Ticket { flow: f, id };
+        let remaining =
+            Duration::from_millis(f.s.deadline_ms(0, a.priority)).saturating_sub(now.duration_since(a.arrived));
+        let verdict = tokio::time::timeout(remaining, rx).await;
+        drop(ticket);
+        f.metrics.flow_wait.with_label_values(&[a.priority.as_str()]).observe(now.elapsed().as_secs_f64());
+        match verdict {
+            Ok(Ok(Verdict::Go)) => Ok(()),
+            Ok(Ok(Verdict::Shed(shed))) => Err(self.shed(shed, a.model)),
+            // The dispatcher is gone: the node is stopping.
+            Ok(Err(_)) => Err(self.shed(Shed::Draining, a.model)),
+            Err(_) => Err(self.shed(Shed::Deadline, a.model)),
+        }
+    }
+
+    fn shed(&self, shed: Shed, model: &str) -> Refusal {
+        self.metrics.flow_shed.with_label_values(&[shed.as_str()]).inc();
+        shed.refusal(&self.node_name, model, self.flow.retry_after_s())
+    }
+
+    /// This node's share of its peers' engines' free places (`policy::flow::remote_share`).
+    fn remote_share(&self) -> f64 {
+        let Some(mesh) = self.mesh() else { return 1.0 };
+        let peers = mesh.peers();
+        let by_peers: u32 = peers.iter().filter(|p| !p.is_self).map(|p| p.load.held).fold(0, u32::saturating_add);
+        flow::remote_share(self.flow.held(), by_peers, peers.len().max(1))
+    }
+
+    /// Lets held requests go while their models' engines have free places, most urgent and
+    /// fairest first; sheds them all when the node drains.
+    fn dispatch(&self) {
+        let f = &self.flow;
+        let draining = self.is_draining();
+        let models: Vec<Arc<str>> = match f.state.lock() {
+            Ok(st) => st.queues.iter().filter(|(_, q)| !q.is_empty()).map(|(m, _)| m.clone()).collect(),
+            Err(_) => return,
+        };
+        let share = self.remote_share();
+        for model in models {
+            let loads = self.flow_loads(&model);
+            // No usable engine left: let them all go, for pick to answer (503) at once.
+            let mut free = match (draining, loads.iter().any(|e| e.usable)) {
+                (true, _) => 0.0,
+                (false, true) => flow::free_slots(&loads, &f.s, share),
+                (false, false) => f64::INFINITY,
+            };
+            let Ok(mut st) = f.state.lock() else { return };
+            let now = Instant::now();
+            loop {
+                if !draining && free <= 0.0 {
+                    break;
+                }
+                let Some(id) = st.queues.get_mut(&model).and_then(FairQueue::pop) else { break };
+                let Some(w) = st.waiters.remove(&id) else { continue };
+                f.left(&w.model, w.priority);
+                let verdict = if draining { Verdict::Shed(Shed::Draining) } else { Verdict::Go };
+                // A waiter that is gone (its client left) took no place.
+                if w.tx.send(verdict).is_ok() && !draining {
+                    free -= 1.0;
+                    st.record_dispatch(&model, now);
+                }
+            }
+            if st.queues.get(&model).is_some_and(FairQueue::is_empty) {
+                st.queues.remove(&model);
+            }
+        }
+    }
+
+    /// Saturation per model for autoscalers: requests waiting at engines (reported, and this
+    /// node's unreported ones) and held across the mesh, over the waiting places the model's
+    /// usable engines have. Above 1: requests are being held.
+    fn refresh_saturation(&self) {
+        let f = &self.flow;
+        let held_mesh = f.held().saturating_add(
+            self.mesh()
+                .map(|m| m.peers().iter().filter(|p| !p.is_self).map(|p| p.load.held).fold(0, u32::saturating_add))
+                .unwrap_or(0),
+        );
+        for model in self.models_served() {
+            let loads = self.flow_loads(&model);
+            let usable: Vec<_> = loads.iter().filter(|e| e.usable).collect();
+            let places = usable.len() as f64 * f64::from(f.s.max_waiting_per_engine.max(1));
+            let waiting: f64 = usable
+                .iter()
+                .map(|e| e.waiting + kvmesh_policy::route::unreported(e.in_flight, e.running))
+                .sum::<f64>();
+            let sat = if places > 0.0 { (waiting + f64::from(held_mesh)) / places } else { 0.0 };
+            f.metrics.flow_saturation.with_label_values(&[&model]).set(sat);
+            f.metrics.flow_free.with_label_values(&[&model]).set(flow::free_slots(&loads, &f.s, 1.0));
+        }
+    }
+}
+
+/// The dispatcher: runs until `cancel`, then answers what is still held (503, draining).
+pub(crate) async fn run(router: Weak<Router>, cancel: CancellationToken) {
+    let Some(wake) = router.upgrade().map(|r| r.flow.wake.clone()) else { return };
+    let mut last_gauges = Instant::now() - GAUGE_EVERY;
+    loop {
+        let held = router.upgrade().map(|r| r.flow.held()).unwrap_or(0);
+        let wait = if held > 0 { TICK } else { GAUGE_EVERY };
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let Some(r) = router.upgrade() else { return };
+        r.dispatch();
+        if last_gauges.elapsed() >= GAUGE_EVERY {
+            r.refresh_saturation();
+            last_gauges = Instant::now();
+        }
+    }
+    if let Some(r) = router.upgrade() {
+        if let Ok(mut st) = r.flow.state.lock() {
+            let ids: Vec<u64> = st.waiters.keys().copied().collect();
+            for id in ids {
+                if let Some(w) = st.take(id) {
+                    r.flow.left(&w.model, w.priority);
+                    let _ = w.tx.send(Verdict::Shed(Shed::Draining));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! Flow control on a real node over a real engine simulator (`router::flow`,
+//! `policy::flow`): while the engine is saturated requests wait at the node, and leave in
+//! priority and fair-share order; a request that cannot leave in time is answered 503 with
+//! `retry-after`, a tenant over its share of the queue 429, and a drain answers what is held.
+//!
+//! The engine runs one request at a time (`max_num_seqs = 1`) in real time (about 6.5 ms a
+//! token, and `ignore_eos`: every request generates all it asks for), and the node lets at most one more wait inside it (`max_waiting_per_engine = 1`).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use kvmesh_node::config::Config;
+use kvmesh_policy::auth::{hash_key, KeyEntry};
+use kvmesh_policy::flow::{FlowSettings, Priority};
+use kvmesh_sim::EngineConfig;
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+
+fn flow_config(flow: FlowSettings) -> Config {
+    let mut cfg = node_config(vec![]);
+    cfg.embedded = EngineConfig { max_num_seqs: 1, ..EngineConfig::default() };
+    cfg.engine_poll_interval_ms = 20;
+    cfg.flow = FlowSettings { max_waiting_per_engine: 1, unkeyed_max_priority: Priority::Critical, ..flow };
+    cfg
+}
+
+/// Sends a chat request with `tokens` to generate, in band `priority`, with `key`; returns the
+/// status, the `retry-after` header and the body.
+async fn send(url: &str, tokens: u32, priority: &str, key: Option<&str>, tag: &str) -> (u16, Option<String>, Value) {
+    let mut req = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .header("x-kvmesh-priority", priority)
+        .json(&chat(&format!("request {tag}"), json!({"max_tokens": tokens, "ignore_eos": true})));
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+    (status, retry, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Fills the engine: one request running, one waiting inside it; what follows is held.
+async fn saturate(
+    url: &str,
+    tokens: u32,
+    key: Option<&str>,
+) -> Vec<tokio::task::JoinHandle<(u16, Option<String>, Value)>> {
+    let mut busy = Vec::new();
+    for i in 0..2 {
+        let (u, k) = (url.to_owned(), key.map(str::to_owned));
+        busy.push(tokio::spawn(async move { send(&u, tokens, "standard", k.as_deref(), &format!("busy {i}")).await }));
+        // The second must arrive once the engine reports the first running.
+        tokio::time::sleep(Duration::from_millis(80)).await;
+    }
+    busy
+}
+
+async fn held_now(url: &str) -> f64 {
+    let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("kvmesh_flow_queued_requests{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn held_requests_leave_by_band_then_in_arrival_order() {
+    let n = node(flow_config(FlowSettings::default())).await;
+    let url = n.url();
+    let busy = saturate(&url, 60, None).await;
+    let order = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut held = Vec::new();
+    for (i, band) in ["sheddable", "standard", "sheddable", "standard", "critical"].iter().enumerate() {
+        let (u, o, band) = (url.clone(), order.clone(), band.to_string());
+        held.push(tokio::spawn(async move {
+            let (s, _, v) = send(&u, 2, &band, None, &format!("{band} {i}")).await;
+            assert_eq!(s, 200, "{v}");
+            o.lock().await.push(format!("{band} {i}"));
+        }));
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    eventually("five requests held", Duration::from_secs(5), async || held_now(&url).await == 5.0).await;
+    for h in busy.into_iter().chain([]) {
+        assert_eq!(h.await.unwrap().0, 200);
+    }
+    for h in held {
+        h.await.unwrap();
+    }
+    let order = order.lock().await.clone();
+    assert_eq!(order, ["critical 4", "standard 1", "standard 3", "sheddable 0", "sheddable 2"], "{order:?}");
+    assert!(scrape(&url, "kvmesh_flow_held_total").await >= 5.0);
+}
+
+#[tokio::test]
+async fn a_request_past_its_deadline_is_answered_503_with_retry_after() {
+    let n = node(flow_config(FlowSettings { max_wait_ms: 300, ..FlowSettings::default() })).await;
+    let url = n.url();
+    let busy = saturate(&url, 200, None).await;
+    let t = Instant::now();
+    let (status, retry, body) = send(&url, 2, "standard", None, "late").await;
+    let waited = t.elapsed();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "flow_no_capacity", "{body}");
+    assert_openai_error(&body);
+    assert!(retry.is_some_and(|r| r.parse::<u64>().unwrap() >= 1));
+    // Answered at its deadline, not when the engine would have taken it (over a second later).
+    assert!(waited < Duration::from_millis(900), "waited {waited:?}");
+    assert!(waited >= Duration::from_millis(200), "waited {waited:?}");
+    assert_eq!(held_now(&url).await, 0.0, "nothing left held");
+    let shed = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(shed.contains("kvmesh_flow_shed_total{") && shed.contains("reason=\"deadline\""), "{shed}");
+    for h in busy {
+        assert_eq!(h.await.unwrap().0, 200);
+    }
+}
+
+#[tokio::test]
+async fn a_band_objective_sheds_at_once_what_cannot_meet_it() {
+    // Standard requests must start within 100 ms: one held behind a multi-second request is shed at
+    // 100 ms.
+    let slo = kvmesh_policy::flow::BandSlo { standard: Some(100), ..Default::default() };
+    let n = node(flow_config(FlowSettings { slo_ms: slo, ..FlowSettings::default() })).await;
+    let url = n.url();
+    let busy = saturate(&url, 200, None).await;
+    let t = Instant::now();
+    let (status, _, body) = send(&url, 2, "standard", None, "slo").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(t.elapsed() < Duration::from_millis(600), "{:?}", t.elapsed());
+    // The critical band has no objective here: it waits and is served.
+    let (status, _, body) = send(&url, 2, "critical", None, "no slo").await;
+    assert_eq!(status, 200, "{body}");
+    for h in busy {
+        assert_eq!(h.await.unwrap().0, 200);
+    }
+}
+
+fn keyed(mut cfg: Config, tenants: &[(&str, u32)]) -> Config {
+    cfg.auth.keys = tenants
+        .iter()
+        .map(|(t, w)| KeyEntry {
+            tenant: (*t).into(),
+            key_sha256: hash_key(&format!("sk-{t}")),
+            weight: *w,
+            ..Default::default()
+        })
+        .collect();
+    cfg
+}
+
+#[tokio::test]
+async fn a_tenant_over_its_share_of_the_queue_gets_429() {
+    let cfg = keyed(
+        flow_config(FlowSettings { tenant_queue_capacity: 2, ..FlowSettings::default() }),
+        &[("noisy", 1), ("quiet", 1)],
+    );
+    let n = node(cfg).await;
+    let url = n.url();
+    let busy = saturate(&url, 100, Some("sk-quiet")).await;
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let u = url.clone();
+        held.push(tokio::spawn(async move { send(&u, 2, "standard", Some("sk-noisy"), &format!("noisy {i}")).await }));
+    }
+    eventually("two held", Duration::from_secs(5), async || held_now(&url).await == 2.0).await;
+    let (status, retry, body) = send(&url, 2, "standard", Some("sk-noisy"), "one too many").await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"]["code"], "flow_tenant_share", "{body}");
+    assert!(retry.is_some());
+    // The other tenant is still let in, and served.
+    let (status, _, body) = send(&url, 2, "standard", Some("sk-quiet"), "quiet").await;
+    assert_eq!(status, 200, "{body}");
+    for h in busy.into_iter().chain(held) {
+        assert_eq!(h.await.unwrap().0, 200);
+    }
+}
+
+#[tokio::test]
+async fn a_quiet_tenant_waits_behind_one_noisy_request_not_all_of_them() {
+    let cfg = keyed(flow_config(FlowSettings::default()), &[("noisy", 1), ("quiet", 1)]);
+    let n = node(cfg).await;
+    let url = n.url();
+    let busy = saturate(&url, 40, Some("sk-noisy")).await;
+    let order = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut held = Vec::new();
+    for i in 0..12 {
+        let (u, o) = (url.clone(), order.clone());
+        held.push(tokio::spawn(async move {
+            let (s, _, v) = send(&u, 4, "standard", Some("sk-noisy"), &format!("noisy {i}")).await;
+            assert_eq!(s, 200, "{v}");
+            o.lock().await.push("noisy".to_owned());
+        }));
+    }
+    eventually("noisy held", Duration::from_secs(5), async || held_now(&url).await == 12.0).await;
+    let (u, o) = (url.clone(), order.clone());
+    held.push(tokio::spawn(async move {
+        let (s, _, v) = send(&u, 4, "standard", Some("sk-quiet"), "quiet").await;
+        assert_eq!(s, 200, "{v}");
+        o.lock().await.push("quiet".to_owned());
+    }));
+    for h in busy {
+        assert_eq!(h.await.unwrap().0, 200);
+    }
+    for h in held {
+        h.await.unwrap();
+    }
+    let order = order.lock().await.clone();
+    let at = order.iter().position(|t| t == "quiet").unwrap();
+    // Turns alternate between tenants: the quiet request leaves after at most the noisy one
+    // whose turn it was (and one more that left while it was on its way), not after all twelve.
+    assert!(at <= 2, "quiet finished {at}th of {}: {order:?}", order.len());
+}
+
+#[tokio::test]
+async fn a_drain_answers_held_requests_at_once() {
+    let n = node(flow_config(FlowSettings::default())).await;
+    let url = n.url();
+    let busy = saturate(&url, 200, None).await;
+    let u = url.clone();
+    let held = tokio::spawn(async move { send(&u, 2, "standard", None, "held").await });
+    eventually("held", Duration::from_secs(5), async || held_now(&url).await == 1.0).await;
+    let t = Instant::now();
+    let r = reqwest::Client::new().post(format!("{url}/admin/drain")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let (status, _, body) = held.await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "draining", "{body}");
+    assert!(t.elapsed() < Duration::from_millis(500), "{:?}", t.elapsed());
+    for h in busy {
+        assert_eq!(h.await.unwrap().0, 200, "open requests finish");
+    }
+}
+
+#[tokio::test]
+async fn without_flow_control_every_request_goes_to_the_engine() {
+    let n = node(flow_config(FlowSettings { enabled: false, ..FlowSettings::default() })).await;
+    let url = n.url();
+    let busy = saturate(&url, 60, None).await;
+    let (status, _, _) = send(&url, 2, "standard", None, "direct").await;
+    assert_eq!(status, 200);
+    assert_eq!(scrape(&url, "kvmesh_flow_held_total").await, 0.0);
+    for h in busy {
+        assert_eq!(h.await.unwrap().0, 200);
+    }
+}
