@@ -241,6 +241,7 @@ pub fn engine_facts(seen: Seen<'_>, block_size: u32) -> EngineFacts<'_> {
         history,
         block_size,
         role: Role::Both,
+        fit: None,
     };
     match seen {
         Seen::Oracle { load, index, rtt_ms } => base(true, rtt_ms, load, None, Cache::Index(index), None),
@@ -962,6 +963,7 @@ impl<'a> World<'a> {
                 matched_blocks: self.engines[e].index.matched_blocks(keys),
                 offloaded_blocks: 0,
                 block_size: self.cfg.engine.block_size,
+                fit: None,
             };
             score::predicted_ttft_ms(prompt_tokens, &est, w)
         };

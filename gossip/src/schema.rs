@@ -111,6 +111,11 @@ pub struct EngineLoad {
     /// node's `/v1/models`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_model_len: Option<u32>,
+    /// The engine's TTFT model as its node fitted it from the answers it relayed
+    /// (`policy::predict`); peers route on it when it is sane. Absent until fitted, and from
+    /// nodes that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_fit: Option<kvmesh_policy::predict::Fit>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -235,6 +240,7 @@ mod bound_tests {
             block_size: None,
             cards: Vec::new(),
             max_model_len: None,
+            ttft_fit: None,
         };
         let mut load = LoadReport { engines: (0..1000).map(engine).collect(), ..Default::default() };
         load.engines.insert(0, EngineLoad { name: "x".repeat(10_000), ..engine(0) });

@@ -77,6 +77,7 @@ async fn three_nodes_join_share_load_and_drop_the_dead() {
             block_size: Some(16),
             cards: Vec::new(),
             max_model_len: None,
+            ttft_fit: None,
         }],
         ..Default::default()
     };

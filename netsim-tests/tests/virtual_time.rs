@@ -162,6 +162,7 @@ fn load(running: u32) -> LoadReport {
             block_size: Some(16),
             cards: Vec::new(),
             max_model_len: None,
+            ttft_fit: None,
         }],
         ..Default::default()
     }

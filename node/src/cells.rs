@@ -161,6 +161,7 @@ mod tests {
                         block_size: Some(16),
                         cards: Vec::new(),
                         max_model_len: None,
+                        ttft_fit: None,
                     })
                     .collect(),
                 ..Default::default()

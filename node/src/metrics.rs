@@ -86,6 +86,9 @@ pub struct NodeMetrics {
     latency_summary: GaugeVec,
     /// 1 while the node refuses new requests (drain or shutdown).
     pub draining: IntGauge,
+    /// |predicted - actual| TTFT of this node's engines' streamed answers, by model (`learned`:
+    /// the fitted one, scored before it learns from the answer; `fixed`: the score weights).
+    pub ttft_prediction_error: HistogramVec,
     /// Flow control: requests held now, by model and band.
     pub flow_queued: IntGaugeVec,
     /// Requests that were held (not sent at once), by band.
@@ -385,6 +388,14 @@ impl NodeMetrics {
                 &["measure", "quantile"],
             )?,
             draining: IntGauge::new("kvmesh_draining", "1 while the node refuses new requests (drain or shutdown).")?,
+            ttft_prediction_error: HistogramVec::new(
+                HistogramOpts::new(
+                    "kvmesh_ttft_prediction_error_seconds",
+                    "Absolute error of the predicted TTFT of this node's engines' streamed answers, by model: learned (fitted online, scored before learning from the answer) or fixed (the score weights).",
+                )
+                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                &["model"],
+            )?,
             flow_queued: IntGaugeVec::new(
                 Opts::new("kvmesh_flow_queued_requests", "Requests held by flow control now, by model and priority band."),
                 &["model_name", "priority"],
@@ -480,6 +491,7 @@ impl NodeMetrics {
             Box::new(m.inter_token.clone()),
             Box::new(m.latency_summary.clone()),
             Box::new(m.draining.clone()),
+            Box::new(m.ttft_prediction_error.clone()),
             Box::new(m.flow_queued.clone()),
             Box::new(m.flow_held.clone()),
             Box::new(m.flow_shed.clone()),

@@ -66,6 +66,8 @@ pub struct EngineFacts<'a> {
     /// The engine's KV block size (the prompt's keys are cut at it).
     pub block_size: u32,
     pub role: Role,
+    /// The engine's fitted TTFT model (`predict`), when one is known (its node's, gossiped).
+    pub fit: Option<crate::predict::Fit>,
 }
 
 /// What a router knows of a prompt: its token ids, the block keys a peer sent, approximate keys
@@ -201,6 +203,7 @@ pub fn estimate(prompt: &mut PromptKeys, f: &EngineFacts<'_>, now_ms: u64) -> Es
         matched_blocks: m.blocks,
         offloaded_blocks: m.offloaded,
         block_size: m.block_size,
+        fit: f.fit,
     }
 }
 
@@ -298,6 +301,7 @@ mod tests {
             history,
             block_size: BS,
             role: Role::Both,
+            fit: None,
         }
     }
 

@@ -6,9 +6,9 @@
 //!   plus this node's requests its report cannot include yet) has reached
 //!   [`FlowSettings::max_waiting_per_engine`], or its KV cache is past
 //!   [`FlowSettings::kv_usage_threshold`] (llm-d's saturation detector uses the same two
-//!   signals). A peer's engine is fed by every node: this node counts only its share of the
-//!   free places there ([`remote_share`]), in proportion to the requests it holds against what
-//!   the other nodes gossip holding.
+//!   signals). Every engine is fed by every node: this node counts only its share of the free
+//!   places ([`remote_share`]), in proportion to the requests it holds against what the other
+//!   nodes gossip holding.
 //! - **Order** ([`FairQueue`]): strict priority between [`Priority`] bands; within a band,
 //!   deficit round robin over tenants (one turn per request, more for long prompts, times the
 //!   tenant's weight), so a tenant sending ten times its share waits behind itself, not in
@@ -177,25 +177,31 @@ pub struct EngineLoad {
     pub waiting: f64,
     /// This node's requests in flight there.
     pub in_flight: u32,
+    /// A peer's engine: this node's requests sent there within the last report's lag (its
+    /// gossiped load cannot count them yet). 0 for this node's own engines.
+    pub recent: u32,
     pub kv_usage: f64,
 }
 
-/// Places free across `engines` before they are saturated. A peer's engine is fed by every
-/// node, so this node counts `share` of the places its report leaves free, less its own
-/// requests sent there since (`route::unreported`); its own engines' places are all its to see.
+/// Places free across `engines` before they are saturated. Every engine is fed by every node
+/// of the mesh, so this node counts `share` of the places an engine's report leaves, less its
+/// own requests the report cannot hold yet: for its own engines, those in flight beyond what
+/// the engine reports running (`route::unreported`; their reports are a poll old); for a
+/// peer's, those it sent there since (`recent`; the report comes by gossip).
 pub fn free_slots(engines: &[EngineLoad], s: &FlowSettings, share: f64) -> f64 {
     engines
         .iter()
         .filter(|e| e.usable && e.kv_usage < s.kv_usage_threshold)
         .map(|e| {
             let reported_free = (f64::from(s.max_waiting_per_engine) - e.waiting).max(0.0);
-            let share = if e.local { 1.0 } else { share };
-            (reported_free * share - crate::route::unreported(e.in_flight, e.running)).max(0.0)
+            let unreported = crate::route::unreported(e.in_flight, e.running);
+            let mine = if e.local { unreported } else { unreported.max(f64::from(e.recent)) };
+            (reported_free * share - mine).max(0.0)
         })
         .sum()
 }
 
-/// This node's share of a peer engine's free places: all of it when no other node holds
+/// This node's share of an engine's free places: all of them when no other node holds
 /// requests, else in proportion to what each holds (what peers gossip they hold). A node that
 /// holds nothing still gets a small share, so that its first request is not stuck.
 pub fn remote_share(held_here: u32, held_by_peers: u32, nodes: usize) -> f64 {
@@ -515,12 +521,17 @@ mod tests {
             running: 8.0,
             waiting,
             in_flight,
+            recent: 0,
             kv_usage: kv,
         };
         // 1 waiting + (10 in flight - 8 running) unreported = 3 → 1 free.
         assert_eq!(free_slots(&[e(true, 1.0, 10, 0.5)], &s, 1.0), 1.0);
         assert_eq!(free_slots(&[e(true, 0.0, 0, 0.96)], &s, 1.0), 0.0, "KV full");
         assert_eq!(free_slots(&[e(false, 0.0, 0, 0.5)], &s, 0.25), 1.0, "a quarter of 4");
+        assert_eq!(free_slots(&[e(true, 0.0, 0, 0.5)], &s, 0.25), 1.0, "its own engine too");
+        // Sent there since its report: counted against this node's share.
+        assert_eq!(free_slots(&[EngineLoad { recent: 1, ..e(false, 0.0, 3, 0.5) }], &s, 0.5), 1.0);
+        assert_eq!(free_slots(&[EngineLoad { recent: 3, ..e(false, 0.0, 3, 0.5) }], &s, 0.5), 0.0);
         assert_eq!(remote_share(0, 0, 8), 1.0);
         assert_eq!(remote_share(30, 10, 8), 0.75);
         assert_eq!(remote_share(0, 10, 8), 0.125);

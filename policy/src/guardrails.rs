@@ -522,7 +522,9 @@ impl StreamScanner {
             }
         }
         spans.sort_by_key(|s| s.0);
-        let mut cut = if last {
+        // With no rule to match, nothing is held back: a node with API keys but no answer
+        // rules must not delay every stream's first text by the window.
+        let mut cut = if last || self.rules.is_empty() {
             self.pending.len()
         } else {
             floor_boundary(&self.pending, self.pending.len().saturating_sub(self.window))
@@ -642,6 +644,15 @@ mod tests {
         assert!(out.starts_with("Write to [REDACTED:email] today. filler"), "{out}");
         assert!(out.ends_with("filler end"));
         assert_eq!(s.verdicts(), vec![("pii".to_owned(), "rewrite")]);
+    }
+
+    #[test]
+    fn a_stream_with_no_rules_is_released_as_it_comes() {
+        let mut s = StreamScanner::new(&[], 256);
+        let ctx = Context { stage: Stage::Response, model: "m", tenant: "t", prompt_chars: 0 };
+        assert_eq!(s.push(&ctx, "Hello").unwrap(), "Hello");
+        assert_eq!(s.push(&ctx, ", world").unwrap(), ", world");
+        assert_eq!(s.finish(&ctx).unwrap(), "");
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod limits;
 pub mod models;
 pub mod openai;
 pub mod pd;
+pub mod predict;
 pub mod prefix_index;
 pub mod prompt_encoder;
 pub mod pyjson;

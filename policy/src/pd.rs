@@ -117,6 +117,7 @@ mod tests {
             matched_blocks,
             offloaded_blocks: 0,
             block_size: 16,
+            fit: None,
         }
     }
 

@@ -207,6 +207,7 @@ mod tests {
             matched_blocks,
             offloaded_blocks: 0,
             block_size: 16,
+            fit: None,
         }
     }
 

@@ -77,22 +77,23 @@ pub struct Estimate {
     /// Blocks after those the engine holds offloaded: loaded, not computed.
     pub offloaded_blocks: usize,
     pub block_size: u32,
+    /// The engine's own fitted TTFT model (`predict`), in place of the fixed weights' first
+    /// step, queue and prefill costs; `None`: the fixed weights.
+    pub fit: Option<crate::predict::Fit>,
 }
 
-/// Predicted TTFT of a `prompt_tokens`-token prompt on this candidate, in ms.
+/// Predicted TTFT of a `prompt_tokens`-token prompt on this candidate, in ms: the network, the
+/// engine's own time (its fitted model, or the fixed weights), offloaded blocks' loading and
+/// the KV-pressure penalty.
 pub fn predicted_ttft_ms(prompt_tokens: usize, e: &Estimate, w: &ScoreWeights) -> f64 {
     let cap = prompt_tokens.saturating_sub(1);
     let cached = (e.matched_blocks * e.block_size as usize).min(cap);
     let offloaded = (e.offloaded_blocks * e.block_size as usize).min(cap - cached);
     let uncached = (prompt_tokens - cached - offloaded) as f64;
     let pressure = (e.kv_usage - w.kv_pressure_knee).max(0.0) / (1.0 - w.kv_pressure_knee).max(1e-6);
-    e.rtt_ms
-        + e.waiting * w.queue_ms_per_waiting
-        + e.running * w.queue_ms_per_running
-        + w.first_step_ms
-        + uncached * w.prefill_ms_per_token
-        + offloaded as f64 * w.offload_ms_per_token
-        + pressure * w.kv_pressure_ms
+    let fit = e.fit.unwrap_or_else(|| crate::predict::Fit::of(w));
+    let engine = crate::predict::Features { waiting: e.waiting, uncached_tokens: uncached, running: e.running };
+    e.rtt_ms + fit.predict(&engine) + offloaded as f64 * w.offload_ms_per_token + pressure * w.kv_pressure_ms
 }
 
 /// The choice for one request, with what explains it.
@@ -176,6 +177,7 @@ mod tests {
             matched_blocks: matched,
             offloaded_blocks: 0,
             block_size: 16,
+            fit: None,
         }
     }
 

@@ -690,7 +690,15 @@ fn stream_response(st: Arc<AppState>, job: Job, rx: mpsc::UnboundedReceiver<Toke
         match state {
             SseState::Start(g) => {
                 let first = match g.job.endpoint {
-                    Endpoint::Chat => sse(&chunk(&g, Some(""), true, false)),
+                    // vLLM sends the role chunk when the engine's first output arrives, with the
+                    // first token after it: a stream's first byte is its first token.
+                    Endpoint::Chat => {
+                        let role = sse(&chunk(&g, Some(""), true, false));
+                        return match next_token(g).await {
+                            Some((Ok(token), next)) => Some((Ok([role, token].concat().into()), next)),
+                            other => other,
+                        };
+                    }
                     Endpoint::Completions if !g.job.echo_prefix.is_empty() => {
                         sse(&chunk(&g, Some(&g.job.echo_prefix.clone()), false, false))
                     }

@@ -30,6 +30,9 @@ pub enum BenchCmd {
     Routing(crate::cli::bench_routing::RoutingArgs),
     /// Prompt tokenizing: reference encoder, segment cache and fast encoder, cold and warm.
     Tokenize(crate::cli::bench_tokenize::TokenizeArgs),
+    /// Overload with and without flow control: goodput under a TTFT objective, fairness
+    /// between tenants, priority bands.
+    Flow(crate::cli::bench_flow::FlowArgs),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -73,6 +76,7 @@ pub async fn run(cmd: BenchCmd) -> Result<(), NodeError> {
         BenchCmd::Gossip(a) => crate::cli::bench_gossip::run(a).await,
         BenchCmd::Routing(a) => crate::cli::bench_routing::run(a).await,
         BenchCmd::Tokenize(a) => crate::cli::bench_tokenize::run(a).await,
+        BenchCmd::Flow(a) => crate::cli::bench_flow::run(a).await,
     }
 }
 

@@ -71,6 +71,7 @@ fn load(tag: u32) -> LoadReport {
             block_size: Some(16),
             cards: Vec::new(),
             max_model_len: None,
+            ttft_fit: None,
         }],
         held: 0,
     }

@@ -107,7 +107,7 @@ fn err(e: impl std::fmt::Display) -> NodeError {
 }
 
 /// Text of about `tokens` tokens for the built-in tokenizer, seeded.
-fn text(seed: u64, tokens: usize, tokens_per_word: f64) -> String {
+pub(super) fn text(seed: u64, tokens: usize, tokens_per_word: f64) -> String {
     const SYL: &[&str] =
         &["ka", "lo", "mi", "ren", "to", "sa", "vel", "nor", "di", "pan", "ux", "el", "tri", "go", "fen"];
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
@@ -118,10 +118,10 @@ fn text(seed: u64, tokens: usize, tokens_per_word: f64) -> String {
         .join(" ")
 }
 
-struct Sample {
+pub(super) struct Sample {
     /// The reply's text, for the next turn of a conversation.
     reply: String,
-    ttft_ms: f64,
+    pub(super) ttft_ms: f64,
     itls_ms: Vec<f64>,
     e2e_ms: f64,
     prompt_tokens: u64,
@@ -146,8 +146,14 @@ struct Row {
 }
 
 async fn one(client: &reqwest::Client, url: &str, body: &serde_json::Value) -> Result<Sample, String> {
+    streamed(client.post(format!("{url}/v1/chat/completions")).json(body)).await
+}
+
+/// Sends a streamed request and reads its answer: time to first token, inter-token gaps, usage.
+/// An error names the HTTP status first (`status 503 Service Unavailable: ...`).
+pub(super) async fn streamed(req: reqwest::RequestBuilder) -> Result<Sample, String> {
     let t0 = Instant::now();
-    let r = client.post(format!("{url}/v1/chat/completions")).json(body).send().await.map_err(|e| e.to_string())?;
+    let r = req.send().await.map_err(|e| e.to_string())?;
     if !r.status().is_success() {
         let status = r.status();
         let body: String = r.text().await.unwrap_or_default().chars().take(300).collect();
@@ -307,7 +313,7 @@ async fn setup(
     Ok(Setup { nodes, engines: Vec::new(), entry_urls, _dir: Some(dir) })
 }
 
-fn pct(h: &Histogram<u64>, q: f64) -> f64 {
+pub(super) fn pct(h: &Histogram<u64>, q: f64) -> f64 {
     if h.is_empty() {
         f64::NAN
     } else {
@@ -602,7 +608,7 @@ fn summarize(
     })
 }
 
-fn hist() -> Histogram<u64> {
+pub(super) fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| Histogram::new(3).expect("valid sigfig"))
 }
 

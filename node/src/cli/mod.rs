@@ -3,6 +3,7 @@
 //! they use the node library's public API like any other program would.
 
 pub mod bench;
+pub mod bench_flow;
 pub mod bench_gossip;
 pub mod bench_routing;
 pub mod bench_tokenize;

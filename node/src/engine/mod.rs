@@ -7,6 +7,7 @@ pub mod metrics_text;
 pub mod subscriber;
 pub mod zmtp_guard;
 
+use kvmesh_policy::predict::TtftModel;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -118,9 +119,17 @@ pub struct Engine {
     /// Block keys this node routed here (see `policy::route_history`): the prefix evidence
     /// when the engine publishes no KV events, and for approximate-mode prompts.
     pub routed: std::sync::Mutex<RoutedKeys>,
+    /// Its TTFT model, fitted from the streamed answers this node relays from it
+    /// (`policy::predict`); routing and peers use its fit.
+    pub ttft: std::sync::Mutex<TtftModel>,
 }
 
 impl Engine {
+    /// The fitted TTFT model routing uses, once it has learned enough.
+    pub fn ttft_fit(&self) -> Option<kvmesh_policy::predict::Fit> {
+        self.ttft.lock().ok().and_then(|m| m.fit())
+    }
+
     pub fn snapshot(&self) -> EngineView {
         self.view.read().map(|v| v.clone()).unwrap_or_default()
     }
@@ -221,6 +230,7 @@ impl EngineSet {
                         cfg.route_history_ttl_s * 1000,
                         cfg.route_history_max_keys,
                     )),
+                    ttft: std::sync::Mutex::new(TtftModel::new(&cfg.score)),
                 })
             })
             .collect();

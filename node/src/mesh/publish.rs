@@ -43,6 +43,7 @@ pub(super) async fn publish_load(mesh: Arc<Mesh>, engines: Arc<EngineSet>, every
                         block_size: v.load.block_size,
                         cards: v.cards.gossip_cards(),
                         max_model_len: v.max_model_len,
+                        ttft_fit: e.ttft_fit(),
                     }
                 })
                 .collect(),

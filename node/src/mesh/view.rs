@@ -80,6 +80,7 @@ impl PeerEngine {
                 block_size: Some(block_size),
                 cards: Vec::new(),
                 max_model_len: None,
+                ttft_fit: None,
             },
             node_engines: 1,
             summary: Arc::default(),
@@ -115,6 +116,9 @@ pub struct Ledger {
     pub routed: RoutedKeys,
     /// Requests this node placed there for other cells' origins (`policy::cells`).
     pub placed: Placements,
+    /// Requests this node sent there lately: the engine's gossiped load may not count them
+    /// yet (flow control, `policy::flow::EngineLoad::recent`).
+    pub sent: Placements,
 }
 
 /// Per-node state carried across snapshots.
@@ -276,6 +280,7 @@ impl PeerTable {
         let ledger = ledgers.entry(id.clone()).or_insert_with(|| Ledger {
             routed: RoutedKeys::new(self.history_ttl_ms, self.history_max_keys),
             placed: Placements::default(),
+            sent: Placements::default(),
         });
         if !keys.is_empty() {
             ledger.routed.record(keys, now);
@@ -283,6 +288,20 @@ impl PeerTable {
         if placed {
             ledger.placed.record(now);
         }
+    }
+
+    /// Records a request sent to `id` now, forgetting those older than `lag_ms` (bounded by what
+    /// is sent within it).
+    pub fn record_sent(&self, id: &EngineId, lag_ms: u64) {
+        let now = self.now_ms();
+        let Some(mut ledgers) = self.ledgers() else { return };
+        let ledger = ledgers.entry(id.clone()).or_insert_with(|| Ledger {
+            routed: RoutedKeys::new(self.history_ttl_ms, self.history_max_keys),
+            placed: Placements::default(),
+            sent: Placements::default(),
+        });
+        ledger.sent.live(now, lag_ms);
+        ledger.sent.record(now);
     }
 
     /// A peer failed before answering: its engines are skipped for `suspect_for`. A node not
@@ -381,6 +400,7 @@ mod tests {
                         block_size: Some(16),
                         cards: Vec::new(),
                         max_model_len: None,
+                        ttft_fit: None,
                     })
                     .collect(),
                 ..Default::default()

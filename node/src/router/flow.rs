@@ -300,7 +300,7 @@ impl Router {
         shed.refusal(&self.node_name, model, self.flow.retry_after_s())
     }
 
-    /// This node's share of its peers' engines' free places (`policy::flow::remote_share`).
+    /// This node's share of engines' free places (`policy::flow::remote_share`).
     fn remote_share(&self) -> f64 {
         let Some(mesh) = self.mesh() else { return 1.0 };
         let peers = mesh.peers();
@@ -376,8 +376,13 @@ impl Router {
 /// The dispatcher: runs until `cancel`, then answers what is still held (503, draining).
 pub(crate) async fn run(router: Weak<Router>, cancel: CancellationToken) {
     let Some(wake) = router.upgrade().map(|r| r.flow.wake.clone()) else { return };
-    let mut last_gauges = Instant::now() - GAUGE_EVERY;
+    let mut last_gauges: Option<Instant> = None;
     loop {
+        if last_gauges.is_none_or(|t| t.elapsed() >= GAUGE_EVERY) {
+            let Some(r) = router.upgrade() else { return };
+            r.refresh_saturation();
+            last_gauges = Some(Instant::now());
+        }
         let held = router.upgrade().map(|r| r.flow.held()).unwrap_or(0);
         let wait = if held > 0 { TICK } else { GAUGE_EVERY };
         tokio::select! {
@@ -387,10 +392,6 @@ pub(crate) async fn run(router: Weak<Router>, cancel: CancellationToken) {
         }
         let Some(r) = router.upgrade() else { return };
         r.dispatch();
-        if last_gauges.elapsed() >= GAUGE_EVERY {
-            r.refresh_saturation();
-            last_gauges = Instant::now();
-        }
     }
     if let Some(r) = router.upgrade() {
         if let Ok(mut st) = r.flow.state.lock() {

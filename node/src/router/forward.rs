@@ -58,6 +58,24 @@ impl Router {
         route: &str,
         expect: Option<Expected>,
     ) -> Result<Response, Retry> {
+        // What its TTFT is predicted from, as known now (`policy::predict`): learned from the
+        // answer's first chunk.
+        let learn = match (&expect, stream) {
+            (Some(e), true) => {
+                let v = engine.snapshot();
+                let open = engine.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+                Some(super::relay::Learn {
+                    engine: engine.clone(),
+                    features: kvmesh_policy::predict::Features {
+                        waiting: v.load.waiting + kvmesh_policy::route::unreported(open, v.load.running),
+                        uncached_tokens: e.prompt_tokens.saturating_sub(e.cached_tokens) as f64,
+                        running: v.load.running,
+                    },
+                    sent: std::time::Instant::now(),
+                })
+            }
+            _ => None,
+        };
         let in_flight = InFlight::new(engine.in_flight.clone());
         let url = format!("{}{}", engine.url, ctx.upstream_path());
         // A response made here is stored by this engine: its id says so (`stored`).
@@ -112,7 +130,7 @@ impl Router {
             });
         }
         let served_by = format!("{}/{}", self.node_name, engine.name);
-        let answer = Answer { status, content_type, served_by, stream, route, expect };
+        let answer = Answer { status, content_type, served_by, stream, route, expect, learn };
         self.relay_answer(ctx, answer, upstream, in_flight).await
     }
 
@@ -129,6 +147,10 @@ impl Router {
             return Err(Retry { error: ApiError::unavailable("This node is not in a mesh."), reason: "no_mesh" });
         };
         let in_flight = InFlight::new(remote.in_flight.clone());
+        if self.s.flow.enabled {
+            // Until the peer's next load report, flow control counts this one itself.
+            mesh.table.record_sent(&remote.id, self.s.report_lag_ms);
+        }
         let node = &remote.id.node;
         let (rhead, recv) = match mesh.endpoint.request(remote.addr, &head, body, self.s.first_byte_timeout).await {
             Ok(r) => r,
@@ -161,6 +183,7 @@ impl Router {
             stream: head.stream,
             route,
             expect,
+            learn: None,
         };
         let relayed = self.relay_answer(ctx, answer, upstream, in_flight).await;
         if relayed.is_err() {

@@ -73,6 +73,9 @@ pub struct RouterSettings {
     pub session_headers: Vec<axum::http::HeaderName>,
     /// Flow control (the hold stage).
     pub flow: kvmesh_policy::flow::FlowSettings,
+    /// How far a peer's gossiped load lags what this node sent it: a publish interval and two
+    /// gossip rounds.
+    pub report_lag_ms: u64,
 }
 
 impl RouterSettings {
@@ -92,6 +95,7 @@ impl RouterSettings {
                 .filter_map(|h| axum::http::HeaderName::from_bytes(h.as_bytes()).ok())
                 .collect(),
             flow: cfg.flow.clone(),
+            report_lag_ms: cfg.load_publish_interval_ms + 2 * cfg.gossip_interval_ms,
         }
     }
 }

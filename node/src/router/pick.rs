@@ -69,6 +69,7 @@ fn local_facts<'a>(s: &'a LocalSnapshot<'a>, usable: bool, default_bs: u32) -> E
         history: s.history.as_deref(),
         block_size: block_size.or(s.view.load.block_size).unwrap_or(default_bs),
         role: s.engine.role,
+        fit: s.engine.ttft_fit(),
     }
 }
 
@@ -96,6 +97,8 @@ pub(crate) fn peer_facts<'a>(
         history,
         block_size: r.load.block_size.unwrap_or(default_bs),
         role: r.load.role,
+        // A fit a peer gossips is used only when it is sane (`Fit::is_sane`).
+        fit: r.load.ttft_fit.filter(kvmesh_policy::predict::Fit::is_sane),
     }
 }
 
@@ -115,6 +118,7 @@ impl Router {
                 running: v.load.running,
                 waiting: v.load.waiting,
                 in_flight: e.in_flight.load(Ordering::Relaxed),
+                recent: 0,
                 kv_usage: v.load.kv_usage,
             });
         }
@@ -123,14 +127,17 @@ impl Router {
             let now = self.engines.now_ms();
             let lease = self.s.cells.placement_lease_ms;
             let mut ledgers = mesh.table.ledgers();
+            let lag = self.s.report_lag_ms;
             for r in view.engines.iter().filter(|r| r.serves(model) && !mesh.table.suspected(r)) {
-                let placed = ledgers.as_mut().and_then(|l| l.get_mut(&r.id)).map_or(0, |l| l.placed.live(now, lease));
+                let ledger = ledgers.as_mut().and_then(|l| l.get_mut(&r.id));
+                let (placed, recent) = ledger.map_or((0, 0), |l| (l.placed.live(now, lease), l.sent.live(now, lag)));
                 out.push(kvmesh_policy::flow::EngineLoad {
                     usable: r.load.healthy && r.load.role != kvmesh_policy::pd::Role::Prefill,
                     local: false,
                     running: f64::from(r.load.running),
                     waiting: f64::from(r.load.waiting),
                     in_flight: r.in_flight.load(Ordering::Relaxed) + placed,
+                    recent: recent + placed,
                     kv_usage: f64::from(r.load.kv_usage),
                 });
             }

@@ -37,6 +37,31 @@ pub(super) struct Answer<'a> {
     pub route: &'a str,
     /// What the engine should report in `usage` (`check`).
     pub expect: Option<Expected>,
+    /// A streamed answer of this node's engine: its TTFT is learned from (`policy::predict`).
+    pub learn: Option<Learn>,
+}
+
+/// What a local engine's TTFT was predicted from, and when the request was sent.
+pub(super) struct Learn {
+    pub engine: Arc<crate::engine::Engine>,
+    pub features: kvmesh_policy::predict::Features,
+    pub sent: std::time::Instant,
+}
+
+impl Router {
+    /// Scores both TTFT models on this answer before the learned one learns from it
+    /// (`kvmesh_ttft_prediction_error_seconds`), then teaches it.
+    fn learn_ttft(&self, l: Learn) {
+        let actual_ms = l.sent.elapsed().as_secs_f64() * 1000.0;
+        let fixed = kvmesh_policy::predict::Fit::of(&self.s.weights).predict(&l.features);
+        let Ok(mut model) = l.engine.ttft.lock() else { return };
+        let learned = model.predict(&l.features);
+        model.observe(&l.features, actual_ms);
+        drop(model);
+        let err = &self.metrics.ttft_prediction_error;
+        err.with_label_values(&["learned"]).observe((learned - actual_ms).abs() / 1000.0);
+        err.with_label_values(&["fixed"]).observe((fixed - actual_ms).abs() / 1000.0);
+    }
 }
 
 impl Router {
@@ -84,6 +109,9 @@ impl Router {
             _ => builder,
         };
         if let Some(first) = first {
+            if let Some(l) = a.learn {
+                self.learn_ttft(l);
+            }
             let ttft = ctx.started.elapsed().as_secs_f64();
             self.metrics.ttfb.with_label_values(&[ep, "true"]).observe(ttft);
             self.metrics.recent_ttft.record(ttft);
