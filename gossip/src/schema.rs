@@ -128,8 +128,10 @@ pub struct LoadReport {
     pub held: u32,
 }
 
-/// Held requests a peer may claim (a node holds at most its queue capacity; more is noise).
-pub const MAX_HELD: u32 = 1 << 20;
+/// Held requests a peer may claim: a node holds at most its `flow.queue_capacity` (1,024 by
+/// default); more is a peer's mistake or lie, and would shrink every other node's share of
+/// engines' free places toward its floor.
+pub const MAX_HELD: u32 = 1 << 16;
 
 fn is_zero(n: &u32) -> bool {
     *n == 0

@@ -50,6 +50,9 @@ fn one() -> u32 {
     1
 }
 
+/// The largest fair-queue weight a key may have: one tenant cannot take a whole band.
+pub const MAX_WEIGHT: u32 = 1000;
+
 impl Default for KeyEntry {
     fn default() -> Self {
         Self {
@@ -144,7 +147,7 @@ impl KeyStore {
                 priority: e.priority,
                 // A key may always ask for its own band.
                 max_priority: e.max_priority.unwrap_or(e.priority).max(e.priority),
-                weight: e.weight.max(1),
+                weight: e.weight.clamp(1, MAX_WEIGHT),
             };
             keys.push((digest, Arc::new(tenant)));
         }

@@ -27,6 +27,8 @@ const PRIOR_VARIANCE: f64 = 100.0;
 /// Bound on the covariance's trace: with forgetting, directions the data never excites would
 /// otherwise grow without limit.
 const MAX_TRACE: f64 = 1e5;
+/// How far a peer's gossiped fit may stray from the fixed weights, either way.
+pub const PEER_FACTOR: f32 = 8.0;
 /// TTFTs beyond this (ms) are not learned from: a stall, not the engine's usual behaviour.
 const MAX_TTFT_MS: f64 = 120_000.0;
 
@@ -76,12 +78,37 @@ impl Fit {
             + f.running * f64::from(self.per_running_ms)
     }
 
-    /// Finite, non-negative and below a minute per unit: a fit a peer gossips is used only then.
+    /// A peer's fit as routing may use it: `None` unless sane, and each coefficient held within
+    /// [`PEER_FACTOR`] of this node's fixed weights either way, so that a peer gossiping a fit
+    /// (mistaken or hostile) moves its engines' predictions no further than lying about their
+    /// load could.
+    pub fn bounded_by(&self, reference: &Fit) -> Option<Fit> {
+        if !self.is_sane() {
+            return None;
+        }
+        let b = |c: f32, r: f32| c.clamp(r / PEER_FACTOR, (r * PEER_FACTOR).max(r / PEER_FACTOR));
+        Some(Fit {
+            first_step_ms: b(self.first_step_ms, reference.first_step_ms),
+            per_waiting_ms: b(self.per_waiting_ms, reference.per_waiting_ms),
+            per_uncached_token_ms: b(self.per_uncached_token_ms, reference.per_uncached_token_ms),
+            per_running_ms: b(self.per_running_ms, reference.per_running_ms),
+        })
+    }
+
+    /// Finite, non-negative and below a minute per unit.
     pub fn is_sane(&self) -> bool {
         [self.first_step_ms, self.per_waiting_ms, self.per_uncached_token_ms, self.per_running_ms]
             .iter()
             .all(|c| c.is_finite() && (0.0..60_000.0).contains(c))
     }
+}
+
+fn prior_covariance() -> [[f64; 4]; 4] {
+    let mut p = [[0.0; 4]; 4];
+    for (i, row) in p.iter_mut().enumerate() {
+        row[i] = PRIOR_VARIANCE;
+    }
+    p
 }
 
 /// One engine's online TTFT model.
@@ -97,11 +124,7 @@ impl TtftModel {
     pub fn new(w: &ScoreWeights) -> Self {
         let theta =
             [w.first_step_ms, w.queue_ms_per_waiting, w.prefill_ms_per_token * 1000.0, w.queue_ms_per_running * 10.0];
-        let mut p = [[0.0; 4]; 4];
-        for (i, row) in p.iter_mut().enumerate() {
-            row[i] = PRIOR_VARIANCE;
-        }
-        Self { theta, p, samples: 0 }
+        Self { theta, p: prior_covariance(), samples: 0 }
     }
 
     pub fn samples(&self) -> u64 {
@@ -123,6 +146,8 @@ impl TtftModel {
         let px: [f64; 4] = std::array::from_fn(|i| (0..4).map(|j| self.p[i][j] * x[j]).sum());
         let denom = LAMBDA + (0..4).map(|i| x[i] * px[i]).sum::<f64>();
         if !(denom.is_finite() && denom > 0.0) {
+            // Rounding broke the covariance: start its confidence over, keep the estimate.
+            self.p = prior_covariance();
             return;
         }
         let k: [f64; 4] = std::array::from_fn(|i| px[i] / denom);
@@ -134,6 +159,14 @@ impl TtftModel {
         for (row, ki) in self.p.iter_mut().zip(k) {
             for (v, pxj) in row.iter_mut().zip(px) {
                 *v = (*v - ki * pxj) / LAMBDA;
+            }
+        }
+        // Kept symmetric against rounding.
+        for i in 0..4 {
+            for j in (i + 1)..4 {
+                let m = 0.5 * (self.p[i][j] + self.p[j][i]);
+                self.p[i][j] = m;
+                self.p[j][i] = m;
             }
         }
         let trace: f64 = (0..4).map(|i| self.p[i][i]).sum();
@@ -236,5 +269,15 @@ mod tests {
         assert!(fit.is_sane());
         assert!(!Fit { per_waiting_ms: f32::NAN, ..fit }.is_sane());
         assert!(!Fit { first_step_ms: -1.0, ..fit }.is_sane());
+        // A peer's all-zero fit is held within a factor of the fixed weights.
+        let fixed = Fit::of(&ScoreWeights::default());
+        let zero = Fit { first_step_ms: 0.0, per_waiting_ms: 0.0, per_uncached_token_ms: 0.0, per_running_ms: 0.0 };
+        let held = zero.bounded_by(&fixed).unwrap();
+        assert_eq!(held.per_waiting_ms, fixed.per_waiting_ms / PEER_FACTOR);
+        assert_eq!(
+            Fit { per_waiting_ms: 1e4, ..fixed }.bounded_by(&fixed).unwrap().per_waiting_ms,
+            fixed.per_waiting_ms * PEER_FACTOR
+        );
+        assert!(Fit { per_waiting_ms: f32::NAN, ..fixed }.bounded_by(&fixed).is_none());
     }
 }

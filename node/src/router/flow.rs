@@ -28,12 +28,18 @@ use crate::metrics::NodeMetrics;
 
 /// How often the dispatcher looks for free places while requests are held.
 const TICK: Duration = Duration::from_millis(5);
-/// How often the saturation gauges are refreshed when nothing is held.
-const GAUGE_EVERY: Duration = Duration::from_secs(1);
+/// How often the saturation gauges are refreshed (a scrape every 15 s sees them fresh).
+const GAUGE_EVERY: Duration = Duration::from_millis(250);
 /// Recent dispatches kept per model to estimate the dispatch rate.
 const RATE_WINDOW: usize = 64;
 /// Models with a queue, at most (a queue is made only for a model some engine serves).
 const MAX_QUEUES: usize = 256;
+/// Dispatches older than this say nothing of the current rate.
+const RATE_HORIZON: Duration = Duration::from_secs(10);
+/// A request let go reaches its engine's in-flight count within this (its prompt is already
+/// tokenized; pick is microseconds): until then it counts against the free places, so that a
+/// burst, or two dispatcher passes in a row, cannot overfill an engine.
+const GRANT_MS: Duration = Duration::from_millis(25);
 
 /// Why a held request was answered without being served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +114,8 @@ enum Verdict {
 struct Waiter {
     tx: oneshot::Sender<Verdict>,
     model: Arc<str>,
+    /// The gauge label it was counted under (kept: a model's label can change while held).
+    label: Arc<str>,
     tenant: Arc<str>,
     priority: Priority,
 }
@@ -118,22 +126,35 @@ struct State {
     waiters: HashMap<u64, Waiter>,
     /// When each model's recent requests left (at most `RATE_WINDOW`).
     dispatched: HashMap<Arc<str>, VecDeque<Instant>>,
+    /// The dispatcher stopped (shutdown): nothing more is held.
+    closed: bool,
 }
 
 impl State {
+    /// Dispatches per second over the recent ones (the last `RATE_WINDOW`, within
+    /// `RATE_HORIZON`); 0 (unknown) with fewer than two.
     fn rate_per_s(&self, model: &str, now: Instant) -> f64 {
         let Some(times) = self.dispatched.get(model) else { return 0.0 };
-        match times.front() {
-            Some(first) if times.len() >= 2 => {
-                let span = now.duration_since(*first).as_secs_f64();
+        let recent: Vec<&Instant> = times.iter().filter(|t| now.duration_since(**t) <= RATE_HORIZON).collect();
+        match (recent.first(), recent.last()) {
+            (Some(first), Some(last)) if recent.len() >= 2 => {
+                let span = last.duration_since(**first).as_secs_f64();
                 if span > 0.0 {
-                    times.len() as f64 / span
+                    (recent.len() - 1) as f64 / span
                 } else {
                     0.0
                 }
             }
             _ => 0.0,
         }
+    }
+
+    /// Requests let go for `model` within `GRANT_MS`: on their way to an engine, not yet in
+    /// its in-flight count.
+    fn granted(&self, model: &str, now: Instant) -> f64 {
+        self.dispatched
+            .get(model)
+            .map_or(0, |t| t.iter().rev().take_while(|t| now.duration_since(**t) < GRANT_MS).count()) as f64
     }
 
     fn record_dispatch(&mut self, model: &Arc<str>, now: Instant) {
@@ -176,10 +197,9 @@ struct Ticket<'a> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        if let Ok(mut st) = self.flow.state.lock() {
-            if let Some(w) = st.take(self.id) {
-                self.flow.left(&w.model, w.priority);
-            }
+        let mut st = self.flow.lock();
+        if let Some(w) = st.take(self.id) {
+            self.flow.left(&w);
         }
     }
 }
@@ -200,14 +220,20 @@ impl FlowControl {
         &self.s
     }
 
+    /// The state, even after a panic elsewhere poisoned its lock: every change to it is made
+    /// whole under the lock, and counters must still be released.
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Requests held now.
     pub(crate) fn held(&self) -> u32 {
         self.held.load(Ordering::Relaxed)
     }
 
-    fn left(&self, model: &str, p: Priority) {
+    fn left(&self, w: &Waiter) {
         self.held.fetch_sub(1, Ordering::Relaxed);
-        self.metrics.flow_queued.with_label_values(&[model, p.as_str()]).dec();
+        self.metrics.flow_queued.with_label_values(&[&w.label, w.priority.as_str()]).dec();
     }
 
     fn retry_after_s(&self) -> u64 {
@@ -221,7 +247,9 @@ impl Router {
     /// free place and nothing is held ahead), or the refusal to answer it with.
     pub(crate) async fn hold(&self, a: Asking<'_>) -> Result<(), Refusal> {
         let f = &self.flow;
-        if !f.s.enabled {
+        // Not built for meshes split into cells: a request homed in another cell is placed
+        // there (`cells`), whose engines this node's saturation does not cover.
+        if !f.s.enabled || self.mesh().is_some_and(|m| m.cell.is_some()) {
             return Ok(());
         }
         let loads = self.flow_loads(a.model);
@@ -232,9 +260,13 @@ impl Router {
         let free = flow::free_slots(&loads, &f.s, self.remote_share());
         let now = Instant::now();
         let (id, rx) = {
-            let Ok(mut st) = f.state.lock() else { return Ok(()) };
+            let mut st = f.lock();
+            if st.closed {
+                drop(st);
+                return Err(self.shed(Shed::Draining, a.model));
+            }
             let queued = st.queues.get(a.model).map_or(0, FairQueue::len);
-            if queued == 0 && free > 0.0 {
+            if queued == 0 && free - st.granted(a.model, now) > 0.0 {
                 let model: Arc<str> = a.model.into();
                 st.record_dispatch(&model, now);
                 return Ok(());
@@ -247,7 +279,9 @@ impl Router {
                 drop(st);
                 return Err(self.shed(Shed::CannotMeet, a.model));
             }
-            if !st.queues.contains_key(a.model) && st.queues.len() >= MAX_QUEUES {
+            // The node-wide bound (each model's queue is bounded too).
+            let full_node = f.held() as usize >= f.s.queue_capacity;
+            if full_node || (!st.queues.contains_key(a.model) && st.queues.len() >= MAX_QUEUES) {
                 drop(st);
                 return Err(self.shed(Shed::Full, a.model));
             }
@@ -266,14 +300,15 @@ impl Router {
                 }
             };
             let (tx, rx) = oneshot::channel();
-            st.waiters.insert(id, Waiter { tx, model, tenant: a.tenant.into(), priority: a.priority });
+            let label: Arc<str> = f.metrics.model_label(a.model).into();
             f.held.fetch_add(1, Ordering::Relaxed);
-            f.metrics.flow_queued.with_label_values(&[a.model, a.priority.as_str()]).inc();
+            f.metrics.flow_queued.with_label_values(&[&label, a.priority.as_str()]).inc();
+            st.waiters.insert(id, Waiter { tx, model, label, tenant: a.tenant.into(), priority: a.priority });
             f.metrics.flow_held.with_label_values(&[a.priority.as_str()]).inc();
             if let Some(d) = displaced {
                 // Already out of the queue: only its waiter is left.
                 if let Some(w) = st.waiters.remove(&d) {
-                    f.left(&w.model, w.priority);
+                    f.left(&w);
                     let _ = w.tx.send(Verdict::Shed(Shed::Displaced));
                 }
             }
@@ -289,7 +324,8 @@ impl Router {
         match verdict {
             Ok(Ok(Verdict::Go)) => Ok(()),
             Ok(Ok(Verdict::Shed(shed))) => Err(self.shed(shed, a.model)),
-            // The dispatcher is gone: the node is stopping.
+            // Its sender was dropped without a verdict (cannot happen while the waiter is held;
+            // answered as a stop, to be safe).
             Ok(Err(_)) => Err(self.shed(Shed::Draining, a.model)),
             Err(_) => Err(self.shed(Shed::Deadline, a.model)),
         }
@@ -313,28 +349,22 @@ impl Router {
     fn dispatch(&self) {
         let f = &self.flow;
         let draining = self.is_draining();
-        let models: Vec<Arc<str>> = match f.state.lock() {
-            Ok(st) => st.queues.iter().filter(|(_, q)| !q.is_empty()).map(|(m, _)| m.clone()).collect(),
-            Err(_) => return,
-        };
+        let models: Vec<Arc<str>> =
+            f.lock().queues.iter().filter(|(_, q)| !q.is_empty()).map(|(m, _)| m.clone()).collect();
         let share = self.remote_share();
         for model in models {
-            let loads = self.flow_loads(&model);
-            // No usable engine left: let them all go, for pick to answer (503) at once.
-            let mut free = match (draining, loads.iter().any(|e| e.usable)) {
-                (true, _) => 0.0,
-                (false, true) => flow::free_slots(&loads, &f.s, share),
-                (false, false) => f64::INFINITY,
-            };
-            let Ok(mut st) = f.state.lock() else { return };
+            // No usable engine: they stay held (an engine may come back) until their deadline.
+            let mut free = if draining { 0.0 } else { flow::free_slots(&self.flow_loads(&model), &f.s, share) };
+            let mut st = f.lock();
             let now = Instant::now();
+            free -= st.granted(&model, now);
             loop {
                 if !draining && free <= 0.0 {
                     break;
                 }
                 let Some(id) = st.queues.get_mut(&model).and_then(FairQueue::pop) else { break };
                 let Some(w) = st.waiters.remove(&id) else { continue };
-                f.left(&w.model, w.priority);
+                f.left(&w);
                 let verdict = if draining { Verdict::Shed(Shed::Draining) } else { Verdict::Go };
                 // A waiter that is gone (its client left) took no place.
                 if w.tx.send(verdict).is_ok() && !draining {
@@ -359,6 +389,10 @@ impl Router {
                 .unwrap_or(0),
         );
         for model in self.models_served() {
+            // Only models an engine has answered for label series (`NodeMetrics::model_label`).
+            if f.metrics.model_label(&model) != model {
+                continue;
+            }
             let loads = self.flow_loads(&model);
             let usable: Vec<_> = loads.iter().filter(|e| e.usable).collect();
             let places = usable.len() as f64 * f64::from(f.s.max_waiting_per_engine.max(1));
@@ -394,13 +428,14 @@ pub(crate) async fn run(router: Weak<Router>, cancel: CancellationToken) {
         r.dispatch();
     }
     if let Some(r) = router.upgrade() {
-        if let Ok(mut st) = r.flow.state.lock() {
-            let ids: Vec<u64> = st.waiters.keys().copied().collect();
-            for id in ids {
-                if let Some(w) = st.take(id) {
-                    r.flow.left(&w.model, w.priority);
-                    let _ = w.tx.send(Verdict::Shed(Shed::Draining));
-                }
+        let mut st = r.flow.lock();
+        // Requests arriving from now on are answered at once (`hold`).
+        st.closed = true;
+        let ids: Vec<u64> = st.waiters.keys().copied().collect();
+        for id in ids {
+            if let Some(w) = st.take(id) {
+                r.flow.left(&w);
+                let _ = w.tx.send(Verdict::Shed(Shed::Draining));
             }
         }
     }

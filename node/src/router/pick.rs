@@ -83,6 +83,7 @@ pub(crate) fn peer_facts<'a>(
     placed: u32,
     history: Option<&'a RoutedKeys>,
     default_bs: u32,
+    reference: &kvmesh_policy::predict::Fit,
 ) -> EngineFacts<'a> {
     EngineFacts {
         usable,
@@ -97,8 +98,8 @@ pub(crate) fn peer_facts<'a>(
         history,
         block_size: r.load.block_size.unwrap_or(default_bs),
         role: r.load.role,
-        // A fit a peer gossips is used only when it is sane (`Fit::is_sane`).
-        fit: r.load.ttft_fit.filter(kvmesh_policy::predict::Fit::is_sane),
+        // A fit a peer gossips is used when sane, within a factor of this node's weights.
+        fit: r.load.ttft_fit.and_then(|f| f.bounded_by(reference)),
     }
 }
 
@@ -226,6 +227,7 @@ impl Router {
         };
         let ledger_of = |id: &EngineId| -> Option<&Ledger> { ledgers.as_ref().and_then(|l| l.get(id)) };
 
+        let reference = kvmesh_policy::predict::Fit::of(&self.s.weights);
         let mut targets: Vec<Target> = Vec::with_capacity(snaps.len() + remote.len());
         let mut facts: Vec<EngineFacts<'_>> = Vec::with_capacity(snaps.len() + remote.len());
         let mut known = false;
@@ -248,7 +250,7 @@ impl Router {
             let usable = r.load.healthy && serves && !tried.contains(&t.key());
             let placed = placed.get(&r.id).copied().unwrap_or(0);
             let history = ledger_of(&r.id).map(|l| &l.routed);
-            facts.push(peer_facts(r, usable, rtt, placed, history, default_bs));
+            facts.push(peer_facts(r, usable, rtt, placed, history, default_bs, &reference));
             targets.push(t);
         }
         if !known {
@@ -394,6 +396,7 @@ mod tests {
         let mut history = RoutedKeys::new(60_000, 1_000);
         history.record(&keys[..30], 0);
         let (w, pd) = (ScoreWeights::default(), PdSettings::default());
+        let reference = kvmesh_policy::predict::Fit::of(&w);
         // (engines: running, waiting, kv usage, blocks held, in flight; placed; rtt; history)
         type Engine = (u32, u32, f32, usize, u32, u32, f64, bool);
         let scenarios: Vec<Vec<Engine>> = vec![
@@ -418,7 +421,9 @@ mod tests {
             let node: Vec<_> = peers
                 .iter()
                 .zip(&engines)
-                .map(|(p, (.., placed, rtt, h))| peer_facts(p, true, *rtt, *placed, h.then_some(&history), BS))
+                .map(|(p, (.., placed, rtt, h))| {
+                    peer_facts(p, true, *rtt, *placed, h.then_some(&history), BS, &reference)
+                })
                 .collect();
             let shards: Vec<Vec<Option<Arc<BloomShard>>>> = peers.iter().map(|p| (*p.summary).clone()).collect();
             let sim: Vec<_> = engines
