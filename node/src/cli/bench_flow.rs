@@ -76,6 +76,9 @@ pub struct FlowArgs {
     /// Flow control's `max_waiting_per_engine` on the nodes this benchmark starts.
     #[arg(long, default_value_t = FlowSettings::default().max_waiting_per_engine)]
     pub max_waiting: u32,
+    /// Clients send to the first this many nodes only (default: every node).
+    #[arg(long)]
+    pub entry_nodes: Option<usize>,
     /// Capacity in requests/s, instead of measuring it.
     #[arg(long)]
     pub capacity: Option<f64>,
@@ -406,7 +409,8 @@ async fn point(name: &str, streams: &[Stream], c_args: (&FlowArgs, f64), seed: u
     let cancel = CancellationToken::new();
     let s = setup(name, a, &cancel).await?;
     let client = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(4096).build().map_err(err)?;
-    let c = Ctx { client, urls: &s.urls, a, tpw };
+    let entry = a.entry_nodes.unwrap_or(s.urls.len()).clamp(1, s.urls.len().max(1));
+    let c = Ctx { client, urls: &s.urls[..entry.min(s.urls.len())], a, tpw };
     let start = Instant::now();
     let all = open_loop(&c, streams, a.duration_s, seed).await;
     let errors = prediction_errors(&c.client, &s.urls).await;
