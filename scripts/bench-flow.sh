@@ -47,6 +47,10 @@ max_priority = "critical"
 tenant = "noisy"
 key_sha256 = "$("$bin" keys hash sk-bench-noisy)"
 max_priority = "critical"
+[[auth.keys]]
+tenant = "ops"
+key_sha256 = "$("$bin" keys hash sk-bench-admin)"
+admin = true
 TOML
 }
 
@@ -72,7 +76,7 @@ TOML
   for u in "${urls[@]}"; do
     wait_http "$u"
     for _ in $(seq 1 120); do
-      n=$(curl -sf "$u/v1/mesh/peers" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["peers"]))' 2>/dev/null || echo 0)
+      n=$(curl -sf -H "Authorization: Bearer sk-bench-admin" "$u/v1/mesh/peers" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["peers"]))' 2>/dev/null || echo 0)
       [ "$n" = 8 ] && break
       sleep 0.5
     done

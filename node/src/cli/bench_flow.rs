@@ -563,8 +563,8 @@ pub async fn run(a: FlowArgs) -> Result<(), NodeError> {
                 "fairness {name}: quiet TTFT p90 alone {:.0} ms, with noisy {:.0} ms ({ratio:.2}x)",
                 alone[0].ttft[1], shared[0].ttft[1]
             );
-            md.push_str(&format!("| alone | {}", row(name, &alone[0])));
-            md.push_str(&format!("| with noisy | {}", row(name, &shared[0])));
+            md.push_str(&format!("| alone {}", row(name, &alone[0])));
+            md.push_str(&format!("| with noisy {}", row(name, &shared[0])));
             md.push_str(&format!("| | {name}: quiet TTFT p90 with noisy / alone | {ratio:.2}x | | | | | | | |\n"));
         }
         md.push('\n');
@@ -580,8 +580,8 @@ pub async fn run(a: FlowArgs) -> Result<(), NodeError> {
                 "priority {name}: critical TTFT p90 {:.0} ms ({} 503), sheddable TTFT p90 {:.0} ms ({} 503)",
                 f[0].ttft[1], f[0].refused_503, f[1].ttft[1], f[1].refused_503
             );
-            md.push_str(&format!("| critical | {}", row(name, &f[0])));
-            md.push_str(&format!("| sheddable | {}", row(name, &f[1])));
+            md.push_str(&format!("| critical {}", row(name, &f[0])));
+            md.push_str(&format!("| sheddable {}", row(name, &f[1])));
         }
         md.push('\n');
     }
