@@ -5,7 +5,7 @@
 #   - mesh-no-flow: the same 8 processes with `[flow] enabled = false`;
 #   - central-flow: one `kvmesh serve` router, flow control on, in front of 8 `kvmesh engine-sim`
 #                   processes (the same policy applied centrally, no gossip delay).
-# The mesh-flow run measures the capacity first; every setup then gets the same offered loads.
+# The first setup's run measures the capacity; every setup then gets the same offered loads.
 # Writes the sections `flow-processes-SETUP` of BENCHMARKS.md.
 #
 #   scripts/bench-flow.sh [LOADS] [DURATION_S] [SCENARIOS] [TIME_SCALE]
@@ -32,9 +32,8 @@ for i in $(seq 0 7); do "$bin" cert node --name "n$i" --dir "$dir" >/dev/null; d
 wait_http() { for _ in $(seq 1 120); do curl -sf "$1/health" >/dev/null && return 0; sleep 0.25; done; echo "no answer from $1" >&2; exit 1; }
 
 # The keys and flow control every node runs with (the benchmark's two tenants).
-common() { # flow enabled: true|false
+common() { # flow enabled: true|false (tables only: it goes after a config's top-level keys)
   cat <<TOML
-engine_poll_interval_ms = 50
 [flow]
 enabled = $1
 max_wait_ms = $hold_ms
@@ -64,6 +63,7 @@ quic_addr = "127.0.0.1:$((base + i))"
 tls_dir = "$dir"
 cluster_id = "bench"
 seeds = ["127.0.0.1:$base"]
+engine_poll_interval_ms = 50
 $(common "$1")
 [embedded]
 num_gpu_blocks = 800
@@ -100,6 +100,7 @@ kv_events = \"tcp://127.0.0.1:$((base + 40 + i))\"
   cat >"$dir/central.toml" <<TOML
 node_name = "central"
 http_addr = "127.0.0.1:$((base + 10))"
+engine_poll_interval_ms = 50
 $engines
 $(common true)
 TOML
@@ -111,8 +112,9 @@ TOML
   entry="http://127.0.0.1:$((base + 10))"
 }
 
-capacity=""
-for setup in mesh-flow mesh-no-flow central-flow; do
+# KVMESH_FLOW_SETUPS runs some of them; KVMESH_FLOW_CAPACITY skips measuring the capacity.
+capacity=${KVMESH_FLOW_CAPACITY:-}
+for setup in ${KVMESH_FLOW_SETUPS:-mesh-flow mesh-no-flow central-flow}; do
   case $setup in
     mesh-flow) mesh true ;;
     mesh-no-flow) mesh false ;;
