@@ -79,6 +79,11 @@ async fn request_spans_reach_the_collector_as_otlp_protobuf() {
     assert!(contains(body, b"request"), "span name");
     assert!(contains(body, b"kvmesh") && contains(body, b"otlp-test-node"), "resource");
     assert!(contains(body, b"request_id"), "span attribute");
+    // The stages' spans, children of the request's.
+    let all: Vec<u8> = posts.iter().flat_map(|(_, b)| b.clone()).collect();
+    for stage in ["admit", "tokenize", "hold", "route"] {
+        assert!(contains(&all, stage.as_bytes()), "stage span {stage}");
+    }
     n.shutdown().await;
 
     // One trace across two nodes to an engine: the client's trace id is in both nodes' spans

@@ -61,6 +61,13 @@ impl AdminAccess {
     }
 }
 
+/// A stage's span, a child of the request's: `admit`, `tokenize`, `limit`, `hold`, `route`
+/// (place, pick and forward, up to the answer's head). Exported with the request span over
+/// OTLP, so a trace shows where a request's time went.
+fn stage(name: &'static str) -> tracing::Span {
+    tracing::info_span!("stage", stage = name, otel.name = name)
+}
+
 pub struct Pipeline {
     pub router: Arc<Router>,
     /// Auth, limits, guardrails and audit; `None` when none is configured.
@@ -117,14 +124,15 @@ impl Pipeline {
     /// The stages, in order.
     async fn stages(&self, mut ctx: RequestCtx, headers: &HeaderMap, body: Bytes) -> Response {
         // 1. admit
-        let (mut flow, req, body) = match self.admit(&mut ctx, headers, body).await {
+        let admitted = self.admit(&mut ctx, headers, body).instrument(stage("admit")).await;
+        let (mut flow, req, body) = match admitted {
             Ok(admitted) => admitted,
             Err((flow, refusal)) => return self.refuse(&ctx, flow, refusal).await,
         };
         // 2. tokenize (only what touches an engine's KV cache is keyed: tokenizer work and a
         //    stored response's routes go by load, and leave no route history)
         let mut prompt = match req.uses_kv_cache() {
-            true => match self.router.prompt_keys(&req).await {
+            true => match self.router.prompt_keys(&req).instrument(stage("tokenize")).await {
                 Ok(prompt) => prompt,
                 Err(e) => return self.refuse(&ctx, flow, e.into()).await,
             },
@@ -132,8 +140,11 @@ impl Pipeline {
         };
         // 3. limit
         if let (Some(guard), Some(f)) = (&self.guard, flow.as_mut()) {
-            let peers = self.router.mesh().map(|m| m.peers()).unwrap_or_default();
-            if let Err(refusal) = guard.limit(f, &req, prompt.known().then_some(prompt.tokens), &peers) {
+            let limited = stage("limit").in_scope(|| {
+                let peers = self.router.mesh().map(|m| m.peers()).unwrap_or_default();
+                guard.limit(f, &req, prompt.known().then_some(prompt.tokens), &peers)
+            });
+            if let Err(refusal) = limited {
                 return self.refuse(&ctx, flow, refusal).await;
             }
         }
@@ -147,20 +158,24 @@ impl Pipeline {
                 tokens: prompt.tokens,
                 arrived: ctx.started,
             };
-            if let Err(refusal) = self.router.hold(asking).await {
+            if let Err(refusal) = self.router.hold(asking).instrument(stage("hold")).await {
                 return self.refuse(&ctx, flow, refusal).await;
             }
         }
-        let answer = match req.pinned_to(ctx.response_id.as_deref()) {
-            // 5-7. a stored response's follow-up, retrieval or cancel: to the engine that stored it
-            Some(id) => self.router.serve_stored(&ctx, &req, &body, id, false).await,
-            None => match self.router.place_in_home_cell(&ctx, &req, &body, &mut prompt).await {
-                // 5. place
-                Some(answer) => answer,
-                // 6. pick → 7. forward (retried while the client has seen nothing)
-                None => self.router.pick_and_forward(&ctx, &req, &body, &mut prompt, Scope::Mesh).await,
-            },
+        let route = async {
+            match req.pinned_to(ctx.response_id.as_deref()) {
+                // 5-7. a stored response's follow-up, retrieval or cancel: to the engine that stored it
+                Some(id) => self.router.serve_stored(&ctx, &req, &body, id, false).await,
+                None => match self.router.place_in_home_cell(&ctx, &req, &body, &mut prompt).await {
+                    // 5. place
+                    Some(answer) => answer,
+                    // 6. pick → 7. forward (retried while the client has seen nothing)
+                    None => self.router.pick_and_forward(&ctx, &req, &body, &mut prompt, Scope::Mesh).await,
+                },
+            }
         };
+        // Until the answer's head (a stream's first chunk): its body is relayed after.
+        let answer = route.instrument(stage("route")).await;
         // 8. relay
         match (&self.guard, flow) {
             (Some(guard), Some(flow)) => guard.answer(flow, &req, answer).await,
