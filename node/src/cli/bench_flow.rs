@@ -30,7 +30,7 @@ use serde_json::json;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use kvmesh_node::config::{Config, EngineEntry};
+use kvmesh_node::config::Config;
 use kvmesh_node::NodeError;
 use kvmesh_node::{Node, RunningNode};
 use kvmesh_policy::auth::{hash_key, KeyEntry};
@@ -38,7 +38,7 @@ use kvmesh_policy::flow::{BandSlo, FlowSettings, Priority};
 use kvmesh_policy::tokenize::ModelTokenizer;
 use kvmesh_sim::{EngineConfig, EngineSim, RunningEngine};
 
-use super::bench_routing::{hist, pct, streamed, text};
+use super::bench_routing::{engine_entries, hist, pct, streamed, text, wait_for_mesh};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct FlowArgs {
@@ -161,24 +161,7 @@ async fn setup(name: &str, a: &FlowArgs, cancel: &CancellationToken) -> Result<S
         for _ in 0..a.engines {
             engines.push(EngineSim::start(engine_config(a), "127.0.0.1:0", Some("tcp://127.0.0.1:0"), cancel).await?);
         }
-        let cfg = Config {
-            node_name: "central".into(),
-            engines: engines
-                .iter()
-                .enumerate()
-                .map(|(i, e)| EngineEntry {
-                    url: e.url(),
-                    name: Some(format!("e{i}")),
-                    kv_events: e.kv_events_endpoint.clone(),
-                    kv_events_replay: None,
-                    api_key: None,
-                    api_key_file: None,
-                    role: Default::default(),
-                    data_parallel_size: 1,
-                })
-                .collect(),
-            ..base
-        };
+        let cfg = Config { node_name: "central".into(), engines: engine_entries(&engines), ..base };
         let node = Node::start(cfg, cancel).await?;
         let url = node.url();
         return Ok(Setup { nodes: vec![node], engines, urls: vec![url], _dir: None });
@@ -203,17 +186,7 @@ async fn setup(name: &str, a: &FlowArgs, cancel: &CancellationToken) -> Result<S
         seed.get_or_insert_with(|| node.mesh.as_ref().map(|m| m.advertise.to_string()).unwrap_or_default());
         nodes.push(node);
     }
-    let n = a.engines;
-    let t = Instant::now();
-    while !nodes
-        .iter()
-        .all(|x| x.mesh.as_ref().is_some_and(|m| m.peers().len() == n && m.view().engines.len() == n - 1))
-    {
-        if t.elapsed() > Duration::from_secs(30) {
-            return Err(err("mesh did not form in 30 s"));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_mesh(&nodes).await?;
     let urls = nodes.iter().map(|x| x.url()).collect();
     Ok(Setup { nodes, engines: Vec::new(), urls, _dir: Some(dir) })
 }

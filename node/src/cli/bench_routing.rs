@@ -242,20 +242,7 @@ async fn setup(
             node_name: "oracle".into(),
             http_addr: "127.0.0.1:0".into(),
             engine_poll_interval_ms: 100,
-            engines: engines
-                .iter()
-                .enumerate()
-                .map(|(i, e)| EngineEntry {
-                    url: e.url(),
-                    name: Some(format!("e{i}")),
-                    kv_events: e.kv_events_endpoint.clone(),
-                    kv_events_replay: None,
-                    api_key: None,
-                    api_key_file: None,
-                    role: Default::default(),
-                    data_parallel_size: 1,
-                })
-                .collect(),
+            engines: engine_entries(&engines),
             models: models.clone(),
             ..Config::default()
         };
@@ -299,6 +286,14 @@ async fn setup(
         seed.get_or_insert_with(|| node.mesh.as_ref().map(|m| m.advertise.to_string()).unwrap_or_default());
         nodes.push(node);
     }
+    wait_for_mesh(&nodes).await?;
+    let entry_urls = nodes.iter().map(|x| x.url()).collect();
+    Ok(Setup { nodes, engines: Vec::new(), entry_urls, _dir: Some(dir) })
+}
+
+/// Waits (at most 30 s) until every node sees every other and its engine.
+pub(super) async fn wait_for_mesh(nodes: &[RunningNode]) -> Result<(), NodeError> {
+    let n = nodes.len();
     let t = Instant::now();
     while !nodes
         .iter()
@@ -309,8 +304,25 @@ async fn setup(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let entry_urls = nodes.iter().map(|x| x.url()).collect();
-    Ok(Setup { nodes, engines: Vec::new(), entry_urls, _dir: Some(dir) })
+    Ok(())
+}
+
+/// A central router's engines: the simulators as `e0`, `e1`, ... with their KV events.
+pub(super) fn engine_entries(engines: &[RunningEngine]) -> Vec<EngineEntry> {
+    engines
+        .iter()
+        .enumerate()
+        .map(|(i, e)| EngineEntry {
+            url: e.url(),
+            name: Some(format!("e{i}")),
+            kv_events: e.kv_events_endpoint.clone(),
+            kv_events_replay: None,
+            api_key: None,
+            api_key_file: None,
+            role: Default::default(),
+            data_parallel_size: 1,
+        })
+        .collect()
 }
 
 pub(super) fn pct(h: &Histogram<u64>, q: f64) -> f64 {

@@ -273,15 +273,19 @@ impl PeerTable {
         self.ledgers.lock().ok()
     }
 
+    fn new_ledger(&self) -> Ledger {
+        Ledger {
+            routed: RoutedKeys::new(self.history_ttl_ms, self.history_max_keys),
+            placed: Placements::default(),
+            sent: Placements::default(),
+        }
+    }
+
     /// Records that `keys` were routed to `id` (or a placement there), creating its ledger.
     pub fn record(&self, id: &EngineId, keys: &[u64], placed: bool) {
         let now = self.now_ms();
         let Some(mut ledgers) = self.ledgers() else { return };
-        let ledger = ledgers.entry(id.clone()).or_insert_with(|| Ledger {
-            routed: RoutedKeys::new(self.history_ttl_ms, self.history_max_keys),
-            placed: Placements::default(),
-            sent: Placements::default(),
-        });
+        let ledger = ledgers.entry(id.clone()).or_insert_with(|| self.new_ledger());
         if !keys.is_empty() {
             ledger.routed.record(keys, now);
         }
@@ -295,11 +299,7 @@ impl PeerTable {
     pub fn record_sent(&self, id: &EngineId, lag_ms: u64) {
         let now = self.now_ms();
         let Some(mut ledgers) = self.ledgers() else { return };
-        let ledger = ledgers.entry(id.clone()).or_insert_with(|| Ledger {
-            routed: RoutedKeys::new(self.history_ttl_ms, self.history_max_keys),
-            placed: Placements::default(),
-            sent: Placements::default(),
-        });
+        let ledger = ledgers.entry(id.clone()).or_insert_with(|| self.new_ledger());
         ledger.sent.live(now, lag_ms);
         ledger.sent.record(now);
     }
