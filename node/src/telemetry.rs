@@ -1,10 +1,11 @@
 //! Optional export of the tracing spans (the per-request `request` span and its fields) to an
 //! OpenTelemetry collector over OTLP/HTTP with protobuf bodies (`observability.otlp_endpoint`).
 //!
-//! The exporter's own HTTP clients need reqwest 0.13, while the workspace uses 0.12, so spans go
-//! out through `ReqwestClient`, a small `opentelemetry_http::HttpClient` over the node's reqwest.
-//! The SDK's batch processor runs on a thread of its own, outside tokio, so each POST is spawned
-//! onto the node's runtime and awaited from there.
+//! Spans go out through `ReqwestClient`, a small `opentelemetry_http::HttpClient` over the
+//! node's own reqwest (the same major the exporter uses, so no second HTTP stack): it bounds the
+//! collector's answer (`MAX_ANSWER_BYTES`, chunked or not) and each POST's time, which the
+//! exporter's stock clients do not. The SDK's batch processor runs on a thread of its own,
+//! outside tokio, so each POST is spawned onto the node's runtime and awaited from there.
 
 use std::time::Duration;
 
@@ -43,8 +44,15 @@ impl HttpClient for ReqwestClient {
             if let Some(h) = out.headers_mut() {
                 *h = resp.headers().clone();
             }
-            let body = resp.bytes().await?;
-            Ok(out.body(body)?)
+            let mut resp = resp;
+            let mut body = Vec::new();
+            while let Some(chunk) = resp.chunk().await? {
+                if (body.len() + chunk.len()) as u64 > MAX_ANSWER_BYTES {
+                    return Err(HttpError::from("collector answer too large"));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(out.body(Bytes::from(body))?)
         };
         self.runtime.spawn(post).await.map_err(|e| HttpError::from(e.to_string()))?
     }

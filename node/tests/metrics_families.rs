@@ -48,6 +48,29 @@ async fn metrics(url: &str) -> BTreeMap<String, f64> {
     parse(&reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap())
 }
 
+/// docs/metrics.md's table: each family named in a row's first cell, with the row's type and
+/// the family's labels (its own `name{a,b}`, or the row's shared `{a,b}` cell).
+fn doc_rows(doc: &str) -> BTreeMap<String, (String, std::collections::BTreeSet<String>)> {
+    let mut rows = BTreeMap::new();
+    for line in doc.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let (names, kind) = (cells[1], cells[2]);
+        let tokens: Vec<&str> = names.split('`').skip(1).step_by(2).collect();
+        let labels_of = |t: &str| -> std::collections::BTreeSet<String> {
+            t.split_once('{')
+                .map(|(_, l)| l.trim_end_matches('}').split(',').map(|s| s.trim().to_owned()).collect())
+                .unwrap_or_default()
+        };
+        let shared = tokens.iter().find(|t| t.starts_with('{')).map(|t| labels_of(t)).unwrap_or_default();
+        for t in tokens.iter().filter(|t| t.starts_with("kvmesh_")) {
+            let name = t.split('{').next().unwrap_or(t);
+            let labels = if t.contains('{') { labels_of(t) } else { shared.clone() };
+            rows.insert(name.to_owned(), (kind.to_owned(), labels));
+        }
+    }
+    rows
+}
+
 /// Counters and histogram counts that must grow under streamed load.
 const MOVING: &[&str] = &[
     "kvmesh_requests_total",
@@ -159,27 +182,48 @@ async fn every_family_is_present_and_moves_under_load() {
         let (b, a) = (total(&before, family), total(&after, family));
         assert!(a > b, "{family} did not move: {b} -> {a}");
     }
-    // docs/operations.md's metrics table and /metrics in step: every kvmesh family served is
-    // documented, and every documented one is served.
+    // docs/metrics.md and /metrics in step: every kvmesh family served is documented with its
+    // type and labels, and every documented one is served.
     let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
-    let served: std::collections::BTreeSet<String> = text
+    let served_types: BTreeMap<String, String> = text
         .lines()
         .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with("kvmesh_"))
-        .map(str::to_owned)
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(n, _)| n.starts_with("kvmesh_"))
+        .map(|(n, t)| (n.to_owned(), t.to_owned()))
         .collect();
-    let ops = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md")).unwrap();
-    let section = ops.split("### Metrics").nth(1).unwrap_or_default();
-    let section = section.split("\n## ").next().unwrap_or_default();
-    let documented: std::collections::BTreeSet<String> = section
-        .split('`')
-        .filter_map(|t| t.split('{').next())
-        .filter(|n| n.starts_with("kvmesh_") && n.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
-        .map(str::to_owned)
-        .collect();
+    let served: std::collections::BTreeSet<String> = served_types.keys().cloned().collect();
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md")).unwrap();
+    let rows = doc_rows(&doc);
+    let documented: std::collections::BTreeSet<String> = rows.keys().cloned().collect();
+    for (family, (kind, labels)) in &rows {
+        let Some(served_kind) = served_types.get(family) else { continue };
+        if kind != "mixed" {
+            assert_eq!(served_kind, kind, "{family}: docs/metrics.md says {kind}, /metrics serves {served_kind}");
+        }
+        // Labels of the served samples (histogram and summary series included), less the one
+        // every series carries and the histogram's bucket bound.
+        let mut seen = std::collections::BTreeSet::new();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some(rest) = line.strip_prefix(family.as_str()) else { continue };
+            let rest = ["_bucket", "_sum", "_count"].iter().find_map(|x| rest.strip_prefix(x)).unwrap_or(rest);
+            let Some(set) = rest.strip_prefix('{').and_then(|r| r.split_once('}')).map(|(set, _)| set) else {
+                continue;
+            };
+            for pair in set.split("\",") {
+                if let Some((name, _)) = pair.split_once('=') {
+                    if name != "kvmesh_node" && name != "le" {
+                        seen.insert(name.to_owned());
+                    }
+                }
+            }
+        }
+        if !seen.is_empty() {
+            assert_eq!(&seen, labels, "{family}: labels served vs docs/metrics.md");
+        }
+    }
     let undocumented: Vec<_> = served.difference(&documented).collect();
-    assert!(undocumented.is_empty(), "served but not in docs/operations.md's metrics table: {undocumented:?}");
+    assert!(undocumented.is_empty(), "served but not in docs/metrics.md: {undocumented:?}");
     // Labelled families show up with their first event (a retry, a 429, a failed stream),
     // which this load has none of; `kvmesh_node` is the label every series carries.
     const ON_EVENT: &[&str] = &[
@@ -248,6 +292,9 @@ async fn every_family_is_present_and_moves_under_load() {
         assert!(q.iter().all(|v| v.is_finite() && *v >= 0.0), "{measure}: {q:?}");
         assert!(q[0] <= q[1] && q[1] <= q[2], "{measure}: {q:?}");
     }
+    // A Prometheus summary: lifetime count and sum beside the recent quantiles.
+    assert!(get(&after, "kvmesh_latency_summary_seconds_count", &[("measure", "ttft")]) >= 30.0);
+    assert!(get(&after, "kvmesh_latency_summary_seconds_sum", &[("measure", "e2e")]) > 0.0);
     let ttft_p99 = get(&after, "kvmesh_latency_summary_seconds", &[("measure", "ttft"), ("quantile", "0.99")]);
     let e2e_p99 = get(&after, "kvmesh_latency_summary_seconds", &[("measure", "e2e"), ("quantile", "0.99")]);
     assert!(ttft_p99 > 0.0 && ttft_p99 <= e2e_p99 * 1.02, "ttft p99 {ttft_p99} vs e2e p99 {e2e_p99}");

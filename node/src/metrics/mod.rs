@@ -1,15 +1,17 @@
 //! The node's own Prometheus metrics (`kvmesh_*`), one registry per node so several nodes can
 //! run in one process (tests, benchmarks).
 
-use std::sync::atomic::Ordering;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
-
-use hdrhistogram::Histogram;
 use prometheus::{
     Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+mod summary;
+
+use summary::LatencySummary;
+pub use summary::Recent;
 
 use crate::audit::AuditMetrics;
 
@@ -78,12 +80,12 @@ pub struct NodeMetrics {
     route_history_keys: IntGaugeVec,
     /// Time between two chunks of a relayed stream, by endpoint (about one decode step each).
     pub inter_token: HistogramVec,
-    /// Streamed requests' time to first token, inter-chunk gaps and whole requests over the last
-    /// one to two minutes, as exact quantiles for `kvmesh_latency_summary_seconds`.
-    pub recent_ttft: Recent,
-    pub recent_itl: Recent,
-    pub recent_e2e: Recent,
-    latency_summary: GaugeVec,
+    /// Streamed requests' time to first token, inter-chunk gaps and whole requests: exact
+    /// quantiles over the last one to two minutes, with lifetime count and sum, exported as the
+    /// Prometheus summary `kvmesh_latency_summary_seconds`.
+    pub recent_ttft: Arc<Recent>,
+    pub recent_itl: Arc<Recent>,
+    pub recent_e2e: Arc<Recent>,
     /// 1 while the node refuses new requests (drain or shutdown).
     pub draining: IntGauge,
     /// |predicted - actual| TTFT of this node's engines' streamed answers, by model (`learned`:
@@ -110,67 +112,6 @@ pub struct NodeMetrics {
     /// Serializes scrapes: counters mirrored from the transport's atomics are advanced by the
     /// difference, which two concurrent scrapes would both add.
     scrape: Mutex<()>,
-}
-
-/// Quantiles reported by `kvmesh_latency_summary_seconds`.
-const QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
-/// A `Recent` answers for the last `RECENT_WINDOW` to twice that.
-const RECENT_WINDOW: Duration = Duration::from_secs(60);
-
-/// Latencies of the last minute or two in microseconds, in two rotating hdrhistograms: exact
-/// quantiles (2 significant digits) of what happened lately, which Prometheus buckets only
-/// approximate and lifetime summaries bury.
-pub struct Recent {
-    inner: Mutex<RecentInner>,
-}
-
-struct RecentInner {
-    current: Histogram<u64>,
-    previous: Histogram<u64>,
-    since: Instant,
-}
-
-impl Recent {
-    fn new() -> Result<Self, NodeError> {
-        // 1 µs to 1 h; longer values are clamped to the top.
-        let h = Histogram::new_with_bounds(1, 3_600_000_000, 2).map_err(|e| NodeError::Histogram(e.to_string()))?;
-        Ok(Self { inner: Mutex::new(RecentInner { current: h.clone(), previous: h, since: Instant::now() }) })
-    }
-
-    pub fn record(&self, seconds: f64) {
-        if let Ok(mut r) = self.inner.lock() {
-            r.rotate(Instant::now());
-            r.current.saturating_record((seconds * 1e6).max(0.0) as u64);
-        }
-    }
-
-    /// `QUANTILES` in seconds; `None` when nothing was recorded in the window.
-    fn quantiles(&self) -> Option<[f64; 3]> {
-        let mut r = self.inner.lock().ok()?;
-        r.rotate(Instant::now());
-        let mut merged = r.current.clone();
-        merged.add(&r.previous).ok()?;
-        if merged.is_empty() {
-            return None;
-        }
-        Some(QUANTILES.map(|q| merged.value_at_quantile(q) as f64 / 1e6))
-    }
-}
-
-impl RecentInner {
-    fn rotate(&mut self, now: Instant) {
-        let age = now.duration_since(self.since);
-        if age < RECENT_WINDOW {
-            return;
-        }
-        if age >= RECENT_WINDOW * 2 {
-            self.previous.reset();
-        } else {
-            std::mem::swap(&mut self.previous, &mut self.current);
-        }
-        self.current.reset();
-        self.since = now;
-    }
 }
 
 const INTER_TOKEN_BUCKETS: &[f64] =
@@ -377,16 +318,9 @@ impl NodeMetrics {
                 .buckets(INTER_TOKEN_BUCKETS.to_vec()),
                 &["endpoint"],
             )?,
-            recent_ttft: Recent::new()?,
-            recent_itl: Recent::new()?,
-            recent_e2e: Recent::new()?,
-            latency_summary: GaugeVec::new(
-                Opts::new(
-                    "kvmesh_latency_summary_seconds",
-                    "Quantiles over the last 1-2 minutes (hdrhistogram): ttft and inter_token of streams, e2e of answers.",
-                ),
-                &["measure", "quantile"],
-            )?,
+            recent_ttft: Arc::new(Recent::new()?),
+            recent_itl: Arc::new(Recent::new()?),
+            recent_e2e: Arc::new(Recent::new()?),
             draining: IntGauge::new("kvmesh_draining", "1 while the node refuses new requests (drain or shutdown).")?,
             ttft_prediction_error: HistogramVec::new(
                 HistogramOpts::new(
@@ -489,7 +423,11 @@ impl NodeMetrics {
             Box::new(m.kv_cached_blocks.clone()),
             Box::new(m.route_history_keys.clone()),
             Box::new(m.inter_token.clone()),
-            Box::new(m.latency_summary.clone()),
+            Box::new(LatencySummary::new([
+                ("ttft", m.recent_ttft.clone()),
+                ("inter_token", m.recent_itl.clone()),
+                ("e2e", m.recent_e2e.clone()),
+            ])?),
             Box::new(m.draining.clone()),
             Box::new(m.ttft_prediction_error.clone()),
             Box::new(m.flow_queued.clone()),
@@ -546,15 +484,6 @@ impl NodeMetrics {
             let routed = e.routed.lock().map(|r| r.len()).unwrap_or(0);
             self.route_history_keys.with_label_values(&l).set(routed as i64);
         }
-        for (measure, recent) in
-            [("ttft", &self.recent_ttft), ("inter_token", &self.recent_itl), ("e2e", &self.recent_e2e)]
-        {
-            // NaN for an idle window, as a Prometheus summary with no observations reports.
-            let qs = recent.quantiles().unwrap_or([f64::NAN; 3]);
-            for (q, v) in QUANTILES.iter().zip(qs) {
-                self.latency_summary.with_label_values(&[measure, &q.to_string()]).set(v);
-            }
-        }
         if let Some(mesh) = mesh {
             self.observe_mesh(mesh);
         }
@@ -589,34 +518,5 @@ impl NodeMetrics {
             self.heartbeat_age.with_label_values(&[peer]).set(age.as_secs_f64());
         }
         self.max_heartbeat_age.set(ages.iter().map(|(_, a)| a.as_secs_f64()).fold(0.0, f64::max));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn recent_quantiles_are_exact_and_forget_old_windows() {
-        let r = Recent::new().unwrap();
-        assert!(r.quantiles().is_none());
-        for ms in 1..=100 {
-            r.record(ms as f64 / 1000.0);
-        }
-        let [p50, p90, p99] = r.quantiles().unwrap();
-        for (got, want) in [(p50, 0.050), (p90, 0.090), (p99, 0.099)] {
-            assert!((got - want).abs() <= want * 0.01, "{got} vs {want}");
-        }
-        let mut inner = r.inner.lock().unwrap();
-        let t0 = inner.since;
-        // One window later the values move to `previous` and still count.
-        inner.rotate(t0 + RECENT_WINDOW);
-        assert!(inner.current.is_empty());
-        assert_eq!(inner.previous.len(), 100);
-        // Two windows without a rotation: everything is older than the window, gone.
-        let t1 = inner.since;
-        inner.current.record(5).unwrap();
-        inner.rotate(t1 + RECENT_WINDOW * 2);
-        assert!(inner.current.is_empty() && inner.previous.is_empty());
     }
 }
