@@ -14,11 +14,13 @@ For the default values and every value set in deploy/helm/kvmesh/ci/:
   PrometheusRule's groups are deploy/prometheus/kvmesh-alerts.yml's;
 - every node.toml / edge.toml parses as TOML and, with KVMESH_BIN set (or --config-check BIN),
   passes `kvmesh config check` as the pod's node would read it.
+README.md's values table must be values.yaml's (every value documented there).
 The simulator value set must render certificates, probes, a ServiceMonitor and a
 PrometheusRule; invalid values must be refused.
 
   python3 scripts/check_helm_chart.py                       # everything but `kvmesh config check`
   python3 scripts/check_helm_chart.py --config-check BIN    # only the node configs, with BIN
+  python3 scripts/check_helm_chart.py --write-readme         # regenerate README.md's values table
 """
 import os
 import shutil
@@ -62,6 +64,73 @@ BAD = [
     (["--set", "ports.quic=70000"], "port out of range"),
     (["--set", "certificates.certManager.renewBefore=30days"], "not a duration"),
 ]
+
+
+def values_table():
+    """The README's values table, made from values.yaml: every key with a `# --` comment (and the
+    comment lines that follow it), its default and that text. Keys without one must be
+    children of a documented key."""
+    import json
+    import re
+
+    with open(os.path.join(CHART, "values.yaml")) as f:
+        lines = f.read().splitlines()
+    with open(os.path.join(CHART, "values.yaml")) as f:
+        vals = yaml.safe_load(f)
+    stack, doc, rows, undocumented = [], [], [], []
+    for ln in lines:
+        if m := re.match(r"^\s*# -- (.*)$", ln):
+            doc = [m.group(1)]
+        elif (m := re.match(r"^\s*#\s?(.*)$", ln)) and doc:
+            doc.append(m.group(1).strip())
+        elif m := re.match(r"^(\s*)([A-Za-z0-9_]+):", ln):
+            ind = len(m.group(1))
+            while stack and stack[-1][0] >= ind:
+                stack.pop()
+            documented_parent = any(d for _, _, d in stack)
+            stack.append((ind, m.group(2), bool(doc)))
+            path = ".".join(k for _, k, _ in stack)
+            if doc:
+                v = vals
+                for _, k, _ in stack:
+                    v = v[k]
+                dv = json.dumps(v, ensure_ascii=False)
+                if len(dv) > 40:
+                    dv = "see values.yaml"
+                rows.append(f"| `{path}` | `{dv}` | {' '.join(doc).replace('|', '/')} |")
+            elif not documented_parent:
+                v = vals
+                for _, k, _ in stack:
+                    v = v[k]
+                if not isinstance(v, dict):
+                    undocumented.append(path)
+            doc = []
+        else:
+            doc = []
+    return "| value | default | meaning |\n|---|---|---|\n" + "\n".join(rows) + "\n", undocumented
+
+
+README = os.path.join(CHART, "README.md")
+TABLE_BEGIN, TABLE_END = "<!-- values table: scripts/check_helm_chart.py --write-readme -->\n", "<!-- end of values table -->\n"
+
+
+def check_readme(write):
+    table, undocumented = values_table()
+    for path in undocumented:
+        fail(f"values.yaml: `{path}` has no `# --` comment")
+    with open(README) as f:
+        text = f.read()
+    if TABLE_BEGIN not in text or TABLE_END not in text:
+        fail("README.md: values table markers missing")
+        return
+    head, rest = text.split(TABLE_BEGIN, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    new = head + TABLE_BEGIN + table + TABLE_END + tail
+    if write:
+        with open(README, "w") as f:
+            f.write(new)
+    elif new != text:
+        fail("README.md's values table is not values.yaml's: run scripts/check_helm_chart.py --write-readme")
 
 
 def fail(msg):
@@ -258,6 +327,9 @@ def config_check(binary, case, release, objs, tmp):
 def main():
     binary = None
     only_config = False
+    if sys.argv[1:] == ["--write-readme"]:
+        check_readme(True)
+        sys.exit(1 if cm.failures else 0)
     if len(sys.argv) == 3 and sys.argv[1] == "--config-check":
         binary, only_config = os.path.abspath(sys.argv[2]), True
     elif len(sys.argv) != 1:
@@ -269,6 +341,7 @@ def main():
     print(f"{helm('version', '--short').stdout.strip()}, chart {os.path.relpath(CHART, ROOT)}")
 
     if not only_config:
+        check_readme(False)
         with open(cm.ALERTS, "rb") as a, open(ALERTS_COPY, "rb") as b:
             if a.read() != b.read():
                 fail(f"{os.path.relpath(ALERTS_COPY, ROOT)} differs from {os.path.relpath(cm.ALERTS, ROOT)}: copy it again")
