@@ -161,7 +161,7 @@ pub struct ObservabilityConfig {
 }
 
 /// `[auth]`: API keys inline, from a file, or both.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
     pub keys: Vec<KeyEntry>,
@@ -174,6 +174,13 @@ pub struct AuthConfig {
     /// With no keys configured, admin and mesh-debug routes (`/admin/*`, `/v1/mesh/*`) answer
     /// loopback clients only; this opens them to everyone (a lab or a trusted network).
     pub open_admin: bool,
+}
+
+impl Default for AuthConfig {
+    /// The defaults of an absent `[auth]` and of each key a present `[auth]` leaves out.
+    fn default() -> Self {
+        Self { keys: Vec::new(), keys_file: None, reload_interval_ms: 2_000, protect_metrics: false, open_admin: false }
+    }
 }
 
 impl AuthConfig {
@@ -414,7 +421,7 @@ impl Default for Config {
             routing: RoutingPolicy::Kvmesh,
             session_header: None,
             cells: CellsConfig::default(),
-            auth: AuthConfig { reload_interval_ms: 2_000, ..AuthConfig::default() },
+            auth: AuthConfig::default(),
             limits: LimitsConfig::default(),
             usage_publish_interval_ms: 250,
             flow: kvmesh_policy::flow::FlowSettings::default(),
@@ -1046,6 +1053,22 @@ mod tests {
         let args = ServeArgs { cell: Some("z".into()), cell_gateway: true, ..Default::default() };
         let cfg = Config::load(&args).unwrap();
         assert_eq!((cfg.cells.name.as_deref(), cfg.cells.gateway), (Some("z"), true));
+    }
+
+    #[test]
+    fn an_empty_section_means_its_defaults() {
+        // A section written with none of its keys must read as if it were absent (an `[auth]`
+        // with only `keys_file` once got a reload interval of 0 and failed validation).
+        let absent = toml::from_str::<Config>("").unwrap();
+        for section in
+            ["embedded", "pd", "score", "tokenize", "cells", "auth", "limits", "flow", "audit", "observability"]
+        {
+            let empty = toml::from_str::<Config>(&format!("[{section}]\n")).unwrap();
+            assert_eq!(format!("{empty:?}"), format!("{absent:?}"), "[{section}] with no keys");
+        }
+        let c: Config = toml::from_str("[auth]\nkeys_file = \"/etc/kvmesh/keys.toml\"\n").unwrap();
+        assert_eq!(c.auth.reload_interval_ms, 2_000);
+        c.validate().unwrap();
     }
 
     #[test]
