@@ -146,6 +146,8 @@ impl RequestCtx {
         let mut head = kvmesh_transport::RequestHead::new(ask, &self.upstream_path(), &self.id, node, stream);
         head.content_type = self.content_type.clone();
         head.tenant = Some(self.tenant.clone());
+        head.priority = Some(self.priority.as_str().to_owned());
+        head.weight = Some(self.weight);
         for (k, v) in self.trace_headers() {
             match k {
                 "traceparent" => head.traceparent = Some(v),

@@ -35,6 +35,15 @@ pub fn reply_error(metrics: &NodeMetrics, ctx: &RequestCtx, e: &ApiError) -> Res
     error_response_for(ctx.endpoint, e)
 }
 
+/// A refusal answered: its error, with `retry-after` when it says when to come back.
+pub fn refusal_response(metrics: &NodeMetrics, ctx: &RequestCtx, refusal: &crate::guard::Refusal) -> Response {
+    let mut resp = reply_error(metrics, ctx, &refusal.error);
+    if let Some(v) = refusal.retry_after_s.and_then(|s| axum::http::HeaderValue::from_str(&s.to_string()).ok()) {
+        resp.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+    }
+    resp
+}
+
 /// Marks an error answered before any engine accepted the request (safe to send elsewhere).
 #[derive(Clone, Copy)]
 pub struct NotAccepted;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use kvmesh_node::config::Config;
 use kvmesh_policy::auth::{hash_key, KeyEntry};
-use kvmesh_policy::flow::{FlowSettings, Priority};
+use kvmesh_policy::flow::{BandSlo, FlowSettings, Priority};
 use kvmesh_sim::EngineConfig;
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
@@ -276,4 +276,88 @@ async fn without_flow_control_every_request_goes_to_the_engine() {
     for h in busy {
         assert_eq!(h.await.unwrap().0, 200);
     }
+}
+
+/// The second hold: a peer's request for this node's engine is held here, where every request
+/// to the engine passes, by the band and the time left that the origin sent with it. The edge
+/// node that receives the clients' requests runs without flow control, so every request
+/// reaches the engine's node at once; that node must still keep its engine's queue short and
+/// let the held requests go in band order.
+#[tokio::test]
+async fn the_engines_node_holds_what_peers_send_by_their_band() {
+    let dir = tempfile::tempdir().unwrap();
+    kvmesh_transport::certs::create_ca(dir.path(), "flow").unwrap();
+    let mut worker = mesh_config(dir.path(), "flow", "worker", None);
+    worker.embedded = EngineConfig { max_num_seqs: 1, ..EngineConfig::default() };
+    worker.engine_poll_interval_ms = 20;
+    worker.flow =
+        FlowSettings { max_waiting_per_engine: 1, unkeyed_max_priority: Priority::Critical, ..FlowSettings::default() };
+    let worker = node(worker).await;
+    let seed = worker.mesh.as_ref().map(|m| m.advertise.to_string());
+    let mut edge = mesh_config(dir.path(), "flow", "edge", seed);
+    edge.role = kvmesh_node::config::NodeRole::Edge;
+    edge.flow = FlowSettings { enabled: false, unkeyed_max_priority: Priority::Critical, ..FlowSettings::default() };
+    let edge = node(edge).await;
+    let (url, worker_url) = (edge.url(), worker.url());
+    eventually("the edge sees the worker's engine", Duration::from_secs(10), async || {
+        let (s, _, _) = send(&url, 1, "standard", None, "probe").await;
+        s == 200
+    })
+    .await;
+
+    let busy = saturate(&url, 60, None).await;
+    let order = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut held = Vec::new();
+    for (i, band) in ["sheddable", "standard", "sheddable", "standard", "critical"].iter().enumerate() {
+        let (u, o, band) = (url.clone(), order.clone(), band.to_string());
+        held.push(tokio::spawn(async move {
+            let (s, _, v) = send(&u, 2, &band, None, &format!("{band} {i}")).await;
+            assert_eq!(s, 200, "{v}");
+            o.lock().await.push(format!("{band} {i}"));
+        }));
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    // Held at the worker, not the edge; its engine never has more than one waiting.
+    eventually("five requests held at the worker", Duration::from_secs(5), async || held_now(&worker_url).await == 5.0)
+        .await;
+    assert_eq!(held_now(&url).await, 0.0, "the edge holds nothing");
+    assert!(scrape(&worker_url, "kvmesh_engine_waiting").await <= 1.0);
+    for h in busy {
+        assert_eq!(h.await.unwrap().0, 200);
+    }
+    for h in held {
+        h.await.unwrap();
+    }
+    let order = order.lock().await.clone();
+    assert_eq!(order, ["critical 4", "standard 1", "standard 3", "sheddable 0", "sheddable 2"], "{order:?}");
+
+    // The time left travels too: a second edge, whose flow control never holds (64 places
+    // an engine) but gives sheddable requests a 300 ms objective, sends one while the engine
+    // is busy; the worker (30 s for every band) answers it 503 when those 300 ms run out.
+    let mut edge2 = mesh_config(dir.path(), "flow", "edge2", worker.mesh.as_ref().map(|m| m.advertise.to_string()));
+    edge2.role = kvmesh_node::config::NodeRole::Edge;
+    edge2.flow = FlowSettings {
+        max_waiting_per_engine: 64,
+        slo_ms: BandSlo { sheddable: Some(300), ..BandSlo::default() },
+        unkeyed_max_priority: Priority::Critical,
+        ..FlowSettings::default()
+    };
+    let edge2 = node(edge2).await;
+    let url2 = edge2.url();
+    eventually("the second edge sees the worker's engine", Duration::from_secs(10), async || {
+        send(&url2, 1, "standard", None, "probe").await.0 == 200
+    })
+    .await;
+    let busy = saturate(&url, 200, None).await;
+    let t = Instant::now();
+    let (status, _, body) = send(&url2, 2, "sheddable", None, "late").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "flow_no_capacity", "{body}");
+    assert!(t.elapsed() < Duration::from_millis(900), "waited {:?}", t.elapsed());
+    for h in busy {
+        assert_eq!(h.await.unwrap().0, 200);
+    }
+    edge2.shutdown().await;
+    edge.shutdown().await;
+    worker.shutdown().await;
 }

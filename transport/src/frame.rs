@@ -51,6 +51,15 @@ pub struct RequestHead {
     pub traceparent: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracestate: Option<String>,
+    /// Flow control at the origin: the request's priority band (`critical`, `standard`,
+    /// `sheddable`), its tenant's weight, and how long it may still wait for an engine (ms,
+    /// when sent). The serving node holds it by these while its own engines are saturated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_ms: Option<u64>,
 }
 
 /// What a peer asks of this node, decoded from a [`RequestHead`]'s fields (the wire format

@@ -28,7 +28,7 @@ pub(crate) mod form;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::http::{header, HeaderMap, HeaderValue};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use kvmesh_policy::request::{self, InferenceRequest};
 use tracing::Instrument;
@@ -36,8 +36,8 @@ use tracing::Instrument;
 use crate::ctx::RequestCtx;
 use crate::guard::{Flow, Guard, Refusal};
 use crate::metrics::NodeMetrics;
-use crate::reply::reply_error;
-use crate::router::flow::Asking;
+use crate::reply::refusal_response;
+use crate::router::flow::{Asking, HoldAt};
 use crate::router::{Router, Scope};
 
 /// Who may call the admin and mesh-debug routes.
@@ -64,7 +64,7 @@ impl AdminAccess {
 /// A stage's span, a child of the request's: `admit`, `tokenize`, `limit`, `hold`, `route`
 /// (place, pick and forward, up to the answer's head). Exported with the request span over
 /// OTLP, so a trace shows where a request's time went.
-fn stage(name: &'static str) -> tracing::Span {
+pub(crate) fn stage(name: &'static str) -> tracing::Span {
     tracing::info_span!("stage", stage = name, otel.name = name)
 }
 
@@ -152,6 +152,8 @@ impl Pipeline {
         if req.uses_kv_cache() {
             let asking = Asking {
                 model: &req.model,
+                at: HoldAt::Mesh,
+                budget: None,
                 tenant: &ctx.tenant,
                 weight: ctx.weight,
                 priority: ctx.priority,
@@ -219,12 +221,7 @@ impl Pipeline {
     /// A refusal from a stage before routing: answered (with `retry-after` for a 429) and
     /// recorded.
     async fn refuse(&self, ctx: &RequestCtx, flow: Option<Flow>, refusal: Refusal) -> Response {
-        let mut resp = reply_error(&self.metrics, ctx, &refusal.error);
-        if let Some(s) = refusal.retry_after_s {
-            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
-                resp.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-        }
+        let resp = refusal_response(&self.metrics, ctx, &refusal);
         if let (Some(guard), Some(flow)) = (&self.guard, flow) {
             guard.refuse(flow, &refusal).await;
         }

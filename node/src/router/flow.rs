@@ -93,9 +93,41 @@ impl Shed {
     }
 }
 
+/// Which engines a request is held for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HoldAt<'a> {
+    /// A client's request at its receiving node: any engine in the mesh, of whose free places
+    /// this node counts its share (gossiped load, so an estimate).
+    Mesh,
+    /// A request a peer forwarded here: this node's own engines only (the named one, or any
+    /// serving the model), whose every request passes through this node's counters, so the
+    /// count is exact. The second hold that absorbs what the origins' estimates overfill.
+    Local(Option<&'a str>),
+}
+
+/// What a queue holds requests for: its model, and for peers' requests the engine.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum QueueKey {
+    Mesh(Arc<str>),
+    Local { model: Arc<str>, engine: Option<Arc<str>> },
+}
+
+impl QueueKey {
+    fn of(model: &str, at: HoldAt<'_>) -> Self {
+        match at {
+            HoldAt::Mesh => QueueKey::Mesh(model.into()),
+            HoldAt::Local(engine) => QueueKey::Local { model: model.into(), engine: engine.map(Into::into) },
+        }
+    }
+}
+
 /// Who a held request is, for the queue.
 pub(crate) struct Asking<'a> {
     pub model: &'a str,
+    pub at: HoldAt<'a>,
+    /// Time the origin left it (a peer's request): held no longer than this, nor than its band's
+    /// objective.
+    pub budget: Option<Duration>,
     pub tenant: &'a str,
     pub weight: u32,
     pub priority: Priority,
@@ -113,7 +145,7 @@ enum Verdict {
 
 struct Waiter {
     tx: oneshot::Sender<Verdict>,
-    model: Arc<str>,
+    key: QueueKey,
     /// The gauge label it was counted under (kept: a model's label can change while held).
     label: Arc<str>,
     tenant: Arc<str>,
@@ -122,10 +154,10 @@ struct Waiter {
 
 #[derive(Default)]
 struct State {
-    queues: HashMap<Arc<str>, FairQueue>,
+    queues: HashMap<QueueKey, FairQueue>,
     waiters: HashMap<u64, Waiter>,
-    /// When each model's recent requests left (at most `RATE_WINDOW`).
-    dispatched: HashMap<Arc<str>, VecDeque<Instant>>,
+    /// When each queue's recent requests left (at most `RATE_WINDOW`).
+    dispatched: HashMap<QueueKey, VecDeque<Instant>>,
     /// The dispatcher stopped (shutdown): nothing more is held.
     closed: bool,
 }
@@ -133,8 +165,8 @@ struct State {
 impl State {
     /// Dispatches per second over the recent ones (the last `RATE_WINDOW`, within
     /// `RATE_HORIZON`); 0 (unknown) with fewer than two.
-    fn rate_per_s(&self, model: &str, now: Instant) -> f64 {
-        let Some(times) = self.dispatched.get(model) else { return 0.0 };
+    fn rate_per_s(&self, key: &QueueKey, now: Instant) -> f64 {
+        let Some(times) = self.dispatched.get(key) else { return 0.0 };
         let recent: Vec<&Instant> = times.iter().filter(|t| now.duration_since(**t) <= RATE_HORIZON).collect();
         match (recent.first(), recent.last()) {
             (Some(first), Some(last)) if recent.len() >= 2 => {
@@ -149,19 +181,19 @@ impl State {
         }
     }
 
-    /// Requests let go for `model` within `GRANT_MS`: on their way to an engine, not yet in
-    /// its in-flight count.
-    fn granted(&self, model: &str, now: Instant) -> f64 {
+    /// Requests let go from `key`'s queue within `GRANT_MS`: on their way to an engine, not
+    /// yet in its in-flight count.
+    fn granted(&self, key: &QueueKey, now: Instant) -> f64 {
         self.dispatched
-            .get(model)
+            .get(key)
             .map_or(0, |t| t.iter().rev().take_while(|t| now.duration_since(**t) < GRANT_MS).count()) as f64
     }
 
-    fn record_dispatch(&mut self, model: &Arc<str>, now: Instant) {
-        if !self.dispatched.contains_key(model) && self.dispatched.len() >= MAX_QUEUES {
+    fn record_dispatch(&mut self, key: &QueueKey, now: Instant) {
+        if !self.dispatched.contains_key(key) && self.dispatched.len() >= MAX_QUEUES {
             return;
         }
-        let times = self.dispatched.entry(model.clone()).or_default();
+        let times = self.dispatched.entry(key.clone()).or_default();
         if times.len() >= RATE_WINDOW {
             times.pop_front();
         }
@@ -171,7 +203,7 @@ impl State {
     /// Takes `id` out of its queue and the waiters; its sender, if it was still held.
     fn take(&mut self, id: u64) -> Option<Waiter> {
         let w = self.waiters.remove(&id)?;
-        if let Some(q) = self.queues.get_mut(&w.model) {
+        if let Some(q) = self.queues.get_mut(&w.key) {
             q.remove(id, &w.tenant, w.priority);
         }
         Some(w)
@@ -248,46 +280,48 @@ impl Router {
     pub(crate) async fn hold(&self, a: Asking<'_>) -> Result<(), Refusal> {
         let f = &self.flow;
         // Not built for meshes split into cells: a request homed in another cell is placed
-        // there (`cells`), whose engines this node's saturation does not cover.
-        if !f.s.enabled || self.mesh().is_some_and(|m| m.cell.is_some()) {
+        // there (`cells`), whose engines this node's saturation does not cover. A peer's
+        // request for this node's own engines is held in any mesh.
+        if !f.s.enabled || (a.at == HoldAt::Mesh && self.mesh().is_some_and(|m| m.cell.is_some())) {
             return Ok(());
         }
-        let loads = self.flow_loads(a.model);
+        let key = QueueKey::of(a.model, a.at);
+        let loads = self.queue_loads(&key);
         if !loads.iter().any(|e| e.usable) {
             // No engine can serve it: pick answers 404 or 503 now rather than after a wait.
             return Ok(());
         }
-        let free = flow::free_slots(&loads, &f.s, self.remote_share());
+        let free = flow::free_slots(&loads, &f.s, self.share(&key));
         let now = Instant::now();
+        let mut wait = Duration::from_millis(f.s.deadline_ms(0, a.priority));
+        if let Some(budget) = a.budget {
+            wait = wait.min(budget);
+        }
         let (id, rx) = {
             let mut st = f.lock();
             if st.closed {
                 drop(st);
                 return Err(self.shed(Shed::Draining, a.model));
             }
-            let queued = st.queues.get(a.model).map_or(0, FairQueue::len);
-            if queued == 0 && free - st.granted(a.model, now) > 0.0 {
-                let model: Arc<str> = a.model.into();
-                st.record_dispatch(&model, now);
+            let queued = st.queues.get(&key).map_or(0, FairQueue::len);
+            if queued == 0 && free - st.granted(&key, now) > 0.0 {
+                st.record_dispatch(&key, now);
                 return Ok(());
             }
-            let deadline = f.s.deadline_ms(0, a.priority);
-            let waited = now.duration_since(a.arrived).as_millis() as u64;
-            let remaining = deadline.saturating_sub(waited);
-            let ahead = st.queues.get(a.model).map_or(0, |q| q.ahead_of(a.priority));
-            if remaining == 0 || !flow::can_meet(ahead, st.rate_per_s(a.model, now), remaining) {
+            let remaining = wait.saturating_sub(now.duration_since(a.arrived)).as_millis() as u64;
+            let ahead = st.queues.get(&key).map_or(0, |q| q.ahead_of(a.priority));
+            if remaining == 0 || !flow::can_meet(ahead, st.rate_per_s(&key, now), remaining) {
                 drop(st);
                 return Err(self.shed(Shed::CannotMeet, a.model));
             }
             // The node-wide bound (each model's queue is bounded too).
             let full_node = f.held() as usize >= f.s.queue_capacity;
-            if full_node || (!st.queues.contains_key(a.model) && st.queues.len() >= MAX_QUEUES) {
+            if full_node || (!st.queues.contains_key(&key) && st.queues.len() >= MAX_QUEUES) {
                 drop(st);
                 return Err(self.shed(Shed::Full, a.model));
             }
             let id = f.next_id.fetch_add(1, Ordering::Relaxed);
-            let model: Arc<str> = a.model.into();
-            let q = st.queues.entry(model.clone()).or_insert_with(|| FairQueue::new(&f.s));
+            let q = st.queues.entry(key.clone()).or_insert_with(|| FairQueue::new(&f.s));
             let displaced = match q.push(id, a.tenant, a.weight, a.priority, a.tokens as u64) {
                 Ok(d) => d,
                 Err(r) => {
@@ -303,7 +337,7 @@ impl Router {
             let label: Arc<str> = f.metrics.model_label(a.model).into();
             f.held.fetch_add(1, Ordering::Relaxed);
             f.metrics.flow_queued.with_label_values(&[&label, a.priority.as_str()]).inc();
-            st.waiters.insert(id, Waiter { tx, model, label, tenant: a.tenant.into(), priority: a.priority });
+            st.waiters.insert(id, Waiter { tx, key, label, tenant: a.tenant.into(), priority: a.priority });
             f.metrics.flow_held.with_label_values(&[a.priority.as_str()]).inc();
             if let Some(d) = displaced {
                 // Already out of the queue: only its waiter is left.
@@ -316,8 +350,7 @@ impl Router {
         };
         f.wake.notify_one();
         let ticket = Ticket { flow: f, id };
-        let remaining =
-            Duration::from_millis(f.s.deadline_ms(0, a.priority)).saturating_sub(now.duration_since(a.arrived));
+        let remaining = wait.saturating_sub(now.duration_since(a.arrived));
         let verdict = tokio::time::timeout(remaining, rx).await;
         drop(ticket);
         f.metrics.flow_wait.with_label_values(&[a.priority.as_str()]).observe(now.elapsed().as_secs_f64());
@@ -336,6 +369,24 @@ impl Router {
         shed.refusal(&self.node_name, model, self.flow.retry_after_s())
     }
 
+    /// The engines a queue's requests wait for.
+    fn queue_loads(&self, key: &QueueKey) -> Vec<flow::EngineLoad> {
+        match key {
+            QueueKey::Mesh(model) => self.flow_loads(model),
+            QueueKey::Local { model, engine } => self.local_flow_loads(model, engine.as_deref()),
+        }
+    }
+
+    /// This node's share of the free places a queue's engines have: of every engine, its
+    /// share against peers (`remote_share`); of its own engines for a peer's request, all of
+    /// them (every request to them passes here).
+    fn share(&self, key: &QueueKey) -> f64 {
+        match key {
+            QueueKey::Mesh(_) => self.remote_share(),
+            QueueKey::Local { .. } => 1.0,
+        }
+    }
+
     /// This node's share of engines' free places (`policy::flow::remote_share`).
     fn remote_share(&self) -> f64 {
         let Some(mesh) = self.mesh() else { return 1.0 };
@@ -349,31 +400,31 @@ impl Router {
     fn dispatch(&self) {
         let f = &self.flow;
         let draining = self.is_draining();
-        let models: Vec<Arc<str>> =
-            f.lock().queues.iter().filter(|(_, q)| !q.is_empty()).map(|(m, _)| m.clone()).collect();
-        let share = self.remote_share();
-        for model in models {
+        let keys: Vec<QueueKey> =
+            f.lock().queues.iter().filter(|(_, q)| !q.is_empty()).map(|(k, _)| k.clone()).collect();
+        for key in keys {
             // No usable engine: they stay held (an engine may come back) until their deadline.
-            let mut free = if draining { 0.0 } else { flow::free_slots(&self.flow_loads(&model), &f.s, share) };
+            let mut free =
+                if draining { 0.0 } else { flow::free_slots(&self.queue_loads(&key), &f.s, self.share(&key)) };
             let mut st = f.lock();
             let now = Instant::now();
-            free -= st.granted(&model, now);
+            free -= st.granted(&key, now);
             loop {
                 if !draining && free <= 0.0 {
                     break;
                 }
-                let Some(id) = st.queues.get_mut(&model).and_then(FairQueue::pop) else { break };
+                let Some(id) = st.queues.get_mut(&key).and_then(FairQueue::pop) else { break };
                 let Some(w) = st.waiters.remove(&id) else { continue };
                 f.left(&w);
                 let verdict = if draining { Verdict::Shed(Shed::Draining) } else { Verdict::Go };
                 // A waiter that is gone (its client left) took no place.
                 if w.tx.send(verdict).is_ok() && !draining {
                     free -= 1.0;
-                    st.record_dispatch(&model, now);
+                    st.record_dispatch(&key, now);
                 }
             }
-            if st.queues.get(&model).is_some_and(FairQueue::is_empty) {
-                st.queues.remove(&model);
+            if st.queues.get(&key).is_some_and(FairQueue::is_empty) {
+                st.queues.remove(&key);
             }
         }
     }

@@ -10,6 +10,7 @@ use kvmesh_policy::openai::ApiError;
 use kvmesh_policy::request::Endpoint;
 use kvmesh_transport::{PeerRequest, RequestHead, TransportError};
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::check::Expected;
 use super::relay::{quic_body, read_small, Answer, ByteStream};
@@ -147,9 +148,13 @@ impl Router {
             return Err(Retry { error: ApiError::unavailable("This node is not in a mesh."), reason: "no_mesh" });
         };
         let in_flight = InFlight::new(remote.in_flight.clone());
+        let mut head = head;
         if self.s.flow.enabled {
             // Until the peer's next load report, flow control counts this one itself.
             mesh.table.record_sent(&remote.id, self.s.report_lag_ms);
+            // What is left of its wait, for the peer's own hold.
+            let wait = Duration::from_millis(self.s.flow.deadline_ms(0, ctx.priority));
+            head.budget_ms = Some(wait.saturating_sub(ctx.started.elapsed()).as_millis() as u64);
         }
         let node = &remote.id.node;
         let (rhead, recv) = match mesh.endpoint.request(remote.addr, &head, body, self.s.first_byte_timeout).await {

@@ -11,15 +11,17 @@ use axum::http::{header, HeaderMap};
 use axum::response::Response;
 use kvmesh_policy::candidates::PromptKeys;
 use kvmesh_policy::endpoint::Work;
+use kvmesh_policy::flow::Priority;
 use kvmesh_policy::openai::ApiError;
 use kvmesh_policy::request::{self, Endpoint, InferenceRequest};
 use kvmesh_transport::endpoint::respond;
 use kvmesh_transport::{IncomingRequest, PeerRequest, PromptDigest, ResponseHead};
 use tracing::Instrument;
 
+use super::flow::{Asking, HoldAt};
 use super::{Router, Scope};
 use crate::ctx::RequestCtx;
-use crate::reply::{error_response, is_not_accepted, not_accepted, reply_error};
+use crate::reply::{error_response, is_not_accepted, not_accepted, refusal_response, reply_error};
 
 struct DecrementOnDrop<'a>(&'a AtomicU32);
 
@@ -77,6 +79,15 @@ impl Router {
         if let Some(t) = req.head.tenant.as_deref().filter(|t| crate::ctx::valid_request_id(t)) {
             ctx.tenant = t.to_owned();
         }
+        // The band and weight the origin held it by (bounded there by the client's key; an
+        // unknown band reads as the default), and what is left of its wait.
+        if let Some(p) = req.head.priority.as_deref().and_then(Priority::parse) {
+            ctx.priority = p;
+        }
+        if let Some(w) = req.head.weight {
+            ctx.weight = w.clamp(1, kvmesh_policy::auth::MAX_WEIGHT);
+        }
+        let budget = req.head.budget_ms.map(Duration::from_millis);
         if let Some((_, Some(id))) = parsed {
             ctx.response_id = Some(id.to_owned());
             ctx.set_query(query);
@@ -110,7 +121,7 @@ impl Router {
                 let span = ctx.span.clone();
                 // The origin may give up (its client left, its timeout fired) before the engine
                 // answers: stop then, so the engine is not kept working for nobody.
-                let work = self.serve_forwarded(&mut ctx, req.body, scope, req.head.prompt.as_ref());
+                let work = self.serve_forwarded(&mut ctx, req.body, scope, req.head.prompt.as_ref(), budget);
                 tokio::select! {
                     r = work.instrument(span) => r,
                     _ = send.stopped() => {
@@ -162,6 +173,7 @@ impl Router {
         body: axum::body::Bytes,
         scope: Scope<'_>,
         digest: Option<&PromptDigest>,
+        budget: Option<Duration>,
     ) -> Response {
         let parsed = match ctx.endpoint.work() {
             Work::Stored => Ok(InferenceRequest::stored(ctx.endpoint, ctx.stream_query())),
@@ -205,6 +217,23 @@ impl Router {
             },
             (false, _) => PromptKeys::default(),
         };
+        // hold, again: the origin let it go on its estimate of this node's engines' free places;
+        // this node counts them exactly, and holds it while they are full (`router::flow`).
+        if let (Scope::Local(engine), true) = (scope, req.uses_kv_cache()) {
+            let asking = Asking {
+                model: &req.model,
+                at: HoldAt::Local(engine),
+                budget,
+                tenant: &ctx.tenant,
+                weight: ctx.weight,
+                priority: ctx.priority,
+                tokens: prompt.tokens,
+                arrived: ctx.started,
+            };
+            if let Err(refusal) = self.hold(asking).instrument(crate::request::stage("hold")).await {
+                return refusal_response(&self.metrics, ctx, &refusal);
+            }
+        }
         self.pick_and_forward(ctx, &req, &body, &mut prompt, scope).await
     }
 }

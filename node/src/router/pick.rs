@@ -104,15 +104,14 @@ pub(crate) fn peer_facts<'a>(
 }
 
 impl Router {
-    /// Flow control's view of the engines that serve `model`: this node's, and its peers'
-    /// not suspected (`policy::flow::free_slots`).
-    pub(crate) fn flow_loads(&self, model: &str) -> Vec<kvmesh_policy::flow::EngineLoad> {
+    /// This node's engines serving `model` (only `engine` when it is one of them), as flow
+    /// control sees them.
+    pub(crate) fn local_flow_loads(&self, model: &str, engine: Option<&str>) -> Vec<kvmesh_policy::flow::EngineLoad> {
+        let serving = self.engines.engines.iter().filter(|e| e.snapshot().models.iter().any(|m| m == model));
+        let named = engine.filter(|n| self.engines.engines.iter().any(|e| e.name == *n));
         let mut out = Vec::new();
-        for e in self.engines.engines.iter() {
+        for e in serving.filter(|e| named.is_none_or(|n| e.name == n)) {
             let v = e.snapshot();
-            if !v.models.iter().any(|m| m == model) {
-                continue;
-            }
             out.push(kvmesh_policy::flow::EngineLoad {
                 usable: v.healthy && e.role != kvmesh_policy::pd::Role::Prefill,
                 local: true,
@@ -123,6 +122,13 @@ impl Router {
                 kv_usage: v.load.kv_usage,
             });
         }
+        out
+    }
+
+    /// Flow control's view of the engines that serve `model`: this node's, and its peers'
+    /// not suspected (`policy::flow::free_slots`).
+    pub(crate) fn flow_loads(&self, model: &str) -> Vec<kvmesh_policy::flow::EngineLoad> {
+        let mut out = self.local_flow_loads(model, None);
         if let Some(mesh) = self.mesh() {
             let view = mesh.view();
             let now = self.engines.now_ms();
