@@ -6,7 +6,9 @@
 #   - central-flow: one `kvmesh serve` router, flow control on, in front of 8 `kvmesh engine-sim`
 #                   processes (the same policy applied centrally, no gossip delay).
 # The first setup's run measures the capacity; every setup then gets the same offered loads.
-# Writes the sections `flow-processes-SETUP` of BENCHMARKS.md.
+# Writes the sections `flow-processes-SETUP` of BENCHMARKS.md (with KVMESH_FLOW_SEED=N, N > 0,
+# another seed's arrivals, and no section), and appends each load point to
+# docs/bench-flow-processes.csv (summed up over seeds and plotted by scripts/plot-flow.py).
 #
 #   scripts/bench-flow.sh [LOADS] [DURATION_S] [SCENARIOS] [TIME_SCALE]
 #
@@ -114,6 +116,7 @@ TOML
 
 # KVMESH_FLOW_SETUPS runs some of them; KVMESH_FLOW_CAPACITY skips measuring the capacity.
 capacity=${KVMESH_FLOW_CAPACITY:-}
+seed=${KVMESH_FLOW_SEED:-0}
 for setup in ${KVMESH_FLOW_SETUPS:-mesh-flow mesh-no-flow central-flow}; do
   case $setup in
     mesh-flow) mesh true ;;
@@ -122,7 +125,8 @@ for setup in ${KVMESH_FLOW_SETUPS:-mesh-flow mesh-no-flow central-flow}; do
   esac
   args=(--engines 8 --loads "$loads" --setups "$setup" --scenarios "$scenarios" --duration-s "$duration"
     --slo-ms "$slo_ms" --kv-blocks 800 --time-scale "$scale" --entry-urls "$entry"
-    --out BENCHMARKS.md --section "flow-processes-$setup")
+    --seed "$seed" --csv docs/bench-flow-processes.csv)
+  [ "$seed" = 0 ] && args+=(--out BENCHMARKS.md --section "flow-processes-$setup")
   [ -n "$capacity" ] && args+=(--capacity "$capacity")
   RUST_LOG=warn "$bin" bench flow "${args[@]}" | tee "$dir/$setup.out" | grep -E "^(capacity|load|fairness|priority)"
   [ -n "$capacity" ] || capacity=$(sed -n 's/^capacity: \([0-9.]*\) req\/s$/\1/p' "$dir/$setup.out")

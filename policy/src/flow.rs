@@ -299,9 +299,24 @@ impl FairQueue {
         self.held_by.get(tenant).copied().unwrap_or(0)
     }
 
-    /// Requests that leave before a new one of band `p` would: every band at or above it.
-    pub fn ahead_of(&self, p: Priority) -> usize {
-        Priority::ALL.iter().filter(|b| **b >= p).map(|b| self.len_of(*b)).sum()
+    /// About how many requests leave before a new one of `tenant` (fair-share `weight`) in
+    /// band `p` would: every higher band's, the tenant's own already held in `p`, and of each
+    /// other tenant in `p` what its turns give it meanwhile (round robin: as many requests as
+    /// the new one's tenant gets turns, scaled by their weights). A quiet tenant's request
+    /// behind a noisy one's backlog is one turn away, not the whole backlog.
+    pub fn ahead_of(&self, p: Priority, tenant: &str, weight: u32) -> usize {
+        let higher: usize = Priority::ALL.iter().filter(|b| **b > p).map(|b| self.len_of(*b)).sum();
+        let band = &self.bands[p.index()];
+        let mine = band.tenants.get(tenant).map_or(0, |q| q.entries.len());
+        let turns = (mine + 1) as u64;
+        let w = u64::from(weight.max(1));
+        let others: usize = band
+            .tenants
+            .iter()
+            .filter(|(t, _)| t.as_str() != tenant)
+            .map(|(_, q)| q.entries.len().min((turns * q.weight).div_ceil(w) as usize))
+            .sum();
+        higher + mine + others
     }
 
     /// Holds request `id` of `tenant` (fair-share `weight`, at least 1) in band `p`, with
@@ -461,6 +476,38 @@ mod tests {
         // One noisy request per turn: quiet leaves second.
         assert!(at <= 1, "quiet left at {at}");
         assert_eq!(order.len(), 101);
+    }
+
+    #[test]
+    fn the_estimate_of_requests_ahead_follows_the_turns() {
+        // Requests of one turn each: the estimate made before a request is held is where it
+        // then leaves, for a quiet tenant behind a backlog, a tenant behind itself, a heavier
+        // tenant, and a request of a lower band.
+        type Held<'a> = &'a [(&'a str, u32, Priority, u64)];
+        let cases: [(Held, (&str, u32, Priority)); 4] = [
+            (&[("noisy", 1, Priority::Standard, 100)], ("quiet", 1, Priority::Standard)),
+            (
+                &[("noisy", 1, Priority::Standard, 100), ("quiet", 1, Priority::Standard, 3)],
+                ("quiet", 1, Priority::Standard),
+            ),
+            (&[("heavy", 3, Priority::Standard, 50), ("b", 1, Priority::Standard, 2)], ("b", 1, Priority::Standard)),
+            (&[("a", 1, Priority::Critical, 5), ("b", 1, Priority::Standard, 7)], ("c", 1, Priority::Standard)),
+        ];
+        for (held, (tenant, weight, band)) in cases {
+            let mut q = FairQueue::new(&settings(1000, 1000));
+            let mut id = 0;
+            for &(t, w, p, n) in held {
+                for _ in 0..n {
+                    q.push(id, t, w, p, 10).unwrap();
+                    id += 1;
+                }
+            }
+            let estimate = q.ahead_of(band, tenant, weight);
+            q.push(9_999, tenant, weight, band, 10).unwrap();
+            let order: Vec<u64> = std::iter::from_fn(|| q.pop()).collect();
+            let at = order.iter().position(|&i| i == 9_999).unwrap();
+            assert!(estimate.abs_diff(at) <= 1, "{held:?} then {tenant}: estimated {estimate}, left at {at}");
+        }
     }
 
     #[test]

@@ -92,6 +92,14 @@ pub struct FlowArgs {
     /// BENCHMARKS.md section to write (default `flow`).
     #[arg(long)]
     pub section: Option<String>,
+    /// Seed of the arrival times (each scenario adds its own offset): runs with different
+    /// seeds are independent samples.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Appends one line per load point to this CSV file (header written when it is new):
+    /// `setup,seed,load,offered,goodput,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,completed,refused_503,refused_429,failed,slowest_refusal_ms`.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
 }
 
 fn err(e: impl std::fmt::Display) -> NodeError {
@@ -418,6 +426,35 @@ async fn prediction_errors(client: &reqwest::Client, urls: &[String]) -> Option<
     (count[0] > 0.0 && count[1] > 0.0).then(|| (sum[0] / count[0] * 1000.0, sum[1] / count[1] * 1000.0))
 }
 
+/// One load point as a CSV line (the header first when the file is new).
+fn append_csv(path: &std::path::Path, setup: &str, seed: u64, load: f64, f: &Figures) -> Result<(), NodeError> {
+    use std::io::Write as _;
+    let new = !path.exists();
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(err)?;
+    if new {
+        writeln!(
+            file,
+            "setup,seed,load,offered,goodput,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,completed,refused_503,refused_429,failed,slowest_refusal_ms"
+        )
+        .map_err(err)?;
+    }
+    writeln!(
+        file,
+        "{setup},{seed},{load},{:.2},{:.2},{:.0},{:.0},{:.0},{},{},{},{},{:.0}",
+        f.offered,
+        f.goodput,
+        f.ttft[0],
+        f.ttft[1],
+        f.ttft[2],
+        f.done,
+        f.refused_503,
+        f.refused_429,
+        f.failed,
+        f.slowest_refusal_ms
+    )
+    .map_err(err)
+}
+
 fn row(label: &str, f: &Figures) -> String {
     format!(
         "| {label} | {:.1} | {:.1} | {:.0} / {:.0} / {:.0} ms | {} | {} | {} | {} | {:.0} ms |\n",
@@ -460,7 +497,7 @@ pub async fn run(a: FlowArgs) -> Result<(), NodeError> {
     println!("capacity: {cap:.1} req/s");
     let mut md = format!(
         "Command: `kvmesh bench flow --engines {} --loads {} --setups {} --scenarios {} --duration-s {} --slo-ms {} \
-         --prompt-tokens {} --output-tokens {} --kv-blocks {} --time-scale {} --max-waiting {}` (release build, {} cores; {}). Measured \
+         --prompt-tokens {} --output-tokens {} --kv-blocks {} --time-scale {} --max-waiting {} --seed {}` (release build, {} cores; {}). Measured \
          capacity (closed loop, every engine full): **{cap:.1} req/s**. Goodput: requests/s completed with TTFT ≤ \
          {} ms; flow control holds a request at most {} ms (three quarters of the objective). Refused: 503 (no \
          capacity in time) and 429 (tenant over its share), with the longest any refused client waited.\n\n",
@@ -475,6 +512,7 @@ pub async fn run(a: FlowArgs) -> Result<(), NodeError> {
         a.kv_blocks,
         a.time_scale,
         a.max_waiting,
+        a.seed,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         if a.entry_urls.is_empty() {
             "nodes, engines and the load generator in one process".to_owned()
@@ -492,8 +530,12 @@ pub async fn run(a: FlowArgs) -> Result<(), NodeError> {
         for &load in &a.loads {
             let mut goodputs = Vec::new();
             for name in &a.setups {
-                let f = point(name, &[Stream { rate: load * cap, class: standard }], (&a, tpw), 1).await?;
+                let seed = 1 + 10 * a.seed;
+                let f = point(name, &[Stream { rate: load * cap, class: standard }], (&a, tpw), seed).await?;
                 let all = f.last().ok_or_else(|| err("no figures"))?;
+                if let Some(path) = &a.csv {
+                    append_csv(path, name, a.seed, load, all)?;
+                }
                 println!(
                     "load {load}x {name}: goodput {:.1} req/s, TTFT p90 {:.0} ms, {} done, {} 503, {} failed",
                     all.goodput, all.ttft[1], all.done, all.refused_503, all.failed
@@ -529,8 +571,9 @@ pub async fn run(a: FlowArgs) -> Result<(), NodeError> {
         let quiet = Stream { rate: 0.2 * cap, class: standard };
         let noisy = Stream { rate: 2.0 * cap, class: Class { key: NOISY, band: Priority::Standard } };
         for name in a.setups.iter().filter(|s| s.as_str() != "central-flow") {
-            let alone = point(name, std::slice::from_ref(&quiet), (&a, tpw), 2).await?;
-            let shared = point(name, &[quiet.clone(), noisy.clone()], (&a, tpw), 2).await?;
+            let seed = 2 + 10 * a.seed;
+            let alone = point(name, std::slice::from_ref(&quiet), (&a, tpw), seed).await?;
+            let shared = point(name, &[quiet.clone(), noisy.clone()], (&a, tpw), seed).await?;
             let ratio = shared[0].ttft[1] / alone[0].ttft[1];
             println!(
                 "fairness {name}: quiet TTFT p90 alone {:.0} ms, with noisy {:.0} ms ({ratio:.2}x)",
@@ -548,7 +591,7 @@ pub async fn run(a: FlowArgs) -> Result<(), NodeError> {
         let critical = Stream { rate: 0.45 * cap, class: Class { key: QUIET, band: Priority::Critical } };
         let sheddable = Stream { rate: 1.05 * cap, class: Class { key: NOISY, band: Priority::Sheddable } };
         for name in &a.setups {
-            let f = point(name, &[critical.clone(), sheddable.clone()], (&a, tpw), 3).await?;
+            let f = point(name, &[critical.clone(), sheddable.clone()], (&a, tpw), 3 + 10 * a.seed).await?;
             println!(
                 "priority {name}: critical TTFT p90 {:.0} ms ({} 503), sheddable TTFT p90 {:.0} ms ({} 503)",
                 f[0].ttft[1], f[0].refused_503, f[1].ttft[1], f[1].refused_503

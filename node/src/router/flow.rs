@@ -309,7 +309,7 @@ impl Router {
                 return Ok(());
             }
             let remaining = wait.saturating_sub(now.duration_since(a.arrived)).as_millis() as u64;
-            let ahead = st.queues.get(&key).map_or(0, |q| q.ahead_of(a.priority));
+            let ahead = st.queues.get(&key).map_or(0, |q| q.ahead_of(a.priority, a.tenant, a.weight));
             if remaining == 0 || !flow::can_meet(ahead, st.rate_per_s(&key, now), remaining) {
                 drop(st);
                 return Err(self.shed(Shed::CannotMeet, a.model));
