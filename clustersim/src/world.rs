@@ -403,6 +403,7 @@ impl<'a> World<'a> {
                         // The cluster simulator's engines have no offloading tier.
                         num_cpu_blocks: 0,
                         cpu_load_ms_per_token: 0.0,
+                        scheduling: kvmesh_sim::engine::Scheduling::Fcfs,
                     },
                     // Output ids: a seeded stream per request, like the engine simulator's filler.
                     |seed, i| tokens(seed ^ 0x5EED, i + 1).last().unwrap_or(100),
@@ -1005,6 +1006,7 @@ impl<'a> World<'a> {
             external_kv_tokens: 0,
             cache_salt: None,
             lora: None,
+            priority: 0,
         });
         if self.engines[e].step.is_none() {
             self.start_step(e);

@@ -314,6 +314,7 @@ async fn a_forwarded_prompt_is_not_tokenized_again() {
             api_key_file: None,
             role: Default::default(),
             data_parallel_size: 1,
+            scheduling_policy: Default::default(),
         });
         engines.push(e);
     }

@@ -368,6 +368,12 @@ pub struct EngineEntry {
     /// with vLLM's `X-data-parallel-rank` header. Default 1.
     #[serde(default = "one_rank")]
     pub data_parallel_size: u32,
+    /// The engine's `--scheduling-policy`: `fcfs` (vLLM's default), or `priority`, with which
+    /// the node sets each request's `priority` from its flow-control band and its tenant's
+    /// share (`policy::flow::engine_priority`), so the engine's own queue and its preemptions
+    /// follow the same order as the node's. vLLM refuses a `priority` under `fcfs`.
+    #[serde(default)]
+    pub scheduling_policy: kvmesh_sim::engine::Scheduling,
 }
 
 fn one_rank() -> u32 {
@@ -942,6 +948,7 @@ pub fn parse_engine_flag(s: &str) -> Result<EngineEntry, NodeError> {
         api_key_file: None,
         role: Default::default(),
         data_parallel_size: 1,
+        scheduling_policy: Default::default(),
     };
     for p in parts {
         match p.split_once('=') {
@@ -954,6 +961,17 @@ pub fn parse_engine_flag(s: &str) -> Result<EngineEntry, NodeError> {
                 e.data_parallel_size = v.parse().map_err(|_| {
                     NodeError::Config(format!("--engine `{shown}`: dp-size `{v}` is not a number of ranks"))
                 })?
+            }
+            Some(("scheduling-policy", v)) => {
+                e.scheduling_policy = match v {
+                    "fcfs" => kvmesh_sim::engine::Scheduling::Fcfs,
+                    "priority" => kvmesh_sim::engine::Scheduling::Priority,
+                    other => {
+                        return Err(NodeError::Config(format!(
+                            "--engine `{shown}`: scheduling-policy `{other}` is not fcfs or priority"
+                        )))
+                    }
+                }
             }
             Some(("role", v)) => {
                 e.role = match v {
@@ -969,7 +987,7 @@ pub fn parse_engine_flag(s: &str) -> Result<EngineEntry, NodeError> {
             }
             _ => {
                 return Err(NodeError::Config(format!(
-                    "--engine `{shown}`: unknown part `{p}`; expected URL[,kv-events=tcp://HOST:PORT][,kv-events-replay=tcp://HOST:PORT][,name=NAME][,api-key-file=PATH][,role=prefill|decode|both][,dp-size=N]"
+                    "--engine `{shown}`: unknown part `{p}`; expected URL[,kv-events=tcp://HOST:PORT][,kv-events-replay=tcp://HOST:PORT][,name=NAME][,api-key-file=PATH][,role=prefill|decode|both][,dp-size=N][,scheduling-policy=fcfs|priority]"
                 )))
             }
         }

@@ -156,6 +156,7 @@ impl Node {
                 api_key_file: None,
                 role: cfg.embedded_role,
                 data_parallel_size: 1,
+                scheduling_policy: cfg.embedded.scheduling_policy,
             });
             Some(e)
         } else {

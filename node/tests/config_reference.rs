@@ -54,6 +54,7 @@ fn key_paths() -> BTreeMap<String, Value> {
         api_key_file: None,
         role: Default::default(),
         data_parallel_size: 1,
+        scheduling_policy: Default::default(),
     }];
     cfg.models = vec![ModelEntry {
         name: "m".into(),

@@ -39,6 +39,7 @@ async fn node_for(e: &RunningEngine) -> RunningNode {
         api_key_file: None,
         role: Default::default(),
         data_parallel_size: 1,
+        scheduling_policy: Default::default(),
     }]))
     .await
 }
@@ -172,6 +173,7 @@ async fn an_unanswered_replay_times_out_and_drops_the_index() {
         api_key_file: None,
         role: Default::default(),
         data_parallel_size: 1,
+        scheduling_policy: Default::default(),
     }]);
     cfg.kv_events_replay_timeout_ms = 200;
     let n = node(cfg).await;

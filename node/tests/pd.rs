@@ -74,6 +74,7 @@ fn entry_with(url: String, name: &str, role: Role) -> EngineEntry {
         api_key_file: None,
         role,
         data_parallel_size: 1,
+        scheduling_policy: Default::default(),
     }
 }
 

@@ -24,6 +24,7 @@ async fn two_engines_without_kv_events(model: &str) -> (kvmesh_node::RunningNode
             api_key_file: None,
             role: Default::default(),
             data_parallel_size: 1,
+            scheduling_policy: Default::default(),
         })
         .collect();
     (node(node_config(entries)).await, engines)

@@ -201,6 +201,21 @@ pub fn free_slots(engines: &[EngineLoad], s: &FlowSettings, share: f64) -> f64 {
         .sum()
 }
 
+/// The `priority` an engine started with vLLM's `--scheduling-policy priority` is sent for a
+/// request (lower runs first): by band, and within a band a tenant whose requests this node is
+/// holding (more than its share arrives) after one whose are not. The engine then orders its
+/// own waiting queue, and chooses whom to preempt, as the node orders its queue. `standard`
+/// is vLLM's default 0, so a request the node did not set a priority on (another endpoint, or
+/// another client of the engine) counts as standard.
+pub fn engine_priority(band: Priority, backlogged: bool) -> i64 {
+    let base = match band {
+        Priority::Critical => -2,
+        Priority::Standard => 0,
+        Priority::Sheddable => 2,
+    };
+    base + i64::from(backlogged)
+}
+
 /// This node's share of an engine's free places: all of them when no other node holds
 /// requests, else in proportion to what each holds (what peers gossip they hold). A node that
 /// holds nothing still gets a small share, so that its first request is not stuck.
@@ -508,6 +523,17 @@ mod tests {
             let at = order.iter().position(|&i| i == 9_999).unwrap();
             assert!(estimate.abs_diff(at) <= 1, "{held:?} then {tenant}: estimated {estimate}, left at {at}");
         }
+    }
+
+    #[test]
+    fn engine_priorities_keep_bands_apart_and_order_tenants_within() {
+        let all: Vec<i64> = [Priority::Critical, Priority::Standard, Priority::Sheddable]
+            .iter()
+            .flat_map(|&b| [engine_priority(b, false), engine_priority(b, true)])
+            .collect();
+        // Strictly increasing: a backlogged tenant's critical request still runs before any
+        // standard one.
+        assert!(all.windows(2).all(|w| w[0] < w[1]), "{all:?}");
     }
 
     #[test]

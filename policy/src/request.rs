@@ -49,6 +49,10 @@ pub struct InferenceRequest {
     pub add_generation_prompt: bool,
     pub echo: bool,
     pub kv_transfer_params: Option<Value>,
+    /// vLLM's scheduling `priority` (lower first; only with `--scheduling-policy priority`).
+    /// A field the node owns: a client's is removed before parsing (`ENGINE_OWNED_FIELDS`), so
+    /// on a node this is 0 and on an engine it is what the node set.
+    pub priority: i64,
     /// For `/v1/chat/completions` (and Responses and Messages, converted as vLLM converts
     /// them, `convert`): everything the chat template is given, as vLLM gives it
     /// (`chat::ChatInputs`).
@@ -85,6 +89,7 @@ impl InferenceRequest {
             add_generation_prompt: false,
             echo: false,
             kv_transfer_params: None,
+            priority: 0,
             chat: None,
             previous_response_id: None,
             media: false,
@@ -428,6 +433,10 @@ pub fn from_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<Infer
             Some(v.as_i64().map(|s| s as u64).or_else(|| v.as_u64()).ok_or_else(|| type_error("seed", "an integer"))?)
         }
     };
+    let priority = match obj.get("priority") {
+        None => 0,
+        Some(v) => v.as_i64().ok_or_else(|| type_error("priority", "an integer"))?,
+    };
     let cache_salt = match obj.get("cache_salt") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
@@ -483,6 +492,7 @@ pub fn from_object(endpoint: Endpoint, obj: &Map<String, Value>) -> Result<Infer
         add_generation_prompt,
         echo: opt_bool(obj, "echo")?.unwrap_or(false),
         kv_transfer_params: obj.get("kv_transfer_params").filter(|v| !v.is_null()).cloned(),
+        priority,
         chat,
         previous_response_id,
         media,

@@ -249,6 +249,13 @@ pub(crate) async fn prepare(
         return Err(ApiError::model_not_found(&req.model));
     }
     let rank = data_parallel_rank(st, headers)?;
+    if req.priority != 0 && st.cfg.scheduling_policy == crate::engine::Scheduling::Fcfs {
+        // vLLM's words, from its input processor.
+        return Err(ApiError::invalid(
+            format!("Got priority {} but Priority scheduling is not enabled.", req.priority),
+            Some("priority"),
+        ));
+    }
     if req.n != 1 {
         return Err(ApiError::invalid("The engine simulator supports only n=1.", Some("n")));
     }
@@ -331,6 +338,7 @@ pub(crate) async fn prepare(
         external_kv_tokens,
         cache_salt: req.cache_salt.clone(),
         lora,
+        priority: req.priority,
     };
     let (rx, guard) = st.ranks[rank].engine.submit(seq).map_err(|e| match e {
         SubmitError::QueueFull => ApiError::unavailable("The engine's request queue is full; retry later."),
@@ -405,6 +413,7 @@ pub(crate) async fn prefill(
         external_kv_tokens: 0,
         cache_salt,
         lora: None,
+        priority: 0,
     };
     let (mut rx, mut guard) = st.ranks[rank].engine.submit(seq).map_err(|e| match e {
         SubmitError::QueueFull => ApiError::unavailable("The engine's request queue is full; retry later."),

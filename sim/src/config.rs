@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine::Scheduling;
 use crate::error::SimError;
 use crate::timing::TimingModel;
 
@@ -95,6 +96,11 @@ pub struct EngineConfig {
     /// Bandwidth of loads from the offloading tier, GB/s (PCIe 5 x16 in practice: ~25).
     #[arg(long = "cpu-load-gb-per-s", default_value_t = 25.0)]
     pub cpu_load_gb_per_s: f64,
+    /// vLLM's `--scheduling-policy`: `fcfs`, or `priority` (waiting requests by their
+    /// `priority`, lower first, then arrival; preemption takes the last in that order). With
+    /// `fcfs` a request whose `priority` is not 0 is refused, as vLLM refuses it.
+    #[arg(long = "scheduling-policy", value_enum, default_value_t = Scheduling::Fcfs)]
+    pub scheduling_policy: Scheduling,
     /// Step-time constants (TOML: an `[embedded.timing]` table).
     #[command(flatten)]
     pub timing: TimingModel,
@@ -127,6 +133,7 @@ impl Default for EngineConfig {
             cpu_offload_blocks: 0,
             data_parallel_size: 1,
             cpu_load_gb_per_s: 25.0,
+            scheduling_policy: Scheduling::Fcfs,
             timing: TimingModel::default(),
         }
     }

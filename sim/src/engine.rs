@@ -9,6 +9,11 @@
 //! ones first-come first-served, skipping cached prefix blocks, until the token budget, the
 //! sequence limit or the free blocks run out. A running sequence that cannot get a block
 //! preempts the most recently admitted one, which is recomputed later.
+//!
+//! With vLLM's `--scheduling-policy priority` (`Scheduling::Priority`) the waiting queue is
+//! ordered by each request's `priority` (lower first), then arrival, and the running sequence
+//! preempted for blocks is the one last in that order; a waiting request never preempts a
+//! running one (vLLM v1's scheduler does the same: only running requests' allocations do).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -33,6 +38,19 @@ pub struct CoreConfig {
     pub num_cpu_blocks: u32,
     /// Time to load one token's KV from the offloading tier, ms.
     pub cpu_load_ms_per_token: f64,
+    /// The order of the waiting queue and of preemption (vLLM's `--scheduling-policy`).
+    pub scheduling: Scheduling,
+}
+
+/// vLLM's `--scheduling-policy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheduling {
+    /// First come, first served; requests must leave `priority` at 0.
+    #[default]
+    Fcfs,
+    /// By each request's `priority` (lower first), then arrival.
+    Priority,
 }
 
 /// A request as the core sees it: token ids in, a number of tokens out.
@@ -53,6 +71,8 @@ pub struct NewSequence {
     /// The LoRA adapter the request runs with: mixed into every block's hash, as vLLM does, so
     /// an adapter's blocks are its own.
     pub lora: Option<String>,
+    /// The request's `priority` (lower runs first; used with `Scheduling::Priority` only).
+    pub priority: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,6 +138,8 @@ struct Sequence {
     /// The chain seed of this sequence's block hashes: the engine's, mixed with the adapter's
     /// name and `cache_salt`.
     hash_seed: u64,
+    /// Scheduling order under `Scheduling::Priority`: (priority, arrival), lower first.
+    order: (i64, u64),
 }
 
 impl Sequence {
@@ -147,6 +169,8 @@ pub struct EngineCore {
     offload: Option<OffloadTier>,
     /// Tokens loaded from the offloading tier by the step being scheduled.
     loading_tokens: usize,
+    /// Sequences added so far (their arrival order).
+    arrivals: u64,
 }
 
 impl EngineCore {
@@ -161,6 +185,7 @@ impl EngineCore {
             counters: CoreCounters::default(),
             output_token: Box::new(output_token),
             loading_tokens: 0,
+            arrivals: 0,
         }
     }
 
@@ -192,9 +217,32 @@ impl EngineCore {
                 .fold(self.cfg.hash_seed, |seed, key| xxhash_rust::xxh3::xxh3_64_with_seed(key.as_bytes(), seed ^ 1)),
             cache_salt: s.cache_salt,
             lora: s.lora,
+            order: (s.priority, self.arrivals),
         };
-        self.waiting.push_back(seq.id);
-        self.seqs.insert(seq.id, seq);
+        self.arrivals += 1;
+        let id = seq.id;
+        self.seqs.insert(id, seq);
+        match self.cfg.scheduling {
+            Scheduling::Fcfs => self.waiting.push_back(id),
+            Scheduling::Priority => self.enqueue_in_order(id),
+        }
+    }
+
+    /// Puts `id` in the waiting queue at its place in (priority, arrival) order.
+    fn enqueue_in_order(&mut self, id: SeqId) {
+        let key = self.seqs.get(&id).map_or((i64::MAX, u64::MAX), |s| s.order);
+        let at = self.waiting.partition_point(|w| self.seqs.get(w).is_some_and(|s| s.order <= key));
+        self.waiting.insert(at, id);
+    }
+
+    /// The running sequence to preempt for blocks: the most recently admitted (FCFS), or the
+    /// last in (priority, arrival) order. Its index in `running`.
+    fn victim(&self) -> Option<usize> {
+        match self.cfg.scheduling {
+            Scheduling::Fcfs => self.running.len().checked_sub(1),
+            Scheduling::Priority => (0..self.running.len())
+                .max_by_key(|&i| self.seqs.get(&self.running[i]).map_or((i64::MAX, u64::MAX), |s| s.order)),
+        }
     }
 
     /// Removes a sequence wherever it is and frees its blocks. Returns whether it existed.
@@ -270,13 +318,21 @@ impl EngineCore {
                 continue;
             }
             let need = (num_computed + num_new).div_ceil(bs).saturating_sub(self.seqs[&id].blocks.len());
-            // Make room by preempting from the back; if that is this sequence, it waits.
+            // Make room by preempting the victim (`victim`); if that is this sequence, it waits.
             let mut scheduled = true;
             while self.pool.num_free() < need {
                 preempted = true;
-                let Some(victim) = self.running.pop() else {
+                let Some(at) = self.victim() else {
                     break;
                 };
+                let victim = self.running.remove(at);
+                if at < i {
+                    // Already scheduled this step: its work is undone with its blocks.
+                    if let Some(w) = step.work.iter().position(|(s, _)| *s == victim) {
+                        budget += step.work.remove(w).1;
+                    }
+                    i -= 1;
+                }
                 self.preempt(victim);
                 if victim == id {
                     scheduled = false;
@@ -393,7 +449,10 @@ impl EngineCore {
             s.num_cached_blocks = 0;
             self.pool.release(&blocks);
         }
-        self.waiting.push_front(id);
+        match self.cfg.scheduling {
+            Scheduling::Fcfs => self.waiting.push_front(id),
+            Scheduling::Priority => self.enqueue_in_order(id),
+        }
     }
 
     /// Applies a step whose time has passed: advances computed tokens, caches full blocks,
@@ -513,6 +572,7 @@ mod tests {
                 timing: TimingModel::default(),
                 num_cpu_blocks: cpu_blocks,
                 cpu_load_ms_per_token: 0.01,
+                scheduling: Scheduling::Fcfs,
             },
             |seed, i| (seed as u32).wrapping_add(i as u32) % 100 + 1000,
         )
@@ -527,6 +587,7 @@ mod tests {
             external_kv_tokens: 0,
             cache_salt: None,
             lora: lora.map(str::to_owned),
+            priority: 0,
         }
     }
 
@@ -599,6 +660,7 @@ mod tests {
             external_kv_tokens: 0,
             cache_salt: None,
             lora: None,
+            priority: 0,
         });
         let (toks, evs, _) = run_to_end(&mut c);
         assert_eq!(toks.len(), 5);
@@ -630,6 +692,7 @@ mod tests {
             external_kv_tokens: 0,
             cache_salt: None,
             lora: None,
+            priority: 0,
         });
         let (_, _, cold) = run_to_end(&mut c);
         c.add(NewSequence {
@@ -640,6 +703,7 @@ mod tests {
             external_kv_tokens: 0,
             cache_salt: None,
             lora: None,
+            priority: 0,
         });
         let (toks, _, warm) = run_to_end(&mut c);
         assert_eq!(toks[0].cached_prompt_tokens, 28, "7 full blocks of 4 hit; the last token is recomputed");
@@ -658,6 +722,7 @@ mod tests {
             external_kv_tokens: 0,
             cache_salt: None,
             lora: None,
+            priority: 0,
         });
         let s = c.schedule();
         assert_eq!(s.shape.scheduled_tokens, 32);
@@ -674,6 +739,7 @@ mod tests {
             external_kv_tokens: 0,
             cache_salt: None,
             lora: None,
+            priority: 0,
         });
         c.add(NewSequence {
             id: 2,
@@ -683,6 +749,7 @@ mod tests {
             external_kv_tokens: 0,
             cache_salt: None,
             lora: None,
+            priority: 0,
         });
         let (toks, _, _) = run_to_end(&mut c);
         for id in [1, 2] {
@@ -691,6 +758,56 @@ mod tests {
             assert!(mine.iter().enumerate().all(|(i, t)| t.index == i), "outputs in order after recompute");
         }
         assert!(c.counters().preemptions > 0);
+        assert_eq!(c.kv_usage(), 0.0);
+    }
+
+    fn priority_core(blocks: u32) -> EngineCore {
+        let mut c = core(blocks);
+        c.cfg.scheduling = Scheduling::Priority;
+        c
+    }
+
+    fn with_priority(id: SeqId, prompt: Vec<u32>, output_len: usize, priority: i64) -> NewSequence {
+        NewSequence { output_len, priority, ..seq(id, prompt, None) }
+    }
+
+    /// The order first tokens come out in.
+    fn first_tokens(c: &mut EngineCore) -> Vec<SeqId> {
+        let (toks, _, _) = run_to_end(c);
+        toks.iter().filter(|t| t.index == 0).map(|t| t.seq).collect()
+    }
+
+    #[test]
+    fn priority_scheduling_orders_the_waiting_queue() {
+        // Room for one 8-token sequence at a time (2 blocks of 4 tokens, plus its output).
+        let mut c = priority_core(3);
+        c.add(with_priority(1, (0..8).collect(), 2, 5));
+        c.add(with_priority(2, (10..18).collect(), 2, 5));
+        c.add(with_priority(3, (20..28).collect(), 2, -1));
+        c.add(with_priority(4, (30..38).collect(), 2, 0));
+        // Lower priority values first, arrival order among equals.
+        assert_eq!(first_tokens(&mut c), [3, 4, 1, 2]);
+        // FCFS ignores the values.
+        let mut c = core(3);
+        for (id, p) in [(1, 5), (2, 5), (3, -1), (4, 0)] {
+            c.add(with_priority(id, (id as u32 * 10..id as u32 * 10 + 8).collect(), 2, p));
+        }
+        assert_eq!(first_tokens(&mut c), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn priority_scheduling_preempts_the_last_in_order() {
+        // Two sequences running, the cache full: when one needs a block, the one with the
+        // higher value is preempted, whichever was admitted last.
+        let mut c = priority_core(6);
+        c.add(with_priority(1, (0..8).collect(), 8, 9));
+        let s = c.schedule();
+        c.complete(s);
+        c.add(with_priority(2, (20..28).collect(), 8, 0));
+        let (toks, _, _) = run_to_end(&mut c);
+        let last = |id| toks.iter().rposition(|t| t.seq == id && t.finished).unwrap();
+        assert!(c.counters().preemptions > 0, "the cache was too small for both");
+        assert!(last(2) < last(1), "the urgent one finished first");
         assert_eq!(c.kv_usage(), 0.0);
     }
 
@@ -705,6 +822,7 @@ mod tests {
             external_kv_tokens: 0,
             cache_salt: None,
             lora: None,
+            priority: 0,
         });
         run_to_end(&mut c);
         c.add(NewSequence {
@@ -715,6 +833,7 @@ mod tests {
             external_kv_tokens: 0,
             cache_salt: None,
             lora: None,
+            priority: 0,
         });
         let (_, evs, _) = run_to_end(&mut c);
         assert!(evs.iter().any(|e| matches!(e, KvEvent::BlockRemoved { .. })), "{evs:?}");
@@ -731,6 +850,7 @@ mod tests {
             external_kv_tokens: 0,
             cache_salt: None,
             lora: None,
+            priority: 0,
         });
         let s = c.schedule();
         c.complete(s);

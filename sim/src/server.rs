@@ -142,6 +142,7 @@ impl EngineSim {
                     timing: cfg.timing.clone(),
                     num_cpu_blocks: cfg.cpu_offload_blocks,
                     cpu_load_ms_per_token: cfg.cpu_load_ms_per_token(),
+                    scheduling: cfg.scheduling_policy,
                 },
                 move |seed, i| output_filler.token(seed, i),
             );

@@ -466,3 +466,24 @@ async fn audio_on_a_text_model() {
     }
     e.shutdown().await;
 }
+
+// vllm/v1/engine (the input processor): `priority` other than 0 is refused unless the engine
+// runs `--scheduling-policy priority`; a non-integer is a validation error.
+#[tokio::test]
+async fn priority_needs_the_priority_scheduling_policy() {
+    let chat = |p: Value| json!({"model": "kvmesh-sim", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "priority": p});
+    let fcfs = start().await;
+    let (status, v) = post(&fcfs, "/v1/chat/completions", &chat(json!(3))).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("Priority scheduling is not enabled"), "{v}");
+    assert_eq!(post(&fcfs, "/v1/chat/completions", &chat(json!(0))).await.0, 200);
+    let cfg = EngineConfig {
+        time_scale: 0.02,
+        scheduling_policy: kvmesh_sim::engine::Scheduling::Priority,
+        ..EngineConfig::default()
+    };
+    let prio = EngineSim::start(cfg, "127.0.0.1:0", None, &CancellationToken::new()).await.unwrap();
+    assert_eq!(post(&prio, "/v1/chat/completions", &chat(json!(-2))).await.0, 200);
+    let (status, v) = post(&prio, "/v1/chat/completions", &chat(json!("high"))).await;
+    assert_eq!(status, 400, "{v}");
+}

@@ -150,6 +150,7 @@ async fn overhead(a: OverheadArgs) -> Result<(), NodeError> {
             api_key_file: None,
             role: Default::default(),
             data_parallel_size: 1,
+            scheduling_policy: Default::default(),
         }],
         ..Config::default()
     };

@@ -96,6 +96,10 @@ pub struct FlowArgs {
     /// seeds are independent samples.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// The engines' `--scheduling-policy` (`priority`: the nodes set each request's engine
+    /// priority from its band and its tenant's backlog).
+    #[arg(long, value_enum, default_value_t = kvmesh_sim::engine::Scheduling::Fcfs)]
+    pub scheduling_policy: kvmesh_sim::engine::Scheduling,
     /// Appends one line per load point to this CSV file (header written when it is new):
     /// `setup,seed,load,offered,goodput,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,completed,refused_503,refused_429,failed,slowest_refusal_ms`.
     #[arg(long)]
@@ -150,7 +154,12 @@ impl Setup {
 }
 
 fn engine_config(a: &FlowArgs) -> EngineConfig {
-    EngineConfig { num_gpu_blocks: a.kv_blocks, time_scale: a.time_scale, ..EngineConfig::default() }
+    EngineConfig {
+        num_gpu_blocks: a.kv_blocks,
+        time_scale: a.time_scale,
+        scheduling_policy: a.scheduling_policy,
+        ..EngineConfig::default()
+    }
 }
 
 async fn setup(name: &str, a: &FlowArgs, cancel: &CancellationToken) -> Result<Setup, NodeError> {
@@ -169,7 +178,11 @@ async fn setup(name: &str, a: &FlowArgs, cancel: &CancellationToken) -> Result<S
         for _ in 0..a.engines {
             engines.push(EngineSim::start(engine_config(a), "127.0.0.1:0", Some("tcp://127.0.0.1:0"), cancel).await?);
         }
-        let cfg = Config { node_name: "central".into(), engines: engine_entries(&engines), ..base };
+        let mut entries = engine_entries(&engines);
+        for e in &mut entries {
+            e.scheduling_policy = a.scheduling_policy;
+        }
+        let cfg = Config { node_name: "central".into(), engines: entries, ..base };
         let node = Node::start(cfg, cancel).await?;
         let url = node.url();
         return Ok(Setup { nodes: vec![node], engines, urls: vec![url], _dir: None });
@@ -497,7 +510,7 @@ pub async fn run(a: FlowArgs) -> Result<(), NodeError> {
     println!("capacity: {cap:.1} req/s");
     let mut md = format!(
         "Command: `kvmesh bench flow --engines {} --loads {} --setups {} --scenarios {} --duration-s {} --slo-ms {} \
-         --prompt-tokens {} --output-tokens {} --kv-blocks {} --time-scale {} --max-waiting {} --seed {}` (release build, {} cores; {}). Measured \
+         --prompt-tokens {} --output-tokens {} --kv-blocks {} --time-scale {} --max-waiting {} --seed {} --scheduling-policy {}` (release build, {} cores; {}). Measured \
          capacity (closed loop, every engine full): **{cap:.1} req/s**. Goodput: requests/s completed with TTFT ≤ \
          {} ms; flow control holds a request at most {} ms (three quarters of the objective). Refused: 503 (no \
          capacity in time) and 429 (tenant over its share), with the longest any refused client waited.\n\n",
@@ -513,6 +526,10 @@ pub async fn run(a: FlowArgs) -> Result<(), NodeError> {
         a.time_scale,
         a.max_waiting,
         a.seed,
+        match a.scheduling_policy {
+            kvmesh_sim::engine::Scheduling::Fcfs => "fcfs",
+            kvmesh_sim::engine::Scheduling::Priority => "priority",
+        },
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         if a.entry_urls.is_empty() {
             "nodes, engines and the load generator in one process".to_owned()

@@ -321,6 +321,7 @@ pub(super) fn engine_entries(engines: &[RunningEngine]) -> Vec<EngineEntry> {
             api_key_file: None,
             role: Default::default(),
             data_parallel_size: 1,
+            scheduling_policy: Default::default(),
         })
         .collect()
 }

@@ -109,6 +109,8 @@ pub struct Engine {
     pub kv_events_replay: Option<String>,
     pub api_key: Option<String>,
     pub role: kvmesh_policy::pd::Role,
+    /// Its `--scheduling-policy`: with `priority` the node sets each request's `priority`.
+    pub scheduling: kvmesh_sim::engine::Scheduling,
     /// The data-parallel rank this engine is, of an engine with several
     /// (`EngineEntry::data_parallel_size`).
     pub dp_rank: Option<u32>,
@@ -222,6 +224,7 @@ impl EngineSet {
                     kv_events_replay: offset(&e.kv_events_replay),
                     api_key: e.api_key.clone(),
                     role: e.role,
+                    scheduling: e.scheduling_policy,
                     dp_rank,
                     in_flight: Arc::new(AtomicU32::new(0)),
                     view: RwLock::new(EngineView::default()),

@@ -160,8 +160,8 @@ impl Pipeline {
                 tokens: prompt.tokens,
                 arrived: ctx.started,
             };
-            if let Err(refusal) = self.router.hold(asking).instrument(stage("hold")).await {
-                return self.refuse(&ctx, flow, refusal).await;
+            if let Err(held) = self.router.hold(asking).instrument(stage("hold")).await {
+                return self.refuse(&ctx, flow, held.refusal).await;
             }
         }
         let route = async {

@@ -113,11 +113,36 @@ enum QueueKey {
 }
 
 impl QueueKey {
-    fn of(model: &str, at: HoldAt<'_>) -> Self {
+    /// The queue for `model` at `at`; a peer naming an engine this node does not have (or one
+    /// that cannot take the request now) is held for the node's engines of the model, as pick
+    /// then falls back to them: a peer cannot make a queue per made-up name.
+    fn of(model: &str, at: HoldAt<'_>, router: &Router) -> Self {
         match at {
             HoldAt::Mesh => QueueKey::Mesh(model.into()),
-            HoldAt::Local(engine) => QueueKey::Local { model: model.into(), engine: engine.map(Into::into) },
+            HoldAt::Local(engine) => {
+                let engine = engine.filter(|n| router.local_flow_loads(model, Some(n)).iter().any(|e| e.usable));
+                QueueKey::Local { model: model.into(), engine: engine.map(Into::into) }
+            }
         }
+    }
+
+    fn model(&self) -> &str {
+        match self {
+            QueueKey::Mesh(m) | QueueKey::Local { model: m, .. } => m,
+        }
+    }
+}
+
+/// A request flow control answered without serving: why, and the answer.
+pub(crate) struct Held {
+    pub shed: Shed,
+    pub refusal: Refusal,
+}
+
+impl Held {
+    /// Whether the request's time is up (another engine could not start it in time either).
+    pub(crate) fn is_final(&self) -> bool {
+        self.shed == Shed::Deadline
     }
 }
 
@@ -183,15 +208,24 @@ impl State {
 
     /// Requests let go from `key`'s queue within `GRANT_MS`: on their way to an engine, not
     /// yet in its in-flight count.
+    ///
+    /// Every queue of the model counts: a client's queue and peers' queues on this node can
+    /// send to the same engine, so one's grants take places the others see as free.
     fn granted(&self, key: &QueueKey, now: Instant) -> f64 {
         self.dispatched
-            .get(key)
-            .map_or(0, |t| t.iter().rev().take_while(|t| now.duration_since(**t) < GRANT_MS).count()) as f64
+            .iter()
+            .filter(|(k, _)| k.model() == key.model())
+            .map(|(_, t)| t.iter().rev().take_while(|t| now.duration_since(**t) < GRANT_MS).count())
+            .sum::<usize>() as f64
     }
 
     fn record_dispatch(&mut self, key: &QueueKey, now: Instant) {
         if !self.dispatched.contains_key(key) && self.dispatched.len() >= MAX_QUEUES {
-            return;
+            // Queues that dispatched nothing lately make room (their rate is unknown again).
+            self.dispatched.retain(|_, t| t.back().is_some_and(|last| now.duration_since(*last) <= RATE_HORIZON));
+            if self.dispatched.len() >= MAX_QUEUES {
+                return;
+            }
         }
         let times = self.dispatched.entry(key.clone()).or_default();
         if times.len() >= RATE_WINDOW {
@@ -258,6 +292,12 @@ impl FlowControl {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether this node holds requests of `tenant` now: it sends more than its share of what
+    /// the engines take (`policy::flow::engine_priority`).
+    pub(crate) fn backlogged(&self, tenant: &str) -> bool {
+        self.lock().queues.values().any(|q| q.held_by(tenant) > 0)
+    }
+
     /// Requests held now.
     pub(crate) fn held(&self) -> u32 {
         self.held.load(Ordering::Relaxed)
@@ -277,7 +317,7 @@ impl FlowControl {
 impl Router {
     /// The hold stage: returns when the request may go to pick (at once when an engine has a
     /// free place and nothing is held ahead), or the refusal to answer it with.
-    pub(crate) async fn hold(&self, a: Asking<'_>) -> Result<(), Refusal> {
+    pub(crate) async fn hold(&self, a: Asking<'_>) -> Result<(), Held> {
         let f = &self.flow;
         // Not built for meshes split into cells: a request homed in another cell is placed
         // there (`cells`), whose engines this node's saturation does not cover. A peer's
@@ -285,7 +325,7 @@ impl Router {
         if !f.s.enabled || (a.at == HoldAt::Mesh && self.mesh().is_some_and(|m| m.cell.is_some())) {
             return Ok(());
         }
-        let key = QueueKey::of(a.model, a.at);
+        let key = QueueKey::of(a.model, a.at, self);
         let loads = self.queue_loads(&key);
         if !loads.iter().any(|e| e.usable) {
             // No engine can serve it: pick answers 404 or 503 now rather than after a wait.
@@ -364,9 +404,9 @@ impl Router {
         }
     }
 
-    fn shed(&self, shed: Shed, model: &str) -> Refusal {
+    fn shed(&self, shed: Shed, model: &str) -> Held {
         self.metrics.flow_shed.with_label_values(&[shed.as_str()]).inc();
-        shed.refusal(&self.node_name, model, self.flow.retry_after_s())
+        Held { shed, refusal: shed.refusal(&self.node_name, model, self.flow.retry_after_s()) }
     }
 
     /// The engines a queue's requests wait for.

@@ -12,6 +12,8 @@ use kvmesh_transport::{PeerRequest, RequestHead, TransportError};
 use std::sync::Arc;
 use std::time::Duration;
 
+use kvmesh_sim::engine::Scheduling;
+
 use super::check::Expected;
 use super::relay::{quic_body, read_small, Answer, ByteStream};
 use super::{Router, Target};
@@ -89,6 +91,11 @@ impl Router {
             }
             // A cancel has no body.
             Endpoint::ResponseCancel => Bytes::new(),
+            // An engine scheduling by priority orders its queue as flow control does.
+            Endpoint::Chat | Endpoint::Completions if engine.scheduling == Scheduling::Priority => {
+                let p = kvmesh_policy::flow::engine_priority(ctx.priority, self.flow.backlogged(&ctx.tenant));
+                with_priority(body, p)
+            }
             _ => body.clone(),
         };
         let rb = match ctx.endpoint.is_get() {
@@ -205,5 +212,41 @@ impl Router {
             self.s.first_byte_timeout.as_millis()
         ));
         reply_error(&self.metrics, ctx, &e)
+    }
+}
+
+/// `body` (a JSON object, as parsed at admission, with any client `priority` already removed:
+/// `policy::request::ENGINE_OWNED_FIELDS`) with `"priority": p` as its last member, so that
+/// even a duplicate key left in it would lose (Python's `json` keeps the last).
+fn with_priority(body: &Bytes, p: i64) -> Bytes {
+    let text = body.as_ref();
+    let first = text.iter().position(|b| !b.is_ascii_whitespace());
+    let Some(close) = text.iter().rposition(|b| !b.is_ascii_whitespace()) else { return body.clone() };
+    if first.map(|i| text[i]) != Some(b'{') || text[close] != b'}' {
+        return body.clone();
+    }
+    let empty = text[..close].iter().rposition(|b| !b.is_ascii_whitespace()).map(|i| text[i]) == Some(b'{');
+    let member = format!("{}\"priority\":{p}", if empty { "" } else { "," });
+    let mut out = Vec::with_capacity(text.len() + member.len());
+    out.extend_from_slice(&text[..close]);
+    out.extend_from_slice(member.as_bytes());
+    out.extend_from_slice(&text[close..]);
+    Bytes::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priority_goes_in_as_the_last_member() {
+        let parsed = |b: Bytes| serde_json::from_slice::<serde_json::Value>(&b).unwrap();
+        let v = parsed(with_priority(&Bytes::from_static(br#"  {"model":"m","messages":[]}"#), 3));
+        assert_eq!((v["priority"].as_i64(), v["model"].as_str()), (Some(3), Some("m")));
+        let text = with_priority(&Bytes::from_static(b"{\"model\":\"m\"}\n"), 1);
+        assert_eq!(text, Bytes::from_static(b"{\"model\":\"m\",\"priority\":1}\n"));
+        assert_eq!(parsed(with_priority(&Bytes::from_static(b"{ }"), -1))["priority"], -1);
+        // Not an object: left as it is (the engine answers it as it would have).
+        assert_eq!(with_priority(&Bytes::from_static(b"[1]"), 2), Bytes::from_static(b"[1]"));
     }
 }

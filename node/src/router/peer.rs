@@ -230,8 +230,11 @@ impl Router {
                 tokens: prompt.tokens,
                 arrived: ctx.started,
             };
-            if let Err(refusal) = self.hold(asking).instrument(crate::request::stage("hold")).await {
-                return refusal_response(&self.metrics, ctx, &refusal);
+            if let Err(held) = self.hold(asking).instrument(crate::request::stage("hold")).await {
+                // Refused before any engine saw it: the origin may try another engine
+                // (draining, a full queue, no place in time here), unless its time is up.
+                let resp = refusal_response(&self.metrics, ctx, &held.refusal);
+                return if held.is_final() { resp } else { not_accepted(resp) };
             }
         }
         self.pick_and_forward(ctx, &req, &body, &mut prompt, scope).await

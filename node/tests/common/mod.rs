@@ -45,6 +45,7 @@ pub fn entry(url: String) -> EngineEntry {
         api_key_file: None,
         role: Default::default(),
         data_parallel_size: 1,
+        scheduling_policy: Default::default(),
     }
 }
 
