@@ -350,9 +350,11 @@ async fn the_engines_node_holds_what_peers_send_by_their_band() {
     .await;
     let busy = saturate(&url, 200, None).await;
     let t = Instant::now();
-    let (status, _, body) = send(&url2, 2, "sheddable", None, "late").await;
+    let (status, retry, body) = send(&url2, 2, "sheddable", None, "late").await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "flow_no_capacity", "{body}");
+    // The worker's `retry-after` crosses the mesh to the client.
+    assert!(retry.as_deref().is_some_and(|r| r.parse::<u64>().unwrap() >= 1), "{retry:?}");
     assert!(t.elapsed() < Duration::from_millis(900), "waited {:?}", t.elapsed());
     for h in busy {
         assert_eq!(h.await.unwrap().0, 200);

@@ -60,6 +60,10 @@ pub struct RequestHead {
     pub weight: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub budget_ms: Option<u64>,
+    /// Prompt tokens as the origin counted them (0: unknown): the request's cost in the
+    /// serving node's fair queue when no digest comes with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u32>,
 }
 
 /// What a peer asks of this node, decoded from a [`RequestHead`]'s fields (the wire format
@@ -173,6 +177,10 @@ pub struct ResponseHead {
     /// elsewhere without running it twice.
     #[serde(default)]
     pub retryable: bool,
+    /// The answer's `retry-after` in seconds (a refusal that says when to come back), for the
+    /// origin to pass on to its client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_s: Option<u64>,
 }
 
 pub fn encode_head<T: Serialize>(head: &T) -> Result<Vec<u8>, TransportError> {
@@ -240,6 +248,7 @@ mod tests {
             content_type: "text/event-stream".into(),
             served_by: "a/b".into(),
             retryable: false,
+            retry_after_s: None,
         };
         let bytes = encode_head(&h).unwrap();
         let len = u32::from_be_bytes(bytes[..4].try_into().unwrap()) as usize;

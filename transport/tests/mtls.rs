@@ -52,6 +52,7 @@ fn echo_handler(ep: &MeshEndpoint) {
                 content_type: "text/plain".into(),
                 served_by: req.peer_name.unwrap_or_default(),
                 retryable: false,
+                retry_after_s: None,
             };
             let body = futures::stream::iter(vec![Ok::<_, std::io::Error>(Bytes::from("echo:")), Ok(req.body)]);
             let _ = respond(req.respond, &h, body, Duration::from_secs(2)).await;
@@ -155,6 +156,7 @@ async fn reset_stream_is_an_error_not_a_hang() {
                 content_type: "text/event-stream".into(),
                 served_by: "b/e".into(),
                 retryable: false,
+                retry_after_s: None,
             })
             .unwrap();
             send.write_all(&h).await.unwrap();

@@ -193,6 +193,7 @@ impl Router {
             content_type: "application/json".into(),
             served_by: self.node_name.clone(),
             retryable: status != StatusCode::OK,
+            retry_after_s: None,
         };
         let io = self.mesh().map(|m| m.endpoint.io_timeout()).unwrap_or(Duration::from_secs(5));
         if let Err(e) = respond(req.respond, &head, Body::from(body).into_data_stream(), io).await {

@@ -138,7 +138,7 @@ impl Router {
             });
         }
         let served_by = format!("{}/{}", self.node_name, engine.name);
-        let answer = Answer { status, content_type, served_by, stream, route, expect, learn };
+        let answer = Answer { status, content_type, served_by, stream, route, expect, learn, retry_after_s: None };
         self.relay_answer(ctx, answer, upstream, in_flight).await
     }
 
@@ -196,6 +196,7 @@ impl Router {
             route,
             expect,
             learn: None,
+            retry_after_s: rhead.retry_after_s,
         };
         let relayed = self.relay_answer(ctx, answer, upstream, in_flight).await;
         if relayed.is_err() {

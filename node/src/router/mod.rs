@@ -347,6 +347,7 @@ impl Router {
                     let ask = if chooses { PeerRequest::AnyEngine } else { PeerRequest::Engine(r.load.name.clone()) };
                     let mut head = ctx.peer_head(ask, &self.node_name, req.stream);
                     head.prompt = chooses.then(|| self.digest(r, prompt)).flatten();
+                    head.prompt_tokens = prompt.known().then(|| u32::try_from(prompt.tokens).unwrap_or(u32::MAX));
                     // A peer that places the prompt among its engines checks the answer itself.
                     let expect = if chooses { None } else { expect };
                     self.forward_remote(ctx, head, body, r, &header, expect).await

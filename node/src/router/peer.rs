@@ -43,6 +43,7 @@ impl Router {
                 content_type: "application/json".into(),
                 served_by: self.node_name.clone(),
                 retryable: false,
+                retry_after_s: None,
             };
             let err = ApiError::new(
                 axum::http::StatusCode::FORBIDDEN,
@@ -88,6 +89,7 @@ impl Router {
             ctx.weight = w.clamp(1, kvmesh_policy::auth::MAX_WEIGHT);
         }
         let budget = req.head.budget_ms.map(Duration::from_millis);
+        let tokens = req.head.prompt_tokens.unwrap_or(0) as usize;
         if let Some((_, Some(id))) = parsed {
             ctx.response_id = Some(id.to_owned());
             ctx.set_query(query);
@@ -121,7 +123,7 @@ impl Router {
                 let span = ctx.span.clone();
                 // The origin may give up (its client left, its timeout fired) before the engine
                 // answers: stop then, so the engine is not kept working for nobody.
-                let work = self.serve_forwarded(&mut ctx, req.body, scope, req.head.prompt.as_ref(), budget);
+                let work = self.serve_forwarded(&mut ctx, req.body, scope, req.head.prompt.as_ref(), (budget, tokens));
                 tokio::select! {
                     r = work.instrument(span) => r,
                     _ = send.stopped() => {
@@ -139,6 +141,7 @@ impl Router {
                 .to_owned(),
             served_by: header_str(resp.headers(), "x-kvmesh-served-by").unwrap_or(&self.node_name).to_owned(),
             retryable: is_not_accepted(&resp),
+            retry_after_s: header_str(resp.headers(), header::RETRY_AFTER.as_str()).and_then(|v| v.parse().ok()),
         };
         let io = self.mesh().map(|m| m.endpoint.io_timeout()).unwrap_or(Duration::from_secs(5));
         let body = resp.into_body().into_data_stream();
@@ -173,7 +176,7 @@ impl Router {
         body: axum::body::Bytes,
         scope: Scope<'_>,
         digest: Option<&PromptDigest>,
-        budget: Option<Duration>,
+        (budget, origin_tokens): (Option<Duration>, usize),
     ) -> Response {
         let parsed = match ctx.endpoint.work() {
             Work::Stored => Ok(InferenceRequest::stored(ctx.endpoint, ctx.stream_query())),
@@ -227,7 +230,8 @@ impl Router {
                 tenant: &ctx.tenant,
                 weight: ctx.weight,
                 priority: ctx.priority,
-                tokens: prompt.tokens,
+                // Keyed here, or as the origin counted it (a named engine: not keyed here).
+                tokens: if prompt.tokens > 0 { prompt.tokens } else { origin_tokens },
                 arrived: ctx.started,
             };
             if let Err(held) = self.hold(asking).instrument(crate::request::stage("hold")).await {

@@ -37,6 +37,8 @@ pub(super) struct Answer<'a> {
     pub route: &'a str,
     /// What the engine should report in `usage` (`check`).
     pub expect: Option<Expected>,
+    /// `retry-after` of a peer's refusal, in seconds (at most an hour is passed on).
+    pub retry_after_s: Option<u64>,
     /// A streamed answer of this node's engine: its TTFT is learned from (`policy::predict`).
     pub learn: Option<Learn>,
 }
@@ -107,6 +109,10 @@ impl Router {
         let builder = match HeaderValue::from_str(a.route) {
             Ok(v) if !a.route.is_empty() => builder.header("x-kvmesh-route", v),
             _ => builder,
+        };
+        let builder = match a.retry_after_s {
+            Some(s) => builder.header(header::RETRY_AFTER, s.min(3600)),
+            None => builder,
         };
         if let Some(first) = first {
             if let Some(l) = a.learn {
