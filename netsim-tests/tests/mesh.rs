@@ -306,15 +306,9 @@ async fn a_forwarded_prompt_is_not_tokenized_again() {
         .await
         .unwrap();
         cfg.engines.push(kvmesh_node::config::EngineEntry {
-            url: e.url(),
             name: Some(name.into()),
             kv_events: e.kv_events_endpoint.clone(),
-            kv_events_replay: None,
-            api_key: None,
-            api_key_file: None,
-            role: Default::default(),
-            data_parallel_size: 1,
-            scheduling_policy: Default::default(),
+            ..kvmesh_node::config::EngineEntry::new(e.url())
         });
         engines.push(e);
     }

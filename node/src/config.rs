@@ -380,6 +380,23 @@ fn one_rank() -> u32 {
     1
 }
 
+impl EngineEntry {
+    /// The engine at `url` with every other setting at its default.
+    pub fn new(url: String) -> Self {
+        Self {
+            url,
+            name: None,
+            kv_events: None,
+            kv_events_replay: None,
+            api_key: None,
+            api_key_file: None,
+            role: Default::default(),
+            data_parallel_size: one_rank(),
+            scheduling_policy: Default::default(),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -939,17 +956,7 @@ pub fn parse_engine_flag(s: &str) -> Result<EngineEntry, NodeError> {
     let shown = redact_api_key(s);
     let mut parts = s.split(',');
     let url = parts.next().unwrap_or_default().trim().to_owned();
-    let mut e = EngineEntry {
-        url,
-        name: None,
-        kv_events: None,
-        kv_events_replay: None,
-        api_key: None,
-        api_key_file: None,
-        role: Default::default(),
-        data_parallel_size: 1,
-        scheduling_policy: Default::default(),
-    };
+    let mut e = EngineEntry::new(url);
     for p in parts {
         match p.split_once('=') {
             Some(("kv-events", v)) => e.kv_events = Some(v.to_owned()),

@@ -148,15 +148,12 @@ impl Node {
             let loopback = Some("tcp://127.0.0.1:0");
             let e = EngineSim::start_with_replay(sim, "127.0.0.1:0", loopback, loopback, &cancel).await?;
             cfg.engines.push(EngineEntry {
-                url: e.url(),
                 name: Some("embedded-sim".into()),
                 kv_events: e.kv_events_endpoint.clone(),
                 kv_events_replay: e.kv_events_replay_endpoint.clone(),
-                api_key: None,
-                api_key_file: None,
                 role: cfg.embedded_role,
-                data_parallel_size: 1,
                 scheduling_policy: cfg.embedded.scheduling_policy,
+                ..EngineEntry::new(e.url())
             });
             Some(e)
         } else {

@@ -59,6 +59,40 @@ async fn saturate(
     busy
 }
 
+/// Sends five short requests, 15 ms apart, in the bands sheddable, standard, sheddable,
+/// standard, critical; each notes its tag (`BAND i`) in the returned order when answered 200.
+async fn send_in_bands(url: &str) -> (Arc<Mutex<Vec<String>>>, Vec<tokio::task::JoinHandle<()>>) {
+    let order = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut held = Vec::new();
+    for (i, band) in ["sheddable", "standard", "sheddable", "standard", "critical"].iter().enumerate() {
+        let (u, o, band) = (url.to_owned(), order.clone(), band.to_string());
+        held.push(tokio::spawn(async move {
+            let (s, _, v) = send(&u, 2, &band, None, &format!("{band} {i}")).await;
+            assert_eq!(s, 200, "{v}");
+            o.lock().await.push(format!("{band} {i}"));
+        }));
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    (order, held)
+}
+
+/// Waits for the saturating and the held requests, and checks that the held ones left by band,
+/// then in arrival order.
+async fn left_by_band(
+    busy: Vec<tokio::task::JoinHandle<(u16, Option<String>, Value)>>,
+    held: Vec<tokio::task::JoinHandle<()>>,
+    order: Arc<Mutex<Vec<String>>>,
+) {
+    for h in busy {
+        assert_eq!(h.await.unwrap().0, 200);
+    }
+    for h in held {
+        h.await.unwrap();
+    }
+    let order = order.lock().await.clone();
+    assert_eq!(order, ["critical 4", "standard 1", "standard 3", "sheddable 0", "sheddable 2"], "{order:?}");
+}
+
 async fn held_now(url: &str) -> f64 {
     let text = reqwest::get(format!("{url}/metrics")).await.unwrap().text().await.unwrap();
     text.lines()
@@ -72,26 +106,9 @@ async fn held_requests_leave_by_band_then_in_arrival_order() {
     let n = node(flow_config(FlowSettings::default())).await;
     let url = n.url();
     let busy = saturate(&url, 60, None).await;
-    let order = Arc::new(Mutex::new(Vec::<String>::new()));
-    let mut held = Vec::new();
-    for (i, band) in ["sheddable", "standard", "sheddable", "standard", "critical"].iter().enumerate() {
-        let (u, o, band) = (url.clone(), order.clone(), band.to_string());
-        held.push(tokio::spawn(async move {
-            let (s, _, v) = send(&u, 2, &band, None, &format!("{band} {i}")).await;
-            assert_eq!(s, 200, "{v}");
-            o.lock().await.push(format!("{band} {i}"));
-        }));
-        tokio::time::sleep(Duration::from_millis(15)).await;
-    }
+    let (order, held) = send_in_bands(&url).await;
     eventually("five requests held", Duration::from_secs(5), async || held_now(&url).await == 5.0).await;
-    for h in busy {
-        assert_eq!(h.await.unwrap().0, 200);
-    }
-    for h in held {
-        h.await.unwrap();
-    }
-    let order = order.lock().await.clone();
-    assert_eq!(order, ["critical 4", "standard 1", "standard 3", "sheddable 0", "sheddable 2"], "{order:?}");
+    left_by_band(busy, held, order).await;
     assert!(scrape(&url, "kvmesh_flow_held_total").await >= 5.0);
 }
 
@@ -306,30 +323,13 @@ async fn the_engines_node_holds_what_peers_send_by_their_band() {
     .await;
 
     let busy = saturate(&url, 60, None).await;
-    let order = Arc::new(Mutex::new(Vec::<String>::new()));
-    let mut held = Vec::new();
-    for (i, band) in ["sheddable", "standard", "sheddable", "standard", "critical"].iter().enumerate() {
-        let (u, o, band) = (url.clone(), order.clone(), band.to_string());
-        held.push(tokio::spawn(async move {
-            let (s, _, v) = send(&u, 2, &band, None, &format!("{band} {i}")).await;
-            assert_eq!(s, 200, "{v}");
-            o.lock().await.push(format!("{band} {i}"));
-        }));
-        tokio::time::sleep(Duration::from_millis(15)).await;
-    }
+    let (order, held) = send_in_bands(&url).await;
     // Held at the worker, not the edge; its engine never has more than one waiting.
     eventually("five requests held at the worker", Duration::from_secs(5), async || held_now(&worker_url).await == 5.0)
         .await;
     assert_eq!(held_now(&url).await, 0.0, "the edge holds nothing");
     assert!(scrape(&worker_url, "kvmesh_engine_waiting").await <= 1.0);
-    for h in busy {
-        assert_eq!(h.await.unwrap().0, 200);
-    }
-    for h in held {
-        h.await.unwrap();
-    }
-    let order = order.lock().await.clone();
-    assert_eq!(order, ["critical 4", "standard 1", "standard 3", "sheddable 0", "sheddable 2"], "{order:?}");
+    left_by_band(busy, held, order).await;
 
     // The time left travels too: a second edge, whose flow control never holds (64 places
     // an engine) but gives sheddable requests a 300 ms objective, sends one while the engine

@@ -31,15 +31,10 @@ async fn engine_with_replay(buffer_steps: usize) -> RunningEngine {
 
 async fn node_for(e: &RunningEngine) -> RunningNode {
     node(node_config(vec![EngineEntry {
-        url: e.url(),
         name: Some("gpu0".into()),
         kv_events: e.kv_events_endpoint.clone(),
         kv_events_replay: e.kv_events_replay_endpoint.clone(),
-        api_key: None,
-        api_key_file: None,
-        role: Default::default(),
-        data_parallel_size: 1,
-        scheduling_policy: Default::default(),
+        ..EngineEntry::new(e.url())
     }]))
     .await
 }
@@ -165,15 +160,10 @@ async fn an_unanswered_replay_times_out_and_drops_the_index() {
     let silent_ep = silent.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
     let e = engine(fast_engine(), true).await;
     let mut cfg = node_config(vec![EngineEntry {
-        url: e.url(),
         name: Some("gpu0".into()),
         kv_events: e.kv_events_endpoint.clone(),
         kv_events_replay: Some(silent_ep),
-        api_key: None,
-        api_key_file: None,
-        role: Default::default(),
-        data_parallel_size: 1,
-        scheduling_policy: Default::default(),
+        ..EngineEntry::new(e.url())
     }]);
     cfg.kv_events_replay_timeout_ms = 200;
     let n = node(cfg).await;

@@ -65,17 +65,7 @@ fn nixl_engine(kv_transfer: bool) -> EngineConfig {
 }
 
 fn entry_with(url: String, name: &str, role: Role) -> EngineEntry {
-    EngineEntry {
-        url,
-        name: Some(name.into()),
-        kv_events: None,
-        kv_events_replay: None,
-        api_key: None,
-        api_key_file: None,
-        role,
-        data_parallel_size: 1,
-        scheduling_policy: Default::default(),
-    }
+    EngineEntry { name: Some(name.into()), role, ..EngineEntry::new(url) }
 }
 
 fn long_chat(doc: usize, stream: bool) -> Value {

@@ -15,17 +15,7 @@ async fn two_engines_without_kv_events(model: &str) -> (kvmesh_node::RunningNode
     let entries = engines
         .iter()
         .enumerate()
-        .map(|(i, e)| EngineEntry {
-            url: e.url(),
-            name: Some(format!("gpu{i}")),
-            kv_events: None,
-            kv_events_replay: None,
-            api_key: None,
-            api_key_file: None,
-            role: Default::default(),
-            data_parallel_size: 1,
-            scheduling_policy: Default::default(),
-        })
+        .map(|(i, e)| EngineEntry { name: Some(format!("gpu{i}")), ..EngineEntry::new(e.url()) })
         .collect();
     (node(node_config(entries)).await, engines)
 }

@@ -141,17 +141,7 @@ async fn overhead(a: OverheadArgs) -> Result<(), NodeError> {
     let mut node_cfg = Config {
         node_name: "bench".into(),
         http_addr: "127.0.0.1:0".into(),
-        engines: vec![EngineEntry {
-            url: engine_url.clone(),
-            name: Some("sim".into()),
-            kv_events: None,
-            kv_events_replay: None,
-            api_key: None,
-            api_key_file: None,
-            role: Default::default(),
-            data_parallel_size: 1,
-            scheduling_policy: Default::default(),
-        }],
+        engines: vec![EngineEntry { name: Some("sim".into()), ..EngineEntry::new(engine_url.clone()) }],
         ..Config::default()
     };
     let template_file = tempfile::NamedTempFile::new().map_err(|e| NodeError::Bench(e.to_string()))?;

@@ -313,15 +313,9 @@ pub(super) fn engine_entries(engines: &[RunningEngine]) -> Vec<EngineEntry> {
         .iter()
         .enumerate()
         .map(|(i, e)| EngineEntry {
-            url: e.url(),
             name: Some(format!("e{i}")),
             kv_events: e.kv_events_endpoint.clone(),
-            kv_events_replay: None,
-            api_key: None,
-            api_key_file: None,
-            role: Default::default(),
-            data_parallel_size: 1,
-            scheduling_policy: Default::default(),
+            ..EngineEntry::new(e.url())
         })
         .collect()
 }

@@ -113,19 +113,6 @@ enum QueueKey {
 }
 
 impl QueueKey {
-    /// The queue for `model` at `at`; a peer naming an engine this node does not have (or one
-    /// that cannot take the request now) is held for the node's engines of the model, as pick
-    /// then falls back to them: a peer cannot make a queue per made-up name.
-    fn of(model: &str, at: HoldAt<'_>, router: &Router) -> Self {
-        match at {
-            HoldAt::Mesh => QueueKey::Mesh(model.into()),
-            HoldAt::Local(engine) => {
-                let engine = engine.filter(|n| router.local_flow_loads(model, Some(n)).iter().any(|e| e.usable));
-                QueueKey::Local { model: model.into(), engine: engine.map(Into::into) }
-            }
-        }
-    }
-
     fn model(&self) -> &str {
         match self {
             QueueKey::Mesh(m) | QueueKey::Local { model: m, .. } => m,
@@ -325,8 +312,7 @@ impl Router {
         if !f.s.enabled || (a.at == HoldAt::Mesh && self.mesh().is_some_and(|m| m.cell.is_some())) {
             return Ok(());
         }
-        let key = QueueKey::of(a.model, a.at, self);
-        let loads = self.queue_loads(&key);
+        let (key, loads) = self.queue_of(a.model, a.at);
         if !loads.iter().any(|e| e.usable) {
             // No engine can serve it: pick answers 404 or 503 now rather than after a wait.
             return Ok(());
@@ -407,6 +393,24 @@ impl Router {
     fn shed(&self, shed: Shed, model: &str) -> Held {
         self.metrics.flow_shed.with_label_values(&[shed.as_str()]).inc();
         Held { shed, refusal: shed.refusal(&self.node_name, model, self.flow.retry_after_s()) }
+    }
+
+    /// The queue for `model` at `at`, and its engines. A peer naming an engine this node does
+    /// not have (or one that cannot take the request now) is held for the node's engines of the
+    /// model, as pick then falls back to them: a peer cannot make a queue per made-up name.
+    fn queue_of(&self, model: &str, at: HoldAt<'_>) -> (QueueKey, Vec<flow::EngineLoad>) {
+        let local = |engine: Option<&str>| QueueKey::Local { model: model.into(), engine: engine.map(Into::into) };
+        match at {
+            HoldAt::Mesh => (QueueKey::Mesh(model.into()), self.flow_loads(model)),
+            HoldAt::Local(Some(name)) => {
+                let named = self.local_flow_loads(model, Some(name));
+                match named.iter().any(|e| e.usable) {
+                    true => (local(Some(name)), named),
+                    false => (local(None), self.local_flow_loads(model, None)),
+                }
+            }
+            HoldAt::Local(None) => (local(None), self.local_flow_loads(model, None)),
+        }
     }
 
     /// The engines a queue's requests wait for.

@@ -104,14 +104,15 @@ pub(crate) fn peer_facts<'a>(
 }
 
 impl Router {
-    /// This node's engines serving `model` (only `engine` when it is one of them), as flow
-    /// control sees them.
+    /// This node's engines serving `model` (only the one named `engine`, when one is named), as
+    /// flow control sees them.
     pub(crate) fn local_flow_loads(&self, model: &str, engine: Option<&str>) -> Vec<kvmesh_policy::flow::EngineLoad> {
-        let serving = self.engines.engines.iter().filter(|e| e.snapshot().models.iter().any(|m| m == model));
-        let named = engine.filter(|n| self.engines.engines.iter().any(|e| e.name == *n));
         let mut out = Vec::new();
-        for e in serving.filter(|e| named.is_none_or(|n| e.name == n)) {
+        for e in self.engines.engines.iter().filter(|e| engine.is_none_or(|n| e.name == n)) {
             let v = e.snapshot();
+            if !v.models.iter().any(|m| m == model) {
+                continue;
+            }
             out.push(kvmesh_policy::flow::EngineLoad {
                 usable: v.healthy && e.role != kvmesh_policy::pd::Role::Prefill,
                 local: true,

@@ -36,17 +36,7 @@ pub fn node_config(engines: Vec<EngineEntry>) -> Config {
 }
 
 pub fn entry(url: String) -> EngineEntry {
-    EngineEntry {
-        url,
-        name: None,
-        kv_events: None,
-        kv_events_replay: None,
-        api_key: None,
-        api_key_file: None,
-        role: Default::default(),
-        data_parallel_size: 1,
-        scheduling_policy: Default::default(),
-    }
+    EngineEntry::new(url)
 }
 
 /// An engine simulator as a named engine with its KV events.
