@@ -87,6 +87,63 @@ pub fn zmq_endpoint(addr: &str) -> String {
 
 pub struct EngineSim;
 
+/// Binds each data-parallel rank's KV-event publisher (and replay socket): rank 0 on what was
+/// asked, rank r on the port after it by r, as vLLM's publisher offsets its endpoints. When
+/// rank 0's port was picked by the system (port 0), a later rank's port may already be taken
+/// by another process; then every socket is dropped and the whole set is bound again on a new
+/// pick, a bounded number of times. An asked port is bound once: its error is the answer.
+async fn bind_publishers(
+    cfg: &EngineConfig,
+    kv_events_addr: Option<&str>,
+    replay_addr: Option<&str>,
+) -> Result<Vec<Option<KvPublisher>>, SimError> {
+    const ATTEMPTS: usize = 16;
+    let Some(asked) = kv_events_addr.map(zmq_endpoint) else {
+        return Ok((0..cfg.data_parallel_size).map(|_| None).collect());
+    };
+    let asked_replay = replay_addr.map(zmq_endpoint);
+    let picked = |e: &str| e.ends_with(":0");
+    let retry = cfg.data_parallel_size > 1 && (picked(&asked) || asked_replay.as_deref().is_some_and(picked));
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match bind_ranks(cfg, &asked, asked_replay.as_deref()).await {
+            Err(e @ SimError::BindKvEvents { .. }) if retry && attempt < ATTEMPTS => {
+                tracing::debug!(error = %e, attempt, "a data-parallel rank's port was taken; binding again");
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn bind_ranks(
+    cfg: &EngineConfig,
+    asked: &str,
+    replay: Option<&str>,
+) -> Result<Vec<Option<KvPublisher>>, SimError> {
+    let mut out: Vec<Option<KvPublisher>> = Vec::new();
+    for rank in 0..cfg.data_parallel_size {
+        let at = |asked: &str, first: Option<&str>| match first {
+            None => Ok(asked.to_owned()),
+            Some(first) => kv_events::offset_endpoint_port(first, rank)
+                .ok_or_else(|| SimError::Config(format!("no endpoint for data-parallel rank {rank} after {first}"))),
+        };
+        let first = out.first().and_then(|p| p.as_ref());
+        let endpoint = at(asked, first.map(|p| p.endpoint.as_str()))?;
+        let replay_endpoint = match replay {
+            Some(r) => Some(at(r, first.and_then(|p| p.replay_endpoint.as_deref()))?),
+            None => None,
+        };
+        let p = KvPublisher::bind(&endpoint, &cfg.kv_events_topic).await?.with_rank(rank, cfg.data_parallel_size);
+        let p = match replay_endpoint {
+            Some(r) => p.with_replay(&r, cfg.kv_events_buffer_steps).await?,
+            None => p,
+        };
+        out.push(Some(p));
+    }
+    Ok(out)
+}
+
 impl EngineSim {
     /// Starts an engine. `cancel` (a child token is taken) stops it.
     pub async fn start(
@@ -123,8 +180,12 @@ impl EngineSim {
         let hash_seed = cfg.hash_seed.unwrap_or_else(rand::random);
         let cancel = cancel.child_token();
         let tasks = TaskTracker::new();
+        let publishers = bind_publishers(&cfg, kv_events_addr, replay_addr).await?;
+        let kv_events_endpoint = publishers.first().and_then(|p| p.as_ref()).map(|p| p.endpoint.clone());
+        let kv_events_replay_endpoint =
+            publishers.first().and_then(|p| p.as_ref()).and_then(|p| p.replay_endpoint.clone());
+        let mut publishers = publishers.into_iter();
         let mut ranks = Vec::new();
-        let (mut kv_events_endpoint, mut kv_events_replay_endpoint) = (None, None);
         for rank in 0..cfg.data_parallel_size {
             let metrics = Arc::new(
                 EngineMetrics::for_rank(&registry, rank, &cfg.model, cfg.block_size, cfg.num_gpu_blocks)
@@ -146,31 +207,7 @@ impl EngineSim {
                 },
                 move |seed, i| output_filler.token(seed, i),
             );
-            // Rank 0 binds what was asked (a port of 0 picks one); rank r the port after it by r,
-            // as vLLM's publisher offsets its endpoints.
-            let at = |asked: Option<&str>, bound: &Option<String>| -> Result<Option<String>, SimError> {
-                match (asked, bound) {
-                    (None, _) => Ok(None),
-                    (Some(a), None) => Ok(Some(zmq_endpoint(a))),
-                    (Some(_), Some(first)) => kv_events::offset_endpoint_port(first, rank).map(Some).ok_or_else(|| {
-                        SimError::Config(format!("no endpoint for data-parallel rank {rank} after {first}"))
-                    }),
-                }
-            };
-            let publisher = match at(kv_events_addr, &kv_events_endpoint)? {
-                Some(a) => {
-                    let p = KvPublisher::bind(&a, &cfg.kv_events_topic).await?.with_rank(rank, cfg.data_parallel_size);
-                    match at(replay_addr, &kv_events_replay_endpoint)? {
-                        Some(r) => Some(p.with_replay(&r, cfg.kv_events_buffer_steps).await?),
-                        None => Some(p),
-                    }
-                }
-                None => None,
-            };
-            if rank == 0 {
-                kv_events_endpoint = publisher.as_ref().map(|p| p.endpoint.clone());
-                kv_events_replay_endpoint = publisher.as_ref().and_then(|p| p.replay_endpoint.clone());
-            }
+            let publisher = publishers.next().flatten();
             let (runner, handle, kv_rx) = Runner::new(core, metrics.clone(), cfg.time_scale, publisher.is_some());
             tasks.spawn(runner.run(cancel.clone()));
             if let (Some(p), Some(rx)) = (publisher, kv_rx) {
