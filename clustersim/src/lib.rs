@@ -61,6 +61,8 @@ pub struct ClusterConfig {
     pub duration_s: f64,
     pub warmup_fraction: f64,
     pub seed: u64,
+    /// Seeds to run every point with (each a separate run and row); empty: `seed` alone.
+    pub seeds: Vec<u64>,
     pub engine: EngineModel,
     pub network: Network,
     pub gossip: Gossip,
@@ -85,6 +87,7 @@ impl Default for ClusterConfig {
             duration_s: 40.0,
             warmup_fraction: 0.25,
             seed: 7,
+            seeds: Vec::new(),
             engine: EngineModel::default(),
             network: Network::default(),
             gossip: Gossip::default(),
@@ -275,12 +278,16 @@ fn positive(v: f64) -> bool {
 }
 
 /// `kvmesh-cells` is kvmesh with the mesh split into cells (`cells`); the others run flat.
-pub const POLICIES: [&str; 5] = ["round-robin", "least-load", "kvmesh", "kvmesh-cells", "oracle"];
+/// `kvmesh-random` is kvmesh drawing at random among near-equal engines where kvmesh ranks them
+/// by the prompt's prefix (`affinity::prefix_ranks`): the baseline that measures placement.
+pub const POLICIES: [&str; 6] = ["round-robin", "least-load", "kvmesh", "kvmesh-random", "kvmesh-cells", "oracle"];
 
 /// One (size, policy, rate) run, in the routing benchmark's terms.
 #[derive(Debug, Clone)]
 pub struct Row {
     pub nodes: usize,
+    /// The run's seed (arrivals, placement draws, engines' hash seeds).
+    pub seed: u64,
     pub policy: String,
     /// Cluster-wide arrival rate, requests/s.
     pub rate: f64,
@@ -302,6 +309,11 @@ pub struct Row {
     /// With cells: the share of requests whose home is another cell (placed by its home node,
     /// or relayed to it with `place = false`).
     pub relayed: f64,
+    /// Coefficient of variation of the requests each engine was sent (after warm-up).
+    pub load_cov: f64,
+    /// Share of requests sent to an engine that held fewer of their leading blocks than another
+    /// engine held at that moment: the cache the choice lost.
+    pub lost: f64,
     /// Requests received at edge nodes, by site (its RTT to the cluster, ms).
     pub edge: Vec<(f64, EdgeStats)>,
     /// Wall-clock seconds the run took.
@@ -340,12 +352,16 @@ pub fn run_all(cfg: &ClusterConfig, mut progress: impl FnMut(&Row)) -> Result<Ve
         ));
     }
     let mut rows = Vec::new();
+    let seeds = if cfg.seeds.is_empty() { vec![cfg.seed] } else { cfg.seeds.clone() };
     for &n in &cfg.nodes {
         for &r in &cfg.rates_per_engine {
-            for p in &cfg.policies {
-                let row = simulate(cfg, &workload, n, p, r)?;
-                progress(&row);
-                rows.push(row);
+            for &seed in &seeds {
+                let cfg = ClusterConfig { seed, ..cfg.clone() };
+                for p in &cfg.policies {
+                    let row = simulate(&cfg, &workload, n, p, r)?;
+                    progress(&row);
+                    rows.push(row);
+                }
             }
         }
     }

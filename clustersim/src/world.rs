@@ -209,6 +209,11 @@ struct Stats {
     submitted: usize,
     /// By edge site (index 0 unused: the cluster), with the cached tokens the choices used.
     edge: Vec<(EdgeStats, u64)>,
+    /// Requests sent to each engine (after warm-up).
+    per_engine: Vec<u64>,
+    /// Requests sent to an engine holding fewer of their leading blocks than another engine
+    /// held at that moment (exact indexes).
+    lost: usize,
 }
 
 /// What a simulated node sees of one engine, before it becomes `policy::candidates` facts.
@@ -294,6 +299,11 @@ struct World<'a> {
     /// With the `kvmesh-cells` policy, the cells (else one, holding everything).
     cells: Vec<Cell>,
     cells_on: bool,
+    /// Nodes rank engines for a prompt's prefix (`affinity::prefix_ranks`) among near-equals;
+    /// off for the `kvmesh-random` baseline, which draws among them.
+    placement: bool,
+    /// Each engine's `node/engine` label, as the rendezvous ranks hash them.
+    labels: Vec<String>,
     /// Gossip among the backbone's gateways.
     backbone: GossipModel,
     relays: Vec<Option<Relay>>,
@@ -334,12 +344,13 @@ pub fn simulate(
     let policy = match policy {
         "round-robin" => Policy::RoundRobin,
         "least-load" => Policy::Route(Mode::LeastLoad),
-        "kvmesh" | "kvmesh-cells" => Policy::Route(Mode::Kvmesh),
+        "kvmesh" | "kvmesh-cells" | "kvmesh-random" => Policy::Route(Mode::Kvmesh),
         "oracle" => Policy::Oracle,
         other => return Err(SimError::Cluster(format!("unknown policy `{other}`"))),
     };
     let cells_on = policy == Policy::Route(Mode::Kvmesh) && name == "kvmesh-cells";
     let mut w = World::new(cfg, workload, cluster_nodes, policy, rate_per_engine, cells_on);
+    w.placement = name != "kvmesh-random";
     w.start();
     while let Some(Reverse((t, _, ev))) = w.queue.pop() {
         w.now = t;
@@ -477,6 +488,8 @@ impl<'a> World<'a> {
             nodes,
             cells,
             cells_on,
+            placement: true,
+            labels: engine_nodes.iter().map(|i| format!("node-{i}/engine")).collect(),
             backbone,
             relays: Vec::new(),
             placings: Vec::new(),
@@ -507,6 +520,8 @@ impl<'a> World<'a> {
                 relayed: 0,
                 submitted: 0,
                 edge: vec![(EdgeStats::default(), 0); cfg.network.edge.len() + 1],
+                per_engine: vec![0; engine_nodes.len()],
+                lost: 0,
             },
             pending: HashMap::new(),
             outputs: HashMap::new(),
@@ -780,6 +795,13 @@ impl<'a> World<'a> {
         if self.nodes[origin].site != 0 && self.now >= self.warmup {
             self.edge_decision(origin, engine, keys, prompt.len());
         }
+        if self.now >= self.warmup {
+            self.stats.per_engine[engine] += 1;
+            let held = self.engines[engine].index.matched_blocks(keys);
+            if self.engines.iter().any(|e| e.index.matched_blocks(keys) > held) {
+                self.stats.lost += 1;
+            }
+        }
         *self.nodes[origin].in_flight.entry(engine).or_default() += 1;
         // What an origin sends to another cell's engine, placed there by that cell's home
         // node, it never routes itself: the node keeps no history of it, nor does this.
@@ -880,11 +902,20 @@ impl<'a> World<'a> {
                 };
                 let rules = candidates::Rules { mode, weights: &self.cfg.weights, pd: &self.cfg.pd };
                 // A relayed request reached its home node, which prefers its own engine.
+                let mut prompt = PromptKeys::from_keys(prompt_tokens, bs, keys.to_vec());
+                // Otherwise a prefix nobody is known to hold goes where every node puts it.
+                let ranks = (self.placement && !oracle)
+                    .then(|| {
+                        let labels: Vec<String> = pool.iter().map(|&e| self.labels[e].clone()).collect();
+                        prompt.placement_ranks(bs, &labels)
+                    })
+                    .flatten();
                 let prefer = match relayed.then(|| own.and_then(|e| pool.iter().position(|&p| p == e))).flatten() {
                     Some(i) => kvmesh_policy::score::Prefer::Candidate(i),
-                    None => kvmesh_policy::score::Prefer::Nothing,
+                    None => ranks
+                        .as_deref()
+                        .map_or(kvmesh_policy::score::Prefer::Nothing, kvmesh_policy::score::Prefer::Ranked),
                 };
-                let mut prompt = PromptKeys::from_keys(prompt_tokens, bs, keys.to_vec());
                 let rng = &mut self.rng;
                 let picked =
                     candidates::decide(rules, &mut prompt, &facts, now_ms, false, prefer, |k| rng.random_range(0..k));
@@ -1187,6 +1218,7 @@ impl<'a> World<'a> {
             .collect();
         Row {
             nodes: cluster_nodes,
+            seed: self.cfg.seed,
             policy: policy.to_owned(),
             rate: self.rate,
             done: s.done,
@@ -1201,11 +1233,24 @@ impl<'a> World<'a> {
             cells: self.cells.len(),
             gateway_kb_s,
             relayed: s.relayed as f64 / s.submitted.max(1) as f64,
+            load_cov: cov(&s.per_engine),
+            lost: s.lost as f64 / s.per_engine.iter().sum::<u64>().max(1) as f64,
             edge,
             wall_s,
             gossip: self.g.clone(),
         }
     }
+}
+
+/// Coefficient of variation (standard deviation over mean) of per-engine counts.
+fn cov(counts: &[u64]) -> f64 {
+    let n = counts.len() as f64;
+    let mean = counts.iter().sum::<u64>() as f64 / n.max(1.0);
+    if mean <= 0.0 {
+        return 0.0;
+    }
+    let var = counts.iter().map(|&c| (c as f64 - mean).powi(2)).sum::<f64>() / n;
+    var.sqrt() / mean
 }
 
 /// The index tier of a simulated engine's medium.

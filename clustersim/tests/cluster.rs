@@ -89,3 +89,23 @@ fn cells_cut_each_nodes_gossip_and_keep_prefixes_together() {
     // Homes keep each prefix in one cell: the hit rate holds.
     assert!(cells.hit_rate > flat.hit_rate - 0.05, "hit {:.2} vs flat {:.2}", cells.hit_rate, flat.hit_rate);
 }
+
+#[test]
+fn placing_a_prefix_alike_everywhere_keeps_contended_caches_useful() {
+    let (mut cfg, w) = shared_prefix();
+    // Caches hold about 0.8 of the workload's prefixes (with its questions, less): nodes that
+    // draw among near-equal engines copy a new prefix onto several, evicting prefixes in use.
+    cfg.engine.num_gpu_blocks = 6_000;
+    cfg.duration_s = 20.0;
+    let random = run(&cfg, &w, 8, "kvmesh-random", 3.0);
+    let placed = run(&cfg, &w, 8, "kvmesh", 3.0);
+    assert!(random.done > 300 && placed.done > 300, "{random:?} {placed:?}");
+    assert!(
+        placed.hit_rate > random.hit_rate + 0.04,
+        "hit {:.2} placed vs {:.2} drawn",
+        placed.hit_rate,
+        random.hit_rate
+    );
+    assert!(placed.lost < random.lost / 2.0, "lost cache {:.3} placed vs {:.3} drawn", placed.lost, random.lost);
+    assert!(placed.load_cov > 0.0 && placed.load_cov < 0.5, "requests per engine spread: CoV {:.3}", placed.load_cov);
+}

@@ -6,6 +6,10 @@
 //! an engine leaving moves only its own sessions. It never outweighs load or cache: only engines
 //! within the scorer's tolerance of the best, plus `SESSION_SLACK_MS`, are ranked
 //! (`score::Prefer::Ranked`).
+//!
+//! A request without a session gets the same kind of preference for its prompt's prefix
+//! (`placement_key`, `prefix_ranks`): a prefix no engine is known to hold goes to the same
+//! engine from every node.
 
 use serde_json::{Map, Value};
 
@@ -45,11 +49,39 @@ pub fn bounded(s: &str) -> String {
 
 /// The rank of each engine (by its `node/engine` label) for `session`: higher is preferred.
 pub fn ranks(session: &str, labels: &[String]) -> Vec<u64> {
+    rendezvous(session.as_bytes(), labels)
+}
+
+/// How deep into a prompt its placement key is taken, in tokens: prompts that share this much
+/// of their beginning are placed alike while no engine is known to hold them. Deep enough that a
+/// common chat-template header or a short system prompt does not make every prompt one
+/// placement; shallow enough that prompts sharing a document or a long system prompt do.
+pub const PLACEMENT_DEPTH_TOKENS: usize = 512;
+
+/// The block key that places a prompt (`prefix_ranks`): the key of the block that ends at
+/// `PLACEMENT_DEPTH_TOKENS`, or of its last full block when the prompt is shorter; `None` for
+/// a prompt without a full block. Chained keys, so the key stands for the whole prefix up to it.
+pub fn placement_key(keys: &[u64], block_size: u32) -> Option<u64> {
+    crate::blocks::key_at_depth(keys, PLACEMENT_DEPTH_TOKENS.div_ceil(block_size.max(1) as usize))
+}
+
+/// The rank of each engine for a prompt's placement key: a rendezvous hash, so that every node
+/// that sees the same engines places a prefix nobody is known to hold on the same engine,
+/// without talking (where each node drew at random, the same new prefix landed on several
+/// engines in the same gossip round, and under full caches the copies evicted prefixes in use:
+/// BENCHMARKS.md, *Routers that agree when caches are full*). Like a session's ranks, they only
+/// choose among engines predicted near-equal (`score::Prefer::Ranked`), so load still bounds
+/// how much one engine takes.
+pub fn prefix_ranks(key: u64, labels: &[String]) -> Vec<u64> {
+    rendezvous(&key.to_le_bytes(), labels)
+}
+
+fn rendezvous(item: &[u8], labels: &[String]) -> Vec<u64> {
     labels
         .iter()
         .map(|l| {
             let mut h = xxhash_rust::xxh3::Xxh3::new();
-            h.update(session.as_bytes());
+            h.update(item);
             h.update(&[0]);
             h.update(l.as_bytes());
             h.digest()
@@ -98,5 +130,37 @@ mod tests {
         }
         assert_eq!(spread.len(), 8, "sessions spread over every engine");
         assert!((20..=80).contains(&moved), "about 1/8 of the sessions moved: {moved}");
+    }
+
+    #[test]
+    fn every_node_places_a_prefix_on_the_same_engine_whatever_its_order() {
+        let labels: Vec<String> = (0..16).map(|i| format!("n{i}/e0")).collect();
+        let placed = |key: u64, l: &[String]| {
+            let r = prefix_ranks(key, l);
+            l[(0..l.len()).max_by_key(|&i| r[i]).unwrap()].clone()
+        };
+        let mut spread = std::collections::HashMap::<String, usize>::new();
+        for key in 0..1_600u64 {
+            let key = key.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let here = placed(key, &labels);
+            // Another node lists the same engines in another order (its own first).
+            let mut there = labels.clone();
+            there.rotate_left((key % 16) as usize);
+            there.reverse();
+            assert_eq!(placed(key, &there), here, "key {key}");
+            *spread.entry(here).or_default() += 1;
+        }
+        assert_eq!(spread.len(), 16);
+        assert!(spread.values().all(|&n| (50..=150).contains(&n)), "about 100 prefixes each: {spread:?}");
+    }
+
+    #[test]
+    fn the_placement_key_is_the_prefix_at_a_fixed_depth() {
+        let keys: Vec<u64> = (100..200).collect();
+        // 512 tokens at block size 16: the 32nd block.
+        assert_eq!(placement_key(&keys, 16), Some(131));
+        assert_eq!(placement_key(&keys, 64), Some(107));
+        assert_eq!(placement_key(&keys[..5], 16), Some(104), "a shorter prompt: its last full block");
+        assert_eq!(placement_key(&[], 16), None);
     }
 }

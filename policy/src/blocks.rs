@@ -80,6 +80,12 @@ pub fn text_chunk_keys(seed: u64, parts: &[&str]) -> Vec<u64> {
         .collect()
 }
 
+/// The chain key of block `depth` (1-based), or of the last block of a shorter chain: it stands
+/// for the prefix up to there. `None` for no blocks or a depth of 0.
+pub fn key_at_depth(keys: &[u64], depth: usize) -> Option<u64> {
+    keys.get(keys.len().min(depth).checked_sub(1)?).copied()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -132,6 +132,17 @@ impl PromptKeys {
         &self.computed[at].1
     }
 
+    /// Each of `labels`' engines' rank for this prompt's prefix (`affinity::prefix_ranks` of its
+    /// `affinity::placement_key` at block size `bs`, or of its approximate keys), or `None` when
+    /// the prompt has no full block.
+    pub fn placement_ranks(&mut self, bs: u32, labels: &[String]) -> Option<Vec<u64>> {
+        let key = match &self.approx {
+            Some(approx) => crate::affinity::placement_key(approx, blocks::APPROX_CHUNK_TOKENS),
+            None => crate::affinity::placement_key(self.keys(bs), bs),
+        }?;
+        Some(crate::affinity::prefix_ranks(key, labels))
+    }
+
     /// Keys at `bs` owned, and kept as the prompt's given keys from now on (a placement query
     /// and the cells' affinity key need the mesh-wide block size).
     pub fn pin(&mut self, bs: u32) -> &[u64] {

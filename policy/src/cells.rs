@@ -98,7 +98,7 @@ pub struct CellLoad<'a> {
 /// The key that decides a prompt's home: the chain key of block `affinity_blocks` (1-based), or
 /// of the last full block of a shorter prompt; `None` for a prompt shorter than one block.
 pub fn affinity_key(keys: &[u64], settings: &CellSettings) -> Option<u64> {
-    keys.get(keys.len().min(settings.affinity_blocks).checked_sub(1)?).copied()
+    crate::blocks::key_at_depth(keys, settings.affinity_blocks)
 }
 
 /// Rendezvous weight of `cell` for `key`: stable across processes, versions and platforms, as

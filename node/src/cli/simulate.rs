@@ -26,6 +26,12 @@ pub struct SimulateArgs {
     /// Virtual seconds of arrivals per run.
     #[arg(long)]
     pub duration_s: Option<f64>,
+    /// Seeds: every point runs once with each (default: the config's `seed`).
+    #[arg(long, value_delimiter = ',')]
+    pub seeds: Vec<u64>,
+    /// KV cache blocks per engine (`[engine] num_gpu_blocks`): fewer makes caches contended.
+    #[arg(long)]
+    pub num_gpu_blocks: Option<u32>,
     /// Stretch gossip intervals to keep each node's gossip within this many KB/s.
     #[arg(long)]
     pub gossip_budget_kb_s: Option<f64>,
@@ -68,6 +74,12 @@ pub fn config(a: &SimulateArgs) -> Result<ClusterConfig, NodeError> {
     if let Some(d) = a.duration_s {
         cfg.duration_s = d;
     }
+    if !a.seeds.is_empty() {
+        cfg.seeds = a.seeds.clone();
+    }
+    if let Some(b) = a.num_gpu_blocks {
+        cfg.engine.num_gpu_blocks = b;
+    }
     if let Some(c) = a.cell_size {
         cfg.cells.size = c;
     }
@@ -82,16 +94,19 @@ pub fn run(a: SimulateArgs) -> Result<(), NodeError> {
     let cfg = config(&a)?;
     let rows = cluster::run_all(&cfg, |r| {
         println!(
-            "{:>5} nodes {:>12} @ {:>7.1} req/s: TTFT p50/p90/p99 {:.0}/{:.0}/{:.0} ms, hit {:.0}%, goodput {:.1} req/s, \
-             gossip {:.1} KB/s/node ({:.1} s wall)",
+            "{:>5} nodes {:>13} @ {:>7.1} req/s seed {}: TTFT p50/p90/p99 {:.0}/{:.0}/{:.0} ms, hit {:.0}%, goodput {:.1} req/s, \
+             load CoV {:.3}, lost {:.1}%, gossip {:.1} KB/s/node ({:.1} s wall)",
             r.nodes,
             r.policy,
             r.rate,
+            r.seed,
             r.ttft_ms[0],
             r.ttft_ms[1],
             r.ttft_ms[2],
             r.hit_rate * 100.0,
             r.goodput,
+            r.load_cov,
+            r.lost * 100.0,
             r.gossip_kb_s,
             r.wall_s
         )
@@ -108,9 +123,9 @@ pub fn run(a: SimulateArgs) -> Result<(), NodeError> {
     Ok(())
 }
 
-/// The oracle's TTFT p90 at the same size and rate, when it ran.
-fn oracle_p90(rows: &[Row], r: &Row) -> Option<f64> {
-    rows.iter().find(|o| o.policy == "oracle" && o.nodes == r.nodes && o.rate == r.rate).map(|o| o.ttft_ms[1])
+/// The oracle's run at the same size, rate and seed, when it ran.
+fn oracle_of<'a>(rows: &'a [Row], r: &Row) -> Option<&'a Row> {
+    rows.iter().find(|o| o.policy == "oracle" && o.nodes == r.nodes && o.rate == r.rate && o.seed == r.seed)
 }
 
 fn table(cfg: &ClusterConfig, rows: &[Row]) -> String {
@@ -128,12 +143,17 @@ fn table(cfg: &ClusterConfig, rows: &[Row]) -> String {
         },
     );
     md.push_str(
-        "| nodes | rate (req/s) | policy | TTFT p50 | TTFT p90 | TTFT p99 | p90 / oracle | ITL p99 | output tok/s | cache hit | \
-         goodput (req/s) | gossip KB/s/node (summaries) | gateway KB/s | cells (relayed) | gossip intervals | wall s |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| nodes | rate (req/s) | seed | policy | TTFT p50 | TTFT p90 | TTFT p99 | p90 / oracle | ITL p99 | output tok/s | cache hit | \
+         hit / oracle | load CoV | lost cache | goodput (req/s) | gossip KB/s/node (summaries) | gateway KB/s | cells (relayed) | gossip intervals | wall s |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
-        let vs = oracle_p90(rows, r).map(|o| format!("{:.2}", r.ttft_ms[1] / o)).unwrap_or_else(|| "-".into());
+        let oracle = oracle_of(rows, r);
+        let vs = oracle.map(|o| format!("{:.2}", r.ttft_ms[1] / o.ttft_ms[1])).unwrap_or_else(|| "-".into());
+        let hit_vs = oracle
+            .filter(|o| o.hit_rate > 0.0)
+            .map(|o| format!("{:.2}", r.hit_rate / o.hit_rate))
+            .unwrap_or_else(|| "-".into());
         let gossip =
             if r.policy == "oracle" { "-".to_owned() } else { format!("{:.1} ({:.1})", r.gossip_kb_s, r.summary_kb_s) };
         let gateway = r.gateway_kb_s.map(|k| format!("{k:.1}")).unwrap_or_else(|| "-".into());
@@ -146,9 +166,10 @@ fn table(cfg: &ClusterConfig, rows: &[Row]) -> String {
             g.summary_interval_ms / 1000.0
         );
         md.push_str(&format!(
-            "| {} | {:.0} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {vs} | {:.1} ms | {:.0} | {:.0}% | {:.1} | {gossip} | {gateway} | {cells} | {intervals} | {:.0} |\n",
+            "| {} | {:.0} | {} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {vs} | {:.1} ms | {:.0} | {:.0}% | {hit_vs} | {:.3} | {:.1}% | {:.1} | {gossip} | {gateway} | {cells} | {intervals} | {:.0} |\n",
             r.nodes,
             r.rate,
+            r.seed,
             r.policy,
             r.ttft_ms[0],
             r.ttft_ms[1],
@@ -156,6 +177,8 @@ fn table(cfg: &ClusterConfig, rows: &[Row]) -> String {
             r.itl_ms[1],
             r.out_tok_s,
             r.hit_rate * 100.0,
+            r.load_cov,
+            r.lost * 100.0,
             r.goodput,
             r.wall_s
         ));
@@ -188,13 +211,14 @@ fn table(cfg: &ClusterConfig, rows: &[Row]) -> String {
 
 fn csv(rows: &[Row]) -> String {
     let mut s = String::from(
-        "nodes,rate,policy,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,itl_p50_ms,itl_p99_ms,out_tok_s,hit_rate,goodput,gossip_kb_s,summary_kb_s,gateway_kb_s,cells,relayed,done\n",
+        "nodes,rate,seed,policy,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,itl_p50_ms,itl_p99_ms,out_tok_s,hit_rate,goodput,gossip_kb_s,summary_kb_s,gateway_kb_s,cells,relayed,done,load_cov,lost\n",
     );
     for r in rows {
         s.push_str(&format!(
-            "{},{:.2},{},{:.1},{:.1},{:.1},{:.2},{:.2},{:.1},{:.4},{:.2},{:.2},{:.2},{:.2},{},{:.4},{}\n",
+            "{},{:.2},{},{},{:.1},{:.1},{:.1},{:.2},{:.2},{:.1},{:.4},{:.2},{:.2},{:.2},{:.2},{},{:.4},{},{:.4},{:.4}\n",
             r.nodes,
             r.rate,
+            r.seed,
             r.policy,
             r.ttft_ms[0],
             r.ttft_ms[1],
@@ -209,7 +233,9 @@ fn csv(rows: &[Row]) -> String {
             r.gateway_kb_s.unwrap_or(0.0),
             r.cells,
             r.relayed,
-            r.done
+            r.done,
+            r.load_cov,
+            r.lost
         ));
     }
     s

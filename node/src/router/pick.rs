@@ -290,11 +290,15 @@ impl Router {
         let home = matches!(scope, Scope::Cell)
             .then(|| (0..facts.len()).find(|&i| facts[i].usable && matches!(targets[i], Target::Local(_))))
             .flatten();
-        // A client's session prefers one engine among near-equals, the same from every node.
-        let ranks = session.map(|s| {
-            let labels: Vec<String> = targets.iter().map(|t| t.label(&self.node_name)).collect();
-            kvmesh_policy::affinity::ranks(s, &labels)
-        });
+        // A client's session prefers one engine among near-equals, the same from every node;
+        // without one, so does the prompt's prefix (`affinity::prefix_ranks`), so that a prefix
+        // nobody is known to hold yet lands on one engine whichever node it reaches.
+        let labels = || targets.iter().map(|t| t.label(&self.node_name)).collect::<Vec<String>>();
+        let ranks = match session {
+            Some(s) => Some(kvmesh_policy::affinity::ranks(s, &labels())),
+            None if home.is_none() && mode == Mode::Kvmesh => prompt.placement_ranks(default_bs, &labels()),
+            None => None,
+        };
         let prefer = match (&ranks, home) {
             (Some(r), _) => Prefer::Ranked(r),
             (None, Some(i)) => Prefer::Candidate(i),
