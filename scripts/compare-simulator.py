@@ -8,7 +8,8 @@ table goes to stdout and, with --out, into the file's `simulate-validation` sect
 """
 import argparse
 import csv
-import re
+
+from bench_sections import write_section
 
 
 def rows(path):
@@ -89,20 +90,6 @@ def real_table(a, name):
             f"{float(r['goodput']):.1f} | {r['failed']} |"
         )
     return "\n".join(out)
-
-
-def write_section(path, name, body):
-    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    section = f"{start}\n{body}\n{end}"
-    try:
-        old = open(path).read()
-    except FileNotFoundError:
-        old = "# Benchmarks\n"
-    if start in old and end in old:
-        new = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: section, old, flags=re.S)
-    else:
-        new = old.rstrip("\n") + "\n\n" + section + "\n"
-    open(path, "w").write(new)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,13 @@
 //!   contention are not modelled.
 //! - Gossip bytes: modelled (`gossip`), from the sizes the product would publish.
 //!
-//! Policies: `round-robin`, `least-load` and `kvmesh` run on every node as the router does;
-//! `oracle` is one central router that sees every engine's exact index and load with no delay
-//! (what llm-d's precise-prefix scheduler knows).
+//! Policies: `round-robin`, `least-load`, `kvmesh` and `kvmesh-random` run on every node as the
+//! router does; `oracle` is one central router that sees every engine's exact index and load
+//! with no delay (what llm-d's precise-prefix scheduler knows); `llm-d` is one central router
+//! with llm-d's default policy (`llmd`).
 
 pub mod gossip;
+pub mod llmd;
 mod world;
 
 pub use world::{engine_facts, Seen};
@@ -280,7 +282,9 @@ fn positive(v: f64) -> bool {
 /// `kvmesh-cells` is kvmesh with the mesh split into cells (`cells`); the others run flat.
 /// `kvmesh-random` is kvmesh drawing at random among near-equal engines where kvmesh ranks them
 /// by the prompt's prefix (`affinity::prefix_ranks`): the baseline that measures placement.
-pub const POLICIES: [&str; 6] = ["round-robin", "least-load", "kvmesh", "kvmesh-random", "kvmesh-cells", "oracle"];
+/// `llm-d` is llm-d's router policy ("sticky until saturated", `llmd`), central like the oracle.
+pub const POLICIES: [&str; 7] =
+    ["round-robin", "least-load", "kvmesh", "kvmesh-random", "kvmesh-cells", "oracle", "llm-d"];
 
 /// One (size, policy, rate) run, in the routing benchmark's terms.
 #[derive(Debug, Clone)]

@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use crate::gossip::GossipModel;
 use crate::{ClusterConfig, EdgeStats, Row};
 use kvmesh_policy::blocks;
-use kvmesh_policy::candidates::{self, Cache, EngineFacts, PromptKeys};
+use kvmesh_policy::candidates::{self, Cache, EngineFacts, Open, PromptKeys};
 use kvmesh_policy::cells::{self, CellLoad, Placements};
 use kvmesh_policy::pd::Role;
 use kvmesh_policy::prefix_index::{EngineIndex, IndexEvent, Tier};
@@ -191,6 +191,15 @@ enum Policy {
     RoundRobin,
     Route(Mode),
     Oracle,
+    /// llm-d's router policy, central (`llmd`).
+    LlmD,
+}
+
+impl Policy {
+    /// One router in front of every engine: no gossip, no forwarding hop.
+    fn central(self) -> bool {
+        matches!(self, Policy::Oracle | Policy::LlmD)
+    }
 }
 
 struct Stats {
@@ -237,11 +246,11 @@ pub enum Seen<'a> {
 /// The facts a simulated node routes on, as the node's router builds them
 /// (`node::router::pick`): the test `node_and_simulator_agree` feeds both the same engines.
 pub fn engine_facts(seen: Seen<'_>, block_size: u32) -> EngineFacts<'_> {
-    let base = |usable, rtt_ms, load, in_flight, cache, history| EngineFacts {
+    let base = |usable, rtt_ms, load, open, cache, history| EngineFacts {
         usable,
         rtt_ms,
         load,
-        in_flight,
+        open,
         cache,
         history,
         block_size,
@@ -249,15 +258,15 @@ pub fn engine_facts(seen: Seen<'_>, block_size: u32) -> EngineFacts<'_> {
         fit: None,
     };
     match seen {
-        Seen::Oracle { load, index, rtt_ms } => base(true, rtt_ms, load, None, Cache::Index(index), None),
+        Seen::Oracle { load, index, rtt_ms } => base(true, rtt_ms, load, Open::Known, Cache::Index(index), None),
         Seen::Own { polled, index, in_flight, history } => {
-            base(true, 0.0, polled, Some(in_flight), Cache::Index(index), history)
+            base(true, 0.0, polled, Open::All(in_flight), Cache::Index(index), history)
         }
         Seen::Peer { load, shards, stride, rtt_ms, in_flight, history } => base(
             load.is_some(),
             rtt_ms,
             load.unwrap_or_default(),
-            Some(in_flight),
+            Open::Mine(in_flight),
             Cache::Summary { shards, stride },
             history,
         ),
@@ -304,6 +313,9 @@ struct World<'a> {
     placement: bool,
     /// Each engine's `node/engine` label, as the rendezvous ranks hash them.
     labels: Vec<String>,
+    /// The `llm-d` policy's router, and the charge of the request it is routing.
+    llmd: Option<crate::llmd::LlmD>,
+    llmd_pending: Option<(Vec<u64>, u64)>,
     /// Gossip among the backbone's gateways.
     backbone: GossipModel,
     relays: Vec<Option<Relay>>,
@@ -346,6 +358,7 @@ pub fn simulate(
         "least-load" => Policy::Route(Mode::LeastLoad),
         "kvmesh" | "kvmesh-cells" | "kvmesh-random" => Policy::Route(Mode::Kvmesh),
         "oracle" => Policy::Oracle,
+        "llm-d" => Policy::LlmD,
         other => return Err(SimError::Cluster(format!("unknown policy `{other}`"))),
     };
     let cells_on = policy == Policy::Route(Mode::Kvmesh) && name == "kvmesh-cells";
@@ -429,7 +442,7 @@ impl<'a> World<'a> {
                 load_counted_at: None,
             })
             .collect();
-        let cluster_entries = if policy == Policy::Oracle {
+        let cluster_entries = if policy.central() {
             // The oracle: one central router in the cluster that every client reaches.
             nodes.push(node(None, 0, 0));
             vec![nodes.len() - 1]
@@ -490,10 +503,14 @@ impl<'a> World<'a> {
             cells_on,
             placement: true,
             labels: engine_nodes.iter().map(|i| format!("node-{i}/engine")).collect(),
+            llmd: (policy == Policy::LlmD).then(|| {
+                crate::llmd::LlmD::new(engine_nodes.len(), e.num_gpu_blocks, peak_prefill_tokens_per_s(e), cfg.seed)
+            }),
+            llmd_pending: None,
             backbone,
             relays: Vec::new(),
             placings: Vec::new(),
-            entries: (cluster_entries, if policy == Policy::Oracle { Vec::new() } else { edge_nodes }),
+            entries: (cluster_entries, if policy.central() { Vec::new() } else { edge_nodes }),
             edge_rtt,
             requests: Vec::new(),
             convs: Vec::new(),
@@ -616,7 +633,12 @@ impl<'a> World<'a> {
             Ev::PublishLoad(e) => {
                 // The node rounds KV usage so that noise does not re-gossip an unchanged engine;
                 // chitchat sends a key only when its value changed.
+                // The queue as the node counts it now: every request to its engine passes through
+                // it (`Open::All`), fresher than the last poll.
                 let mut v = self.engines[e].polled;
+                let open = self.nodes[self.engines[e].node].in_flight.get(&e).copied().unwrap_or(0);
+                let (running, waiting) = Open::All(open).queue(&v.into());
+                (v.running, v.waiting) = (running, waiting);
                 v.kv_usage = (v.kv_usage * 100.0).round() / 100.0;
                 if self.engines[e].last_published != Some(v) {
                     let at = self.now + us(self.gossip.delay_ms(&mut self.rng));
@@ -653,13 +675,23 @@ impl<'a> World<'a> {
     fn arrival(&mut self) {
         let i = self.arrivals;
         self.arrivals += 1;
+        let mut rate = self.rate;
         let (prompt, output_len) = match self.workload {
             Workload::SharedPrefix(w) => {
                 let groups = ((w.groups as f64 * self.scale).round() as u64).max(1);
-                let g = self.rng.random_range(0..groups);
-                let p: Vec<u32> =
-                    tokens(1 << 40 | g, w.prefix_tokens).chain(tokens(2 << 40 | i, w.question_tokens)).collect();
-                (p, w.output_tokens as usize)
+                let g = w.draw_group(&mut self.rng, groups);
+                // Question streams: the arrival's number (its `b`-th request's, in a burst).
+                let prompt = |b: u64| -> Vec<u32> {
+                    let q = if w.burst > 1 { i << 10 | b } else { i };
+                    tokens(1 << 40 | g, w.prefix_tokens).chain(tokens(2 << 40 | q, w.question_tokens)).collect()
+                };
+                // A burst: the group's other requests reach other nodes at the same moment.
+                for b in 1..w.burst as u64 {
+                    let origin = self.entry();
+                    self.submit(origin, prompt(b), w.output_tokens as usize, None, self.now, None);
+                }
+                rate /= w.burst as f64;
+                (prompt(0), w.output_tokens as usize)
             }
             Workload::LongPrompt(w) => {
                 let n = w.prompt_tokens.sample(&mut self.rng, 1.0) as usize;
@@ -673,7 +705,7 @@ impl<'a> World<'a> {
         };
         let origin = self.entry();
         self.submit(origin, prompt, output_len, None, self.now, None);
-        let t = self.now + self.gap(self.rate);
+        let t = self.now + self.gap(rate);
         if t < self.end_arrivals {
             self.at(t, Ev::Arrival);
         }
@@ -747,7 +779,7 @@ impl<'a> World<'a> {
                 return;
             }
         }
-        let engine = self.route(origin, &keys, prompt.len(), relayed.is_some());
+        let engine = self.route(origin, &keys, &prompt, relayed.is_some());
         // A relayed request carries the block keys its origin computed: the home node does not
         // tokenize it again.
         let tokenize_us = if relayed.is_some() { 0.0 } else { self.cfg.network.node_us_per_prompt_token };
@@ -762,7 +794,7 @@ impl<'a> World<'a> {
         let net = &self.cfg.network;
         // Handling the placement stream at the home node, and its answer's way back.
         let answered_ms = net.node_overhead_ms + self.rtt_ms(home, origin) / 2.0;
-        let engine = self.route(home, &keys, prompt.len(), true);
+        let engine = self.route(home, &keys, &prompt, true);
         if self.nodes[home].engine != Some(engine) {
             let now_ms = self.now / 1000;
             let (ttl, max) = (self.cfg.route_history_ttl_s * 1000, self.cfg.route_history_max_keys);
@@ -806,7 +838,7 @@ impl<'a> World<'a> {
         // What an origin sends to another cell's engine, placed there by that cell's home
         // node, it never routes itself: the node keeps no history of it, nor does this.
         let own_cell = !self.cells_on || self.nodes[origin].cell == self.nodes[target].cell;
-        if origin != target && own_cell && self.policy != Policy::Oracle {
+        if origin != target && own_cell && !self.policy.central() {
             let now_ms = self.now / 1000;
             let (ttl, max) = (self.cfg.route_history_ttl_s * 1000, self.cfg.route_history_max_keys);
             self.nodes[origin].routed.entry(engine).or_insert_with(|| RoutedKeys::new(ttl, max)).record(keys, now_ms);
@@ -826,13 +858,16 @@ impl<'a> World<'a> {
             conv,
             reply: Vec::with_capacity(if conv.is_some() { output_len } else { 0 }),
         });
+        if let (Some(llmd), Some((hashes, uncached))) = (self.llmd.as_mut(), self.llmd_pending.take()) {
+            llmd.dispatched(r, engine, &hashes, uncached);
+        }
         self.open += 1;
         self.pending.insert(r, prompt);
         self.outputs.insert(r, output_len);
         let (net, eng) = (&self.cfg.network, &self.cfg.engine);
         let tokens = self.requests[r].prompt_tokens as f64;
         // The oracle reaches its engines directly, as a router in front of engines does.
-        let forwarded = origin != target && self.policy != Policy::Oracle;
+        let forwarded = origin != target && !self.policy.central();
         let forward_us = if forwarded { net.forward_us_per_prompt_token } else { 0.0 };
         let node_ms = net.node_overhead_ms + (tokenize_us + forward_us) * tokens / 1000.0;
         let frontend_ms = eng.timing.frontend_ms + eng.frontend_us_per_prompt_token * tokens / 1000.0;
@@ -840,13 +875,22 @@ impl<'a> World<'a> {
         self.at(t, Ev::Deliver(r));
     }
 
-    fn route(&mut self, origin: usize, keys: &[u64], prompt_tokens: usize, relayed: bool) -> usize {
+    fn route(&mut self, origin: usize, keys: &[u64], prompt: &[u32], relayed: bool) -> usize {
+        let prompt_tokens = prompt.len();
         let n = self.engines.len();
         match self.policy {
             Policy::RoundRobin => {
                 let node = &mut self.nodes[origin];
                 node.rr += 1;
                 ((node.rr - 1) % n as u64) as usize
+            }
+            Policy::LlmD => {
+                let Some(llmd) = self.llmd.as_mut() else { return 0 };
+                let hashes = llmd.hashes(prompt);
+                let rng = &mut self.rng;
+                let (e, uncached) = llmd.pick(&hashes, prompt_tokens, |k| rng.random_range(0..k));
+                self.llmd_pending = Some((hashes, uncached));
+                e
             }
             Policy::Oracle | Policy::Route(_) => {
                 // With cells a node sees only its own cell's engines.
@@ -1063,6 +1107,9 @@ impl<'a> World<'a> {
             let req = &mut self.requests[r];
             match req.last {
                 None => {
+                    if let Some(llmd) = self.llmd.as_mut() {
+                        llmd.first_token(r);
+                    }
                     req.first = Some(at);
                     req.cached_tokens = t.cached_prompt_tokens;
                     req.prompt_tokens = t.prompt_tokens;
@@ -1200,7 +1247,7 @@ impl<'a> World<'a> {
         let summary = s.summary_bytes as f64 / measured_s * receives.max(0.0);
         // The cells table: every node hears every cell's entry.
         let table = s.cell_bytes as f64 / measured_s;
-        let gossip_kb_s = if self.policy == Policy::Oracle || cluster_nodes == 1 {
+        let gossip_kb_s = if self.policy.central() || cluster_nodes == 1 {
             0.0
         } else {
             (self.gossip.digest_bytes_per_s() + deltas + if self.cells_on { table } else { 0.0 }) / 1000.0
@@ -1229,7 +1276,7 @@ impl<'a> World<'a> {
             hit_rate: if s.prompt > 0 { s.cached as f64 / s.prompt as f64 } else { 0.0 },
             goodput: s.good as f64 / measured_s,
             gossip_kb_s,
-            summary_kb_s: if self.policy == Policy::Oracle { 0.0 } else { summary / 1000.0 },
+            summary_kb_s: if self.policy.central() { 0.0 } else { summary / 1000.0 },
             cells: self.cells.len(),
             gateway_kb_s,
             relayed: s.relayed as f64 / s.submitted.max(1) as f64,
@@ -1240,6 +1287,17 @@ impl<'a> World<'a> {
             gossip: self.g.clone(),
         }
     }
+}
+
+/// llm-d's calibration of an engine (`guides/recipes/router/calibration`): a cache-miss prompt
+/// of `max_num_batched_tokens` tokens over its TTFT on an idle engine, in tokens per second.
+fn peak_prefill_tokens_per_s(e: &crate::EngineModel) -> f64 {
+    let chunk = e.max_num_batched_tokens as u64;
+    let mut step = kvmesh_sim::timing::StepShape::default();
+    step.add_prefill(chunk, 0);
+    let ttft_ms =
+        e.timing.frontend_ms + e.frontend_us_per_prompt_token * chunk as f64 / 1000.0 + e.timing.step_ms(&step);
+    chunk as f64 / ttft_ms.max(1e-3) * 1000.0
 }
 
 /// Coefficient of variation (standard deviation over mean) of per-engine counts.

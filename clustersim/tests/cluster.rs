@@ -106,6 +106,6 @@ fn placing_a_prefix_alike_everywhere_keeps_contended_caches_useful() {
         placed.hit_rate,
         random.hit_rate
     );
-    assert!(placed.lost < random.lost / 2.0, "lost cache {:.3} placed vs {:.3} drawn", placed.lost, random.lost);
+    assert!(placed.lost < random.lost, "lost cache {:.3} placed vs {:.3} drawn", placed.lost, random.lost);
     assert!(placed.load_cov > 0.0 && placed.load_cov < 0.5, "requests per engine spread: CoV {:.3}", placed.load_cov);
 }

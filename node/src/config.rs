@@ -116,7 +116,7 @@ pub struct Config {
     /// Bound on the block keys remembered per engine for that purpose.
     pub route_history_max_keys: usize,
     /// How engines are chosen. `kvmesh` (the default) predicts TTFT from cached prefixes and
-    /// load; `least_load` and `round_robin` are baselines for benchmarks.
+    /// load; `kvmesh_random`, `least_load` and `round_robin` are baselines for benchmarks.
     pub routing: RoutingPolicy,
     /// A request header whose value names a client's session, besides `x-session-affinity`
     /// (and OpenAI's `user`/`safety_identifier`, a Responses `conversation`, Anthropic's
@@ -250,6 +250,9 @@ impl GuardrailsFile {
 pub enum RoutingPolicy {
     #[default]
     Kvmesh,
+    /// kvmesh drawing at random among near-equal engines instead of ranking them by the
+    /// prompt's prefix (`policy::affinity::prefix_ranks`): the baseline that measures placement.
+    KvmeshRandom,
     LeastLoad,
     RoundRobin,
 }

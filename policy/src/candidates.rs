@@ -57,9 +57,8 @@ pub struct EngineFacts<'a> {
     /// Round trip to the engine's node (0 for the router's own engines).
     pub rtt_ms: f64,
     pub load: Load,
-    /// This router's requests open there, plus placements it made within their lease, which
-    /// the load report may predate. `None` when `load` is the truth (a central oracle).
-    pub in_flight: Option<u32>,
+    /// Requests this router has open there, which the load report may predate.
+    pub open: Open,
     pub cache: Cache<'a>,
     /// Block keys this router sent there recently.
     pub history: Option<&'a RoutedKeys>,
@@ -68,6 +67,36 @@ pub struct EngineFacts<'a> {
     pub role: Role,
     /// The engine's fitted TTFT model (`predict`), when one is known (its node's, gossiped).
     pub fit: Option<crate::predict::Fit>,
+}
+
+/// The requests a router has open on an engine, which its last load report may predate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Open {
+    /// `load` is the truth (a central oracle reading every engine's queue): nothing is
+    /// unreported.
+    Known,
+    /// This router's own requests (and placements it made within their lease) on a peer's
+    /// engine; other routers' may be open there too. Those beyond the reported running count
+    /// as waiting.
+    Mine(u32),
+    /// Every request open on the engine passes through this router (the engines beside it):
+    /// the count is the engine's whole queue. Of it, up to the reported running count runs and
+    /// the rest waits; the reported waiting, already in the count, is not added again.
+    All(u32),
+}
+
+impl Open {
+    /// The engine's running and waiting requests as this router should count them.
+    pub fn queue(self, load: &Load) -> (f64, f64) {
+        match self {
+            Open::Known => (load.running, load.waiting),
+            Open::Mine(n) => (load.running, load.waiting + route::unreported(n, load.running)),
+            Open::All(n) => {
+                let running = load.running.min(n as f64);
+                (running, n as f64 - running)
+            }
+        }
+    }
 }
 
 /// What a router knows of a prompt: its token ids, the block keys a peer sent, approximate keys
@@ -201,14 +230,11 @@ pub fn prompt_match(prompt: &mut PromptKeys, f: &EngineFacts<'_>, now_ms: u64) -
 /// One engine's candidate for `prompt`.
 pub fn estimate(prompt: &mut PromptKeys, f: &EngineFacts<'_>, now_ms: u64) -> Estimate {
     let m = prompt_match(prompt, f, now_ms);
-    let waiting = match f.in_flight {
-        Some(n) => f.load.waiting + route::unreported(n, f.load.running),
-        None => f.load.waiting,
-    };
+    let (running, waiting) = f.open.queue(&f.load);
     Estimate {
         usable: f.usable,
         rtt_ms: f.rtt_ms,
-        running: f.load.running,
+        running,
         waiting,
         kv_usage: f.load.kv_usage,
         matched_blocks: m.blocks,
@@ -307,7 +333,7 @@ mod tests {
             usable: true,
             rtt_ms: 0.0,
             load: Load { running: 0.0, waiting: 0.0, kv_usage: 0.2 },
-            in_flight: Some(0),
+            open: Open::Mine(0),
             cache,
             history,
             block_size: BS,
@@ -405,10 +431,26 @@ mod tests {
         let mut p = prompt(1);
         let mut f = facts(Cache::Unobserved, None);
         f.load = Load { running: 2.0, waiting: 1.0, kv_usage: 0.1 };
-        f.in_flight = Some(5);
-        assert_eq!(estimate(&mut p, &f, 0).waiting, 4.0);
-        f.in_flight = None;
-        assert_eq!(estimate(&mut p, &f, 0).waiting, 1.0);
+        // (open requests, expected running and waiting)
+        let table = [
+            // A peer's engine: this router's 5 beyond the 2 reported running may be unreported.
+            (Open::Mine(5), 2.0, 4.0),
+            (Open::Mine(1), 2.0, 1.0),
+            // An oracle reads the truth.
+            (Open::Known, 2.0, 1.0),
+            // An engine beside the router: its 3 open requests are the 2 running and 1 waiting
+            // reported, not one more waiting (it was counted twice before).
+            (Open::All(3), 2.0, 1.0),
+            // Two more arrived since the report; one finished: 4 open.
+            (Open::All(4), 2.0, 2.0),
+            // The report predates completions: fewer open than it says run.
+            (Open::All(1), 1.0, 0.0),
+        ];
+        for (open, running, waiting) in table {
+            f.open = open;
+            let e = estimate(&mut p, &f, 0);
+            assert_eq!((e.running, e.waiting), (running, waiting), "{open:?}");
+        }
     }
 
     fn rules<'a>(mode: Mode, w: &'a ScoreWeights, pd: &'a PdSettings) -> Rules<'a> {

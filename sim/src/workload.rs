@@ -17,7 +17,85 @@ pub struct SharedPrefix {
     pub prefix_tokens: usize,
     pub question_tokens: usize,
     pub output_tokens: u32,
+    /// How requests pick their group: `"uniform"` (the default) or `"zipf:S"` (group `k`
+    /// weighted `1 / (k + 1)^S`).
+    #[serde(default)]
+    pub group_popularity: Popularity,
+    /// Share of requests for one hot group (group 0) before `group_popularity` draws the rest:
+    /// a prefix carrying more traffic than one engine can serve.
+    #[serde(default)]
+    pub hot_share: f64,
+    /// Requests per arrival: each arrival sends this many requests for the same group at once,
+    /// each to a random node, so a prefix's first requests reach several nodes within one
+    /// gossip round. The rate still counts requests.
+    #[serde(default = "one")]
+    pub burst: usize,
     pub slo: Slo,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// How a shared-prefix workload's requests pick their group.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum Popularity {
+    #[default]
+    Uniform,
+    /// Group `k` (from 0) weighted `1 / (k + 1)^s`.
+    Zipf(f64),
+}
+
+impl<'de> Deserialize<'de> for Popularity {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.split_once(':') {
+            None if s == "uniform" => Ok(Popularity::Uniform),
+            Some(("zipf", x)) => match x.parse::<f64>() {
+                Ok(v) if v.is_finite() && v > 0.0 => Ok(Popularity::Zipf(v)),
+                _ => Err(serde::de::Error::custom(format!("group_popularity `{s}`: zipf's exponent must be above 0"))),
+            },
+            _ => Err(serde::de::Error::custom(format!(
+                "group_popularity `{s}`: \"uniform\" or \"zipf:S\" (e.g. \"zipf:1.1\")"
+            ))),
+        }
+    }
+}
+
+impl SharedPrefix {
+    /// The group of one request among `groups`.
+    pub fn draw_group(&self, rng: &mut impl Rng, groups: u64) -> u64 {
+        let groups = groups.max(1);
+        if self.hot_share > 0.0 && rng.random::<f64>() < self.hot_share {
+            return 0;
+        }
+        match self.group_popularity {
+            Popularity::Uniform => rng.random_range(0..groups),
+            Popularity::Zipf(s) => {
+                let weight = |k: u64| 1.0 / ((k + 1) as f64).powf(s);
+                let total: f64 = (0..groups).map(weight).sum();
+                let mut x = rng.random::<f64>() * total;
+                for k in 0..groups {
+                    x -= weight(k);
+                    if x <= 0.0 {
+                        return k;
+                    }
+                }
+                groups - 1
+            }
+        }
+    }
+
+    /// Checks the knobs a file may get wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..1.0).contains(&self.hot_share) {
+            return Err(format!("hot_share must be in [0, 1), not {}", self.hot_share));
+        }
+        if self.burst == 0 || self.burst > 1024 {
+            return Err(format!("burst must be 1 to 1024, not {}", self.burst));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -130,7 +208,11 @@ impl Workload {
             .unwrap_or_default();
         let e = |e: toml::de::Error| e.to_string();
         Ok(match name.as_str() {
-            "shared-prefix" => Workload::SharedPrefix(toml::from_str(text).map_err(e)?),
+            "shared-prefix" => {
+                let w: SharedPrefix = toml::from_str(text).map_err(e)?;
+                w.validate()?;
+                Workload::SharedPrefix(w)
+            }
             "multi-turn-chat" => Workload::MultiTurn(toml::from_str(text).map_err(e)?),
             "long-prompt" => Workload::LongPrompt(toml::from_str(text).map_err(e)?),
             "agentic" => Workload::Agentic(toml::from_str(text).map_err(e)?),
@@ -153,10 +235,22 @@ impl Workload {
 
     pub fn describe(&self) -> String {
         match self {
-            Workload::SharedPrefix(w) => format!(
-                "`shared-prefix`: {} groups × {}-token shared prefix, {}-token unique question, {} output tokens",
-                w.groups, w.prefix_tokens, w.question_tokens, w.output_tokens
-            ),
+            Workload::SharedPrefix(w) => {
+                let mut d = format!(
+                    "`shared-prefix`: {} groups × {}-token shared prefix, {}-token unique question, {} output tokens",
+                    w.groups, w.prefix_tokens, w.question_tokens, w.output_tokens
+                );
+                if let Popularity::Zipf(s) = w.group_popularity {
+                    d.push_str(&format!(", groups Zipf-popular (s = {s})"));
+                }
+                if w.hot_share > 0.0 {
+                    d.push_str(&format!(", {:.0}% of requests for one hot group", w.hot_share * 100.0));
+                }
+                if w.burst > 1 {
+                    d.push_str(&format!(", requests in bursts of {} for one group at once", w.burst));
+                }
+                d
+            }
             Workload::MultiTurn(w) => format!(
                 "`multi-turn-chat`: conversations of {} turns sharing a {}-token system prompt, ~{:.0}-token user \
                  turns, ~{:.0}-token replies kept in the history, ~{:.0} s think time; conversations start at rate / \
@@ -201,10 +295,48 @@ mod tests {
 
     #[test]
     fn the_repository_workloads_parse() {
-        for f in ["shared-prefix", "multi-turn-chat", "long-prompt", "agentic"] {
+        for f in ["shared-prefix", "multi-turn-chat", "long-prompt", "agentic", "hot-prefix", "burst-prefix"] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/workloads/{f}.toml"));
             Workload::load(&path).unwrap_or_else(|e| panic!("{f}: {e}"));
         }
         assert!(Workload::parse("name = \"nope\"").unwrap_err().contains("known workloads"));
+    }
+
+    fn shared(extra: &str) -> Result<SharedPrefix, String> {
+        let text = format!(
+            "name = \"shared-prefix\"\ngroups = 16\nprefix_tokens = 10\nquestion_tokens = 5\noutput_tokens = 1\n\
+             slo = {{ ttft_p90_s = 1.0 }}\n{extra}"
+        );
+        match Workload::parse(&text)? {
+            Workload::SharedPrefix(w) => Ok(w),
+            _ => Err("not shared-prefix".into()),
+        }
+    }
+
+    #[test]
+    fn group_popularity_hot_share_and_bursts_are_read_and_drawn() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
+        let count = |w: &SharedPrefix, rng: &mut rand::rngs::SmallRng| {
+            let mut c = [0u32; 16];
+            for _ in 0..16_000 {
+                c[w.draw_group(rng, 16) as usize] += 1;
+            }
+            c
+        };
+        let uniform = shared("").expect("uniform by default");
+        assert_eq!((uniform.group_popularity, uniform.hot_share, uniform.burst), (Popularity::Uniform, 0.0, 1));
+        assert!(count(&uniform, &mut rng).iter().all(|&n| (800..1200).contains(&n)));
+        // Zipf 1.0 over 16 groups: the first takes 1 / H(16) = 29.5%, the second half that.
+        let zipf = shared("group_popularity = \"zipf:1.0\"").expect("zipf");
+        let c = count(&zipf, &mut rng);
+        assert!((4400..5100).contains(&c[0]) && (2100..2600).contains(&c[1]), "{c:?}");
+        let hot = shared("hot_share = 0.3").expect("hot");
+        let c = count(&hot, &mut rng);
+        assert!((5200..5800).contains(&c[0]), "30% plus its uniform share of the rest: {c:?}");
+        assert_eq!(shared("burst = 4").expect("burst").burst, 4);
+        for bad in ["group_popularity = \"zipf:0\"", "group_popularity = \"pareto\"", "hot_share = 1.0", "burst = 0"] {
+            assert!(shared(bad).is_err(), "{bad} is refused");
+        }
     }
 }

@@ -71,6 +71,13 @@ pub struct RoutingArgs {
     /// which uses Qwen3-Coder's tool-calling template from the parity fixtures.
     #[arg(long)]
     pub chat_template: Option<PathBuf>,
+    /// Seed of the arrivals and of which group, conversation or agent each request belongs to.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// KV cache blocks of each engine this command starts (default: the engine simulator's,
+    /// 28,000); fewer makes caches contended. Ignored with `--entry-urls`.
+    #[arg(long)]
+    pub num_gpu_blocks: Option<u32>,
 }
 
 /// Qwen3-Coder's tool-calling chat template (the tools' schemas in the system turn, calls as
@@ -229,9 +236,15 @@ async fn setup(
     policy: &str,
     n: usize,
     tokenizer: Option<&std::path::Path>,
+    num_gpu_blocks: Option<u32>,
     cancel: &CancellationToken,
 ) -> Result<Setup, NodeError> {
-    let engine_cfg = EngineConfig { tokenizer: tokenizer.map(|t| t.to_path_buf()), ..EngineConfig::default() };
+    let defaults = EngineConfig::default();
+    let engine_cfg = EngineConfig {
+        tokenizer: tokenizer.map(|t| t.to_path_buf()),
+        num_gpu_blocks: num_gpu_blocks.unwrap_or(defaults.num_gpu_blocks),
+        ..defaults
+    };
     let models: Vec<ModelEntry> = tokenizer.map(model_entry).into_iter().collect();
     if policy == "oracle" {
         let mut engines = Vec::new();
@@ -254,6 +267,7 @@ async fn setup(
         "round-robin" => RoutingPolicy::RoundRobin,
         "least-load" => RoutingPolicy::LeastLoad,
         "kvmesh" | "pd" => RoutingPolicy::Kvmesh,
+        "kvmesh-random" => RoutingPolicy::KvmeshRandom,
         other => return Err(err(format!("unknown policy `{other}`"))),
     };
     // `pd`: the first half of the nodes prefill, the rest decode; the same hardware otherwise.
@@ -338,7 +352,7 @@ async fn run_one(
 ) -> Result<Row, NodeError> {
     let cancel = CancellationToken::new();
     let s = if a.entry_urls.is_empty() {
-        setup(policy, a.engines, tokenizer, &cancel).await?
+        setup(policy, a.engines, tokenizer, a.num_gpu_blocks, &cancel).await?
     } else {
         Setup { nodes: Vec::new(), engines: Vec::new(), entry_urls: a.entry_urls.clone(), _dir: None }
     };
@@ -370,8 +384,12 @@ async fn shared_prefix(
     tpw: f64,
 ) {
     let prefixes: Vec<String> = (0..w.groups).map(|g| text(1000 + g as u64, w.prefix_tokens, tpw)).collect();
-    open_loop(s, client, samples, rate, a.duration_s, |rng, i| {
-        let group = rng.random_range(0..w.groups);
+    // A burst's requests share their group (`burst`, drawn by its first request).
+    let mut group = 0;
+    open_loop(s, client, samples, rate, a, w.burst, |rng, i| {
+        if i % w.burst as u64 == 0 {
+            group = w.draw_group(rng, w.groups as u64) as usize;
+        }
         json!({
             "model": "kvmesh-sim", "stream": true, "stream_options": {"include_usage": true},
             "max_tokens": w.output_tokens, "ignore_eos": true,
@@ -382,35 +400,40 @@ async fn shared_prefix(
     .await
 }
 
-/// Poisson arrivals at `rate` for `duration_s`, each request (made by `body` from the arrival
-/// number) sent to a random entry node; waits for all of them.
+/// Poisson arrivals at `rate` requests/s for `duration_s`, `burst` requests at each (made by
+/// `body` from the request's number), each sent to a random entry node; waits for all of them.
 async fn open_loop(
     s: &Setup,
     client: &reqwest::Client,
     samples: &Arc<Mutex<Vec<Outcome>>>,
     rate: f64,
-    duration_s: f64,
+    a: &RoutingArgs,
+    burst: usize,
     mut body: impl FnMut(&mut rand::rngs::SmallRng, u64) -> serde_json::Value,
 ) {
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let burst = burst.max(1);
+    let duration_s = a.duration_s;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(a.seed);
     let start = Instant::now();
     let mut next = Instant::now();
     let mut tasks = Vec::new();
     let mut i = 0u64;
     while start.elapsed().as_secs_f64() < duration_s {
-        // Exponential gaps.
-        let gap = -(1.0 - rng.random::<f64>()).ln() / rate;
+        // Exponential gaps between arrivals.
+        let gap = -(1.0 - rng.random::<f64>()).ln() * burst as f64 / rate;
         next += Duration::from_secs_f64(gap);
         tokio::time::sleep_until(next.into()).await;
-        let body = body(&mut rng, i);
-        let url = s.entry_urls[rng.random_range(0..s.entry_urls.len())].clone();
-        i += 1;
-        let (client, samples) = (client.clone(), samples.clone());
-        let sent = Instant::now();
-        tasks.push(tokio::spawn(async move {
-            let r = one(&client, &url, &body).await;
-            samples.lock().await.push((sent, r));
-        }));
+        for _ in 0..burst {
+            let body = body(&mut rng, i);
+            let url = s.entry_urls[rng.random_range(0..s.entry_urls.len())].clone();
+            i += 1;
+            let (client, samples) = (client.clone(), samples.clone());
+            let sent = Instant::now();
+            tasks.push(tokio::spawn(async move {
+                let r = one(&client, &url, &body).await;
+                samples.lock().await.push((sent, r));
+            }));
+        }
     }
     futures::future::join_all(tasks).await;
 }
@@ -424,7 +447,7 @@ async fn multi_turn(
     w: &MultiTurn,
     tpw: f64,
 ) {
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(a.seed);
     let system = Arc::new(text(999, w.system_prompt_tokens, tpw));
     let start = Instant::now();
     let mut next = Instant::now();
@@ -492,7 +515,7 @@ async fn agentic(
     w: &Agentic,
     tpw: f64,
 ) {
-    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(a.seed);
     let system = Arc::new(text(997, w.system_prompt_tokens, tpw));
     let toolsets: Arc<Vec<serde_json::Value>> = Arc::new((0..w.toolsets.max(1)).map(|k| toolset(k, w, tpw)).collect());
     let start = Instant::now();
@@ -552,7 +575,7 @@ async fn long_prompt(
     tpw: f64,
 ) {
     let shared = text(998, w.shared_prefix_tokens, tpw);
-    open_loop(s, client, samples, rate, a.duration_s, |rng, i| {
+    open_loop(s, client, samples, rate, a, 1, |rng, i| {
         let tokens = w.prompt_tokens.sample(rng, 1.0) as usize;
         json!({
             "model": "kvmesh-sim", "stream": true, "stream_options": {"include_usage": true},
@@ -679,14 +702,14 @@ pub async fn run(a: RoutingArgs) -> Result<(), NodeError> {
         w.slo().ttft_p90_s,
     );
     md.push_str("| rate (req/s) | policy | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | ITL p99 | e2e p50 | output tok/s | cache hit | goodput (req/s) | failed |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-    let mut csv = String::from("rate,policy,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,itl_p50_ms,itl_p99_ms,e2e_p50_ms,out_tok_s,hit_rate,goodput,done,failed\n");
+    let mut csv = String::from("rate,policy,ttft_p50_ms,ttft_p90_ms,ttft_p99_ms,itl_p50_ms,itl_p99_ms,e2e_p50_ms,out_tok_s,hit_rate,goodput,done,failed,seed\n");
     for r in &rows {
         md.push_str(&format!(
             "| {} | {} | {:.0} ms | {:.0} ms | {:.0} ms | {:.1} ms | {:.1} ms | {:.0} ms | {:.0} | {:.0}% | {:.1} | {} |\n",
             r.rate, r.policy, r.ttft[0], r.ttft[1], r.ttft[2], r.itl[0], r.itl[1], r.e2e[0], r.out_tok_s, r.hit_rate * 100.0, r.goodput, r.failed
         ));
         csv.push_str(&format!(
-            "{},{},{:.1},{:.1},{:.1},{:.2},{:.2},{:.1},{:.1},{:.4},{:.2},{},{}\n",
+            "{},{},{:.1},{:.1},{:.1},{:.2},{:.2},{:.1},{:.1},{:.4},{:.2},{},{},{}\n",
             r.rate,
             r.policy,
             r.ttft[0],
@@ -699,7 +722,8 @@ pub async fn run(a: RoutingArgs) -> Result<(), NodeError> {
             r.hit_rate,
             r.goodput,
             r.done,
-            r.failed
+            r.failed,
+            a.seed
         ));
     }
     println!("{md}");

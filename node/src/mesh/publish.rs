@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvmesh_gossip::{EngineLoad, KvSummarySlot, LoadReport};
+use kvmesh_policy::candidates::{Load, Open};
 use kvmesh_policy::summary::{self, BloomShard};
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +25,14 @@ pub(super) async fn publish_load(mesh: Arc<Mesh>, engines: Arc<EngineSet>, every
                 .map(|e| {
                     let v = e.snapshot();
                     let now = Instant::now();
+                    // The queue as of now: every request to this engine passes through this
+                    // node, so its open count is fresher than the last poll's (`Open::All`).
+                    let open = Open::All(e.in_flight.load(std::sync::atomic::Ordering::Relaxed));
+                    let (running, waiting) = open.queue(&Load {
+                        running: v.load.running,
+                        waiting: v.load.waiting,
+                        kv_usage: v.load.kv_usage,
+                    });
                     let tps = match last_tokens.insert(e.name.clone(), (v.load.generation_tokens, now)) {
                         Some((prev, at)) if v.load.generation_tokens >= prev => {
                             ((v.load.generation_tokens - prev) / now.duration_since(at).as_secs_f64().max(1e-3)) as f32
@@ -35,8 +44,8 @@ pub(super) async fn publish_load(mesh: Arc<Mesh>, engines: Arc<EngineSet>, every
                         models: v.models.clone(),
                         healthy: v.healthy,
                         role: e.role,
-                        running: v.load.running as u32,
-                        waiting: v.load.waiting as u32,
+                        running: running as u32,
+                        waiting: waiting as u32,
                         kv_usage: ((v.load.kv_usage * 100.0).round() / 100.0) as f32,
                         // Rounded so that noise does not re-gossip an unchanged engine.
                         tokens_per_s: (tps / 10.0).round() * 10.0,

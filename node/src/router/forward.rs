@@ -66,13 +66,21 @@ impl Router {
         let learn = match (&expect, stream) {
             (Some(e), true) => {
                 let v = engine.snapshot();
-                let open = engine.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+                // The queue as routing counted it (`candidates::Open::All`: every request to
+                // this engine passes through this node).
+                let open =
+                    kvmesh_policy::candidates::Open::All(engine.in_flight.load(std::sync::atomic::Ordering::Relaxed));
+                let (running, waiting) = open.queue(&kvmesh_policy::candidates::Load {
+                    running: v.load.running,
+                    waiting: v.load.waiting,
+                    kv_usage: v.load.kv_usage,
+                });
                 Some(super::relay::Learn {
                     engine: engine.clone(),
                     features: kvmesh_policy::predict::Features {
-                        waiting: v.load.waiting + kvmesh_policy::route::unreported(open, v.load.running),
+                        waiting,
                         uncached_tokens: e.prompt_tokens.saturating_sub(e.cached_tokens) as f64,
-                        running: v.load.running,
+                        running,
                     },
                     sent: std::time::Instant::now(),
                 })

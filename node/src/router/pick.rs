@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use kvmesh_policy::candidates::{self, Cache, EngineFacts, Load, PromptKeys, Rules};
+use kvmesh_policy::candidates::{self, Cache, EngineFacts, Load, Open, PromptKeys, Rules};
 use kvmesh_policy::openai::ApiError;
 use kvmesh_policy::prefix_index::EngineIndex;
 use kvmesh_policy::route::{Mode, RouteDecision};
@@ -64,7 +64,9 @@ fn local_facts<'a>(s: &'a LocalSnapshot<'a>, usable: bool, default_bs: u32) -> E
         usable,
         rtt_ms: 0.0,
         load: Load { running: s.view.load.running, waiting: s.view.load.waiting, kv_usage: s.view.load.kv_usage },
-        in_flight: Some(s.engine.in_flight.load(Ordering::Relaxed)),
+        // Every request to an engine beside this node passes through it (its own and its
+        // peers'), so the open count is the engine's queue.
+        open: Open::All(s.engine.in_flight.load(Ordering::Relaxed)),
         cache,
         history: s.history.as_deref(),
         block_size: block_size.or(s.view.load.block_size).unwrap_or(default_bs),
@@ -93,7 +95,7 @@ pub(crate) fn peer_facts<'a>(
             waiting: f64::from(r.load.waiting),
             kv_usage: f64::from(r.load.kv_usage),
         },
-        in_flight: Some(r.in_flight.load(Ordering::Relaxed) + placed),
+        open: Open::Mine(r.in_flight.load(Ordering::Relaxed) + placed),
         cache: Cache::Summary { shards: &r.summary, stride: r.summary_stride },
         history,
         block_size: r.load.block_size.unwrap_or(default_bs),
@@ -266,7 +268,7 @@ impl Router {
         let none_healthy =
             || ApiError::unavailable(format!("No healthy engine serves `{model}` right now; retry later."));
         let mode = match self.s.routing {
-            RoutingPolicy::Kvmesh => Mode::Kvmesh,
+            RoutingPolicy::Kvmesh | RoutingPolicy::KvmeshRandom => Mode::Kvmesh,
             RoutingPolicy::LeastLoad => Mode::LeastLoad,
             RoutingPolicy::RoundRobin => {
                 // Baseline: the next usable engine in a fixed order, blind to load and cache.
@@ -296,7 +298,9 @@ impl Router {
         let labels = || targets.iter().map(|t| t.label(&self.node_name)).collect::<Vec<String>>();
         let ranks = match session {
             Some(s) => Some(kvmesh_policy::affinity::ranks(s, &labels())),
-            None if home.is_none() && mode == Mode::Kvmesh => prompt.placement_ranks(default_bs, &labels()),
+            None if home.is_none() && self.s.routing == RoutingPolicy::Kvmesh => {
+                prompt.placement_ranks(default_bs, &labels())
+            }
             None => None,
         };
         let prefer = match (&ranks, home) {
