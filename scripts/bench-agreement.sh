@@ -40,86 +40,18 @@ fi
 dir=$(mktemp -d)
 out=docs/bench-agreement
 mkdir -p "$out"
-pids=()
-stop() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
+. scripts/processes.sh
 trap 'stop; rm -rf "$dir"' EXIT
-"$bin" cert ca --dir "$dir" >/dev/null
-for i in $(seq 0 7); do "$bin" cert node --name "n$i" --dir "$dir" >/dev/null; done
+mesh_certs 8
 
-wait_http() { for _ in $(seq 1 160); do curl -sf "$1/health" >/dev/null && return 0; sleep 0.25; done; echo "no answer from $1" >&2; exit 1; }
-
-mesh() { # routing policy (TOML spelling)
-  local base=$((10000 + RANDOM % 20000)) urls=()
-  for i in $(seq 0 7); do
-    cat >"$dir/n$i.toml" <<TOML
-node_name = "n$i"
-http_addr = "127.0.0.1:$((base + 10 + i))"
-quic_addr = "127.0.0.1:$((base + i))"
-tls_dir = "$dir"
-cluster_id = "bench"
-seeds = ["127.0.0.1:$base"]
-routing = "$1"
-[embedded]
-num_gpu_blocks = $blocks
-TOML
-    RUST_LOG=warn "$bin" serve --config "$dir/n$i.toml" >"$dir/n$i.log" 2>&1 &
-    pids+=($!)
-    urls+=("http://127.0.0.1:$((base + 10 + i))")
-  done
-  for u in "${urls[@]}"; do
-    for pid in "${pids[@]}"; do
-      kill -0 "$pid" 2>/dev/null || { echo "a node failed to start:" >&2; tail -n 20 "$dir"/n*.log >&2; exit 1; }
-    done
-    wait_http "$u"
-    for _ in $(seq 1 120); do
-      n=$(curl -sf "$u/v1/mesh/peers" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["peers"]))' 2>/dev/null || echo 0)
-      [ "$n" = 8 ] && break
-      sleep 0.5
-    done
-  done
-  sleep 2 # load reports and first summaries in gossip
-  entry=$(IFS=,; echo "${urls[*]}")
-}
-
-engines() { # 8 engine processes from port $1 + 20 (KV events from $1 + 40)
-  for i in $(seq 0 7); do
-    "$bin" engine-sim --http-addr "127.0.0.1:$(($1 + 20 + i))" --kv-events-addr "tcp://127.0.0.1:$(($1 + 40 + i))" \
-      --num-gpu-blocks "$blocks" >"$dir/e$i.log" 2>&1 &
-    pids+=($!)
-  done
-  for i in $(seq 0 7); do wait_http "http://127.0.0.1:$(($1 + 20 + i))"; done
-}
-
-oracle() {
-  local base=$((10000 + RANDOM % 20000)) list=""
-  engines "$base"
-  for i in $(seq 0 7); do
-    list+="[[engines]]
-url = \"http://127.0.0.1:$((base + 20 + i))\"
-name = \"e$i\"
-kv_events = \"tcp://127.0.0.1:$((base + 40 + i))\"
-"
-  done
-  cat >"$dir/oracle.toml" <<TOML
-node_name = "oracle"
-http_addr = "127.0.0.1:$((base + 10))"
-engine_poll_interval_ms = 100
-$list
-TOML
-  RUST_LOG=warn "$bin" serve --config "$dir/oracle.toml" >"$dir/oracle.log" 2>&1 &
-  pids+=($!)
-  wait_http "http://127.0.0.1:$((base + 10))"
-  sleep 1
-  entry="http://127.0.0.1:$((base + 10))"
+contended_node() { # node index, base: the setup's routing and a contended embedded engine
+  echo "routing = \"$routing\""
+  printf '[embedded]\nnum_gpu_blocks = %d\n' "$blocks"
 }
 
 smg_router() {
-  local base=$((10000 + RANDOM % 20000)) workers=()
-  engines "$base"
-  for i in $(seq 0 7); do workers+=("http://127.0.0.1:$((base + 20 + i))"); done
   "$smg" launch --host 127.0.0.1 --port "$((base + 10))" --prometheus-port "$((base + 9))" --policy cache_aware \
-    --worker-urls "${workers[@]}" \
-    --log-level warn >"$dir/smg.log" 2>&1 &
+    --worker-urls "${engine_urls[@]}" --log-level warn >"$dir/smg.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 1 160); do curl -sf "http://127.0.0.1:$((base + 10))/health" >/dev/null && break; sleep 0.25; done
   curl -sf "http://127.0.0.1:$((base + 10))/health" >/dev/null || { echo "smg did not start:" >&2; tail -n 20 "$dir/smg.log" >&2; exit 1; }
@@ -137,11 +69,10 @@ for rate in ${rates//,/ }; do
   for seed in ${seeds//,/ }; do
     for p in ${setups//,/ }; do
       case $p in
-        kvmesh) mesh kvmesh ;;
-        kvmesh-random) mesh kvmesh_random ;;
-        least-load) mesh least_load ;;
-        oracle) oracle ;;
-        smg) smg_router ;;
+        kvmesh | kvmesh-random | least-load) routing=${p//-/_} && start_mesh 8 contended_node ;;
+        oracle) start_engines 8 --num-gpu-blocks "$blocks" && start_router oracle "engine_poll_interval_ms = 100
+$engines_toml" ;;
+        smg) start_engines 8 --num-gpu-blocks "$blocks" && smg_router ;;
         *) echo "unknown setup $p" >&2; exit 2 ;;
       esac
       csv="$out/$(basename "$workload" .toml)-$blocks-$p-$rate-$seed.csv"

@@ -25,13 +25,9 @@ hold_ms=$((slo_ms * 3 / 4))
 bin=target/release/kvmesh
 [ -x "$bin" ] || cargo build --release --locked -p kvmesh-node --bin kvmesh
 dir=$(mktemp -d)
-pids=()
-stop() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
+. scripts/processes.sh
 trap 'stop; rm -rf "$dir"' EXIT
-"$bin" cert ca --dir "$dir" >/dev/null
-for i in $(seq 0 7); do "$bin" cert node --name "n$i" --dir "$dir" >/dev/null; done
-
-wait_http() { for _ in $(seq 1 120); do curl -sf "$1/health" >/dev/null && return 0; sleep 0.25; done; echo "no answer from $1" >&2; exit 1; }
+mesh_certs 8
 
 # The keys and flow control every node runs with (the benchmark's two tenants).
 common() { # flow enabled: true|false (tables only: it goes after a config's top-level keys)
@@ -55,63 +51,22 @@ admin = true
 TOML
 }
 
+flow_node() { # node index, base (uses $flow: enabled or not)
+  echo "engine_poll_interval_ms = 50"
+  common "$flow"
+  printf '[embedded]\nnum_gpu_blocks = 800\ntime_scale = %s\n' "$scale"
+}
+
 mesh() { # flow enabled
-  local base=$((10000 + RANDOM % 20000)) urls=()
-  for i in $(seq 0 7); do
-    cat >"$dir/n$i.toml" <<TOML
-node_name = "n$i"
-http_addr = "127.0.0.1:$((base + 10 + i))"
-quic_addr = "127.0.0.1:$((base + i))"
-tls_dir = "$dir"
-cluster_id = "bench"
-seeds = ["127.0.0.1:$base"]
-engine_poll_interval_ms = 50
-$(common "$1")
-[embedded]
-num_gpu_blocks = 800
-time_scale = $scale
-TOML
-    RUST_LOG=warn "$bin" serve --config "$dir/n$i.toml" >"$dir/n$i.log" 2>&1 &
-    pids+=($!)
-    urls+=("http://127.0.0.1:$((base + 10 + i))")
-  done
-  for u in "${urls[@]}"; do
-    wait_http "$u"
-    for _ in $(seq 1 120); do
-      n=$(curl -sf -H "Authorization: Bearer sk-bench-admin" "$u/v1/mesh/peers" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["peers"]))' 2>/dev/null || echo 0)
-      [ "$n" = 8 ] && break
-      sleep 0.5
-    done
-  done
-  sleep 2
-  entry=$(IFS=,; echo "${urls[*]}")
+  flow=$1
+  start_mesh 8 flow_node -H "Authorization: Bearer sk-bench-admin"
 }
 
 central() {
-  local base=$((10000 + RANDOM % 20000)) engines=""
-  for i in $(seq 0 7); do
-    "$bin" engine-sim --http-addr "127.0.0.1:$((base + 20 + i))" --kv-events-addr "tcp://127.0.0.1:$((base + 40 + i))" \
-      --num-gpu-blocks 800 --time-scale "$scale" >"$dir/e$i.log" 2>&1 &
-    pids+=($!)
-    engines+="[[engines]]
-url = \"http://127.0.0.1:$((base + 20 + i))\"
-name = \"e$i\"
-kv_events = \"tcp://127.0.0.1:$((base + 40 + i))\"
-"
-  done
-  cat >"$dir/central.toml" <<TOML
-node_name = "central"
-http_addr = "127.0.0.1:$((base + 10))"
-engine_poll_interval_ms = 50
-$engines
-$(common true)
-TOML
-  for i in $(seq 0 7); do wait_http "http://127.0.0.1:$((base + 20 + i))"; done
-  RUST_LOG=warn "$bin" serve --config "$dir/central.toml" >"$dir/central.log" 2>&1 &
-  pids+=($!)
-  wait_http "http://127.0.0.1:$((base + 10))"
-  sleep 1
-  entry="http://127.0.0.1:$((base + 10))"
+  start_engines 8 --num-gpu-blocks 800 --time-scale "$scale"
+  start_router central "engine_poll_interval_ms = 50
+$engines_toml
+$(common true)"
 }
 
 # KVMESH_FLOW_SETUPS runs some of them; KVMESH_FLOW_CAPACITY skips measuring the capacity.

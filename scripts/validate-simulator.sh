@@ -23,82 +23,33 @@ workload=${4:-examples/workloads/shared-prefix.toml}
 bin=target/release/kvmesh
 [ -x "$bin" ] || cargo build --release --locked -p kvmesh-node --bin kvmesh
 dir=$(mktemp -d)
-pids=()
-stop() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
+. scripts/processes.sh
 trap 'stop; rm -rf "$dir"' EXIT
-"$bin" cert ca --dir "$dir" >/dev/null
-for i in $(seq 0 7); do "$bin" cert node --name "n$i" --dir "$dir" >/dev/null; done
+mesh_certs 8
 
-wait_http() { for _ in $(seq 1 120); do curl -sf "$1/health" >/dev/null && return 0; sleep 0.25; done; echo "no answer from $1" >&2; exit 1; }
+cell_node() { # node index, base: the routing policy, and with cells of $size its cell
+  local i=$1 base=$2 first=$(($1 / size * size))
+  echo "routing = \"$routing\""
+  echo "seeds = [\"127.0.0.1:$((base + first))\"]"
+  if [ "$size" -lt 8 ]; then
+    printf '[cells]\nname = "c%d"\ngateway = %s\n' $((i / size)) "$([ $((i - first)) -lt 2 ] && echo true || echo false)"
+    # Gateways join the backbone through the other cells' first gateways.
+    if [ $((i - first)) -lt 2 ]; then
+      echo "backbone_seeds = [$(for f in $(seq 0 "$size" 7); do [ "$f" = "$first" ] || printf '"127.0.0.1:%d",' $((base + f)); done | sed 's/,$//')]"
+    fi
+  fi
+}
 
 mesh() { # routing policy (TOML spelling) [cell size: cells of that many nodes, the first two gateways]
-  local base=$((10000 + RANDOM % 20000)) urls=() size=${2:-8} cells=""
-  for i in $(seq 0 7); do
-    local first=$((i / size * size))
-    if [ "$size" -lt 8 ]; then
-      cells="[cells]
-name = \"c$((i / size))\"
-gateway = $([ $((i - first)) -lt 2 ] && echo true || echo false)"
-      # Gateways join the backbone through the other cells' first gateways.
-      if [ $((i - first)) -lt 2 ]; then
-        cells+="
-backbone_seeds = [$(for f in $(seq 0 "$size" 7); do [ "$f" = "$first" ] || printf '"127.0.0.1:%d",' $((base + f)); done | sed 's/,$//')]"
-      fi
-    fi
-    cat >"$dir/n$i.toml" <<TOML
-node_name = "n$i"
-http_addr = "127.0.0.1:$((base + 10 + i))"
-quic_addr = "127.0.0.1:$((base + i))"
-tls_dir = "$dir"
-cluster_id = "bench"
-seeds = ["127.0.0.1:$((base + first))"]
-routing = "$1"
-$cells
-TOML
-    RUST_LOG=warn "$bin" serve --config "$dir/n$i.toml" >"$dir/n$i.log" 2>&1 &
-    pids+=($!)
-    urls+=("http://127.0.0.1:$((base + 10 + i))")
-  done
-  for u in "${urls[@]}"; do
-    for pid in "${pids[@]}"; do
-      kill -0 "$pid" 2>/dev/null || { echo "a node failed to start:" >&2; tail -n 20 "$dir"/n*.log >&2; exit 1; }
-    done
-    wait_http "$u"
-    for _ in $(seq 1 120); do
-      n=$(curl -sf "$u/v1/mesh/peers" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["peers"]))' 2>/dev/null || echo 0)
-      [ "$n" = "$size" ] && break
-      sleep 0.5
-    done
-  done
-  sleep 2 # load reports and first summaries in gossip
+  routing=$1 size=${2:-8}
+  mesh_peers=$size start_mesh 8 cell_node
   if [ "$size" -lt 8 ]; then sleep 4; fi # the cells table: a backbone round or two
-  entry=$(IFS=,; echo "${urls[*]}")
 }
 
 oracle() {
-  local base=$((10000 + RANDOM % 20000)) engines=""
-  for i in $(seq 0 7); do
-    "$bin" engine-sim --http-addr "127.0.0.1:$((base + 20 + i))" --kv-events-addr "tcp://127.0.0.1:$((base + 40 + i))" \
-      >"$dir/e$i.log" 2>&1 &
-    pids+=($!)
-    engines+="[[engines]]
-url = \"http://127.0.0.1:$((base + 20 + i))\"
-name = \"e$i\"
-kv_events = \"tcp://127.0.0.1:$((base + 40 + i))\"
-"
-  done
-  cat >"$dir/oracle.toml" <<TOML
-node_name = "oracle"
-http_addr = "127.0.0.1:$((base + 10))"
-engine_poll_interval_ms = 100
-$engines
-TOML
-  for i in $(seq 0 7); do wait_http "http://127.0.0.1:$((base + 20 + i))"; done
-  RUST_LOG=warn "$bin" serve --config "$dir/oracle.toml" >"$dir/oracle.log" 2>&1 &
-  pids+=($!)
-  wait_http "http://127.0.0.1:$((base + 10))"
-  sleep 1
-  entry="http://127.0.0.1:$((base + 10))"
+  start_engines 8
+  start_router oracle "engine_poll_interval_ms = 100
+$engines_toml"
 }
 
 csvs=()

@@ -21,7 +21,7 @@ use kvmesh_policy::cells::{self, CellLoad, Placements};
 use kvmesh_policy::pd::Role;
 use kvmesh_policy::prefix_index::{EngineIndex, IndexEvent, Tier};
 use kvmesh_policy::route::Mode;
-use kvmesh_policy::route_history::RoutedKeys;
+use kvmesh_policy::route_history::{self, RoutedKeys};
 use kvmesh_policy::score::{self, Estimate};
 use kvmesh_policy::summary::{self, BloomShard};
 use kvmesh_sim::engine::{CoreConfig, EngineCore, NewSequence, ScheduledStep};
@@ -108,6 +108,9 @@ struct Node {
     /// Requests this node placed for origins in other cells, by engine: counted as its own in
     /// flight while their lease runs (the origin, not this node, proxies them).
     placed: HashMap<usize, Placements>,
+    /// Prompts sent to its own engine that its KV events may not show yet
+    /// (`route_history::PENDING_MS`): every request to that engine passes through this node.
+    pending: RoutedKeys,
 }
 
 /// One cell of a `kvmesh-cells` run.
@@ -230,7 +233,13 @@ pub enum Seen<'a> {
     /// A central oracle: the engine's true queue and exact index, no unreported load.
     Oracle { load: candidates::Load, index: &'a EngineIndex, rtt_ms: f64 },
     /// The node's own engine: its polled load and exact index (from its KV events).
-    Own { polled: candidates::Load, index: &'a EngineIndex, in_flight: u32, history: Option<&'a RoutedKeys> },
+    Own {
+        polled: candidates::Load,
+        index: &'a EngineIndex,
+        in_flight: u32,
+        history: Option<&'a RoutedKeys>,
+        pending: &'a RoutedKeys,
+    },
     /// A peer's engine: load and node summary as gossip delivered them (`None`: nothing yet,
     /// so not usable), and what this node sent and placed there.
     Peer {
@@ -253,15 +262,17 @@ pub fn engine_facts(seen: Seen<'_>, block_size: u32) -> EngineFacts<'_> {
         open,
         cache,
         history,
+        pending: None,
         block_size,
         role: Role::Both,
         fit: None,
     };
     match seen {
         Seen::Oracle { load, index, rtt_ms } => base(true, rtt_ms, load, Open::Known, Cache::Index(index), None),
-        Seen::Own { polled, index, in_flight, history } => {
-            base(true, 0.0, polled, Open::All(in_flight), Cache::Index(index), history)
-        }
+        Seen::Own { polled, index, in_flight, history, pending } => EngineFacts {
+            pending: Some(pending),
+            ..base(true, 0.0, polled, Open::All(in_flight), Cache::Index(index), history)
+        },
         Seen::Peer { load, shards, stride, rtt_ms, in_flight, history } => base(
             load.is_some(),
             rtt_ms,
@@ -394,6 +405,7 @@ impl<'a> World<'a> {
             last_shards: vec![None; summary::SHARDS],
             summary: Published::new(),
             placed: HashMap::new(),
+            pending: RoutedKeys::new(route_history::PENDING_MS, route_history::PENDING_MAX_KEYS),
         };
         // Cluster nodes first, each with its engine; then edge sites' nodes (with an engine each
         // where the site has engines).
@@ -835,6 +847,9 @@ impl<'a> World<'a> {
             }
         }
         *self.nodes[origin].in_flight.entry(engine).or_default() += 1;
+        if !self.policy.central() {
+            self.nodes[target].pending.record(keys, self.now / 1000);
+        }
         // What an origin sends to another cell's engine, placed there by that cell's home
         // node, it never routes itself: the node keeps no history of it, nor does this.
         let own_cell = !self.cells_on || self.nodes[origin].cell == self.nodes[target].cell;
@@ -926,7 +941,13 @@ impl<'a> World<'a> {
                         };
                         Seen::Oracle { load, index: &engine.index, rtt_ms: self.rtt_ms(origin, engine.node) }
                     } else if own == Some(e) {
-                        Seen::Own { polled: engine.polled.into(), index: &engine.index, in_flight, history }
+                        Seen::Own {
+                            polled: engine.polled.into(),
+                            index: &engine.index,
+                            in_flight,
+                            history,
+                            pending: &self.nodes[origin].pending,
+                        }
                     } else {
                         Seen::Peer {
                             load: load.map(Into::into),
@@ -958,7 +979,7 @@ impl<'a> World<'a> {
                     Some(i) => kvmesh_policy::score::Prefer::Candidate(i),
                     None => ranks
                         .as_deref()
-                        .map_or(kvmesh_policy::score::Prefer::Nothing, kvmesh_policy::score::Prefer::Ranked),
+                        .map_or(kvmesh_policy::score::Prefer::Nothing, kvmesh_policy::score::Prefer::Placed),
                 };
                 let rng = &mut self.rng;
                 let picked =

@@ -5,7 +5,8 @@
 //! The evidence rules live here, once, for the node's router and the cluster simulator alike:
 //! - **Which prefix match applies** ([`Cache`]): an engine beside the router is matched against
 //!   its exact index (from its KV events), or counts no prefix while that index is being
-//!   resynced; a peer's engine against the peer's gossiped summary; an engine nobody observes
+//!   resynced (plus what this router sent there within `route_history::PENDING_MS`, which
+//!   its events may not show yet); a peer's engine against the peer's gossiped summary; an engine nobody observes
 //!   only against what this router sent there ([`RoutedKeys`]). Route history also counts for a
 //!   peer, until its summary catches up, and is the only evidence for approximate (text-chunk)
 //!   keys on an engine beside the router.
@@ -62,6 +63,9 @@ pub struct EngineFacts<'a> {
     pub cache: Cache<'a>,
     /// Block keys this router sent there recently.
     pub history: Option<&'a RoutedKeys>,
+    /// Block keys this router sent there within `route_history::PENDING_MS`, for an engine
+    /// whose exact index (`Cache::Index`) may not show them yet: counted as held with it.
+    pub pending: Option<&'a RoutedKeys>,
     /// The engine's KV block size (the prompt's keys are cut at it).
     pub block_size: u32,
     pub role: Role,
@@ -80,8 +84,9 @@ pub enum Open {
     /// as waiting.
     Mine(u32),
     /// Every request open on the engine passes through this router (the engines beside it):
-    /// the count is the engine's whole queue. Of it, up to the reported running count runs and
-    /// the rest waits; the reported waiting, already in the count, is not added again.
+    /// the count is the engine's whole queue, running and waiting. The reported waiting,
+    /// already in the count, is not added again; requests that arrived since the report count
+    /// as waiting only if the engine was queueing then.
     All(u32),
 }
 
@@ -92,8 +97,14 @@ impl Open {
             Open::Known => (load.running, load.waiting),
             Open::Mine(n) => (load.running, load.waiting + route::unreported(n, load.running)),
             Open::All(n) => {
-                let running = load.running.min(n as f64);
-                (running, n as f64 - running)
+                let n = n as f64;
+                // Requests that arrived since the report wait only where the engine was
+                // queueing then; an engine with room schedules them at once (counting them as
+                // waiting pushed a conversation off the engine holding it: BENCHMARKS.md).
+                let reported = load.waiting.min(n);
+                let arrived = (n - load.running - load.waiting).max(0.0);
+                let waiting = if load.waiting > 0.0 { reported + arrived } else { reported };
+                (n - waiting, waiting)
             }
         }
     }
@@ -218,7 +229,14 @@ pub fn prompt_match(prompt: &mut PromptKeys, f: &EngineFacts<'_>, now_ms: u64) -
     let (matched, offloaded) = match f.cache {
         Cache::Index(index) => {
             let on_gpu = index.matched_blocks(keys);
-            (on_gpu, index.offloaded_after(keys, on_gpu))
+            let offloaded = index.offloaded_after(keys, on_gpu);
+            // Being prefilled there now: held as soon as its events arrive.
+            let pending = f.pending.map_or(0, |p| p.matched_blocks(keys, now_ms));
+            if pending > on_gpu + offloaded {
+                (pending, 0)
+            } else {
+                (on_gpu, offloaded)
+            }
         }
         Cache::Resyncing => (0, 0),
         Cache::Summary { shards, stride } => (summary::matched_blocks(shards, keys, stride).max(history(keys)), 0),
@@ -281,6 +299,16 @@ pub fn decide(
     draw: impl FnMut(usize) -> usize,
 ) -> Option<Decision> {
     let mut cands: Vec<Estimate> = facts.iter().map(|f| estimate(prompt, f, now_ms)).collect();
+    // A prefix some engine is believed to hold settles by its cache: placement ranks would send
+    // all of a hot prefix's requests to one engine of those holding it, from every node at once.
+    let prefer = match prefer {
+        crate::score::Prefer::Placed(_)
+            if cands.iter().any(|c| c.usable && holds_placement_prefix(prompt.tokens, c)) =>
+        {
+            crate::score::Prefer::Nothing
+        }
+        p => p,
+    };
     let roles: Vec<Role> = facts.iter().map(|f| f.role).collect();
     let rules = route::Rules { mode: rules.mode, weights: rules.weights, pd: rules.pd };
     let may_split = may_split && prompt.known();
@@ -299,6 +327,14 @@ pub fn decide(
         block_size,
         split: picked.split,
     })
+}
+
+/// Whether a candidate is believed to hold a prompt's prefix to its placement depth
+/// (`affinity::PLACEMENT_DEPTH_TOKENS`, or all of a shorter prompt's full blocks).
+fn holds_placement_prefix(prompt_tokens: usize, c: &Estimate) -> bool {
+    let bs = c.block_size.max(1) as usize;
+    let want = crate::affinity::PLACEMENT_DEPTH_TOKENS.min(prompt_tokens / bs * bs);
+    want > 0 && c.matched_blocks * bs >= want
 }
 
 /// The cached prompt tokens an engine reports (`usage.prompt_tokens_details.cached_tokens`)
@@ -325,6 +361,7 @@ pub fn round_robin(usable: &[bool], labels: &[String], ticket: u32) -> Option<us
 mod tests {
     use super::*;
     use crate::prefix_index::IndexEvent;
+    use crate::score::Prefer;
 
     const BS: u32 = 16;
 
@@ -336,6 +373,7 @@ mod tests {
             open: Open::Mine(0),
             cache,
             history,
+            pending: None,
             block_size: BS,
             role: Role::Both,
             fit: None,
@@ -390,6 +428,22 @@ mod tests {
     }
 
     #[test]
+    fn a_prompt_being_prefilled_counts_as_held_until_its_events_can_show_it() {
+        let mut p = prompt(8);
+        let keys = p.keys(BS).to_vec();
+        let index = index_holding(&keys[..2]);
+        let mut pending = RoutedKeys::new(crate::route_history::PENDING_MS, 100);
+        pending.record(&keys[..6], 1_000);
+        let f = EngineFacts { pending: Some(&pending), ..facts(Cache::Index(&index), None) };
+        assert_eq!(matched_blocks(&mut p, &f, 1_500).0, 6, "routed here half a second ago");
+        let later = 1_000 + crate::route_history::PENDING_MS;
+        assert_eq!(matched_blocks(&mut p, &f, later).0, 2, "after that, only the index tells");
+        // A resyncing index counts nothing, pending or not.
+        let f = EngineFacts { pending: Some(&pending), ..facts(Cache::Resyncing, None) };
+        assert_eq!(matched_blocks(&mut p, &f, 1_500).0, 0);
+    }
+
+    #[test]
     fn expired_history_is_no_evidence() {
         let mut p = prompt(4);
         let keys = p.keys(BS).to_vec();
@@ -441,16 +495,21 @@ mod tests {
             // An engine beside the router: its 3 open requests are the 2 running and 1 waiting
             // reported, not one more waiting (it was counted twice before).
             (Open::All(3), 2.0, 1.0),
-            // Two more arrived since the report; one finished: 4 open.
+            // Two more arrived since the report, one finished; the engine was queueing, so the
+            // new one waits too.
             (Open::All(4), 2.0, 2.0),
-            // The report predates completions: fewer open than it says run.
-            (Open::All(1), 1.0, 0.0),
+            // The report predates completions: fewer open than it says run and wait.
+            (Open::All(1), 0.0, 1.0),
         ];
         for (open, running, waiting) in table {
             f.open = open;
             let e = estimate(&mut p, &f, 0);
             assert_eq!((e.running, e.waiting), (running, waiting), "{open:?}");
         }
+        // An engine that was not queueing runs what arrived since.
+        f.load = Load { running: 2.0, waiting: 0.0, kv_usage: 0.1 };
+        f.open = Open::All(5);
+        assert_eq!((estimate(&mut p, &f, 0).running, estimate(&mut p, &f, 0).waiting), (5.0, 0.0));
     }
 
     fn rules<'a>(mode: Mode, w: &'a ScoreWeights, pd: &'a PdSettings) -> Rules<'a> {
@@ -486,6 +545,36 @@ mod tests {
             decide(rules(Mode::Kvmesh, &w, &pd), &mut approx, &[held], 0, false, crate::score::Prefer::Nothing, |_| 0)
                 .expect("usable");
         assert_eq!(d.reason, RouteReason::PrefixApprox);
+    }
+
+    #[test]
+    fn placement_ranks_a_cold_prefix_and_a_held_one_settles_by_its_cache() {
+        let (w, pd) = (ScoreWeights::default(), PdSettings::default());
+        let mut p = prompt(64);
+        let keys = p.keys(BS).to_vec();
+        let cold = facts(Cache::Unobserved, None);
+        // Nobody holds it: the highest-ranked of the near-equals wins, whatever the draw.
+        for ranks in [[1, 9, 5], [9, 1, 5], [1, 5, 9]] {
+            let d = decide(rules(Mode::Kvmesh, &w, &pd), &mut p, &[cold; 3], 0, false, Prefer::Placed(&ranks), |_| 0)
+                .expect("usable");
+            assert_eq!(d.index, ranks.iter().position(|&r| r == 9).unwrap());
+        }
+        // Two engines hold it past the placement depth: the draw decides between them, not
+        // the ranks (which favour the third, cold one, and the first holder).
+        let held = index_holding(&keys[..40]);
+        let warm = facts(Cache::Index(&held), None);
+        let mut draws = [1usize, 1].into_iter();
+        let d = decide(
+            rules(Mode::Kvmesh, &w, &pd),
+            &mut p,
+            &[warm, warm, cold],
+            0,
+            false,
+            Prefer::Placed(&[5, 1, 9]),
+            |_| draws.next().unwrap_or(0),
+        )
+        .expect("usable");
+        assert_eq!(d.index, 1, "drawn among the holders");
     }
 
     #[test]

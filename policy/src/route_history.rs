@@ -8,6 +8,15 @@
 
 use std::collections::{HashMap, VecDeque};
 
+/// How long a prompt routed to an engine with KV events counts as held there before its
+/// events can show it (`candidates::EngineFacts::pending`): its prefill, a step's events and
+/// their delivery, with room for a queue. A prefix's next requests that arrive meanwhile (a
+/// burst) follow it instead of computing it again elsewhere.
+pub const PENDING_MS: u64 = 3_000;
+
+/// Prompts kept for `PENDING_MS` per engine: a burst's worth.
+pub const PENDING_MAX_KEYS: usize = 16_384;
+
 #[derive(Debug, Clone)]
 pub struct RoutedKeys {
     ttl_ms: u64,

@@ -115,6 +115,10 @@ pub enum Prefer<'a> {
     Candidate(usize),
     /// The highest-ranked (a session's rendezvous rank per candidate, `affinity::ranks`).
     Ranked(&'a [u64]),
+    /// The highest-ranked for a prompt's prefix (`affinity::prefix_ranks`), ranked as a
+    /// session is; `candidates::decide` keeps it only while no candidate is believed to hold
+    /// the prefix (a cold prefix), and draws otherwise.
+    Placed(&'a [u64]),
 }
 
 /// Picks among usable candidates: all within `tolerance` of the best prediction are
@@ -142,7 +146,7 @@ pub fn choose(
     let preferred = match prefer {
         Prefer::Nothing => None,
         Prefer::Candidate(p) => scored[..near].iter().position(|(i, _)| *i == p),
-        Prefer::Ranked(ranks) => {
+        Prefer::Ranked(ranks) | Prefer::Placed(ranks) => {
             // A session's engine may also be up to `SESSION_SLACK_MS` slower than the best: a
             // network hop or a short queue costs less than the cache the session keeps there.
             let slack = best * (1.0 + w.tolerance) + crate::affinity::SESSION_SLACK_MS;

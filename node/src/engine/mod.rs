@@ -121,6 +121,9 @@ pub struct Engine {
     /// Block keys this node routed here (see `policy::route_history`): the prefix evidence
     /// when the engine publishes no KV events, and for approximate-mode prompts.
     pub routed: std::sync::Mutex<RoutedKeys>,
+    /// Block keys this node routed here within `route_history::PENDING_MS`, for an engine with
+    /// KV events: held before its events show them (`candidates::EngineFacts::pending`).
+    pub pending: std::sync::Mutex<RoutedKeys>,
     /// Its TTFT model, fitted from the streamed answers this node relays from it
     /// (`policy::predict`); routing and peers use its fit.
     pub ttft: std::sync::Mutex<TtftModel>,
@@ -232,6 +235,10 @@ impl EngineSet {
                     routed: std::sync::Mutex::new(RoutedKeys::new(
                         cfg.route_history_ttl_s * 1000,
                         cfg.route_history_max_keys,
+                    )),
+                    pending: std::sync::Mutex::new(RoutedKeys::new(
+                        kvmesh_policy::route_history::PENDING_MS,
+                        kvmesh_policy::route_history::PENDING_MAX_KEYS,
                     )),
                     ttft: std::sync::Mutex::new(TtftModel::new(&cfg.score)),
                 })

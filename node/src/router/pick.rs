@@ -48,6 +48,7 @@ struct LocalSnapshot<'a> {
     index: Option<std::sync::RwLockReadGuard<'a, EngineIndex>>,
     resyncing: bool,
     history: Option<std::sync::MutexGuard<'a, RoutedKeys>>,
+    pending: Option<std::sync::MutexGuard<'a, RoutedKeys>>,
 }
 
 /// What this node knows of one of its own engines: its poller's view, its exact index (when it
@@ -69,6 +70,7 @@ fn local_facts<'a>(s: &'a LocalSnapshot<'a>, usable: bool, default_bs: u32) -> E
         open: Open::All(s.engine.in_flight.load(Ordering::Relaxed)),
         cache,
         history: s.history.as_deref(),
+        pending: s.pending.as_deref(),
         block_size: block_size.or(s.view.load.block_size).unwrap_or(default_bs),
         role: s.engine.role,
         fit: s.engine.ttft_fit(),
@@ -98,6 +100,7 @@ pub(crate) fn peer_facts<'a>(
         open: Open::Mine(r.in_flight.load(Ordering::Relaxed) + placed),
         cache: Cache::Summary { shards: &r.summary, stride: r.summary_stride },
         history,
+        pending: None,
         block_size: r.load.block_size.unwrap_or(default_bs),
         role: r.load.role,
         // A fit a peer gossips is used when sane, within a factor of this node's weights.
@@ -213,6 +216,7 @@ impl Router {
                 index: engine.kv_events.as_ref().and_then(|_| engine.kv.index.read().ok()),
                 resyncing: engine.kv.resyncing.load(Ordering::Relaxed),
                 history: engine.routed.lock().ok(),
+                pending: engine.kv_events.as_ref().and_then(|_| engine.pending.lock().ok()),
             })
             .collect();
         let mesh = self.mesh().filter(|_| matches!(scope, Scope::Mesh | Scope::Cell));
@@ -304,7 +308,8 @@ impl Router {
             None => None,
         };
         let prefer = match (&ranks, home) {
-            (Some(r), _) => Prefer::Ranked(r),
+            (Some(r), _) if session.is_some() => Prefer::Ranked(r),
+            (Some(r), _) => Prefer::Placed(r),
             (None, Some(i)) => Prefer::Candidate(i),
             (None, None) => Prefer::Nothing,
         };
@@ -341,18 +346,20 @@ impl Router {
     }
 
     /// Records where a served prompt went, for engines and peers whose caches this node cannot
-    /// see exactly (engines with KV events are indexed exactly and need no record).
+    /// see exactly; for an engine indexed exactly from its KV events, only until its events
+    /// can show the prompt (`pending`).
     pub(crate) fn remember_route(&self, target: &Target, prompt: &mut PromptKeys) {
         match target {
             Target::Local(e) => {
-                let keys = match prompt.approx_keys() {
-                    Some(approx) => approx.to_vec(),
-                    None if e.kv_events.is_none() => {
-                        prompt.keys(e.snapshot().load.block_size.unwrap_or(self.s.default_block_size)).to_vec()
-                    }
-                    None => return,
+                // The block size routing cuts its keys at (`local_facts`).
+                let indexed = e.kv.index.read().ok().and_then(|i| i.block_size());
+                let bs = indexed.or(e.snapshot().load.block_size).unwrap_or(self.s.default_block_size);
+                let (keys, record) = match prompt.approx_keys() {
+                    Some(approx) => (approx.to_vec(), &e.routed),
+                    None if e.kv_events.is_none() => (prompt.keys(bs).to_vec(), &e.routed),
+                    None => (prompt.keys(bs).to_vec(), &e.pending),
                 };
-                if let Ok(mut r) = e.routed.lock() {
+                if let Ok(mut r) = record.lock() {
                     r.record(&keys, self.engines.now_ms());
                 }
             }
