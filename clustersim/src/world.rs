@@ -645,11 +645,11 @@ impl<'a> World<'a> {
             Ev::PublishLoad(e) => {
                 // The node rounds KV usage so that noise does not re-gossip an unchanged engine;
                 // chitchat sends a key only when its value changed.
-                // The queue as the node counts it now: every request to its engine passes through
-                // it (`Open::All`), fresher than the last poll.
+                // The queue as the node reports it now: every request to its engine passes
+                // through it (`candidates::reported_queue`), fresher than the last poll.
                 let mut v = self.engines[e].polled;
                 let open = self.nodes[self.engines[e].node].in_flight.get(&e).copied().unwrap_or(0);
-                let (running, waiting) = Open::All(open).queue(&v.into());
+                let (running, waiting) = candidates::reported_queue(open, &v.into());
                 (v.running, v.waiting) = (running, waiting);
                 v.kv_usage = (v.kv_usage * 100.0).round() / 100.0;
                 if self.engines[e].last_published != Some(v) {

@@ -84,10 +84,26 @@ pub enum Open {
     /// as waiting.
     Mine(u32),
     /// Every request open on the engine passes through this router (the engines beside it):
-    /// the count is the engine's whole queue, running and waiting. The reported waiting,
-    /// already in the count, is not added again; requests that arrived since the report count
-    /// as waiting only if the engine was queueing then.
+    /// the count is the engine's whole queue. Of it, up to the reported running count runs and
+    /// the rest waits: the reported waiting, already in the count, is not added again, and
+    /// requests that arrived since the report count as waiting, so that a burst spreads at once.
     All(u32),
+}
+
+/// The queue a node reports (gossips) for an engine beside it, from its `open` requests there
+/// (every request to it passes through the node) and the engine's last scraped `load`: the
+/// reported waiting, bounded by what is open; requests that arrived since the scrape count as
+/// waiting only if the engine was queueing then, since an engine with room runs them at once.
+/// Peers add their own unreported requests to it (`Open::Mine`). Counting every arrival as
+/// waiting here, as routing does beside the engine, made a busy engine look queued to the
+/// whole mesh for a gossip round and pushed conversations off the engine holding them
+/// (BENCHMARKS.md, *Routers that agree when caches are full*).
+pub fn reported_queue(open: u32, load: &Load) -> (f64, f64) {
+    let n = open as f64;
+    let reported = load.waiting.min(n);
+    let arrived = (n - load.running - load.waiting).max(0.0);
+    let waiting = if load.waiting > 0.0 { reported + arrived } else { reported };
+    (n - waiting, waiting)
 }
 
 impl Open {
@@ -97,14 +113,8 @@ impl Open {
             Open::Known => (load.running, load.waiting),
             Open::Mine(n) => (load.running, load.waiting + route::unreported(n, load.running)),
             Open::All(n) => {
-                let n = n as f64;
-                // Requests that arrived since the report wait only where the engine was
-                // queueing then; an engine with room schedules them at once (counting them as
-                // waiting pushed a conversation off the engine holding it: BENCHMARKS.md).
-                let reported = load.waiting.min(n);
-                let arrived = (n - load.running - load.waiting).max(0.0);
-                let waiting = if load.waiting > 0.0 { reported + arrived } else { reported };
-                (n - waiting, waiting)
+                let running = load.running.min(n as f64);
+                (running, n as f64 - running)
             }
         }
     }
@@ -495,21 +505,33 @@ mod tests {
             // An engine beside the router: its 3 open requests are the 2 running and 1 waiting
             // reported, not one more waiting (it was counted twice before).
             (Open::All(3), 2.0, 1.0),
-            // Two more arrived since the report, one finished; the engine was queueing, so the
-            // new one waits too.
+            // Two more arrived since the report; one finished: 4 open.
             (Open::All(4), 2.0, 2.0),
-            // The report predates completions: fewer open than it says run and wait.
-            (Open::All(1), 0.0, 1.0),
+            // The report predates completions: fewer open than it says run.
+            (Open::All(1), 1.0, 0.0),
         ];
         for (open, running, waiting) in table {
             f.open = open;
             let e = estimate(&mut p, &f, 0);
             assert_eq!((e.running, e.waiting), (running, waiting), "{open:?}");
         }
-        // An engine that was not queueing runs what arrived since.
-        f.load = Load { running: 2.0, waiting: 0.0, kv_usage: 0.1 };
-        f.open = Open::All(5);
-        assert_eq!((estimate(&mut p, &f, 0).running, estimate(&mut p, &f, 0).waiting), (5.0, 0.0));
+    }
+
+    #[test]
+    fn a_node_reports_arrivals_as_waiting_only_where_its_engine_was_queueing() {
+        let queueing = Load { running: 2.0, waiting: 1.0, kv_usage: 0.1 };
+        let with_room = Load { running: 2.0, waiting: 0.0, kv_usage: 0.1 };
+        // (open requests, last scrape, reported running and waiting)
+        let table = [
+            (3, queueing, 2.0, 1.0),
+            (5, queueing, 2.0, 3.0),
+            (1, queueing, 0.0, 1.0),
+            (5, with_room, 5.0, 0.0),
+            (1, with_room, 1.0, 0.0),
+        ];
+        for (open, load, running, waiting) in table {
+            assert_eq!(reported_queue(open, &load), (running, waiting), "{open} open, {load:?}");
+        }
     }
 
     fn rules<'a>(mode: Mode, w: &'a ScoreWeights, pd: &'a PdSettings) -> Rules<'a> {

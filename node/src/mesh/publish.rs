@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvmesh_gossip::{EngineLoad, KvSummarySlot, LoadReport};
-use kvmesh_policy::candidates::{Load, Open};
+use kvmesh_policy::candidates::{reported_queue, Load};
 use kvmesh_policy::summary::{self, BloomShard};
 use tokio_util::sync::CancellationToken;
 
@@ -26,13 +26,12 @@ pub(super) async fn publish_load(mesh: Arc<Mesh>, engines: Arc<EngineSet>, every
                     let v = e.snapshot();
                     let now = Instant::now();
                     // The queue as of now: every request to this engine passes through this
-                    // node, so its open count is fresher than the last poll's (`Open::All`).
-                    let open = Open::All(e.in_flight.load(std::sync::atomic::Ordering::Relaxed));
-                    let (running, waiting) = open.queue(&Load {
-                        running: v.load.running,
-                        waiting: v.load.waiting,
-                        kv_usage: v.load.kv_usage,
-                    });
+                    // node, so its open count is fresher than the last poll's.
+                    let open = e.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+                    let (running, waiting) = reported_queue(
+                        open,
+                        &Load { running: v.load.running, waiting: v.load.waiting, kv_usage: v.load.kv_usage },
+                    );
                     let tps = match last_tokens.insert(e.name.clone(), (v.load.generation_tokens, now)) {
                         Some((prev, at)) if v.load.generation_tokens >= prev => {
                             ((v.load.generation_tokens - prev) / now.duration_since(at).as_secs_f64().max(1e-3)) as f32
