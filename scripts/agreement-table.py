@@ -9,6 +9,7 @@ the ratios to the oracle paired by seed (mean, and the worst seed's).
 """
 import argparse
 import csv
+import os
 import statistics
 from collections import defaultdict
 
@@ -37,11 +38,11 @@ def main():
     lines = [
         f"## {a.title}",
         "",
-        f"Command: `{a.command}`. Means over seeds {', '.join(sorted({r['seed'] for r in runs}))}; ratios to the "
+        f"Command: `{a.command}`. Means over seeds {', '.join(sorted({r['seed'] for r in runs}, key=int))}; ratios to the "
         "oracle are paired by seed (mean, then the worst seed in brackets). The oracle is one `kvmesh serve` "
         "router over the 8 engine processes, reading each engine's KV events and load; SMG is "
         "`smg launch --policy cache_aware` (PyPI `sglang-router`) over the same engines. All processes and the "
-        "load generator share this machine's 2 cores.",
+        f"load generator share this machine's {os.cpu_count()} cores.",
         "",
         "| rate (req/s) | setup | seeds | cache hit | hit / oracle | TTFT p50 | TTFT p90 | TTFT p99 | p90 / oracle | "
         "goodput (req/s) | failed |",

@@ -76,8 +76,11 @@ $engines_toml" ;;
         *) echo "unknown setup $p" >&2; exit 2 ;;
       esac
       csv="$out/$(basename "$workload" .toml)-$blocks-$p-$rate-$seed.csv"
+      # A failed point must not leave an earlier run's figures to be reported as this one's.
+      rm -f "$csv"
       "$bin" bench routing --workload "$workload" --rates "$rate" --duration-s "$duration" --engines 8 \
-        --policies "$p" --entry-urls "$entry" --seed "$seed" --csv "$csv" | grep -E "req/s" || true
+        --policies "$p" --entry-urls "$entry" --seed "$seed" --csv "$csv" | { grep -E "req/s" || true; }
+      [ -s "$csv" ] || { echo "no figures for $p at $rate req/s, seed $seed" >&2; exit 1; }
       csvs+=("$csv")
       stop
     done

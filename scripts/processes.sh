@@ -7,7 +7,7 @@
 # embedded-engine sockets land.
 
 pids=()
-stop() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
+stop() { for pid in ${pids[@]+"${pids[@]}"}; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; pids=(); }
 
 # mesh_certs N: a CA and the certificates of nodes n0 .. n(N-1) in $dir.
 mesh_certs() {

@@ -60,7 +60,9 @@ for rate in ${rates//,/ }; do
       round-robin) mesh round_robin ;;
       least-load) mesh least_load ;;
       kvmesh) mesh kvmesh ;;
+      kvmesh-random) mesh kvmesh_random ;;
       kvmesh-cells) mesh kvmesh "${KVMESH_CELL_SIZE:-4}" ;;
+      *) echo "unknown policy $p (round-robin, least-load, kvmesh, kvmesh-random, kvmesh-cells, oracle)" >&2; exit 2 ;;
     esac
     "$bin" bench routing --workload "$workload" --rates "$rate" --duration-s "$duration" --engines 8 \
       --policies "$p" --entry-urls "$entry" --csv "$dir/real-$p-$rate.csv" >/dev/null

@@ -108,8 +108,8 @@ struct Node {
     /// Requests this node placed for origins in other cells, by engine: counted as its own in
     /// flight while their lease runs (the origin, not this node, proxies them).
     placed: HashMap<usize, Placements>,
-    /// Prompts sent to its own engine that its KV events may not show yet
-    /// (`route_history::PENDING_MS`): every request to that engine passes through this node.
+    /// Prompts this node routed to its own engine that its KV events may not show yet
+    /// (`route_history::PENDING_MS`).
     pending: RoutedKeys,
 }
 
@@ -374,7 +374,8 @@ pub fn simulate(
     };
     let cells_on = policy == Policy::Route(Mode::Kvmesh) && name == "kvmesh-cells";
     let mut w = World::new(cfg, workload, cluster_nodes, policy, rate_per_engine, cells_on);
-    w.placement = name != "kvmesh-random";
+    // As the node: only `routing = "kvmesh"` ranks near-equals by the prompt's prefix.
+    w.placement = policy == Policy::Route(Mode::Kvmesh) && name != "kvmesh-random";
     w.start();
     while let Some(Reverse((t, _, ev))) = w.queue.pop() {
         w.now = t;
@@ -847,7 +848,9 @@ impl<'a> World<'a> {
             }
         }
         *self.nodes[origin].in_flight.entry(engine).or_default() += 1;
-        if !self.policy.central() {
+        // As the node: it credits its own engine with the prompts it routes there itself (a
+        // peer names the engine and sends no keys the serving node could record).
+        if !self.policy.central() && origin == target {
             self.nodes[target].pending.record(keys, self.now / 1000);
         }
         // What an origin sends to another cell's engine, placed there by that cell's home

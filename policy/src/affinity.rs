@@ -70,8 +70,9 @@ pub fn placement_key(keys: &[u64], block_size: u32) -> Option<u64> {
 /// without talking (where each node drew at random, the same new prefix landed on several
 /// engines in the same gossip round, and under full caches the copies evicted prefixes in use:
 /// BENCHMARKS.md, *Routers that agree when caches are full*). Like a session's ranks, they only
-/// choose among engines predicted near-equal (`score::Prefer::Ranked`), so load still bounds
-/// how much one engine takes.
+/// choose among engines predicted near-equal, within the tolerance plus `SESSION_SLACK_MS`
+/// (`score::Prefer::Placed`), so load still bounds how much one engine takes; and only while
+/// no candidate is believed to hold the prefix that deep (`candidates::decide`).
 pub fn prefix_ranks(key: u64, labels: &[String]) -> Vec<u64> {
     rendezvous(&key.to_le_bytes(), labels)
 }

@@ -103,7 +103,7 @@ async fn bind_publishers(
     };
     let asked_replay = replay_addr.map(zmq_endpoint);
     let picked = |e: &str| e.ends_with(":0");
-    let retry = cfg.data_parallel_size > 1 && (picked(&asked) || asked_replay.as_deref().is_some_and(picked));
+    let retry = cfg.data_parallel_size > 1 && picked(&asked);
     let mut attempt = 0;
     loop {
         attempt += 1;
