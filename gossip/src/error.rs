@@ -6,4 +6,6 @@ pub enum GossipError {
     Start(String),
     #[error("encoding node state: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("signing node state: {0}")]
+    Sign(#[from] kvmesh_transport::TransportError),
 }

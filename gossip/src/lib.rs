@@ -6,7 +6,9 @@
 //! Gossip is chitchat 0.11 (scuttlebutt anti-entropy, phi-accrual failure detection). Its
 //! messages travel on the node's QUIC endpoint from `transport` (`quic`), never on chitchat's
 //! own UDP transport. 0.11 is the last release that exposes message (de)serialization, which a
-//! foreign transport needs (see ARCHITECTURE.md).
+//! foreign transport needs (see ARCHITECTURE.md). Every value a node publishes is signed with
+//! its node certificate's key and checked by readers before use (`signed`), since chitchat
+//! relays each member's state through the others.
 //!
 //! Must not: make routing decisions (that is `policy`) or open sockets of its own. chitchat's
 //! `Transport` trait returns `anyhow::Result`, so that type appears in `quic` and nowhere else.
@@ -15,6 +17,7 @@ pub mod error;
 pub mod membership;
 pub mod quic;
 pub mod schema;
+pub mod signed;
 
 pub use error::GossipError;
 pub use membership::{GossipConfig, Membership, Peer};

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig, NodeState};
-use kvmesh_transport::MeshEndpoint;
+use kvmesh_transport::{MeshEndpoint, StateSigner};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -20,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::error::GossipError;
 use crate::quic::QuicTransport;
 use crate::schema::*;
+use crate::signed::{self, Checker, Reader, Rejection, KEY_CERT};
 
 /// Key set by a node that is leaving, so peers drop it at once instead of waiting for the
 /// failure detector.
@@ -93,6 +94,11 @@ pub struct Membership {
     /// saw it. chitchat does not notify heartbeats, so a sampler refreshes this every round.
     heartbeats: Arc<Mutex<Heartbeats>>,
     left: AtomicBool,
+    /// Seals what this node publishes (`signed`).
+    signer: Arc<StateSigner>,
+    cluster_id: String,
+    /// Peer states left out of the view for a failed signature or certificate.
+    rejected: Arc<AtomicU64>,
 }
 
 /// (node id, generation) to (last heartbeat seen, when it was first seen).
@@ -127,23 +133,37 @@ impl Membership {
             },
             marked_for_deletion_grace_period: Duration::from_secs(3600),
             catchup_callback: None,
-            // A node is usable once its schema and metadata arrived, and until it says it leaves.
+            // A node is usable once its schema and metadata arrived, and until it says it leaves
+            // (unchecked here: the view checks every value it reads).
             extra_liveness_predicate: Some(Box::new(|s: &NodeState| {
-                s.get(KEY_VERSION) == Some(&SCHEMA_VERSION.to_string())
+                s.get(KEY_VERSION).and_then(signed::payload) == Some(&SCHEMA_VERSION.to_string())
                     && s.contains_key(KEY_NODE)
+                    && s.contains_key(KEY_CERT)
                     && !s.contains_key(KEY_LEAVING)
             })),
         };
-        let initial = vec![
-            (KEY_VERSION.to_owned(), SCHEMA_VERSION.to_string()),
-            (KEY_NODE.to_owned(), serde_json::to_string(meta)?),
-            (KEY_LOAD.to_owned(), serde_json::to_string(&LoadReport::default())?),
-            (KEY_KV.to_owned(), serde_json::to_string(&KvSummarySlot::default())?),
-        ];
+        let signer = endpoint.state_signer().clone();
         let transport = QuicTransport::new(endpoint, inbox, cfg.channel);
+        // Nothing before it is signed: the values are set below, each sealed with the version
+        // chitchat gives it.
         let handle =
-            spawn_chitchat(config, initial, &transport).await.map_err(|e| GossipError::Start(e.to_string()))?;
+            spawn_chitchat(config, Vec::new(), &transport).await.map_err(|e| GossipError::Start(e.to_string()))?;
         let chitchat = handle.chitchat();
+        let checker = Checker::new(signer.clone(), &cfg.cluster_id);
+        let rejected = checker.rejected.clone();
+        let initial = [
+            (KEY_CERT, signer.chain().to_owned()),
+            (KEY_VERSION, SCHEMA_VERSION.to_string()),
+            (KEY_NODE, serde_json::to_string(meta)?),
+            (KEY_LOAD, serde_json::to_string(&LoadReport::default())?),
+            (KEY_KV, serde_json::to_string(&KvSummarySlot::default())?),
+        ];
+        {
+            let mut c = chitchat.lock().await;
+            for (key, value) in initial {
+                set_sealed(&mut c, &signer, &cfg.cluster_id, key, &value)?;
+            }
+        }
         let mut live = chitchat.lock().await.live_nodes_watcher();
         let (tx, rx) = watch::channel(Arc::new(Vec::new()));
         let me = self_id.clone();
@@ -151,8 +171,9 @@ impl Membership {
         let cancel = cancel.clone();
         tasks.spawn(async move {
             let mut prev: Arc<Vec<Peer>> = Arc::new(Vec::new());
+            let mut checker = checker;
             loop {
-                let peers = Arc::new(peers_from(&live.borrow_and_update(), &me, &prev));
+                let peers = Arc::new(peers_from(&live.borrow_and_update(), &me, &prev, &mut checker));
                 prev = peers.clone();
                 if tx.send(peers).is_err() {
                     break;
@@ -173,6 +194,9 @@ impl Membership {
             gossip_interval: cfg.gossip_interval,
             heartbeats: Arc::new(Mutex::new(HashMap::new())),
             left: AtomicBool::new(false),
+            signer,
+            cluster_id: cfg.cluster_id.clone(),
+            rejected,
         });
         tasks.spawn(sample_heartbeats(
             chitchat,
@@ -274,8 +298,17 @@ impl Membership {
 
     async fn set(&self, key: &str, value: String) {
         if let Some(h) = self.handle.lock().await.as_ref() {
-            h.with_chitchat(|c| c.self_node_state().set(key, value.clone())).await;
+            let sealed = h.with_chitchat(|c| set_sealed(c, &self.signer, &self.cluster_id, key, &value)).await;
+            if let Err(e) = sealed {
+                tracing::error!(key, error = %e, "cannot sign gossiped state; not published");
+            }
         }
+    }
+
+    /// Peer states left out of the view since start because a value was not signed by its node
+    /// or its certificate was refused (`signed`).
+    pub fn rejected_states(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
     }
 
     /// For each live peer in the current view, how long ago its heartbeat last advanced here
@@ -314,6 +347,27 @@ impl Membership {
             }
         }
     }
+}
+
+/// Sets `key` to `value` in this node's state, sealed with the version chitchat will give it
+/// (one past the state's highest); an unchanged payload is left as it is.
+fn set_sealed(
+    c: &mut chitchat::Chitchat,
+    signer: &StateSigner,
+    cluster: &str,
+    key: &str,
+    value: &str,
+) -> Result<(), GossipError> {
+    let id = c.self_chitchat_id().clone();
+    let state = c.self_node_state();
+    if state.get(key).and_then(signed::payload) == Some(value) {
+        return Ok(());
+    }
+    let version = state.max_version() + 1;
+    let sealed = signed::seal(signer, cluster, &id, key, version, value)?;
+    state.set(key, sealed);
+    debug_assert_eq!(state.get_versioned(key).map(|v| v.version), Some(version));
+    Ok(())
 }
 
 /// Every `every`, notes which live peers' heartbeats advanced since the last look.
@@ -356,46 +410,29 @@ async fn sample_heartbeats(
     }
 }
 
-/// Parses chitchat's live node states into peers. A node restarted under the same name may
-/// briefly appear twice: the newest generation wins and the stale state is dropped.
-fn peers_from(states: &std::collections::BTreeMap<ChitchatId, NodeState>, me: &ChitchatId, prev: &[Peer]) -> Vec<Peer> {
+/// Parses chitchat's live node states into peers, each value checked against its node's
+/// signature (`signed`): a state with a value its node did not sign is left out whole. A node
+/// restarted under the same name may briefly appear twice: the newest generation wins and the
+/// stale state is dropped.
+fn peers_from(
+    states: &std::collections::BTreeMap<ChitchatId, NodeState>,
+    me: &ChitchatId,
+    prev: &[Peer],
+    checker: &mut Checker,
+) -> Vec<Peer> {
     let mut out: Vec<Peer> = Vec::new();
     for (id, state) in states {
         let before = prev.iter().find(|p| p.node_id == *id.node_id && p.generation == id.generation_id);
-        let kv_shards = (0..KV_SHARDS)
-            .map(|i| {
-                let v = state.get_versioned(&kv_shard_key(i)).filter(|v| !v.is_deleted())?;
-                // Unchanged since the last view: share the value instead of copying it.
-                match before.and_then(|p| p.kv_shards.get(i).cloned().flatten()) {
-                    Some((ver, val)) if ver == v.version => Some((ver, val)),
-                    _ => Some((v.version, Arc::from(v.value.as_str()))),
-                }
-            })
-            .collect();
-        // Decoded and bounded (`schema::MAX_*`): a peer's state is input like any other.
-        let Some(meta) = state.get(KEY_NODE).and_then(|v| serde_json::from_str::<NodeMeta>(v).ok()) else { continue };
-        let meta = meta.bounded();
-        let load =
-            state.get(KEY_LOAD).and_then(|v| serde_json::from_str::<LoadReport>(v).ok()).unwrap_or_default().bounded();
-        let kv = state.get(KEY_KV).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
-        let usage = state
-            .get(KEY_USAGE)
-            .and_then(|v| serde_json::from_str::<UsageReport>(v).ok())
-            .unwrap_or_default()
-            .bounded();
-        let cell_keys =
-            state.iter_prefix(KEY_CELL).take(MAX_CELL_KEYS).map(|(k, v)| (k.to_owned(), v.value.clone())).collect();
-        let peer = Peer {
-            node_id: id.node_id.to_string(),
-            generation: id.generation_id,
-            addr: id.gossip_advertise_addr,
-            meta,
-            load,
-            kv,
-            kv_shards,
-            usage,
-            cell_keys,
-            is_self: id == me,
+        let peer = checker.reader(id, state).and_then(|mut reader| read_peer(&mut reader, id, me, before));
+        let peer = match peer {
+            Ok(Some(peer)) => peer,
+            Ok(None) => continue,
+            Err(Rejection::NoCertificate) => {
+                tracing::debug!(peer = %id.node_id, "state without a certificate yet");
+                continue;
+            }
+            // Logged and counted once by the checker.
+            Err(_) => continue,
         };
         match out.iter_mut().find(|p| p.node_id == peer.node_id) {
             Some(existing) if existing.generation >= peer.generation => {}
@@ -403,5 +440,56 @@ fn peers_from(states: &std::collections::BTreeMap<ChitchatId, NodeState>, me: &C
             None => out.push(peer),
         }
     }
+    let present: std::collections::HashSet<(&str, u64)> =
+        states.keys().map(|id| (&*id.node_id, id.generation_id)).collect();
+    checker.retain(|node, generation| present.contains(&(node, generation)));
     out
+}
+
+/// One member's state as a peer, every value it reads checked; `None` without metadata.
+fn read_peer(
+    reader: &mut Reader<'_>,
+    id: &ChitchatId,
+    me: &ChitchatId,
+    before: Option<&Peer>,
+) -> Result<Option<Peer>, Rejection> {
+    let mut kv_shards = Vec::with_capacity(KV_SHARDS);
+    for i in 0..KV_SHARDS {
+        let shard = reader.get_versioned(&kv_shard_key(i))?.map(|(version, value)| {
+            // Unchanged since the last view: share the value instead of copying it.
+            match before.and_then(|p| p.kv_shards.get(i).cloned().flatten()) {
+                Some((ver, val)) if ver == version => (ver, val),
+                _ => (version, Arc::from(value)),
+            }
+        });
+        kv_shards.push(shard);
+    }
+    // Decoded and bounded (`schema::MAX_*`): a peer's state is input like any other.
+    let Some(meta) = reader.get(KEY_NODE)?.and_then(|v| serde_json::from_str::<NodeMeta>(v).ok()) else {
+        return Ok(None);
+    };
+    let meta = meta.bounded();
+    let load =
+        reader.get(KEY_LOAD)?.and_then(|v| serde_json::from_str::<LoadReport>(v).ok()).unwrap_or_default().bounded();
+    let kv = reader.get(KEY_KV)?.and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
+    let usage =
+        reader.get(KEY_USAGE)?.and_then(|v| serde_json::from_str::<UsageReport>(v).ok()).unwrap_or_default().bounded();
+    let mut cell_keys = Vec::new();
+    for key in reader.keys_with_prefix(KEY_CELL, MAX_CELL_KEYS) {
+        if let Some(value) = reader.get(&key)? {
+            cell_keys.push((key, value.to_owned()));
+        }
+    }
+    Ok(Some(Peer {
+        node_id: id.node_id.to_string(),
+        generation: id.generation_id,
+        addr: id.gossip_advertise_addr,
+        meta,
+        load,
+        kv,
+        kv_shards,
+        usage,
+        cell_keys,
+        is_self: id == me,
+    }))
 }

@@ -1,10 +1,12 @@
-//! What each node publishes, as chitchat key-values. Every value is JSON. The key `v` holds
+//! What each node publishes, as chitchat key-values. Every value is JSON, sealed with the node's
+//! signature as `{signature}.{json}` (`signed`). The key `v` holds
 //! the schema version: a node ignores peers on a different major version instead of misreading
 //! them.
 //!
 //! | key | value | changes |
 //! |---|---|---|
-//! | `v` | schema version (`1`) | never |
+//! | `cert` | the node's certificate chain (base64url DER, comma-separated), signed by itself | at start |
+//! | `v` | schema version (`2`) | never |
 //! | `node` | [`NodeMeta`]: role, models, HTTP and QUIC addresses | at start |
 //! | `load` | [`LoadReport`]: per-engine running, waiting, KV usage, throughput | at most every `load_interval` and only when changed |
 //! | `kv` | [`KvSummarySlot`]: the KV-prefix summary's format and version | with the summary |
@@ -18,7 +20,8 @@
 
 use serde::{Deserialize, Serialize};
 
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: every value sealed with its node's signature (`signed`), and the certificate under `cert`.
+pub const SCHEMA_VERSION: u32 = 2;
 pub const KEY_VERSION: &str = "v";
 pub const KEY_NODE: &str = "node";
 pub const KEY_LOAD: &str = "load";

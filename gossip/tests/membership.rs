@@ -112,3 +112,153 @@ async fn another_cluster_id_does_not_merge() {
     assert_eq!(names(&a), ["a"]);
     assert_eq!(names(&x), ["x"]);
 }
+
+fn engine(waiting: u32) -> EngineLoad {
+    EngineLoad {
+        name: "gpu0".into(),
+        models: vec!["m".into()],
+        healthy: true,
+        role: Default::default(),
+        running: 1,
+        waiting,
+        kv_usage: 0.5,
+        tokens_per_s: 100.0,
+        block_size: Some(16),
+        cards: Vec::new(),
+        max_model_len: None,
+        ttft_fit: None,
+    }
+}
+
+/// A member that runs chitchat under another member's name. chitchat relays whatever state a
+/// member sends, so each forged state reaches `a` as if from `b`: a newer generation of `b`
+/// (which the view would prefer to the real one) at the forger's address, with another HTTP
+/// address and a huge queue.
+async fn forge_b(
+    dir: &std::path::Path,
+    forger: &str,
+    b: &TestNode,
+    generation: u64,
+    chain: &str,
+    seed: std::net::SocketAddr,
+) -> (chitchat::ChitchatHandle, CancellationToken) {
+    use chitchat::{spawn_chitchat, ChitchatConfig, ChitchatId, FailureDetectorConfig};
+    use kvmesh_gossip::schema::{KEY_LOAD, KEY_NODE, KEY_VERSION, SCHEMA_VERSION};
+    use kvmesh_gossip::signed::{seal, KEY_CERT};
+
+    certs::create_node(dir, dir, forger).unwrap();
+    let (ca, crt, key) = TlsIdentity::paths_in(dir, forger);
+    let id = TlsIdentity::load(&ca, &crt, &key).unwrap();
+    let (cancel, tasks) = (CancellationToken::new(), TaskTracker::new());
+    let (endpoint, inbox) =
+        MeshEndpoint::bind(&id, EndpointConfig::new("127.0.0.1:0".parse().unwrap()), &cancel, &tasks).unwrap();
+    let addr = endpoint.local_addr();
+    let chitchat_id = ChitchatId::new("b".to_string(), generation, addr);
+    let config = ChitchatConfig {
+        chitchat_id: chitchat_id.clone(),
+        cluster_id: "c1".into(),
+        gossip_interval: Duration::from_millis(100),
+        listen_addr: addr,
+        seed_nodes: vec![seed.to_string()],
+        failure_detector_config: FailureDetectorConfig::default(),
+        marked_for_deletion_grace_period: Duration::from_secs(3600),
+        catchup_callback: None,
+        extra_liveness_predicate: None,
+    };
+    let meta = NodeMeta {
+        role: NodeRole::Worker,
+        models: vec!["m".into()],
+        http_addr: "10.6.6.6:80".into(),
+        quic_addr: addr.to_string(),
+    };
+    let mut load = b.membership.peers().iter().find(|p| p.is_self).unwrap().load.clone();
+    for e in &mut load.engines {
+        e.waiting = 1_000_000;
+    }
+    let values = [
+        (KEY_CERT, chain.to_owned()),
+        (KEY_VERSION, SCHEMA_VERSION.to_string()),
+        (KEY_NODE, serde_json::to_string(&meta).unwrap()),
+        (KEY_LOAD, serde_json::to_string(&load).unwrap()),
+    ];
+    // Signed as the real code signs, with the forger's own key: chitchat numbers initial values
+    // 1, 2, ... in order.
+    let signer = endpoint.state_signer().clone();
+    let initial = values
+        .iter()
+        .enumerate()
+        .map(|(i, (k, v))| (k.to_string(), seal(&signer, "c1", &chitchat_id, k, i as u64 + 1, v).unwrap()))
+        .collect();
+    let transport = kvmesh_gossip::quic::QuicTransport::new(endpoint, inbox, 0);
+    let handle = spawn_chitchat(config, initial, &transport).await.unwrap();
+    (handle, cancel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cannot_gossip_state_under_another_members_name() {
+    let dir = tempfile::tempdir().unwrap();
+    certs::create_ca(dir.path(), "t").unwrap();
+    let a = start(dir.path(), "a", "c1", vec![]).await;
+    let a_addr = a.endpoint.local_addr();
+    let b = start(dir.path(), "b", "c1", vec![a_addr.to_string()]).await;
+    let load = LoadReport { engines: vec![engine(2)], ..Default::default() };
+    b.membership.set_load(&load).await.unwrap();
+    wait_for("a sees b and its load", Duration::from_secs(3), || {
+        a.membership.peers().iter().any(|p| p.node_id == "b" && p.load == load)
+    })
+    .await;
+    let real = a.membership.peers().iter().find(|p| p.node_id == "b").unwrap().clone();
+    assert_eq!(a.membership.rejected_states(), 0);
+
+    // m1 publishes b's own (public) certificate chain with values signed by m1's key; m2
+    // publishes its own chain under b's name.
+    let b_chain = b.endpoint.state_signer().chain().to_owned();
+    let (m1, stop1) = forge_b(dir.path(), "m1", &b, real.generation + 1, &b_chain, a_addr).await;
+    let m2_dir = dir.path().join("m2");
+    std::fs::create_dir_all(&m2_dir).unwrap();
+    std::fs::copy(dir.path().join("ca.crt"), m2_dir.join("ca.crt")).unwrap();
+    std::fs::copy(dir.path().join("ca.key"), m2_dir.join("ca.key")).unwrap();
+    let m2_chain = {
+        certs::create_node(&m2_dir, &m2_dir, "m2").unwrap();
+        let (ca, crt, key) = TlsIdentity::paths_in(&m2_dir, "m2");
+        kvmesh_transport::StateSigner::new(&TlsIdentity::load(&ca, &crt, &key).unwrap()).unwrap().chain().to_owned()
+    };
+    let (m2, stop2) = forge_b(&m2_dir, "m2", &b, real.generation + 2, &m2_chain, a_addr).await;
+
+    // Both forged states reach a (each is refused and counted), and meanwhile, and for a second
+    // after, a's view of b is always b's own: its generation, address and load.
+    let mut deadline = Instant::now() + Duration::from_secs(5);
+    let mut reached = None;
+    loop {
+        let view = a.membership.peers();
+        let seen = view.iter().find(|p| p.node_id == "b").expect("b stays in a's view");
+        assert_eq!(seen.generation, real.generation, "a forged generation replaced b");
+        assert_eq!(seen.meta.http_addr, real.meta.http_addr);
+        assert_eq!(seen.load, real.load, "forged load");
+        assert!(!view.iter().any(|p| p.node_id.starts_with('m')), "forgers gossip no state of their own");
+        if reached.is_none() && a.membership.rejected_states() >= 2 {
+            reached = Some(Instant::now());
+            deadline = Instant::now() + Duration::from_secs(1);
+        }
+        if Instant::now() >= deadline {
+            assert!(
+                reached.is_some(),
+                "the forged states never reached a ({} refused)",
+                a.membership.rejected_states()
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And b's real updates still arrive.
+    let load = LoadReport { engines: vec![engine(3)], ..Default::default() };
+    b.membership.set_load(&load).await.unwrap();
+    wait_for("b's update reaches a", Duration::from_secs(3), || {
+        a.membership.peers().iter().any(|p| p.node_id == "b" && p.load == load)
+    })
+    .await;
+    for (m, stop) in [(m1, stop1), (m2, stop2)] {
+        stop.cancel();
+        let _ = m.shutdown().await;
+    }
+}

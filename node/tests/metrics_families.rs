@@ -103,6 +103,7 @@ const PRESENT: &[&str] = &[
     "kvmesh_draining",
     "kvmesh_gossip_peers",
     "kvmesh_gossip_dropped_total",
+    "kvmesh_gossip_rejected_states_total",
     "kvmesh_gossip_heartbeat_age_seconds",
     "kvmesh_gossip_max_heartbeat_age_seconds",
     "kvmesh_mesh_refused_connections_total",

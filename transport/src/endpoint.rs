@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::error::TransportError;
 use crate::frame::{self, RequestHead, ResponseHead};
+use crate::signing::StateSigner;
 use crate::tls::{self, TlsIdentity};
 
 #[derive(Debug, Clone)]
@@ -101,6 +102,8 @@ pub struct MeshEndpoint {
     tasks: TaskTracker,
     /// `PEER_BODY_BUDGET_KIB`, taken as forwarded bodies are read, given back when served.
     body_budget: Arc<tokio::sync::Semaphore>,
+    /// Signs what this node gossips and checks its peers' (`signing`), with this identity.
+    state_signer: Arc<StateSigner>,
     pub stats: EndpointStats,
 }
 
@@ -170,6 +173,7 @@ impl MeshEndpoint {
                 .map_err(|source| TransportError::Bind { addr, source })?
             }
         };
+        let state_signer = Arc::new(StateSigner::new(identity)?);
         let (gossip_tx, gossip_rx) = mpsc::channel(GOSSIP_INBOX);
         let this = Arc::new(Self {
             endpoint,
@@ -183,10 +187,16 @@ impl MeshEndpoint {
             tasks: tasks.clone(),
             stats: EndpointStats::default(),
             body_budget: Arc::new(tokio::sync::Semaphore::new(PEER_BODY_BUDGET_KIB)),
+            state_signer,
         });
         let me = this.clone();
         tasks.spawn(async move { me.accept_loop().await });
         Ok((this, gossip_rx))
+    }
+
+    /// Signs this node's gossiped state and checks its peers', under this endpoint's identity.
+    pub fn state_signer(&self) -> &Arc<StateSigner> {
+        &self.state_signer
     }
 
     pub fn local_addr(&self) -> SocketAddr {

@@ -123,7 +123,7 @@ pub fn alpn(cluster_id: Option<&str>) -> Vec<u8> {
     }
 }
 
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -180,7 +180,7 @@ pub fn peer_name(conn: &quinn::Connection) -> Option<String> {
 }
 
 /// The first DNS name of a certificate: the node name `kvmesh cert node --name` gave it.
-fn cert_name(der: &CertificateDer<'_>) -> Option<String> {
+pub(crate) fn cert_name(der: &CertificateDer<'_>) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let san = cert.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|n| match n {

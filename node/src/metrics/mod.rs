@@ -106,6 +106,7 @@ pub struct NodeMetrics {
     gossip_peers: IntGauge,
     gossip_bytes: IntCounterVec,
     gossip_dropped: IntCounter,
+    gossip_rejected: IntCounter,
     refused_connections: IntCounter,
     heartbeat_age: GaugeVec,
     max_heartbeat_age: Gauge,
@@ -369,6 +370,10 @@ impl NodeMetrics {
                 "kvmesh_gossip_dropped_total",
                 "Gossip messages lost: failed sends and arrivals on a full inbox (gossip repeats them).",
             )?,
+            gossip_rejected: IntCounter::new(
+                "kvmesh_gossip_rejected_states_total",
+                "Peer states left out of this node's view: a value not signed by its node, or a certificate refused.",
+            )?,
             refused_connections: IntCounter::new(
                 "kvmesh_mesh_refused_connections_total",
                 "Mesh connections refused (no certificate, another CA, wrong ALPN).",
@@ -441,6 +446,7 @@ impl NodeMetrics {
             Box::new(m.gossip_peers.clone()),
             Box::new(m.gossip_bytes.clone()),
             Box::new(m.gossip_dropped.clone()),
+            Box::new(m.gossip_rejected.clone()),
             Box::new(m.refused_connections.clone()),
             Box::new(m.heartbeat_age.clone()),
             Box::new(m.max_heartbeat_age.clone()),
@@ -512,6 +518,7 @@ impl NodeMetrics {
             stats.gossip_bytes_received.load(Ordering::Relaxed),
         );
         mirror(&self.gossip_dropped, stats.gossip_dropped.load(Ordering::Relaxed));
+        mirror(&self.gossip_rejected, mesh.membership.rejected_states());
         mirror(&self.refused_connections, stats.refused_connections.load(Ordering::Relaxed));
         // Peers that left must not keep reporting their last age.
         self.heartbeat_age.reset();
