@@ -18,6 +18,7 @@ pub mod membership;
 pub mod quic;
 pub mod schema;
 pub mod signed;
+pub mod wire;
 
 pub use error::GossipError;
 pub use membership::{GossipConfig, Membership, Peer};

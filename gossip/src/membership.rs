@@ -143,14 +143,14 @@ impl Membership {
             })),
         };
         let signer = endpoint.state_signer().clone();
-        let transport = QuicTransport::new(endpoint, inbox, cfg.channel);
+        let checker = Arc::new(Mutex::new(Checker::new(signer.clone(), &cfg.cluster_id)));
+        let rejected = checker.lock().map_err(|_| GossipError::Start("checker".into()))?.rejected.clone();
+        let transport = QuicTransport::new(endpoint, inbox, cfg.channel, checker.clone());
         // Nothing before it is signed: the values are set below, each sealed with the version
         // chitchat gives it.
         let handle =
             spawn_chitchat(config, Vec::new(), &transport).await.map_err(|e| GossipError::Start(e.to_string()))?;
         let chitchat = handle.chitchat();
-        let checker = Checker::new(signer.clone(), &cfg.cluster_id);
-        let rejected = checker.rejected.clone();
         let initial = [
             (KEY_CERT, signer.chain().to_owned()),
             (KEY_VERSION, SCHEMA_VERSION.to_string()),
@@ -167,13 +167,16 @@ impl Membership {
         let mut live = chitchat.lock().await.live_nodes_watcher();
         let (tx, rx) = watch::channel(Arc::new(Vec::new()));
         let me = self_id.clone();
+        let view_checker = checker.clone();
         let cancel_gossip = cancel.clone();
         let cancel = cancel.clone();
         tasks.spawn(async move {
             let mut prev: Arc<Vec<Peer>> = Arc::new(Vec::new());
-            let mut checker = checker;
             loop {
-                let peers = Arc::new(peers_from(&live.borrow_and_update(), &me, &prev, &mut checker));
+                let peers = {
+                    let Ok(mut check) = view_checker.lock() else { break };
+                    Arc::new(peers_from(&live.borrow_and_update(), &me, &prev, &mut check))
+                };
                 prev = peers.clone();
                 if tx.send(peers).is_err() {
                     break;
@@ -202,6 +205,7 @@ impl Membership {
             chitchat,
             this.self_id.clone(),
             this.heartbeats.clone(),
+            checker,
             cfg.gossip_interval,
             cancel_gossip.clone(),
         ));
@@ -287,12 +291,12 @@ impl Membership {
         }
     }
 
-    /// Withdraws a cells key (a cell that left the backbone).
+    /// Withdraws a cells key (a cell that left the backbone): set to an empty payload, which
+    /// readers take as absent. Never a chitchat deletion: tombstones carry no signature, so
+    /// peers refuse deltas with them (`signed`).
     pub async fn delete_cell_key(&self, key: &str) {
         if key.starts_with(KEY_CELL) {
-            if let Some(h) = self.handle.lock().await.as_ref() {
-                h.with_chitchat(|c| c.self_node_state().delete(key)).await;
-            }
+            self.set(key, String::new()).await;
         }
     }
 
@@ -375,6 +379,7 @@ async fn sample_heartbeats(
     chitchat: Arc<tokio::sync::Mutex<chitchat::Chitchat>>,
     me: ChitchatId,
     out: Arc<Mutex<Heartbeats>>,
+    checker: Arc<Mutex<Checker>>,
     every: Duration,
     cancel: CancellationToken,
 ) {
@@ -387,6 +392,10 @@ async fn sample_heartbeats(
         }
         let beats: Vec<((String, u64), u64)> = {
             let c = chitchat.lock().await;
+            // What was checked of nodes chitchat no longer holds is forgotten.
+            if let Ok(mut checker) = checker.lock() {
+                checker.retain(|id| c.node_states().contains_key(id));
+            }
             c.live_nodes()
                 .filter(|id| **id != me)
                 .filter_map(|id| {
@@ -440,9 +449,6 @@ fn peers_from(
             None => out.push(peer),
         }
     }
-    let present: std::collections::HashSet<(&str, u64)> =
-        states.keys().map(|id| (&*id.node_id, id.generation_id)).collect();
-    checker.retain(|node, generation| present.contains(&(node, generation)));
     out
 }
 

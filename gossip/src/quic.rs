@@ -5,6 +5,9 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use crate::signed::Checker;
+use crate::wire;
+
 use async_trait::async_trait;
 use chitchat::transport::{Socket, Transport};
 use chitchat::{ChitchatMessage, Deserializable, Serializable};
@@ -15,13 +18,15 @@ pub struct QuicTransport {
     endpoint: Arc<MeshEndpoint>,
     inbox: Mutex<Option<GossipInbox>>,
     channel: u8,
+    checker: Arc<Mutex<Checker>>,
 }
 
 impl QuicTransport {
     /// `inbox` is the inbox of gossip channel `channel`: the one `MeshEndpoint::bind` returned
-    /// for 0, `MeshEndpoint::gossip_channel` for others.
-    pub fn new(endpoint: Arc<MeshEndpoint>, inbox: GossipInbox, channel: u8) -> Self {
-        Self { endpoint, inbox: Mutex::new(Some(inbox)), channel }
+    /// for 0, `MeshEndpoint::gossip_channel` for others. Every received delta is checked by
+    /// `checker` before chitchat sees it (`Checker::admit`).
+    pub fn new(endpoint: Arc<MeshEndpoint>, inbox: GossipInbox, channel: u8, checker: Arc<Mutex<Checker>>) -> Self {
+        Self { endpoint, inbox: Mutex::new(Some(inbox)), channel, checker }
     }
 }
 
@@ -39,6 +44,7 @@ impl Transport for QuicTransport {
             advertise: listen_addr,
             inbox,
             channel: self.channel,
+            checker: self.checker.clone(),
         }))
     }
 }
@@ -48,6 +54,7 @@ struct QuicSocket {
     advertise: SocketAddr,
     inbox: GossipInbox,
     channel: u8,
+    checker: Arc<Mutex<Checker>>,
 }
 
 #[async_trait]
@@ -64,6 +71,22 @@ impl Socket for QuicSocket {
             if let Err(why) = check_decompressed_bound(&payload) {
                 tracing::warn!(peer = %from, error = %why, "gossip message dropped");
                 continue;
+            }
+            // Signed state only: a delta is checked on its bytes, before chitchat applies it.
+            let sections = match wire::delta_sections(&payload) {
+                Ok(sections) => sections,
+                Err(why) => {
+                    tracing::warn!(peer = %from, error = %why, "undecodable gossip message dropped");
+                    continue;
+                }
+            };
+            if !sections.is_empty() {
+                let Ok(mut checker) = self.checker.lock() else {
+                    return Err(anyhow::anyhow!("gossip checker poisoned"));
+                };
+                if checker.admit(&sections).is_err() {
+                    continue;
+                }
             }
             match ChitchatMessage::deserialize(&mut payload.as_ref()) {
                 Ok(msg) => return Ok((from, msg)),

@@ -10,13 +10,15 @@
 //! the peer's name): a member cannot put words in another's mouth, move them to another
 //! address or generation, or replay an old value under a newer version.
 //!
-//! What signatures cannot do here (chitchat applies a delta before any of this code sees it,
-//! and its delta format is private to the crate): a member can relay a forged value under a
-//! higher version than its author's, so the author's real updates stop reaching the nodes that
-//! took it. Such a peer's state then fails its check and is left out of the view: the attack
-//! takes a node out of the mesh (as cutting its links would), never steers traffic with forged
-//! load, models or addresses. Heartbeats and deletions (tombstones carry no value) are not
-//! signed: a member can keep a dead peer looking alive, or hide a peer's cells keys.
+//! Values are checked twice. A message's delta is checked before chitchat applies it
+//! (`Checker::admit`, on the bytes: `wire`): every value it carries must be signed at its
+//! version, and nothing in it may reset a node's state or raise its version without a signed
+//! value, so a member cannot stall another's updates by relaying a forged value under a higher
+//! version; a message that fails is dropped whole. The view checks again what it reads
+//! (`Checker::reader`), mostly from the cache `admit` filled, and leaves a state that fails
+//! out whole. kvmesh never deletes a key (a withdrawn key is set to an empty payload), so an
+//! honest delta carries neither tombstones nor GC versions. Heartbeats, in digests, are not
+//! signed: a member can keep a dead peer looking alive until its connections fail.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +28,7 @@ use chitchat::{ChitchatId, NodeState};
 use kvmesh_transport::{AuthorKey, StateSigner};
 
 use crate::error::GossipError;
+use crate::wire::{NodeSection, STATUS_SET};
 
 /// The author's certificate chain (`StateSigner::chain`), signed by itself.
 pub const KEY_CERT: &str = "cert";
@@ -68,7 +71,7 @@ pub fn payload(value: &str) -> Option<&str> {
     value.split_once('.').map(|(_, p)| p)
 }
 
-/// Why a peer's state was left out of the view.
+/// Why a peer's state was left out of the view, or a message refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
     /// No certificate published yet (a state still arriving).
@@ -77,6 +80,9 @@ pub enum Rejection {
     Certificate(String),
     /// The value of this key is not signed by the certificate's key.
     BadSignature(String),
+    /// A delta that would reset a node's state, raise its version without a value, delete a
+    /// key, or carry more values than a node publishes.
+    Shape(String),
 }
 
 impl std::fmt::Display for Rejection {
@@ -85,22 +91,25 @@ impl std::fmt::Display for Rejection {
             Self::NoCertificate => write!(f, "no certificate yet"),
             Self::Certificate(why) => write!(f, "certificate refused: {why}"),
             Self::BadSignature(key) => write!(f, "value of `{key}` not signed by its node"),
+            Self::Shape(why) => write!(f, "{why}"),
         }
     }
 }
 
-/// Checks peers' values, remembering what it checked: a value is checked once per version,
-/// a certificate once per version of `cert`. Entries of nodes gone from the states are
-/// dropped at each `retain`, so memory follows the live members times the keys the view reads.
+/// Values one node section of a delta may carry: the schema's keys and its cells keys.
+const MAX_SECTION_VALUES: usize = crate::schema::MAX_CELL_KEYS + 64;
+
+/// Checks peers' values, remembering what it checked: a value once per version, a certificate
+/// once per version of `cert`. Shared by the transport (`admit`) and the view (`reader`);
+/// entries of nodes chitchat has forgotten are dropped by `retain`.
 pub struct Checker {
     signer: Arc<StateSigner>,
     cluster: String,
-    /// (node, generation) -> (`cert` version, its key or why it was refused).
-    authors: HashMap<(String, u64), (u64, Result<AuthorKey, String>)>,
-    /// (node, generation, key) -> (version, whether it checked).
-    checked: HashMap<(String, u64, String), (u64, bool)>,
-    /// Peer states left out of a view since start (a state counted once per version of the
-    /// key that failed).
+    /// Per chitchat id: the `cert` version and its key, or why it was refused.
+    authors: HashMap<ChitchatId, (u64, Result<AuthorKey, String>)>,
+    /// (chitchat id, key) -> the version whose signature checked.
+    checked: HashMap<(ChitchatId, String), u64>,
+    /// States left out of a view and messages dropped since start.
     pub rejected: Arc<AtomicU64>,
 }
 
@@ -115,20 +124,66 @@ impl Checker {
         }
     }
 
+    /// Whether a message's delta may be applied: every node section free of resets, deletions
+    /// and bare version raises, and every value signed by its node at its version (the node's
+    /// certificate taken from the section, or known from an earlier one).
+    pub fn admit(&mut self, sections: &[NodeSection]) -> Result<(), Rejection> {
+        let checked = sections.iter().try_for_each(|s| self.admit_section(s));
+        if let Err(why) = &checked {
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %why, "gossip message dropped: it carries state its node did not sign");
+        }
+        checked
+    }
+
+    fn admit_section(&mut self, s: &NodeSection) -> Result<(), Rejection> {
+        let who = &s.id.node_id;
+        if s.last_gc_version != 0 || s.set_max_version.is_some() {
+            return Err(Rejection::Shape(format!("a delta for `{who}` that resets its state or raises its version")));
+        }
+        if s.key_values.len() > MAX_SECTION_VALUES {
+            return Err(Rejection::Shape(format!("{} values for `{who}`", s.key_values.len())));
+        }
+        if let Some(kv) = s.key_values.iter().find(|kv| kv.status != STATUS_SET) {
+            return Err(Rejection::Shape(format!("a deletion of `{}` for `{who}`", kv.key)));
+        }
+        if let Some(cert) = s.key_values.iter().find(|kv| kv.key == KEY_CERT) {
+            let author = self.author(&s.id, &cert.value, cert.version);
+            if let Err(why) = &author {
+                return Err(Rejection::Certificate(format!("`{who}`: {why}")));
+            }
+            self.authors.insert(s.id.clone(), (cert.version, author));
+        }
+        let key = match self.authors.get(&s.id) {
+            Some((_, Ok(key))) => key.clone(),
+            Some((_, Err(why))) => return Err(Rejection::Certificate(format!("`{who}`: {why}"))),
+            None => return Err(Rejection::NoCertificate),
+        };
+        for kv in s.key_values.iter().filter(|kv| kv.key != KEY_CERT) {
+            let ok = kv.value.split_once('.').is_some_and(|(sig, payload)| {
+                key.verify(&message(&self.cluster, &s.id, &kv.key, kv.version, payload), sig)
+            });
+            if !ok {
+                return Err(Rejection::BadSignature(format!("{} of `{who}`", kv.key)));
+            }
+            self.checked.insert((s.id.clone(), kv.key.clone()), kv.version);
+        }
+        Ok(())
+    }
+
     /// A reader of `state`'s checked values, once its certificate is accepted.
     pub fn reader<'a>(&'a mut self, id: &'a ChitchatId, state: &'a NodeState) -> Result<Reader<'a>, Rejection> {
         let cert = state.get_versioned(KEY_CERT).filter(|v| !v.is_deleted()).ok_or(Rejection::NoCertificate)?;
-        let slot = (id.node_id.to_string(), id.generation_id);
-        let fresh = !matches!(self.authors.get(&slot), Some((v, _)) if *v == cert.version);
+        let fresh = !matches!(self.authors.get(id), Some((v, _)) if *v == cert.version);
         if fresh {
             let author = self.author(id, &cert.value, cert.version);
             if let Err(why) = &author {
                 self.rejected.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(peer = %id.node_id, generation = id.generation_id, error = %why, "gossiped state refused: its certificate");
             }
-            self.authors.insert(slot.clone(), (cert.version, author));
+            self.authors.insert(id.clone(), (cert.version, author));
         }
-        match self.authors.get(&slot) {
+        match self.authors.get(id) {
             Some((_, Ok(key))) => Ok(Reader { key: key.clone(), id, state, checker: self }),
             Some((_, Err(why))) => Err(Rejection::Certificate(why.clone())),
             None => Err(Rejection::NoCertificate),
@@ -144,10 +199,10 @@ impl Checker {
         }
     }
 
-    /// Forgets the nodes `keep` says are gone.
-    pub fn retain(&mut self, keep: impl Fn(&str, u64) -> bool) {
-        self.authors.retain(|(n, g), _| keep(n, *g));
-        self.checked.retain(|(n, g, _), _| keep(n, *g));
+    /// Forgets the nodes `keep` says chitchat no longer holds.
+    pub fn retain(&mut self, keep: impl Fn(&ChitchatId) -> bool) {
+        self.authors.retain(|id, _| keep(id));
+        self.checked.retain(|(id, _), _| keep(id));
     }
 }
 
@@ -160,29 +215,31 @@ pub struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    /// The payload of `key` with its version, or `None` when the key is absent or deleted;
-    /// an error when it is present and not signed by the state's author.
+    /// The payload of `key` with its version, or `None` when the key is absent, deleted or
+    /// withdrawn (an empty payload); an error when it is not signed by the state's author.
     pub fn get_versioned(&mut self, key: &str) -> Result<Option<(u64, &'a str)>, Rejection> {
         let Some(v) = self.state.get_versioned(key).filter(|v| !v.is_deleted()) else { return Ok(None) };
-        let slot = (self.id.node_id.to_string(), self.id.generation_id, key.to_owned());
+        let slot = (self.id.clone(), key.to_owned());
         let ok = match self.checker.checked.get(&slot) {
-            Some((version, ok)) if *version == v.version => *ok,
+            Some(version) if *version == v.version => true,
             _ => {
-                let ok = match v.value.split_once('.') {
-                    Some((sig, payload)) => {
-                        self.key.verify(&message(&self.checker.cluster, self.id, key, v.version, payload), sig)
+                let ok = v.value.split_once('.').is_some_and(|(sig, payload)| {
+                    self.key.verify(&message(&self.checker.cluster, self.id, key, v.version, payload), sig)
+                });
+                match ok {
+                    true => {
+                        self.checker.checked.insert(slot, v.version);
                     }
-                    None => false,
-                };
-                if !ok {
-                    self.checker.rejected.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(peer = %self.id.node_id, generation = self.id.generation_id, key, version = v.version, "gossiped state refused: a value its node did not sign");
+                    false => {
+                        self.checker.rejected.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(peer = %self.id.node_id, generation = self.id.generation_id, key, version = v.version, "gossiped state refused: a value its node did not sign");
+                    }
                 }
-                self.checker.checked.insert(slot, (v.version, ok));
                 ok
             }
         };
         match (ok, payload(&v.value)) {
+            (true, Some("")) => Ok(None),
             (true, Some(p)) => Ok(Some((v.version, p))),
             _ => Err(Rejection::BadSignature(key.to_owned())),
         }

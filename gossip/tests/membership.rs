@@ -189,7 +189,9 @@ async fn forge_b(
         .enumerate()
         .map(|(i, (k, v))| (k.to_string(), seal(&signer, "c1", &chitchat_id, k, i as u64 + 1, v).unwrap()))
         .collect();
-    let transport = kvmesh_gossip::quic::QuicTransport::new(endpoint, inbox, 0);
+    let checker = kvmesh_gossip::signed::Checker::new(signer.clone(), "c1");
+    let transport =
+        kvmesh_gossip::quic::QuicTransport::new(endpoint, inbox, 0, Arc::new(std::sync::Mutex::new(checker)));
     let handle = spawn_chitchat(config, initial, &transport).await.unwrap();
     (handle, cancel)
 }
@@ -261,4 +263,89 @@ async fn a_member_cannot_gossip_state_under_another_members_name() {
         stop.cancel();
         let _ = m.shutdown().await;
     }
+}
+
+/// An ACK message as chitchat 0.11 writes it, carrying one node section with the given values
+/// (key, value, version), a GC version and an optional bare max version.
+fn forged_ack(id: &chitchat::ChitchatId, last_gc: u64, values: &[(&str, String, u64)], max: Option<u64>) -> Vec<u8> {
+    use chitchat::Serializable;
+    let mut ops = Vec::new();
+    ops.push(0u8);
+    id.serialize(&mut ops);
+    last_gc.serialize(&mut ops);
+    0u64.serialize(&mut ops);
+    for (key, value, version) in values {
+        ops.push(1u8);
+        key.to_string().serialize(&mut ops);
+        value.serialize(&mut ops);
+        version.serialize(&mut ops);
+        ops.push(0u8);
+    }
+    if let Some(max) = max {
+        ops.push(2u8);
+        max.serialize(&mut ops);
+    }
+    let mut msg = 45_139u16.to_le_bytes().to_vec();
+    msg.extend_from_slice(&[0, 2, 2]);
+    (ops.len() as u16).serialize(&mut msg);
+    msg.extend_from_slice(&ops);
+    msg.push(0);
+    msg
+}
+
+/// A member relays values of `b`'s own state (its real chitchat id) under versions above
+/// `b`'s: were they applied, chitchat would take them over `b`'s real ones and ignore `b`'s
+/// next updates (a lower version), taking `b` out of the view. Each is refused before chitchat
+/// sees it, and `b`'s updates keep arriving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_forgery_cannot_stall_another_members_updates() {
+    use kvmesh_gossip::schema::KEY_LOAD;
+    let dir = tempfile::tempdir().unwrap();
+    certs::create_ca(dir.path(), "t").unwrap();
+    let a = start(dir.path(), "a", "c1", vec![]).await;
+    let a_addr = a.endpoint.local_addr();
+    let b = start(dir.path(), "b", "c1", vec![a_addr.to_string()]).await;
+    let m = start(dir.path(), "m", "c1", vec![a_addr.to_string()]).await;
+    let load = LoadReport { engines: vec![engine(2)], ..Default::default() };
+    b.membership.set_load(&load).await.unwrap();
+    wait_for("a sees b's load and m", Duration::from_secs(3), || {
+        names(&a) == ["a", "b", "m"] && a.membership.peers().iter().any(|p| p.node_id == "b" && p.load == load)
+    })
+    .await;
+    let b_id = chitchat::ChitchatId::new("b".to_string(), b.membership.generation(), b.endpoint.local_addr());
+    let forged = serde_json::to_string(&LoadReport { engines: vec![engine(1_000_000)], ..Default::default() }).unwrap();
+    let m_addr = m.endpoint.local_addr();
+    let before = a.membership.rejected_states();
+    let attacks = [
+        // A forged load under a far higher version, unsigned and signed by m.
+        forged_ack(&b_id, 0, &[(KEY_LOAD, format!("AAAA.{forged}"), 1_000_000)], None),
+        forged_ack(
+            &b_id,
+            0,
+            &[(
+                KEY_LOAD,
+                kvmesh_gossip::signed::seal(m.endpoint.state_signer(), "c1", &b_id, KEY_LOAD, 1_000_000, &forged)
+                    .unwrap(),
+                1_000_000,
+            )],
+            None,
+        ),
+        // A bare raise of b's version, and a reset through a GC version.
+        forged_ack(&b_id, 0, &[], Some(1_000_000)),
+        forged_ack(&b_id, 1_000_000, &[], None),
+    ];
+    let n = attacks.len() as u64;
+    for msg in attacks {
+        m.endpoint.send_gossip(a_addr, m_addr, msg);
+    }
+    wait_for("a refuses every forged message", Duration::from_secs(3), || a.membership.rejected_states() >= before + n)
+        .await;
+    let seen = a.membership.peers().iter().find(|p| p.node_id == "b").cloned().expect("b stays in a's view");
+    assert_eq!(seen.load, load, "a forged load reached the view");
+    let next = LoadReport { engines: vec![engine(3)], ..Default::default() };
+    b.membership.set_load(&next).await.unwrap();
+    wait_for("b's next update reaches a", Duration::from_secs(3), || {
+        a.membership.peers().iter().any(|p| p.node_id == "b" && p.load == next)
+    })
+    .await;
 }

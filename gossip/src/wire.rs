@@ -1,0 +1,220 @@
+//! Reading what a chitchat 0.11 message would change, before chitchat applies it.
+//!
+//! chitchat applies a delta to its state as soon as it decodes it, and its delta type is
+//! private to the crate, so the only place to refuse a forged value is the transport, on the
+//! bytes. This module reads those bytes as chitchat 0.11 (pinned `=0.11.0`) writes them: the
+//! message envelope (magic number, protocol version, type), the digest of a SYN-ACK, and the
+//! delta, a stream of blocks (zstd-compressed or not) holding operations: a node header, a
+//! key-value mutation, or a node's maximum version. Primitive fields are decoded with chitchat's
+//! own public `Deserializable` implementations. Nothing here re-encodes a message: a message
+//! passes whole or is dropped whole.
+
+use chitchat::{ChitchatId, Deserializable};
+
+/// chitchat's message magic number (little-endian on the wire) and its one protocol version.
+const MAGIC: u16 = 45_139;
+const PROTOCOL_V0: u8 = 0;
+const SYN: u8 = 0;
+const SYN_ACK: u8 = 1;
+const ACK: u8 = 2;
+const BAD_CLUSTER: u8 = 3;
+
+/// A delta's decompressed operations may not exceed this (the transport already bounds a
+/// message's compressed blocks: `quic::MAX_COMPRESSED_BLOCKS`).
+const MAX_DECOMPRESSED: usize = 64 << 20;
+/// A compressed block decompresses into at most this, as chitchat's reader allows.
+const MAX_BLOCK: usize = u16::MAX as usize;
+
+/// A key-value mutation's status: only `Set` is ever written by kvmesh.
+pub const STATUS_SET: u8 = 0;
+
+/// The part of a delta about one node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSection {
+    pub id: ChitchatId,
+    pub last_gc_version: u64,
+    pub from_version_excluded: u64,
+    pub key_values: Vec<KeyValue>,
+    /// Set when the section raises the node's maximum version without values (after a GC).
+    pub set_max_version: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: String,
+    pub version: u64,
+    /// 0 set, 1 deleted, 2 deleted after a TTL.
+    pub status: u8,
+}
+
+/// The node sections a message's delta carries: none for a SYN (a digest only) or a
+/// BAD_CLUSTER. An error for bytes chitchat 0.11 would not have written.
+pub fn delta_sections(mut buf: &[u8]) -> Result<Vec<NodeSection>, String> {
+    let buf = &mut buf;
+    let magic = u16::from_le_bytes(take::<2>(buf)?);
+    if magic != MAGIC {
+        return Err("not a chitchat message (magic number)".into());
+    }
+    let [version, kind] = take::<2>(buf)?;
+    if version != PROTOCOL_V0 {
+        return Err(format!("chitchat protocol version {version}"));
+    }
+    match kind {
+        SYN | BAD_CLUSTER => Ok(Vec::new()),
+        SYN_ACK => {
+            skip_digest(buf)?;
+            sections(&decompress(buf)?)
+        }
+        ACK => sections(&decompress(buf)?),
+        other => Err(format!("chitchat message type {other}")),
+    }
+}
+
+fn take<const N: usize>(buf: &mut &[u8]) -> Result<[u8; N], String> {
+    <[u8; N]>::deserialize(buf).map_err(|e| e.to_string())
+}
+
+fn field<T: Deserializable>(buf: &mut &[u8]) -> Result<T, String> {
+    T::deserialize(buf).map_err(|e| e.to_string())
+}
+
+/// A digest: a node count, then per node its id, heartbeat, last GC version and max version.
+fn skip_digest(buf: &mut &[u8]) -> Result<(), String> {
+    let nodes = field::<u16>(buf)?;
+    for _ in 0..nodes {
+        field::<ChitchatId>(buf)?;
+        for _ in 0..3 {
+            field::<u64>(buf)?;
+        }
+    }
+    Ok(())
+}
+
+/// The delta's blocks, concatenated: type 0 ends, 1 is zstd with a u16 length, 2 is raw with a
+/// u16 length.
+fn decompress(buf: &mut &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    loop {
+        let [block] = take::<1>(buf)?;
+        if block == 0 {
+            return Ok(out);
+        }
+        let len = usize::from(field::<u16>(buf)?);
+        let bytes = buf.get(..len).ok_or("a block past the message's end")?;
+        *buf = &buf[len..];
+        match block {
+            1 => {
+                let plain = zstd::bulk::decompress(bytes, MAX_BLOCK).map_err(|e| format!("a block: {e}"))?;
+                out.extend_from_slice(&plain);
+            }
+            2 => out.extend_from_slice(bytes),
+            other => return Err(format!("block type {other}")),
+        }
+        if out.len() > MAX_DECOMPRESSED {
+            return Err(format!("a delta over {} MiB", MAX_DECOMPRESSED >> 20));
+        }
+    }
+}
+
+/// Operations: tag 0 a node header (id, last GC version, from version), 1 a key-value mutation
+/// of the last node (key, value, version, status), 2 the last node's max version.
+fn sections(mut ops: &[u8]) -> Result<Vec<NodeSection>, String> {
+    let buf = &mut ops;
+    let mut out: Vec<NodeSection> = Vec::new();
+    while !buf.is_empty() {
+        let [tag] = take::<1>(buf)?;
+        match tag {
+            0 => out.push(NodeSection {
+                id: field(buf)?,
+                last_gc_version: field(buf)?,
+                from_version_excluded: field(buf)?,
+                key_values: Vec::new(),
+                set_max_version: None,
+            }),
+            1 => {
+                let kv = KeyValue { key: field(buf)?, value: field(buf)?, version: field(buf)?, status: field(buf)? };
+                out.last_mut().ok_or("a value before any node")?.key_values.push(kv);
+            }
+            2 => {
+                let max = field::<u64>(buf)?;
+                out.last_mut().ok_or("a max version before any node")?.set_max_version = Some(max);
+            }
+            other => return Err(format!("delta operation {other}")),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chitchat::Serializable;
+
+    fn ack(blocks: &[(u8, Vec<u8>)]) -> Vec<u8> {
+        let mut msg = MAGIC.to_le_bytes().to_vec();
+        msg.extend_from_slice(&[PROTOCOL_V0, ACK]);
+        for (kind, bytes) in blocks {
+            msg.push(*kind);
+            (bytes.len() as u16).serialize(&mut msg);
+            msg.extend_from_slice(bytes);
+        }
+        msg.push(0);
+        msg
+    }
+
+    fn ops() -> (ChitchatId, Vec<u8>) {
+        let id = ChitchatId::new("b".to_string(), 7, "127.0.0.1:9".parse().unwrap());
+        let mut ops = vec![0u8];
+        id.serialize(&mut ops);
+        0u64.serialize(&mut ops);
+        3u64.serialize(&mut ops);
+        ops.push(1);
+        "load".to_string().serialize(&mut ops);
+        "sig.{}".to_string().serialize(&mut ops);
+        4u64.serialize(&mut ops);
+        ops.push(STATUS_SET);
+        (id, ops)
+    }
+
+    #[test]
+    fn a_delta_reads_alike_from_raw_and_compressed_blocks() {
+        let (id, ops) = ops();
+        let want = vec![NodeSection {
+            id,
+            last_gc_version: 0,
+            from_version_excluded: 3,
+            key_values: vec![KeyValue { key: "load".into(), value: "sig.{}".into(), version: 4, status: 0 }],
+            set_max_version: None,
+        }];
+        assert_eq!(delta_sections(&ack(&[(2, ops.clone())])).unwrap(), want);
+        let packed = zstd::bulk::compress(&ops, 0).unwrap();
+        assert_eq!(delta_sections(&ack(&[(1, packed)])).unwrap(), want);
+        // Split across blocks mid-operation, as chitchat's writer may.
+        let (head, tail) = ops.split_at(10);
+        assert_eq!(delta_sections(&ack(&[(2, head.to_vec()), (2, tail.to_vec())])).unwrap(), want);
+    }
+
+    #[test]
+    fn mangled_messages_are_errors_never_panics() {
+        let (_, ops) = ops();
+        let msg = ack(&[(2, ops)]);
+        for cut in 0..msg.len() - 1 {
+            assert!(delta_sections(&msg[..cut]).is_err(), "a message cut at {cut} read whole");
+        }
+        for i in 0..msg.len() {
+            for bit in 0..8 {
+                let mut m = msg.clone();
+                m[i] ^= 1 << bit;
+                let _ = delta_sections(&m);
+            }
+        }
+        // A value before any node, and an unknown operation.
+        assert!(delta_sections(&ack(&[(2, vec![1, 0, 0])])).is_err());
+        assert!(delta_sections(&ack(&[(2, vec![9])])).is_err());
+        // A SYN carries no delta.
+        let mut syn = MAGIC.to_le_bytes().to_vec();
+        syn.extend_from_slice(&[PROTOCOL_V0, SYN]);
+        assert_eq!(delta_sections(&syn).unwrap(), Vec::new());
+    }
+}
