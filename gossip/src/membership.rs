@@ -144,7 +144,7 @@ impl Membership {
         };
         let signer = endpoint.state_signer().clone();
         let checker = Arc::new(Mutex::new(Checker::new(signer.clone(), &cfg.cluster_id)));
-        let rejected = checker.lock().map_err(|_| GossipError::Start("checker".into()))?.rejected.clone();
+        let rejected = checker.lock().unwrap_or_else(std::sync::PoisonError::into_inner).rejected.clone();
         let transport = QuicTransport::new(endpoint, inbox, cfg.channel, checker.clone());
         // Nothing before it is signed: the values are set below, each sealed with the version
         // chitchat gives it.
@@ -174,7 +174,7 @@ impl Membership {
             let mut prev: Arc<Vec<Peer>> = Arc::new(Vec::new());
             loop {
                 let peers = {
-                    let Ok(mut check) = view_checker.lock() else { break };
+                    let mut check = view_checker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                     Arc::new(peers_from(&live.borrow_and_update(), &me, &prev, &mut check))
                 };
                 prev = peers.clone();
@@ -368,7 +368,8 @@ fn set_sealed(
         return Ok(());
     }
     let version = state.max_version() + 1;
-    let sealed = signed::seal(signer, cluster, &id, key, version, value)?;
+    let index = signed::index_of(state, Some((key, version)));
+    let sealed = signed::seal(signer, cluster, &id, key, version, &index, value)?;
     state.set(key, sealed);
     debug_assert_eq!(state.get_versioned(key).map(|v| v.version), Some(version));
     Ok(())
@@ -393,9 +394,10 @@ async fn sample_heartbeats(
         let beats: Vec<((String, u64), u64)> = {
             let c = chitchat.lock().await;
             // What was checked of nodes chitchat no longer holds is forgotten.
-            if let Ok(mut checker) = checker.lock() {
-                checker.retain(|id| c.node_states().contains_key(id));
-            }
+            checker
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .retain(|id| c.node_states().contains_key(id));
             c.live_nodes()
                 .filter(|id| **id != me)
                 .filter_map(|id| {
@@ -433,9 +435,17 @@ fn peers_from(
     for (id, state) in states {
         let before = prev.iter().find(|p| p.node_id == *id.node_id && p.generation == id.generation_id);
         let peer = checker.reader(id, state).and_then(|mut reader| read_peer(&mut reader, id, me, before));
+        let whole = !matches!(peer, Err(Rejection::Incomplete));
+        let stand_in = checker.note_incomplete(id, whole);
         let peer = match peer {
             Ok(Some(peer)) => peer,
             Ok(None) => continue,
+            // Values still arriving (or left out by a relay): the last whole state stands in
+            // for a while (`signed::INCOMPLETE_GRACE`), then the node is left out.
+            Err(Rejection::Incomplete) => match before {
+                Some(last) if stand_in => last.clone(),
+                _ => continue,
+            },
             Err(Rejection::NoCertificate) => {
                 tracing::debug!(peer = %id.node_id, "state without a certificate yet");
                 continue;
@@ -459,6 +469,7 @@ fn read_peer(
     me: &ChitchatId,
     before: Option<&Peer>,
 ) -> Result<Option<Peer>, Rejection> {
+    reader.check_whole()?;
     let mut kv_shards = Vec::with_capacity(KV_SHARDS);
     for i in 0..KV_SHARDS {
         let shard = reader.get_versioned(&kv_shard_key(i))?.map(|(version, value)| {

@@ -73,21 +73,27 @@ impl Socket for QuicSocket {
                 continue;
             }
             // Signed state only: a delta is checked on its bytes, before chitchat applies it.
-            let sections = match wire::delta_sections(&payload) {
-                Ok(sections) => sections,
+            let msg = match wire::read(&payload) {
+                Ok(msg) => msg,
                 Err(why) => {
                     tracing::warn!(peer = %from, error = %why, "undecodable gossip message dropped");
                     continue;
                 }
             };
-            if !sections.is_empty() {
-                let Ok(mut checker) = self.checker.lock() else {
-                    return Err(anyhow::anyhow!("gossip checker poisoned"));
-                };
-                if checker.admit(&sections).is_err() {
+            let payload = {
+                let mut checker = self.checker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if !msg.sections.is_empty() && checker.admit(&msg.sections).is_err() {
                     continue;
                 }
-            }
+                // A digest names members and carries their heartbeats, unsigned: chitchat would
+                // create a member from a digest alone and repeat it in its own digests. Only
+                // members whose signed state this node has checked stay; others arrive with
+                // their state in a delta.
+                match wire::filter_digest(&payload, &msg, |id| checker.certified(id)) {
+                    Some(filtered) => bytes::Bytes::from(filtered),
+                    None => payload,
+                }
+            };
             match ChitchatMessage::deserialize(&mut payload.as_ref()) {
                 Ok(msg) => return Ok((from, msg)),
                 Err(e) => tracing::warn!(peer = %from, error = %e, "undecodable gossip message dropped"),

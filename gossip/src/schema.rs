@@ -1,5 +1,5 @@
 //! What each node publishes, as chitchat key-values. Every value is JSON, sealed with the node's
-//! signature as `{signature}.{json}` (`signed`). The key `v` holds
+//! signature as `{signature}.{index}.{json}` (`signed`). The key `v` holds
 //! the schema version: a node ignores peers on a different major version instead of misreading
 //! them.
 //!

@@ -1,8 +1,9 @@
-//! Signed values: every value a node gossips about itself is `{signature}.{payload}`, the
-//! signature its author's (`kvmesh_transport::signing`) over the cluster id, the author's full
-//! chitchat id (name, generation, gossip address), the key, the value's chitchat version and
-//! the payload. The author also publishes its certificate chain under `cert`, signed the same
-//! way.
+//! Signed values: every value a node gossips about itself is `{signature}.{index}.{payload}`,
+//! the signature its author's (`kvmesh_transport::signing`) over the cluster id, the author's
+//! full chitchat id (name, generation, gossip address), the key, the value's chitchat version,
+//! the index and the payload. The index is a digest of the author's whole state as this value
+//! made it: every key with its version (`state_index`). The author also publishes its
+//! certificate chain under `cert`, sealed the same way.
 //!
 //! chitchat relays every member's state through every other, and the connection a delta
 //! arrives on authenticates only the relay. A reader therefore uses a peer's value only when
@@ -10,19 +11,30 @@
 //! the peer's name): a member cannot put words in another's mouth, move them to another
 //! address or generation, or replay an old value under a newer version.
 //!
-//! Values are checked twice. A message's delta is checked before chitchat applies it
-//! (`Checker::admit`, on the bytes: `wire`): every value it carries must be signed at its
-//! version, and nothing in it may reset a node's state or raise its version without a signed
-//! value, so a member cannot stall another's updates by relaying a forged value under a higher
-//! version; a message that fails is dropped whole. The view checks again what it reads
-//! (`Checker::reader`), mostly from the cache `admit` filled, and leaves a state that fails
-//! out whole. kvmesh never deletes a key (a withdrawn key is set to an empty payload), so an
-//! honest delta carries neither tombstones nor GC versions. Heartbeats, in digests, are not
-//! signed: a member can keep a dead peer looking alive until its connections fail.
+//! Checked three ways:
+//! - A message's delta, before chitchat applies it (`Checker::admit`, on the bytes: `wire`):
+//!   every value must be signed at its version, and nothing may reset a node's state, raise its
+//!   version without a signed value, or delete a key, so a relay cannot push a node's version
+//!   past its author's; a message that fails is dropped whole. kvmesh never deletes a key (a
+//!   withdrawn key is set to an empty payload), so honest deltas carry neither tombstones nor
+//!   GC versions.
+//! - A message's digest: only members whose certificate was checked here stay in it
+//!   (`wire::filter_digest`), so a digest cannot create members.
+//! - The state the view reads (`Checker::reader`): each value, mostly from the cache `admit`
+//!   filled, and the whole: the value at the state's highest version must carry the index of
+//!   the state as held. A relay that left values out of a delta (chitchat then never asks for
+//!   them again) leaves a state that fails this, so the view never uses a state with values
+//!   missing or rolled back; it keeps the node's last whole state for a few seconds (a delta
+//!   cut by chitchat's MTU completes within rounds) and then leaves the node out.
+//!
+//! Not covered: heartbeats (in digests) are unsigned, so a member can keep a node it has seen
+//! looking alive; and a member that leaves values out of another node's delta takes that node
+//! out of the receiver's view (availability, not integrity) until the node restarts.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use chitchat::{ChitchatId, NodeState};
 use kvmesh_transport::{AuthorKey, StateSigner};
@@ -38,10 +50,11 @@ const CONTEXT: &[u8] = b"kvmesh gossip value v2";
 
 /// The bytes a value's signature covers. Every field is length-prefixed, so no two distinct
 /// inputs share an encoding.
-fn message(cluster: &str, id: &ChitchatId, key: &str, version: u64, payload: &str) -> Vec<u8> {
+fn message(cluster: &str, id: &ChitchatId, key: &str, version: u64, index: &str, payload: &str) -> Vec<u8> {
     let addr = id.gossip_advertise_addr.to_string();
-    let mut m = Vec::with_capacity(CONTEXT.len() + cluster.len() + id.node_id.len() + key.len() + payload.len() + 64);
-    for field in [CONTEXT, cluster.as_bytes(), id.node_id.as_bytes(), addr.as_bytes(), key.as_bytes()] {
+    let mut m = Vec::with_capacity(CONTEXT.len() + cluster.len() + id.node_id.len() + key.len() + payload.len() + 128);
+    for field in [CONTEXT, cluster.as_bytes(), id.node_id.as_bytes(), addr.as_bytes(), key.as_bytes(), index.as_bytes()]
+    {
         m.extend_from_slice(&(field.len() as u64).to_be_bytes());
         m.extend_from_slice(field);
     }
@@ -52,23 +65,68 @@ fn message(cluster: &str, id: &ChitchatId, key: &str, version: u64, payload: &st
     m
 }
 
-/// `payload` sealed as the value of `key` at `version` in the state of `id`.
+/// `payload` sealed as the value of `key` at `version` in the state of `id`, which holds the
+/// keys and versions `index` digests (`state_index`) once the value is set.
 pub fn seal(
     signer: &StateSigner,
     cluster: &str,
     id: &ChitchatId,
     key: &str,
     version: u64,
+    index: &str,
     payload: &str,
 ) -> Result<String, GossipError> {
-    let sig = signer.sign(&message(cluster, id, key, version, payload))?;
-    Ok(format!("{sig}.{payload}"))
+    let sig = signer.sign(&message(cluster, id, key, version, index, payload))?;
+    Ok(format!("{sig}.{index}.{payload}"))
+}
+
+/// A sealed value's parts. The signature and the index are base64url, which has no `.`, so
+/// the payload is everything after the second one.
+struct Opened<'a> {
+    sig: &'a str,
+    index: &'a str,
+    payload: &'a str,
+}
+
+fn open(value: &str) -> Option<Opened<'_>> {
+    let mut parts = value.splitn(3, '.');
+    Some(Opened { sig: parts.next()?, index: parts.next()?, payload: parts.next()? })
 }
 
 /// The payload of a sealed value, unchecked: for this node's own state and for chitchat's
 /// liveness predicate (which only gates; the view checks).
 pub fn payload(value: &str) -> Option<&str> {
-    value.split_once('.').map(|(_, p)| p)
+    open(value).map(|o| o.payload)
+}
+
+/// The index of a state: SHA-256 over its keys and their versions, in key order, base64url.
+pub fn state_index<'a>(entries: impl IntoIterator<Item = (&'a str, u64)>) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for (key, version) in entries {
+        h.update((key.len() as u64).to_be_bytes());
+        h.update(key.as_bytes());
+        h.update(version.to_be_bytes());
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(h.finalize())
+}
+
+/// The index of `state` as held, and as it will be with `key` set at `version`.
+pub fn index_of(state: &NodeState, with: Option<(&str, u64)>) -> String {
+    let mut entries: std::collections::BTreeMap<&str, u64> =
+        state.key_values_including_deleted().map(|(k, v)| (k, v.version)).collect();
+    if let Some((key, version)) = with {
+        entries.insert(key, version);
+    }
+    state_index(entries)
+}
+
+/// A digest of a sealed value (SHA-256), to know a value already checked when another peer
+/// relays it again.
+fn digest(sealed: &str) -> [u8; 32] {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(sealed.as_bytes()).into()
 }
 
 /// Why a peer's state was left out of the view, or a message refused.
@@ -83,6 +141,9 @@ pub enum Rejection {
     /// A delta that would reset a node's state, raise its version without a value, delete a
     /// key, or carry more values than a node publishes.
     Shape(String),
+    /// The state holds other keys or versions than its newest value says it should: values
+    /// still arriving, or left out by a relay.
+    Incomplete,
 }
 
 impl std::fmt::Display for Rejection {
@@ -92,12 +153,25 @@ impl std::fmt::Display for Rejection {
             Self::Certificate(why) => write!(f, "certificate refused: {why}"),
             Self::BadSignature(key) => write!(f, "value of `{key}` not signed by its node"),
             Self::Shape(why) => write!(f, "{why}"),
+            Self::Incomplete => write!(f, "values missing from the state its newest value indexes"),
         }
     }
 }
 
 /// Values one node section of a delta may carry: the schema's keys and its cells keys.
 const MAX_SECTION_VALUES: usize = crate::schema::MAX_CELL_KEYS + 64;
+/// Values one message may carry: a chitchat delta is at most 65,507 bytes, and a value takes
+/// at least a signature (about 100 bytes), so honest messages carry under 700. Each new one
+/// costs a signature check (about 80 µs), so this bounds a message's cost to a fraction of a
+/// second.
+const MAX_MESSAGE_VALUES: usize = 2048;
+/// How long what was checked of a node is kept after chitchat forgot it (and before chitchat
+/// first holds it: a message is checked before chitchat applies it).
+const FORGET_AFTER: Duration = Duration::from_secs(120);
+/// How long a node's last whole state stands in while its state is not whole: chitchat sends
+/// a node's values over rounds when they exceed its MTU, so an honest state completes within
+/// a few rounds.
+pub const INCOMPLETE_GRACE: Duration = Duration::from_secs(10);
 
 /// Checks peers' values, remembering what it checked: a value once per version, a certificate
 /// once per version of `cert`. Shared by the transport (`admit`) and the view (`reader`);
@@ -105,12 +179,17 @@ const MAX_SECTION_VALUES: usize = crate::schema::MAX_CELL_KEYS + 64;
 pub struct Checker {
     signer: Arc<StateSigner>,
     cluster: String,
-    /// Per chitchat id: the `cert` version and its key, or why it was refused.
-    authors: HashMap<ChitchatId, (u64, Result<AuthorKey, String>)>,
-    /// (chitchat id, key) -> the version whose signature checked.
-    checked: HashMap<(ChitchatId, String), u64>,
+    /// Per chitchat id: the `cert` version and its key (or why it was refused), and when it
+    /// was last checked.
+    authors: HashMap<ChitchatId, (u64, Result<AuthorKey, String>, Instant)>,
+    /// (chitchat id, key) -> the version whose signature checked, and a digest of the sealed
+    /// value: the same update relayed by several peers is checked once.
+    checked: HashMap<(ChitchatId, String), (u64, [u8; 32])>,
     /// States left out of a view and messages dropped since start.
     pub rejected: Arc<AtomicU64>,
+    /// Since when a node's state has not been whole (`Reader::check_whole`).
+    /// (since when, whether counted as rejected yet).
+    incomplete_since: HashMap<ChitchatId, (Instant, bool)>,
 }
 
 impl Checker {
@@ -121,6 +200,7 @@ impl Checker {
             authors: HashMap::new(),
             checked: HashMap::new(),
             rejected: Arc::new(AtomicU64::new(0)),
+            incomplete_since: HashMap::new(),
         }
     }
 
@@ -128,7 +208,11 @@ impl Checker {
     /// and bare version raises, and every value signed by its node at its version (the node's
     /// certificate taken from the section, or known from an earlier one).
     pub fn admit(&mut self, sections: &[NodeSection]) -> Result<(), Rejection> {
-        let checked = sections.iter().try_for_each(|s| self.admit_section(s));
+        let values: usize = sections.iter().map(|s| s.key_values.len()).sum();
+        let checked = match values > MAX_MESSAGE_VALUES {
+            true => Err(Rejection::Shape(format!("{values} values in one message"))),
+            false => sections.iter().try_for_each(|s| self.admit_section(s)),
+        };
         if let Err(why) = &checked {
             self.rejected.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %why, "gossip message dropped: it carries state its node did not sign");
@@ -138,6 +222,10 @@ impl Checker {
 
     fn admit_section(&mut self, s: &NodeSection) -> Result<(), Rejection> {
         let who = &s.id.node_id;
+        if s.key_values.is_empty() && s.set_max_version.is_none() && s.last_gc_version == 0 {
+            // A node header alone (chitchat's MTU cut before its first value) changes nothing.
+            return Ok(());
+        }
         if s.last_gc_version != 0 || s.set_max_version.is_some() {
             return Err(Rejection::Shape(format!("a delta for `{who}` that resets its state or raises its version")));
         }
@@ -148,25 +236,36 @@ impl Checker {
             return Err(Rejection::Shape(format!("a deletion of `{}` for `{who}`", kv.key)));
         }
         if let Some(cert) = s.key_values.iter().find(|kv| kv.key == KEY_CERT) {
-            let author = self.author(&s.id, &cert.value, cert.version);
-            if let Err(why) = &author {
-                return Err(Rejection::Certificate(format!("`{who}`: {why}")));
+            let slot = (s.id.clone(), KEY_CERT.to_owned());
+            let known = self.checked.get(&slot) == Some(&(cert.version, digest(&cert.value)))
+                && matches!(self.authors.get(&s.id), Some((v, Ok(_), _)) if *v == cert.version);
+            if !known {
+                let author = self.author(&s.id, &cert.value, cert.version);
+                if let Err(why) = &author {
+                    return Err(Rejection::Certificate(format!("`{who}`: {why}")));
+                }
+                self.authors.insert(s.id.clone(), (cert.version, author, Instant::now()));
+                self.checked.insert(slot, (cert.version, digest(&cert.value)));
             }
-            self.authors.insert(s.id.clone(), (cert.version, author));
         }
         let key = match self.authors.get(&s.id) {
-            Some((_, Ok(key))) => key.clone(),
-            Some((_, Err(why))) => return Err(Rejection::Certificate(format!("`{who}`: {why}"))),
+            Some((_, Ok(key), _)) => key.clone(),
+            Some((_, Err(why), _)) => return Err(Rejection::Certificate(format!("`{who}`: {why}"))),
             None => return Err(Rejection::NoCertificate),
         };
         for kv in s.key_values.iter().filter(|kv| kv.key != KEY_CERT) {
-            let ok = kv.value.split_once('.').is_some_and(|(sig, payload)| {
-                key.verify(&message(&self.cluster, &s.id, &kv.key, kv.version, payload), sig)
+            let slot = (s.id.clone(), kv.key.clone());
+            let sealed = (kv.version, digest(&kv.value));
+            if self.checked.get(&slot) == Some(&sealed) {
+                continue;
+            }
+            let ok = open(&kv.value).is_some_and(|o| {
+                key.verify(&message(&self.cluster, &s.id, &kv.key, kv.version, o.index, o.payload), o.sig)
             });
             if !ok {
                 return Err(Rejection::BadSignature(format!("{} of `{who}`", kv.key)));
             }
-            self.checked.insert((s.id.clone(), kv.key.clone()), kv.version);
+            self.checked.insert(slot, sealed);
         }
         Ok(())
     }
@@ -174,35 +273,62 @@ impl Checker {
     /// A reader of `state`'s checked values, once its certificate is accepted.
     pub fn reader<'a>(&'a mut self, id: &'a ChitchatId, state: &'a NodeState) -> Result<Reader<'a>, Rejection> {
         let cert = state.get_versioned(KEY_CERT).filter(|v| !v.is_deleted()).ok_or(Rejection::NoCertificate)?;
-        let fresh = !matches!(self.authors.get(id), Some((v, _)) if *v == cert.version);
+        let fresh = !matches!(self.authors.get(id), Some((v, _, _)) if *v == cert.version);
         if fresh {
             let author = self.author(id, &cert.value, cert.version);
             if let Err(why) = &author {
                 self.rejected.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(peer = %id.node_id, generation = id.generation_id, error = %why, "gossiped state refused: its certificate");
             }
-            self.authors.insert(id.clone(), (cert.version, author));
+            self.authors.insert(id.clone(), (cert.version, author, Instant::now()));
         }
         match self.authors.get(id) {
-            Some((_, Ok(key))) => Ok(Reader { key: key.clone(), id, state, checker: self }),
-            Some((_, Err(why))) => Err(Rejection::Certificate(why.clone())),
+            Some((_, Ok(key), _)) => Ok(Reader { key: key.clone(), id, state, checker: self }),
+            Some((_, Err(why), _)) => Err(Rejection::Certificate(why.clone())),
             None => Err(Rejection::NoCertificate),
         }
     }
 
     fn author(&self, id: &ChitchatId, sealed: &str, version: u64) -> Result<AuthorKey, String> {
-        let (sig, chain) = sealed.split_once('.').ok_or("not a sealed value")?;
-        let key = self.signer.author(chain, &id.node_id).map_err(|e| e.to_string())?;
-        match key.verify(&message(&self.cluster, id, KEY_CERT, version, chain), sig) {
+        let o = open(sealed).ok_or("not a sealed value")?;
+        let key = self.signer.author(o.payload, &id.node_id).map_err(|e| e.to_string())?;
+        match key.verify(&message(&self.cluster, id, KEY_CERT, version, o.index, o.payload), o.sig) {
             true => Ok(key),
             false => Err("the certificate's value is not signed by its own key".into()),
         }
     }
 
-    /// Forgets the nodes `keep` says chitchat no longer holds.
-    pub fn retain(&mut self, keep: impl Fn(&ChitchatId) -> bool) {
-        self.authors.retain(|id, _| keep(id));
-        self.checked.retain(|(id, _), _| keep(id));
+    /// Notes whether `id`'s state is whole; for one that is not, whether it has been so for
+    /// less than `INCOMPLETE_GRACE` (its last whole state may still be used). The first time
+    /// the grace runs out it is counted as a rejection and logged.
+    pub fn note_incomplete(&mut self, id: &ChitchatId, whole: bool) -> bool {
+        if whole {
+            self.incomplete_since.remove(id);
+            return false;
+        }
+        let now = Instant::now();
+        let (since, counted) = self.incomplete_since.entry(id.clone()).or_insert((now, false));
+        let within = now.duration_since(*since) < INCOMPLETE_GRACE;
+        if !within && !*counted {
+            *counted = true;
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %id.node_id, generation = id.generation_id, "gossiped state refused: values missing from what its newest value indexes, for 10 s");
+        }
+        within
+    }
+
+    /// Whether `id`'s certificate was checked and accepted here.
+    pub fn certified(&self, id: &ChitchatId) -> bool {
+        matches!(self.authors.get(id), Some((_, Ok(_), _)))
+    }
+
+    /// Forgets the nodes `held` says chitchat no longer holds, once not checked for a while.
+    pub fn retain(&mut self, held: impl Fn(&ChitchatId) -> bool) {
+        let now = Instant::now();
+        self.authors.retain(|id, (_, _, at)| held(id) || now.duration_since(*at) < FORGET_AFTER);
+        let authors = &self.authors;
+        self.checked.retain(|(id, _), _| authors.contains_key(id));
+        self.incomplete_since.retain(|id, _| authors.contains_key(id));
     }
 }
 
@@ -220,15 +346,16 @@ impl<'a> Reader<'a> {
     pub fn get_versioned(&mut self, key: &str) -> Result<Option<(u64, &'a str)>, Rejection> {
         let Some(v) = self.state.get_versioned(key).filter(|v| !v.is_deleted()) else { return Ok(None) };
         let slot = (self.id.clone(), key.to_owned());
+        let sealed = (v.version, digest(&v.value));
         let ok = match self.checker.checked.get(&slot) {
-            Some(version) if *version == v.version => true,
+            Some(known) if *known == sealed => true,
             _ => {
-                let ok = v.value.split_once('.').is_some_and(|(sig, payload)| {
-                    self.key.verify(&message(&self.checker.cluster, self.id, key, v.version, payload), sig)
+                let ok = open(&v.value).is_some_and(|o| {
+                    self.key.verify(&message(&self.checker.cluster, self.id, key, v.version, o.index, o.payload), o.sig)
                 });
                 match ok {
                     true => {
-                        self.checker.checked.insert(slot, v.version);
+                        self.checker.checked.insert(slot, sealed);
                     }
                     false => {
                         self.checker.rejected.fetch_add(1, Ordering::Relaxed);
@@ -242,6 +369,20 @@ impl<'a> Reader<'a> {
             (true, Some("")) => Ok(None),
             (true, Some(p)) => Ok(Some((v.version, p))),
             _ => Err(Rejection::BadSignature(key.to_owned())),
+        }
+    }
+
+    /// Whether the state is whole: its newest value (signed) indexes exactly the keys and
+    /// versions the state holds.
+    pub fn check_whole(&mut self) -> Result<(), Rejection> {
+        let max = self.state.max_version();
+        let (key, top) =
+            self.state.key_values_including_deleted().find(|(_, v)| v.version == max).ok_or(Rejection::Incomplete)?;
+        self.get_versioned(key)?;
+        let index = open(&top.value).map(|o| o.index).ok_or_else(|| Rejection::BadSignature(key.to_owned()))?;
+        match index == index_of(self.state, None) {
+            true => Ok(()),
+            false => Err(Rejection::Incomplete),
         }
     }
 

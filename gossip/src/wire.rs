@@ -19,9 +19,9 @@ const SYN_ACK: u8 = 1;
 const ACK: u8 = 2;
 const BAD_CLUSTER: u8 = 3;
 
-/// A delta's decompressed operations may not exceed this (the transport already bounds a
-/// message's compressed blocks: `quic::MAX_COMPRESSED_BLOCKS`).
-const MAX_DECOMPRESSED: usize = 64 << 20;
+/// A delta's decompressed operations may not exceed this. chitchat cuts a delta at 65,507
+/// bytes compressed, written in blocks of 16 KiB before compression.
+const MAX_DECOMPRESSED: usize = 4 << 20;
 /// A compressed block decompresses into at most this, as chitchat's reader allows.
 const MAX_BLOCK: usize = u16::MAX as usize;
 
@@ -50,25 +50,75 @@ pub struct KeyValue {
 
 /// The node sections a message's delta carries: none for a SYN (a digest only) or a
 /// BAD_CLUSTER. An error for bytes chitchat 0.11 would not have written.
-pub fn delta_sections(mut buf: &[u8]) -> Result<Vec<NodeSection>, String> {
-    let buf = &mut buf;
-    let magic = u16::from_le_bytes(take::<2>(buf)?);
+pub fn delta_sections(payload: &[u8]) -> Result<Vec<NodeSection>, String> {
+    Ok(read(payload)?.sections)
+}
+
+/// A message as read: its digest's members (each with its bytes' span in the message, so
+/// that the digest can be written again without some of them) and its delta's sections.
+#[derive(Debug, Default)]
+pub struct Message {
+    /// Where the digest's member count starts; `None` without a digest.
+    pub digest_at: Option<usize>,
+    pub digest: Vec<(ChitchatId, std::ops::Range<usize>)>,
+    /// Where the digest ends.
+    pub digest_end: usize,
+    pub sections: Vec<NodeSection>,
+}
+
+/// Reads a message: an error for bytes chitchat 0.11 would not have written.
+pub fn read(payload: &[u8]) -> Result<Message, String> {
+    let mut buf = payload;
+    let at = |buf: &[u8]| payload.len() - buf.len();
+    let magic = u16::from_le_bytes(take::<2>(&mut buf)?);
     if magic != MAGIC {
         return Err("not a chitchat message (magic number)".into());
     }
-    let [version, kind] = take::<2>(buf)?;
+    let [version, kind] = take::<2>(&mut buf)?;
     if version != PROTOCOL_V0 {
         return Err(format!("chitchat protocol version {version}"));
     }
-    match kind {
-        SYN | BAD_CLUSTER => Ok(Vec::new()),
-        SYN_ACK => {
-            skip_digest(buf)?;
-            sections(&decompress(buf)?)
+    let mut msg = Message::default();
+    if kind == SYN || kind == SYN_ACK {
+        msg.digest_at = Some(at(buf));
+        let nodes = field::<u16>(&mut buf)?;
+        for _ in 0..nodes {
+            let start = at(buf);
+            let id = field::<ChitchatId>(&mut buf)?;
+            for _ in 0..3 {
+                field::<u64>(&mut buf)?;
+            }
+            msg.digest.push((id, start..at(buf)));
         }
-        ACK => sections(&decompress(buf)?),
-        other => Err(format!("chitchat message type {other}")),
+        msg.digest_end = at(buf);
     }
+    match kind {
+        SYN => {
+            field::<String>(&mut buf)?;
+        }
+        BAD_CLUSTER => {}
+        SYN_ACK | ACK => msg.sections = sections(&decompress(&mut buf)?)?,
+        other => return Err(format!("chitchat message type {other}")),
+    }
+    Ok(msg)
+}
+
+/// `payload` with its digest keeping only the members `keep` accepts (the rest of the message
+/// as it was); `None` when every member is kept.
+pub fn filter_digest(payload: &[u8], msg: &Message, keep: impl Fn(&ChitchatId) -> bool) -> Option<Vec<u8>> {
+    let at = msg.digest_at?;
+    if msg.digest.iter().all(|(id, _)| keep(id)) {
+        return None;
+    }
+    let kept: Vec<_> = msg.digest.iter().filter(|(id, _)| keep(id)).collect();
+    let mut out = Vec::with_capacity(payload.len());
+    out.extend_from_slice(&payload[..at]);
+    out.extend_from_slice(&(kept.len() as u16).to_le_bytes());
+    for (_, span) in kept {
+        out.extend_from_slice(&payload[span.clone()]);
+    }
+    out.extend_from_slice(&payload[msg.digest_end..]);
+    Some(out)
 }
 
 fn take<const N: usize>(buf: &mut &[u8]) -> Result<[u8; N], String> {
@@ -77,18 +127,6 @@ fn take<const N: usize>(buf: &mut &[u8]) -> Result<[u8; N], String> {
 
 fn field<T: Deserializable>(buf: &mut &[u8]) -> Result<T, String> {
     T::deserialize(buf).map_err(|e| e.to_string())
-}
-
-/// A digest: a node count, then per node its id, heartbeat, last GC version and max version.
-fn skip_digest(buf: &mut &[u8]) -> Result<(), String> {
-    let nodes = field::<u16>(buf)?;
-    for _ in 0..nodes {
-        field::<ChitchatId>(buf)?;
-        for _ in 0..3 {
-            field::<u64>(buf)?;
-        }
-    }
-    Ok(())
 }
 
 /// The delta's blocks, concatenated: type 0 ends, 1 is zstd with a u16 length, 2 is raw with a
@@ -213,8 +251,37 @@ mod tests {
         assert!(delta_sections(&ack(&[(2, vec![1, 0, 0])])).is_err());
         assert!(delta_sections(&ack(&[(2, vec![9])])).is_err());
         // A SYN carries no delta.
-        let mut syn = MAGIC.to_le_bytes().to_vec();
-        syn.extend_from_slice(&[PROTOCOL_V0, SYN]);
-        assert_eq!(delta_sections(&syn).unwrap(), Vec::new());
+        assert_eq!(delta_sections(&syn(&[])).unwrap(), Vec::new());
+    }
+
+    fn syn(members: &[&ChitchatId]) -> Vec<u8> {
+        let mut msg = MAGIC.to_le_bytes().to_vec();
+        msg.extend_from_slice(&[PROTOCOL_V0, SYN]);
+        (members.len() as u16).serialize(&mut msg);
+        for id in members {
+            id.serialize(&mut msg);
+            for n in [5u64, 0, 9] {
+                n.serialize(&mut msg);
+            }
+        }
+        "cluster".to_string().serialize(&mut msg);
+        msg
+    }
+
+    #[test]
+    fn a_digest_is_written_again_without_the_members_left_out() {
+        let a = ChitchatId::new("a".to_string(), 1, "127.0.0.1:1".parse().unwrap());
+        let b = ChitchatId::new("b".to_string(), 2, "127.0.0.1:2".parse().unwrap());
+        let msg = syn(&[&a, &b]);
+        let read_back = read(&msg).unwrap();
+        assert_eq!(read_back.digest.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(), [a.clone(), b.clone()]);
+        assert!(filter_digest(&msg, &read_back, |_| true).is_none());
+        let filtered = filter_digest(&msg, &read_back, |id| *id == b).unwrap();
+        assert_eq!(filtered, syn(&[&b]));
+        // chitchat reads it as a message of its own.
+        assert!(matches!(
+            chitchat::ChitchatMessage::deserialize(&mut filtered.as_slice()),
+            Ok(chitchat::ChitchatMessage::Syn { .. })
+        ));
     }
 }

@@ -36,7 +36,7 @@ async fn start(dir: &std::path::Path, name: &str, cluster: &str, seeds: Vec<Stri
     TestNode { membership, endpoint, cancel }
 }
 
-async fn wait_for(what: &str, limit: Duration, f: impl Fn() -> bool) -> Duration {
+async fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
     let t = Instant::now();
     while !f() {
         assert!(t.elapsed() < limit, "timed out after {limit:?}: {what}");
@@ -184,11 +184,14 @@ async fn forge_b(
     // Signed as the real code signs, with the forger's own key: chitchat numbers initial values
     // 1, 2, ... in order.
     let signer = endpoint.state_signer().clone();
-    let initial = values
-        .iter()
-        .enumerate()
-        .map(|(i, (k, v))| (k.to_string(), seal(&signer, "c1", &chitchat_id, k, i as u64 + 1, v).unwrap()))
-        .collect();
+    let mut held: Vec<(&str, u64)> = Vec::new();
+    let mut initial = Vec::new();
+    for (i, (k, v)) in values.iter().enumerate() {
+        held.push((k, i as u64 + 1));
+        held.sort();
+        let index = kvmesh_gossip::signed::state_index(held.iter().copied());
+        initial.push((k.to_string(), seal(&signer, "c1", &chitchat_id, k, i as u64 + 1, &index, v).unwrap()));
+    }
     let checker = kvmesh_gossip::signed::Checker::new(signer.clone(), "c1");
     let transport =
         kvmesh_gossip::quic::QuicTransport::new(endpoint, inbox, 0, Arc::new(std::sync::Mutex::new(checker)));
@@ -318,13 +321,13 @@ async fn a_relayed_forgery_cannot_stall_another_members_updates() {
     let before = a.membership.rejected_states();
     let attacks = [
         // A forged load under a far higher version, unsigned and signed by m.
-        forged_ack(&b_id, 0, &[(KEY_LOAD, format!("AAAA.{forged}"), 1_000_000)], None),
+        forged_ack(&b_id, 0, &[(KEY_LOAD, format!("AAAA.x.{forged}"), 1_000_000)], None),
         forged_ack(
             &b_id,
             0,
             &[(
                 KEY_LOAD,
-                kvmesh_gossip::signed::seal(m.endpoint.state_signer(), "c1", &b_id, KEY_LOAD, 1_000_000, &forged)
+                kvmesh_gossip::signed::seal(m.endpoint.state_signer(), "c1", &b_id, KEY_LOAD, 1_000_000, "x", &forged)
                     .unwrap(),
                 1_000_000,
             )],
@@ -348,4 +351,132 @@ async fn a_relayed_forgery_cannot_stall_another_members_updates() {
         a.membership.peers().iter().any(|p| p.node_id == "b" && p.load == next)
     })
     .await;
+}
+
+/// A SYN-ACK as chitchat 0.11 writes it: a digest of one member (`id` at heartbeat `hb`) and
+/// one node section from `from` with the given values (key, sealed value, version).
+fn synack(id: &chitchat::ChitchatId, hb: u64, from: u64, values: &[(String, String, u64)]) -> Vec<u8> {
+    use chitchat::Serializable;
+    let mut msg = 45_139u16.to_le_bytes().to_vec();
+    msg.extend_from_slice(&[0, 1]);
+    1u16.serialize(&mut msg);
+    id.serialize(&mut msg);
+    for n in [hb, 0, 0] {
+        n.serialize(&mut msg);
+    }
+    let mut ops = vec![0u8];
+    id.serialize(&mut ops);
+    0u64.serialize(&mut ops);
+    from.serialize(&mut ops);
+    for (k, v, version) in values {
+        ops.push(1);
+        k.serialize(&mut ops);
+        v.serialize(&mut ops);
+        version.serialize(&mut ops);
+        ops.push(0);
+    }
+    msg.push(2);
+    (ops.len() as u16).serialize(&mut msg);
+    msg.extend_from_slice(&ops);
+    msg.push(0);
+    msg
+}
+
+/// Values `(key, payload)` sealed by `signer` for `id` as its node publishes them one after
+/// another from version `first`, over a state already holding `held` (key, version).
+fn publish(
+    signer: &kvmesh_transport::StateSigner,
+    id: &chitchat::ChitchatId,
+    held: &mut std::collections::BTreeMap<String, u64>,
+    first: u64,
+    values: &[(&str, String)],
+) -> Vec<(String, String, u64)> {
+    let mut out = Vec::new();
+    for (i, (key, payload)) in values.iter().enumerate() {
+        let version = first + i as u64;
+        held.insert(key.to_string(), version);
+        let index = kvmesh_gossip::signed::state_index(held.iter().map(|(k, v)| (k.as_str(), *v)));
+        let sealed = kvmesh_gossip::signed::seal(signer, "c1", id, key, version, &index, payload).unwrap();
+        out.push((key.to_string(), sealed, version));
+    }
+    out
+}
+
+/// A relay that leaves values out of a node's delta (chitchat then never asks for them again)
+/// never makes a peer use a state with some values new and others stale: the view keeps the
+/// node's last whole state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_leaves_values_out_never_makes_a_peer_use_a_mixed_state() {
+    use kvmesh_gossip::schema::{KEY_KV, KEY_LOAD, KEY_NODE, KEY_VERSION, SCHEMA_VERSION};
+    use kvmesh_gossip::signed::KEY_CERT;
+    use kvmesh_gossip::KvSummarySlot;
+    let dir = tempfile::tempdir().unwrap();
+    certs::create_ca(dir.path(), "t").unwrap();
+    let a = start(dir.path(), "a", "c1", vec![]).await;
+    let a_addr = a.endpoint.local_addr();
+    let m = start(dir.path(), "m", "c1", vec![a_addr.to_string()]).await;
+    let m_addr = m.endpoint.local_addr();
+    wait_for("a sees m", Duration::from_secs(3), || names(&a) == ["a", "m"]).await;
+
+    // c: an honest node's signed state (its address unused), relayed by m.
+    certs::create_node(dir.path(), dir.path(), "c").unwrap();
+    let (ca, crt, key) = TlsIdentity::paths_in(dir.path(), "c");
+    let c = kvmesh_transport::StateSigner::new(&TlsIdentity::load(&ca, &crt, &key).unwrap()).unwrap();
+    let c_id = chitchat::ChitchatId::new("c".to_string(), 1, "127.0.0.1:9".parse().unwrap());
+    let meta = |http: &str| {
+        serde_json::to_string(&NodeMeta {
+            role: NodeRole::Worker,
+            models: vec!["m".into()],
+            http_addr: http.into(),
+            quic_addr: "127.0.0.1:9".into(),
+        })
+        .unwrap()
+    };
+    let mut held = std::collections::BTreeMap::new();
+    let start_values = publish(
+        &c,
+        &c_id,
+        &mut held,
+        1,
+        &[
+            (KEY_CERT, c.chain().to_owned()),
+            (KEY_VERSION, SCHEMA_VERSION.to_string()),
+            (KEY_NODE, meta("127.0.0.1:1")),
+            (KEY_LOAD, serde_json::to_string(&LoadReport::default()).unwrap()),
+            (KEY_KV, serde_json::to_string(&KvSummarySlot::default()).unwrap()),
+        ],
+    );
+    let mut hb = 1;
+    wait_for("a sees c", Duration::from_secs(3), || {
+        hb += 1;
+        m.endpoint.send_gossip(a_addr, m_addr, synack(&c_id, hb, 0, &start_values));
+        a.membership.peers().iter().any(|p| p.node_id == "c")
+    })
+    .await;
+    let whole = a.membership.peers().iter().find(|p| p.node_id == "c").cloned().unwrap();
+
+    // c then publishes a new load (6) and a new address (7); m relays the address alone.
+    let next = publish(
+        &c,
+        &c_id,
+        &mut held,
+        6,
+        &[
+            (KEY_LOAD, serde_json::to_string(&LoadReport { engines: vec![engine(3)], held: 3 }).unwrap()),
+            (KEY_NODE, meta("127.0.0.1:77")),
+        ],
+    );
+    let before = a.membership.rejected_states();
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        hb += 1;
+        m.endpoint.send_gossip(a_addr, m_addr, synack(&c_id, hb, 5, &next[1..]));
+        if let Some(seen) = a.membership.peers().iter().find(|p| p.node_id == "c") {
+            assert_eq!(seen.meta, whole.meta, "a new address with a stale load was used");
+            assert_eq!(seen.load, whole.load);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The values did reach a (its chitchat took them), they were just never used.
+    assert_eq!(a.membership.rejected_states(), before, "nothing forged, nothing refused yet");
 }

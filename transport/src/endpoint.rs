@@ -66,9 +66,11 @@ pub type GossipInbox = mpsc::Receiver<(SocketAddr, Bytes)>;
 
 pub type RequestHandler = Arc<dyn Fn(IncomingRequest) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
-/// Largest forwarded request body and gossip message accepted from a peer.
+/// Largest forwarded request body and gossip message accepted from a peer. chitchat cuts a
+/// delta at 65,507 bytes (its datagram MTU); a SYN's digest grows by about 60 bytes a member,
+/// so 256 KiB carries a mesh of thousands and bounds what one message can cost to check.
 pub const MAX_REQUEST_BODY: usize = 64 * 1024 * 1024;
-pub const MAX_GOSSIP_MESSAGE: usize = 4 * 1024 * 1024;
+pub const MAX_GOSSIP_MESSAGE: usize = 256 * 1024;
 /// Forwarded request bodies held at once, from all peers together (KiB): a request that would
 /// pass it is reset (the origin retries elsewhere) instead of growing memory without bound.
 pub const PEER_BODY_BUDGET_KIB: usize = 512 * 1024;
