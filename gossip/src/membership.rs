@@ -373,16 +373,10 @@ fn peers_from(states: &std::collections::BTreeMap<ChitchatId, NodeState>, me: &C
             })
             .collect();
         // Decoded and bounded (`schema::MAX_*`): a peer's state is input like any other.
-        let Some(meta) = state.get(KEY_NODE).and_then(|v| serde_json::from_str::<NodeMeta>(v).ok()) else { continue };
-        let meta = meta.bounded();
-        let load =
-            state.get(KEY_LOAD).and_then(|v| serde_json::from_str::<LoadReport>(v).ok()).unwrap_or_default().bounded();
-        let kv = state.get(KEY_KV).and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
-        let usage = state
-            .get(KEY_USAGE)
-            .and_then(|v| serde_json::from_str::<UsageReport>(v).ok())
-            .unwrap_or_default()
-            .bounded();
+        let Some(meta) = state.get(KEY_NODE).and_then(NodeMeta::decode) else { continue };
+        let load = state.get(KEY_LOAD).and_then(LoadReport::decode).unwrap_or_default();
+        let kv = state.get(KEY_KV).and_then(KvSummarySlot::decode).unwrap_or_default();
+        let usage = state.get(KEY_USAGE).and_then(UsageReport::decode).unwrap_or_default();
         let cell_keys =
             state.iter_prefix(KEY_CELL).take(MAX_CELL_KEYS).map(|(k, v)| (k.to_owned(), v.value.clone())).collect();
         let peer = Peer {

@@ -192,7 +192,27 @@ fn short(s: &str) -> bool {
     s.len() <= MAX_NAME_BYTES
 }
 
+/// A peer's gossiped value, decoded (`None` when it is not the type's JSON) and bounded (the
+/// types' `bounded`): a peer's state is input like any other. `membership` reads every value
+/// of a peer's state through these.
+fn decode_bounded<T: for<'de> Deserialize<'de>>(value: &str, bounded: fn(T) -> T) -> Option<T> {
+    serde_json::from_str::<T>(value).ok().map(bounded)
+}
+
+impl KvSummarySlot {
+    /// A peer's `kv` value. Nothing to bound: its stride is clamped where it is used
+    /// (`policy::summary::MAX_STRIDE`).
+    pub fn decode(value: &str) -> Option<Self> {
+        decode_bounded(value, |s| s)
+    }
+}
+
 impl NodeMeta {
+    /// A peer's `node` value, decoded and bounded.
+    pub fn decode(value: &str) -> Option<Self> {
+        decode_bounded(value, Self::bounded)
+    }
+
     pub fn bounded(mut self) -> Self {
         self.models.retain(|m| short(m));
         self.models.truncate(MAX_MODELS);
@@ -201,6 +221,11 @@ impl NodeMeta {
 }
 
 impl LoadReport {
+    /// A peer's `load` value, decoded and bounded.
+    pub fn decode(value: &str) -> Option<Self> {
+        decode_bounded(value, Self::bounded)
+    }
+
     pub fn bounded(mut self) -> Self {
         self.engines.retain(|e| short(&e.name));
         self.engines.truncate(MAX_ENGINES_PER_NODE);
@@ -215,6 +240,11 @@ impl LoadReport {
 }
 
 impl UsageReport {
+    /// A peer's `usage` value, decoded and bounded.
+    pub fn decode(value: &str) -> Option<Self> {
+        decode_bounded(value, Self::bounded)
+    }
+
     pub fn bounded(mut self) -> Self {
         self.tenants.retain(|t, _| short(t));
         while self.tenants.len() > MAX_TENANTS {
