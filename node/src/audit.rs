@@ -687,13 +687,43 @@ impl std::fmt::Display for ChainBreak {
 
 /// Checks the chain across `files`, given oldest first (`FILE.1 FILE.2 FILE`).
 pub fn verify(files: &[PathBuf]) -> Result<VerifyReport, ChainBreak> {
-    let mut rep = VerifyReport::default();
-    let mut prev: Option<(u64, String, usize)> = None;
+    let mut chain = Chain::default();
     for (fi, path) in files.iter().enumerate() {
         let file = path.display().to_string();
-        let brk = |line: usize, why: String| ChainBreak { file: file.clone(), line, why };
-        let f = File::open(path).map_err(|e| brk(0, format!("cannot open: {e}")))?;
-        let mut reader = BufReader::new(f);
+        let f = File::open(path).map_err(|e| ChainBreak {
+            file: file.clone(),
+            line: 0,
+            why: format!("cannot open: {e}"),
+        })?;
+        chain.file(&file, BufReader::new(f), fi + 1 == files.len())?;
+    }
+    Ok(chain.report())
+}
+
+/// [`verify`] over files' contents in memory (named `0`, `1`, ...), oldest first. For the
+/// fuzz targets (`crate::fuzzing`).
+pub(crate) fn verify_bytes(files: &[&[u8]]) -> Result<VerifyReport, ChainBreak> {
+    let mut chain = Chain::default();
+    for (fi, bytes) in files.iter().enumerate() {
+        chain.file(&fi.to_string(), *bytes, fi + 1 == files.len())?;
+    }
+    Ok(chain.report())
+}
+
+/// A chain as `verify` reads it, file after file.
+#[derive(Default)]
+struct Chain {
+    rep: VerifyReport,
+    /// The last record: its seq, hash and line.
+    prev: Option<(u64, String, usize)>,
+}
+
+impl Chain {
+    /// Reads one file of the chain; `last`: no file follows (a torn last line is then a crash
+    /// mid-write, not a break).
+    fn file(&mut self, file: &str, mut reader: impl BufRead, last: bool) -> Result<(), ChainBreak> {
+        let brk = |line: usize, why: String| ChainBreak { file: file.to_owned(), line, why };
+        let rep = &mut self.rep;
         let mut lineno = 0usize;
         loop {
             let mut raw = Vec::new();
@@ -703,7 +733,7 @@ pub fn verify(files: &[PathBuf]) -> Result<VerifyReport, ChainBreak> {
             }
             lineno += 1;
             if raw.last() != Some(&b'\n') {
-                if fi + 1 == files.len() {
+                if last {
                     rep.torn_tail = true;
                     break;
                 }
@@ -712,7 +742,7 @@ pub fn verify(files: &[PathBuf]) -> Result<VerifyReport, ChainBreak> {
             raw.pop();
             let line = std::str::from_utf8(&raw).map_err(|_| brk(lineno, "not UTF-8".into()))?;
             let (seq, line_prev, hash, kind) = check_line(line).map_err(|why| brk(lineno, why))?;
-            match &prev {
+            match &self.prev {
                 None => {
                     if seq == 0 && line_prev != GENESIS {
                         return Err(brk(lineno, "seq 0 must follow the genesis hash".into()));
@@ -744,11 +774,15 @@ pub fn verify(files: &[PathBuf]) -> Result<VerifyReport, ChainBreak> {
                 }
             }
             rep.last_seq = Some(seq);
-            prev = Some((seq, hash, lineno));
+            self.prev = Some((seq, hash, lineno));
         }
+        Ok(())
     }
-    rep.last_hash = prev.map(|p| p.1);
-    Ok(rep)
+
+    fn report(mut self) -> VerifyReport {
+        self.rep.last_hash = self.prev.map(|p| p.1);
+        self.rep
+    }
 }
 
 enum Kind {
