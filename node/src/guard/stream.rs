@@ -233,6 +233,14 @@ impl Rewriter {
                         .entry((idx, field))
                         .or_insert_with(|| (StreamScanner::new(&self.rules.stream_rules, self.window), false));
                     if *done {
+                        // Text for a choice after it finished (or after `[DONE]`): no engine
+                        // sends it, and its scanner has released everything, so the rules could
+                        // not read it together with the text before it. Withheld, not passed
+                        // unread.
+                        if !scanner.is_empty() && text.as_deref().is_some_and(|t| !t.is_empty()) {
+                            field.set(c, String::new());
+                            changed = true;
+                        }
                         continue;
                     }
                     let mut released = scanner.push(&ctx, text.as_deref().unwrap_or(""))?;
@@ -554,6 +562,33 @@ fn find_event_end(buf: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn deny_secret() -> Vec<kvmesh_policy::guardrails::GuardrailConfig> {
+        vec![kvmesh_policy::guardrails::GuardrailConfig::Deny {
+            name: "no-secret".into(),
+            on: vec![Stage::Response],
+            patterns: vec!["secret".into()],
+            words: Vec::new(),
+        }]
+    }
+
+    /// Found by the `sse` fuzz target: a choice's text after its `finish_reason` passed
+    /// unscanned, so a word split around the finish reached the client.
+    #[test]
+    fn text_after_a_choice_finished_is_withheld() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"index\":0,\"text\":\"se\",\"finish_reason\":\"length\"}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"text\":\"cret secret\"}]}\n\n",
+            "data: [DONE]\n\n",
+            "data: {\"choices\":[{\"index\":0,\"text\":\"secret\"}]}\n\n",
+        );
+        let (out, denied) =
+            rewrite_for_fuzzing(&deny_secret(), 64, Endpoint::Completions, &[stream.as_bytes()]).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(denied, None);
+        assert!(!out.contains("cret") && !out.contains("secret"), "{out}");
+        assert!(out.contains("\"text\":\"se\""), "the text before the finish is sent: {out}");
+    }
 
     #[test]
     fn events_end_at_a_blank_line() {
