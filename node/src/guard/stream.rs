@@ -149,12 +149,17 @@ impl Rewriter {
 
     /// Handles one complete event (without its blank line); appends what to send to `out`.
     fn on_event(&mut self, ev: &str, flow: &mut Option<Flow>, out: &mut Vec<u8>) -> Result<(), guardrails::Denied> {
-        let data = ev.lines().find_map(|l| l.strip_prefix("data:")).map(str::trim_start);
-        let Some(data) = data else {
+        // The event's data as a client reads it: every `data:` line, joined by newlines (an
+        // event split over several lines is one JSON value to the client, and must be to the
+        // rules too).
+        let lines: Vec<&str> = ev.lines().filter_map(|l| l.strip_prefix("data:")).collect();
+        if lines.is_empty() {
             out.extend_from_slice(ev.as_bytes());
             out.extend_from_slice(b"\n\n");
             return Ok(());
-        };
+        }
+        let data = lines.iter().map(|l| l.strip_prefix(' ').unwrap_or(l)).collect::<Vec<_>>().join("\n");
+        let data = data.trim_start();
         if data == "[DONE]" {
             self.flush(flow, out)?;
             self.saw_done = true;
@@ -588,6 +593,20 @@ mod tests {
         assert_eq!(denied, None);
         assert!(!out.contains("cret") && !out.contains("secret"), "{out}");
         assert!(out.contains("\"text\":\"se\""), "the text before the finish is sent: {out}");
+    }
+
+    /// Found by the `sse` fuzz target: only an event's first `data:` line was read, so an event
+    /// whose JSON went on over a second line (one value to an SSE client) passed unscanned.
+    #[test]
+    fn an_event_over_several_data_lines_is_scanned_whole() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":\n",
+            "data: {\"content\":\"a secret\"}}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let (out, denied) = rewrite_for_fuzzing(&deny_secret(), 64, Endpoint::Chat, &[stream.as_bytes()]).unwrap();
+        assert_eq!(denied.map(|d| d.rule), Some("no-secret".to_owned()), "{}", String::from_utf8_lossy(&out));
+        assert!(!String::from_utf8_lossy(&out).contains("secret"));
     }
 
     #[test]
