@@ -250,6 +250,8 @@ def audit():
     write("audit", "sealed", b"\x01" + "\n".join([req % (0, 0), req % (1, 1), gap % (2, 5), req % (3, 3)]).encode() + b"\n")
     write("audit", "sealed-files", b"\x01" + "\n".join([req % (0, 0), "---", req % (1, 1), "---", gap % (2, 2)]).encode() + b"\n")
     write("audit", "sealed-mid-chain", b"\x01" + "\n".join([req % (5, 5), req % (6, 6)]).encode() + b"\n{\"torn")
+    # The numbers' limits (verify once overflowed on them).
+    write("audit", "sealed-limits", b"\x01" + "\n".join([gap % (2**64 - 1, 2**64 - 1), gap % (0, 2**64 - 1)]).encode() + b"\n")
     # Already sealed, as the node writes them.
     lines, prev = [], genesis
     for i in range(3):

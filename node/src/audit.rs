@@ -751,7 +751,7 @@ impl Chain {
                     rep.first_seq = Some(seq);
                 }
                 Some((pseq, phash, pline)) => {
-                    if seq != pseq + 1 {
+                    if pseq.checked_add(1) != Some(seq) {
                         return Err(brk(
                             lineno,
                             format!("seq {seq} follows seq {pseq} (line {pline}): records were deleted or reordered"),
@@ -770,7 +770,7 @@ impl Chain {
                 Kind::Request => rep.requests += 1,
                 Kind::Gap(d) => {
                     rep.gaps += 1;
-                    rep.dropped += d;
+                    rep.dropped = rep.dropped.saturating_add(d);
                 }
             }
             rep.last_seq = Some(seq);
@@ -914,6 +914,22 @@ mod tests {
         assert!(!rep.torn_tail);
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains("\"r100\""), "the failed record left nothing behind");
+    }
+
+    /// `verify` added up a chain's numbers unchecked: a record with seq `u64::MAX` followed by
+    /// another, or gap records dropping more than `u64::MAX` in all, overflowed (a panic where
+    /// overflow checks are on, a wrapped count or an accepted seq 0 where they are off).
+    #[test]
+    fn verify_survives_a_chain_at_the_numbers_limits() {
+        let gap = |seq: u64, prev: &str| chain_line(seq, prev, Entry::Gap { dropped: u64::MAX, time_ms: 0 }).unwrap();
+        let (a, ha) = gap(u64::MAX, GENESIS);
+        let (b, _) = gap(0, &ha);
+        let brk = verify_bytes(&[format!("{a}{b}").as_bytes()]).unwrap_err();
+        assert_eq!(brk.line, 2, "{brk}");
+        let (a, ha) = gap(7, GENESIS);
+        let (b, _) = gap(8, &ha);
+        let rep = verify_bytes(&[format!("{a}{b}").as_bytes()]).unwrap();
+        assert_eq!((rep.gaps, rep.dropped), (2, u64::MAX));
     }
 
     #[test]
