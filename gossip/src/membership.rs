@@ -482,15 +482,12 @@ fn read_peer(
         kv_shards.push(shard);
     }
     // Decoded and bounded (`schema::MAX_*`): a peer's state is input like any other.
-    let Some(meta) = reader.get(KEY_NODE)?.and_then(|v| serde_json::from_str::<NodeMeta>(v).ok()) else {
+    let Some(meta) = reader.get(KEY_NODE)?.and_then(NodeMeta::decode) else {
         return Ok(None);
     };
-    let meta = meta.bounded();
-    let load =
-        reader.get(KEY_LOAD)?.and_then(|v| serde_json::from_str::<LoadReport>(v).ok()).unwrap_or_default().bounded();
-    let kv = reader.get(KEY_KV)?.and_then(|v| serde_json::from_str(v).ok()).unwrap_or_default();
-    let usage =
-        reader.get(KEY_USAGE)?.and_then(|v| serde_json::from_str::<UsageReport>(v).ok()).unwrap_or_default().bounded();
+    let load = reader.get(KEY_LOAD)?.and_then(LoadReport::decode).unwrap_or_default();
+    let kv = reader.get(KEY_KV)?.and_then(KvSummarySlot::decode).unwrap_or_default();
+    let usage = reader.get(KEY_USAGE)?.and_then(UsageReport::decode).unwrap_or_default();
     let mut cell_keys = Vec::new();
     for key in reader.keys_with_prefix(KEY_CELL, MAX_CELL_KEYS) {
         if let Some(value) = reader.get(&key)? {

@@ -195,7 +195,27 @@ fn short(s: &str) -> bool {
     s.len() <= MAX_NAME_BYTES
 }
 
+/// A peer's gossiped value, decoded (`None` when it is not the type's JSON) and bounded (the
+/// types' `bounded`): a peer's state is input like any other. `membership` reads every value
+/// of a peer's state through these.
+fn decode_bounded<T: for<'de> Deserialize<'de>>(value: &str, bounded: fn(T) -> T) -> Option<T> {
+    serde_json::from_str::<T>(value).ok().map(bounded)
+}
+
+impl KvSummarySlot {
+    /// A peer's `kv` value. Nothing to bound: its stride is clamped where it is used
+    /// (`policy::summary::MAX_STRIDE`).
+    pub fn decode(value: &str) -> Option<Self> {
+        decode_bounded(value, |s| s)
+    }
+}
+
 impl NodeMeta {
+    /// A peer's `node` value, decoded and bounded.
+    pub fn decode(value: &str) -> Option<Self> {
+        decode_bounded(value, Self::bounded)
+    }
+
     pub fn bounded(mut self) -> Self {
         self.models.retain(|m| short(m));
         self.models.truncate(MAX_MODELS);
@@ -204,11 +224,26 @@ impl NodeMeta {
 }
 
 impl LoadReport {
+    /// A peer's `load` value, decoded and bounded.
+    pub fn decode(value: &str) -> Option<Self> {
+        decode_bounded(value, Self::bounded)
+    }
+
     pub fn bounded(mut self) -> Self {
         self.engines.retain(|e| short(&e.name));
         self.engines.truncate(MAX_ENGINES_PER_NODE);
         self.held = self.held.min(MAX_HELD);
         for e in &mut self.engines {
+            // JSON holds no infinity, but an f32 read from a number past its range is one:
+            // such a report would not survive gossip again, and routing would score on it.
+            e.kv_usage = if e.kv_usage.is_finite() { e.kv_usage.clamp(0.0, 1.0) } else { 0.0 };
+            e.tokens_per_s = if e.tokens_per_s.is_finite() { e.tokens_per_s.max(0.0) } else { 0.0 };
+            if let Some(f) = e.ttft_fit {
+                let coefficients = [f.first_step_ms, f.per_waiting_ms, f.per_uncached_token_ms, f.per_running_ms];
+                if !coefficients.iter().all(|c| c.is_finite()) {
+                    e.ttft_fit = None;
+                }
+            }
             e.models.retain(|m| short(m));
             e.models.truncate(MAX_MODELS);
             e.cards.truncate(kvmesh_policy::models::MAX_CARDS_PER_ENGINE);
@@ -218,6 +253,11 @@ impl LoadReport {
 }
 
 impl UsageReport {
+    /// A peer's `usage` value, decoded and bounded.
+    pub fn decode(value: &str) -> Option<Self> {
+        decode_bounded(value, Self::bounded)
+    }
+
     pub fn bounded(mut self) -> Self {
         self.tenants.retain(|t, _| short(t));
         while self.tenants.len() > MAX_TENANTS {
@@ -230,6 +270,24 @@ impl UsageReport {
 #[cfg(test)]
 mod bound_tests {
     use super::*;
+
+    /// Found by the `gossip` fuzz target: an f32 field given a number past f32's range decoded
+    /// as infinity (a `kv_usage` of 1e39 routed on as infinite pressure), and such a report
+    /// did not decode again once republished (infinity encodes as `null`).
+    #[test]
+    fn a_peers_load_figures_are_finite_once_decoded() {
+        let engine = r#"{"name":"e","models":[],"healthy":true,"running":0,"waiting":0,"block_size":null"#;
+        let fit =
+            r#""ttft_fit":{"first_step_ms":1e39,"per_waiting_ms":1,"per_uncached_token_ms":1,"per_running_ms":1}"#;
+        let wire = format!(
+            r#"{{"engines":[{engine},"kv_usage":1e39,"tokens_per_s":-1e39,{fit}}},{engine},"kv_usage":-0.5,"tokens_per_s":2}}]}}"#
+        );
+        let load = LoadReport::decode(&wire).unwrap();
+        assert_eq!((load.engines[0].kv_usage, load.engines[0].tokens_per_s), (0.0, 0.0));
+        assert_eq!(load.engines[0].ttft_fit, None);
+        assert_eq!((load.engines[1].kv_usage, load.engines[1].tokens_per_s), (0.0, 2.0));
+        assert_eq!(LoadReport::decode(&serde_json::to_string(&load).unwrap()), Some(load));
+    }
 
     #[test]
     fn a_peers_state_is_bounded_once_decoded() {

@@ -687,13 +687,43 @@ impl std::fmt::Display for ChainBreak {
 
 /// Checks the chain across `files`, given oldest first (`FILE.1 FILE.2 FILE`).
 pub fn verify(files: &[PathBuf]) -> Result<VerifyReport, ChainBreak> {
-    let mut rep = VerifyReport::default();
-    let mut prev: Option<(u64, String, usize)> = None;
+    let mut chain = Chain::default();
     for (fi, path) in files.iter().enumerate() {
         let file = path.display().to_string();
-        let brk = |line: usize, why: String| ChainBreak { file: file.clone(), line, why };
-        let f = File::open(path).map_err(|e| brk(0, format!("cannot open: {e}")))?;
-        let mut reader = BufReader::new(f);
+        let f = File::open(path).map_err(|e| ChainBreak {
+            file: file.clone(),
+            line: 0,
+            why: format!("cannot open: {e}"),
+        })?;
+        chain.file(&file, BufReader::new(f), fi + 1 == files.len())?;
+    }
+    Ok(chain.report())
+}
+
+/// [`verify`] over files' contents in memory (named `0`, `1`, ...), oldest first. For the
+/// fuzz targets (`crate::fuzzing`).
+pub(crate) fn verify_bytes(files: &[&[u8]]) -> Result<VerifyReport, ChainBreak> {
+    let mut chain = Chain::default();
+    for (fi, bytes) in files.iter().enumerate() {
+        chain.file(&fi.to_string(), *bytes, fi + 1 == files.len())?;
+    }
+    Ok(chain.report())
+}
+
+/// A chain as `verify` reads it, file after file.
+#[derive(Default)]
+struct Chain {
+    rep: VerifyReport,
+    /// The last record: its seq, hash and line.
+    prev: Option<(u64, String, usize)>,
+}
+
+impl Chain {
+    /// Reads one file of the chain; `last`: no file follows (a torn last line is then a crash
+    /// mid-write, not a break).
+    fn file(&mut self, file: &str, mut reader: impl BufRead, last: bool) -> Result<(), ChainBreak> {
+        let brk = |line: usize, why: String| ChainBreak { file: file.to_owned(), line, why };
+        let rep = &mut self.rep;
         let mut lineno = 0usize;
         loop {
             let mut raw = Vec::new();
@@ -703,7 +733,7 @@ pub fn verify(files: &[PathBuf]) -> Result<VerifyReport, ChainBreak> {
             }
             lineno += 1;
             if raw.last() != Some(&b'\n') {
-                if fi + 1 == files.len() {
+                if last {
                     rep.torn_tail = true;
                     break;
                 }
@@ -712,7 +742,7 @@ pub fn verify(files: &[PathBuf]) -> Result<VerifyReport, ChainBreak> {
             raw.pop();
             let line = std::str::from_utf8(&raw).map_err(|_| brk(lineno, "not UTF-8".into()))?;
             let (seq, line_prev, hash, kind) = check_line(line).map_err(|why| brk(lineno, why))?;
-            match &prev {
+            match &self.prev {
                 None => {
                     if seq == 0 && line_prev != GENESIS {
                         return Err(brk(lineno, "seq 0 must follow the genesis hash".into()));
@@ -721,7 +751,7 @@ pub fn verify(files: &[PathBuf]) -> Result<VerifyReport, ChainBreak> {
                     rep.first_seq = Some(seq);
                 }
                 Some((pseq, phash, pline)) => {
-                    if seq != pseq + 1 {
+                    if pseq.checked_add(1) != Some(seq) {
                         return Err(brk(
                             lineno,
                             format!("seq {seq} follows seq {pseq} (line {pline}): records were deleted or reordered"),
@@ -740,15 +770,19 @@ pub fn verify(files: &[PathBuf]) -> Result<VerifyReport, ChainBreak> {
                 Kind::Request => rep.requests += 1,
                 Kind::Gap(d) => {
                     rep.gaps += 1;
-                    rep.dropped += d;
+                    rep.dropped = rep.dropped.saturating_add(d);
                 }
             }
             rep.last_seq = Some(seq);
-            prev = Some((seq, hash, lineno));
+            self.prev = Some((seq, hash, lineno));
         }
+        Ok(())
     }
-    rep.last_hash = prev.map(|p| p.1);
-    Ok(rep)
+
+    fn report(mut self) -> VerifyReport {
+        self.rep.last_hash = self.prev.map(|p| p.1);
+        self.rep
+    }
 }
 
 enum Kind {
@@ -880,6 +914,22 @@ mod tests {
         assert!(!rep.torn_tail);
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(!text.contains("\"r100\""), "the failed record left nothing behind");
+    }
+
+    /// `verify` added up a chain's numbers unchecked: a record with seq `u64::MAX` followed by
+    /// another, or gap records dropping more than `u64::MAX` in all, overflowed (a panic where
+    /// overflow checks are on, a wrapped count or an accepted seq 0 where they are off).
+    #[test]
+    fn verify_survives_a_chain_at_the_numbers_limits() {
+        let gap = |seq: u64, prev: &str| chain_line(seq, prev, Entry::Gap { dropped: u64::MAX, time_ms: 0 }).unwrap();
+        let (a, ha) = gap(u64::MAX, GENESIS);
+        let (b, _) = gap(0, &ha);
+        let brk = verify_bytes(&[format!("{a}{b}").as_bytes()]).unwrap_err();
+        assert_eq!(brk.line, 2, "{brk}");
+        let (a, ha) = gap(7, GENESIS);
+        let (b, _) = gap(8, &ha);
+        let rep = verify_bytes(&[format!("{a}{b}").as_bytes()]).unwrap();
+        assert_eq!((rep.gaps, rep.dropped), (2, u64::MAX));
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub mod cells;
 pub mod config;
 pub mod engine;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod mesh;
 pub mod node;
 pub mod telemetry;

@@ -197,13 +197,38 @@ pub fn encode_head<T: Serialize>(head: &T) -> Result<Vec<u8>, TransportError> {
 pub async fn read_head<T: for<'de> Deserialize<'de>>(recv: &mut quinn::RecvStream) -> Result<T, TransportError> {
     let mut len = [0u8; 4];
     recv.read_exact(&mut len).await.map_err(|e| TransportError::Stream(e.to_string()))?;
-    let len = u32::from_be_bytes(len) as usize;
+    let len = head_len(len)?;
+    let mut buf = vec![0u8; len];
+    recv.read_exact(&mut buf).await.map_err(|e| TransportError::Stream(e.to_string()))?;
+    parse_head(&buf)
+}
+
+/// The head's length from its 4-byte prefix, refused past [`MAX_HEAD`] before anything is
+/// allocated for it.
+fn head_len(prefix: [u8; 4]) -> Result<usize, TransportError> {
+    let len = u32::from_be_bytes(prefix) as usize;
     if len > MAX_HEAD {
         return Err(TransportError::Frame(format!("head of {len} bytes exceeds {MAX_HEAD}")));
     }
-    let mut buf = vec![0u8; len];
-    recv.read_exact(&mut buf).await.map_err(|e| TransportError::Stream(e.to_string()))?;
-    serde_json::from_slice(&buf).map_err(|e| TransportError::Frame(e.to_string()))
+    Ok(len)
+}
+
+fn parse_head<T: for<'de> Deserialize<'de>>(json: &[u8]) -> Result<T, TransportError> {
+    serde_json::from_slice(json).map_err(|e| TransportError::Frame(e.to_string()))
+}
+
+/// [`read_head`] over bytes in memory: the head at the start of `frame`, and the body bytes
+/// after it. `Err` as `read_head`'s, and for a frame cut before its head ends.
+pub fn decode_head<T: for<'de> Deserialize<'de>>(frame: &[u8]) -> Result<(T, &[u8]), TransportError> {
+    let (prefix, rest) = frame
+        .split_first_chunk::<4>()
+        .ok_or_else(|| TransportError::Frame(format!("frame of {} bytes has no head length", frame.len())))?;
+    let len = head_len(*prefix)?;
+    if rest.len() < len {
+        return Err(TransportError::Frame(format!("head of {len} bytes cut after {}", rest.len())));
+    }
+    let (json, body) = rest.split_at(len);
+    Ok((parse_head(json)?, body))
 }
 
 #[cfg(test)]
@@ -239,6 +264,19 @@ mod tests {
         assert!(bad.keys().is_err());
         let max = PromptDigest::new(0, 16, &vec![u64::MAX; MAX_DIGEST_KEYS]).unwrap();
         assert!(serde_json::to_vec(&max).unwrap().len() < MAX_HEAD - 1024);
+    }
+
+    #[test]
+    fn heads_decode_from_bytes_with_their_body_and_bounds() {
+        let head = RequestHead::new(PeerRequest::Relay, "/v1/completions", "id", "n0", false);
+        let mut frame = encode_head(&head).unwrap();
+        frame.extend_from_slice(b"body");
+        let (back, body) = decode_head::<RequestHead>(&frame).unwrap();
+        assert_eq!((back, body), (head, &b"body"[..]));
+        assert!(decode_head::<RequestHead>(&frame[..frame.len() - 6]).is_err(), "cut inside the head");
+        assert!(decode_head::<RequestHead>(&[0, 0]).is_err());
+        let too_long = ((MAX_HEAD + 1) as u32).to_be_bytes();
+        assert!(decode_head::<RequestHead>(&too_long).unwrap_err().to_string().contains("exceeds"));
     }
 
     #[test]

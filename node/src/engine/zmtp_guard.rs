@@ -135,6 +135,16 @@ where
     }
 }
 
+/// What the relay passes on of an engine's `input` (greeting and frames), and the bound it
+/// broke, if any: [`frames`] run over bytes in memory. For the fuzz targets
+/// (`crate::fuzzing`).
+pub(crate) fn relay_bytes(input: &[u8]) -> (Vec<u8>, Result<(), String>) {
+    let mut rx = input;
+    let mut out = Vec::new();
+    let r = futures::executor::block_on(frames(&mut rx, &mut out));
+    (out, r)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

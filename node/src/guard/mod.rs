@@ -54,6 +54,7 @@ use crate::metrics::NodeMetrics;
 
 pub use answer::Flow;
 use hooks::Rules;
+pub(crate) use stream::rewrite_for_fuzzing;
 
 /// Recorded prompt or answer text is cut here.
 const MAX_RECORDED_TEXT: usize = 64 * 1024;

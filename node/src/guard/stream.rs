@@ -26,15 +26,8 @@ impl Guard {
         let (mut parts, body) = resp.into_parts();
         parts.headers.remove(header::CONTENT_LENGTH);
         let state = StreamState {
-            rules: self.rules(),
+            rw: Rewriter::new(self.rules(), self.window, req.endpoint, req.model.clone()),
             upstream: body.into_data_stream().boxed(),
-            buf: Vec::new(),
-            scanners: BTreeMap::new(),
-            chat: req.endpoint == Endpoint::Chat,
-            endpoint: req.endpoint,
-            model: req.model.clone(),
-            template: None,
-            saw_done: false,
             finished: false,
             flow: Some(flow),
             sent: Sha256::new(),
@@ -56,9 +49,23 @@ type DataStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, axum::Error>
 
 struct StreamState {
     guard: Arc<Guard>,
+    upstream: DataStream,
+    /// The engine's events read and rewritten.
+    rw: Rewriter,
+    finished: bool,
+    flow: Option<Flow>,
+    /// The bytes sent to the client so far, for the record's `response_sha256`.
+    sent: Sha256,
+}
+
+/// The rewriting half of a guarded stream, with no I/O: the engine's SSE bytes in, the bytes
+/// for the client out, the built-in rules' scanners run on every text field as it flows. The
+/// audit side (`Flow`) is passed in where there is one.
+pub(crate) struct Rewriter {
     /// The hooks in force when the answer started; a reload mid-stream does not change them.
     rules: Arc<Rules>,
-    upstream: DataStream,
+    /// The scanners' held-back window, in bytes.
+    window: usize,
     /// Bytes of an SSE event not complete yet.
     buf: Vec<u8>,
     /// Per choice index and field: its scanner, and whether it has finished.
@@ -69,10 +76,8 @@ struct StreamState {
     /// The last data event with choices, to shape events that flush held-back text.
     template: Option<Value>,
     saw_done: bool,
-    finished: bool,
-    flow: Option<Flow>,
-    /// The bytes sent to the client so far, for the record's `response_sha256`.
-    sent: Sha256,
+    /// The last byte taken was a CR: a LF right after it ends the same line.
+    after_cr: bool,
 }
 
 impl StreamState {
@@ -82,29 +87,93 @@ impl StreamState {
         h.update(pending);
         hex::encode(h.finalize())
     }
+}
 
-    fn ctx(&self) -> (String, String) {
-        (self.model.clone(), self.flow.as_ref().map(|f| f.tenant.clone()).unwrap_or_default())
+fn push_text(flow: &mut Option<Flow>, released: &str) {
+    if let Some(f) = flow {
+        if f.text.len() < MAX_CHECKED_BODY {
+            f.text.push_str(released);
+        }
     }
+}
 
-    fn push_text(&mut self, released: &str) {
-        if let Some(f) = &mut self.flow {
-            if f.text.len() < MAX_CHECKED_BODY {
-                f.text.push_str(released);
-            }
+impl Rewriter {
+    pub(crate) fn new(rules: Arc<Rules>, window: usize, endpoint: Endpoint, model: String) -> Self {
+        Self {
+            rules,
+            window,
+            buf: Vec::new(),
+            scanners: BTreeMap::new(),
+            chat: endpoint == Endpoint::Chat,
+            endpoint,
+            model,
+            template: None,
+            saw_done: false,
+            after_cr: false,
         }
     }
 
+    fn ctx(&self, flow: &Option<Flow>) -> (String, String) {
+        (self.model.clone(), flow.as_ref().map(|f| f.tenant.clone()).unwrap_or_default())
+    }
+
+    /// Takes a chunk of the engine's stream: handles every event it completes, appending what
+    /// to send to `out`; stops at the first event a rule denies.
+    pub(crate) fn feed(
+        &mut self,
+        chunk: &[u8],
+        flow: &mut Option<Flow>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), guardrails::Denied> {
+        // Lines as an SSE client splits them: CRLF, LF and a lone CR each end one. Kept as LF,
+        // so the events below are found, and sent on, as the client reads them.
+        for &b in chunk {
+            match (b, self.after_cr) {
+                (b'\n', true) => {}
+                (b'\r', _) => self.buf.push(b'\n'),
+                _ => self.buf.push(b),
+            }
+            self.after_cr = b == b'\r';
+        }
+        while let Some(pos) = find_event_end(&self.buf) {
+            let ev_bytes: Vec<u8> = self.buf.drain(..pos + 2).collect();
+            let ev = String::from_utf8_lossy(&ev_bytes[..pos]).into_owned();
+            self.on_event(&ev, flow, out)?;
+        }
+        Ok(())
+    }
+
+    /// The engine's stream ended: the last, unterminated event, then whatever the scanners
+    /// still hold back.
+    pub(crate) fn end(&mut self, flow: &mut Option<Flow>, out: &mut Vec<u8>) -> Result<(), guardrails::Denied> {
+        if !self.buf.is_empty() {
+            let rest = String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned();
+            let rest = rest.trim_end_matches('\n').to_owned();
+            self.on_event(&rest, flow, out)?;
+        }
+        self.flush(flow, out)
+    }
+
+    /// Whether the engine's `[DONE]` arrived.
+    pub(crate) fn saw_done(&self) -> bool {
+        self.saw_done
+    }
+
     /// Handles one complete event (without its blank line); appends what to send to `out`.
-    fn on_event(&mut self, ev: &str, out: &mut Vec<u8>) -> Result<(), guardrails::Denied> {
-        let data = ev.lines().find_map(|l| l.strip_prefix("data:")).map(str::trim_start);
-        let Some(data) = data else {
+    fn on_event(&mut self, ev: &str, flow: &mut Option<Flow>, out: &mut Vec<u8>) -> Result<(), guardrails::Denied> {
+        // The event's data as a client reads it: every `data:` line, joined by newlines (an
+        // event split over several lines is one JSON value to the client, and must be to the
+        // rules too).
+        let lines: Vec<&str> = ev.lines().filter_map(|l| l.strip_prefix("data:")).collect();
+        if lines.is_empty() {
             out.extend_from_slice(ev.as_bytes());
             out.extend_from_slice(b"\n\n");
             return Ok(());
-        };
+        }
+        let data = lines.iter().map(|l| l.strip_prefix(' ').unwrap_or(l)).collect::<Vec<_>>().join("\n");
+        let data = data.trim_start();
         if data == "[DONE]" {
-            self.flush(out)?;
+            self.flush(flow, out)?;
             self.saw_done = true;
             return Ok(());
         }
@@ -114,14 +183,14 @@ impl StreamState {
             return Ok(());
         };
         if v.get("error").is_some() {
-            if let Some(f) = &mut self.flow {
+            if let Some(f) = flow.as_mut() {
                 f.rec.outcome = Outcome::StreamError;
                 f.rec.error = v["error"]["message"].as_str().map(str::to_owned);
             }
         }
         if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
             let mut hidden = false;
-            if let Some(f) = &mut self.flow {
+            if let Some(f) = flow.as_mut() {
                 f.rec.completion_tokens = Some(n);
                 hidden = f.hidden_usage;
             }
@@ -137,16 +206,16 @@ impl StreamState {
         if let Some(n) =
             v.pointer("/response/usage/output_tokens").or(v.pointer("/usage/output_tokens")).filter(|_| !stored)
         {
-            if let (Some(f), Some(n)) = (&mut self.flow, n.as_u64()) {
+            if let (Some(f), Some(n)) = (flow.as_mut(), n.as_u64()) {
                 f.rec.completion_tokens = Some(n);
             }
         }
-        if let (Some(f), Some(kind)) = (&mut self.flow, v["type"].as_str()) {
+        if let (Some(f), Some(kind)) = (flow.as_mut(), v["type"].as_str()) {
             if OTHER_API_DELTAS.contains(&kind) {
                 f.streamed_chunks = f.streamed_chunks.saturating_add(1);
             }
         }
-        let (model, tenant) = self.ctx();
+        let (model, tenant) = self.ctx(flow);
         let ctx = Context { stage: Stage::Response, model: &model, tenant: &tenant, prompt_chars: 0 };
         let mut changed = false;
         let mut released_all = String::new();
@@ -179,8 +248,16 @@ impl StreamState {
                     let (scanner, done) = self
                         .scanners
                         .entry((idx, field))
-                        .or_insert_with(|| (StreamScanner::new(&self.rules.stream_rules, self.guard.window), false));
+                        .or_insert_with(|| (StreamScanner::new(&self.rules.stream_rules, self.window), false));
                     if *done {
+                        // Text for a choice after it finished (or after `[DONE]`): no engine
+                        // sends it, and its scanner has released everything, so the rules could
+                        // not read it together with the text before it. Withheld, not passed
+                        // unread.
+                        if !scanner.is_empty() && text.as_deref().is_some_and(|t| !t.is_empty()) {
+                            field.set(c, String::new());
+                            changed = true;
+                        }
                         continue;
                     }
                     let mut released = scanner.push(&ctx, text.as_deref().unwrap_or(""))?;
@@ -197,7 +274,7 @@ impl StreamState {
             }
             self.template = Some(v.clone());
         }
-        if let Some(f) = &mut self.flow {
+        if let Some(f) = flow.as_mut() {
             // A chunk of text, reasoning or a tool call's arguments is about one token.
             let field = if self.chat { "/delta/content" } else { "/text" };
             let chunks = v["choices"].as_array().map_or(0, |cs| {
@@ -213,7 +290,7 @@ impl StreamState {
             });
             f.streamed_chunks = f.streamed_chunks.saturating_add(chunks as u64);
         }
-        self.push_text(&released_all);
+        push_text(flow, &released_all);
         if changed {
             out.extend_from_slice(format!("data: {v}\n\n").as_bytes());
         } else {
@@ -224,8 +301,8 @@ impl StreamState {
     }
 
     /// Releases what unfinished choices still hold back, as events of their own.
-    fn flush(&mut self, out: &mut Vec<u8>) -> Result<(), guardrails::Denied> {
-        let (model, tenant) = self.ctx();
+    fn flush(&mut self, flow: &mut Option<Flow>, out: &mut Vec<u8>) -> Result<(), guardrails::Denied> {
+        let (model, tenant) = self.ctx(flow);
         let ctx = Context { stage: Stage::Response, model: &model, tenant: &tenant, prompt_chars: 0 };
         let mut texts = Vec::new();
         for (key, (scanner, done)) in self.scanners.iter_mut() {
@@ -247,14 +324,16 @@ impl StreamState {
             field.set(&mut choice, rest.clone());
             ev["choices"] = json!([choice]);
             out.extend_from_slice(format!("data: {ev}\n\n").as_bytes());
-            self.push_text(&rest);
+            push_text(flow, &rest);
         }
         Ok(())
     }
+}
 
+impl StreamState {
     fn record_stream_verdicts(&mut self, denied: Option<&guardrails::Denied>) {
         let mut by_rule: BTreeMap<String, Verdict> = BTreeMap::new();
-        for (scanner, _) in self.scanners.values() {
+        for (scanner, _) in self.rw.scanners.values() {
             for (name, v) in scanner.verdicts() {
                 let e = by_rule.entry(name).or_insert(Verdict::Allow);
                 if v == "rewrite" {
@@ -262,13 +341,13 @@ impl StreamState {
                 }
             }
         }
-        if self.scanners.is_empty() {
-            for r in self.rules.stream_rules.iter() {
+        if self.rw.scanners.is_empty() {
+            for r in self.rw.rules.stream_rules.iter() {
                 by_rule.insert(r.name().to_owned(), Verdict::Allow);
             }
         }
         let mut ordered = Vec::new();
-        for r in &self.rules.stream_rules {
+        for r in &self.rw.rules.stream_rules {
             if let Some(d) = denied.filter(|d| d.rule == r.name()) {
                 ordered.push((r.name().to_owned(), Verdict::Deny, Some(d.reason.clone())));
                 break;
@@ -303,25 +382,18 @@ impl StreamState {
 
     /// The upstream ended: flush, run response webhooks on the whole answer, record, close.
     async fn end(&mut self, out: &mut Vec<u8>) {
-        if !self.buf.is_empty() {
-            let rest = String::from_utf8_lossy(&std::mem::take(&mut self.buf)).into_owned();
-            let rest = rest.trim_end_matches('\n').to_owned();
-            if let Err(d) = self.on_event(&rest, out) {
-                return self.stop(&d, out).await;
-            }
-        }
-        if let Err(d) = self.flush(out) {
+        if let Err(d) = self.rw.end(&mut self.flow, out) {
             return self.stop(&d, out).await;
         }
         self.record_stream_verdicts(None);
         let mut denied_by_webhook = None;
         if let Some(mut f) = self.flow.take() {
             let guard = self.guard.clone();
-            let rules = self.rules.clone();
+            let rules = self.rw.rules.clone();
             let has_webhooks =
                 rules.hooks.iter().any(|h| matches!(h, Hook::Webhook(w) if w.on.contains(&Stage::Response)));
             if has_webhooks {
-                let ctx = Context { stage: Stage::Response, model: &self.model, tenant: &f.tenant, prompt_chars: 0 };
+                let ctx = Context { stage: Stage::Response, model: &self.rw.model, tenant: &f.tenant, prompt_chars: 0 };
                 let mut texts = vec![f.text.clone()];
                 let mut verdicts = Vec::new();
                 // Built-in rules already ran on the stream: only the webhooks run here.
@@ -362,10 +434,10 @@ impl StreamState {
             // ends with an error, not `[DONE]`.
             if !f.finish().await {
                 out.extend_from_slice(audit_unavailable().to_sse_event().as_bytes());
-            } else if self.saw_done || denied_by_webhook.is_some() {
+            } else if self.rw.saw_done() || denied_by_webhook.is_some() {
                 out.extend_from_slice(b"data: [DONE]\n\n");
             }
-        } else if self.saw_done {
+        } else if self.rw.saw_done() {
             out.extend_from_slice(b"data: [DONE]\n\n");
         }
         self.finished = true;
@@ -443,14 +515,8 @@ fn guarded_stream(state: StreamState) -> impl Stream<Item = Result<Bytes, std::c
         while out.is_empty() && !s.finished {
             match s.upstream.next().await {
                 Some(Ok(chunk)) => {
-                    s.buf.extend_from_slice(&chunk);
-                    while let Some(pos) = find_event_end(&s.buf) {
-                        let ev_bytes: Vec<u8> = s.buf.drain(..pos + 2).collect();
-                        let ev = String::from_utf8_lossy(&ev_bytes[..pos]).into_owned();
-                        if let Err(d) = s.on_event(&ev, &mut out) {
-                            s.stop(&d, &mut out).await;
-                            break;
-                        }
+                    if let Err(d) = s.rw.feed(&chunk, &mut s.flow, &mut out) {
+                        s.stop(&d, &mut out).await;
                     }
                 }
                 Some(Err(e)) => {
@@ -475,6 +541,36 @@ fn guarded_stream(state: StreamState) -> impl Stream<Item = Result<Bytes, std::c
     })
 }
 
+/// The engine's stream `chunks`, as this node's guard rewrites it with `guardrails` (built-in
+/// rules; webhooks are not called) and a held-back window of `window` bytes, with no audit
+/// record: the bytes for the client, and the rule that stopped the stream, if one did (the
+/// error event that follows then is not included). For the fuzz targets (`crate::fuzzing`).
+pub(crate) fn rewrite_for_fuzzing(
+    guardrails: &[kvmesh_policy::guardrails::GuardrailConfig],
+    window: usize,
+    endpoint: Endpoint,
+    chunks: &[&[u8]],
+) -> Result<(Vec<u8>, Option<guardrails::Denied>), String> {
+    let rules = Rules::build(guardrails).map_err(|e| e.to_string())?;
+    let mut rw = Rewriter::new(Arc::new(rules), window, endpoint, "model".into());
+    let mut out = Vec::new();
+    let mut flow = None;
+    for chunk in chunks {
+        if let Err(d) = rw.feed(chunk, &mut flow, &mut out) {
+            return Ok((out, Some(d)));
+        }
+    }
+    match rw.end(&mut flow, &mut out) {
+        Ok(()) => {
+            if rw.saw_done() {
+                out.extend_from_slice(b"data: [DONE]\n\n");
+            }
+            Ok((out, None))
+        }
+        Err(d) => Ok((out, Some(d))),
+    }
+}
+
 /// Index of the `\n\n` that ends the first complete event in `buf`.
 fn find_event_end(buf: &[u8]) -> Option<usize> {
     buf.windows(2).position(|w| w == b"\n\n")
@@ -483,6 +579,64 @@ fn find_event_end(buf: &[u8]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn deny_secret() -> Vec<kvmesh_policy::guardrails::GuardrailConfig> {
+        vec![kvmesh_policy::guardrails::GuardrailConfig::Deny {
+            name: "no-secret".into(),
+            on: vec![Stage::Response],
+            patterns: vec!["secret".into()],
+            words: Vec::new(),
+        }]
+    }
+
+    /// Found by the `sse` fuzz target: a choice's text after its `finish_reason` passed
+    /// unscanned, so a word split around the finish reached the client.
+    #[test]
+    fn text_after_a_choice_finished_is_withheld() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"index\":0,\"text\":\"se\",\"finish_reason\":\"length\"}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"text\":\"cret secret\"}]}\n\n",
+            "data: [DONE]\n\n",
+            "data: {\"choices\":[{\"index\":0,\"text\":\"secret\"}]}\n\n",
+        );
+        let (out, denied) =
+            rewrite_for_fuzzing(&deny_secret(), 64, Endpoint::Completions, &[stream.as_bytes()]).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(denied, None);
+        assert!(!out.contains("cret") && !out.contains("secret"), "{out}");
+        assert!(out.contains("\"text\":\"se\""), "the text before the finish is sent: {out}");
+    }
+
+    /// Found by the `sse` fuzz target: only an event's first `data:` line was read, so an event
+    /// whose JSON went on over a second line (one value to an SSE client) passed unscanned.
+    #[test]
+    fn an_event_over_several_data_lines_is_scanned_whole() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":\n",
+            "data: {\"content\":\"a secret\"}}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let (out, denied) = rewrite_for_fuzzing(&deny_secret(), 64, Endpoint::Chat, &[stream.as_bytes()]).unwrap();
+        assert_eq!(denied.map(|d| d.rule), Some("no-secret".to_owned()), "{}", String::from_utf8_lossy(&out));
+        assert!(!String::from_utf8_lossy(&out).contains("secret"));
+    }
+
+    /// Found by the `sse` fuzz target's author: events framed with CRLF or a lone CR (which SSE
+    /// clients split on) were one unterminated event to the guard.
+    #[test]
+    fn events_framed_with_cr_are_read_as_a_client_reads_them() {
+        for eol in ["\r\n", "\r"] {
+            let ev = |text: &str| format!("data: {{\"choices\":[{{\"index\":0,\"text\":\"{text}\"}}]}}{eol}{eol}");
+            let stream = [ev("a se"), ev("cret"), format!("data: [DONE]{eol}{eol}")].concat();
+            // Cut between a CR and its LF too.
+            let bytes = stream.as_bytes();
+            let (head, tail) = bytes.split_at(bytes.iter().position(|b| *b == b'\r').unwrap() + 1);
+            let (out, denied) = rewrite_for_fuzzing(&deny_secret(), 64, Endpoint::Completions, &[head, tail]).unwrap();
+            let out = String::from_utf8_lossy(&out);
+            assert_eq!(denied.map(|d| d.rule), Some("no-secret".to_owned()), "{eol:?}: {out}");
+            assert!(!out.contains("cret"), "{eol:?}: {out}");
+        }
+    }
 
     #[test]
     fn events_end_at_a_blank_line() {
