@@ -72,10 +72,12 @@ fn client_texts(out: &[u8], chat: bool) -> BTreeMap<(u64, String), String> {
     texts
 }
 
-/// What a stream with no rules becomes: its events as they came (an unterminated last one
-/// terminated), but `[DONE]` (an event whose data lines, joined, are `[DONE]`), which goes
-/// last, once.
+/// What a stream with no rules becomes: its events as they came, with their lines ended by LF
+/// (SSE ends a line at CRLF, LF or a lone CR), an unterminated last one terminated, but
+/// `[DONE]` (an event whose data lines, joined, are `[DONE]`), which goes last, once.
 fn unruled(stream: &[u8]) -> String {
+    let lf = String::from_utf8_lossy(stream).replace("\r\n", "\n").replace('\r', "\n");
+    let stream = lf.as_bytes();
     let mut out = String::new();
     let mut done = false;
     let mut event = |ev: &str| {
