@@ -396,3 +396,101 @@ impl<'a> Reader<'a> {
         Ok(self.get_versioned(key)?.map(|(_, p)| p))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::KeyValue;
+    use kvmesh_transport::{certs, TlsIdentity};
+
+    fn signer(dir: &std::path::Path, name: &str) -> Arc<StateSigner> {
+        certs::create_node(dir, dir, name).unwrap();
+        let (ca, crt, key) = TlsIdentity::paths_in(dir, name);
+        Arc::new(StateSigner::new(&TlsIdentity::load(&ca, &crt, &key).unwrap()).unwrap())
+    }
+
+    /// `values` sealed by `by` for `id` from version `first`, as the author sets them.
+    fn sealed(by: &StateSigner, id: &ChitchatId, first: u64, values: &[(&str, &str)]) -> Vec<KeyValue> {
+        let mut held = std::collections::BTreeMap::new();
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, (key, payload))| {
+                let version = first + i as u64;
+                held.insert(key.to_string(), version);
+                let index = state_index(held.iter().map(|(k, v)| (k.as_str(), *v)));
+                let value = seal(by, "c", id, key, version, &index, payload).unwrap();
+                KeyValue { key: key.to_string(), value, version, status: STATUS_SET }
+            })
+            .collect()
+    }
+
+    fn section(id: &ChitchatId, key_values: Vec<KeyValue>) -> NodeSection {
+        NodeSection { id: id.clone(), last_gc_version: 0, from_version_excluded: 0, key_values, set_max_version: None }
+    }
+
+    #[test]
+    fn a_delta_passes_only_with_every_value_signed_by_its_node() {
+        let tmp = tempfile::tempdir().unwrap();
+        certs::create_ca(tmp.path(), "t").unwrap();
+        let (me, b, m) = (signer(tmp.path(), "a"), signer(tmp.path(), "b"), signer(tmp.path(), "m"));
+        let id = ChitchatId::new("b".to_string(), 1, "127.0.0.1:9".parse().unwrap());
+        let mut checker = Checker::new(me, "c");
+        let chain = b.chain().to_owned();
+
+        // Values before the certificate is known: refused.
+        let later = sealed(&b, &id, 1, &[(KEY_CERT, &chain), ("load", "{}")]);
+        assert_eq!(checker.admit(&[section(&id, later[1..].to_vec())]), Err(Rejection::NoCertificate));
+        assert!(!checker.certified(&id));
+        // The certificate and its values: admitted, and later values without it too.
+        assert_eq!(checker.admit(&[section(&id, later.clone())]), Ok(()));
+        assert!(checker.certified(&id));
+        let next = sealed(&b, &id, 3, &[("load", "{\"held\":1}")]);
+        assert_eq!(checker.admit(&[section(&id, next.clone())]), Ok(()));
+
+        // A value changed in transit, one signed by another member, one moved to another
+        // version or node: each refused.
+        let mut changed = next.clone();
+        changed[0].value = changed[0].value.replace("\"held\":1", "\"held\":9");
+        assert!(matches!(checker.admit(&[section(&id, changed)]), Err(Rejection::BadSignature(_))));
+        let by_m = sealed(&m, &id, 4, &[("load", "{}")]);
+        assert!(matches!(checker.admit(&[section(&id, by_m)]), Err(Rejection::BadSignature(_))));
+        let mut moved = next.clone();
+        moved[0].version = 1_000;
+        assert!(matches!(checker.admit(&[section(&id, moved)]), Err(Rejection::BadSignature(_))));
+        let other = ChitchatId::new("b".to_string(), 2, "127.0.0.1:9".parse().unwrap());
+        let mut as_other = later.clone();
+        as_other.truncate(1);
+        assert!(matches!(checker.admit(&[section(&other, as_other)]), Err(Rejection::Certificate(_))));
+        // m's certificate published under b's name.
+        let m_cert = sealed(&m, &other, 1, &[(KEY_CERT, m.chain())]);
+        assert!(matches!(checker.admit(&[section(&other, m_cert)]), Err(Rejection::Certificate(_))));
+        // Every refusal counted.
+        assert_eq!(checker.rejected.load(Ordering::Relaxed), 6);
+    }
+
+    #[test]
+    fn a_delta_may_not_reset_raise_or_delete() {
+        let tmp = tempfile::tempdir().unwrap();
+        certs::create_ca(tmp.path(), "t").unwrap();
+        let (me, b) = (signer(tmp.path(), "a"), signer(tmp.path(), "b"));
+        let id = ChitchatId::new("b".to_string(), 1, "127.0.0.1:9".parse().unwrap());
+        let mut checker = Checker::new(me, "c");
+        let values = sealed(&b, &id, 1, &[(KEY_CERT, b.chain()), ("load", "{}")]);
+        let shape = |r: Result<(), Rejection>| matches!(r, Err(Rejection::Shape(_)));
+
+        let mut reset = section(&id, values.clone());
+        reset.last_gc_version = 5;
+        assert!(shape(checker.admit(&[reset])));
+        let mut raise = section(&id, Vec::new());
+        raise.set_max_version = Some(1_000_000);
+        assert!(shape(checker.admit(&[raise])));
+        let mut delete = values.clone();
+        delete[1].status = 1;
+        assert!(shape(checker.admit(&[section(&id, delete)])));
+        let many = vec![values[1].clone(); MAX_MESSAGE_VALUES + 1];
+        assert!(shape(checker.admit(&[section(&id, many)])));
+        // A node header alone (chitchat's MTU cut before its first value) changes nothing.
+        assert_eq!(checker.admit(&[section(&id, Vec::new())]), Ok(()));
+    }
+}
