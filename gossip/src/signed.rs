@@ -172,6 +172,8 @@ const FORGET_AFTER: Duration = Duration::from_secs(120);
 /// a node's values over rounds when they exceed its MTU, so an honest state completes within
 /// a few rounds.
 pub const INCOMPLETE_GRACE: Duration = Duration::from_secs(10);
+/// How often the view checks a known certificate again (its validity period included).
+const RECHECK: Duration = Duration::from_secs(600);
 
 /// Checks peers' values, remembering what it checked: a value once per version, a certificate
 /// once per version of `cert`. Shared by the transport (`admit`) and the view (`reader`);
@@ -273,7 +275,8 @@ impl Checker {
     /// A reader of `state`'s checked values, once its certificate is accepted.
     pub fn reader<'a>(&'a mut self, id: &'a ChitchatId, state: &'a NodeState) -> Result<Reader<'a>, Rejection> {
         let cert = state.get_versioned(KEY_CERT).filter(|v| !v.is_deleted()).ok_or(Rejection::NoCertificate)?;
-        let fresh = !matches!(self.authors.get(id), Some((v, _, _)) if *v == cert.version);
+        // Checked again every `RECHECK`, so a certificate that expires leaves the view.
+        let fresh = !matches!(self.authors.get(id), Some((v, _, at)) if *v == cert.version && at.elapsed() < RECHECK);
         if fresh {
             let author = self.author(id, &cert.value, cert.version);
             if let Err(why) = &author {
