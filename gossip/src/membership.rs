@@ -295,7 +295,14 @@ impl Membership {
     /// readers take as absent. Never a chitchat deletion: tombstones carry no signature, so
     /// peers refuse deltas with them (`signed`).
     pub async fn delete_cell_key(&self, key: &str) {
-        if key.starts_with(KEY_CELL) {
+        if !key.starts_with(KEY_CELL) {
+            return;
+        }
+        let held = match self.handle.lock().await.as_ref() {
+            Some(h) => h.with_chitchat(|c| c.self_node_state().contains_key(key)).await,
+            None => false,
+        };
+        if held {
             self.set(key, String::new()).await;
         }
     }

@@ -82,15 +82,20 @@ impl Socket for QuicSocket {
             };
             let payload = {
                 let mut checker = self.checker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                if !msg.sections.is_empty() && checker.admit(&msg.sections).is_err() {
-                    continue;
-                }
+                let keep = match msg.sections.is_empty() {
+                    true => Vec::new(),
+                    false => match checker.admit(&msg.sections) {
+                        Ok(keep) => keep,
+                        Err(_) => continue,
+                    },
+                };
+                // A node section its node did not sign is left out (the other nodes' go on).
                 // A digest names members and carries their heartbeats, unsigned: chitchat would
                 // create a member from a digest alone and repeat it in its own digests. Only
                 // members whose signed state this node has checked stay; others arrive with
                 // their state in a delta.
-                match wire::filter_digest(&payload, &msg, |id| checker.certified(id)) {
-                    Some(filtered) => bytes::Bytes::from(filtered),
+                match wire::rewrite(&payload, &msg, |id| checker.certified(id), &keep) {
+                    Some(rewritten) => bytes::Bytes::from(rewritten),
                     None => payload,
                 }
             };

@@ -15,11 +15,12 @@
 //! - A message's delta, before chitchat applies it (`Checker::admit`, on the bytes: `wire`):
 //!   every value must be signed at its version, and nothing may reset a node's state, raise its
 //!   version without a signed value, or delete a key, so a relay cannot push a node's version
-//!   past its author's; a message that fails is dropped whole. kvmesh never deletes a key (a
+//!   past its author's; a node's section that fails is left out of the message
+//!   (`wire::rewrite`), the other nodes' sections go on. kvmesh never deletes a key (a
 //!   withdrawn key is set to an empty payload), so honest deltas carry neither tombstones nor
 //!   GC versions.
 //! - A message's digest: only members whose certificate was checked here stay in it
-//!   (`wire::filter_digest`), so a digest cannot create members.
+//!   (`wire::rewrite`), so a digest cannot create members.
 //! - The state the view reads (`Checker::reader`): each value, mostly from the cache `admit`
 //!   filled, and the whole: the value at the state's highest version must carry the index of
 //!   the state as held. A relay that left values out of a delta (chitchat then never asks for
@@ -206,23 +207,32 @@ impl Checker {
         }
     }
 
-    /// Whether a message's delta may be applied: every node section free of resets, deletions
-    /// and bare version raises, and every value signed by its node at its version (the node's
-    /// certificate taken from the section, or known from an earlier one).
-    pub fn admit(&mut self, sections: &[NodeSection]) -> Result<(), Rejection> {
+    /// Which of a message's node sections may be applied: each free of resets, deletions and
+    /// bare version raises, with every value signed by its node at its version (the node's
+    /// certificate taken from the section, or known from an earlier one). A section refused is
+    /// left out of the message, the rest goes on (`wire::rewrite`); a message over
+    /// `MAX_MESSAGE_VALUES` is refused whole.
+    pub fn admit(&mut self, sections: &[NodeSection]) -> Result<Vec<bool>, Rejection> {
         let values: usize = sections.iter().map(|s| s.key_values.len()).sum();
-        let checked = match values > MAX_MESSAGE_VALUES {
-            true => Err(Rejection::Shape(format!("{values} values in one message"))),
-            false => sections.iter().try_for_each(|s| self.admit_section(s)),
-        };
+        if values > MAX_MESSAGE_VALUES {
+            self.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(values, "gossip message dropped: more values than any node sends");
+            return Err(Rejection::Shape(format!("{values} values in one message")));
+        }
+        Ok(sections.iter().map(|s| self.admit_section(s).is_ok()).collect())
+    }
+
+    /// One section, checked, and counted and logged when refused.
+    fn admit_section(&mut self, s: &NodeSection) -> Result<(), Rejection> {
+        let checked = self.check_section(s);
         if let Err(why) = &checked {
             self.rejected.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(error = %why, "gossip message dropped: it carries state its node did not sign");
+            tracing::warn!(peer = %s.id.node_id, generation = s.id.generation_id, error = %why, "gossip about a node dropped: state its node did not sign");
         }
         checked
     }
 
-    fn admit_section(&mut self, s: &NodeSection) -> Result<(), Rejection> {
+    fn check_section(&mut self, s: &NodeSection) -> Result<(), Rejection> {
         let who = &s.id.node_id;
         if s.key_values.is_empty() && s.set_max_version.is_none() && s.last_gc_version == 0 {
             // A node header alone (chitchat's MTU cut before its first value) changes nothing.
@@ -389,9 +399,14 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// Up to `max` keys starting with `prefix`, deleted ones left out.
+    /// Up to `max` keys starting with `prefix`, deleted and withdrawn (empty) ones left out.
     pub fn keys_with_prefix(&self, prefix: &str, max: usize) -> Vec<String> {
-        self.state.iter_prefix(prefix).take(max).map(|(k, _)| k.to_owned()).collect()
+        self.state
+            .iter_prefix(prefix)
+            .filter(|(_, v)| payload(&v.value) != Some(""))
+            .take(max)
+            .map(|(k, _)| k.to_owned())
+            .collect()
     }
 
     /// As `get_versioned`, without the version.
@@ -443,31 +458,31 @@ mod tests {
 
         // Values before the certificate is known: refused.
         let later = sealed(&b, &id, 1, &[(KEY_CERT, &chain), ("load", "{}")]);
-        assert_eq!(checker.admit(&[section(&id, later[1..].to_vec())]), Err(Rejection::NoCertificate));
+        assert_eq!(checker.admit_section(&section(&id, later[1..].to_vec())), Err(Rejection::NoCertificate));
         assert!(!checker.certified(&id));
         // The certificate and its values: admitted, and later values without it too.
-        assert_eq!(checker.admit(&[section(&id, later.clone())]), Ok(()));
+        assert_eq!(checker.admit_section(&section(&id, later.clone())), Ok(()));
         assert!(checker.certified(&id));
         let next = sealed(&b, &id, 3, &[("load", "{\"held\":1}")]);
-        assert_eq!(checker.admit(&[section(&id, next.clone())]), Ok(()));
+        assert_eq!(checker.admit_section(&section(&id, next.clone())), Ok(()));
 
         // A value changed in transit, one signed by another member, one moved to another
         // version or node: each refused.
         let mut changed = next.clone();
         changed[0].value = changed[0].value.replace("\"held\":1", "\"held\":9");
-        assert!(matches!(checker.admit(&[section(&id, changed)]), Err(Rejection::BadSignature(_))));
+        assert!(matches!(checker.admit_section(&section(&id, changed)), Err(Rejection::BadSignature(_))));
         let by_m = sealed(&m, &id, 4, &[("load", "{}")]);
-        assert!(matches!(checker.admit(&[section(&id, by_m)]), Err(Rejection::BadSignature(_))));
+        assert!(matches!(checker.admit_section(&section(&id, by_m)), Err(Rejection::BadSignature(_))));
         let mut moved = next.clone();
         moved[0].version = 1_000;
-        assert!(matches!(checker.admit(&[section(&id, moved)]), Err(Rejection::BadSignature(_))));
+        assert!(matches!(checker.admit_section(&section(&id, moved)), Err(Rejection::BadSignature(_))));
         let other = ChitchatId::new("b".to_string(), 2, "127.0.0.1:9".parse().unwrap());
         let mut as_other = later.clone();
         as_other.truncate(1);
-        assert!(matches!(checker.admit(&[section(&other, as_other)]), Err(Rejection::Certificate(_))));
+        assert!(matches!(checker.admit_section(&section(&other, as_other)), Err(Rejection::Certificate(_))));
         // m's certificate published under b's name.
         let m_cert = sealed(&m, &other, 1, &[(KEY_CERT, m.chain())]);
-        assert!(matches!(checker.admit(&[section(&other, m_cert)]), Err(Rejection::Certificate(_))));
+        assert!(matches!(checker.admit_section(&section(&other, m_cert)), Err(Rejection::Certificate(_))));
         // Every refusal counted.
         assert_eq!(checker.rejected.load(Ordering::Relaxed), 6);
     }
@@ -484,16 +499,16 @@ mod tests {
 
         let mut reset = section(&id, values.clone());
         reset.last_gc_version = 5;
-        assert!(shape(checker.admit(&[reset])));
+        assert!(shape(checker.admit_section(&reset)));
         let mut raise = section(&id, Vec::new());
         raise.set_max_version = Some(1_000_000);
-        assert!(shape(checker.admit(&[raise])));
+        assert!(shape(checker.admit_section(&raise)));
         let mut delete = values.clone();
         delete[1].status = 1;
-        assert!(shape(checker.admit(&[section(&id, delete)])));
+        assert!(shape(checker.admit_section(&section(&id, delete))));
         let many = vec![values[1].clone(); MAX_MESSAGE_VALUES + 1];
-        assert!(shape(checker.admit(&[section(&id, many)])));
+        assert!(shape(checker.admit(&[section(&id, many)]).map(|_| ())));
         // A node header alone (chitchat's MTU cut before its first value) changes nothing.
-        assert_eq!(checker.admit(&[section(&id, Vec::new())]), Ok(()));
+        assert_eq!(checker.admit_section(&section(&id, Vec::new())), Ok(()));
     }
 }

@@ -6,8 +6,8 @@
 //! message envelope (magic number, protocol version, type), the digest of a SYN-ACK, and the
 //! delta, a stream of blocks (zstd-compressed or not) holding operations: a node header, a
 //! key-value mutation, or a node's maximum version. Primitive fields are decoded with chitchat's
-//! own public `Deserializable` implementations. Nothing here re-encodes a message: a message
-//! passes whole or is dropped whole.
+//! own public `Deserializable` implementations. `rewrite` writes a message again without the
+//! digest members and node sections the checks left out (the delta as raw blocks).
 
 use chitchat::{ChitchatId, Deserializable};
 
@@ -63,6 +63,8 @@ pub struct Message {
     pub digest: Vec<(ChitchatId, std::ops::Range<usize>)>,
     /// Where the digest ends.
     pub digest_end: usize,
+    /// Where the delta starts; `None` without a delta.
+    pub delta_at: Option<usize>,
     pub sections: Vec<NodeSection>,
 }
 
@@ -97,28 +99,79 @@ pub fn read(payload: &[u8]) -> Result<Message, String> {
             field::<String>(&mut buf)?;
         }
         BAD_CLUSTER => {}
-        SYN_ACK | ACK => msg.sections = sections(&decompress(&mut buf)?)?,
+        SYN_ACK | ACK => {
+            msg.delta_at = Some(at(buf));
+            msg.sections = sections(&decompress(&mut buf)?)?;
+        }
         other => return Err(format!("chitchat message type {other}")),
     }
     Ok(msg)
 }
 
-/// `payload` with its digest keeping only the members `keep` accepts (the rest of the message
-/// as it was); `None` when every member is kept.
-pub fn filter_digest(payload: &[u8], msg: &Message, keep: impl Fn(&ChitchatId) -> bool) -> Option<Vec<u8>> {
-    let at = msg.digest_at?;
-    if msg.digest.iter().all(|(id, _)| keep(id)) {
+/// `payload` written again with its digest keeping only the members `keep_member` accepts and
+/// its delta only the sections `keep_section` marks (`keep_section[i]` for `msg.sections[i]`;
+/// missing entries are kept); `None` when nothing is left out. A delta written again is a
+/// stream of raw blocks, as chitchat's reader takes them.
+pub fn rewrite(
+    payload: &[u8],
+    msg: &Message,
+    keep_member: impl Fn(&ChitchatId) -> bool,
+    keep_section: &[bool],
+) -> Option<Vec<u8>> {
+    let members_cut = msg.digest.iter().any(|(id, _)| !keep_member(id));
+    let sections_cut = keep_section.iter().take(msg.sections.len()).any(|k| !k);
+    if !members_cut && !sections_cut {
         return None;
     }
-    let kept: Vec<_> = msg.digest.iter().filter(|(id, _)| keep(id)).collect();
     let mut out = Vec::with_capacity(payload.len());
-    out.extend_from_slice(&payload[..at]);
-    out.extend_from_slice(&(kept.len() as u16).to_le_bytes());
-    for (_, span) in kept {
-        out.extend_from_slice(&payload[span.clone()]);
+    let head_end = msg.digest_at.unwrap_or(msg.delta_at.unwrap_or(payload.len()));
+    out.extend_from_slice(&payload[..head_end]);
+    if msg.digest_at.is_some() {
+        let kept: Vec<_> = msg.digest.iter().filter(|(id, _)| keep_member(id)).collect();
+        out.extend_from_slice(&(kept.len() as u16).to_le_bytes());
+        for (_, span) in kept {
+            out.extend_from_slice(&payload[span.clone()]);
+        }
     }
-    out.extend_from_slice(&payload[msg.digest_end..]);
+    match msg.delta_at {
+        None => out.extend_from_slice(&payload[msg.digest_end..]),
+        Some(_) if !sections_cut => out.extend_from_slice(&payload[msg.digest_end.max(head_end)..]),
+        Some(_) => {
+            let mut ops = Vec::new();
+            for (s, _) in
+                msg.sections.iter().zip(keep_section.iter().chain(std::iter::repeat(&true))).filter(|(_, k)| **k)
+            {
+                write_section(s, &mut ops);
+            }
+            for block in ops.chunks(MAX_BLOCK) {
+                out.push(2);
+                out.extend_from_slice(&(block.len() as u16).to_le_bytes());
+                out.extend_from_slice(block);
+            }
+            out.push(0);
+        }
+    }
     Some(out)
+}
+
+/// A node section's operations, as chitchat writes them.
+fn write_section(s: &NodeSection, out: &mut Vec<u8>) {
+    use chitchat::Serializable;
+    out.push(0);
+    s.id.serialize(out);
+    s.last_gc_version.serialize(out);
+    s.from_version_excluded.serialize(out);
+    for kv in &s.key_values {
+        out.push(1);
+        kv.key.serialize(out);
+        kv.value.serialize(out);
+        kv.version.serialize(out);
+        out.push(kv.status);
+    }
+    if let Some(max) = s.set_max_version {
+        out.push(2);
+        max.serialize(out);
+    }
 }
 
 fn take<const N: usize>(buf: &mut &[u8]) -> Result<[u8; N], String> {
@@ -269,14 +322,39 @@ mod tests {
     }
 
     #[test]
+    fn a_delta_is_written_again_without_the_sections_left_out() {
+        let (b, b_ops) = ops();
+        let c = ChitchatId::new("c".to_string(), 3, "127.0.0.1:3".parse().unwrap());
+        let mut c_ops = vec![0u8];
+        c.serialize(&mut c_ops);
+        0u64.serialize(&mut c_ops);
+        0u64.serialize(&mut c_ops);
+        let packed = zstd::bulk::compress(&[b_ops, c_ops].concat(), 0).unwrap();
+        let msg = ack(&[(1, packed)]);
+        let read_back = read(&msg).unwrap();
+        assert_eq!(read_back.sections.len(), 2);
+        assert!(rewrite(&msg, &read_back, |_| true, &[true, true]).is_none());
+        let without_b = rewrite(&msg, &read_back, |_| true, &[false, true]).unwrap();
+        let again = read(&without_b).unwrap();
+        assert_eq!(again.sections, vec![read_back.sections[1].clone()]);
+        assert_eq!(again.sections[0].id, c);
+        // chitchat reads it as a message of its own.
+        assert!(matches!(
+            chitchat::ChitchatMessage::deserialize(&mut without_b.as_slice()),
+            Ok(chitchat::ChitchatMessage::Ack { .. })
+        ));
+        let _ = b;
+    }
+
+    #[test]
     fn a_digest_is_written_again_without_the_members_left_out() {
         let a = ChitchatId::new("a".to_string(), 1, "127.0.0.1:1".parse().unwrap());
         let b = ChitchatId::new("b".to_string(), 2, "127.0.0.1:2".parse().unwrap());
         let msg = syn(&[&a, &b]);
         let read_back = read(&msg).unwrap();
         assert_eq!(read_back.digest.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(), [a.clone(), b.clone()]);
-        assert!(filter_digest(&msg, &read_back, |_| true).is_none());
-        let filtered = filter_digest(&msg, &read_back, |id| *id == b).unwrap();
+        assert!(rewrite(&msg, &read_back, |_| true, &[]).is_none());
+        let filtered = rewrite(&msg, &read_back, |id| *id == b, &[]).unwrap();
         assert_eq!(filtered, syn(&[&b]));
         // chitchat reads it as a message of its own.
         assert!(matches!(

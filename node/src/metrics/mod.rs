@@ -372,7 +372,7 @@ impl NodeMetrics {
             )?,
             gossip_rejected: IntCounter::new(
                 "kvmesh_gossip_rejected_states_total",
-                "Peer states left out of this node's view: a value not signed by its node, or a certificate refused.",
+                "Gossip refused by the signature checks: node sections left out of messages, messages over the bound, states left out of the view.",
             )?,
             refused_connections: IntCounter::new(
                 "kvmesh_mesh_refused_connections_total",
