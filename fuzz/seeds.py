@@ -261,8 +261,42 @@ def audit():
     write("audit", "not-utf8", b"\x00" + lines[0].encode() + b"\n\xff\xfe\n")
 
 
+def gossip_wire():
+    """chitchat 0.11 messages (gossip::wire): a SYN, a SYN-ACK and an ACK with node sections in
+    raw blocks (the fuzzer finds compressed ones through the zstd magic in its dictionary)."""
+    def s(v):
+        b = v.encode()
+        return struct.pack("<H", len(b)) + b
+
+    def cid(name, gen, port):
+        return s(name) + struct.pack("<Q", gen) + bytes([4, 127, 0, 0, 1]) + struct.pack("<H", port)
+
+    def digest(members):
+        out = struct.pack("<H", len(members))
+        for m in members:
+            out += m + struct.pack("<QQQ", 5, 0, 3)
+        return out
+
+    def section(node, values, from_version=0):
+        ops = b"\x00" + node + struct.pack("<QQ", 0, from_version)
+        for i, (k, v) in enumerate(values):
+            ops += b"\x01" + s(k) + s(v) + struct.pack("<Q", from_version + i + 1) + b"\x00"
+        return ops
+
+    def delta(ops):
+        return b"\x02" + struct.pack("<H", len(ops)) + ops + b"\x00"
+
+    head = struct.pack("<H", 45139) + b"\x00"
+    a, b = cid("a", 1, 7001), cid("b", 2, 7002)
+    values = [("cert", "sig.idx.chain"), ("v", "sig.idx.2"), ("node", 'sig.idx.{"role":"worker"}')]
+    write("gossip_wire", "syn", head + b"\x00" + digest([a, b]) + s("cluster"))
+    write("gossip_wire", "synack", head + b"\x01" + digest([a]) + delta(section(b, values)))
+    write("gossip_wire", "ack", head + b"\x02" + delta(section(a, values[:1]) + section(b, values[1:], 1)))
+    write("gossip_wire", "bad-cluster", head + b"\x03")
+
+
 if __name__ == "__main__":
-    for t in ("request", "sse", "quic_head", "kv_events", "zmtp", "gossip", "audit"):
+    for t in ("request", "sse", "quic_head", "kv_events", "zmtp", "gossip", "gossip_wire", "audit"):
         shutil.rmtree(os.path.join(ROOT, t), ignore_errors=True)
     request()
     sse()
@@ -270,4 +304,5 @@ if __name__ == "__main__":
     kv_events()
     zmtp()
     gossip()
+    gossip_wire()
     audit()
