@@ -195,7 +195,11 @@ pub fn free_slots(engines: &[EngineLoad], s: &FlowSettings, share: f64) -> f64 {
         .map(|e| {
             let reported_free = (f64::from(s.max_waiting_per_engine) - e.waiting).max(0.0);
             let unreported = crate::route::unreported(e.in_flight, e.running);
-            let mine = if e.local { unreported } else { unreported.max(f64::from(e.recent)) };
+            // An engine beside this node: its open requests past the reported running ones are
+            // waiting now, the reported waiting among them (counted once, as
+            // `candidates::Open::All`). A peer's engine: this node's requests it cannot have
+            // reported yet.
+            let mine = if e.local { (unreported - e.waiting).max(0.0) } else { unreported.max(f64::from(e.recent)) };
             (reported_free * share - mine).max(0.0)
         })
         .sum()
@@ -597,8 +601,10 @@ mod tests {
             recent: 0,
             kv_usage: kv,
         };
-        // 1 waiting + (10 in flight - 8 running) unreported = 3 → 1 free.
-        assert_eq!(free_slots(&[e(true, 1.0, 10, 0.5)], &s, 1.0), 1.0);
+        // 10 open, 8 running: 2 waiting now, the 1 reported among them → 2 free.
+        assert_eq!(free_slots(&[e(true, 1.0, 10, 0.5)], &s, 1.0), 2.0);
+        // More reported waiting than open here (another client of the engine): the report.
+        assert_eq!(free_slots(&[e(true, 3.0, 9, 0.5)], &s, 1.0), 1.0);
         assert_eq!(free_slots(&[e(true, 0.0, 0, 0.96)], &s, 1.0), 0.0, "KV full");
         assert_eq!(free_slots(&[e(false, 0.0, 0, 0.5)], &s, 0.25), 1.0, "a quarter of 4");
         assert_eq!(free_slots(&[e(true, 0.0, 0, 0.5)], &s, 0.25), 1.0, "its own engine too");
