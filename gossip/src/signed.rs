@@ -193,6 +193,10 @@ pub struct Checker {
     /// Since when a node's state has not been whole (`Reader::check_whole`).
     /// (since when, whether counted as rejected yet).
     incomplete_since: HashMap<ChitchatId, (Instant, bool)>,
+    /// The highest version at which a node's state was found whole: chitchat applies only
+    /// values above a state's highest version, so what it holds at a version never changes and
+    /// the view need not index it again on every rebuild.
+    whole_at: HashMap<ChitchatId, u64>,
 }
 
 impl Checker {
@@ -204,6 +208,7 @@ impl Checker {
             checked: HashMap::new(),
             rejected: Arc::new(AtomicU64::new(0)),
             incomplete_since: HashMap::new(),
+            whole_at: HashMap::new(),
         }
     }
 
@@ -342,6 +347,7 @@ impl Checker {
         let authors = &self.authors;
         self.checked.retain(|(id, _), _| authors.contains_key(id));
         self.incomplete_since.retain(|id, _| authors.contains_key(id));
+        self.whole_at.retain(|id, _| authors.contains_key(id));
     }
 }
 
@@ -389,12 +395,18 @@ impl<'a> Reader<'a> {
     /// versions the state holds.
     pub fn check_whole(&mut self) -> Result<(), Rejection> {
         let max = self.state.max_version();
+        if self.checker.whole_at.get(self.id) == Some(&max) {
+            return Ok(());
+        }
         let (key, top) =
             self.state.key_values_including_deleted().find(|(_, v)| v.version == max).ok_or(Rejection::Incomplete)?;
         self.get_versioned(key)?;
         let index = open(&top.value).map(|o| o.index).ok_or_else(|| Rejection::BadSignature(key.to_owned()))?;
         match index == index_of(self.state, None) {
-            true => Ok(()),
+            true => {
+                self.checker.whole_at.insert(self.id.clone(), max);
+                Ok(())
+            }
             false => Err(Rejection::Incomplete),
         }
     }

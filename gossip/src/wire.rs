@@ -137,21 +137,26 @@ pub fn rewrite(
         None => out.extend_from_slice(&payload[msg.digest_end..]),
         Some(_) if !sections_cut => out.extend_from_slice(&payload[msg.digest_end.max(head_end)..]),
         Some(_) => {
-            let mut ops = Vec::new();
-            for (s, _) in
-                msg.sections.iter().zip(keep_section.iter().chain(std::iter::repeat(&true))).filter(|(_, k)| **k)
-            {
-                write_section(s, &mut ops);
-            }
-            for block in ops.chunks(MAX_BLOCK) {
-                out.push(2);
-                out.extend_from_slice(&(block.len() as u16).to_le_bytes());
-                out.extend_from_slice(block);
-            }
-            out.push(0);
+            let kept = msg.sections.iter().zip(keep_section.iter().chain(std::iter::repeat(&true)));
+            write_delta(kept.filter(|(_, k)| **k).map(|(s, _)| s), &mut out);
         }
     }
     Some(out)
+}
+
+/// A delta holding `sections`, as chitchat reads it: their operations in raw blocks, then the
+/// end block.
+pub fn write_delta<'a>(sections: impl IntoIterator<Item = &'a NodeSection>, out: &mut Vec<u8>) {
+    let mut ops = Vec::new();
+    for s in sections {
+        write_section(s, &mut ops);
+    }
+    for block in ops.chunks(MAX_BLOCK) {
+        out.push(2);
+        out.extend_from_slice(&(block.len() as u16).to_le_bytes());
+        out.extend_from_slice(block);
+    }
+    out.push(0);
 }
 
 /// A node section's operations, as chitchat writes them.

@@ -268,31 +268,43 @@ async fn a_member_cannot_gossip_state_under_another_members_name() {
     }
 }
 
-/// An ACK message as chitchat 0.11 writes it, carrying one node section with the given values
-/// (key, value, version), a GC version and an optional bare max version.
-fn forged_ack(id: &chitchat::ChitchatId, last_gc: u64, values: &[(&str, String, u64)], max: Option<u64>) -> Vec<u8> {
-    use chitchat::Serializable;
-    let mut ops = Vec::new();
-    ops.push(0u8);
-    id.serialize(&mut ops);
-    last_gc.serialize(&mut ops);
-    0u64.serialize(&mut ops);
-    for (key, value, version) in values {
-        ops.push(1u8);
-        key.to_string().serialize(&mut ops);
-        value.serialize(&mut ops);
-        version.serialize(&mut ops);
-        ops.push(0u8);
-    }
-    if let Some(max) = max {
-        ops.push(2u8);
-        max.serialize(&mut ops);
-    }
+/// The header of a chitchat 0.11 message of `kind` (1 SYN-ACK, 2 ACK).
+fn header(kind: u8) -> Vec<u8> {
     let mut msg = 45_139u16.to_le_bytes().to_vec();
-    msg.extend_from_slice(&[0, 2, 2]);
-    (ops.len() as u16).serialize(&mut msg);
-    msg.extend_from_slice(&ops);
-    msg.push(0);
+    msg.extend_from_slice(&[0, kind]);
+    msg
+}
+
+/// One node section of a delta: `values` as (key, sealed value, version).
+fn section(
+    id: &chitchat::ChitchatId,
+    last_gc: u64,
+    from: u64,
+    values: &[(String, String, u64)],
+    max: Option<u64>,
+) -> kvmesh_gossip::wire::NodeSection {
+    kvmesh_gossip::wire::NodeSection {
+        id: id.clone(),
+        last_gc_version: last_gc,
+        from_version_excluded: from,
+        key_values: values
+            .iter()
+            .map(|(key, value, version)| kvmesh_gossip::wire::KeyValue {
+                key: key.clone(),
+                value: value.clone(),
+                version: *version,
+                status: kvmesh_gossip::wire::STATUS_SET,
+            })
+            .collect(),
+        set_max_version: max,
+    }
+}
+
+/// An ACK carrying one node section.
+fn forged_ack(id: &chitchat::ChitchatId, last_gc: u64, values: &[(&str, String, u64)], max: Option<u64>) -> Vec<u8> {
+    let values: Vec<_> = values.iter().map(|(k, v, n)| (k.to_string(), v.clone(), *n)).collect();
+    let mut msg = header(2);
+    kvmesh_gossip::wire::write_delta([&section(id, last_gc, 0, &values, max)], &mut msg);
     msg
 }
 
@@ -353,32 +365,17 @@ async fn a_relayed_forgery_cannot_stall_another_members_updates() {
     .await;
 }
 
-/// A SYN-ACK as chitchat 0.11 writes it: a digest of one member (`id` at heartbeat `hb`) and
-/// one node section from `from` with the given values (key, sealed value, version).
+/// A SYN-ACK: a digest of one member (`id` at heartbeat `hb`) and one node section from
+/// `from` with the given values (key, sealed value, version).
 fn synack(id: &chitchat::ChitchatId, hb: u64, from: u64, values: &[(String, String, u64)]) -> Vec<u8> {
     use chitchat::Serializable;
-    let mut msg = 45_139u16.to_le_bytes().to_vec();
-    msg.extend_from_slice(&[0, 1]);
+    let mut msg = header(1);
     1u16.serialize(&mut msg);
     id.serialize(&mut msg);
     for n in [hb, 0, 0] {
         n.serialize(&mut msg);
     }
-    let mut ops = vec![0u8];
-    id.serialize(&mut ops);
-    0u64.serialize(&mut ops);
-    from.serialize(&mut ops);
-    for (k, v, version) in values {
-        ops.push(1);
-        k.serialize(&mut ops);
-        v.serialize(&mut ops);
-        version.serialize(&mut ops);
-        ops.push(0);
-    }
-    msg.push(2);
-    (ops.len() as u16).serialize(&mut msg);
-    msg.extend_from_slice(&ops);
-    msg.push(0);
+    kvmesh_gossip::wire::write_delta([&section(id, 0, from, values, None)], &mut msg);
     msg
 }
 
